@@ -1,0 +1,2 @@
+/* placeholder, replaced by the real library */
+int sf_placeholder;

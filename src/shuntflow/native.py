@@ -1,0 +1,46 @@
+"""Where the preload library lives and how an application process is configured to use it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shuntflow.wire import Mode
+
+DEFAULT_THRESHOLD = 64
+OVERLAY_CIDR = "198.19.0.0/16"
+
+
+class LibraryMissing(RuntimeError):
+    pass
+
+
+def library_path() -> Path:
+    """The installed libshuntflow.so; SHUNTFLOW_LIBRARY overrides it (for a library built in place)."""
+    override = os.environ.get("SHUNTFLOW_LIBRARY")
+    path = Path(override) if override else Path(__file__).parent / "_native" / "libshuntflow.so"
+    if not path.is_file():
+        raise LibraryMissing(
+            f"preload library not found at {path}; reinstall the package (`pip install .`)"
+        )
+    return path
+
+
+def app_environment(
+    mode: Mode,
+    router_socket: Path,
+    threshold: int = DEFAULT_THRESHOLD,
+    overlay_cidr: str = OVERLAY_CIDR,
+    log: str | None = None,
+) -> dict[str, str]:
+    """The variables that load the library into a process and point it at its router."""
+    env = {
+        "LD_PRELOAD": str(library_path()),
+        "SHUNTFLOW_MODE": mode.name.lower(),
+        "SHUNTFLOW_THRESHOLD": str(threshold),
+        "SHUNTFLOW_ROUTER": str(router_socket),
+        "SHUNTFLOW_OVERLAY": overlay_cidr,
+    }
+    if log:
+        env["SHUNTFLOW_LOG"] = log
+    return env

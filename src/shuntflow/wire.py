@@ -1,0 +1,209 @@
+"""The frames exchanged between preload library, router and peer router (docs/wire.md).
+
+This is the Python half; ``preload/sf_wire.h`` is the C half, and ``tests/unit/test_wire.py``
+checks both encode the same bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+MSG_MAGIC = 0x314C4653  # "SFL1": library <-> router
+PEER_MAGIC = 0x31524653  # "SFR1": router <-> router
+HOP_MAGIC = 0x31484653  # "SFH1": library <-> library
+PROTOCOL_VERSION = 1
+
+# magic, type, status, seq, pid, local_ip, remote_ip, local_port, remote_port, reserved, arg, arg2.
+# Addresses and ports are raw network-order bytes, as in struct sockaddr_in.
+_MSG = struct.Struct("<IHHII4s4s2s2sIQQ")
+MSG_SIZE = _MSG.size
+_HOP = struct.Struct("<IHHQ")
+HOP_SIZE = _HOP.size
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    HELLO_ACK = 2
+    SWITCH_REQ = 3
+    SWITCH_RES = 4
+    CLAIM_REQ = 5
+    CLAIM_RES = 6
+    STATS_REQ = 7
+    CONN_INFO = 8
+    STATS_END = 9
+    OFFER = 16
+    ANSWER = 17
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    NOT_MINE = 1
+    NO_ROUTE = 2
+    PEER_UNREACHABLE = 3
+    PEER_REFUSED = 4
+    DENIED = 5
+    DUPLICATE = 6
+    INTERNAL = 7
+    BAD_MESSAGE = 8
+    TIMEOUT = 9
+
+
+class Mode(enum.IntEnum):
+    OVERLAY = 0
+    SLIM = 1
+    SHUNTFLOW = 2
+
+
+class Path(enum.IntEnum):
+    OVERLAY = 0
+    SWITCHING = 1
+    HOST = 2
+    PINNED = 3
+
+
+class HopType(enum.IntEnum):
+    READY = 1
+    SYNC = 2
+    ABORT = 3
+
+
+HOP_F_SHUT_WR = 0x1
+
+LIBRARY_TYPES = frozenset(MsgType) - {MsgType.OFFER, MsgType.ANSWER}
+PEER_TYPES = frozenset({MsgType.OFFER, MsgType.ANSWER})
+
+
+class WireError(ValueError):
+    """A frame that is not a valid frame of the expected conversation."""
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    ip: ipaddress.IPv4Address
+    port: int
+
+    def raw(self) -> bytes:
+        """Six bytes in network order: the leader is the end whose raw() is lower."""
+        return self.ip.packed + self.port.to_bytes(2, "big")
+
+    def __str__(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Tuple4:
+    """An overlay TCP connection seen from one end: ``local`` is that end."""
+
+    local: Endpoint
+    remote: Endpoint
+
+    def mirrored(self) -> Tuple4:
+        return Tuple4(self.remote, self.local)
+
+    def local_is_leader(self) -> bool:
+        return self.local.raw() < self.remote.raw()
+
+    def key(self) -> tuple[Endpoint, Endpoint]:
+        """The same key from both ends of the connection."""
+        a, b = sorted((self.local, self.remote), key=Endpoint.raw)
+        return (a, b)
+
+    def __str__(self) -> str:
+        return f"{self.local}->{self.remote}"
+
+    @staticmethod
+    def parse(local: str, remote: str) -> Tuple4:
+        def ep(text: str) -> Endpoint:
+            host, _, port = text.rpartition(":")
+            return Endpoint(ipaddress.IPv4Address(host), int(port))
+
+        return Tuple4(ep(local), ep(remote))
+
+
+_ZERO = Tuple4(
+    Endpoint(ipaddress.IPv4Address(0), 0), Endpoint(ipaddress.IPv4Address(0), 0)
+)
+
+
+@dataclass(frozen=True)
+class Msg:
+    type: MsgType
+    status: int = Status.OK
+    seq: int = 0
+    pid: int = 0
+    tuple: Tuple4 = _ZERO
+    arg: int = 0
+    arg2: int = 0
+
+    def pack(self, magic: int = MSG_MAGIC) -> bytes:
+        t = self.tuple
+        return _MSG.pack(
+            magic,
+            int(self.type),
+            int(self.status),
+            self.seq,
+            self.pid,
+            t.local.ip.packed,
+            t.remote.ip.packed,
+            t.local.port.to_bytes(2, "big"),
+            t.remote.port.to_bytes(2, "big"),
+            0,
+            self.arg,
+            self.arg2,
+        )
+
+    def pack_peer(self) -> bytes:
+        return self.pack(PEER_MAGIC)
+
+    @staticmethod
+    def unpack(data: bytes, magic: int = MSG_MAGIC) -> Msg:
+        """Decode one frame; raises WireError for anything but a well-formed frame."""
+        if len(data) != MSG_SIZE:
+            raise WireError(f"frame is {len(data)} bytes, expected {MSG_SIZE}")
+        (got_magic, mtype, status, seq, pid, lip, rip, lport, rport, _res, arg, arg2) = (
+            _MSG.unpack(data)
+        )
+        if got_magic != magic:
+            raise WireError(f"bad magic {got_magic:#x}")
+        allowed = PEER_TYPES if magic == PEER_MAGIC else LIBRARY_TYPES
+        try:
+            kind = MsgType(mtype)
+        except ValueError:
+            raise WireError(f"unknown frame type {mtype}") from None
+        if kind not in allowed:
+            raise WireError(f"frame type {kind.name} not allowed here")
+        tup = Tuple4(
+            Endpoint(ipaddress.IPv4Address(lip), int.from_bytes(lport, "big")),
+            Endpoint(ipaddress.IPv4Address(rip), int.from_bytes(rport, "big")),
+        )
+        return Msg(kind, status, seq, pid, tup, arg, arg2)
+
+    @staticmethod
+    def unpack_peer(data: bytes) -> Msg:
+        return Msg.unpack(data, PEER_MAGIC)
+
+
+@dataclass(frozen=True)
+class Hop:
+    type: HopType
+    flags: int = 0
+    seq: int = 0
+
+    def pack(self) -> bytes:
+        return _HOP.pack(HOP_MAGIC, int(self.type), self.flags, self.seq)
+
+    @staticmethod
+    def unpack(data: bytes) -> Hop:
+        if len(data) != HOP_SIZE:
+            raise WireError(f"hop frame is {len(data)} bytes, expected {HOP_SIZE}")
+        magic, htype, flags, seq = _HOP.unpack(data)
+        if magic != HOP_MAGIC:
+            raise WireError(f"bad hop magic {magic:#x}")
+        try:
+            kind = HopType(htype)
+        except ValueError:
+            raise WireError(f"unknown hop type {htype}") from None
+        return Hop(kind, flags, seq)
