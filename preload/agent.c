@@ -1,0 +1,730 @@
+/* agent.c -- the background thread that moves connections, so the application never waits.
+ *
+ * One agent per process, started at the first tracked connection (and again in a forked child,
+ * lazily). It owns every conversation the switch needs:
+ *   - the persistent SOCK_SEQPACKET channel to the router (docs/wire.md section 1): switch
+ *     requests, claims from peer routers, statistics;
+ *   - the first 16-byte frames on each new host connection (docs/wire.md section 3): READY,
+ *     SYNC, ABORT. It reads exactly those frames and never an application byte.
+ * Application threads only hand it work (a queue and an eventfd) and, when a write is in flight
+ * at the moment the agent wants to commit, finish that commit themselves (sf_agent_commit).
+ * Any failure before a commit leaves the connection on the overlay (fail-open). */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "sf_core.h"
+
+#define AG_QUEUE 4096
+#define AG_BACKOFF_SLOTS 64
+#define AG_REQUEST_TIMEOUT_MS 3000
+#define AG_READY_TIMEOUT_MS 1000
+#define AG_TAG_EVENT 0xFFFFFFFFFFFFFFFEull
+#define AG_TAG_CHAN 0xFFFFFFFFFFFFFFFDull
+
+struct dest_backoff {
+    uint32_t ip;
+    uint64_t until_ms;
+    uint64_t step_ms;
+};
+
+static struct {
+    pthread_mutex_t mu;        /* queue, channel fd, backoff table */
+    pid_t pid;                 /* process that started this agent; a fork child has another */
+    int epfd, evfd, chan;
+    uint64_t chan_retry_ms, chan_step_ms;
+    uint32_t seq;
+    struct { int fd; uint32_t gen; } queue[AG_QUEUE];
+    unsigned q_head, q_len;
+    struct dest_backoff backoff[AG_BACKOFF_SLOTS];
+    _Atomic uint64_t switches_done, switches_failed;
+    int warned_router;
+} ag = {.mu = PTHREAD_MUTEX_INITIALIZER, .epfd = -1, .evfd = -1, .chan = -1};
+
+static void *agent_main(void *arg);
+
+void sf_agent_count_switch(int ok) {
+    atomic_fetch_add(ok ? &ag.switches_done : &ag.switches_failed, 1);
+}
+
+/* ---- starting, forking -------------------------------------------------------------------- */
+
+void sf_agent_ensure(void) {
+    pid_t me = getpid();
+    if (SF_UNLIKELY(__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) != me)) {
+        pthread_mutex_lock(&ag.mu);
+        if (ag.pid != me) {
+            int epfd = real.epoll_create1(EPOLL_CLOEXEC);
+            int evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+            if (epfd < 0 || evfd < 0) {
+                if (epfd >= 0) real.close(epfd);
+                if (evfd >= 0) real.close(evfd);
+                SF_LOG("agent: cannot create its fds (%s); staying on the overlay", strerror(errno));
+                pthread_mutex_unlock(&ag.mu);
+                return;
+            }
+            ag.epfd = sf_private_fd(epfd);
+            ag.evfd = sf_private_fd(evfd);
+            struct epoll_event ev = {.events = EPOLLIN, .data.u64 = AG_TAG_EVENT};
+            real.epoll_ctl(ag.epfd, EPOLL_CTL_ADD, ag.evfd, &ev);
+            /* The agent must never take a signal meant for the application. */
+            sigset_t all, old;
+            sigfillset(&all);
+            pthread_sigmask(SIG_SETMASK, &all, &old);
+            pthread_attr_t attr;
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            pthread_attr_setstacksize(&attr, 256 * 1024);
+            pthread_t tid;
+            int rc = pthread_create(&tid, &attr, agent_main, NULL);
+            pthread_attr_destroy(&attr);
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            if (rc != 0) {
+                SF_LOG("agent: cannot start its thread (%s)", strerror(rc));
+                real.close(ag.epfd); sf_private_forget(ag.epfd);
+                real.close(ag.evfd); sf_private_forget(ag.evfd);
+                ag.epfd = ag.evfd = -1;
+            } else {
+                __atomic_store_n(&ag.pid, me, __ATOMIC_RELEASE);
+            }
+        }
+        pthread_mutex_unlock(&ag.mu);
+    }
+}
+
+void sf_agent_after_fork_child(void) {
+    pthread_mutex_init(&ag.mu, NULL);
+    int fds[3] = {ag.epfd, ag.evfd, ag.chan};
+    for (int i = 0; i < 3; i++)
+        if (fds[i] >= 0) {
+            real.close(fds[i]);
+            sf_private_forget(fds[i]);
+        }
+    ag.epfd = ag.evfd = ag.chan = -1;
+    ag.q_len = ag.q_head = 0;
+    ag.chan_retry_ms = 0;
+    ag.pid = 0;
+}
+
+struct moved {
+    int from, to;
+};
+
+static void move_host_fd(struct sf_conn *c, void *arg) {
+    struct moved *m = arg;
+    if (c->host_fd == m->from)
+        c->host_fd = m->to;
+    if (c->pending_close_host == m->from)
+        c->pending_close_host = m->to;
+}
+
+void sf_agent_private_moved(int from, int to) {
+    struct moved m = {from, to};
+    int *mine[3] = {&ag.epfd, &ag.evfd, &ag.chan};
+    for (int i = 0; i < 3; i++)
+        if (*mine[i] == from)
+            *mine[i] = to;
+    sf_for_each_conn(move_host_fd, &m);
+}
+
+/* ---- the work queue: application threads -> agent ---------------------------------------- */
+
+void sf_agent_trigger(struct sf_conn *c) {
+    sf_agent_ensure();
+    pthread_mutex_lock(&ag.mu);
+    if (ag.evfd >= 0 && ag.q_len < AG_QUEUE) {
+        unsigned slot = (ag.q_head + ag.q_len++) % AG_QUEUE;
+        ag.queue[slot].fd = c->fd;
+        ag.queue[slot].gen = atomic_load(&c->gen);
+        uint64_t one = 1;
+        (void)!real.write(ag.evfd, &one, sizeof one);
+    }
+    pthread_mutex_unlock(&ag.mu);
+}
+
+/* ---- addresses and lookups ---------------------------------------------------------------- */
+
+static int fill_addrs(struct sf_conn *c) {
+    if (c->have_addrs)
+        return 0;
+    socklen_t ll = sizeof c->local, rl = sizeof c->remote;
+    if (real.getsockname(c->fd, (struct sockaddr *)&c->local, &ll) != 0 ||
+        real.getpeername(c->fd, (struct sockaddr *)&c->remote, &rl) != 0 ||
+        c->local.sin_family != AF_INET || c->remote.sin_family != AF_INET)
+        return -1;
+    c->have_addrs = 1;
+    /* The leader is the end whose (ip, port) is lower in network byte order (docs/wire.md). */
+    int cmp = memcmp(&c->local.sin_addr, &c->remote.sin_addr, 4);
+    if (cmp == 0)
+        cmp = memcmp(&c->local.sin_port, &c->remote.sin_port, 2);
+    c->leader = cmp < 0;
+    return 0;
+}
+
+struct lookup {
+    const struct sf_msg *m;
+    struct sf_conn *found;
+};
+
+static void match_conn(struct sf_conn *c, void *arg) {
+    struct lookup *l = arg;
+    if (l->found || atomic_load(&c->kind) != SF_CONN)
+        return;
+    if (!c->have_addrs) {
+        pthread_mutex_lock(&c->mu);
+        fill_addrs(c);
+        pthread_mutex_unlock(&c->mu);
+    }
+    if (c->have_addrs && c->local.sin_addr.s_addr == l->m->local_ip &&
+        c->remote.sin_addr.s_addr == l->m->remote_ip && c->local.sin_port == l->m->local_port &&
+        c->remote.sin_port == l->m->remote_port)
+        l->found = c;
+}
+
+static struct sf_conn *find_by_tuple(const struct sf_msg *m) {
+    struct lookup l = {m, NULL};
+    sf_for_each_conn(match_conn, &l);
+    return l.found;
+}
+
+static void fill_tuple(struct sf_msg *m, const struct sf_conn *c) {
+    m->local_ip = c->local.sin_addr.s_addr;
+    m->remote_ip = c->remote.sin_addr.s_addr;
+    m->local_port = c->local.sin_port;
+    m->remote_port = c->remote.sin_port;
+}
+
+/* ---- per-destination backoff -------------------------------------------------------------- */
+
+static int dest_blocked(uint32_t ip, uint64_t now) {
+    for (int i = 0; i < AG_BACKOFF_SLOTS; i++)
+        if (ag.backoff[i].ip == ip && ag.backoff[i].until_ms > now)
+            return 1;
+    return 0;
+}
+
+static void dest_failed(uint32_t ip, int failed) {
+    uint64_t now = sf_now_ms();
+    pthread_mutex_lock(&ag.mu);
+    struct dest_backoff *slot = NULL, *oldest = &ag.backoff[0];
+    for (int i = 0; i < AG_BACKOFF_SLOTS; i++) {
+        if (ag.backoff[i].ip == ip) slot = &ag.backoff[i];
+        if (ag.backoff[i].until_ms < oldest->until_ms) oldest = &ag.backoff[i];
+    }
+    if (!failed) {
+        if (slot) slot->step_ms = 0, slot->until_ms = 0;
+    } else {
+        if (!slot) {
+            slot = oldest;
+            slot->ip = ip;
+            slot->step_ms = 0;
+        }
+        slot->step_ms = slot->step_ms ? slot->step_ms * 2 : 100;
+        if (slot->step_ms > 10000) slot->step_ms = 10000;
+        slot->until_ms = now + slot->step_ms;
+    }
+    pthread_mutex_unlock(&ag.mu);
+}
+
+/* ---- the router channel ------------------------------------------------------------------- */
+
+static int chan_send(const struct sf_msg *m) {
+    if (ag.chan < 0)
+        return -1;
+    ssize_t n = send(ag.chan, m, sizeof *m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n == (ssize_t)sizeof *m)
+        return 0;
+    if (n < 0 && errno == EAGAIN) {
+        /* The router is slow; wait a little (this is the agent, not the application). */
+        struct pollfd p = {.fd = ag.chan, .events = POLLOUT};
+        if (real.poll(&p, 1, 100) == 1)
+            n = send(ag.chan, m, sizeof *m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    }
+    return n == (ssize_t)sizeof *m ? 0 : -1;
+}
+
+static int chan_open(void) {
+    if (ag.chan >= 0)
+        return 0;
+    uint64_t now = sf_now_ms();
+    if (now < ag.chan_retry_ms)
+        return -1;
+    int fd = real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    memcpy(sun.sun_path, sf_cfg.router_path, sizeof sf_cfg.router_path);
+    if (fd < 0 || real.connect(fd, (struct sockaddr *)&sun, sizeof sun) != 0) {
+        int err = errno;
+        if (fd >= 0) real.close(fd);
+        ag.chan_step_ms = ag.chan_step_ms ? ag.chan_step_ms * 2 : 250;
+        if (ag.chan_step_ms > 10000) ag.chan_step_ms = 10000;
+        ag.chan_retry_ms = now + ag.chan_step_ms;
+        if (!ag.warned_router++)
+            SF_LOG("router at %s unreachable (%s): connections stay on the overlay",
+                   sf_cfg.router_path, strerror(err));
+        return -1;
+    }
+    ag.chan = sf_private_fd(fd);
+    ag.chan_step_ms = 0;
+    ag.warned_router = 0;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = AG_TAG_CHAN};
+    real.epoll_ctl(ag.epfd, EPOLL_CTL_ADD, ag.chan, &ev);
+    struct sf_msg hello = {.magic = SF_MSG_MAGIC, .type = SF_HELLO, .pid = (uint32_t)getpid(),
+                           .arg = (uint64_t)sf_cfg.mode};
+    if (chan_send(&hello) != 0)
+        return -1;
+    SF_LOG("router channel open: %s", sf_cfg.router_path);
+    return 0;
+}
+
+/* ---- phase changes that end a switch attempt ---------------------------------------------- */
+
+static void drop_host_fd(struct sf_conn *c) {
+    if (c->host_fd >= 0) {
+        real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, c->host_fd, NULL);
+        real.close(c->host_fd);
+        sf_private_forget(c->host_fd);
+        c->host_fd = -1;
+    }
+}
+
+/* Before any commit: the connection simply stays on the overlay. Caller holds c->mu. */
+static void abort_switch(struct sf_conn *c, int status, int retry) {
+    drop_host_fd(c);
+    c->hop_len = 0;
+    c->outstanding = 0;
+    uint32_t calls = atomic_load(&c->calls);
+    /* Retry after twice as many calls as so far: a storm of failures costs little. */
+    c->next_trigger = calls * 2 > sf_cfg.threshold ? calls * 2 : sf_cfg.threshold;
+    sf_set_phase(c, retry ? SF_P_OVERLAY : SF_P_PINNED);
+    sf_agent_count_switch(0);
+    SF_LOG("fd %d: switch abandoned (status %d), stays on the overlay", c->fd, status);
+}
+
+/* ---- handling router messages ------------------------------------------------------------- */
+
+static void start_request(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    c->attempted = 1;
+    pthread_cond_broadcast(&c->cv);
+    if (atomic_load(&c->phase) != SF_P_OVERLAY || atomic_load(&c->kind) != SF_CONN)
+        goto out;
+    if (fill_addrs(c) != 0) {
+        c->next_trigger = atomic_load(&c->calls) + sf_cfg.threshold; /* not connected yet */
+        goto out;
+    }
+    if (!sf_is_overlay_addr((struct sockaddr *)&c->remote)) {
+        sf_set_phase(c, SF_P_PINNED);
+        goto out;
+    }
+    uint64_t now = sf_now_ms();
+    pthread_mutex_lock(&ag.mu);
+    int blocked = dest_blocked(c->remote.sin_addr.s_addr, now);
+    pthread_mutex_unlock(&ag.mu);
+    if (blocked || chan_open() != 0) {
+        uint32_t calls = atomic_load(&c->calls);
+        c->next_trigger = calls * 2 > sf_cfg.threshold ? calls * 2 : sf_cfg.threshold;
+        goto out;
+    }
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_REQ, .seq = ++ag.seq};
+    fill_tuple(&m, c);
+    sf_set_phase(c, SF_P_REQUESTED);
+    c->outstanding = 1;
+    if (chan_send(&m) != 0)
+        abort_switch(c, SF_INTERNAL, 1);
+out:
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void begin_handshake(struct sf_conn *c, int host_fd) {
+    c->host_fd = host_fd;
+    c->hop_len = 0;
+    c->peer_synced = 0;
+    sf_set_phase(c, SF_P_HANDSHAKE);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP,
+                             .data.u64 = ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd};
+    real.epoll_ctl(ag.epfd, EPOLL_CTL_ADD, host_fd, &ev);
+    if (!c->leader) {
+        struct sf_hop ready = {.magic = SF_HOP_MAGIC, .type = SF_HOP_READY};
+        if (send(host_fd, &ready, sizeof ready, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof ready)
+            abort_switch(c, SF_PEER_UNREACHABLE, 1);
+    }
+}
+
+static int recv_fd(struct sf_msg *m) {
+    char cbuf[CMSG_SPACE(sizeof(int) * 4)];
+    struct iovec iov = {.iov_base = m, .iov_len = sizeof *m};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                        .msg_controllen = sizeof cbuf};
+    ssize_t n = real.recvmsg(ag.chan, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return errno == EAGAIN ? -2 : -1;
+    int fd = -1;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+            continue;
+        int nfds = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *fds = (int *)CMSG_DATA(cm);
+        for (int i = 0; i < nfds; i++) {
+            if (fd < 0) fd = fds[i];
+            else real.close(fds[i]); /* never more than one expected */
+        }
+    }
+    if (n == 0)
+        return -1;
+    if (n != (ssize_t)sizeof *m || m->magic != SF_MSG_MAGIC) {
+        if (fd >= 0) real.close(fd);
+        SF_LOG("router sent a malformed frame (%zd bytes); ignored", n);
+        return -3;
+    }
+    return fd;
+}
+
+static void on_switch_res(const struct sf_msg *m, int fd) {
+    struct sf_conn *c = find_by_tuple(m);
+    if (c == NULL) {
+        if (fd >= 0) real.close(fd);
+        return;
+    }
+    pthread_mutex_lock(&c->mu);
+    int phase = atomic_load(&c->phase);
+    if (phase != SF_P_REQUESTED) {
+        if (fd >= 0) real.close(fd);
+    } else if (m->status == SF_OK && fd >= 0) {
+        begin_handshake(c, sf_private_fd(fd));
+    } else if (m->status == SF_DUPLICATE) {
+        /* Another attempt for this connection is under way; its result will come. */
+    } else if (--c->outstanding <= 0) {
+        int retry = m->status != SF_NO_ROUTE && m->status != SF_PEER_REFUSED &&
+                    m->status != SF_DENIED;
+        dest_failed(c->remote.sin_addr.s_addr, 1);
+        abort_switch(c, m->status, retry);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void on_claim(const struct sf_msg *m) {
+    struct sf_msg r = *m;
+    r.type = SF_CLAIM_RES;
+    r.status = SF_NOT_MINE;
+    struct sf_conn *c = sf_cfg.mode == SF_MODE_OVERLAY ? NULL : find_by_tuple(m);
+    if (c != NULL) {
+        pthread_mutex_lock(&c->mu);
+        int phase = atomic_load(&c->phase);
+        if (phase == SF_P_OVERLAY) {
+            sf_set_phase(c, SF_P_REQUESTED);
+            c->outstanding = 1;
+            r.status = SF_OK;
+        } else if (phase == SF_P_REQUESTED) {
+            c->outstanding++;
+            r.status = SF_OK;
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+    chan_send(&r);
+}
+
+struct stats_walk {
+    uint32_t seq;
+};
+
+static void report_conn(struct sf_conn *c, void *arg) {
+    struct stats_walk *w = arg;
+    if (atomic_load(&c->kind) != SF_CONN)
+        return;
+    pthread_mutex_lock(&c->mu);
+    fill_addrs(c);
+    int phase = atomic_load(&c->phase);
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_CONN_INFO, .seq = w->seq};
+    fill_tuple(&m, c);
+    m.status = phase == SF_P_HOST     ? SF_PATH_HOST
+               : phase == SF_P_PINNED ? SF_PATH_PINNED
+               : phase >= SF_P_REQUESTED ? SF_PATH_SWITCHING
+                                         : SF_PATH_OVERLAY;
+    m.arg = atomic_load(&c->tx) + atomic_load(&c->rx);
+    m.arg2 = atomic_load(&c->host_bytes);
+    pthread_mutex_unlock(&c->mu);
+    chan_send(&m);
+}
+
+static void on_stats(const struct sf_msg *m) {
+    struct stats_walk w = {m->seq};
+    sf_for_each_conn(report_conn, &w);
+    struct sf_msg end = {.magic = SF_MSG_MAGIC, .type = SF_STATS_END, .seq = m->seq,
+                         .arg = atomic_load(&ag.switches_done),
+                         .arg2 = atomic_load(&ag.switches_failed)};
+    chan_send(&end);
+}
+
+static void abort_requests(struct sf_conn *c, void *arg) {
+    (void)arg;
+    if (atomic_load(&c->kind) != SF_CONN)
+        return;
+    pthread_mutex_lock(&c->mu);
+    if (atomic_load(&c->phase) == SF_P_REQUESTED)
+        abort_switch(c, SF_PEER_UNREACHABLE, 1);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void chan_lost(void) {
+    SF_LOG("router channel closed: connections stay on the overlay until it is back");
+    real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, ag.chan, NULL);
+    real.close(ag.chan);
+    sf_private_forget(ag.chan);
+    ag.chan = -1;
+    ag.chan_retry_ms = sf_now_ms() + 250;
+    sf_for_each_conn(abort_requests, NULL);
+}
+
+static void on_chan_readable(void) {
+    for (int i = 0; i < 64 && ag.chan >= 0; i++) {
+        struct sf_msg m;
+        int fd = recv_fd(&m);
+        if (fd == -2)
+            return;
+        if (fd == -1) {
+            chan_lost();
+            return;
+        }
+        if (fd == -3)
+            continue;
+        switch (m.type) {
+        case SF_HELLO_ACK: break;
+        case SF_SWITCH_RES: on_switch_res(&m, fd); fd = -1; break;
+        case SF_CLAIM_REQ: on_claim(&m); break;
+        case SF_STATS_REQ: on_stats(&m); break;
+        default: SF_LOG("router sent frame type %u; ignored", m.type); break;
+        }
+        if (fd >= 0)
+            real.close(fd);
+    }
+}
+
+/* ---- the handoff frames on the host connection -------------------------------------------- */
+
+/* Fix S and move writes to the host connection. Caller holds c->wmu (so no write is in flight)
+ * but not c->mu. */
+void sf_agent_commit(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    if (!c->commit_wanted || atomic_load(&c->phase) != SF_P_HANDSHAKE || c->host_fd < 0) {
+        c->commit_wanted = 0;
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    c->commit_wanted = 0;
+    int fl = real.fcntl(c->fd, F_GETFL);
+    int hfl = real.fcntl(c->host_fd, F_GETFL);
+    if (fl >= 0 && hfl >= 0)
+        real.fcntl(c->host_fd, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK));
+    sf_copy_sockopts(c->fd, c->host_fd, c->buf_locked);
+    struct sf_hop sync = {.magic = SF_HOP_MAGIC, .type = SF_HOP_SYNC,
+                          .flags = c->app_shut_wr ? SF_HOP_F_SHUT_WR : 0,
+                          .seq = atomic_load(&c->tx)};
+    if (send(c->host_fd, &sync, sizeof sync, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof sync) {
+        /* The leader has not committed anything yet: stay on the overlay. A follower's leader
+         * already has, so that connection's tail is lost with the host connection: report it. */
+        if (c->leader) {
+            abort_switch(c, SF_PEER_UNREACHABLE, 1);
+        } else {
+            drop_host_fd(c);
+            sf_set_phase(c, SF_P_BROKEN);
+        }
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    if (c->app_shut_wr)
+        real.shutdown(c->host_fd, SHUT_WR);
+    /* The overlay's FIN right after S tells the peer's readers where the overlay stream ends. */
+    real.shutdown(c->fd, SHUT_WR);
+    sf_set_phase(c, SF_P_COMMITTED);
+    pthread_mutex_unlock(&c->mu);
+    sf_maybe_swap(c);
+}
+
+/* The agent wants to commit: do it now unless an application write is in flight, in which case
+ * the writer does it when its write returns (wrap_io.c checks commit_wanted after unlocking). */
+void sf_agent_request_commit(struct sf_conn *c) {
+    c->commit_wanted = 1;
+    if (pthread_mutex_trylock(&c->wmu) == 0) {
+        sf_agent_commit(c);
+        pthread_mutex_unlock(&c->wmu);
+    }
+}
+
+static void host_failed(struct sf_conn *c) {
+    int phase = atomic_load(&c->phase);
+    if (phase == SF_P_HANDSHAKE) {
+        abort_switch(c, SF_PEER_UNREACHABLE, 1);
+    } else if (phase == SF_P_COMMITTED && !c->peer_synced) {
+        /* We already sent later bytes there; the peer never will read them. */
+        drop_host_fd(c);
+        sf_set_phase(c, SF_P_BROKEN);
+        sf_agent_count_switch(0);
+    }
+}
+
+/* Reads exactly one frame's worth from the host connection. Returns 1 if a frame is complete. */
+static int read_hop(struct sf_conn *c, struct sf_hop *out) {
+    ssize_t n = recv(c->host_fd, c->hop + c->hop_len, sizeof(struct sf_hop) - c->hop_len,
+                     MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        host_failed(c);
+        return 0;
+    }
+    if (n < 0)
+        return 0;
+    c->hop_len = (uint8_t)(c->hop_len + n);
+    if (c->hop_len < sizeof(struct sf_hop))
+        return 0;
+    c->hop_len = 0;
+    memcpy(out, c->hop, sizeof *out);
+    if (out->magic != SF_HOP_MAGIC) {
+        host_failed(c);
+        return 0;
+    }
+    return 1;
+}
+
+static void on_host_readable(uint64_t tag) {
+    int fd = (int)(uint32_t)tag;
+    uint32_t gen = (uint32_t)(tag >> 32);
+    struct sf_conn *c = sf_slot(fd);
+    if (c == NULL)
+        return;
+    pthread_mutex_lock(&c->mu);
+    int want_commit = 0;
+    int phase = atomic_load(&c->phase);
+    struct sf_hop hop;
+    if (atomic_load(&c->gen) != gen || c->host_fd < 0 ||
+        (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED) || !read_hop(c, &hop))
+        goto out;
+    if (hop.type == SF_HOP_READY && c->leader && phase == SF_P_HANDSHAKE) {
+        want_commit = 1;
+    } else if (hop.type == SF_HOP_SYNC && (phase == SF_P_COMMITTED || !c->leader)) {
+        c->peer_s = hop.seq;
+        c->peer_synced = 1;
+        /* Everything after SYNC is application data; the agent stops reading here. */
+        real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, c->host_fd, NULL);
+        want_commit = phase == SF_P_HANDSHAKE;
+    } else if (hop.type == SF_HOP_ABORT && phase == SF_P_HANDSHAKE) {
+        abort_switch(c, SF_PEER_REFUSED, 1);
+    } else {
+        SF_LOG("fd %d: unexpected handoff frame %u in phase %d", fd, hop.type, phase);
+        host_failed(c);
+    }
+out:
+    pthread_mutex_unlock(&c->mu);
+    if (want_commit)
+        sf_agent_request_commit(c);
+    if (c->peer_synced)
+        sf_maybe_swap(c);
+}
+
+/* ---- timeouts ----------------------------------------------------------------------------- */
+
+static void expire(struct sf_conn *c, void *arg) {
+    uint64_t now = *(uint64_t *)arg;
+    if (atomic_load(&c->kind) != SF_CONN)
+        return;
+    int phase = atomic_load(&c->phase);
+    if (phase != SF_P_REQUESTED && phase != SF_P_HANDSHAKE)
+        return;
+    pthread_mutex_lock(&c->mu);
+    phase = atomic_load(&c->phase);
+    uint64_t age = now - c->phase_since_ms;
+    if (phase == SF_P_REQUESTED && age > AG_REQUEST_TIMEOUT_MS) {
+        abort_switch(c, SF_TIMEOUT, 1);
+    } else if (phase == SF_P_HANDSHAKE && c->leader && !c->commit_wanted &&
+               age > AG_READY_TIMEOUT_MS) {
+        /* Only the leader may give up: the follower waits for SYNC or ABORT. */
+        struct sf_hop abort_hop = {.magic = SF_HOP_MAGIC, .type = SF_HOP_ABORT};
+        (void)!send(c->host_fd, &abort_hop, sizeof abort_hop, MSG_DONTWAIT | MSG_NOSIGNAL);
+        abort_switch(c, SF_TIMEOUT, 1);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* ---- the loop ----------------------------------------------------------------------------- */
+
+static void drain_queue(void) {
+    uint64_t count;
+    (void)!real.read(ag.evfd, &count, sizeof count);
+    for (;;) {
+        pthread_mutex_lock(&ag.mu);
+        if (ag.q_len == 0) {
+            pthread_mutex_unlock(&ag.mu);
+            return;
+        }
+        int fd = ag.queue[ag.q_head].fd;
+        uint32_t gen = ag.queue[ag.q_head].gen;
+        ag.q_head = (ag.q_head + 1) % AG_QUEUE;
+        ag.q_len--;
+        pthread_mutex_unlock(&ag.mu);
+        struct sf_conn *c = sf_slot(fd);
+        if (c != NULL && atomic_load(&c->gen) == gen)
+            start_request(c);
+    }
+}
+
+static void *agent_main(void *arg) {
+    (void)arg;
+    pid_t me = getpid();
+    uint64_t last_tick = sf_now_ms();
+    /* Open the channel now so that peers' claims reach this process even before it triggers. */
+    chan_open();
+    while (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == me || ag.pid == 0) {
+        struct epoll_event evs[64];
+        int timeout = atomic_load(&sf_in_transition) > 0 ? 50 : 1000;
+        if (ag.chan < 0 && timeout > 250)
+            timeout = 250;
+        int n = real.epoll_wait(ag.epfd, evs, 64, timeout);
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.u64 == AG_TAG_EVENT)
+                drain_queue();
+            else if (evs[i].data.u64 == AG_TAG_CHAN)
+                on_chan_readable();
+            else
+                on_host_readable(evs[i].data.u64);
+        }
+        uint64_t now = sf_now_ms();
+        if (ag.chan < 0)
+            chan_open();
+        if (now - last_tick >= 50 && atomic_load(&sf_in_transition) > 0) {
+            last_tick = now;
+            sf_for_each_conn(expire, &now);
+        }
+    }
+    return NULL;
+}
+
+/* ---- slim mode ---------------------------------------------------------------------------- */
+
+/* Slim's switch at setup: the caller (connect or accept) waits until the host socket is in
+ * place, or the attempt failed and the connection stays on the overlay. */
+int sf_agent_switch_now(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    c->attempted = 0;
+    pthread_mutex_unlock(&c->mu);
+    sf_agent_trigger(c);
+    uint64_t deadline = sf_now_ms() + AG_REQUEST_TIMEOUT_MS + AG_READY_TIMEOUT_MS;
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        int phase = atomic_load(&c->phase);
+        if (phase == SF_P_HOST || phase == SF_P_PINNED || phase == SF_P_BROKEN ||
+            (phase == SF_P_OVERLAY && c->attempted) || sf_now_ms() > deadline)
+            break;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 20 * 1000000;
+        if (ts.tv_nsec >= 1000000000)
+            ts.tv_sec++, ts.tv_nsec -= 1000000000;
+        pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+    }
+    int ok = atomic_load(&c->phase) == SF_P_HOST;
+    pthread_mutex_unlock(&c->mu);
+    return ok ? 0 : -1;
+}

@@ -1,0 +1,204 @@
+/* sf_core.h -- the state every part of the preload library shares.
+ *
+ * The library lives inside unmodified programs (redis, nginx, memcached...). It must never crash
+ * them, never block them on the router, and cost an array lookup on the fast path. The pieces:
+ *   core.c       configuration, the real_* table resolved once, the per-fd table, private fds, fork
+ *   agent.c      the background thread: router channel, the in-band handoff on the host connection
+ *   swap.c       putting the host socket in place of the overlay socket on the same fd number
+ *   wrap_sock.c  socket lifecycle wrappers (socket, connect, accept, close, dup, fcntl, ...)
+ *   wrap_io.c    data wrappers (read/write/send/recv/sendfile...): counting and redirection
+ *   wrap_event.c epoll/poll/select wrappers
+ * docs/wire.md explains the handoff; DESIGN.md the invariants it keeps. */
+#ifndef SF_CORE_H
+#define SF_CORE_H
+
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "sf_wire.h"
+
+#define SF_EXPORT __attribute__((visibility("default")))
+#define SF_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* The libc functions the wrappers stand in front of, resolved once with dlsym(RTLD_NEXT). */
+struct sf_real {
+    int (*socket)(int, int, int);
+    int (*connect)(int, const struct sockaddr *, socklen_t);
+    int (*accept)(int, struct sockaddr *, socklen_t *);
+    int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+    int (*bind)(int, const struct sockaddr *, socklen_t);
+    int (*listen)(int, int);
+    int (*close)(int);
+    int (*close_range)(unsigned, unsigned, int);
+    void (*closefrom)(int);
+    int (*shutdown)(int, int);
+    int (*setsockopt)(int, int, int, const void *, socklen_t);
+    int (*getsockopt)(int, int, int, void *, socklen_t *);
+    int (*getsockname)(int, struct sockaddr *, socklen_t *);
+    int (*getpeername)(int, struct sockaddr *, socklen_t *);
+    int (*dup)(int);
+    int (*dup2)(int, int);
+    int (*dup3)(int, int, int);
+    int (*fcntl)(int, int, ...);
+    int (*fcntl64)(int, int, ...);
+    int (*ioctl)(int, unsigned long, ...);
+    ssize_t (*read)(int, void *, size_t);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*readv)(int, const struct iovec *, int);
+    ssize_t (*writev)(int, const struct iovec *, int);
+    ssize_t (*recv)(int, void *, size_t, int);
+    ssize_t (*send)(int, const void *, size_t, int);
+    ssize_t (*recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+    ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    ssize_t (*recvmsg)(int, struct msghdr *, int);
+    ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    int (*recvmmsg)(int, struct mmsghdr *, unsigned, int, struct timespec *);
+    int (*sendmmsg)(int, struct mmsghdr *, unsigned, int);
+    ssize_t (*sendfile)(int, int, off_t *, size_t);
+    ssize_t (*sendfile64)(int, int, off_t *, size_t);
+    ssize_t (*splice)(int, off_t *, int, off_t *, size_t, unsigned);
+    ssize_t (*read_chk)(int, void *, size_t, size_t);
+    ssize_t (*recv_chk)(int, void *, size_t, size_t, int);
+    ssize_t (*recvfrom_chk)(int, void *, size_t, size_t, int, struct sockaddr *, socklen_t *);
+    int (*epoll_create)(int);
+    int (*epoll_create1)(int);
+    int (*epoll_ctl)(int, int, int, struct epoll_event *);
+    int (*epoll_wait)(int, struct epoll_event *, int, int);
+    int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+    int (*epoll_pwait2)(int, struct epoll_event *, int, const struct timespec *, const sigset_t *);
+    int (*poll)(struct pollfd *, nfds_t, int);
+    int (*poll_chk)(struct pollfd *, nfds_t, int, size_t);
+    int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+    int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+    int (*pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+};
+extern struct sf_real real;
+
+struct sf_config {
+    int mode;                /* enum sf_mode */
+    uint32_t threshold;      /* data syscalls before a switch (shuntflow mode) */
+    char router_path[108];   /* sun_path of the router's socket; empty = no router */
+    struct { uint32_t net, mask; } overlay[8]; /* network order */
+    int n_overlay;
+    int enabled;             /* 0: track nothing at all (no router, no overlay, bad config) */
+};
+extern struct sf_config sf_cfg;
+
+/* What an fd number is to the library. Untracked fds never get past the first check. */
+enum sf_kind { SF_NONE = 0, SF_SOCK, SF_CONN, SF_EPOLL, SF_PRIVATE };
+
+/* Where a tracked connection is in its life. Ordered: the wrappers compare ranges. */
+enum sf_phase {
+    SF_P_OVERLAY = 0,   /* on the overlay, counting */
+    SF_P_PINNED,        /* stays on the overlay for good (dup'd, inherited by fork, not switchable) */
+    SF_P_REQUESTED,     /* the agent asked the router (or accepted a claim), no host fd yet */
+    SF_P_HANDSHAKE,     /* holds the host connection, READY/SYNC exchange, nothing committed */
+    SF_P_COMMITTED,     /* S fixed, writes go to the host connection, reading the overlay up to S_peer */
+    SF_P_BROKEN,        /* committed, then the host connection died before the peer's SYNC */
+    SF_P_HOST,          /* swapped: the fd is the host socket */
+};
+
+struct sf_epreg {
+    int epfd;
+    uint32_t events;
+    uint8_t disarmed;   /* EPOLLONESHOT registration that has fired and was not re-armed */
+    epoll_data_t data;
+};
+
+/* One per fd number, allocated on first use and reused: a racing thread never sees freed memory. */
+struct sf_conn {
+    _Atomic int kind;
+    _Atomic int phase;
+    _Atomic uint32_t calls;       /* data syscalls seen (shuntflow threshold) */
+    _Atomic uint32_t next_trigger; /* calls at which the next switch attempt starts */
+    _Atomic uint32_t gen;         /* bumped when the fd number is closed and reused */
+    int fd;
+    pthread_mutex_t mu;           /* phase changes, host_fd, epoll records, the swap */
+    pthread_mutex_t wmu;          /* held across each application write, and by the commit */
+    pthread_cond_t cv;            /* phase left the handoff (swapped, aborted, broken) */
+    /* overlay addresses, network order; valid when have_addrs */
+    struct sockaddr_in local, remote;
+    uint8_t have_addrs;
+    uint8_t leader;
+    uint8_t via_connect;
+    uint8_t connect_reported;     /* slim, non-blocking connect: the next connect() returns 0 */
+    uint8_t app_shut_wr;
+    uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
+    uint8_t buf_locked;           /* the app set SO_SNDBUF/SO_RCVBUF: carry them over */
+    uint8_t peer_synced;
+    uint8_t attempted;            /* the agent has looked at the last trigger (slim waits on it) */
+    uint8_t hop_len;
+    uint8_t hop[16];
+    int outstanding;              /* router answers still expected while REQUESTED */
+    int host_fd;                  /* the host connection before the swap, -1 otherwise */
+    int pending_close_host;       /* close() found a writer on host_fd; it closes it */
+    uint64_t phase_since_ms;
+    uint64_t peer_s;
+    _Atomic uint64_t tx, rx;      /* application bytes on the overlay */
+    _Atomic uint64_t host_bytes;
+    struct sf_epreg *regs;
+    int n_regs, cap_regs;
+};
+
+/* core.c */
+void sf_init(void);
+extern _Atomic int sf_ready;
+static inline void sf_ensure_init(void) {
+    if (SF_UNLIKELY(!atomic_load_explicit(&sf_ready, memory_order_acquire)))
+        sf_init();
+}
+struct sf_conn *sf_slot(int fd);           /* existing slot or NULL, never allocates */
+struct sf_conn *sf_slot_alloc(int fd);     /* slot for fd, allocated if needed (NULL if no memory) */
+void sf_slot_reset(struct sf_conn *c);     /* the fd number was closed */
+void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_connect);
+int sf_is_overlay_addr(const struct sockaddr *sa);
+int sf_private_fd(int fd);                 /* move fd to the private high range (CLOEXEC) */
+int sf_is_private(int fd);
+void sf_private_forget(int fd);
+void sf_private_move(int fd);             /* the app wants this number: move ours away */
+uint64_t sf_now_ms(void);
+void sf_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+extern int sf_log_on;
+#define SF_LOG(...) do { if (SF_UNLIKELY(sf_log_on)) sf_log(__VA_ARGS__); } while (0)
+void sf_for_each_conn(void (*fn)(struct sf_conn *, void *), void *arg);
+extern _Atomic int sf_in_transition;       /* connections between REQUESTED and HOST */
+extern _Atomic int sf_oneshot_regs;
+
+static inline struct sf_conn *sf_tracked(int fd) {
+    struct sf_conn *c = sf_slot(fd);
+    if (c == NULL || atomic_load_explicit(&c->kind, memory_order_relaxed) != SF_CONN)
+        return NULL;
+    return c;
+}
+
+/* agent.c */
+void sf_agent_ensure(void);                /* start this process's agent thread once */
+void sf_agent_trigger(struct sf_conn *c);  /* never blocks */
+int sf_agent_switch_now(struct sf_conn *c);/* slim mode: trigger and wait; 0 if swapped */
+void sf_agent_commit(struct sf_conn *c);   /* caller holds c->wmu */
+void sf_agent_after_fork_child(void);
+void sf_agent_request_commit(struct sf_conn *c); /* commit now if no write is in flight */
+void sf_agent_count_switch(int ok);
+void sf_agent_private_moved(int from, int to);
+
+/* swap.c */
+int sf_maybe_swap(struct sf_conn *c);      /* swap if the switch point is reached; 1 if HOST */
+int sf_swap_locked(struct sf_conn *c);     /* caller holds c->mu */
+void sf_set_phase(struct sf_conn *c, int phase);
+void sf_epreg_record(struct sf_conn *c, int op, int epfd, struct epoll_event *ev);
+void sf_epreg_drop_epfd(int epfd);
+void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
+void sf_copy_sockopts(int from, int to, int with_bufs);
+int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see swap.c */
+enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
+
+#endif

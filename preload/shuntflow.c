@@ -1,2 +1,0 @@
-/* placeholder, replaced by the real library */
-int sf_placeholder;

@@ -1,0 +1,268 @@
+/* swap.c -- putting the host socket in place of the overlay socket, on the same fd number.
+ *
+ * The application keeps its fd number, its epoll registrations (same events, same 64-bit data,
+ * in every epoll instance), its fd and file flags and its socket options; only the socket under
+ * the number changes. Order matters (reference/interposer-census.md, "Pitfalls"): epoll keys a
+ * registration by (file, fd), so each registration is deleted while the number still names the
+ * overlay socket, then dup3 replaces it, then the registration is added back. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "sf_core.h"
+
+void sf_set_phase(struct sf_conn *c, int phase) {
+    int old = atomic_load(&c->phase);
+    int was = old >= SF_P_REQUESTED && old < SF_P_HOST;
+    int is = phase >= SF_P_REQUESTED && phase < SF_P_HOST;
+    if (is && !was)
+        atomic_fetch_add(&sf_in_transition, 1);
+    else if (was && !is)
+        atomic_fetch_sub(&sf_in_transition, 1);
+    atomic_store(&c->phase, phase);
+    c->phase_since_ms = sf_now_ms();
+    pthread_cond_broadcast(&c->cv);
+}
+
+/* ---- socket options: read from the old socket, set on the new one ------------------------- */
+
+struct sockopt_id {
+    int level, name;
+};
+
+static const struct sockopt_id carried_opts[] = {
+    {IPPROTO_TCP, TCP_NODELAY},      {IPPROTO_TCP, TCP_CORK},        {SOL_SOCKET, SO_KEEPALIVE},
+    {IPPROTO_TCP, TCP_KEEPIDLE},     {IPPROTO_TCP, TCP_KEEPINTVL},   {IPPROTO_TCP, TCP_KEEPCNT},
+    {IPPROTO_TCP, TCP_USER_TIMEOUT}, {IPPROTO_IP, IP_TOS},           {SOL_SOCKET, SO_PRIORITY},
+    {IPPROTO_TCP, TCP_QUICKACK},
+};
+
+static void copy_opt(int from, int to, int level, int name, size_t size) {
+    char val[64];
+    socklen_t len = (socklen_t)size;
+    if (real.getsockopt(from, level, name, val, &len) == 0)
+        real.setsockopt(to, level, name, val, len);
+}
+
+void sf_copy_sockopts(int from, int to, int with_bufs) {
+    for (size_t i = 0; i < sizeof carried_opts / sizeof carried_opts[0]; i++)
+        copy_opt(from, to, carried_opts[i].level, carried_opts[i].name, sizeof(int));
+    copy_opt(from, to, SOL_SOCKET, SO_LINGER, sizeof(struct linger));
+    copy_opt(from, to, SOL_SOCKET, SO_RCVTIMEO, sizeof(struct timeval));
+    copy_opt(from, to, SOL_SOCKET, SO_SNDTIMEO, sizeof(struct timeval));
+    char cc[16];
+    socklen_t len = sizeof cc;
+    if (real.getsockopt(from, IPPROTO_TCP, TCP_CONGESTION, cc, &len) == 0)
+        real.setsockopt(to, IPPROTO_TCP, TCP_CONGESTION, cc, (socklen_t)strnlen(cc, len));
+    /* Buffer sizes only when the application fixed them: setting one turns off the kernel's
+     * autotuning, which would cost a default socket its throughput. The kernel reports twice
+     * the value that was set. */
+    if (with_bufs) {
+        int names[2] = {SO_SNDBUF, SO_RCVBUF};
+        for (int i = 0; i < 2; i++) {
+            int v;
+            socklen_t vl = sizeof v;
+            if (real.getsockopt(from, SOL_SOCKET, names[i], &v, &vl) == 0) {
+                v /= 2;
+                real.setsockopt(to, SOL_SOCKET, names[i], &v, sizeof v);
+            }
+        }
+    }
+}
+
+/* ---- epoll registrations ------------------------------------------------------------------ */
+
+void sf_epreg_record(struct sf_conn *c, int op, int epfd, struct epoll_event *ev) {
+    pthread_mutex_lock(&c->mu);
+    int i = 0;
+    while (i < c->n_regs && c->regs[i].epfd != epfd)
+        i++;
+    if (op == EPOLL_CTL_DEL) {
+        if (i < c->n_regs) {
+            if (c->regs[i].events & EPOLLONESHOT)
+                atomic_fetch_sub(&sf_oneshot_regs, 1);
+            c->regs[i] = c->regs[--c->n_regs];
+        }
+    } else if (ev != NULL) {
+        if (i == c->n_regs) {
+            if (c->n_regs == c->cap_regs) {
+                int cap = c->cap_regs ? c->cap_regs * 2 : 2;
+                struct sf_epreg *grown = realloc(c->regs, (size_t)cap * sizeof *grown);
+                if (grown == NULL)
+                    goto out; /* the connection then cannot be swapped safely */
+                c->regs = grown;
+                c->cap_regs = cap;
+            }
+            c->n_regs++;
+        } else if (c->regs[i].events & EPOLLONESHOT) {
+            atomic_fetch_sub(&sf_oneshot_regs, 1);
+        }
+        c->regs[i].epfd = epfd;
+        c->regs[i].events = ev->events;
+        c->regs[i].data = ev->data;
+        c->regs[i].disarmed = 0;
+        if (ev->events & EPOLLONESHOT)
+            atomic_fetch_add(&sf_oneshot_regs, 1);
+    }
+out:
+    pthread_mutex_unlock(&c->mu);
+}
+
+struct epfd_arg {
+    int epfd;
+    const struct epoll_event *evs;
+    int n;
+};
+
+static void drop_epfd(struct sf_conn *c, void *arg) {
+    struct epfd_arg *a = arg;
+    if (c->n_regs == 0)
+        return;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_regs;) {
+        if (c->regs[i].epfd == a->epfd) {
+            if (c->regs[i].events & EPOLLONESHOT)
+                atomic_fetch_sub(&sf_oneshot_regs, 1);
+            c->regs[i] = c->regs[--c->n_regs];
+        } else {
+            i++;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+void sf_epreg_drop_epfd(int epfd) {
+    struct epfd_arg a = {epfd, NULL, 0};
+    sf_for_each_conn(drop_epfd, &a);
+}
+
+/* A fired EPOLLONESHOT registration stays disarmed until the app re-arms it with MOD; the swap
+ * must re-add it disarmed too, or another thread could get a second event for the same fd. */
+static void mark_fired(struct sf_conn *c, void *arg) {
+    struct epfd_arg *a = arg;
+    if (c->n_regs == 0)
+        return;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_regs; i++) {
+        struct sf_epreg *r = &c->regs[i];
+        if (r->epfd != a->epfd || !(r->events & EPOLLONESHOT))
+            continue;
+        for (int k = 0; k < a->n; k++)
+            if (a->evs[k].data.u64 == r->data.u64)
+                r->disarmed = 1;
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n) {
+    struct epfd_arg a = {epfd, evs, n};
+    sf_for_each_conn(mark_fired, &a);
+}
+
+/* ---- the swap ----------------------------------------------------------------------------- */
+
+/* Caller holds c->mu and has checked the switch point: rx == S_peer, the peer's SYNC is in, our
+ * own writes already go to host_fd. */
+int sf_swap_locked(struct sf_conn *c) {
+    int fd = c->fd, host = c->host_fd;
+    int fdflags = real.fcntl(fd, F_GETFD);
+    int flflags = real.fcntl(fd, F_GETFL);
+    if (fdflags < 0 || flflags < 0)
+        return -1;
+    sf_copy_sockopts(fd, host, c->buf_locked);
+    /* The overlay socket is about to close. With SO_LINGER {1,0} that close would reset it, and
+     * a reset throws away overlay bytes the peer may not have read yet. */
+    struct linger off = {0, 0};
+    real.setsockopt(fd, SOL_SOCKET, SO_LINGER, &off, sizeof off);
+    for (int i = 0; i < c->n_regs; i++)
+        real.epoll_ctl(c->regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
+    if (real.dup3(host, fd, (fdflags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
+        int err = errno;
+        for (int i = 0; i < c->n_regs; i++) {
+            struct epoll_event ev = {.events = c->regs[i].events, .data = c->regs[i].data};
+            real.epoll_ctl(c->regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);
+        }
+        SF_LOG("fd %d: dup3 failed (%s)", fd, strerror(err));
+        return -1;
+    }
+    real.fcntl(fd, F_SETFL, flflags);
+    for (int i = 0; i < c->n_regs; i++) {
+        struct sf_epreg *r = &c->regs[i];
+        struct epoll_event ev = {.events = r->events, .data = r->data};
+        if (r->disarmed)
+            ev.events = EPOLLONESHOT; /* registered, but reports nothing until re-armed */
+        real.epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev);
+    }
+    /* A writer may be inside write(host) right now (writes went there since the commit): it
+     * closes the private number itself when it is done. */
+    if (pthread_mutex_trylock(&c->wmu) == 0) {
+        real.close(host);
+        sf_private_forget(host);
+        pthread_mutex_unlock(&c->wmu);
+    } else {
+        c->pending_close_host = host;
+    }
+    c->host_fd = -1;
+    sf_set_phase(c, SF_P_HOST);
+    sf_agent_count_switch(1);
+    SF_LOG("fd %d: switched to the host path (S=%llu, S_peer=%llu)", fd,
+           (unsigned long long)atomic_load(&c->tx), (unsigned long long)c->peer_s);
+    return 0;
+}
+
+static int at_switch_point(struct sf_conn *c) {
+    return atomic_load(&c->phase) == SF_P_COMMITTED && c->peer_synced && c->host_fd >= 0 &&
+           atomic_load(&c->rx) == c->peer_s;
+}
+
+int sf_maybe_swap(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    if (at_switch_point(c))
+        sf_swap_locked(c);
+    int host = atomic_load(&c->phase) == SF_P_HOST;
+    pthread_mutex_unlock(&c->mu);
+    return host;
+}
+
+/* A read on the overlay returned 0 while a switch is under way. Decide whether that is the
+ * switch point (swap, the caller reads again), the peer's real EOF, or not yet known. */
+int sf_wait_handoff(struct sf_conn *c, int nonblock) {
+    uint64_t deadline = sf_now_ms() + 5000;
+    int result = SF_WAIT_EOF;
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        int phase = atomic_load(&c->phase);
+        if (phase == SF_P_HOST) {
+            result = SF_WAIT_SWAPPED;
+            break;
+        }
+        if (at_switch_point(c)) {
+            result = sf_swap_locked(c) == 0 ? SF_WAIT_SWAPPED : SF_WAIT_RESET;
+            break;
+        }
+        /* The peer only shuts the overlay after it got our READY (we are the follower) or our
+         * SYNC (we committed); in every other phase the EOF is the application's own. */
+        int peer_may_have_committed =
+            (phase == SF_P_HANDSHAKE && !c->leader) || (phase == SF_P_COMMITTED && !c->peer_synced);
+        if (!peer_may_have_committed) {
+            result = SF_WAIT_EOF;
+            break;
+        }
+        if (nonblock || sf_now_ms() > deadline) {
+            result = nonblock ? SF_WAIT_AGAIN : SF_WAIT_RESET;
+            break;
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 10 * 1000000;
+        if (ts.tv_nsec >= 1000000000)
+            ts.tv_sec++, ts.tv_nsec -= 1000000000;
+        pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return result;
+}

@@ -1,0 +1,395 @@
+/* wrap_io.c -- the data path: every read and write entry point real programs use.
+ *
+ * Fast path: an fd that is not a tracked connection costs one table lookup. A tracked
+ * connection counts its data calls (the shuntflow threshold) and its bytes per path. During a
+ * switch this file does the two things the handoff needs from application threads:
+ *   - writes go to the host connection once this end has committed (S is fixed);
+ *   - a 0-byte overlay read may be the switch point rather than EOF (sf_wait_handoff).
+ * Writes hold c->wmu so the agent can fix S at a moment when no write is in flight. */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/sendfile.h>
+#include <unistd.h>
+
+#include "sf_core.h"
+
+struct io {
+    ssize_t (*call)(struct io *, int fd);
+    const void *cbuf;
+    void *buf;
+    size_t len;
+    int flags;
+    const struct iovec *iov;
+    int iovcnt;
+    struct sockaddr *addr;
+    socklen_t *addrlen;
+    const struct sockaddr *daddr;
+    socklen_t daddrlen;
+    struct msghdr *msg;
+    const struct msghdr *cmsg;
+    struct mmsghdr *mmsg;
+    unsigned vlen;
+    struct timespec *timeout;
+    int in_fd;
+    off_t *offset;
+    int use64;
+    ssize_t bytes; /* bytes moved by the last call (differs from its result for *mmsg) */
+};
+
+static void count_call(struct sf_conn *c) {
+    uint32_t n = atomic_fetch_add_explicit(&c->calls, 1, memory_order_relaxed) + 1;
+    if (SF_UNLIKELY(n >= atomic_load_explicit(&c->next_trigger, memory_order_relaxed)) &&
+        sf_cfg.mode == SF_MODE_SHUNTFLOW &&
+        atomic_load_explicit(&c->phase, memory_order_relaxed) == SF_P_OVERLAY) {
+        atomic_store(&c->next_trigger, UINT32_MAX); /* the agent sets the next one if it fails */
+        sf_agent_trigger(c);
+    }
+}
+
+static ssize_t finish_host_write(struct sf_conn *c, ssize_t n, struct io *op) {
+    if (n > 0)
+        atomic_fetch_add_explicit(&c->host_bytes, (uint64_t)op->bytes, memory_order_relaxed);
+    return n;
+}
+
+static ssize_t do_write(struct sf_conn *c, struct io *op) {
+    count_call(c);
+    int phase = atomic_load_explicit(&c->phase, memory_order_acquire);
+    if (phase == SF_P_HOST)
+        return finish_host_write(c, op->call(op, c->fd), op);
+    if (phase == SF_P_PINNED) {
+        ssize_t n = op->call(op, c->fd);
+        if (n > 0)
+            atomic_fetch_add_explicit(&c->tx, (uint64_t)op->bytes, memory_order_relaxed);
+        return n;
+    }
+    pthread_mutex_lock(&c->wmu);
+    phase = atomic_load(&c->phase);
+    int to_host = phase == SF_P_COMMITTED && c->host_fd >= 0;
+    ssize_t n = op->call(op, to_host ? c->host_fd : c->fd);
+    int err = errno;
+    if (n > 0)
+        atomic_fetch_add_explicit(to_host || phase == SF_P_HOST ? &c->host_bytes : &c->tx,
+                                  (uint64_t)op->bytes, memory_order_relaxed);
+    if (c->pending_close_host >= 0) {
+        real.close(c->pending_close_host);
+        sf_private_forget(c->pending_close_host);
+        c->pending_close_host = -1;
+    }
+    if (c->commit_wanted)
+        sf_agent_commit(c);
+    pthread_mutex_unlock(&c->wmu);
+    /* The agent may have asked between our check and the unlock; its trylock failed then. */
+    if (SF_UNLIKELY(c->commit_wanted))
+        sf_agent_request_commit(c);
+    errno = err;
+    return n;
+}
+
+static int fd_nonblocking(int fd, int flags) {
+    if (flags & MSG_DONTWAIT)
+        return 1;
+    int fl = real.fcntl(fd, F_GETFL);
+    return fl >= 0 && (fl & O_NONBLOCK);
+}
+
+static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want) {
+    count_call(c);
+    int peek = op->flags & MSG_PEEK;
+    for (;;) {
+        int phase = atomic_load_explicit(&c->phase, memory_order_acquire);
+        if (phase == SF_P_HOST) {
+            ssize_t n = op->call(op, c->fd);
+            if (n > 0 && !peek)
+                atomic_fetch_add_explicit(&c->host_bytes, (uint64_t)op->bytes,
+                                          memory_order_relaxed);
+            return n;
+        }
+        if (phase == SF_P_COMMITTED && sf_maybe_swap(c))
+            continue;
+        uint64_t rx_before = atomic_load(&c->rx);
+        ssize_t n = op->call(op, c->fd);
+        int err = errno;
+        if (n > 0) {
+            /* Only once every overlay byte is read can the fd have been swapped under us. */
+            int from_host = atomic_load(&c->phase) == SF_P_HOST && c->peer_synced &&
+                            rx_before == c->peer_s;
+            if (!peek)
+                atomic_fetch_add_explicit(from_host ? &c->host_bytes : &c->rx,
+                                          (uint64_t)op->bytes, memory_order_relaxed);
+            if (!from_host && !peek && c->peer_synced &&
+                atomic_load(&c->phase) == SF_P_COMMITTED)
+                sf_maybe_swap(c);
+            errno = err;
+            return n;
+        }
+        if (n < 0 || want == 0) {
+            errno = err;
+            return n;
+        }
+        phase = atomic_load(&c->phase);
+        if (phase == SF_P_HOST)
+            continue; /* swapped while we read the overlay's FIN: read the host socket */
+        if (phase < SF_P_HANDSHAKE || phase == SF_P_BROKEN)
+            return 0;
+        switch (sf_wait_handoff(c, fd_nonblocking(c->fd, op->flags))) {
+        case SF_WAIT_SWAPPED:
+            continue;
+        case SF_WAIT_AGAIN:
+            errno = EAGAIN;
+            return -1;
+        case SF_WAIT_RESET:
+            errno = ECONNRESET;
+            return -1;
+        default:
+            return 0;
+        }
+    }
+}
+
+static size_t iov_len(const struct iovec *iov, int n) {
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += iov[i].iov_len;
+    return total;
+}
+
+static ssize_t set_bytes(struct io *op, ssize_t n) {
+    op->bytes = n > 0 ? n : 0;
+    return n;
+}
+
+/* ---- the calls, one small adapter each ----------------------------------------------------- */
+
+static ssize_t call_read(struct io *op, int fd) { return set_bytes(op, real.read(fd, op->buf, op->len)); }
+static ssize_t call_write(struct io *op, int fd) { return set_bytes(op, real.write(fd, op->cbuf, op->len)); }
+static ssize_t call_readv(struct io *op, int fd) { return set_bytes(op, real.readv(fd, op->iov, op->iovcnt)); }
+static ssize_t call_writev(struct io *op, int fd) { return set_bytes(op, real.writev(fd, op->iov, op->iovcnt)); }
+static ssize_t call_recv(struct io *op, int fd) { return set_bytes(op, real.recv(fd, op->buf, op->len, op->flags)); }
+static ssize_t call_send(struct io *op, int fd) { return set_bytes(op, real.send(fd, op->cbuf, op->len, op->flags)); }
+static ssize_t call_recvfrom(struct io *op, int fd) {
+    return set_bytes(op, real.recvfrom(fd, op->buf, op->len, op->flags, op->addr, op->addrlen));
+}
+static ssize_t call_sendto(struct io *op, int fd) {
+    return set_bytes(op, real.sendto(fd, op->cbuf, op->len, op->flags, op->daddr, op->daddrlen));
+}
+static ssize_t call_recvmsg(struct io *op, int fd) { return set_bytes(op, real.recvmsg(fd, op->msg, op->flags)); }
+static ssize_t call_sendmsg(struct io *op, int fd) { return set_bytes(op, real.sendmsg(fd, op->cmsg, op->flags)); }
+static ssize_t call_sendfile(struct io *op, int fd) {
+    return set_bytes(op, (op->use64 ? real.sendfile64 : real.sendfile)(fd, op->in_fd, op->offset, op->len));
+}
+
+static ssize_t mmsg_bytes(struct io *op, int n) {
+    ssize_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += op->mmsg[i].msg_len;
+    op->bytes = total;
+    return n;
+}
+static ssize_t call_recvmmsg(struct io *op, int fd) {
+    return mmsg_bytes(op, real.recvmmsg(fd, op->mmsg, op->vlen, op->flags, op->timeout));
+}
+static ssize_t call_sendmmsg(struct io *op, int fd) {
+    return mmsg_bytes(op, real.sendmmsg(fd, op->mmsg, op->vlen, op->flags));
+}
+
+/* ---- exported wrappers ---------------------------------------------------------------------- */
+
+SF_EXPORT ssize_t read(int fd, void *buf, size_t len) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.read(fd, buf, len);
+    struct io op = {.call = call_read, .buf = buf, .len = len};
+    return do_read(c, &op, len);
+}
+
+SF_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.write(fd, buf, len);
+    struct io op = {.call = call_write, .cbuf = buf, .len = len};
+    return do_write(c, &op);
+}
+
+SF_EXPORT ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.readv(fd, iov, iovcnt);
+    struct io op = {.call = call_readv, .iov = iov, .iovcnt = iovcnt};
+    return do_read(c, &op, iov_len(iov, iovcnt));
+}
+
+SF_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.writev(fd, iov, iovcnt);
+    struct io op = {.call = call_writev, .iov = iov, .iovcnt = iovcnt};
+    return do_write(c, &op);
+}
+
+/* MSG_WAITALL stops at the overlay's FIN at the switch point; the rest comes from the host. */
+static ssize_t recv_waitall(struct sf_conn *c, struct io *op, ssize_t n) {
+    size_t got = (size_t)n, total = op->len;
+    char *base = op->buf;
+    while (got < total) {
+        op->buf = base + got;
+        op->len = total - got;
+        n = do_read(c, op, op->len);
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    return (ssize_t)got;
+}
+
+SF_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.recv(fd, buf, len, flags);
+    struct io op = {.call = call_recv, .buf = buf, .len = len, .flags = flags};
+    int phase = atomic_load(&c->phase);
+    ssize_t n = do_read(c, &op, len);
+    if ((flags & MSG_WAITALL) && n > 0 && (size_t)n < len && phase != SF_P_HOST &&
+        phase != SF_P_PINNED)
+        n = recv_waitall(c, &op, n);
+    return n;
+}
+
+SF_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.send(fd, buf, len, flags);
+    struct io op = {.call = call_send, .cbuf = buf, .len = len, .flags = flags};
+    return do_write(c, &op);
+}
+
+SF_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
+                           socklen_t *addrlen) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.recvfrom(fd, buf, len, flags, addr, addrlen);
+    struct io op = {.call = call_recvfrom, .buf = buf, .len = len, .flags = flags, .addr = addr,
+                    .addrlen = addrlen};
+    int phase = atomic_load(&c->phase);
+    ssize_t n = do_read(c, &op, len);
+    if ((flags & MSG_WAITALL) && n > 0 && (size_t)n < len && phase != SF_P_HOST &&
+        phase != SF_P_PINNED)
+        n = recv_waitall(c, &op, n);
+    return n;
+}
+
+SF_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
+                         const struct sockaddr *addr, socklen_t addrlen) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.sendto(fd, buf, len, flags, addr, addrlen);
+    struct io op = {.call = call_sendto, .cbuf = buf, .len = len, .flags = flags, .daddr = addr,
+                    .daddrlen = addrlen};
+    return do_write(c, &op);
+}
+
+SF_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.recvmsg(fd, msg, flags);
+    struct io op = {.call = call_recvmsg, .msg = msg, .flags = flags};
+    return do_read(c, &op, iov_len(msg->msg_iov, (int)msg->msg_iovlen));
+}
+
+SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.sendmsg(fd, msg, flags);
+    struct io op = {.call = call_sendmsg, .cmsg = msg, .flags = flags};
+    return do_write(c, &op);
+}
+
+SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags,
+                       struct timespec *timeout) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.recvmmsg(fd, vec, vlen, flags, timeout);
+    struct io op = {.call = call_recvmmsg, .mmsg = vec, .vlen = vlen, .flags = flags,
+                    .timeout = timeout};
+    /* A message count of 0 is not an EOF here, so no switch point is taken from it. */
+    return (int)do_read(c, &op, 0);
+}
+
+SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.sendmmsg(fd, vec, vlen, flags);
+    struct io op = {.call = call_sendmmsg, .mmsg = vec, .vlen = vlen, .flags = flags};
+    return (int)do_write(c, &op);
+}
+
+static ssize_t sendfile_common(int out_fd, int in_fd, off_t *offset, size_t count, int use64) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(out_fd);
+    if (c == NULL)
+        return (use64 ? real.sendfile64 : real.sendfile)(out_fd, in_fd, offset, count);
+    struct io op = {.call = call_sendfile, .in_fd = in_fd, .offset = offset, .len = count,
+                    .use64 = use64};
+    return do_write(c, &op);
+}
+
+SF_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count) {
+    return sendfile_common(out_fd, in_fd, offset, count, 0);
+}
+
+SF_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off_t *offset, size_t count) {
+    return sendfile_common(out_fd, in_fd, offset, count, 1);
+}
+
+/* splice only counts: redirecting a pipe-to-socket splice mid-switch is not supported, so a
+ * connection that splices is kept on the overlay. */
+SF_EXPORT ssize_t splice(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t len,
+                         unsigned flags) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd_out);
+    if (c == NULL)
+        c = sf_tracked(fd_in);
+    if (c != NULL && atomic_load(&c->phase) == SF_P_OVERLAY) {
+        pthread_mutex_lock(&c->mu);
+        if (atomic_load(&c->phase) == SF_P_OVERLAY)
+            sf_set_phase(c, SF_P_PINNED);
+        pthread_mutex_unlock(&c->mu);
+    }
+    return real.splice(fd_in, off_in, fd_out, off_out, len, flags);
+}
+
+/* Fortified variants: the bounds check stays glibc's, the call goes through our wrappers. */
+SF_EXPORT ssize_t __read_chk(int fd, void *buf, size_t len, size_t buflen) {
+    sf_ensure_init();
+    if (len > buflen || sf_tracked(fd) == NULL)
+        return real.read_chk(fd, buf, len, buflen);
+    return read(fd, buf, len);
+}
+
+SF_EXPORT ssize_t __recv_chk(int fd, void *buf, size_t len, size_t buflen, int flags) {
+    sf_ensure_init();
+    if (len > buflen || sf_tracked(fd) == NULL)
+        return real.recv_chk(fd, buf, len, buflen, flags);
+    return recv(fd, buf, len, flags);
+}
+
+SF_EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int flags,
+                                 struct sockaddr *addr, socklen_t *addrlen) {
+    sf_ensure_init();
+    if (len > buflen || sf_tracked(fd) == NULL)
+        return real.recvfrom_chk(fd, buf, len, buflen, flags, addr, addrlen);
+    return recvfrom(fd, buf, len, flags, addr, addrlen);
+}
