@@ -336,6 +336,8 @@ static void start_request(struct sf_conn *c) {
     c->outstanding = 1;
     if (chan_send(&m) != 0)
         abort_switch(c, SF_INTERNAL, 1);
+    else
+        SF_LOG("fd %d: asked the router for a host connection (seq %u)", c->fd, m.seq);
 out:
     pthread_mutex_unlock(&c->mu);
 }
@@ -355,33 +357,40 @@ static void begin_handshake(struct sf_conn *c, int host_fd) {
     }
 }
 
-static int recv_fd(struct sf_msg *m) {
+enum { RECV_OK = 0, RECV_AGAIN, RECV_CLOSED, RECV_MALFORMED };
+
+/* One frame from the router, with the fd it carries (or -1) in *fd. */
+static int recv_frame(struct sf_msg *m, int *fd) {
     char cbuf[CMSG_SPACE(sizeof(int) * 4)];
     struct iovec iov = {.iov_base = m, .iov_len = sizeof *m};
     struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
                         .msg_controllen = sizeof cbuf};
+    *fd = -1;
     ssize_t n = real.recvmsg(ag.chan, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (n < 0)
-        return errno == EAGAIN ? -2 : -1;
-    int fd = -1;
+        return errno == EAGAIN || errno == EINTR ? RECV_AGAIN : RECV_CLOSED;
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
         if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
             continue;
         int nfds = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
         int *fds = (int *)CMSG_DATA(cm);
         for (int i = 0; i < nfds; i++) {
-            if (fd < 0) fd = fds[i];
-            else real.close(fds[i]); /* never more than one expected */
+            if (*fd < 0)
+                *fd = fds[i];
+            else
+                real.close(fds[i]); /* never more than one expected */
         }
     }
     if (n == 0)
-        return -1;
+        return RECV_CLOSED;
     if (n != (ssize_t)sizeof *m || m->magic != SF_MSG_MAGIC) {
-        if (fd >= 0) real.close(fd);
+        if (*fd >= 0)
+            real.close(*fd);
+        *fd = -1;
         SF_LOG("router sent a malformed frame (%zd bytes); ignored", n);
-        return -3;
+        return RECV_MALFORMED;
     }
-    return fd;
+    return RECV_OK;
 }
 
 static void on_switch_res(const struct sf_msg *m, int fd) {
@@ -399,10 +408,12 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
     } else if (m->status == SF_DUPLICATE) {
         /* Another attempt for this connection is under way; its result will come. */
     } else if (--c->outstanding <= 0) {
-        int retry = m->status != SF_NO_ROUTE && m->status != SF_PEER_REFUSED &&
-                    m->status != SF_DENIED;
-        dest_failed(c->remote.sin_addr.s_addr, 1);
-        abort_switch(c, m->status, retry);
+        /* No route and policy are final. A refusal may just mean the peer has not accepted the
+         * connection yet, so it is retried later for this connection only. */
+        int final = m->status == SF_NO_ROUTE || m->status == SF_DENIED;
+        if (m->status == SF_PEER_UNREACHABLE || m->status == SF_TIMEOUT)
+            dest_failed(c->remote.sin_addr.s_addr, 1);
+        abort_switch(c, m->status, !final);
     }
     pthread_mutex_unlock(&c->mu);
 }
@@ -483,14 +494,17 @@ static void chan_lost(void) {
 static void on_chan_readable(void) {
     for (int i = 0; i < 64 && ag.chan >= 0; i++) {
         struct sf_msg m;
-        int fd = recv_fd(&m);
-        if (fd == -2)
+        int fd;
+        int rc = recv_frame(&m, &fd);
+        if (rc == RECV_AGAIN)
             return;
-        if (fd == -1) {
+        if (rc == RECV_CLOSED) {
+            if (fd >= 0)
+                real.close(fd);
             chan_lost();
             return;
         }
-        if (fd == -3)
+        if (rc == RECV_MALFORMED)
             continue;
         switch (m.type) {
         case SF_HELLO_ACK: break;

@@ -76,8 +76,7 @@ void sf_copy_sockopts(int from, int to, int with_bufs) {
 
 /* ---- epoll registrations ------------------------------------------------------------------ */
 
-void sf_epreg_record(struct sf_conn *c, int op, int epfd, struct epoll_event *ev) {
-    pthread_mutex_lock(&c->mu);
+void sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev) {
     int i = 0;
     while (i < c->n_regs && c->regs[i].epfd != epfd)
         i++;
@@ -92,8 +91,10 @@ void sf_epreg_record(struct sf_conn *c, int op, int epfd, struct epoll_event *ev
             if (c->n_regs == c->cap_regs) {
                 int cap = c->cap_regs ? c->cap_regs * 2 : 2;
                 struct sf_epreg *grown = realloc(c->regs, (size_t)cap * sizeof *grown);
-                if (grown == NULL)
-                    goto out; /* the connection then cannot be swapped safely */
+                if (grown == NULL) {
+                    sf_set_phase(c, SF_P_PINNED); /* cannot re-register it: never swap it */
+                    return;
+                }
                 c->regs = grown;
                 c->cap_regs = cap;
             }
@@ -108,8 +109,6 @@ void sf_epreg_record(struct sf_conn *c, int op, int epfd, struct epoll_event *ev
         if (ev->events & EPOLLONESHOT)
             atomic_fetch_add(&sf_oneshot_regs, 1);
     }
-out:
-    pthread_mutex_unlock(&c->mu);
 }
 
 struct epfd_arg {
@@ -209,8 +208,9 @@ int sf_swap_locked(struct sf_conn *c) {
     c->host_fd = -1;
     sf_set_phase(c, SF_P_HOST);
     sf_agent_count_switch(1);
-    SF_LOG("fd %d: switched to the host path (S=%llu, S_peer=%llu)", fd,
-           (unsigned long long)atomic_load(&c->tx), (unsigned long long)c->peer_s);
+    SF_LOG("fd %d: switched to the host path (S=%llu, S_peer=%llu, in transition %d)", fd,
+           (unsigned long long)atomic_load(&c->tx), (unsigned long long)c->peer_s,
+           atomic_load(&sf_in_transition));
     return 0;
 }
 

@@ -37,16 +37,18 @@ SF_EXPORT int epoll_create1(int flags) {
 
 SF_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
     sf_ensure_init();
+    struct sf_conn *c = sf_slot(fd);
+    int kind = c ? atomic_load_explicit(&c->kind, memory_order_relaxed) : SF_NONE;
+    if (kind != SF_SOCK && kind != SF_CONN)
+        return real.epoll_ctl(epfd, op, fd, ev);
+    /* Under c->mu so a swap never runs between the kernel's change and our record of it. */
+    pthread_mutex_lock(&c->mu);
     int rc = real.epoll_ctl(epfd, op, fd, ev);
-    if (rc == 0) {
-        struct sf_conn *c = sf_slot(fd);
-        int kind = c ? atomic_load_explicit(&c->kind, memory_order_relaxed) : SF_NONE;
-        if (kind == SF_SOCK || kind == SF_CONN) {
-            int err = errno;
-            sf_epreg_record(c, op, epfd, ev);
-            errno = err;
-        }
-    }
+    int err = errno;
+    if (rc == 0)
+        sf_epreg_record_locked(c, op, epfd, ev);
+    pthread_mutex_unlock(&c->mu);
+    errno = err;
     return rc;
 }
 
