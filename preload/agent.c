@@ -300,6 +300,7 @@ static void abort_switch(struct sf_conn *c, int status, int retry) {
     uint32_t calls = atomic_load(&c->calls);
     /* Retry after twice as many calls as so far: a storm of failures costs little. */
     c->next_trigger = calls * 2 > sf_cfg.threshold ? calls * 2 : sf_cfg.threshold;
+    c->last_status = (uint16_t)status;
     sf_set_phase(c, retry ? SF_P_OVERLAY : SF_P_PINNED);
     sf_agent_count_switch(0);
     SF_LOG("fd %d: switch abandoned (status %d), stays on the overlay", c->fd, status);
@@ -718,19 +719,39 @@ static void *agent_main(void *arg) {
 /* ---- slim mode ---------------------------------------------------------------------------- */
 
 /* Slim's switch at setup: the caller (connect or accept) waits until the host socket is in
- * place, or the attempt failed and the connection stays on the overlay. */
+ * place. Like Slim, a connect waits for the server application to accept: while the peer router
+ * answers that nobody owns the other end yet, it asks again. The wait ends once this end has
+ * committed (the rest is the ordinary drain of the overlay), or after a bound, after which the
+ * switch carries on in the background as in shuntflow mode. */
+#define SLIM_ACCEPT_WAIT_MS 1000
+#define SLIM_RETRY_MS 2
+
 int sf_agent_switch_now(struct sf_conn *c) {
+    uint64_t start = sf_now_ms();
+    uint64_t deadline = start + AG_REQUEST_TIMEOUT_MS;
     pthread_mutex_lock(&c->mu);
     c->attempted = 0;
     pthread_mutex_unlock(&c->mu);
     sf_agent_trigger(c);
-    uint64_t deadline = sf_now_ms() + AG_REQUEST_TIMEOUT_MS + AG_READY_TIMEOUT_MS;
     pthread_mutex_lock(&c->mu);
     for (;;) {
         int phase = atomic_load(&c->phase);
-        if (phase == SF_P_HOST || phase == SF_P_PINNED || phase == SF_P_BROKEN ||
-            (phase == SF_P_OVERLAY && c->attempted) || sf_now_ms() > deadline)
+        uint64_t now = sf_now_ms();
+        if (phase == SF_P_HOST || phase == SF_P_COMMITTED || phase == SF_P_PINNED ||
+            phase == SF_P_BROKEN || now > deadline)
             break;
+        if (phase == SF_P_OVERLAY && c->attempted) {
+            if (c->last_status != SF_PEER_REFUSED || now - start > SLIM_ACCEPT_WAIT_MS)
+                break;
+            pthread_mutex_unlock(&c->mu);
+            usleep(SLIM_RETRY_MS * 1000);
+            pthread_mutex_lock(&c->mu);
+            c->attempted = 0;
+            pthread_mutex_unlock(&c->mu);
+            sf_agent_trigger(c);
+            pthread_mutex_lock(&c->mu);
+            continue;
+        }
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_nsec += 20 * 1000000;

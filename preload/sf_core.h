@@ -138,6 +138,7 @@ struct sf_conn {
     uint8_t attempted;            /* the agent has looked at the last trigger (slim waits on it) */
     uint8_t hop_len;
     uint8_t hop[16];
+    uint16_t last_status;         /* why the last attempt failed (enum sf_status) */
     int outstanding;              /* router answers still expected while REQUESTED */
     int host_fd;                  /* the host connection before the swap, -1 otherwise */
     int pending_close_host;       /* close() found a writer on host_fd; it closes it */

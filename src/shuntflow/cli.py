@@ -45,3 +45,7 @@ app.command("router")(router_cli.router_command)
 app.command("status")(router_cli.status_command)
 app.command("bench")(bench_cli.bench_command)
 app.command("demo")(bench_cli.demo_command)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,138 @@
+# The router's settings: one frozen dataclass, filled from CLI flags and/or a TOML file.
+#
+# Why a separate module: the CLI, the daemon and the tests all build a RouterConfig, and every
+# rule about what is a valid setting (addresses, ports, timeouts, "need a VXLAN device or a map")
+# lives here once, raising ConfigError with one readable line that the CLI turns into exit 2.
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PEER_PORT = 4790
+DEFAULT_CLAIM_TIMEOUT_MS = 50
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    socket: Path
+    host_ip: str
+    peer_port: int = DEFAULT_PEER_PORT
+    vxlan_dev: str | None = None
+    map_file: Path | None = None
+    log_file: Path | None = None
+    log_level: str = "info"
+    claim_timeout_ms: int = DEFAULT_CLAIM_TIMEOUT_MS
+    # Below: not on the CLI (TOML only); sane defaults for a real host.
+    connect_timeout_ms: int = 1000
+    answer_timeout_ms: int = 2000
+    offer_read_timeout_ms: int = 2000
+    duplicate_wait_ms: int = 1000
+    stats_timeout_ms: int = 500
+    max_clients: int = 4096
+    max_outstanding: int = 256
+    max_incoming: int = 1024
+    backoff_initial_ms: int = 100
+    backoff_max_ms: int = 5000
+    refresh_interval_s: float = 5.0
+    refresh_min_interval_ms: int = 200
+    netns: str | None = None  # read the VXLAN state of this named netns (tests); None = own ns
+
+    @property
+    def control_socket(self) -> Path:
+        return self.socket.with_name(self.socket.name + ".ctl")
+
+    def validate(self) -> RouterConfig:
+        try:
+            ip = ipaddress.IPv4Address(self.host_ip)
+        except ValueError:
+            raise ConfigError(f"--host-ip {self.host_ip!r} is not an IPv4 address") from None
+        if ip.is_unspecified or ip.is_multicast:
+            raise ConfigError(f"--host-ip {self.host_ip} must be a unicast address of this host")
+        if not 1 <= self.peer_port <= 65535:
+            raise ConfigError(f"--peer-port {self.peer_port} is not a TCP port (1-65535)")
+        if not 1 <= self.claim_timeout_ms <= 10_000:
+            raise ConfigError(f"--claim-timeout-ms {self.claim_timeout_ms} must be 1..10000")
+        if self.vxlan_dev is None and self.map_file is None:
+            raise ConfigError("need --vxlan-dev or --map (or both): nothing to resolve overlay IPs")
+        if self.vxlan_dev is not None and not 1 <= len(self.vxlan_dev) <= 15:
+            raise ConfigError(f"--vxlan-dev {self.vxlan_dev!r} is not an interface name")
+        if self.map_file is not None and not self.map_file.is_file():
+            raise ConfigError(f"--map {self.map_file}: no such file")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level {self.log_level!r}: use debug, info, warning or error")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith(("_ms", "_s")) and value <= 0:
+                raise ConfigError(f"{f.name} must be positive")
+            if f.name.startswith("max_") and value < 1:
+                raise ConfigError(f"{f.name} must be at least 1")
+        if len(str(self.control_socket).encode()) >= 108:
+            raise ConfigError(f"--socket {self.socket}: path too long for a Unix socket")
+        return self
+
+
+_PATH_KEYS = {"socket", "map_file", "log_file"}
+_ALIASES = {"map": "map_file", "config": None}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Keys as the CLI flags (dashes or underscores); `map` is an alias of `map_file`."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+    if isinstance(raw.get("router"), dict):
+        raw = raw["router"]
+    known = {f.name: f for f in fields(RouterConfig)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        name = _ALIASES.get(name, name) or ""
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        if name in _PATH_KEYS:
+            value = (path.parent / str(value)) if not Path(str(value)).is_absolute() else value
+            value = Path(value)
+        out[name] = value
+    return out
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> RouterConfig:
+    """CLI flags (non-None overrides) win over the TOML file."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    if "socket" not in merged:
+        raise ConfigError("missing --socket PATH (flag or config key)")
+    if "host_ip" not in merged:
+        raise ConfigError("missing --host-ip IP (flag or config key)")
+    for f in fields(RouterConfig):
+        if f.name in merged:
+            merged[f.name] = _check_type(f.name, str(f.type), merged[f.name])
+    return RouterConfig(**merged).validate()
+
+
+def _check_type(name: str, typ: str, value: Any) -> Any:
+    optional = typ.endswith("| None")
+    base = typ.removesuffix("| None").strip()
+    if value is None and optional:
+        return None
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base == "str" and isinstance(value, str):
+        return value
+    if base == "Path" and isinstance(value, str | Path):
+        return Path(value)
+    raise ConfigError(f"{name} must be {base}, got {value!r}")

@@ -1,0 +1,642 @@
+# The router daemon: asyncio wiring and the switch logic between libraries and peer routers.
+#
+# Why it is one class: the decisions that keep invariant 5 (one host connection per overlay
+# connection) all read and write one in-progress table keyed by Tuple4.key() -- the same key
+# from both ends -- so it lives in one place, mutated only on the event loop thread, with every
+# check that matters done after the last await that precedes the mutation.
+#
+#   library SWITCH_REQ -> resolve peer host -> OFFER over TCP -> ANSWER -> SWITCH_RES + fd
+#   peer OFFER -> check sender owns the source overlay IP -> CLAIM_REQ to every library ->
+#       first CLAIM_RES OK -> ANSWER OK -> SWITCH_RES + fd to that library
+#   crossing offers: the leader's offer is accepted by a router that holds its own outgoing
+#       offer (and it serves the library's request with it); the follower's gets DUPLICATE.
+#
+# Failures before the handoff only ever produce a non-OK status (never an fd), so the library
+# stays on the overlay: that is the protocol's fail-open. Host-level failures (peer unreachable,
+# silent) put the peer host in exponential backoff so a dead peer is not stormed.
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shuntflow.router.config import RouterConfig
+from shuntflow.router.control import ControlServer
+from shuntflow.router.library_channel import LibraryClient, LibraryServer, ProtocolViolation
+from shuntflow.router.logfmt import get_logger
+from shuntflow.router.overlay_map import Kind, Resolver, StaticMap
+from shuntflow.router.peer import PeerListener, send_answer, send_offer
+from shuntflow.wire import Endpoint, Mode, Msg, MsgType, Path, Status, Tuple4
+
+log = get_logger()
+
+SEQ_HIGH = 0x8000_0000  # router-chosen seqs (CLAIM_REQ, STATS_REQ) have the high bit set
+HOST_FAILURES = frozenset({Status.PEER_UNREACHABLE, Status.TIMEOUT})
+DONE_TTL = 10.0  # a key switched this recently is answered DUPLICATE (late crossing offers)
+MAX_ROWS_PER_CLIENT = 100_000
+FINISHED_CLAIMS_KEPT = 4096
+Key = tuple[Endpoint, Endpoint]
+
+
+@dataclass(eq=False)
+class Outgoing:
+    """A library's SWITCH_REQ being worked on."""
+
+    client: LibraryClient
+    seq: int
+    tuple: Tuple4  # the library's view
+    answered: bool = False  # a SWITCH_RES was (or is being) sent for it
+    served: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(eq=False)
+class Incoming:
+    """A peer's OFFER being claimed."""
+
+    tuple: Tuple4  # this side's view
+    peer: str
+
+
+@dataclass(eq=False)
+class Claim:
+    seq: int
+    tuple: Tuple4
+    asked: frozenset[int]
+    pending: set[int]
+    winner: asyncio.Future[LibraryClient | None]
+
+
+@dataclass(eq=False)
+class StatsWait:
+    client_id: int
+    rows: list[dict[str, Any]]
+    done: asyncio.Future[tuple[int, int] | None]
+
+
+@dataclass
+class _PeerBackoff:
+    failures: int = 0
+    until: float = 0.0
+    last: str = ""
+
+
+class Backoff:
+    """Per peer host: after a failure refuse for initial*2^(n-1), capped; reset on an answer."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.peers: dict[str, _PeerBackoff] = {}
+
+    def blocked(self, peer: str) -> bool:
+        state = self.peers.get(peer)
+        return state is not None and state.until > time.monotonic()
+
+    def failure(self, peer: str, status: Status) -> float:
+        state = self.peers.setdefault(peer, _PeerBackoff())
+        state.failures += 1
+        interval = min(self.initial * 2.0 ** (state.failures - 1), self.maximum)
+        state.until = time.monotonic() + interval
+        state.last = status.name
+        return interval
+
+    def success(self, peer: str) -> None:
+        self.peers.pop(peer, None)
+
+    def describe(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            peer: {
+                "failures": s.failures,
+                "remaining_ms": max(0, round((s.until - now) * 1000)),
+                "last_status": s.last,
+            }
+            for peer, s in self.peers.items()
+        }
+
+
+def _valid_tuple(t: Tuple4) -> bool:
+    return (
+        t.local.port != 0
+        and t.remote.port != 0
+        and not t.local.ip.is_unspecified
+        and not t.remote.ip.is_unspecified
+        and t.local != t.remote
+    )
+
+
+def _enum_name(enum_type: type[Path] | type[Mode], value: int) -> str:
+    try:
+        return enum_type(value).name.lower()
+    except ValueError:
+        return f"unknown({value})"
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
+        self.host_ip = ipaddress.IPv4Address(cfg.host_ip)
+        static = StaticMap.load(cfg.map_file) if cfg.map_file else None
+        self.resolver = Resolver(
+            self.host_ip,
+            static,
+            cfg.vxlan_dev,
+            cfg.netns,
+            min_refresh_interval=cfg.refresh_min_interval_ms / 1000,
+        )
+        self.libs = LibraryServer(cfg.socket, self, self.loop, cfg.max_clients)
+        self.peers = PeerListener(
+            self.loop,
+            cfg.host_ip,
+            cfg.peer_port,
+            self.on_offer,
+            cfg.offer_read_timeout_ms / 1000,
+            cfg.max_incoming,
+        )
+        self.control = ControlServer(cfg.control_socket, self)
+        self.backoff = Backoff(cfg.backoff_initial_ms / 1000, cfg.backoff_max_ms / 1000)
+        self.in_progress: dict[Key, Outgoing | Incoming] = {}
+        self.claims: dict[int, Claim] = {}
+        self.stats_waits: dict[int, StatsWait] = {}
+        self._finished_claims: collections.OrderedDict[int, Status] = collections.OrderedDict()
+        self._done: dict[Key, float] = {}
+        self._seq = 1
+        self._seq_wrapped = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started_at = time.time()
+        self.served_initiated = 0
+        self.served_accepted = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.backoff_refusals = 0
+        self.handoffs_lost = 0
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.cfg.vxlan_dev is not None:
+            await self.resolver.refresh()
+            if self.resolver.tables.error:
+                log.warning("overlay_map_unavailable", error=self.resolver.tables.error)
+        self.libs.start()
+        try:
+            self.peers.start()
+            await self.control.start()
+        except BaseException:
+            self.libs.close()
+            await self.peers.close()
+            raise
+        self._spawn(self._housekeeping())
+        log.info(
+            "router_started",
+            pid=os.getpid(),
+            socket=self.cfg.socket,
+            host_ip=self.cfg.host_ip,
+            peer_port=self.cfg.peer_port,
+            vxlan_dev=self.cfg.vxlan_dev,
+            map=self.cfg.map_file,
+            **{k: v for k, v in self.resolver.describe().items() if k in ("neighbours", "fdb")},
+        )
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, shut down cleanly."""
+        await self.start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.peers.close()
+        self.libs.close()
+        await self.control.close()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("router_stopped", served=self.served_initiated + self.served_accepted)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.refresh_interval_s)
+            now = time.monotonic()
+            for key in [k for k, exp in self._done.items() if exp <= now]:
+                del self._done[key]
+            try:
+                await self.resolver.refresh()
+            except Exception:
+                log.error("overlay_map_refresh_failed", exc=True)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        seq = self._seq | SEQ_HIGH
+        self._seq += 1
+        if self._seq > 0x7FFF_FFFF:
+            self._seq, self._seq_wrapped = 1, True
+        return seq
+
+    def _issued(self, seq: int) -> bool:
+        """Could the router have sent this seq (to someone)? Else the client is making it up."""
+        if not seq & SEQ_HIGH:
+            return False
+        return self._seq_wrapped or 0 < (seq & 0x7FFF_FFFF) < self._seq
+
+    def _recently_done(self, key: Key) -> bool:
+        exp = self._done.get(key)
+        return exp is not None and exp > time.monotonic()
+
+    def _mark_done(self, key: Key) -> None:
+        self._done[key] = time.monotonic() + DONE_TTL
+
+    def _fail(
+        self, client: LibraryClient, seq: int, t: Tuple4, status: Status, detail: str
+    ) -> None:
+        self.failures[status.name] += 1
+        if status is not Status.DUPLICATE:
+            client.switches_failed += 1
+        client.send(Msg(MsgType.SWITCH_RES, status, seq, tuple=t))
+        log.info(
+            "switch_failed",
+            client=client.id,
+            pid=client.pid,
+            seq=seq,
+            tuple=t,
+            status=status.name,
+            detail=detail or None,
+        )
+
+    def _deliver(
+        self, client: LibraryClient, seq: int, t: Tuple4, sock: socket.socket, how: str, peer: str
+    ) -> bool:
+        """SWITCH_RES OK with the host socket; our copy is closed either way."""
+        try:
+            host_local = "{}:{}".format(*sock.getsockname()[:2])
+            host_remote = "{}:{}".format(*sock.getpeername()[:2])
+        except OSError:
+            host_local = host_remote = "?"
+        if client.send(Msg(MsgType.SWITCH_RES, Status.OK, seq, tuple=t), sock):
+            client.switches_ok += 1
+            if how == "initiated":
+                self.served_initiated += 1
+            else:
+                self.served_accepted += 1
+            log.info(
+                "switch_done",
+                how=how,
+                client=client.id,
+                pid=client.pid,
+                seq=seq,
+                tuple=t,
+                peer=peer,
+                host_local=host_local,
+                host_remote=host_remote,
+            )
+            return True
+        self.handoffs_lost += 1
+        log.warning("handoff_lost", how=how, client=client.id, tuple=t, reason="library gone")
+        return False
+
+    # -- library frames (LibraryHandler) ---------------------------------------------------
+
+    def on_switch_req(self, client: LibraryClient, msg: Msg) -> None:
+        t, seq = msg.tuple, msg.seq
+        if seq in client.outstanding:
+            self._fail(client, seq, t, Status.BAD_MESSAGE, "seq already outstanding")
+            return
+        if len(client.outstanding) >= self.cfg.max_outstanding:
+            self._fail(client, seq, t, Status.DENIED, "too many outstanding requests")
+            return
+        if not _valid_tuple(t):
+            self._fail(client, seq, t, Status.BAD_MESSAGE, "invalid tuple")
+            return
+        key = t.key()
+        if key in self.in_progress or self._recently_done(key):
+            self._fail(client, seq, t, Status.DUPLICATE, "tuple already being switched")
+            return
+        entry = Outgoing(client, seq, t)
+        self.in_progress[key] = entry
+        client.outstanding.add(seq)
+        self._spawn(self._run_outgoing(entry))
+
+    async def _run_outgoing(self, e: Outgoing) -> None:
+        key = e.tuple.key()
+        status: Status | None = Status.INTERNAL
+        detail = ""
+        try:
+            status, detail = await self._outgoing(e)
+        except asyncio.CancelledError:
+            status, detail = Status.INTERNAL, "router shutting down"
+            raise
+        except Exception:
+            log.error("switch_internal_error", exc=True, tuple=e.tuple)
+            status, detail = Status.INTERNAL, "internal error"
+        finally:
+            if self.in_progress.get(key) is e:
+                del self.in_progress[key]
+            e.client.outstanding.discard(e.seq)
+            if status is not None and not e.answered:
+                e.answered = True
+                self._fail(e.client, e.seq, e.tuple, status, detail)
+
+    async def _outgoing(self, e: Outgoing) -> tuple[Status | None, str]:
+        t = e.tuple
+        own = await self.resolver.resolve(t.local.ip)
+        if own.kind is Kind.REMOTE:
+            return Status.DENIED, f"{t.local.ip} is not on this host ({own})"
+        dest = await self.resolver.resolve(t.remote.ip)
+        if dest.kind is not Kind.REMOTE or dest.host is None:
+            return Status.NO_ROUTE, f"{t.remote.ip} resolves to {dest}"
+        peer = str(dest.host)
+        if self.backoff.blocked(peer):
+            self.backoff_refusals += 1
+            return Status.PEER_UNREACHABLE, f"peer {peer} in backoff"
+        if e.answered:
+            return None, ""
+        res = await send_offer(
+            self.loop,
+            self.cfg.host_ip,
+            peer,
+            self.cfg.peer_port,
+            t,
+            e.seq,
+            self.cfg.connect_timeout_ms / 1000,
+            self.cfg.answer_timeout_ms / 1000,
+        )
+        if res.status in HOST_FAILURES:
+            interval = self.backoff.failure(peer, res.status)
+            log.info("peer_backoff", peer=peer, status=res.status.name, interval_ms=interval * 1000)
+        elif res.status is not Status.INTERNAL:
+            self.backoff.success(peer)  # its router answered: the host is fine
+        if res.status is Status.OK:
+            assert res.sock is not None
+            if e.answered:  # the leader's offer already served this request
+                res.sock.close()
+                log.warning("extra_host_connection_closed", tuple=t, peer=peer)
+                return None, ""
+            e.answered = True
+            self._mark_done(t.key())
+            self._deliver(e.client, e.seq, t, res.sock, "initiated", peer)
+            return None, ""
+        if res.status is Status.DUPLICATE:
+            if not e.answered:
+                try:
+                    await asyncio.wait_for(e.served.wait(), self.cfg.duplicate_wait_ms / 1000)
+                except TimeoutError:
+                    return Status.TIMEOUT, "peer answered DUPLICATE and its own offer never came"
+            return None, ""
+        return res.status, res.detail
+
+    def on_claim_res(self, client: LibraryClient, msg: Msg) -> None:
+        seq = msg.seq
+        if not self._issued(seq):
+            raise ProtocolViolation(f"CLAIM_RES for seq {seq:#x} the router never sent")
+        ok = msg.status == Status.OK
+        claim = self.claims.get(seq)
+        if claim is None:
+            late = self._finished_claims.get(seq, Status.TIMEOUT)
+            log.info("claim_res_late", client=client.id, seq=seq, ok=ok, answer=late.name)
+            if ok:  # it expects a SWITCH_RES for this seq: tell it there is no fd
+                client.send(Msg(MsgType.SWITCH_RES, late, seq, tuple=msg.tuple))
+            return
+        if client.id not in claim.asked:
+            raise ProtocolViolation(f"CLAIM_RES for claim {seq:#x} this client was not asked")
+        if client.id not in claim.pending:
+            log.info("claim_res_repeated", client=client.id, seq=seq)
+            return
+        claim.pending.discard(client.id)
+        if ok:
+            if not claim.winner.done():
+                claim.winner.set_result(client)
+            else:
+                client.send(Msg(MsgType.SWITCH_RES, Status.DUPLICATE, seq, tuple=claim.tuple))
+        self._check_claim(claim)
+
+    def _check_claim(self, claim: Claim) -> None:
+        if not claim.pending and not claim.winner.done():
+            claim.winner.set_result(None)
+
+    def on_conn_info(self, client: LibraryClient, msg: Msg) -> None:
+        if not self._issued(msg.seq):
+            raise ProtocolViolation(f"CONN_INFO for seq {msg.seq:#x} the router never sent")
+        wait = self.stats_waits.get(msg.seq)
+        if wait is None or wait.client_id != client.id or wait.done.done():
+            return  # late answer to a timed-out STATS_REQ
+        if len(wait.rows) < MAX_ROWS_PER_CLIENT:
+            wait.rows.append(
+                {
+                    "pid": client.pid,
+                    "local": str(msg.tuple.local),
+                    "remote": str(msg.tuple.remote),
+                    "path": _enum_name(Path, msg.status),
+                    "overlay_bytes": msg.arg,
+                    "host_bytes": msg.arg2,
+                }
+            )
+
+    def on_stats_end(self, client: LibraryClient, msg: Msg) -> None:
+        if not self._issued(msg.seq):
+            raise ProtocolViolation(f"STATS_END for seq {msg.seq:#x} the router never sent")
+        wait = self.stats_waits.get(msg.seq)
+        if wait is not None and wait.client_id == client.id and not wait.done.done():
+            wait.done.set_result((msg.arg, msg.arg2))
+
+    def on_client_closed(self, client: LibraryClient) -> None:
+        for claim in self.claims.values():
+            if client.id in claim.pending:
+                claim.pending.discard(client.id)
+                self._check_claim(claim)
+        for wait in self.stats_waits.values():
+            if wait.client_id == client.id and not wait.done.done():
+                wait.done.set_result(None)
+
+    # -- peer offers -----------------------------------------------------------------------
+
+    async def on_offer(self, conn: socket.socket, src: str, msg: Msg) -> bool:
+        """Handle one OFFER; True if `conn` was handed to a library."""
+        answer_timeout = self.cfg.answer_timeout_ms / 1000
+        theirs = msg.tuple  # the initiator's view
+        t = theirs.mirrored()  # ours
+
+        async def refuse(status: Status, detail: str) -> bool:
+            self.failures[f"offer_{status.name}"] += 1
+            log.info("offer_refused", peer=src, tuple=t, status=status.name, detail=detail)
+            await send_answer(self.loop, conn, msg, status, answer_timeout)
+            return False
+
+        if not _valid_tuple(t):
+            return await refuse(Status.BAD_MESSAGE, "invalid tuple")
+        # Only the host that holds the initiator's overlay address may offer for it.
+        sender = await self.resolver.resolve(theirs.local.ip)
+        if sender.kind is not Kind.REMOTE or str(sender.host) != src:
+            return await refuse(Status.DENIED, f"{theirs.local.ip} is {sender}, not on {src}")
+        mine = await self.resolver.resolve(t.local.ip)
+        if mine.kind is Kind.REMOTE:
+            return await refuse(Status.DENIED, f"{t.local.ip} is not on this host ({mine})")
+        key = t.key()
+        entry = self.in_progress.get(key)
+        if (
+            isinstance(entry, Outgoing)
+            and not entry.answered
+            and entry.tuple == t
+            and theirs.local_is_leader()
+        ):
+            return await self._accept_for_request(conn, src, msg, entry)
+        if entry is not None or self._recently_done(key):
+            return await refuse(Status.DUPLICATE, "tuple already being switched")
+        return await self._claim(conn, src, msg, t, key)
+
+    async def _accept_for_request(
+        self, conn: socket.socket, src: str, msg: Msg, e: Outgoing
+    ) -> bool:
+        """Crossing offers, the sender leads: its connection serves our library's request."""
+        e.answered = True
+        try:
+            if not await send_answer(
+                self.loop, conn, msg, Status.OK, self.cfg.answer_timeout_ms / 1000
+            ):
+                self._fail(e.client, e.seq, e.tuple, Status.PEER_UNREACHABLE, "initiator gone")
+                return False
+            self._mark_done(e.tuple.key())
+            return self._deliver(e.client, e.seq, e.tuple, conn, "accepted_leader", src)
+        finally:
+            e.served.set()
+
+    async def _claim(self, conn: socket.socket, src: str, msg: Msg, t: Tuple4, key: Key) -> bool:
+        incoming = Incoming(t, src)
+        self.in_progress[key] = incoming
+        try:
+            clients = self.libs.ready_clients()
+            if not clients:
+                return await self._refuse_claim(conn, src, msg, t, "no library connected")
+            seq = self._next_seq()
+            ids = frozenset(c.id for c in clients)
+            claim = Claim(seq, t, ids, set(ids), self.loop.create_future())
+            self.claims[seq] = claim
+            winner: LibraryClient | None = None
+            try:
+                for c in clients:
+                    c.send(Msg(MsgType.CLAIM_REQ, Status.OK, seq, tuple=t))
+                self._check_claim(claim)  # all of them may have gone while we sent
+                winner = await asyncio.wait_for(
+                    asyncio.shield(claim.winner), self.cfg.claim_timeout_ms / 1000
+                )
+            except TimeoutError:
+                winner = None
+            finally:
+                self.claims.pop(seq, None)
+                self._finished_claims[seq] = Status.DUPLICATE if winner else Status.TIMEOUT
+                while len(self._finished_claims) > FINISHED_CLAIMS_KEPT:
+                    self._finished_claims.popitem(last=False)
+            if winner is None:
+                why = "all libraries said NOT_MINE" if not claim.pending else "claim timed out"
+                return await self._refuse_claim(conn, src, msg, t, why)
+            if winner.closed:
+                self.handoffs_lost += 1
+                log.warning("handoff_lost", how="claimed", tuple=t, reason="claimer gone")
+                return False  # the caller closes conn: the initiator's library sees EOF
+            if not await send_answer(
+                self.loop, conn, msg, Status.OK, self.cfg.answer_timeout_ms / 1000
+            ):
+                self._fail(winner, seq, t, Status.PEER_UNREACHABLE, "initiator gone")
+                return False
+            self._mark_done(key)
+            return self._deliver(winner, seq, t, conn, "claimed", src)
+        finally:
+            if self.in_progress.get(key) is incoming:
+                del self.in_progress[key]
+
+    async def _refuse_claim(
+        self, conn: socket.socket, src: str, msg: Msg, t: Tuple4, why: str
+    ) -> bool:
+        self.failures["offer_PEER_REFUSED"] += 1
+        log.info("offer_refused", peer=src, tuple=t, status="PEER_REFUSED", detail=why)
+        await send_answer(
+            self.loop, conn, msg, Status.PEER_REFUSED, self.cfg.answer_timeout_ms / 1000
+        )
+        return False
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def _client_stats(self, client: LibraryClient) -> dict[str, Any]:
+        seq = self._next_seq()
+        wait = StatsWait(client.id, [], self.loop.create_future())
+        self.stats_waits[seq] = wait
+        result: tuple[int, int] | None = None
+        try:
+            client.send(Msg(MsgType.STATS_REQ, Status.OK, seq))
+            result = await asyncio.wait_for(
+                asyncio.shield(wait.done), self.cfg.stats_timeout_ms / 1000
+            )
+        except TimeoutError:
+            result = None
+        finally:
+            self.stats_waits.pop(seq, None)
+        return {
+            "client": client.id,
+            "pid": client.pid,
+            "cred_pid": client.cred_pid,
+            "uid": client.cred_uid,
+            "mode": _enum_name(Mode, client.mode),
+            "connected_s": round(time.time() - client.connected_at, 3),
+            "complete": result is not None,
+            "switches_done": result[0] if result else None,
+            "switches_failed": result[1] if result else None,
+            "router_switches_ok": client.switches_ok,
+            "router_switches_failed": client.switches_failed,
+            "connections": wait.rows,
+        }
+
+    async def status(self) -> dict[str, Any]:
+        clients = self.libs.ready_clients()
+        processes = await asyncio.gather(*(self._client_stats(c) for c in clients))
+        return {
+            "router": {
+                "host_ip": self.cfg.host_ip,
+                "peer_port": self.cfg.peer_port,
+                "pid": os.getpid(),
+                "socket": str(self.cfg.socket),
+                "started_at": self.started_at,
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "clients": len(self.libs.clients),
+                "clients_ready": len(clients),
+                "clients_accepted": self.libs.accepted,
+                "switches_served": self.served_initiated + self.served_accepted,
+                "switches_initiated": self.served_initiated,
+                "switches_accepted": self.served_accepted,
+                "failures": dict(self.failures),
+                "handoffs_lost": self.handoffs_lost,
+                "backoff_refusals": self.backoff_refusals,
+                "peer_backoffs": self.backoff.describe(),
+                "in_progress": len(self.in_progress),
+                "peer_connections_dropped": self.peers.dropped,
+                "overlay_map": self.resolver.describe(),
+            },
+            "processes": list(processes),
+        }
+
+
+async def run_router(cfg: RouterConfig) -> None:
+    router = Router(cfg)
+    await router.run()

@@ -1,0 +1,347 @@
+# The router's side of the library <-> router channel (docs/wire.md section 1).
+#
+# One AF_UNIX SOCK_SEQPACKET listening socket; one persistent connection per application process.
+# Why raw sockets with loop.add_reader and recvmsg/sendmsg instead of asyncio streams: the router
+# hands host TCP sockets to libraries with SCM_RIGHTS, which only sendmsg can do, and SEQPACKET
+# keeps one frame per datagram, which streams would blur.
+# This module owns framing and hygiene, not meaning: it checks every datagram is one valid
+# 48-byte frame of a type a library may send (and HELLO first), closes a misbehaving client with
+# a logged reason while everyone else keeps being served, closes any fd a library tries to pass
+# us, queues outgoing frames when a client's socket buffer is full (bounded), and closes a passed
+# fd once the kernel holds the client's copy. What frames mean is the LibraryHandler's business
+# (daemon.Router); it may raise ProtocolViolation to have the client dropped.
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from pathlib import Path
+from typing import Protocol
+
+from shuntflow.router.logfmt import get_logger
+from shuntflow.wire import MSG_SIZE, PROTOCOL_VERSION, Msg, MsgType, Status, WireError
+
+log = get_logger()
+
+# Frames a library may send; the others of section 1 go router -> library only.
+FROM_LIBRARY = frozenset(
+    {MsgType.HELLO, MsgType.SWITCH_REQ, MsgType.CLAIM_RES, MsgType.CONN_INFO, MsgType.STATS_END}
+)
+MAX_SEND_QUEUE = 4096
+READS_PER_WAKEUP = 64
+_UCRED = struct.Struct("3i")
+
+
+class ProtocolViolation(Exception):
+    """Raised by a handler: the client broke the protocol and is dropped with this reason."""
+
+
+class RouterSetupError(RuntimeError):
+    """The router cannot start (socket path in use, permission...); one line for the user."""
+
+
+class LibraryHandler(Protocol):
+    def on_switch_req(self, client: LibraryClient, msg: Msg) -> None: ...
+    def on_claim_res(self, client: LibraryClient, msg: Msg) -> None: ...
+    def on_conn_info(self, client: LibraryClient, msg: Msg) -> None: ...
+    def on_stats_end(self, client: LibraryClient, msg: Msg) -> None: ...
+    def on_client_closed(self, client: LibraryClient) -> None: ...
+
+
+def prepare_socket_path(path: Path, kind: socket.SocketKind) -> None:
+    """Create parent dirs (0755); remove a stale socket; refuse if a live one answers."""
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o755)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RouterSetupError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, kind)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # stale: nobody listens
+        return
+    finally:
+        probe.close()
+    raise RouterSetupError(f"{path}: another router is already listening there")
+
+
+def _passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+class LibraryClient:
+    """One connected application process."""
+
+    def __init__(self, cid: int, sock: socket.socket, server: LibraryServer) -> None:
+        self.id = cid
+        self.sock = sock
+        self.server = server
+        self.loop = server.loop
+        self.pid = 0  # from HELLO (the process's own view; may be a pid namespace's)
+        self.cred_pid, self.cred_uid = 0, -1  # SO_PEERCRED, in the router's view
+        self.mode = 0
+        self.ready = False  # HELLO received
+        self.closed = False
+        self.close_reason = ""
+        self.connected_at = time.time()
+        self.outstanding: set[int] = set()  # SWITCH_REQ seqs being worked on
+        self.frames_in = 0
+        self.frames_out = 0
+        self.switches_ok = 0
+        self.switches_failed = 0
+        self._outq: deque[tuple[bytes, socket.socket | None]] = deque()
+        self._writing = False
+        try:
+            pid, uid, _gid = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+            self.cred_pid, self.cred_uid = pid, uid
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"LibraryClient(id={self.id}, pid={self.pid or self.cred_pid})"
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, msg: Msg, fd_sock: socket.socket | None = None) -> bool:
+        """Queue one frame (with fd_sock's fd attached). fd_sock is ours to close either way.
+
+        Returns False if the client is gone (fd_sock then closed at once)."""
+        if self.closed:
+            if fd_sock is not None:
+                fd_sock.close()
+            return False
+        self._outq.append((msg.pack(), fd_sock))
+        if len(self._outq) > MAX_SEND_QUEUE:
+            self.close("send queue overflow (client not reading)")
+            return False
+        if not self._writing:
+            self._flush()
+        return not self.closed
+
+    def _flush(self) -> None:
+        while self._outq and not self.closed:
+            data, fd_sock = self._outq[0]
+            try:
+                if fd_sock is not None:
+                    rights = array.array("i", [fd_sock.fileno()])
+                    self.sock.sendmsg(
+                        [data],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
+                        socket.MSG_NOSIGNAL,
+                    )
+                else:
+                    self.sock.send(data, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:
+                    self.loop.add_writer(self.sock.fileno(), self._flush)
+                    self._writing = True
+                return
+            except OSError as exc:
+                self.close(f"send failed: {exc.strerror or exc}")
+                return
+            self._outq.popleft()
+            if fd_sock is not None:
+                fd_sock.close()  # the client holds its own copy now
+            self.frames_out += 1
+        if self._writing and not self.closed:
+            self.loop.remove_writer(self.sock.fileno())
+            self._writing = False
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        for _ in range(READS_PER_WAKEUP):
+            if self.closed:
+                return
+            try:
+                data, anc, flags, _addr = self.sock.recvmsg(
+                    MSG_SIZE + 1, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.close(f"receive failed: {exc.strerror or exc}")
+                return
+            fds = _passed_fds(anc)
+            for fd in fds:
+                os.close(fd)
+            if fds:
+                self.close("library passed file descriptors to the router", violation=True)
+                return
+            if not data:
+                self.close("disconnected")
+                return
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) != MSG_SIZE:
+                size = f"more than {MSG_SIZE}" if flags & socket.MSG_TRUNC else str(len(data))
+                self.close(f"frame is {size} bytes, expected {MSG_SIZE}", violation=True)
+                return
+            self.frames_in += 1
+            try:
+                msg = Msg.unpack(data)
+                self._dispatch(msg)
+            except (WireError, ProtocolViolation) as exc:
+                self.close(str(exc), violation=True)
+                return
+            except Exception:
+                log.error("client_handler_error", exc=True, client=self.id, pid=self.pid)
+                self.close("router internal error while handling a frame")
+                return
+
+    def _dispatch(self, msg: Msg) -> None:
+        if msg.type not in FROM_LIBRARY:
+            raise ProtocolViolation(f"frame type {msg.type.name} may not come from a library")
+        handler = self.server.handler
+        if msg.type is MsgType.HELLO:
+            if self.ready:
+                raise ProtocolViolation("second HELLO on one channel")
+            self.ready = True
+            self.pid = msg.pid
+            self.mode = int(msg.arg)
+            self.send(Msg(MsgType.HELLO_ACK, Status.OK, msg.seq, arg=PROTOCOL_VERSION))
+            log.info(
+                "client_hello",
+                client=self.id,
+                pid=self.pid,
+                cred_pid=self.cred_pid,
+                uid=self.cred_uid,
+                mode=self.mode,
+            )
+            return
+        if not self.ready:
+            raise ProtocolViolation(f"first frame must be HELLO, got {msg.type.name}")
+        if msg.type is MsgType.SWITCH_REQ:
+            handler.on_switch_req(self, msg)
+        elif msg.type is MsgType.CLAIM_RES:
+            handler.on_claim_res(self, msg)
+        elif msg.type is MsgType.CONN_INFO:
+            handler.on_conn_info(self, msg)
+        elif msg.type is MsgType.STATS_END:
+            handler.on_stats_end(self, msg)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close(self, reason: str, violation: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        fd = self.sock.fileno()
+        if fd >= 0:
+            self.loop.remove_reader(fd)
+            if self._writing:
+                self.loop.remove_writer(fd)
+        self._writing = False
+        self.sock.close()
+        while self._outq:
+            _data, fd_sock = self._outq.popleft()
+            if fd_sock is not None:
+                fd_sock.close()
+        self.server.clients.pop(self.id, None)
+        emit = log.warning if violation else log.info
+        emit(
+            "client_dropped" if violation else "client_closed",
+            client=self.id,
+            pid=self.pid or None,
+            cred_pid=self.cred_pid,
+            reason=reason,
+        )
+        try:
+            self.server.handler.on_client_closed(self)
+        except Exception:
+            log.error("client_close_handler_error", exc=True, client=self.id)
+
+
+class LibraryServer:
+    """The listening SEQPACKET socket and the set of connected clients."""
+
+    def __init__(
+        self,
+        path: Path,
+        handler: LibraryHandler,
+        loop: asyncio.AbstractEventLoop,
+        max_clients: int = 4096,
+    ) -> None:
+        self.path = path
+        self.handler = handler
+        self.loop = loop
+        self.max_clients = max_clients
+        self.clients: dict[int, LibraryClient] = {}
+        self.accepted = 0
+        self.rejected = 0
+        self._next_id = 1
+        self._sock: socket.socket | None = None
+
+    def start(self) -> None:
+        prepare_socket_path(self.path, socket.SOCK_SEQPACKET)
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o666)  # application processes may have dropped root
+            sock.listen(512)
+        except OSError as exc:
+            sock.close()
+            raise RouterSetupError(f"cannot listen on {self.path}: {exc.strerror}") from None
+        self._sock = sock
+        self.loop.add_reader(sock.fileno(), self._on_accept)
+
+    def ready_clients(self) -> list[LibraryClient]:
+        return [c for c in self.clients.values() if c.ready and not c.closed]
+
+    def _on_accept(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep the listener
+                log.error("accept_failed", error=exc.strerror or str(exc))
+                return
+            if len(self.clients) >= self.max_clients:
+                self.rejected += 1
+                conn.close()
+                log.warning("client_rejected", reason="too many clients", limit=self.max_clients)
+                continue
+            conn.setblocking(False)
+            client = LibraryClient(self._next_id, conn, self)
+            self._next_id += 1
+            self.accepted += 1
+            self.clients[client.id] = client
+            self.loop.add_reader(conn.fileno(), client.on_readable)
+            log.debug("client_connected", client=client.id, cred_pid=client.cred_pid)
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            client.close("router shutting down")
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,220 @@
+# The router <-> router conversation (docs/wire.md section 2): OFFER one way, ANSWER back, and
+# then the very same TCP connection is the application's host connection.
+#
+# Why it is written with raw non-blocking sockets and loop.sock_* calls: a router must never
+# read past the one 48-byte frame it expects (the next bytes belong to the libraries), so there
+# is no buffered reader here, only "recv at most what is still missing". Every read has a
+# deadline so a slow or silent peer (slowloris) costs a task for at most a couple of seconds.
+# The initiator side binds its source to --host-ip so the connection leaves from the host's
+# underlay address, which the responder checks against its overlay map.
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from shuntflow.router.library_channel import RouterSetupError
+from shuntflow.router.logfmt import get_logger
+from shuntflow.wire import MSG_SIZE, Msg, MsgType, Status, Tuple4, WireError
+
+log = get_logger()
+
+# Linux: don't reserve an ephemeral port at bind() time, pick it at connect() (no exhaustion
+# from bind-before-connect). Not exported by Python 3.11's socket module.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class PeerClosed(EOFError):
+    """The peer closed the connection before a whole frame arrived."""
+
+
+async def read_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes; never one more."""
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = await loop.sock_recv(sock, size - len(buf))
+        if not chunk:
+            raise PeerClosed(f"connection closed after {len(buf)} of {size} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+@dataclass(frozen=True)
+class OfferResult:
+    status: Status
+    sock: socket.socket | None = None
+    detail: str = ""
+
+
+async def send_offer(
+    loop: asyncio.AbstractEventLoop,
+    source_ip: str,
+    peer_ip: str,
+    peer_port: int,
+    tup: Tuple4,
+    seq: int,
+    connect_timeout: float,
+    answer_timeout: float,
+) -> OfferResult:
+    """Connect to the peer router, OFFER `tup` (initiator's view), read its one ANSWER.
+
+    On status OK the connected socket is returned and now belongs to the caller."""
+    sock = socket.socket(
+        socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    )
+    keep = False
+    try:
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source_ip, 0))
+        except OSError as exc:
+            return OfferResult(Status.INTERNAL, detail=f"bind {source_ip}: {exc.strerror}")
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (peer_ip, peer_port)), connect_timeout)
+        except TimeoutError:
+            return OfferResult(Status.PEER_UNREACHABLE, detail="connect timed out")
+        except OSError as exc:
+            return OfferResult(Status.PEER_UNREACHABLE, detail=f"connect: {exc.strerror or exc}")
+        frame = Msg(MsgType.OFFER, Status.OK, seq, tuple=tup).pack_peer()
+        try:
+            await asyncio.wait_for(loop.sock_sendall(sock, frame), answer_timeout)
+            data = await asyncio.wait_for(read_exact(loop, sock, MSG_SIZE), answer_timeout)
+        except TimeoutError:
+            return OfferResult(Status.TIMEOUT, detail="no ANSWER in time")
+        except (OSError, EOFError) as exc:
+            return OfferResult(Status.PEER_UNREACHABLE, detail=f"offer exchange: {exc}")
+        try:
+            answer = Msg.unpack_peer(data)
+        except WireError as exc:
+            return OfferResult(Status.INTERNAL, detail=f"bad ANSWER: {exc}")
+        if answer.type is not MsgType.ANSWER or answer.tuple != tup:
+            return OfferResult(Status.INTERNAL, detail="ANSWER does not match the OFFER")
+        try:
+            status = Status(answer.status)
+        except ValueError:
+            return OfferResult(Status.INTERNAL, detail=f"unknown ANSWER status {answer.status}")
+        if status is Status.OK:
+            keep = True
+            return OfferResult(Status.OK, sock)
+        return OfferResult(status, detail="answered by the peer router")
+    finally:
+        if not keep:
+            sock.close()
+
+
+async def send_answer(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, offer: Msg, status: Status, timeout: float
+) -> bool:
+    """Send the ANSWER for `offer`; False if the initiator is gone."""
+    frame = Msg(MsgType.ANSWER, status, offer.seq, tuple=offer.tuple).pack_peer()
+    try:
+        await asyncio.wait_for(loop.sock_sendall(sock, frame), timeout)
+    except (OSError, TimeoutError):
+        return False
+    return True
+
+
+# Called with (connection, source ip, OFFER frame); returns True if it took the connection.
+OfferHandler = Callable[[socket.socket, str, Msg], Awaitable[bool]]
+
+
+class PeerListener:
+    """TCP listener on --host-ip:--peer-port; reads one OFFER per connection, with a deadline."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host_ip: str,
+        port: int,
+        on_offer: OfferHandler,
+        read_timeout: float,
+        max_incoming: int,
+    ) -> None:
+        self.loop = loop
+        self.host_ip = host_ip
+        self.port = port
+        self.on_offer = on_offer
+        self.read_timeout = read_timeout
+        self.max_incoming = max_incoming
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        sock = socket.socket(
+            socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host_ip, self.port))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise RouterSetupError(
+                f"cannot listen on {self.host_ip}:{self.port}: {exc.strerror}"
+            ) from None
+        self._sock = sock
+        self._accept_task = self.loop.create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, addr = await self.loop.sock_accept(self._sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                log.error("peer_accept_failed", error=exc.strerror or str(exc))
+                await asyncio.sleep(0.05)
+                continue
+            if len(self.handlers) >= self.max_incoming:
+                self.dropped += 1
+                conn.close()
+                log.warning("peer_dropped", peer=addr[0], reason="too many incoming offers")
+                continue
+            conn.setblocking(False)
+            task = self.loop.create_task(self._handle(conn, str(addr[0]), int(addr[1])))
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
+
+    async def _handle(self, conn: socket.socket, peer: str, port: int) -> None:
+        taken = False
+        try:
+            data = await asyncio.wait_for(read_exact(self.loop, conn, MSG_SIZE), self.read_timeout)
+            msg = Msg.unpack_peer(data)
+            if msg.type is not MsgType.OFFER:
+                raise WireError(f"expected OFFER, got {msg.type.name}")
+            taken = await self.on_offer(conn, peer, msg)
+        except TimeoutError:
+            self._drop(peer, port, f"no complete OFFER within {self.read_timeout:g}s")
+        except PeerClosed as exc:
+            self._drop(peer, port, str(exc))
+        except WireError as exc:
+            self._drop(peer, port, str(exc))
+        except OSError as exc:
+            self._drop(peer, port, f"socket error: {exc.strerror or exc}")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.error("offer_handler_error", exc=True, peer=peer)
+        finally:
+            if not taken:
+                conn.close()
+
+    def _drop(self, peer: str, port: int, reason: str) -> None:
+        self.dropped += 1
+        log.warning("peer_dropped", peer=f"{peer}:{port}", reason=reason)
+
+    async def close(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        tasks = list(self.handlers)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, *(t for t in [self._accept_task] if t), return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

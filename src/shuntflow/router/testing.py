@@ -1,0 +1,301 @@
+# Test doubles for the router's neighbours: a fake preload library (Python, real SEQPACKET socket,
+# real SCM_RIGHTS) and a handle on a router subprocess.
+#
+# Why in the package and not under tests/: the unit tests, the integration tests and a developer
+# poking at a live router (python -i) all need the same well-behaved library stand-in, and it
+# must track docs/wire.md exactly like the real one does; keeping it next to the router keeps it
+# type-checked and in step with the protocol. Nothing in the router imports it.
+
+from __future__ import annotations
+
+import array
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shuntflow.router.control import query
+from shuntflow.wire import MSG_SIZE, Endpoint, Mode, Msg, MsgType, Status, Tuple4, WireError
+
+Key = tuple[Endpoint, Endpoint]
+
+
+@dataclass
+class Result:
+    msg: Msg
+    sock: socket.socket | None
+
+
+@dataclass
+class ConnRow:
+    tuple: Tuple4
+    path: int
+    overlay_bytes: int
+    host_bytes: int
+
+
+@dataclass
+class FakeLibrary:
+    """Speaks section 1 of docs/wire.md like libshuntflow.so would, from a Python thread.
+
+    - claims (CLAIM_RES OK) every offered tuple in `owned` it does not hold a host fd for yet;
+    - answers STATS_REQ with `rows` and `switches`;
+    - keeps every SWITCH_RES (with its fd as a socket) in `results`, keyed by seq."""
+
+    path: Path
+    pid: int = field(default_factory=os.getpid)
+    mode: Mode = Mode.SHUNTFLOW
+    owned: set[Tuple4] = field(default_factory=set)
+    answer_claims: bool = True
+    claim_delay: float = 0.0
+    rows: list[ConnRow] = field(default_factory=list)
+    switches: tuple[int, int] = (0, 0)
+    answer_stats: bool = True
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.connect(str(self.path))
+        self.results: dict[int, Result] = {}
+        self.claims: list[Msg] = []
+        self.host: dict[Key, socket.socket] = {}  # every host fd received, by tuple key
+        self.extra_host: list[socket.socket] = []  # a second fd for a key already held: a bug
+        self.closed_by_router = threading.Event()
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._hello = threading.Event()
+        self._thread = threading.Thread(target=self._reader, daemon=True)
+        self._thread.start()
+        self.send(Msg(MsgType.HELLO, seq=0, pid=self.pid, arg=int(self.mode)))
+        if not self._hello.wait(5):
+            raise TimeoutError("no HELLO_ACK from the router")
+
+    def send(self, msg: Msg) -> None:
+        with self._send_lock:
+            self.sock.send(msg.pack())
+
+    def request(self, t: Tuple4, seq: int | None = None) -> int:
+        seq = next(self._seq) if seq is None else seq
+        self.send(Msg(MsgType.SWITCH_REQ, seq=seq, tuple=t))
+        return seq
+
+    def wait_result(self, seq: int, timeout: float = 5.0) -> Result:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while seq not in self.results:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed_by_router.is_set():
+                    raise TimeoutError(f"no SWITCH_RES for seq {seq}")
+                self._cond.wait(left)
+            return self.results[seq]
+
+    def wait_host(self, keys: Sequence[Key], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not all(k in self.host for k in keys):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sum(k not in self.host for k in keys)
+                    raise TimeoutError(f"{missing} of {len(keys)} host connections missing")
+                self._cond.wait(left)
+
+    def _reader(self) -> None:
+        while True:
+            try:
+                data, anc, _flags, _ = self.sock.recvmsg(
+                    MSG_SIZE + 1, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError:
+                break
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds.extend(arr)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                break
+            try:
+                msg = Msg.unpack(data)
+            except WireError:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self._handle(msg, fds)
+        self.closed_by_router.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _handle(self, msg: Msg, fds: list[int]) -> None:
+        sock = socket.socket(fileno=fds[0]) if fds else None
+        for fd in fds[1:]:
+            os.close(fd)
+        if msg.type is MsgType.HELLO_ACK:
+            self._hello.set()
+        elif msg.type is MsgType.SWITCH_RES:
+            with self._cond:
+                self.results[msg.seq] = Result(msg, sock)
+                if sock is not None:
+                    key = msg.tuple.key()
+                    if key in self.host:
+                        self.extra_host.append(sock)
+                    else:
+                        self.host[key] = sock
+                self._cond.notify_all()
+        elif msg.type is MsgType.CLAIM_REQ:
+            self.claims.append(msg)
+            if not self.answer_claims:
+                return
+            if self.claim_delay:
+                time.sleep(self.claim_delay)
+            with self._cond:
+                mine = msg.tuple in self.owned and msg.tuple.key() not in self.host
+            status = Status.OK if mine else Status.NOT_MINE
+            self.send(Msg(MsgType.CLAIM_RES, status, msg.seq, tuple=msg.tuple))
+        elif msg.type is MsgType.STATS_REQ and self.answer_stats:
+            for row in self.rows:
+                self.send(
+                    Msg(
+                        MsgType.CONN_INFO,
+                        row.path,
+                        msg.seq,
+                        tuple=row.tuple,
+                        arg=row.overlay_bytes,
+                        arg2=row.host_bytes,
+                    )
+                )
+            done, failed = self.switches
+            self.send(Msg(MsgType.STATS_END, seq=msg.seq, arg=done, arg2=failed))
+        elif sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(2)
+        with self._cond:
+            for s in [*self.host.values(), *self.extra_host]:
+                s.close()
+            for r in self.results.values():
+                if r.sock is not None:
+                    r.sock.close()
+
+    def __enter__(self) -> FakeLibrary:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RouterProcess:
+    """`python -m shuntflow.router ...` as a subprocess, ready when its control socket answers."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        host_ip: str,
+        peer_port: int,
+        extra: Sequence[str] = (),
+        log_file: Path | None = None,
+        netns: str | None = None,
+    ) -> None:
+        self.socket = socket_path
+        self.control = socket_path.with_name(socket_path.name + ".ctl")
+        self.log_file = log_file or socket_path.with_name(socket_path.name + ".log")
+        cmd = [
+            sys.executable,
+            "-m",
+            "shuntflow.router",
+            "--socket",
+            str(socket_path),
+            "--host-ip",
+            host_ip,
+            "--peer-port",
+            str(peer_port),
+            "--log-file",
+            str(self.log_file),
+            *extra,
+        ]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                _out, err = self.proc.communicate()
+                raise RuntimeError(f"router exited {self.proc.returncode}: {err.decode()}")
+            try:
+                query(self.control, "ping", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError("router did not come up") from None
+                time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def fds(self) -> dict[int, str]:
+        """fd number -> what it is (readlink of /proc/PID/fd/N)."""
+        out: dict[int, str] = {}
+        base = f"/proc/{self.proc.pid}/fd"
+        for name in os.listdir(base):
+            with contextlib.suppress(OSError):
+                out[int(name)] = os.readlink(f"{base}/{name}")
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return query(self.control)
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.communicate()
+        return self.proc.returncode
+
+
+def free_port(ips: Sequence[str] = ("127.0.0.1", "127.0.0.2", "127.0.0.3")) -> int:
+    """A TCP port that is free on every one of `ips` right now (routers share one peer port)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind((ips[0], 0))
+            port = int(probe.getsockname()[1])
+        ok = True
+        for ip in ips:
+            with socket.socket() as s:
+                try:
+                    s.bind((ip, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return port
+    raise RuntimeError("no free port")

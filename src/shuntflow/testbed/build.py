@@ -1,0 +1,389 @@
+"""Building a testbed through netlink, one recorded step at a time, and taking it down by name.
+
+Every namespace is written to state.json before it is created, so `down` after a crash finds
+it; `down` also scans /run/netns for the testbed's name patterns, so it needs no state at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from shuntflow.testbed import nsutil
+from shuntflow.testbed.plan import (
+    OVERLAY_MTU,
+    PREFIX_LEN,
+    VXLAN_PORT,
+    VXLAN_VNI,
+    Host,
+    TestbedError,
+    container_if,
+    container_port,
+    host_bridge,
+    host_to_dict,
+    host_uplink,
+    is_testbed_netns,
+    plan_hosts,
+    run_dir,
+    underlay_bridge,
+    underlay_netns,
+    underlay_port,
+    validate_prefix,
+)
+
+STATE_FILE = "state.json"
+ROUTER_START_TIMEOUT = 5.0
+NUD_PERMANENT = 0x80
+_SYSCTLS = {
+    "net.ipv6.conf.all.disable_ipv6": "1",
+    "net.ipv6.conf.default.disable_ipv6": "1",
+}
+
+
+@contextmanager
+def rtnl(ns: str) -> Iterator[Any]:
+    """A netlink socket inside namespace `ns`, closed at once: an open one would keep it alive."""
+    # flags=0: never create a namespace by accident (pyroute2's default is O_CREAT).
+    with IPRoute(netns=ns, flags=0) as ipr:
+        yield ipr
+
+
+def _index(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise TestbedError(f"device {ifname} missing")
+    return int(found[0])
+
+
+def write_state(prefix: str, state: dict[str, Any]) -> None:
+    path = run_dir(prefix) / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_state(prefix: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads((run_dir(prefix) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def existing_netns(prefix: str) -> list[str]:
+    return [n for n in nsutil.list_netns() if is_testbed_netns(prefix, n)]
+
+
+def exists(prefix: str) -> bool:
+    return run_dir(prefix).exists() or bool(existing_netns(prefix))
+
+
+class Builder:
+    """Builds one testbed step by step; `steps()` is what `Testbed.up` runs in order."""
+
+    def __init__(self, prefix: str, hosts: int, containers: int, routers: bool) -> None:
+        self.prefix = validate_prefix(prefix)
+        self.n_hosts = hosts
+        self.n_containers = containers
+        self.routers = routers
+        self.hosts: list[Host] = plan_hosts(prefix, hosts, containers)
+        self.state: dict[str, Any] = {
+            "version": 1,
+            "prefix": prefix,
+            "hosts_count": hosts,
+            "containers_per_host": containers,
+            "routers": routers,
+            "complete": False,
+            "created": time.time(),
+            "underlay_netns": underlay_netns(prefix),
+            "underlay_bridge": underlay_bridge(prefix),
+            "namespaces": [],
+            "router_pids": {},
+            "hosts": [host_to_dict(h) for h in self.hosts],
+        }
+        self.router_procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Create the run directory; mkdir is atomic, so two `up`s of one prefix cannot both win."""
+        try:
+            run_dir(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+            run_dir(self.prefix).mkdir(mode=0o755)
+        except FileExistsError:
+            raise already_exists(self.prefix) from None
+        except OSError as e:
+            raise TestbedError(f"cannot create {run_dir(self.prefix)}: {e.strerror}") from None
+        for h in self.hosts:
+            h.run_dir.mkdir(mode=0o755)
+        self.save()
+
+    def save(self) -> None:
+        write_state(self.prefix, self.state)
+
+    def new_netns(self, name: str) -> None:
+        self.state["namespaces"].append(name)
+        self.save()
+        nsutil.create_netns(name)
+        nsutil.write_sysctls(name, _SYSCTLS)
+        with rtnl(name) as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
+
+    # -- steps ------------------------------------------------------------------------
+
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+        """The build after `claim()`, in order; each step is safe to abandon midway."""
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("namespaces", self.make_namespaces),
+            ("underlay", self.make_underlay),
+        ]
+        for h in self.hosts:
+            steps.append((f"host {h.index}", lambda h=h: self.make_host(h)))  # type: ignore[misc]
+        steps.append(("overlay state", self.program_overlay))
+        if self.routers:
+            steps.append(("routers", self.start_routers))
+        steps.append(("complete", self.mark_complete))
+        return steps
+
+    def make_namespaces(self) -> None:
+        self.new_netns(underlay_netns(self.prefix))
+        for h in self.hosts:
+            self.new_netns(h.netns)
+            for c in h.containers:
+                self.new_netns(c.netns)
+
+    def make_underlay(self) -> None:
+        p = self.prefix
+        ul = underlay_netns(p)
+        with rtnl(ul) as ipr:
+            ipr.link("add", ifname=underlay_bridge(p), kind="bridge")
+            br = _index(ipr, underlay_bridge(p))
+            ipr.link("set", index=br, state="up")
+        for h in self.hosts:
+            # The pair is created inside the host namespace with its peer put straight into the
+            # underlay namespace, so no device ever appears in the root namespace.
+            ul_fd = nsutil.open_netns(ul)
+            try:
+                with rtnl(h.netns) as ipr:
+                    ipr.link(
+                        "add",
+                        ifname=host_uplink(p),
+                        kind="veth",
+                        peer={"ifname": underlay_port(p, h.index), "net_ns_fd": ul_fd},
+                    )
+                    up = _index(ipr, host_uplink(p))
+                    ipr.addr("add", index=up, address=h.underlay_ip, prefixlen=PREFIX_LEN)
+                    ipr.link("set", index=up, state="up")
+            finally:
+                os.close(ul_fd)
+            with rtnl(ul) as ipr:
+                port = _index(ipr, underlay_port(p, h.index))
+                ipr.link("set", index=port, master=_index(ipr, underlay_bridge(p)), state="up")
+
+    def make_host(self, h: Host) -> None:
+        p = self.prefix
+        with rtnl(h.netns) as ipr:
+            ipr.link("add", ifname=host_bridge(p), kind="bridge", mtu=OVERLAY_MTU)
+            br = _index(ipr, host_bridge(p))
+            ipr.link(
+                "add",
+                ifname=h.vxlan_dev,
+                kind="vxlan",
+                vxlan_id=VXLAN_VNI,
+                vxlan_port=VXLAN_PORT,
+                vxlan_local=h.underlay_ip,
+                vxlan_link=_index(ipr, host_uplink(p)),
+                vxlan_learning=0,
+                vxlan_proxy=1,
+                mtu=OVERLAY_MTU,
+            )
+            vx = _index(ipr, h.vxlan_dev)
+            ipr.link("set", index=vx, master=br, state="up")
+            for c in h.containers:
+                c_fd = nsutil.open_netns(c.netns)
+                try:
+                    ipr.link(
+                        "add",
+                        ifname=container_port(p, c.index),
+                        kind="veth",
+                        mtu=OVERLAY_MTU,
+                        peer={
+                            "ifname": container_if(p),
+                            "net_ns_fd": c_fd,
+                            "address": c.mac,
+                            "mtu": OVERLAY_MTU,
+                        },
+                    )
+                finally:
+                    os.close(c_fd)
+                port = _index(ipr, container_port(p, c.index))
+                ipr.link("set", index=port, master=br, state="up")
+            ipr.link("set", index=br, state="up")
+        for c in h.containers:
+            with rtnl(c.netns) as ipr:
+                eth = _index(ipr, container_if(p))
+                ipr.addr("add", index=eth, address=c.overlay_ip, prefixlen=PREFIX_LEN)
+                ipr.link("set", index=eth, state="up")
+
+    def program_overlay(self) -> None:
+        """Docker's overlay driver way: every remote container is a static ARP + FDB entry."""
+        for h in self.hosts:
+            with rtnl(h.netns) as ipr:
+                vx = _index(ipr, h.vxlan_dev)
+                for other in self.hosts:
+                    if other.index == h.index:
+                        continue
+                    for c in other.containers:
+                        ipr.neigh(
+                            "add", dst=c.overlay_ip, lladdr=c.mac, ifindex=vx, state=NUD_PERMANENT
+                        )
+                        ipr.fdb("add", ifindex=vx, lladdr=c.mac, dst=other.underlay_ip)
+
+    def router_argv(self, h: Host) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "shuntflow.cli",
+            "router",
+            "--socket",
+            str(h.router_socket),
+            "--host-ip",
+            h.underlay_ip,
+            "--vxlan-dev",
+            h.vxlan_dev,
+            "--log-file",
+            str(h.router_log),
+        ]
+
+    def start_routers(self) -> None:
+        for h in self.hosts:
+            proc = start_detached(h.netns, self.router_argv(h), h.router_log)
+            self.router_procs[h.index] = proc
+            h.router_pid_file.write_text(f"{proc.pid}\n")
+            self.state["router_pids"][str(h.index)] = proc.pid
+            self.save()
+        deadline = time.monotonic() + ROUTER_START_TIMEOUT
+        for h in self.hosts:
+            proc = self.router_procs[h.index]
+            while not h.router_socket.exists():
+                if proc.poll() is not None or time.monotonic() >= deadline:
+                    why = (
+                        f"exited with code {proc.returncode}"
+                        if proc.poll() is not None
+                        else f"did not create {h.router_socket} within {ROUTER_START_TIMEOUT:g} s"
+                    )
+                    raise TestbedError(
+                        f"router of host {h.index} ({h.netns}) {why}; "
+                        f"last lines of {h.router_log}:\n{log_tail(h.router_log)}"
+                    )
+                time.sleep(0.02)
+
+    def mark_complete(self) -> None:
+        self.state["complete"] = True
+        self.save()
+
+
+def start_detached(ns: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `argv` in namespace `ns` in its own session, output appended to `log`."""
+    fd = nsutil.open_netns(ns)
+    try:
+        with open(log, "ab") as out:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=nsutil.make_preexec(fd, None),
+            )
+    finally:
+        os.close(fd)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "  (no log)"
+    tail = text.strip().splitlines()[-lines:]
+    return "\n".join("  " + line for line in tail) if tail else "  (log is empty)"
+
+
+def already_exists(prefix: str) -> TestbedError:
+    return TestbedError(
+        f"testbed {prefix!r} already exists; run `shuntflow testbed down --prefix {prefix}` first"
+    )
+
+
+def router_pid(h: Host) -> int | None:
+    try:
+        return int(h.router_pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def router_alive(pid: int | None) -> bool:
+    return (
+        pid is not None
+        and nsutil.pid_alive(pid)
+        and nsutil.is_router_cmdline(nsutil.pid_cmdline(pid))
+    )
+
+
+def down(prefix: str) -> dict[str, list[Any]]:
+    """Remove everything a testbed with `prefix` consists of; safe on a half-built or gone one."""
+    validate_prefix(prefix)
+    rdir = run_dir(prefix)
+    state = read_state(prefix) or {}
+
+    router_pids: set[int] = set()
+    for pid_file in rdir.glob("h*/router.pid"):
+        with suppress(OSError, ValueError):
+            router_pids.add(int(pid_file.read_text().strip()))
+    for pid in (state.get("router_pids") or {}).values():
+        if isinstance(pid, int):
+            router_pids.add(pid)
+    routers = [p for p in router_pids if router_alive(p)]
+    nsutil.terminate(routers, group=True)
+
+    names = set(existing_netns(prefix))
+    names.update(
+        n for n in state.get("namespaces", []) if isinstance(n, str) and is_testbed_netns(prefix, n)
+    )
+    # Anything still running in the namespaces (servers, exec'd commands) would keep them, and
+    # their devices, alive after the names are gone.
+    stray = nsutil.pids_in_netns(names)
+    nsutil.terminate(stray.keys())
+
+    removed = [n for n in sorted(names) if nsutil.remove_netns(n)]
+    had_dir = rdir.exists()
+    if had_dir:
+        shutil.rmtree(rdir, ignore_errors=True)
+    return {
+        "routers_stopped": sorted(routers),
+        "processes_stopped": sorted(stray),
+        "namespaces_removed": removed,
+        "run_dir_removed": [str(rdir)] if had_dir else [],
+    }
+
+
+def vxlan_counters(h: Host) -> tuple[int, int]:
+    try:
+        with rtnl(h.netns) as ipr:
+            links = ipr.get_links(_index(ipr, h.vxlan_dev))
+    except (NetlinkError, OSError) as e:
+        raise TestbedError(f"cannot read {h.vxlan_dev} in {h.netns}: {e}") from None
+    stats = links[0].get("stats64") or links[0].get("stats")
+    return int(stats["rx_bytes"]), int(stats["tx_bytes"])

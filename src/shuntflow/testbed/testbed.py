@@ -1,0 +1,289 @@
+"""The Mininet-like API: `Testbed.up(...)`, `Testbed.load(prefix)`, `tb.popen(...)`, `tb.down()`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from shuntflow.testbed import build, nsutil
+from shuntflow.testbed.plan import (
+    DEFAULT_CONTAINERS,
+    DEFAULT_HOSTS,
+    DEFAULT_PREFIX,
+    MAX_CONTAINERS,
+    MAX_HOSTS,
+    RUN_ROOT,
+    Container,
+    Host,
+    TestbedError,
+    TestbedUsageError,
+    host_from_dict,
+    is_testbed_netns,
+    run_dir,
+    underlay_bridge,
+    underlay_netns,
+    validate_count,
+    validate_prefix,
+)
+
+Cpus = int | Iterable[int] | None
+NetnsRef = str | Host | Container
+
+
+def _cpu_set(cpu: Cpus) -> set[int] | None:
+    if cpu is None:
+        return None
+    cpus = {cpu} if isinstance(cpu, int) else {int(c) for c in cpu}
+    available = os.sched_getaffinity(0)
+    if not cpus or not cpus <= available:
+        raise TestbedUsageError(
+            f"cannot pin to CPU(s) {sorted(cpus)}: this process may use {sorted(available)}"
+        )
+    return cpus
+
+
+class Testbed:
+    """A built testbed. Get one from `Testbed.up(...)` or `Testbed.load(prefix)`."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, prefix: str, hosts: list[Host], state: dict[str, Any]) -> None:
+        self.prefix = prefix
+        self.hosts = hosts
+        self._state = state
+        self._router_procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- life cycle -------------------------------------------------------------------
+
+    @classmethod
+    def up(
+        cls,
+        prefix: str = DEFAULT_PREFIX,
+        hosts: int = DEFAULT_HOSTS,
+        containers: int = DEFAULT_CONTAINERS,
+        routers: bool = True,
+    ) -> Testbed:
+        """Build the testbed; on any failure remove what was built and raise TestbedError."""
+        validate_prefix(prefix)
+        validate_count("hosts", hosts, MAX_HOSTS)
+        validate_count("containers", containers, MAX_CONTAINERS)
+        if os.geteuid() != 0:
+            raise TestbedError("the testbed needs root (network namespaces); run it as root")
+        if build.exists(prefix):
+            raise build.already_exists(prefix)
+        builder = build.Builder(prefix, hosts, containers, routers)
+        # Claiming is atomic and tears nothing down if it fails: losing that race means the
+        # testbed belongs to someone else.
+        builder.claim()
+        try:
+            for name, step in builder.steps():
+                try:
+                    step()
+                except TestbedError:
+                    raise
+                except Exception as e:
+                    raise TestbedError(f"testbed {prefix!r}: step {name!r} failed: {e}") from e
+        except BaseException:
+            build.down(prefix)
+            raise
+        tb = cls(prefix, builder.hosts, builder.state)
+        tb._router_procs = builder.router_procs
+        return tb
+
+    @classmethod
+    def load(cls, prefix: str = DEFAULT_PREFIX, *, allow_incomplete: bool = False) -> Testbed:
+        """The testbed `up` recorded in /run/shuntflow/<prefix>/state.json."""
+        validate_prefix(prefix)
+        state = build.read_state(prefix)
+        if state is None:
+            others = list_testbeds()
+            hint = f" (existing: {', '.join(others)})" if others else ""
+            raise TestbedError(
+                f"no testbed {prefix!r}{hint}; run `shuntflow testbed up --prefix {prefix}`"
+            )
+        if not state.get("complete") and not allow_incomplete:
+            raise TestbedError(
+                f"testbed {prefix!r} is incomplete (its `up` did not finish); "
+                f"run `shuntflow testbed down --prefix {prefix}`"
+            )
+        try:
+            hosts = [host_from_dict(h) for h in state["hosts"]]
+        except (KeyError, TypeError, ValueError, AssertionError) as e:
+            raise TestbedError(
+                f"state of testbed {prefix!r} is unreadable ({e}); "
+                f"run `shuntflow testbed down --prefix {prefix}`"
+            ) from None
+        return cls(prefix, hosts, state)
+
+    @staticmethod
+    def down_prefix(prefix: str = DEFAULT_PREFIX) -> dict[str, list[Any]]:
+        """Remove testbed `prefix` found by its names alone; idempotent."""
+        return build.down(prefix)
+
+    def down(self) -> dict[str, list[Any]]:
+        result = build.down(self.prefix)
+        for proc in self._router_procs.values():
+            proc.poll()
+        return result
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.down()
+
+    def __repr__(self) -> str:
+        n = len(self.hosts)
+        m = len(self.hosts[0].containers) if self.hosts else 0
+        return f"<Testbed {self.prefix!r} {n} hosts x {m} containers>"
+
+    # -- lookup -----------------------------------------------------------------------
+
+    @property
+    def containers(self) -> list[Container]:
+        return [c for h in self.hosts for c in h.containers]
+
+    @property
+    def underlay_netns(self) -> str:
+        return underlay_netns(self.prefix)
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir(self.prefix)
+
+    def host(self, ref: int | str | Container) -> Host:
+        """Host by index (1-based), by namespace name, or the host of a container."""
+        if isinstance(ref, Container):
+            ref = ref.host_index
+        for h in self.hosts:
+            if ref in (h.index, h.netns):
+                return h
+        valid = ", ".join(h.netns for h in self.hosts)
+        raise TestbedUsageError(f"no host {ref!r} in testbed {self.prefix!r}; hosts: {valid}")
+
+    def container(self, name: str) -> Container:
+        for c in self.containers:
+            if c.name == name:
+                return c
+        valid = ", ".join(c.name for c in self.containers)
+        raise TestbedUsageError(
+            f"no container {name!r} in testbed {self.prefix!r}; containers: {valid}"
+        )
+
+    def _netns_name(self, ref: NetnsRef) -> str:
+        name = ref.netns if isinstance(ref, Host | Container) else ref
+        if not is_testbed_netns(self.prefix, name):
+            raise TestbedUsageError(f"{name!r} is not a namespace of testbed {self.prefix!r}")
+        return name
+
+    # -- running things inside --------------------------------------------------------
+
+    def _popen_kwargs(
+        self, fd: int, cpu: Cpus, env: dict[str, str] | None, kw: dict[str, Any]
+    ) -> dict[str, Any]:
+        kw = dict(kw)
+        kw["preexec_fn"] = nsutil.make_preexec(fd, _cpu_set(cpu), kw.pop("preexec_fn", None))
+        if env is not None:
+            kw["env"] = {**os.environ, **env}
+        return kw
+
+    def popen(
+        self,
+        netns: NetnsRef,
+        argv: Sequence[str],
+        cpu: Cpus = None,
+        env: dict[str, str] | None = None,
+        **popen_kwargs: Any,
+    ) -> subprocess.Popen[Any]:
+        """subprocess.Popen of `argv` inside namespace `netns`, optionally pinned to `cpu`.
+
+        `env` is added to (and overrides) this process's environment, so
+        `env=shuntflow.native.app_environment(...)` is enough to load the library.
+        """
+        fd = nsutil.open_netns(self._netns_name(netns))
+        try:
+            return subprocess.Popen(list(argv), **self._popen_kwargs(fd, cpu, env, popen_kwargs))
+        finally:
+            os.close(fd)
+
+    def run(
+        self,
+        netns: NetnsRef,
+        argv: Sequence[str],
+        cpu: Cpus = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = 60.0,
+        **run_kwargs: Any,
+    ) -> subprocess.CompletedProcess[Any]:
+        """subprocess.run of `argv` inside namespace `netns` (same keywords as subprocess.run)."""
+        fd = nsutil.open_netns(self._netns_name(netns))
+        try:
+            return subprocess.run(
+                list(argv), timeout=timeout, **self._popen_kwargs(fd, cpu, env, run_kwargs)
+            )
+        finally:
+            os.close(fd)
+
+    # -- observation ------------------------------------------------------------------
+
+    def vxlan_counters(self, host_index: int) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of the host's VXLAN device, read through netlink."""
+        return build.vxlan_counters(self.host(host_index))
+
+    def status(self) -> dict[str, Any]:
+        hosts = []
+        for h in self.hosts:
+            pid = build.router_pid(h)
+            hosts.append(
+                {
+                    "index": h.index,
+                    "netns": h.netns,
+                    "netns_present": nsutil.netns_exists(h.netns),
+                    "underlay_ip": h.underlay_ip,
+                    "vxlan_dev": h.vxlan_dev,
+                    "router_socket": str(h.router_socket),
+                    "router_socket_present": h.router_socket.exists(),
+                    "router_log": str(h.router_log),
+                    "router_pid": pid,
+                    "router_alive": build.router_alive(pid),
+                    "containers": [
+                        {
+                            "name": c.name,
+                            "netns": c.netns,
+                            "netns_present": nsutil.netns_exists(c.netns),
+                            "host_index": c.host_index,
+                            "index": c.index,
+                            "overlay_ip": c.overlay_ip,
+                            "mac": c.mac,
+                        }
+                        for c in h.containers
+                    ],
+                }
+            )
+        return {
+            "prefix": self.prefix,
+            "run_dir": str(self.run_dir),
+            "complete": bool(self._state.get("complete")),
+            "routers": bool(self._state.get("routers")),
+            "underlay_netns": underlay_netns(self.prefix),
+            "underlay_netns_present": nsutil.netns_exists(underlay_netns(self.prefix)),
+            "underlay_bridge": underlay_bridge(self.prefix),
+            "hosts": hosts,
+        }
+
+
+def list_testbeds() -> list[str]:
+    """Prefixes that have a run directory (complete or not)."""
+    try:
+        return sorted(p.parent.name for p in RUN_ROOT.glob(f"*/{build.STATE_FILE}"))
+    except OSError:
+        return []

@@ -1,0 +1,311 @@
+"""Two real routers on loopback (A = 127.0.0.1, B = 127.0.0.2, one peer port, one --map file),
+with fake libraries speaking SEQPACKET + SCM_RIGHTS: the switch itself, refusals, duplicates
+and crossing offers (invariant 5), and fd hygiene of the router processes.
+
+Overlay plan of the map: 198.19.1.0/24 lives on A, 198.19.2.0/24 and 198.19.0.0/24 on B,
+198.19.3.0/24 on a host 127.0.0.3 with no router.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
+from shuntflow.wire import Msg, MsgType, Status, Tuple4
+
+MAP = {
+    "198.19.1.0/24": "127.0.0.1",
+    "198.19.2.0/24": "127.0.0.2",
+    "198.19.0.0/24": "127.0.0.2",  # B's addresses below A's: B's end leads
+    "198.19.3.0/24": "127.0.0.3",
+}
+
+
+@pytest.fixture(scope="module")
+def routers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RouterProcess, RouterProcess]]:
+    d = tmp_path_factory.mktemp("rt-switch")
+    map_file = d / "map.json"
+    map_file.write_text(json.dumps(MAP))
+    port = free_port()
+    a = RouterProcess(d / "a" / "router.sock", "127.0.0.1", port, ["--map", str(map_file)])
+    try:
+        b = RouterProcess(d / "b" / "router.sock", "127.0.0.2", port, ["--map", str(map_file)])
+    except BaseException:
+        a.stop()
+        raise
+    yield a, b
+    assert b.stop() == 0, b.log()
+    assert a.stop() == 0, a.log()
+    for r in (a, b):
+        assert not r.socket.exists() and not r.control.exists(), "sockets left behind"
+        assert "level=error" not in r.log(), r.log()
+
+
+def tup(i: int, local: str = "198.19.1.1", remote: str = "198.19.2.1:80") -> Tuple4:
+    return Tuple4.parse(f"{local}:{20000 + i}", remote)
+
+
+def assert_pair(x: socket.socket, y: socket.socket) -> None:
+    """x and y are the two ends of one TCP connection, and bytes flow both ways."""
+    assert x.getsockname() == y.getpeername()
+    assert x.getpeername() == y.getsockname()
+    x.settimeout(5)
+    y.settimeout(5)
+    x.sendall(b"ping from x")
+    assert y.recv(100) == b"ping from x"
+    y.sendall(b"pong from y")
+    assert x.recv(100) == b"pong from y"
+
+
+def test_switch_hands_both_ends_of_one_connection(
+    routers: tuple[RouterProcess, RouterProcess],
+) -> None:
+    a, b = routers
+    t = tup(1)
+    with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, owned={t.mirrored()}) as lb:
+        start = time.monotonic()
+        res = la.wait_result(la.request(t, seq=7))
+        assert res.msg.status == Status.OK, Status(res.msg.status).name
+        assert res.msg.seq == 7 and res.msg.tuple == t
+        assert res.sock is not None
+        lb.wait_host([t.key()])
+        assert time.monotonic() - start < 1.0
+        # B's library was asked with B's view of the tuple, a router seq (high bit set),
+        # and got the fd with that seq.
+        claim = lb.claims[-1]
+        assert claim.tuple == t.mirrored() and claim.seq & 0x8000_0000
+        assert lb.results[claim.seq].msg.status == Status.OK
+        assert lb.results[claim.seq].msg.tuple == t.mirrored()
+        assert_pair(res.sock, lb.host[t.key()])
+        # A host connection between the two routers' underlay addresses, in the host ns.
+        assert res.sock.getsockname()[0] == "127.0.0.1"
+        assert res.sock.getpeername() == ("127.0.0.2", b.status()["router"]["peer_port"])
+        # Big transfer both ways through the passed fds: nothing swallowed by the routers.
+        blob = bytes(range(256)) * 4096
+        sender = threading.Thread(target=res.sock.sendall, args=(blob,))
+        sender.start()
+        got = bytearray()
+        peer = lb.host[t.key()]
+        while len(got) < len(blob):
+            chunk = peer.recv(65536)
+            assert chunk
+            got += chunk
+        sender.join()
+        assert bytes(got) == blob
+
+
+def test_nobody_claims_is_peer_refused_fast(routers: tuple[RouterProcess, RouterProcess]) -> None:
+    a, b = routers
+    t = tup(2)
+    with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, owned=set()) as lb:
+        start = time.monotonic()
+        res = la.wait_result(la.request(t))
+        elapsed = time.monotonic() - start
+        assert res.msg.status == Status.PEER_REFUSED and res.sock is None
+        assert elapsed < 0.2, elapsed  # all said NOT_MINE: no need to wait for the timeout
+        assert len(lb.claims) == 1 and not lb.host
+
+
+def test_silent_library_times_out_into_peer_refused(
+    routers: tuple[RouterProcess, RouterProcess],
+) -> None:
+    a, b = routers
+    t = tup(3)
+    with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, answer_claims=False) as lb:
+        start = time.monotonic()
+        res = la.wait_result(la.request(t))
+        elapsed = time.monotonic() - start
+        assert res.msg.status == Status.PEER_REFUSED and res.sock is None
+        assert 0.04 <= elapsed < 0.5, elapsed  # the 50 ms claim timeout, not more
+        assert lb.claims
+
+
+def test_late_claim_gets_no_fd(routers: tuple[RouterProcess, RouterProcess]) -> None:
+    """A library claiming after the timeout is told TIMEOUT, and the initiator stays refused."""
+    a, b = routers
+    t = tup(4)
+    with (
+        FakeLibrary(a.socket) as la,
+        FakeLibrary(b.socket, owned={t.mirrored()}, claim_delay=0.2) as lb,
+    ):
+        res = la.wait_result(la.request(t))
+        assert res.msg.status == Status.PEER_REFUSED
+        claim_seq = None
+        deadline = time.monotonic() + 2
+        while claim_seq is None and time.monotonic() < deadline:
+            claim_seq = lb.claims[-1].seq if lb.claims else None
+            time.sleep(0.01)
+        assert claim_seq is not None
+        late = lb.wait_result(claim_seq, timeout=2)
+        assert late.msg.status == Status.TIMEOUT and late.sock is None
+        assert not lb.host
+
+
+def test_no_library_on_peer_host(routers: tuple[RouterProcess, RouterProcess]) -> None:
+    a, _b = routers
+    with FakeLibrary(a.socket) as la:
+        res = la.wait_result(la.request(tup(5)))
+        assert res.msg.status == Status.PEER_REFUSED
+
+
+def test_no_route_for_local_and_unknown(routers: tuple[RouterProcess, RouterProcess]) -> None:
+    a, _b = routers
+    with FakeLibrary(a.socket) as la:
+        local = tup(6, remote="198.19.1.9:80")  # same host: never crosses VXLAN
+        unknown = tup(7, remote="198.19.99.1:80")
+        assert la.wait_result(la.request(local)).msg.status == Status.NO_ROUTE
+        assert la.wait_result(la.request(unknown)).msg.status == Status.NO_ROUTE
+        # A library claiming an overlay address of another host is denied.
+        spoof = tup(8, local="198.19.2.7")
+        assert la.wait_result(la.request(spoof)).msg.status == Status.DENIED
+        bad = Tuple4.parse("198.19.1.1:0", "198.19.2.1:80")
+        assert la.wait_result(la.request(bad)).msg.status == Status.BAD_MESSAGE
+
+
+def test_second_request_for_same_tuple_is_duplicate(
+    routers: tuple[RouterProcess, RouterProcess],
+) -> None:
+    a, b = routers
+    t = tup(9)
+    with (
+        FakeLibrary(a.socket) as la,
+        FakeLibrary(b.socket, owned={t.mirrored()}, claim_delay=0.02) as lb,
+    ):
+        first = la.request(t)
+        second = la.request(t)
+        assert la.wait_result(second).msg.status == Status.DUPLICATE
+        assert la.wait_result(first).msg.status == Status.OK
+        lb.wait_host([t.key()])
+        # Just switched: a new request or a stray offer for it is a duplicate too.
+        assert la.wait_result(la.request(t)).msg.status == Status.DUPLICATE
+        assert len(la.host) == 1 and not la.extra_host and not lb.extra_host
+
+
+@pytest.mark.parametrize("rounds", [3])
+def test_simultaneous_requests_give_one_connection(
+    routers: tuple[RouterProcess, RouterProcess], rounds: int
+) -> None:
+    """Both ends ask for the same 200 connections at once: exactly one host connection each,
+    both libraries hold its two ends, and the routers keep no fd."""
+    a, b = routers
+    fds_before = (a.fd_count(), b.fd_count())
+    listing_before = (a.fds(), b.fds())
+    for r in range(rounds):
+        # Vary who leads: half the tuples have A's end lower, half B's.
+        tuples = [tup(1000 + i, remote=f"198.19.2.{1 + i % 2}:{80 + r}") for i in range(100)]
+        tuples += [
+            Tuple4.parse(f"198.19.1.200:{30000 + i}", f"198.19.0.{100 + r}:{40000 + i}")
+            for i in range(100)
+        ]
+        tuples += [
+            Tuple4.parse(f"198.19.1.{10 + r}:{50000 + i}", f"198.19.2.3:{60000 + i}")
+            for i in range(10)
+        ]
+        leaders = sum(t.local_is_leader() for t in tuples)
+        assert 0 < leaders < len(tuples)
+        with (
+            FakeLibrary(a.socket, owned=set(tuples)) as la,
+            FakeLibrary(b.socket, owned={t.mirrored() for t in tuples}) as lb,
+        ):
+            seqs: list[tuple[int, int]] = []
+            for t in tuples:
+                seqs.append((la.request(t), lb.request(t.mirrored())))
+            keys = [t.key() for t in tuples]
+            la.wait_host(keys)
+            lb.wait_host(keys)
+            statuses: dict[str, int] = {}
+            for sa, sb in seqs:
+                for lib, seq in ((la, sa), (lb, sb)):
+                    st = Status(lib.wait_result(seq).msg.status).name
+                    statuses[st] = statuses.get(st, 0) + 1
+            assert set(statuses) <= {"OK", "DUPLICATE"}, statuses
+            assert not la.extra_host and not lb.extra_host
+            assert len(la.host) == len(lb.host) == len(tuples)
+            for t in tuples:
+                x, y = la.host[t.key()], lb.host[t.key()]
+                assert x.getsockname() == y.getpeername() and x.getpeername() == y.getsockname()
+            assert_pair(la.host[keys[0]], lb.host[keys[0]])
+            assert_pair(la.host[keys[-1]], lb.host[keys[-1]])
+    # No fd kept by either router once the libraries are gone.
+    deadline = time.monotonic() + 5
+    while (a.fd_count(), b.fd_count()) != fds_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = [
+        {fd: what for fd, what in r.fds().items() if before.get(fd) != what}
+        for r, before in zip((a, b), listing_before, strict=True)
+    ]
+    assert (a.fd_count(), b.fd_count()) == fds_before, leaked
+    for r in (a, b):
+        info = r.status()["router"]
+        assert info["in_progress"] == 0
+        assert info["handoffs_lost"] == 0
+
+
+def test_crossing_offer_leader_rule_on_the_wire(
+    routers: tuple[RouterProcess, RouterProcess],
+) -> None:
+    """A raw peer offering a tuple while B holds its own offer for it: accepted iff the sender
+    leads. B's library (holding a pending request) gets the fd with its request's seq."""
+    a, b = routers
+    port = b.status()["router"]["peer_port"]
+    # B's end 198.19.2.50 vs A's end 198.19.1.50: A's end is lower -> A leads.
+    t_b = Tuple4.parse("198.19.2.50:5000", "198.19.1.50:6000")  # B's view
+    assert not t_b.local_is_leader()
+    # B's library asks; A's side never answers (no library on A) so B's own offer is pending
+    # in A's claim for at most the claim timeout: we offer from "A" before that.
+    with FakeLibrary(b.socket, owned={t_b}) as lb, FakeLibrary(a.socket, answer_claims=False):
+        seq = lb.request(t_b, seq=4242)
+        time.sleep(0.005)
+        with socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s:
+            s.sendall(Msg(MsgType.OFFER, seq=1, tuple=t_b.mirrored()).pack_peer())
+            s.settimeout(2)
+            answer = Msg.unpack_peer(s.recv(48))
+            if answer.status == Status.OK:
+                res = lb.wait_result(seq)
+                assert res.msg.status == Status.OK and res.sock is not None
+                assert res.sock.getpeername() == s.getsockname()
+            else:  # B's own offer was already over (refused): then it was a normal claim
+                assert answer.status in (Status.OK, Status.DUPLICATE), answer
+
+
+def test_offer_from_wrong_host_is_denied(routers: tuple[RouterProcess, RouterProcess]) -> None:
+    """Invariant 6: only the host holding the initiator's overlay address may offer for it."""
+    _a, b = routers
+    port = b.status()["router"]["peer_port"]
+    t_b = Tuple4.parse("198.19.2.1:80", "198.19.3.5:7000")  # initiator claims to be on host .3
+    with FakeLibrary(b.socket, owned={t_b}) as lb:
+        with socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s:
+            s.sendall(Msg(MsgType.OFFER, seq=1, tuple=t_b.mirrored()).pack_peer())
+            s.settimeout(2)
+            answer = Msg.unpack_peer(s.recv(48))
+            assert answer.type is MsgType.ANSWER and answer.status == Status.DENIED
+            assert s.recv(10) == b""  # closed after the frame
+        assert not lb.claims and not lb.host
+
+
+def test_router_never_reads_past_the_offer(routers: tuple[RouterProcess, RouterProcess]) -> None:
+    """Bytes sent right behind the OFFER belong to the claiming library, not the router."""
+    _a, b = routers
+    port = b.status()["router"]["peer_port"]
+    t_b = Tuple4.parse("198.19.2.1:80", "198.19.1.77:7777")
+    with (
+        FakeLibrary(b.socket, owned={t_b}) as lb,
+        socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s,
+    ):
+        if True:
+            s.sendall(Msg(MsgType.OFFER, seq=9, tuple=t_b.mirrored()).pack_peer() + b"APPDATA")
+            s.settimeout(2)
+            answer = Msg.unpack_peer(s.recv(48))
+            assert answer.status == Status.OK and answer.seq == 9
+            lb.wait_host([t_b.key()])
+            host = lb.host[t_b.key()]
+            host.settimeout(2)
+            assert host.recv(100) == b"APPDATA"
