@@ -236,14 +236,14 @@ static void dest_failed(uint32_t ip, int failed) {
 static int chan_send(const struct sf_msg *m) {
     if (ag.chan < 0)
         return -1;
-    ssize_t n = send(ag.chan, m, sizeof *m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    ssize_t n = real.send(ag.chan, m, sizeof *m, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n == (ssize_t)sizeof *m)
         return 0;
     if (n < 0 && errno == EAGAIN) {
         /* The router is slow; wait a little (this is the agent, not the application). */
         struct pollfd p = {.fd = ag.chan, .events = POLLOUT};
         if (real.poll(&p, 1, 100) == 1)
-            n = send(ag.chan, m, sizeof *m, MSG_DONTWAIT | MSG_NOSIGNAL);
+            n = real.send(ag.chan, m, sizeof *m, MSG_DONTWAIT | MSG_NOSIGNAL);
     }
     return n == (ssize_t)sizeof *m ? 0 : -1;
 }
@@ -353,7 +353,7 @@ static void begin_handshake(struct sf_conn *c, int host_fd) {
     real.epoll_ctl(ag.epfd, EPOLL_CTL_ADD, host_fd, &ev);
     if (!c->leader) {
         struct sf_hop ready = {.magic = SF_HOP_MAGIC, .type = SF_HOP_READY};
-        if (send(host_fd, &ready, sizeof ready, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof ready)
+        if (real.send(host_fd, &ready, sizeof ready, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof ready)
             abort_switch(c, SF_PEER_UNREACHABLE, 1);
     }
 }
@@ -403,7 +403,10 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
     pthread_mutex_lock(&c->mu);
     int phase = atomic_load(&c->phase);
     if (phase != SF_P_REQUESTED) {
-        if (fd >= 0) real.close(fd);
+        if (fd >= 0) {
+            SF_LOG("fd %d: host connection arrived in phase %d; closed", c->fd, phase);
+            real.close(fd);
+        }
     } else if (m->status == SF_OK && fd >= 0) {
         begin_handshake(c, sf_private_fd(fd));
     } else if (m->status == SF_DUPLICATE) {
@@ -522,15 +525,12 @@ static void on_chan_readable(void) {
 /* ---- the handoff frames on the host connection -------------------------------------------- */
 
 /* Fix S and move writes to the host connection. Caller holds c->wmu (so no write is in flight)
- * but not c->mu. */
-void sf_agent_commit(struct sf_conn *c) {
-    pthread_mutex_lock(&c->mu);
-    if (!c->commit_wanted || atomic_load(&c->phase) != SF_P_HANDSHAKE || c->host_fd < 0) {
-        c->commit_wanted = 0;
-        pthread_mutex_unlock(&c->mu);
-        return;
-    }
+ * and c->mu. */
+void sf_agent_commit_locked(struct sf_conn *c) {
+    int wanted = c->commit_wanted;
     c->commit_wanted = 0;
+    if (!wanted || atomic_load(&c->phase) != SF_P_HANDSHAKE || c->host_fd < 0)
+        return;
     int fl = real.fcntl(c->fd, F_GETFL);
     int hfl = real.fcntl(c->host_fd, F_GETFL);
     if (fl >= 0 && hfl >= 0)
@@ -539,7 +539,11 @@ void sf_agent_commit(struct sf_conn *c) {
     struct sf_hop sync = {.magic = SF_HOP_MAGIC, .type = SF_HOP_SYNC,
                           .flags = c->app_shut_wr ? SF_HOP_F_SHUT_WR : 0,
                           .seq = atomic_load(&c->tx)};
-    if (send(c->host_fd, &sync, sizeof sync, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof sync) {
+    /* COMMITTED before the SYNC leaves: a reader that sees the peer's answering FIN must find
+     * this phase (it decides under c->mu, which we hold). */
+    sf_set_phase(c, SF_P_COMMITTED);
+    if (real.send(c->host_fd, &sync, sizeof sync, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof sync) {
+        atomic_store(&c->phase, SF_P_HANDSHAKE);
         /* The leader has not committed anything yet: stay on the overlay. A follower's leader
          * already has, so that connection's tail is lost with the host connection: report it. */
         if (c->leader) {
@@ -548,14 +552,18 @@ void sf_agent_commit(struct sf_conn *c) {
             drop_host_fd(c);
             sf_set_phase(c, SF_P_BROKEN);
         }
-        pthread_mutex_unlock(&c->mu);
         return;
     }
     if (c->app_shut_wr)
         real.shutdown(c->host_fd, SHUT_WR);
     /* The overlay's FIN right after S tells the peer's readers where the overlay stream ends. */
     real.shutdown(c->fd, SHUT_WR);
-    sf_set_phase(c, SF_P_COMMITTED);
+}
+
+/* Caller holds c->wmu but not c->mu. */
+void sf_agent_commit(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    sf_agent_commit_locked(c);
     pthread_mutex_unlock(&c->mu);
     sf_maybe_swap(c);
 }
@@ -570,8 +578,10 @@ void sf_agent_request_commit(struct sf_conn *c) {
     }
 }
 
-static void host_failed(struct sf_conn *c) {
+static void host_failed(struct sf_conn *c, const char *why) {
     int phase = atomic_load(&c->phase);
+    SF_LOG("fd %d: host connection failed in phase %d (%s, %s)", c->fd, phase,
+           c->leader ? "leader" : "follower", why);
     if (phase == SF_P_HANDSHAKE) {
         abort_switch(c, SF_PEER_UNREACHABLE, 1);
     } else if (phase == SF_P_COMMITTED && !c->peer_synced) {
@@ -582,13 +592,14 @@ static void host_failed(struct sf_conn *c) {
     }
 }
 
-/* Reads exactly one frame's worth from the host connection. Returns 1 if a frame is complete. */
+/* Reads at most one frame's worth from the host connection. Returns 1 if a frame is complete,
+ * 0 if not yet, -1 if the connection failed (host_failed has run). */
 static int read_hop(struct sf_conn *c, struct sf_hop *out) {
-    ssize_t n = recv(c->host_fd, c->hop + c->hop_len, sizeof(struct sf_hop) - c->hop_len,
+    ssize_t n = real.recv(c->host_fd, c->hop + c->hop_len, sizeof(struct sf_hop) - c->hop_len,
                      MSG_DONTWAIT);
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-        host_failed(c);
-        return 0;
+        host_failed(c, n == 0 ? "EOF" : strerror(errno));
+        return -1;
     }
     if (n < 0)
         return 0;
@@ -598,10 +609,37 @@ static int read_hop(struct sf_conn *c, struct sf_hop *out) {
     c->hop_len = 0;
     memcpy(out, c->hop, sizeof *out);
     if (out->magic != SF_HOP_MAGIC) {
-        host_failed(c);
-        return 0;
+        host_failed(c, "bad frame");
+        return -1;
     }
     return 1;
+}
+
+/* Apply the handoff frames already waiting on the host connection, never reading past the
+ * peer's SYNC (what follows it is application data). Caller holds c->mu. Both the agent and a
+ * reader thread that met the overlay's FIN call this; c->mu keeps frames whole. */
+void sf_agent_pump_locked(struct sf_conn *c) {
+    while (c->host_fd >= 0 && !c->peer_synced) {
+        int phase = atomic_load(&c->phase);
+        struct sf_hop hop;
+        if ((phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED) || read_hop(c, &hop) != 1)
+            return;
+        if (hop.type == SF_HOP_READY && c->leader && phase == SF_P_HANDSHAKE) {
+            c->commit_wanted = 1;
+        } else if (hop.type == SF_HOP_SYNC && (phase == SF_P_COMMITTED || !c->leader)) {
+            c->peer_s = hop.seq;
+            c->peer_synced = 1;
+            real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, c->host_fd, NULL);
+            if (phase == SF_P_HANDSHAKE)
+                c->commit_wanted = 1;
+            pthread_cond_broadcast(&c->cv);
+        } else if (hop.type == SF_HOP_ABORT && phase == SF_P_HANDSHAKE) {
+            abort_switch(c, SF_PEER_REFUSED, 1);
+        } else {
+            SF_LOG("fd %d: unexpected handoff frame %u in phase %d", c->fd, hop.type, phase);
+            host_failed(c, "unexpected frame");
+        }
+    }
 }
 
 static void on_host_readable(uint64_t tag) {
@@ -611,27 +649,9 @@ static void on_host_readable(uint64_t tag) {
     if (c == NULL)
         return;
     pthread_mutex_lock(&c->mu);
-    int want_commit = 0;
-    int phase = atomic_load(&c->phase);
-    struct sf_hop hop;
-    if (atomic_load(&c->gen) != gen || c->host_fd < 0 ||
-        (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED) || !read_hop(c, &hop))
-        goto out;
-    if (hop.type == SF_HOP_READY && c->leader && phase == SF_P_HANDSHAKE) {
-        want_commit = 1;
-    } else if (hop.type == SF_HOP_SYNC && (phase == SF_P_COMMITTED || !c->leader)) {
-        c->peer_s = hop.seq;
-        c->peer_synced = 1;
-        /* Everything after SYNC is application data; the agent stops reading here. */
-        real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, c->host_fd, NULL);
-        want_commit = phase == SF_P_HANDSHAKE;
-    } else if (hop.type == SF_HOP_ABORT && phase == SF_P_HANDSHAKE) {
-        abort_switch(c, SF_PEER_REFUSED, 1);
-    } else {
-        SF_LOG("fd %d: unexpected handoff frame %u in phase %d", fd, hop.type, phase);
-        host_failed(c);
-    }
-out:
+    if (atomic_load(&c->gen) == gen)
+        sf_agent_pump_locked(c);
+    int want_commit = c->commit_wanted;
     pthread_mutex_unlock(&c->mu);
     if (want_commit)
         sf_agent_request_commit(c);
@@ -657,7 +677,7 @@ static void expire(struct sf_conn *c, void *arg) {
                age > AG_READY_TIMEOUT_MS) {
         /* Only the leader may give up: the follower waits for SYNC or ABORT. */
         struct sf_hop abort_hop = {.magic = SF_HOP_MAGIC, .type = SF_HOP_ABORT};
-        (void)!send(c->host_fd, &abort_hop, sizeof abort_hop, MSG_DONTWAIT | MSG_NOSIGNAL);
+        (void)!real.send(c->host_fd, &abort_hop, sizeof abort_hop, MSG_DONTWAIT | MSG_NOSIGNAL);
         abort_switch(c, SF_TIMEOUT, 1);
     }
     pthread_mutex_unlock(&c->mu);

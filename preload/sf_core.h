@@ -28,6 +28,7 @@
 
 #define SF_EXPORT __attribute__((visibility("default")))
 #define SF_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define SF_LIKELY(x) __builtin_expect(!!(x), 1)
 
 /* The libc functions the wrappers stand in front of, resolved once with dlsym(RTLD_NEXT). */
 struct sf_real {
@@ -186,6 +187,8 @@ void sf_agent_ensure(void);                /* start this process's agent thread 
 void sf_agent_trigger(struct sf_conn *c);  /* never blocks */
 int sf_agent_switch_now(struct sf_conn *c);/* slim mode: trigger and wait; 0 if swapped */
 void sf_agent_commit(struct sf_conn *c);   /* caller holds c->wmu */
+void sf_agent_commit_locked(struct sf_conn *c); /* caller holds c->wmu and c->mu */
+void sf_agent_pump_locked(struct sf_conn *c);   /* caller holds c->mu */
 void sf_agent_after_fork_child(void);
 void sf_agent_request_commit(struct sf_conn *c); /* commit now if no write is in flight */
 void sf_agent_count_switch(int ok);
@@ -200,6 +203,7 @@ void sf_epreg_drop_epfd(int epfd);
 void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
 void sf_copy_sockopts(int from, int to, int with_bufs);
 int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see swap.c */
+uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
 enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
 
 #endif

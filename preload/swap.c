@@ -229,9 +229,14 @@ int sf_maybe_swap(struct sf_conn *c) {
 }
 
 /* A read on the overlay returned 0 while a switch is under way. Decide whether that is the
- * switch point (swap, the caller reads again), the peer's real EOF, or not yet known. */
+ * switch point (swap, the caller reads again), the peer's real EOF, or not yet known.
+ *
+ * The peer sends its SYNC on the host connection before its FIN on the overlay, so when the FIN
+ * is here the SYNC is already in flight on the faster path: this thread reads it itself rather
+ * than wait for the agent. Returning EAGAIN instead would break programs that take a readable
+ * socket's EAGAIN for an error (wrk does), so even a non-blocking caller waits here, briefly. */
 int sf_wait_handoff(struct sf_conn *c, int nonblock) {
-    uint64_t deadline = sf_now_ms() + 5000;
+    uint64_t deadline = sf_now_ms() + (nonblock ? 500 : 5000);
     int result = SF_WAIT_EOF;
     pthread_mutex_lock(&c->mu);
     for (;;) {
@@ -240,28 +245,89 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
             result = SF_WAIT_SWAPPED;
             break;
         }
+        /* The peer only shuts the overlay after it got our READY (we are the follower) or our
+         * SYNC (we committed); in every other phase the EOF is the application's own. */
+        int peer_may_have_committed = (phase == SF_P_HANDSHAKE && !c->leader) ||
+                                      (phase == SF_P_COMMITTED && !c->peer_synced);
+        if (peer_may_have_committed) {
+            sf_agent_pump_locked(c);
+            if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
+                sf_agent_commit_locked(c);
+                pthread_mutex_unlock(&c->wmu);
+            }
+        }
         if (at_switch_point(c)) {
             result = sf_swap_locked(c) == 0 ? SF_WAIT_SWAPPED : SF_WAIT_RESET;
             break;
         }
-        /* The peer only shuts the overlay after it got our READY (we are the follower) or our
-         * SYNC (we committed); in every other phase the EOF is the application's own. */
-        int peer_may_have_committed =
-            (phase == SF_P_HANDSHAKE && !c->leader) || (phase == SF_P_COMMITTED && !c->peer_synced);
+        phase = atomic_load(&c->phase);
+        peer_may_have_committed = (phase == SF_P_HANDSHAKE && !c->leader) ||
+                                  (phase == SF_P_COMMITTED && !c->peer_synced) ||
+                                  (phase == SF_P_HANDSHAKE && c->commit_wanted);
         if (!peer_may_have_committed) {
-            result = SF_WAIT_EOF;
+            result = phase == SF_P_BROKEN ? SF_WAIT_RESET : SF_WAIT_EOF;
             break;
         }
-        if (nonblock || sf_now_ms() > deadline) {
+        if (sf_now_ms() > deadline) {
             result = nonblock ? SF_WAIT_AGAIN : SF_WAIT_RESET;
             break;
         }
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 10 * 1000000;
-        if (ts.tv_nsec >= 1000000000)
-            ts.tv_sec++, ts.tv_nsec -= 1000000000;
-        pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+        int host = c->host_fd;
+        pthread_mutex_unlock(&c->mu);
+        if (host >= 0 && !c->peer_synced) {
+            struct pollfd p = {.fd = host, .events = POLLIN};
+            real.poll(&p, 1, 5);
+        } else {
+            usleep(1000); /* a writer holds the commit; it finishes as soon as its write does */
+        }
+        pthread_mutex_lock(&c->mu);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return result;
+}
+
+/* An event loop was just told that fd c->fd is readable or hung up. While a switch is under way
+ * that may be nothing but the overlay's FIN at the switch point, which the application must not
+ * see: it would read EOF, or EAGAIN where it expected data. Settle it here: swap if this is the
+ * switch point and report the host socket's real readiness instead, or drop the overlay's
+ * hang-up bits. `events` uses the bits poll and epoll share (IN, OUT, HUP, RDHUP, ERR);
+ * `wanted` is what the caller asked for. Returns the events to report (0 = drop the event). */
+uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
+    const uint32_t hangup = EPOLLHUP | EPOLLRDHUP;
+    if (!(events & (EPOLLIN | hangup)))
+        return events;
+    pthread_mutex_lock(&c->mu);
+    int phase = atomic_load(&c->phase);
+    if (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED) {
+        pthread_mutex_unlock(&c->mu);
+        return events;
+    }
+    char byte;
+    ssize_t n = real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n != 0) {
+        /* Overlay data still to read (or nothing at all): the hang-up is not the app's news. */
+        pthread_mutex_unlock(&c->mu);
+        return n > 0 ? events & ~hangup : events;
+    }
+    if (!c->peer_synced) {
+        sf_agent_pump_locked(c);
+        if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
+            sf_agent_commit_locked(c);
+            pthread_mutex_unlock(&c->wmu);
+        }
+    }
+    if (at_switch_point(c))
+        sf_swap_locked(c);
+    phase = atomic_load(&c->phase);
+    uint32_t result;
+    if (phase == SF_P_HOST) {
+        struct pollfd p = {.fd = c->fd, .events = (short)(wanted & (EPOLLIN | EPOLLOUT | EPOLLRDHUP))};
+        result = real.poll(&p, 1, 0) == 1 ? (uint32_t)(unsigned short)p.revents : 0;
+    } else if ((phase == SF_P_COMMITTED && !c->peer_synced) ||
+               (phase == SF_P_HANDSHAKE && !c->leader)) {
+        result = events & ~(hangup | EPOLLIN); /* the answer is on its way; the swap will tell */
+    } else {
+        result = events; /* a real EOF */
     }
     pthread_mutex_unlock(&c->mu);
     return result;

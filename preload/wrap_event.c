@@ -68,58 +68,123 @@ static void settle(void) {
     }
 }
 
-static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
-    if (n > 0 && SF_UNLIKELY(atomic_load_explicit(&sf_oneshot_regs, memory_order_relaxed) > 0)) {
-        int err = errno;
-        sf_epreg_mark_fired(epfd, evs, n);
-        errno = err;
+struct fix_arg {
+    int epfd;
+    struct epoll_event *evs;
+    int n;
+};
+
+static void fix_conn_events(struct sf_conn *c, void *arg) {
+    struct fix_arg *a = arg;
+    int phase = atomic_load(&c->phase);
+    if (atomic_load(&c->kind) != SF_CONN || (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED))
+        return;
+    for (int i = 0; i < c->n_regs; i++) {
+        if (c->regs[i].epfd != a->epfd)
+            continue;
+        for (int k = 0; k < a->n; k++) {
+            if (a->evs[k].data.u64 != c->regs[i].data.u64)
+                continue;
+            uint32_t ev = sf_settle_ready(c, a->evs[k].events, c->regs[i].events);
+            if (ev == 0)
+                a->evs[k--] = a->evs[--a->n];
+            else
+                a->evs[k].events = ev;
+        }
     }
+}
+
+/* Runs after every wait that returned events; costs nothing unless a switch is under way. */
+static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
+    if (n <= 0)
+        return n;
+    int err = errno;
+    if (SF_UNLIKELY(atomic_load_explicit(&sf_in_transition, memory_order_relaxed) > 0)) {
+        struct fix_arg a = {epfd, evs, n};
+        sf_for_each_conn(fix_conn_events, &a);
+        n = a.n;
+    }
+    if (SF_UNLIKELY(atomic_load_explicit(&sf_oneshot_regs, memory_order_relaxed) > 0))
+        sf_epreg_mark_fired(epfd, evs, n);
+    errno = err;
     return n;
 }
 
+/* An event dropped above must not turn a wait with no timeout into a spurious timeout. */
+#define EPOLL_RETRY(call)                                                                         \
+    do {                                                                                          \
+        sf_ensure_init();                                                                         \
+        for (;;) {                                                                                \
+            settle();                                                                             \
+            int n_ = (call);                                                                      \
+            int fixed_ = after_epoll_wait(epfd, evs, n_);                                         \
+            if (fixed_ != 0 || n_ == 0)                                                           \
+                return fixed_;                                                                    \
+        }                                                                                         \
+    } while (0)
+
 SF_EXPORT int epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout) {
-    sf_ensure_init();
-    settle();
-    return after_epoll_wait(epfd, evs, real.epoll_wait(epfd, evs, max, timeout));
+    EPOLL_RETRY(real.epoll_wait(epfd, evs, max, timeout));
 }
 
 SF_EXPORT int epoll_pwait(int epfd, struct epoll_event *evs, int max, int timeout,
                           const sigset_t *mask) {
-    sf_ensure_init();
-    settle();
-    return after_epoll_wait(epfd, evs, real.epoll_pwait(epfd, evs, max, timeout, mask));
+    EPOLL_RETRY(real.epoll_pwait(epfd, evs, max, timeout, mask));
 }
 
 SF_EXPORT int epoll_pwait2(int epfd, struct epoll_event *evs, int max,
                            const struct timespec *timeout, const sigset_t *mask) {
-    sf_ensure_init();
     if (real.epoll_pwait2 == NULL) {
         errno = ENOSYS;
         return -1;
     }
-    settle();
-    return after_epoll_wait(epfd, evs, real.epoll_pwait2(epfd, evs, max, timeout, mask));
+    EPOLL_RETRY(real.epoll_pwait2(epfd, evs, max, timeout, mask));
 }
 
+/* poll's pollfd names the fd directly, so no lookup by epoll data is needed. */
+static int after_poll(struct pollfd *fds, nfds_t nfds, int n) {
+    if (n <= 0 || SF_LIKELY(atomic_load_explicit(&sf_in_transition, memory_order_relaxed) == 0))
+        return n;
+    int err = errno;
+    for (nfds_t i = 0; i < nfds; i++) {
+        struct sf_conn *c = fds[i].revents ? sf_tracked(fds[i].fd) : NULL;
+        if (c == NULL)
+            continue;
+        uint32_t ev = sf_settle_ready(c, (uint16_t)fds[i].revents, (uint16_t)fds[i].events);
+        fds[i].revents = (short)ev;
+        if (ev == 0)
+            n--;
+    }
+    errno = err;
+    return n;
+}
+
+#define POLL_RETRY(call)                                                                          \
+    do {                                                                                          \
+        sf_ensure_init();                                                                         \
+        for (;;) {                                                                                \
+            settle();                                                                             \
+            int n_ = (call);                                                                      \
+            int fixed_ = after_poll(fds, n, n_);                                                  \
+            if (fixed_ != 0 || n_ == 0)                                                           \
+                return fixed_;                                                                    \
+        }                                                                                         \
+    } while (0)
+
 SF_EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout) {
-    sf_ensure_init();
-    settle();
-    return real.poll(fds, n, timeout);
+    POLL_RETRY(real.poll(fds, n, timeout));
 }
 
 SF_EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen) {
-    sf_ensure_init();
-    settle();
-    return real.poll_chk(fds, n, timeout, fdslen);
+    POLL_RETRY(real.poll_chk(fds, n, timeout, fdslen));
 }
 
 SF_EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *timeout,
                     const sigset_t *mask) {
-    sf_ensure_init();
-    settle();
-    return real.ppoll(fds, n, timeout, mask);
+    POLL_RETRY(real.ppoll(fds, n, timeout, mask));
 }
 
+/* select reports only "readable"; a switch-point FIN there is settled by the read wrapper. */
 SF_EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *timeout) {
     sf_ensure_init();
     settle();

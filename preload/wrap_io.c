@@ -131,8 +131,9 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want) {
         phase = atomic_load(&c->phase);
         if (phase == SF_P_HOST)
             continue; /* swapped while we read the overlay's FIN: read the host socket */
-        if (phase < SF_P_HANDSHAKE || phase == SF_P_BROKEN)
+        if (phase < SF_P_REQUESTED || phase == SF_P_BROKEN)
             return 0;
+        /* Maybe the switch point: decided under c->mu, so an in-flight commit is seen whole. */
         switch (sf_wait_handoff(c, fd_nonblocking(c->fd, op->flags))) {
         case SF_WAIT_SWAPPED:
             continue;

@@ -196,7 +196,7 @@ def test_simultaneous_requests_give_one_connection(
     """Both ends ask for the same 200 connections at once: exactly one host connection each,
     both libraries hold its two ends, and the routers keep no fd."""
     a, b = routers
-    fds_before = (a.fd_count(), b.fd_count())
+    fds_before = (a.settled_fd_count(), b.settled_fd_count())
     listing_before = (a.fds(), b.fds())
     for r in range(rounds):
         # Vary who leads: half the tuples have A's end lower, half B's.
@@ -235,9 +235,8 @@ def test_simultaneous_requests_give_one_connection(
             assert_pair(la.host[keys[0]], lb.host[keys[0]])
             assert_pair(la.host[keys[-1]], lb.host[keys[-1]])
     # No fd kept by either router once the libraries are gone.
-    deadline = time.monotonic() + 5
-    while (a.fd_count(), b.fd_count()) != fds_before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    a.settled_fd_count(timeout=5, target=fds_before[0])
+    b.settled_fd_count(timeout=5, target=fds_before[1])
     leaked = [
         {fd: what for fd, what in r.fds().items() if before.get(fd) != what}
         for r, before in zip((a, b), listing_before, strict=True)

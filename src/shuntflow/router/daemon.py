@@ -362,7 +362,7 @@ class Router:
 
     async def _outgoing(self, e: Outgoing) -> tuple[Status | None, str]:
         t = e.tuple
-        own = await self.resolver.resolve(t.local.ip)
+        own = self.resolver.lookup(t.local.ip)  # a local container is never in the tables
         if own.kind is Kind.REMOTE:
             return Status.DENIED, f"{t.local.ip} is not on this host ({own})"
         dest = await self.resolver.resolve(t.remote.ip)
@@ -491,7 +491,7 @@ class Router:
         sender = await self.resolver.resolve(theirs.local.ip)
         if sender.kind is not Kind.REMOTE or str(sender.host) != src:
             return await refuse(Status.DENIED, f"{theirs.local.ip} is {sender}, not on {src}")
-        mine = await self.resolver.resolve(t.local.ip)
+        mine = self.resolver.lookup(t.local.ip)
         if mine.kind is Kind.REMOTE:
             return await refuse(Status.DENIED, f"{t.local.ip} is not on this host ({mine})")
         key = t.key()
@@ -632,6 +632,12 @@ class Router:
                 "in_progress": len(self.in_progress),
                 "peer_connections_dropped": self.peers.dropped,
                 "overlay_map": self.resolver.describe(),
+                "config": {
+                    "vxlan_dev": self.cfg.vxlan_dev,
+                    "map": str(self.cfg.map_file) if self.cfg.map_file else None,
+                    "claim_timeout_ms": self.cfg.claim_timeout_ms,
+                    "log_file": str(self.cfg.log_file) if self.cfg.log_file else None,
+                },
             },
             "processes": list(processes),
         }

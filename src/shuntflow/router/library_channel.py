@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
-from shuntflow.router.logfmt import get_logger
+from shuntflow.router.logfmt import ensure_dir, get_logger
 from shuntflow.wire import MSG_SIZE, PROTOCOL_VERSION, Msg, MsgType, Status, WireError
 
 log = get_logger()
@@ -56,14 +56,7 @@ class LibraryHandler(Protocol):
 
 def prepare_socket_path(path: Path, kind: socket.SocketKind) -> None:
     """Create parent dirs (0755); remove a stale socket; refuse if a live one answers."""
-    missing = []
-    parent = path.parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-        os.chmod(d, 0o755)
+    ensure_dir(path.parent)
     try:
         st = path.lstat()
     except FileNotFoundError:

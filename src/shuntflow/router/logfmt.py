@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,17 @@ def get_logger() -> EventLogger:
     return EventLogger(logging.getLogger(LOGGER_NAME))
 
 
+def ensure_dir(directory: Path, mode: int = 0o755) -> None:
+    """mkdir -p with an explicit mode for every directory created (whatever the umask)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, mode)
+
+
 def setup_logging(log_file: Path | None, level: str = "info") -> None:
     """Route the router's records to log_file (appended) or stderr, one line each."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -82,7 +94,7 @@ def setup_logging(log_file: Path | None, level: str = "info") -> None:
         handler.close()
     new: logging.Handler
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(log_file.parent)
         new = logging.FileHandler(log_file, encoding="utf-8")
     else:
         new = logging.StreamHandler(sys.stderr)

@@ -162,23 +162,28 @@ class FakeLibrary:
             with self._cond:
                 mine = msg.tuple in self.owned and msg.tuple.key() not in self.host
             status = Status.OK if mine else Status.NOT_MINE
-            self.send(Msg(MsgType.CLAIM_RES, status, msg.seq, tuple=msg.tuple))
+            with contextlib.suppress(OSError):  # closed meanwhile
+                self.send(Msg(MsgType.CLAIM_RES, status, msg.seq, tuple=msg.tuple))
         elif msg.type is MsgType.STATS_REQ and self.answer_stats:
-            for row in self.rows:
-                self.send(
-                    Msg(
-                        MsgType.CONN_INFO,
-                        row.path,
-                        msg.seq,
-                        tuple=row.tuple,
-                        arg=row.overlay_bytes,
-                        arg2=row.host_bytes,
-                    )
-                )
-            done, failed = self.switches
-            self.send(Msg(MsgType.STATS_END, seq=msg.seq, arg=done, arg2=failed))
+            with contextlib.suppress(OSError):
+                self._answer_stats(msg)
         elif sock is not None:
             sock.close()
+
+    def _answer_stats(self, msg: Msg) -> None:
+        for row in self.rows:
+            self.send(
+                Msg(
+                    MsgType.CONN_INFO,
+                    row.path,
+                    msg.seq,
+                    tuple=row.tuple,
+                    arg=row.overlay_bytes,
+                    arg2=row.host_bytes,
+                )
+            )
+        done, failed = self.switches
+        self.send(Msg(MsgType.STATS_END, seq=msg.seq, arg=done, arg2=failed))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -197,6 +202,14 @@ class FakeLibrary:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies (a killed pytest leaves no router)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 class RouterProcess:
@@ -230,7 +243,9 @@ class RouterProcess:
         ]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + 15
         while True:
             if self.proc.poll() is not None:
@@ -253,13 +268,42 @@ class RouterProcess:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def fds(self) -> dict[int, str]:
-        """fd number -> what it is (readlink of /proc/PID/fd/N)."""
+        """fd number -> what it is (readlink of /proc/PID/fd/N, sockets with their addresses)."""
         out: dict[int, str] = {}
         base = f"/proc/{self.proc.pid}/fd"
+        sockets = self._socket_table()
         for name in os.listdir(base):
             with contextlib.suppress(OSError):
-                out[int(name)] = os.readlink(f"{base}/{name}")
+                target = os.readlink(f"{base}/{name}")
+                inode = target.removeprefix("socket:[").removesuffix("]")
+                out[int(name)] = sockets.get(inode, target)
         return out
+
+    def _socket_table(self) -> dict[str, str]:
+        table: dict[str, str] = {}
+        for proto in ("tcp", "unix"):
+            with contextlib.suppress(OSError):
+                lines = Path(f"/proc/{self.proc.pid}/net/{proto}").read_text().splitlines()[1:]
+                for line in lines:
+                    cols = line.split()
+                    if proto == "tcp" and len(cols) > 9:
+                        table[cols[9]] = f"tcp {cols[1]}->{cols[2]} st={cols[3]}"
+                    elif proto == "unix" and len(cols) > 6:
+                        path = cols[7] if len(cols) > 7 else ""
+                        table[cols[6]] = f"unix type={cols[4]} st={cols[5]} {path}"
+        return table
+
+    def settled_fd_count(self, timeout: float = 3.0, target: int | None = None) -> int:
+        """The fd count once it stops moving (or reaches `target`)."""
+        deadline = time.monotonic() + timeout
+        last = self.fd_count()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.fd_count()
+            if (target is not None and now == target) or (target is None and now == last):
+                return now
+            last = now
+        return last
 
     def status(self) -> dict[str, Any]:
         return query(self.control)

@@ -302,6 +302,7 @@ def _prepare_exec(
                     Mode[opts.mode.upper()],
                     router_socket=host.router_socket,
                     threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                    log=os.environ.get("SHUNTFLOW_LOG"),
                 )
             )
         except LibraryMissing as e:

@@ -1,0 +1,217 @@
+"""Result rows and what is computed from them: medians, and ratios taken per repetition.
+
+Ratios are formed inside one repetition (the modes of a repetition ran back to back, so slow
+drift of the machine cancels) and only then summarised; a median of per-pair ratios is what
+reference/testbed-figures.md found to reproduce within a few percent.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Fields every row carries, in this order in results.json (DESIGN.md's contract first).
+REQUIRED_FIELDS = (
+    "workload",
+    "mode",
+    "repetition",
+    "requests",
+    "rps",
+    "avg_us",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "cpu_us_per_req",
+    "switches",
+    "vxlan_bytes",
+    "command",
+    "placement",
+    "duration_s",
+    "error",
+)
+RATIO_METRICS = ("rps", "avg_us", "p50_us", "p99_us", "p999_us", "cpu_us_per_req")
+REFERENCES = ("overlay", "host")
+
+
+@dataclass
+class Row:
+    workload: str
+    mode: str
+    repetition: int
+    placement: str
+    case: str = ""
+    threshold: int | None = None
+    order: int = 0
+    requests: int | None = None
+    rps: float | None = None
+    unit: str = "req"
+    avg_us: float | None = None
+    p50_us: float | None = None
+    p99_us: float | None = None
+    p999_us: float | None = None
+    cpu_us_per_req: float | None = None
+    server_cpu_us: float | None = None
+    client_cpu_us: float | None = None
+    router_cpu_us_per_req: float | None = None
+    switches: int | None = None
+    switch_failures: int | None = None
+    vxlan_bytes: int | None = None
+    client_errors: int = 0
+    duration_s: float | None = None
+    command: list[str] = field(default_factory=list)
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    started_at: str = ""
+    error: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    latency_cdf: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return label(self.workload, self.case)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        ordered = {k: d.pop(k) for k in REQUIRED_FIELDS}
+        ordered.update(d)
+        ordered["latency_cdf"] = [[round(v, 3), round(f, 6)] for v, f in self.latency_cdf]
+        for k in ("rps", "avg_us", "p50_us", "p99_us", "p999_us", "cpu_us_per_req"):
+            if isinstance(ordered[k], float):
+                ordered[k] = round(ordered[k], 3)
+        return ordered
+
+
+def label(workload: str, case: str) -> str:
+    return f"{workload} {case}" if case else workload
+
+
+@dataclass
+class Stat:
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
+
+
+def stat(values: list[float]) -> Stat | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return Stat(statistics.median(vals), min(vals), max(vals), len(vals))
+
+
+@dataclass
+class ModeSummary:
+    mode: str
+    threshold: int | None
+    unit: str
+    reps: int
+    failed: int
+    values: dict[str, Stat | None]
+    ratios: dict[str, dict[str, Stat | None]]  # reference -> metric -> stat
+    switches: Stat | None
+    cdf: list[tuple[float, float]]
+    errors: list[str]
+
+
+def groups(rows: list[Row]) -> dict[str, list[Row]]:
+    """Rows by workload label, in the order workloads first appeared."""
+    out: dict[str, list[Row]] = {}
+    for r in rows:
+        out.setdefault(r.label, []).append(r)
+    return out
+
+
+def mode_order(rows: list[Row]) -> list[str]:
+    seen: dict[str, None] = {}
+    # The run rotates modes per repetition; repetition 0 has them in the order asked for.
+    for r in sorted(rows, key=lambda r: (r.repetition, r.order)):
+        seen.setdefault(r.mode, None)
+    return list(seen)
+
+
+def _ratio(row: Row, ref: Row | None, metric: str) -> float | None:
+    if ref is None or not ref.ok or not row.ok:
+        return None
+    a, b = getattr(row, metric), getattr(ref, metric)
+    if a is None or b is None or b == 0:
+        return None
+    return float(a) / float(b)
+
+
+def summarise(rows: list[Row]) -> dict[str, list[ModeSummary]]:
+    """Per workload label, one summary per mode."""
+    out: dict[str, list[ModeSummary]] = {}
+    for lbl, grp in groups(rows).items():
+        by_rep_mode = {(r.repetition, r.mode): r for r in grp}
+        summaries = []
+        for mode in mode_order(grp):
+            mine = [r for r in grp if r.mode == mode]
+            good = [r for r in mine if r.ok]
+            values = {
+                m: stat([getattr(r, m) for r in good if getattr(r, m) is not None])
+                for m in RATIO_METRICS
+            }
+            ratios: dict[str, dict[str, Stat | None]] = {}
+            for ref in REFERENCES:
+                ratios[ref] = {}
+                for m in RATIO_METRICS:
+                    rs = [_ratio(r, by_rep_mode.get((r.repetition, ref)), m) for r in good]
+                    ratios[ref][m] = stat([x for x in rs if x is not None])
+            summaries.append(
+                ModeSummary(
+                    mode=mode,
+                    threshold=mine[0].threshold,
+                    unit=mine[0].unit,
+                    reps=len(mine),
+                    failed=len(mine) - len(good),
+                    values=values,
+                    ratios=ratios,
+                    switches=stat([float(r.switches) for r in good if r.switches is not None]),
+                    cdf=_median_cdf(good),
+                    errors=sorted({r.error for r in mine if r.error}),
+                )
+            )
+        out[lbl] = summaries
+    return out
+
+
+def _median_cdf(rows: list[Row]) -> list[tuple[float, float]]:
+    """The CDF of the repetition whose p50 is the median one: a real run, not a blend."""
+    with_cdf = [r for r in rows if r.latency_cdf and r.p50_us is not None]
+    if not with_cdf:
+        return []
+    with_cdf.sort(key=lambda r: r.p50_us or 0.0)
+    return with_cdf[(len(with_cdf) - 1) // 2].latency_cdf
+
+
+def summary_json(s: dict[str, list[ModeSummary]]) -> dict[str, Any]:
+    def st(x: Stat | None) -> dict[str, float | int] | None:
+        return x.to_json() if x else None
+
+    return {
+        lbl: [
+            {
+                "mode": m.mode,
+                "threshold": m.threshold,
+                "unit": m.unit,
+                "repetitions": m.reps,
+                "failed": m.failed,
+                "values": {k: st(v) for k, v in m.values.items()},
+                "ratios": {
+                    ref: {k: st(v) for k, v in d.items()} for ref, d in m.ratios.items()
+                },
+                "switches": st(m.switches),
+                "errors": m.errors,
+            }
+            for m in ms
+        ]
+        for lbl, ms in s.items()
+    }

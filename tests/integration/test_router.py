@@ -1,0 +1,168 @@
+"""The routers of a real testbed (2 hosts x 2 containers, kernel VXLAN overlay programmed like
+Docker's, one router per host namespace started by the testbed with --vxlan-dev only): overlay
+IPs resolve from the kernel's neighbour table + FDB, host connections cross the underlay
+between the host namespaces, and `shuntflow status --prefix` finds every router."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from shuntflow.router.control import query
+from shuntflow.router.testing import FakeLibrary
+from shuntflow.wire import Status, Tuple4
+
+TESTBED_PREFIX = "rt1"
+TESTBED_ROUTERS = True
+SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
+
+
+def test_switch_crosses_the_underlay(testbed: Any) -> None:
+    h1, h2 = testbed.hosts
+    c11, c12 = h1.containers
+    c21 = h2.containers[0]
+    t = Tuple4.parse(f"{c11.overlay_ip}:41000", f"{c21.overlay_ip}:80")
+    with (
+        FakeLibrary(h1.router_socket) as la,
+        FakeLibrary(h2.router_socket, owned={t.mirrored()}) as lb,
+    ):
+        res = la.wait_result(la.request(t))
+        assert res.msg.status == Status.OK, Status(res.msg.status).name
+        assert res.sock is not None
+        lb.wait_host([t.key()])
+        x, y = res.sock, lb.host[t.key()]
+        # Built in the host namespaces: underlay addresses, the peer router's port.
+        assert x.getsockname()[0] == h1.underlay_ip
+        assert x.getpeername() == (h2.underlay_ip, 4790)
+        assert x.getsockname() == y.getpeername() and x.getpeername() == y.getsockname()
+        x.settimeout(5)
+        y.settimeout(5)
+        payload = b"over the underlay" * 1000
+        x.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += y.recv(65536)
+        assert got == payload
+        y.sendall(b"back")
+        assert x.recv(10) == b"back"
+        # Same-host and unknown destinations never switch.
+        local = Tuple4.parse(f"{c11.overlay_ip}:41001", f"{c12.overlay_ip}:80")
+        assert la.wait_result(la.request(local)).msg.status == Status.NO_ROUTE
+        unknown = Tuple4.parse(f"{c11.overlay_ip}:41002", "198.19.9.9:80")
+        assert la.wait_result(la.request(unknown)).msg.status == Status.NO_ROUTE
+        # A library on h1 claiming h2's overlay address is denied.
+        spoof = Tuple4.parse(f"{c21.overlay_ip}:41003", f"{c11.overlay_ip}:80")
+        assert la.wait_result(la.request(spoof)).msg.status == Status.DENIED
+
+
+def test_peer_port_only_on_the_underlay(testbed: Any) -> None:
+    """Containers reach their own host's router only through its Unix socket, not TCP."""
+    h1, _h2 = testbed.hosts
+    c11 = h1.containers[0]
+    probe = (
+        "import socket,sys\n"
+        "s=socket.socket(); s.settimeout(1)\n"
+        f"rc=s.connect_ex(('{h1.underlay_ip}', 4790)); print(rc)\n"
+    )
+    out = testbed.run(c11, [sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() != "0", out
+
+
+def test_status_over_the_testbed(testbed: Any) -> None:
+    h1, h2 = testbed.hosts
+    with FakeLibrary(h1.router_socket), FakeLibrary(h2.router_socket):
+        out = subprocess.run(
+            [SHUNTFLOW, "status", "--json", "--prefix", TESTBED_PREFIX],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        routers = json.loads(out.stdout)["routers"]
+        infos = sorted((r["status"]["router"] for r in routers), key=lambda i: i["host_ip"])
+        assert [i["host_ip"] for i in infos] == [h1.underlay_ip, h2.underlay_ip]
+        for info in infos:
+            assert info["clients"] >= 1
+            # Each router sees the other host's containers in its VXLAN device.
+            assert info["overlay_map"]["vxlan_dev"] == h1.vxlan_dev
+            assert info["overlay_map"]["neighbours"] >= len(h2.containers)
+            assert info["overlay_map"]["netlink_error"] is None
+
+
+def test_routers_are_in_the_host_namespaces(testbed: Any) -> None:
+    for h in testbed.hosts:
+        pid = query(h.router_socket.with_name("router.sock.ctl"), "ping")["pid"]
+        own = Path(f"/proc/{pid}/ns/net").stat().st_ino
+        ns = Path(f"/run/netns/{h.netns}").stat().st_ino
+        assert own == ns
+
+
+SERVER = r"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9000))
+s.listen()
+print("listening", flush=True)
+c, _ = s.accept()
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    c.sendall(d)
+"""
+
+CLIENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 9000))
+for i in range(200):
+    m = (b"%06d" % i) * 100
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        got += s.recv(65536)
+    assert got == m, i
+    time.sleep(0.002)
+print("ok")
+"""
+
+
+def test_real_library_switches_through_the_routers(testbed: Any) -> None:
+    """Unmodified Python echo client/server with libshuntflow.so (shuntflow mode, threshold 8):
+    the stream stays intact and both routers served one switch for it."""
+    from shuntflow.native import app_environment
+    from shuntflow.wire import Mode
+
+    h1, h2 = testbed.hosts
+    c1, c2 = h1.containers[0], h2.containers[1]
+    before = [query(h.router_socket.with_name("router.sock.ctl"))["router"] for h in (h1, h2)]
+    server = testbed.popen(
+        c2,
+        [sys.executable, "-c", SERVER],
+        env=app_environment(Mode.SHUNTFLOW, h2.router_socket, threshold=8),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"listening\n"
+        client = testbed.run(
+            c1,
+            [sys.executable, "-c", CLIENT, c2.overlay_ip],
+            env=app_environment(Mode.SHUNTFLOW, h1.router_socket, threshold=8),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert client.returncode == 0 and client.stdout.strip() == "ok", client.stderr[-2000:]
+        assert server.wait(10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if server.stdout:
+            server.stdout.close()
+    after = [query(h.router_socket.with_name("router.sock.ctl"))["router"] for h in (h1, h2)]
+    for b, a in zip(before, after, strict=True):
+        assert a["switches_served"] == b["switches_served"] + 1, (b, a)

@@ -1,0 +1,301 @@
+"""The router survives its clients: garbage on the library socket and on the peer port drops
+that one client (logged with the reason) and everybody else keeps being served; a dead peer
+host is backed off instead of stormed; SIGTERM removes the sockets."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
+from shuntflow.wire import MSG_MAGIC, PEER_MAGIC, Msg, MsgType, Status, Tuple4
+
+MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2", "198.19.3.0/24": "127.0.0.3"}
+
+
+@pytest.fixture(scope="module")
+def env(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RouterProcess, RouterProcess, int]]:
+    d = tmp_path_factory.mktemp("rt-robust")
+    map_file = d / "map.json"
+    map_file.write_text(json.dumps(MAP))
+    port = free_port()
+    a = RouterProcess(d / "a" / "router.sock", "127.0.0.1", port, ["--map", str(map_file)])
+    try:
+        b = RouterProcess(d / "b" / "router.sock", "127.0.0.2", port, ["--map", str(map_file)])
+    except BaseException:
+        a.stop()
+        raise
+    yield a, b, port
+    b.stop()
+    a.stop()
+
+
+def switch_works(a: RouterProcess, b: RouterProcess, i: int) -> None:
+    t = Tuple4.parse(f"198.19.1.5:{10000 + i}", "198.19.2.5:443")
+    with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, owned={t.mirrored()}) as lb:
+        res = la.wait_result(la.request(t))
+        assert res.msg.status == Status.OK, Status(res.msg.status).name
+        lb.wait_host([t.key()])
+
+
+def raw_frame(magic: int = MSG_MAGIC, kind: int = MsgType.HELLO, seq: int = 0) -> bytes:
+    raw = bytearray(Msg(MsgType.HELLO, seq=seq, pid=os.getpid()).pack())
+    raw[0:4] = magic.to_bytes(4, "little")
+    raw[4:6] = kind.to_bytes(2, "little")
+    return bytes(raw)
+
+
+def wait_closed(sock: socket.socket, timeout: float = 3.0) -> None:
+    """The router closed this client: recv sees EOF (frames it sent before are skipped)."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(4096) == b"":
+                return
+        except ConnectionResetError:
+            return
+    raise AssertionError("router did not close the client")
+
+
+def wait_log(r: RouterProcess, needle: str, timeout: float = 3.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in r.log().splitlines():
+            if needle in line:
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"{needle!r} not in log:\n{r.log()[-3000:]}")
+
+
+HELLO = raw_frame()
+GARBAGE_UNIX = [
+    ("short", [b"\x01" * 10], "frame is 10 bytes"),
+    ("long", [HELLO + b"\0"], "frame is 49 bytes"),
+    ("very long", [HELLO * 20], "frame is more than 48 bytes"),
+    ("empty-ish", [b"\0"], "frame is 1 bytes"),
+    ("bad magic", [raw_frame(magic=0xDEADBEEF)], "bad magic 0xdeadbeef"),
+    ("peer magic", [raw_frame(magic=PEER_MAGIC, kind=MsgType.OFFER)], "bad magic"),
+    ("unknown type", [raw_frame(kind=99)], "unknown frame type 99"),
+    ("router-only type", [HELLO, raw_frame(kind=MsgType.CLAIM_REQ)], "may not come from a library"),
+    ("hello ack", [raw_frame(kind=MsgType.HELLO_ACK)], "may not come from a library"),
+    ("no hello", [raw_frame(kind=MsgType.SWITCH_REQ)], "first frame must be HELLO"),
+    ("two hellos", [HELLO, HELLO], "second HELLO"),
+    ("unknown claim", [HELLO, raw_frame(kind=MsgType.CLAIM_RES, seq=0x8FFF_0000)], "never sent"),
+    ("claim low seq", [HELLO, raw_frame(kind=MsgType.CLAIM_RES, seq=5)], "never sent"),
+    ("unknown stats", [HELLO, raw_frame(kind=MsgType.CONN_INFO, seq=0x8FFF_0001)], "never sent"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "frames", "reason"), GARBAGE_UNIX, ids=[g[0] for g in GARBAGE_UNIX]
+)
+def test_library_garbage_drops_only_that_client(
+    env: tuple[RouterProcess, RouterProcess, int], name: str, frames: list[bytes], reason: str
+) -> None:
+    a, b, _port = env
+    # A well-behaved library connected before the garbage keeps working after it.
+    index = [g[0] for g in GARBAGE_UNIX].index(name)
+    t = Tuple4.parse(f"198.19.1.6:{20000 + index}", "198.19.2.6:443")
+    with FakeLibrary(a.socket) as bystander, FakeLibrary(b.socket, owned={t.mirrored()}):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as bad:
+            bad.connect(str(a.socket))
+            for frame in frames:
+                bad.send(frame)
+            wait_closed(bad)
+        line = wait_log(a, reason)
+        assert "event=client_dropped" in line and "level=warning" in line
+        res = bystander.wait_result(bystander.request(t))
+        assert res.msg.status == Status.OK
+        assert not bystander.closed_by_router.is_set()
+
+
+def test_library_passing_fds_is_dropped_and_fd_not_kept(
+    env: tuple[RouterProcess, RouterProcess, int],
+) -> None:
+    a, b, _port = env
+    before = a.settled_fd_count()
+    r, w = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as bad:
+            bad.connect(str(a.socket))
+            bad.sendmsg([HELLO], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
+            wait_closed(bad)
+    finally:
+        os.close(r)
+        os.close(w)
+    wait_log(a, "passed file descriptors")
+    assert a.settled_fd_count(target=before) == before, a.fds()
+    switch_works(a, b, 1)
+
+
+def test_peer_port_garbage(env: tuple[RouterProcess, RouterProcess, int]) -> None:
+    a, b, port = env
+    # A slow client (1 byte/s) runs in the background while the others are dropped.
+    slow_result: list[str] = []
+
+    def slow() -> None:
+        with socket.create_connection(("127.0.0.2", port)) as s:
+            start = time.monotonic()
+            s.settimeout(0.05)
+            for i in range(8):
+                try:
+                    s.send(bytes([i]))
+                except OSError:
+                    break
+                try:
+                    if s.recv(10) == b"":
+                        break
+                except TimeoutError:
+                    pass
+                except OSError:
+                    break
+                time.sleep(0.95)
+            slow_result.append(f"{time.monotonic() - start:.2f}")
+
+    slow_thread = threading.Thread(target=slow)
+    slow_thread.start()
+
+    # Random bytes: a full 48-byte frame with a bad magic.
+    with socket.create_connection(("127.0.0.2", port)) as s:
+        s.sendall(os.urandom(44) + b"\xff\xff\xff\xff")
+        wait_closed(s)
+    # A short frame, then close.
+    with socket.create_connection(("127.0.0.2", port)) as s:
+        s.sendall(b"SFR1" + os.urandom(6))
+    # Connect and close at once.
+    socket.create_connection(("127.0.0.2", port)).close()
+    # A well-formed frame of the wrong type (ANSWER instead of OFFER).
+    with socket.create_connection(("127.0.0.2", port)) as s:
+        t = Tuple4.parse("198.19.1.1:1", "198.19.2.1:2")
+        s.sendall(Msg(MsgType.ANSWER, tuple=t).pack_peer())
+        wait_closed(s)
+    # A library frame on the peer port.
+    with socket.create_connection(("127.0.0.2", port)) as s:
+        s.sendall(Msg(MsgType.HELLO).pack())
+        wait_closed(s)
+
+    wait_log(b, "bad magic")
+    wait_log(b, "connection closed after 10 of 48 bytes")
+    wait_log(b, "connection closed after 0 of 48 bytes")
+    wait_log(b, "expected OFFER, got ANSWER")
+    switch_works(a, b, 2)  # served while the slow client is still connected
+    slow_thread.join(10)
+    assert slow_result and 1.5 < float(slow_result[0]) < 4.0, slow_result
+    wait_log(b, "no complete OFFER within 2s")
+    switch_works(a, b, 3)
+    assert b.status()["router"]["peer_connections_dropped"] >= 6
+
+
+def test_backoff_after_peer_unreachable(
+    env: tuple[RouterProcess, RouterProcess, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    a, _b, port = env
+    with FakeLibrary(a.socket) as la:
+
+        def ask(i: int) -> tuple[Status, float]:
+            start = time.monotonic()
+            t = Tuple4.parse(f"198.19.1.9:{30000 + i}", "198.19.3.1:80")
+            res = la.wait_result(la.request(t))
+            return Status(res.msg.status), time.monotonic() - start
+
+        status, _ = ask(1)  # 127.0.0.3: nobody listens, connection refused
+        assert status is Status.PEER_UNREACHABLE
+        info = a.status()["router"]
+        assert info["peer_backoffs"]["127.0.0.3"]["failures"] == 1
+        assert 0 < info["peer_backoffs"]["127.0.0.3"]["remaining_ms"] <= 100
+        refusals = info["backoff_refusals"]
+        # Within the interval: refused without trying (the failure count does not grow).
+        status, _ = ask(2)
+        assert status is Status.PEER_UNREACHABLE
+        info = a.status()["router"]
+        assert info["backoff_refusals"] == refusals + 1
+        assert info["peer_backoffs"]["127.0.0.3"]["failures"] == 1
+        # After it: tried again, failed again, interval doubled.
+        time.sleep(0.12)
+        status, _ = ask(3)
+        assert status is Status.PEER_UNREACHABLE
+        backoff = a.status()["router"]["peer_backoffs"]["127.0.0.3"]
+        assert backoff["failures"] == 2 and 100 < backoff["remaining_ms"] <= 200
+        wait_log(a, "event=peer_backoff peer=127.0.0.3")
+
+        # The peer host comes up: after the interval, a success clears the backoff.
+        d = tmp_path_factory.mktemp("rt-backoff")
+        (d / "map.json").write_text(json.dumps(MAP))
+        c = RouterProcess(d / "c.sock", "127.0.0.3", port, ["--map", str(d / "map.json")])
+        try:
+            t = Tuple4.parse("198.19.1.9:31000", "198.19.3.1:80")
+            with FakeLibrary(c.socket, owned={t.mirrored()}):
+                time.sleep(0.25)
+                res = la.wait_result(la.request(t))
+                assert res.msg.status == Status.OK
+            assert a.status()["router"]["peer_backoffs"] == {}
+        finally:
+            c.stop()
+
+
+def test_outstanding_cap_and_duplicate_seq(env: tuple[RouterProcess, RouterProcess, int]) -> None:
+    a, b, _port = env
+    t = Tuple4.parse("198.19.1.10:1000", "198.19.2.10:80")
+    with (
+        FakeLibrary(a.socket) as la,
+        FakeLibrary(b.socket, owned={t.mirrored()}, claim_delay=0.03),
+    ):
+        la.request(t, seq=77)
+        other = Tuple4.parse("198.19.1.10:1001", "198.19.2.10:80")
+        la.request(other, seq=77)  # same seq while 77 is outstanding
+        first = la.wait_result(77)
+        # The first SWITCH_RES for seq 77 is the BAD_MESSAGE for the reused seq.
+        assert first.msg.status == Status.BAD_MESSAGE and first.msg.tuple == other
+
+
+def test_sockets_modes_and_clean_shutdown(tmp_path: os.PathLike[str]) -> None:
+    from pathlib import Path
+
+    d = Path(tmp_path) / "deep" / "er"
+    map_file = Path(tmp_path) / "map.json"
+    map_file.write_text(json.dumps(MAP))
+    old = os.umask(0o077)
+    try:
+        r = RouterProcess(d / "router.sock", "127.0.0.1", free_port(), ["--map", str(map_file)])
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755
+        assert stat.S_IMODE((d.parent).stat().st_mode) == 0o755
+        assert stat.S_IMODE(r.socket.stat().st_mode) == 0o666
+        assert stat.S_IMODE(r.control.stat().st_mode) == 0o600
+        # A second router on the same socket refuses to start (exit 1, one line).
+        args = ["--host-ip", "127.0.0.1", "--peer-port", str(free_port()), "--map", str(map_file)]
+        second = subprocess.run(
+            [sys.executable, "-m", "shuntflow.router", "--socket", str(r.socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert second.returncode == 1
+        assert "another router is already listening" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert r.status()["router"]["clients"] == 0  # the first one is untouched
+    finally:
+        assert r.stop() == 0
+    assert not r.socket.exists() and not r.control.exists()
+    assert "event=router_stopped" in r.log()
+    # A stale socket file (no router behind it) is replaced.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(d / "router.sock"))
+    stale.close()
+    r2 = RouterProcess(d / "router.sock", "127.0.0.1", free_port(), ["--map", str(map_file)])
+    assert r2.stop() == 0
