@@ -560,12 +560,12 @@ void sf_agent_commit_locked(struct sf_conn *c) {
     real.shutdown(c->fd, SHUT_WR);
 }
 
-/* Caller holds c->wmu but not c->mu. */
+/* Caller holds c->wmu but not c->mu. The caller swaps, if due, once it has released c->wmu:
+ * the swap closes the host fd's private number only when no writer holds c->wmu. */
 void sf_agent_commit(struct sf_conn *c) {
     pthread_mutex_lock(&c->mu);
     sf_agent_commit_locked(c);
     pthread_mutex_unlock(&c->mu);
-    sf_maybe_swap(c);
 }
 
 /* The agent wants to commit: do it now unless an application write is in flight, in which case
@@ -574,7 +574,8 @@ void sf_agent_request_commit(struct sf_conn *c) {
     c->commit_wanted = 1;
     if (pthread_mutex_trylock(&c->wmu) == 0) {
         sf_agent_commit(c);
-        pthread_mutex_unlock(&c->wmu);
+        sf_wmu_unlock(c);
+        sf_maybe_swap(c);
     }
 }
 

@@ -72,7 +72,10 @@ uint64_t sf_now_ms(void) {
 void sf_log(const char *fmt, ...) {
     char buf[512];
     int saved = errno;
-    int n = snprintf(buf, sizeof buf, "shuntflow[%d]: ", (int)getpid());
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int n = snprintf(buf, sizeof buf, "%lld.%06ld shuntflow[%d]: ", (long long)ts.tv_sec,
+                     ts.tv_nsec / 1000, (int)getpid());
     va_list ap;
     va_start(ap, fmt);
     n += vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);

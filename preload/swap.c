@@ -28,6 +28,18 @@ void sf_set_phase(struct sf_conn *c, int phase) {
     pthread_cond_broadcast(&c->cv);
 }
 
+/* Every holder of c->wmu releases it here: a swap that ran while a write was in flight left the
+ * host connection's private number for the writer to close. */
+void sf_wmu_unlock(struct sf_conn *c) {
+    int fd = c->pending_close_host;
+    if (fd >= 0) {
+        c->pending_close_host = -1;
+        real.close(fd);
+        sf_private_forget(fd);
+    }
+    pthread_mutex_unlock(&c->wmu);
+}
+
 /* ---- socket options: read from the old socket, set on the new one ------------------------- */
 
 struct sockopt_id {
@@ -198,13 +210,9 @@ int sf_swap_locked(struct sf_conn *c) {
     }
     /* A writer may be inside write(host) right now (writes went there since the commit): it
      * closes the private number itself when it is done. */
-    if (pthread_mutex_trylock(&c->wmu) == 0) {
-        real.close(host);
-        sf_private_forget(host);
-        pthread_mutex_unlock(&c->wmu);
-    } else {
-        c->pending_close_host = host;
-    }
+    c->pending_close_host = host;
+    if (pthread_mutex_trylock(&c->wmu) == 0)
+        sf_wmu_unlock(c);
     c->host_fd = -1;
     sf_set_phase(c, SF_P_HOST);
     sf_agent_count_switch(1);
@@ -253,7 +261,7 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
             sf_agent_pump_locked(c);
             if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
                 sf_agent_commit_locked(c);
-                pthread_mutex_unlock(&c->wmu);
+                sf_wmu_unlock(c);
             }
         }
         if (at_switch_point(c)) {
@@ -313,7 +321,7 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
         sf_agent_pump_locked(c);
         if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
             sf_agent_commit_locked(c);
-            pthread_mutex_unlock(&c->wmu);
+            sf_wmu_unlock(c);
         }
     }
     if (at_switch_point(c))

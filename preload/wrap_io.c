@@ -72,17 +72,17 @@ static ssize_t do_write(struct sf_conn *c, struct io *op) {
     if (n > 0)
         atomic_fetch_add_explicit(to_host || phase == SF_P_HOST ? &c->host_bytes : &c->tx,
                                   (uint64_t)op->bytes, memory_order_relaxed);
-    if (c->pending_close_host >= 0) {
-        real.close(c->pending_close_host);
-        sf_private_forget(c->pending_close_host);
-        c->pending_close_host = -1;
-    }
-    if (c->commit_wanted)
+    int committed = 0;
+    if (c->commit_wanted) {
         sf_agent_commit(c);
-    pthread_mutex_unlock(&c->wmu);
+        committed = 1;
+    }
+    sf_wmu_unlock(c);
     /* The agent may have asked between our check and the unlock; its trylock failed then. */
     if (SF_UNLIKELY(c->commit_wanted))
         sf_agent_request_commit(c);
+    else if (committed)
+        sf_maybe_swap(c);
     errno = err;
     return n;
 }

@@ -152,17 +152,20 @@ static void forget_fd(int fd) {
         return;
     if (kind == SF_EPOLL)
         sf_epreg_drop_epfd(fd);
+    if (kind == SF_CONN)
+        SF_LOG("fd %d: closed in phase %d after %u data calls, overlay %llu/%llu bytes out/in, "
+               "host %llu bytes", fd, atomic_load(&c->phase), atomic_load(&c->calls),
+               (unsigned long long)atomic_load(&c->tx), (unsigned long long)atomic_load(&c->rx),
+               (unsigned long long)atomic_load(&c->host_bytes));
     pthread_mutex_lock(&c->mu);
+    /* The host connection's private number goes with the fd; if a writer is in it, the writer
+     * closes it on its way out (sf_wmu_unlock). */
     if (c->host_fd >= 0) {
-        if (pthread_mutex_trylock(&c->wmu) == 0) {
-            real.close(c->host_fd);
-            sf_private_forget(c->host_fd);
-            pthread_mutex_unlock(&c->wmu);
-        } else {
-            c->pending_close_host = c->host_fd;
-        }
-        c->host_fd = -1;
+        c->pending_close_host = c->host_fd;
+        if (pthread_mutex_trylock(&c->wmu) == 0)
+            sf_wmu_unlock(c);
     }
+    c->host_fd = -1;
     sf_slot_reset(c);
     pthread_mutex_unlock(&c->mu);
 }
@@ -389,7 +392,7 @@ SF_EXPORT int shutdown(int fd, int how) {
     }
     int err = errno;
     pthread_mutex_unlock(&c->mu);
-    pthread_mutex_unlock(&c->wmu);
+    sf_wmu_unlock(c);
     errno = err;
     return rc;
 }

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
+from shuntflow.bench import procs
 from shuntflow.bench.metrics import Row
 from shuntflow.bench.spec import (
     FULL_DURATION,
@@ -105,12 +106,24 @@ def _default_out() -> Path:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) stop the run like Ctrl-C: clean up, keep what was measured."""
+    """SIGTERM and SIGHUP stop the run like Ctrl-C: clean up, keep what was measured.
+
+    Only in this process: pyroute2 (under the testbed API) forks short-lived helpers that
+    inherit these handlers and get SIGTERM from their parent; one that raised
+    KeyboardInterrupt would unwind into a second copy of the bench, which then stops the
+    real bench's servers. A forked copy just exits.
+    """
+    owner = os.getpid()
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        procs.STOP.set()
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, handler) for s in sigs}
+    procs.STOP.clear()
     try:
         yield
     finally:
@@ -218,7 +231,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> Outcome:
                 runner = Runner(cfg, tb, out, on_rows=save, progress=hooks)
                 with bar:
                     runner.run()
-                outcome.interrupted = runner.interrupted
+                outcome.interrupted = runner.interrupted or procs.STOP.is_set()
         except KeyboardInterrupt:
             outcome.interrupted = True
         finally:
@@ -245,7 +258,7 @@ def _summary(o: Outcome) -> None:
     if o.interrupted:
         typer.echo("bench: interrupted; the files hold what was measured before the stop")
     if o.failed:
-        shown = set()
+        shown: set[tuple[str, str, str | None]] = set()
         for r in o.failed:
             key = (r.label, r.mode, r.error)
             if key not in shown and len(shown) < 10:
@@ -306,9 +319,10 @@ def bench_command(
     quick: bool = typer.Option(
         False, "--quick", help="Under 3 minutes: fewer repetitions, 1 s runs, fewer workloads."
     ),
-    out: Path | None = typer.Option(
-        None, "--out", metavar="DIR", help="Output directory (default results/<UTC time>)."
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="DIR", help="Output directory (default results/<UTC time>)."),
+    ] = None,
     prefix: str = typer.Option(
         DEFAULT_PREFIX, "--prefix", metavar="P", help="Testbed to use (brought up if absent)."
     ),
@@ -327,9 +341,10 @@ def bench_command(
 
 
 def demo_command(
-    out: Path | None = typer.Option(
-        None, "--out", metavar="DIR", help="Output directory (default results/<UTC time>)."
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="DIR", help="Output directory (default results/<UTC time>)."),
+    ] = None,
 ) -> None:
     """Testbed up, a quick bench, the table and the plots, testbed down (an existing
     testbed `sf` is used and left up)."""

@@ -83,7 +83,8 @@ int main(int argc, char **argv) {
     if (inet_pton(AF_INET, argv[1], &sa.sin_addr) != 1) { fprintf(stderr, "bad IP\n"); return 2; }
     double seconds = atof(argv[3]);
     char req[512];
-    int req_len = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", argv[4], argv[1]);
+    int req_len = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n",
+                           argv[4], argv[1]);
 
     size_t cap = 1 << 16, n = 0;
     uint64_t *lat = malloc(cap * sizeof *lat);

@@ -31,6 +31,7 @@ REQUIRED_FIELDS = (
     "error",
 )
 RATIO_METRICS = ("rps", "avg_us", "p50_us", "p99_us", "p999_us", "cpu_us_per_req")
+VALUE_METRICS = (*RATIO_METRICS, "router_cpu_us_per_req")
 REFERENCES = ("overlay", "host")
 
 
@@ -157,7 +158,7 @@ def summarise(rows: list[Row]) -> dict[str, list[ModeSummary]]:
             good = [r for r in mine if r.ok]
             values = {
                 m: stat([getattr(r, m) for r in good if getattr(r, m) is not None])
-                for m in RATIO_METRICS
+                for m in VALUE_METRICS
             }
             ratios: dict[str, dict[str, Stat | None]] = {}
             for ref in REFERENCES:
@@ -205,9 +206,7 @@ def summary_json(s: dict[str, list[ModeSummary]]) -> dict[str, Any]:
                 "repetitions": m.reps,
                 "failed": m.failed,
                 "values": {k: st(v) for k, v in m.values.items()},
-                "ratios": {
-                    ref: {k: st(v) for k, v in d.items()} for ref, d in m.ratios.items()
-                },
+                "ratios": {ref: {k: st(v) for k, v in d.items()} for ref, d in m.ratios.items()},
                 "switches": st(m.switches),
                 "errors": m.errors,
             }

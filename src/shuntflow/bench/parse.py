@@ -210,9 +210,9 @@ def iperf3(text: str) -> ClientResult:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ParseError(f"iperf3 output is not JSON: {e}") from None
-    if "error" in data and "end" not in data:
-        raise ParseError(f"iperf3: {data['error']}")
-    recv = data["end"]["sum_received"]
+    recv = data.get("end", {}).get("sum_received")
+    if recv is None:
+        raise ParseError(f"iperf3: {data.get('error', 'no sum_received in its report')}")
     nbytes, seconds = float(recv["bytes"]), float(recv["seconds"])
     return ClientResult(
         requests=round(nbytes / MIB),
@@ -273,10 +273,7 @@ def merge(parts: list[ClientResult], seconds: float) -> ClientResult:
     if all(p.avg_us is not None for p in live):
         avg = sum(w * (p.avg_us or 0.0) for w, p in zip(weights, live, strict=True))
     xs = sorted({v for p in live for v, _f in p.cdf})
-    cdf = [
-        (x, sum(w * _frac_at(p.cdf, x) for w, p in zip(weights, live, strict=True)))
-        for x in xs
-    ]
+    cdf = [(x, sum(w * _frac_at(p.cdf, x) for w, p in zip(weights, live, strict=True))) for x in xs]
     cdf = _thin(cdf)
     return ClientResult(
         requests=requests,

@@ -40,6 +40,17 @@ def _color(mode: str) -> Any:
     return None
 
 
+def _plain_ticks(axis: Any, lo: float, hi: float) -> None:
+    """Plain numbers on a log axis: 20, 50, 100 read better than 2e1 in a narrow range."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    decades = math.log10(max(hi, 1e-9) / max(lo, 1e-9))
+    subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _grid(n: int) -> tuple[int, int]:
     cols = min(3, max(1, n))
     return math.ceil(n / cols), cols
@@ -75,6 +86,7 @@ def latency_cdf(s: dict[str, list[ModeSummary]], path: Path) -> Path | None:
             ys = [f for _v, f in m.cdf]
             ax.step(xs, ys, where="post", label=m.mode, color=_color(m.mode), linewidth=1.3)
         ax.set_xscale("log")
+        _plain_ticks(ax.xaxis, *ax.get_xlim())
         ax.set_title(lbl)
         ax.set_xlabel("latency µs (log)")
         ax.set_ylabel("fraction of requests ≤ x")
@@ -86,9 +98,7 @@ def latency_cdf(s: dict[str, list[ModeSummary]], path: Path) -> Path | None:
 
 
 def percentiles(s: dict[str, list[ModeSummary]], path: Path) -> Path | None:
-    items = [
-        (lbl, ms) for lbl, ms in s.items() if any(m.values["p50_us"] is not None for m in ms)
-    ]
+    items = [(lbl, ms) for lbl, ms in s.items() if any(m.values["p50_us"] is not None for m in ms)]
     if not items:
         return None
     plt = _pyplot()
@@ -97,12 +107,13 @@ def percentiles(s: dict[str, list[ModeSummary]], path: Path) -> Path | None:
     for ax, (lbl, ms) in zip(axes, items, strict=True):
         width = 0.8 / max(1, len(ms))
         for i, m in enumerate(ms):
-            vals = [m.values[k].median if m.values[k] else 0.0 for k, _n in keys]
+            vals = [_median(m, k) for k, _n in keys]
             xs = [j + i * width for j in range(len(keys))]
             ax.bar(xs, vals, width, label=m.mode, color=_color(m.mode))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
         ax.set_xticklabels([n for _k, n in keys])
         ax.set_yscale("log")
+        _plain_ticks(ax.yaxis, *ax.get_ylim())
         ax.set_ylabel("µs (log)")
         ax.set_title(lbl)
         ax.grid(True, axis="y", which="both", alpha=0.3)
@@ -120,25 +131,39 @@ def cpu_per_request(s: dict[str, list[ModeSummary]], path: Path) -> Path | None:
     if not items:
         return None
     plt = _pyplot()
-    modes = list(dict.fromkeys(m.mode for _l, ms in items for m in ms))
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(items) * max(1, len(modes)) / 2), 4.5))
-    width = 0.8 / max(1, len(modes))
-    for i, mode in enumerate(modes):
-        vals = []
-        for _lbl, ms in items:
-            m = next((m for m in ms if m.mode == mode), None)
-            st = m.ratios["overlay"]["cpu_us_per_req"] if m else None
-            vals.append(st.median if st else 0.0)
-        ax.bar([j + i * width for j in range(len(items))], vals, width, label=mode,
-               color=_color(mode))  # fmt: skip
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(items))])
-    ax.set_xticklabels([lbl for lbl, _ms in items], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("CPU per request ÷ overlay (median)")
-    ax.set_title("On-CPU time of server + client per request, relative to overlay")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = _axes(plt, len(items), 4.2, 3.2)
+    for ax, (lbl, ms) in zip(axes, items, strict=True):
+        names = [m.mode for m in ms]
+        app = [_median(m, "cpu_us_per_req") for m in ms]
+        router = [_median(m, "router_cpu_us_per_req") for m in ms]
+        xs = list(range(len(ms)))
+        ax.bar(xs, app, color=[_color(n) for n in names], label="server + client")
+        ax.bar(xs, router, bottom=app, color="none", edgecolor="black", hatch="//",
+               label="routers")  # fmt: skip
+        ax.set_xticks(xs)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        unit = ms[0].unit
+        ax.set_ylabel(f"CPU µs per {unit}")
+        top = max([a + r for a, r in zip(app, router, strict=True)] + [1e-9])
+        # One broken mode (a 200 ms stall) must not flatten the others to nothing.
+        finite = sorted(a + r for a, r in zip(app, router, strict=True))
+        if len(finite) > 2 and top > 8 * finite[-2]:
+            ax.set_yscale("log")
+        ax.set_title(lbl)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("On-CPU time per request: server + client processes, and the two routers")
     return _save(fig, plt, path)
+
+
+def _ratio_median(m: ModeSummary, ref: str, key: str) -> float:
+    st = m.ratios[ref][key]
+    return st.median if st else float("nan")
+
+
+def _median(m: ModeSummary, key: str) -> float:
+    st = m.values.get(key)
+    return st.median if st else 0.0
 
 
 def threshold_sweep(rows: list[Row], s: dict[str, list[ModeSummary]], path: Path) -> Path | None:
@@ -156,10 +181,7 @@ def threshold_sweep(rows: list[Row], s: dict[str, list[ModeSummary]], path: Path
         metric = "p50_us" if any(m.values["p50_us"] for m in sweep) else "rps"
         keys = [(metric, "-o"), ("p99_us", "--s")] if metric == "p50_us" else [(metric, "-o")]
         for key, style in keys:
-            ys = [
-                (m.ratios["overlay"][key].median if m.ratios["overlay"][key] else float("nan"))
-                for m in sweep
-            ]
+            ys = [_ratio_median(m, "overlay", key) for m in sweep]
             ax.plot(xs, ys, style, color=COLORS["shuntflow"], label=f"shuntflow {key}")
         for ref in ("slim", "host"):
             m = next((m for m in ms if m.mode == ref), None)

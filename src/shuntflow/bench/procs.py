@@ -10,11 +10,22 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 PROC = Path("/proc")
+
+# Set by the CLI's signal handler. A KeyboardInterrupt raised from a handler can be swallowed
+# (Python ignores exceptions in fork's after-fork hooks, and a signal may land there), so the
+# waits below check this flag too and raise it again.
+STOP = threading.Event()
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt
 
 
 def descendants(root: int) -> set[int]:
@@ -73,13 +84,14 @@ def reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:
+        check_stop()
         pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             code = os.waitstatus_to_exitcode(status)
             proc.returncode = code  # so Popen never waits for the pid we reaped
             return code, ru.ru_utime + ru.ru_stime
         if time.monotonic() >= deadline:
-            raise Timeout(f"{proc.args[0] if isinstance(proc.args, list) else proc.args}")
+            raise Timeout(str(proc.args))
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
 
@@ -109,6 +121,24 @@ def kill_now(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
+def netdev_bytes(pid: int, device: str) -> int | None:
+    """rx + tx bytes of `device` in the network namespace of `pid` (/proc/PID/net/dev).
+
+    Read through a process of that namespace instead of netlink: pyroute2 forks a helper per
+    namespace switch, which is slow and unsafe next to signal handlers.
+    """
+    try:
+        lines = (PROC / str(pid) / "net" / "dev").read_text().splitlines()[2:]
+    except OSError:
+        return None
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name.strip() == device:
+            fields = rest.split()
+            return int(fields[0]) + int(fields[8])
+    return None
+
+
 def _listening_ports(pid: int) -> set[int]:
     """Ports in LISTEN state in the network namespace of `pid` (its /proc/PID/net/tcp)."""
     ports: set[int] = set()
@@ -131,6 +161,7 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 10
     """
     deadline = time.monotonic() + timeout
     while True:
+        check_stop()
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode} before listening")
         if port in _listening_ports(proc.pid):

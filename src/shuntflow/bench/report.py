@@ -103,7 +103,7 @@ def write_json(out: Path, meta: dict[str, Any], rows: list[Row]) -> Path:
 
 def _num(x: float | None) -> str:
     if x is None:
-        return "–"
+        return "-"
     if abs(x) >= 10000:
         return f"{x / 1000:.1f}k"
     if abs(x) >= 100:
@@ -112,20 +112,21 @@ def _num(x: float | None) -> str:
 
 
 def _val(s: Stat | None) -> str:
-    return _num(s.median) if s else "–"
+    return _num(s.median) if s else "-"
 
 
 def _ratio(s: Stat | None) -> str:
     if s is None:
-        return "–"
+        return "-"
     if s.n == 1:
         return f"{s.median:.2f}"
-    return f"{s.median:.2f} [{s.low:.2f}–{s.high:.2f}]"
+    return f"{s.median:.2f} [{s.low:.2f}-{s.high:.2f}]"
 
 
 HEADER = (
     "| mode | {rate} | avg µs | p50 µs | p99 µs | p99.9 µs | CPU µs/{unit} | switches "
-    "| {rate} ×overlay | avg ×overlay | p99 ×overlay | {rate} ×host | avg ×host | p99 ×host |"
+    "| {rate} vs overlay | avg vs overlay | p99 vs overlay | {rate} vs host | avg vs host "
+    "| p99 vs host |"
 )
 
 
@@ -173,8 +174,8 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
         f"- placement: {meta.get('placement')}; repetitions: {meta.get('repetitions')}; "
         f"duration per run: {meta.get('duration_s')} s; testbed: {meta.get('prefix')}",
         "- values are medians over repetitions; ratios are taken per repetition against the "
-        "mode in the same repetition, shown as median [min–max]; ×overlay < 1 for latency "
-        "and > 1 for req/s is better",
+        "mode in the same repetition, shown as median [min-max]; below 1 is better for "
+        "latency and CPU, above 1 for req/s",
     ]
     if meta.get("interrupted"):
         lines.append("- **interrupted**: the tables hold what was measured before the stop")

@@ -31,8 +31,9 @@ SERVER_HOST, CLIENT_HOST = 2, 1
 # Each measurement listens on the next port of its workload's range: servers that do not set
 # SO_REUSEADDR (sockperf) cannot bind a port that still has TIME_WAIT connections.
 PORT_SPAN = 64
-# Grace on top of the expected client run time before a client counts as hung.
-CLIENT_GRACE_S = 30.0
+# A client that runs past twice its duration plus this is hung (sockperf alone idles 2 s
+# before it starts); the limit is short because a hang costs the run this much time.
+CLIENT_GRACE_S = 8.0
 
 
 def clean_environment() -> None:
@@ -125,6 +126,7 @@ class Runner:
     prepare_errors: dict[str, str] = field(default_factory=dict)
     _live: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _seq: int = 0
+    _started_at: str = ""
 
     def __post_init__(self) -> None:
         prefix = self.tb.prefix
@@ -133,10 +135,11 @@ class Runner:
         self.work = self.out / "work"
         self.raw = self.out / "raw"
         status = self.tb.status()
-        self.router_pids = [h["router_pid"] for h in status["hosts"] if h["router_alive"]]
-        self.routers_up = bool(status["routers"]) and len(self.router_pids) == len(
-            status["hosts"]
-        )
+        self.router_pid_of = {
+            int(h["index"]): int(h["router_pid"]) for h in status["hosts"] if h["router_alive"]
+        }
+        self.router_pids = list(self.router_pid_of.values())
+        self.routers_up = bool(status["routers"]) and len(self.router_pids) == len(status["hosts"])
 
     # -- the plan -------------------------------------------------------------------------
 
@@ -166,6 +169,7 @@ class Runner:
         self.progress.start(len(steps))
         try:
             for rep, wl, pos, mode in steps:
+                procs.check_stop()
                 self.progress.step(f"rep {rep + 1}/{self.cfg.repetitions}  {wl}  {mode.name}")
                 new = self.measure(workloads.WORKLOADS[wl], mode, rep, pos)
                 self.rows.extend(new)
@@ -199,6 +203,7 @@ class Runner:
         return server, client
 
     def _row(self, wl: str, case: str, mode: ModeSpec, rep: int, pos: int, **kw: Any) -> Row:
+        kw.setdefault("started_at", self._started_at)
         return Row(
             workload=wl,
             case=case,
@@ -207,11 +212,11 @@ class Runner:
             repetition=rep,
             order=pos,
             placement=self.cfg.placement,
-            started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **kw,
         )
 
     def measure(self, wl: workloads.Workload, mode: ModeSpec, rep: int, pos: int) -> list[Row]:
+        self._started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         server_side, client_side = self.sides(mode)
         base = f"{wl.name}-{mode.name.replace('@', '_t')}-r{rep}"
         target = workloads.Target(
@@ -254,10 +259,11 @@ class Runner:
                         wl.name, case, mode, rep, pos, base, server, server_side,
                         client_side, server_argv,
                     )  # fmt: skip
-        except (OSError, LibraryMissing, BenchError) as e:
+        except (OSError, LibraryMissing, BenchError, RuntimeError, ValueError) as e:
+            # Anything one measurement trips over costs that measurement, not the run.
             done = {r.case for r in rows}
             todo = [lbl for c in cases for lbl in _labels(c) if lbl not in done]
-            rows += failed(f"{type(e).__name__}: {e}", todo)
+            rows += failed(f"bench: {type(e).__name__}: {e}", todo)
         return rows
 
     @contextlib.contextmanager
@@ -293,11 +299,7 @@ class Runner:
                 )
             except (OSError, ValueError, KeyError, TypeError):
                 ok = False
-        try:
-            vx_rx, vx_tx = self.tb.vxlan_counters(self.client_c.host_index)
-            vxlan: int | None = vx_rx + vx_tx
-        except Exception:  # netlink trouble must not cost the measurement
-            vxlan = None
+        vxlan = self._vxlan_bytes()
         return Snapshot(
             server_cpu_ns=procs.tree_oncpu_ns(server.pid),
             router_cpu_ns=procs.oncpu_ns(self.router_pids) if self.router_pids else None,
@@ -305,6 +307,18 @@ class Runner:
             switch_failures=failures if ok else None,
             vxlan_bytes=vxlan,
         )
+
+    def _vxlan_bytes(self) -> int | None:
+        """Bytes through the client host's VXLAN device: all the pair's overlay traffic."""
+        host = self.tb.host(self.client_c)
+        pid = self.router_pid_of.get(host.index)
+        if pid is not None:
+            return procs.netdev_bytes(pid, host.vxlan_dev)
+        try:
+            rx, tx = self.tb.vxlan_counters(host.index)
+        except Exception:  # netlink trouble must not cost the measurement
+            return None
+        return rx + tx
 
     def run_case(
         self,
@@ -327,94 +341,43 @@ class Runner:
         ]
 
         def row(lbl: str, **kw: Any) -> Row:
-            return self._row(
-                wl, lbl, mode, rep, pos, command=commands, processes=processes, **kw
-            )
+            return self._row(wl, lbl, mode, rep, pos, command=commands, processes=processes, **kw)
 
         if server.poll() is not None:
-            return [row(lbl, error=f"server exited with code {server.returncode}") for lbl in
-                    _labels(case)]  # fmt: skip
+            message = f"server exited with code {server.returncode}"
+            return [row(lbl, error=message) for lbl in _labels(case)]
 
-        files = []
         before = self.snapshot(server)
         t0 = time.monotonic()
-        started: list[tuple[workloads.ClientSpec, subprocess.Popen[bytes], Path, Path]] = []
-        try:
-            for c in case.clients:
-                stem = f"{base}-{case.name}-{c.label}".replace(" ", "_")
-                out_path, err_path = self.raw / f"{stem}.out", self.raw / f"{stem}.err"
-                out_f, err_f = out_path.open("wb"), err_path.open("wb")
-                files += [out_f, err_f]
-                p = self.tb.popen(
-                    client_side.netns,
-                    c.argv,
-                    cpu=client_side.cpus,
-                    env=client_side.env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out_f,
-                    stderr=err_f,
-                    start_new_session=True,
-                )
-                self._live.append(p)
-                started.append((c, p, out_path, err_path))
-            reaped: list[tuple[int, float] | str] = []
-            limit = t0 + self.cfg.duration * 4 + CLIENT_GRACE_S
-            for _c, p, _o, _e in started:
-                try:
-                    reaped.append(procs.reap(p, max(0.0, limit - time.monotonic())))
-                except procs.Timeout:
-                    procs.kill_now(p)
-                    reaped.append("client did not finish in time (killed)")
-                self._live.remove(p)
-        finally:
-            for _c, p, _o, _e in started:
-                if p in self._live:
-                    procs.kill_now(p)
-                    self._live.remove(p)
-            for f in files:
-                f.close()
+        runs = self._run_clients(case, client_side, f"{base}-{case.name}")
         elapsed = time.monotonic() - t0
+        died = server.poll()
         after = self.snapshot(server)
 
-        results: list[ClientResult | None] = []
-        errors: list[str | None] = []
-        for (c, _p, out_path, err_path), r in zip(started, reaped, strict=True):
-            if isinstance(r, str):
-                results.append(None)
-                errors.append(r)
-                continue
-            code, _cpu = r
-            try:
-                res = c.parse(out_path.read_text(errors="replace"))
-            except (ParseError, ValueError, KeyError, OSError) as e:
-                why = f"exit code {code}" if code else str(e)
-                results.append(None)
-                errors.append(f"{c.argv[0]}: {why}; {_tail(err_path) or _tail(out_path)}")
-                continue
-            if res.requests <= 0:
-                results.append(None)
-                errors.append(f"{c.argv[0]}: no request completed; {_tail(err_path)}")
-                continue
-            results.append(res)
-            errors.append(None)
-
-        client_cpu_s = sum(r[1] for r in reaped if not isinstance(r, str))
+        results = [_read(run) for run in runs]
+        if died is not None:
+            # The client's complaint (refused, reset) is a consequence; say what caused it.
+            results = [
+                f"server exited with code {died} during the run; {r}" if isinstance(r, str) else r
+                for r in results
+            ]
+        client_cpu_s = sum(run.cpu_s for run in runs)
         server_cpu_us = (after.server_cpu_ns - before.server_cpu_ns) / 1e3
         router_us = (
             (after.router_cpu_ns - before.router_cpu_ns) / 1e3
             if after.router_cpu_ns is not None and before.router_cpu_ns is not None
             else None
         )
-        shared = {
+        shared: dict[str, Any] = {
             "switches": _delta(before.switches, after.switches),
             "switch_failures": _delta(before.switch_failures, after.switch_failures),
             "vxlan_bytes": _delta(before.vxlan_bytes, after.vxlan_bytes),
             "duration_s": round(elapsed, 3),
         }
 
-        def from_result(lbl: str, res: ClientResult, cpu: bool, **kw: Any) -> Row:
-            total_cpu = server_cpu_us + client_cpu_s * 1e6
+        def measured(lbl: str, res: ClientResult, with_cpu: bool, **kw: Any) -> Row:
             cpu_reqs = res.cpu_requests or res.requests
+            total_us = server_cpu_us + client_cpu_s * 1e6
             return row(
                 lbl,
                 requests=res.requests,
@@ -424,11 +387,13 @@ class Runner:
                 p50_us=res.p50_us,
                 p99_us=res.p99_us,
                 p999_us=res.p999_us,
-                cpu_us_per_req=total_cpu / cpu_reqs if cpu and cpu_reqs else None,
-                server_cpu_us=server_cpu_us if cpu else None,
-                client_cpu_us=client_cpu_s * 1e6 if cpu else None,
+                cpu_us_per_req=total_us / cpu_reqs if with_cpu and cpu_reqs else None,
+                server_cpu_us=server_cpu_us if with_cpu else None,
+                client_cpu_us=client_cpu_s * 1e6 if with_cpu else None,
                 router_cpu_us_per_req=(
-                    router_us / cpu_reqs if cpu and router_us is not None and cpu_reqs else None
+                    router_us / cpu_reqs
+                    if with_cpu and router_us is not None and cpu_reqs
+                    else None
                 ),
                 client_errors=res.errors,
                 extra=res.extra,
@@ -437,30 +402,97 @@ class Runner:
             )
 
         if len(case.clients) == 1:
-            res, err = results[0], errors[0]
-            if res is None:
-                return [row(case.name, error=err, **shared)]
-            return [from_result(case.name, res, True, **shared)]
+            only = results[0]
+            if isinstance(only, str):
+                return [row(case.name, error=only, **shared)]
+            return [measured(case.name, only, True, **shared)]
 
-        # Several clients at once: each alone (server CPU cannot be split between them), and
-        # the combined stream of requests that the server saw.
+        # Several clients at once: a row for each alone (the server's CPU time cannot be split
+        # between them), and one for the combined stream of requests the server saw.
         out: list[Row] = []
-        for (c, *_), res, err in zip(started, results, errors, strict=True):
-            if res is None:
-                out.append(row(c.label, error=err))
+        for c, r in zip(case.clients, results, strict=True):
+            if isinstance(r, str):
+                out.append(row(c.label, error=r))
             else:
-                out.append(from_result(c.label, res, False, duration_s=shared["duration_s"]))
-        if any(r is None for r in results):
-            first = next(e for e in errors if e)
-            out.append(row("combined", error=first, **shared))
-        else:
-            good = [r for r in results if r is not None]
-            combined = merge(good, max(r.seconds for r in good))
-            out.append(from_result("combined", combined, True, **shared))
-            total = combined.requests
-            for r, res in zip(out, good, strict=False):
-                r.extra = {**r.extra, "share": res.requests / total if total else 0.0}
+                out.append(measured(c.label, r, False, duration_s=shared["duration_s"]))
+        good = [r for r in results if not isinstance(r, str)]
+        bad = [r for r in results if isinstance(r, str)]
+        if bad:
+            out.append(row("combined", error=bad[0], **shared))
+            return out
+        combined = merge(good, max(g.seconds for g in good))
+        for part_row, part in zip(out, good, strict=True):
+            share = part.requests / combined.requests if combined.requests else 0.0
+            part_row.extra = {**part_row.extra, "share": round(share, 4)}
+        out.append(measured("combined", combined, True, **shared))
         return out
+
+    def _run_clients(self, case: workloads.ClientCase, side: Side, stem: str) -> list[ClientRun]:
+        """Start every client of the case at once, reap them all (killing any that hang)."""
+        runs: list[ClientRun] = []
+        files: list[IO[bytes]] = []
+        try:
+            for c in case.clients:
+                name = f"{stem}-{c.label}".replace(" ", "_")
+                run = ClientRun(c, self.raw / f"{name}.out", self.raw / f"{name}.err")
+                out_f, err_f = run.out.open("wb"), run.err.open("wb")
+                files += [out_f, err_f]
+                run.proc = self.tb.popen(
+                    side.netns,
+                    c.argv,
+                    cpu=side.cpus,
+                    env=side.env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_f,
+                    stderr=err_f,
+                    start_new_session=True,
+                )
+                self._live.append(run.proc)
+                runs.append(run)
+            limit = time.monotonic() + self.cfg.duration * 2 + CLIENT_GRACE_S
+            for run in runs:
+                assert run.proc is not None
+                try:
+                    run.code, run.cpu_s = procs.reap(run.proc, max(0.0, limit - time.monotonic()))
+                except procs.Timeout:
+                    procs.kill_now(run.proc)
+                    limit_s = self.cfg.duration * 2 + CLIENT_GRACE_S
+                    run.hung = f"client still running after {limit_s:.0f} s (hung; killed)"
+        finally:
+            for run in runs:
+                if run.proc is not None and run.proc in self._live:
+                    if run.proc.returncode is None:
+                        procs.kill_now(run.proc)
+                    self._live.remove(run.proc)
+            for f in files:
+                f.close()
+        return runs
+
+
+@dataclass
+class ClientRun:
+    spec: workloads.ClientSpec
+    out: Path
+    err: Path
+    proc: subprocess.Popen[bytes] | None = None
+    code: int | None = None
+    cpu_s: float = 0.0
+    hung: str | None = None
+
+
+def _read(run: ClientRun) -> ClientResult | str:
+    """The client's result, or why there is none."""
+    tool = run.spec.argv[0].rsplit("/", 1)[-1]
+    if run.hung:
+        return run.hung
+    try:
+        res = run.spec.parse(run.out.read_text(errors="replace"))
+    except (ParseError, ValueError, KeyError, OSError) as e:
+        why = f"exit code {run.code}" if run.code else str(e)
+        return f"{tool}: {why}; {_tail(run.err) or _tail(run.out)}"
+    if res.requests <= 0:
+        return f"{tool}: no request completed; {_tail(run.err) or _tail(run.out)}"
+    return res
 
 
 def _labels(case: workloads.ClientCase) -> list[str]:

@@ -7,7 +7,7 @@ Pure data and validation, no processes: the CLI turns every bad value into one e
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shuntflow.native import DEFAULT_THRESHOLD
 from shuntflow.wire import Mode
@@ -163,7 +163,6 @@ class BenchConfig:
     placement: str
     quick: bool
     prefix: str
-    thresholds_requested: list[int] = field(default_factory=list)
 
     @property
     def server_cpus(self) -> set[int] | None:
