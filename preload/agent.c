@@ -741,11 +741,11 @@ static void *agent_main(void *arg) {
 
 /* Slim's switch at setup: the caller (connect or accept) waits until the host socket is in
  * place. Like Slim, a connect waits for the server application to accept: while the peer router
- * answers that nobody owns the other end yet, it asks again. The wait ends once this end has
- * committed (the rest is the ordinary drain of the overlay), or after a bound, after which the
- * switch carries on in the background as in shuntflow mode. */
+ * answers that nobody owns the other end yet, it asks again. The wait ends at the swap, or after
+ * a bound, after which the switch carries on in the background as in shuntflow mode. */
 #define SLIM_ACCEPT_WAIT_MS 1000
 #define SLIM_RETRY_MS 2
+#define SLIM_COMMITTED_WAIT_MS 200
 
 int sf_agent_switch_now(struct sf_conn *c) {
     uint64_t start = sf_now_ms();
@@ -758,9 +758,12 @@ int sf_agent_switch_now(struct sf_conn *c) {
     for (;;) {
         int phase = atomic_load(&c->phase);
         uint64_t now = sf_now_ms();
-        if (phase == SF_P_HOST || phase == SF_P_COMMITTED || phase == SF_P_PINNED ||
-            phase == SF_P_BROKEN || now > deadline)
+        if (phase == SF_P_HOST || phase == SF_P_PINNED || phase == SF_P_BROKEN || now > deadline)
             break;
+        /* Committed: only the peer's SYNC is missing. It normally follows at once; if the peer
+         * is busy writing (it gave up waiting for us), the drain finishes in the background. */
+        if (phase == SF_P_COMMITTED && deadline > now + SLIM_COMMITTED_WAIT_MS)
+            deadline = now + SLIM_COMMITTED_WAIT_MS;
         if (phase == SF_P_OVERLAY && c->attempted) {
             if (c->last_status != SF_PEER_REFUSED || now - start > SLIM_ACCEPT_WAIT_MS)
                 break;

@@ -397,10 +397,11 @@ SF_EXPORT int shutdown(int fd, int how) {
     return rc;
 }
 
-/* After the swap the kernel would answer with host addresses: keep answering overlay ones. */
+/* After the swap the kernel would answer with host addresses, and during the handoff the
+ * overlay socket may already be closed by the FIN exchange: keep answering the overlay ones. */
 static int overlay_name(int fd, struct sockaddr *addr, socklen_t *len, int peer) {
     struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL || atomic_load(&c->phase) != SF_P_HOST || !c->have_addrs || len == NULL)
+    if (c == NULL || atomic_load(&c->phase) < SF_P_HANDSHAKE || !c->have_addrs || len == NULL)
         return peer ? real.getpeername(fd, addr, len) : real.getsockname(fd, addr, len);
     const struct sockaddr_in *src = peer ? &c->remote : &c->local;
     socklen_t n = *len < sizeof *src ? *len : (socklen_t)sizeof *src;

@@ -105,21 +105,24 @@ def _default_out() -> Path:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop the run like Ctrl-C: clean up, keep what was measured.
+def _stop_on_signals() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP stop the run at the next wait: clean up, keep what was
+    measured. A second signal raises at once.
 
-    Only in this process: pyroute2 (under the testbed API) forks short-lived helpers that
-    inherit these handlers and get SIGTERM from their parent; one that raised
-    KeyboardInterrupt would unwind into a second copy of the bench, which then stops the
-    real bench's servers. A forked copy just exits.
+    The first signal only sets a flag that the runner checks in each of its waits, so nothing
+    is interrupted half-way (writing results.json, starting a process): an exception raised
+    from a handler may even be swallowed when it lands in fork's after-fork hooks. And only
+    in this process: pyroute2 (under the testbed API) forks short-lived helpers that inherit
+    the handler and get SIGTERM from their parent; such a copy just exits.
     """
     owner = os.getpid()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if os.getpid() != owner:
             os._exit(128 + signum)
+        if procs.STOP.is_set():
+            raise KeyboardInterrupt
         procs.STOP.set()
-        raise KeyboardInterrupt
 
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     old = {s: signal.signal(s, handler) for s in sigs}
@@ -221,7 +224,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> Outcome:
     def save(rows: list[Row]) -> None:
         report.write_json(out, meta, rows)
 
-    with _terminate_as_interrupt():
+    with _stop_on_signals():
         try:
             with testbed_for(cfg.prefix) as (tb, made):
                 meta["testbed"] = "brought up by the bench" if made else "existing, reused"

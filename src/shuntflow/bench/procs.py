@@ -17,9 +17,8 @@ from pathlib import Path
 
 PROC = Path("/proc")
 
-# Set by the CLI's signal handler. A KeyboardInterrupt raised from a handler can be swallowed
-# (Python ignores exceptions in fork's after-fork hooks, and a signal may land there), so the
-# waits below check this flag too and raise it again.
+# Set by the CLI's signal handler; every wait below checks it and unwinds the run with
+# KeyboardInterrupt from a point where that is safe.
 STOP = threading.Event()
 
 

@@ -115,6 +115,12 @@ def _val(s: Stat | None) -> str:
     return _num(s.median) if s else "-"
 
 
+def _count(s: Stat | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s.median:.0f}" if s.median == int(s.median) else f"{s.median:.1f}"
+
+
 def _ratio(s: Stat | None) -> str:
     if s is None:
         return "-"
@@ -149,7 +155,7 @@ def workload_table(summaries: list[ModeSummary]) -> list[str]:
             _val(v["p99_us"]),
             _val(v["p999_us"]),
             _val(v["cpu_us_per_req"]),
-            _val(m.switches),
+            _count(m.switches),
             _ratio(o["rps"]),
             _ratio(o["avg_us"]),
             _ratio(o["p99_us"]),
