@@ -9,6 +9,7 @@
  * Application threads only hand it work (a queue and an eventfd) and, when a write is in flight
  * at the moment the agent wants to commit, finish that commit themselves (sf_agent_commit).
  * Any failure before a commit leaves the connection on the overlay (fail-open). */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/tcp.h>
@@ -302,6 +303,7 @@ static void abort_switch(struct sf_conn *c, int status, int retry) {
     c->next_trigger = calls * 2 > sf_cfg.threshold ? calls * 2 : sf_cfg.threshold;
     c->last_status = (uint16_t)status;
     sf_set_phase(c, retry ? SF_P_OVERLAY : SF_P_PINNED);
+    sf_rearm_locked(c);
     sf_agent_count_switch(0);
     SF_LOG("fd %d: switch abandoned (status %d), stays on the overlay", c->fd, status);
 }
@@ -338,7 +340,8 @@ static void start_request(struct sf_conn *c) {
     if (chan_send(&m) != 0)
         abort_switch(c, SF_INTERNAL, 1);
     else
-        SF_LOG("fd %d: asked the router for a host connection (seq %u)", c->fd, m.seq);
+        SF_LOG("fd %d (port %u->%u): asked the router for a host connection (seq %u)", c->fd,
+               ntohs(c->local.sin_port), ntohs(c->remote.sin_port), m.seq);
 out:
     pthread_mutex_unlock(&c->mu);
 }
@@ -551,6 +554,7 @@ void sf_agent_commit_locked(struct sf_conn *c) {
         } else {
             drop_host_fd(c);
             sf_set_phase(c, SF_P_BROKEN);
+            sf_rearm_locked(c);
         }
         return;
     }
@@ -589,6 +593,7 @@ static void host_failed(struct sf_conn *c, const char *why) {
         /* We already sent later bytes there; the peer never will read them. */
         drop_host_fd(c);
         sf_set_phase(c, SF_P_BROKEN);
+        sf_rearm_locked(c);
         sf_agent_count_switch(0);
     }
 }

@@ -136,6 +136,7 @@ struct sf_conn {
     uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
     uint8_t buf_locked;           /* the app set SO_SNDBUF/SO_RCVBUF: carry them over */
     uint8_t peer_synced;
+    uint8_t suppressed;           /* an epoll event of this fd was held back during a switch */
     uint8_t attempted;            /* the agent has looked at the last trigger (slim waits on it) */
     uint8_t hop_len;
     uint8_t hop[16];
@@ -205,6 +206,7 @@ void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
 void sf_copy_sockopts(int from, int to, int with_bufs);
 int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see swap.c */
 uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
+void sf_rearm_locked(struct sf_conn *c);
 enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
 
 #endif

@@ -273,7 +273,9 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
                                   (phase == SF_P_COMMITTED && !c->peer_synced) ||
                                   (phase == SF_P_HANDSHAKE && c->commit_wanted);
         if (!peer_may_have_committed) {
-            result = phase == SF_P_BROKEN ? SF_WAIT_RESET : SF_WAIT_EOF;
+            /* BROKEN too: the peer dropped the host connection before it committed, so its
+             * overlay stream, FIN included, is complete. */
+            result = SF_WAIT_EOF;
             break;
         }
         if (sf_now_ms() > deadline) {
@@ -333,10 +335,29 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
         result = real.poll(&p, 1, 0) == 1 ? (uint32_t)(unsigned short)p.revents : 0;
     } else if ((phase == SF_P_COMMITTED && !c->peer_synced) ||
                (phase == SF_P_HANDSHAKE && !c->leader)) {
-        result = events & ~(hangup | EPOLLIN); /* the answer is on its way; the swap will tell */
+        /* The answer is on its way: the swap will report the host socket's readiness, and a
+         * switch that fails instead re-arms the registrations (sf_rearm_locked). */
+        result = events & ~(hangup | EPOLLIN);
+        c->suppressed = 1;
     } else {
         result = events; /* a real EOF */
     }
     pthread_mutex_unlock(&c->mu);
     return result;
+}
+
+/* A switch ended without a swap after an event of this fd was held back: ask epoll to look at
+ * the socket again (MOD re-evaluates readiness), or an edge-triggered reader would never hear
+ * of the EOF or data it was not shown. Caller holds c->mu. */
+void sf_rearm_locked(struct sf_conn *c) {
+    if (!c->suppressed)
+        return;
+    c->suppressed = 0;
+    for (int i = 0; i < c->n_regs; i++) {
+        struct sf_epreg *r = &c->regs[i];
+        if (r->disarmed)
+            continue;
+        struct epoll_event ev = {.events = r->events, .data = r->data};
+        real.epoll_ctl(r->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+    }
 }

@@ -4,6 +4,7 @@
  * Tracking starts at connect() to, or accept() from, an address inside SHUNTFLOW_OVERLAY. In slim
  * mode those two calls return only once the host socket is in place (Slim's behaviour); in
  * shuntflow mode they return at once and the data path counts. */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/close_range.h>
@@ -153,13 +154,19 @@ static void forget_fd(int fd) {
     if (kind == SF_EPOLL)
         sf_epreg_drop_epfd(fd);
     if (kind == SF_CONN)
-        SF_LOG("fd %d: closed in phase %d after %u data calls, overlay %llu/%llu bytes out/in, "
-               "host %llu bytes", fd, atomic_load(&c->phase), atomic_load(&c->calls),
+        SF_LOG("fd %d (port %u->%u): closed in phase %d after %u data calls, overlay %llu/%llu "
+               "bytes out/in, host %llu bytes", fd, ntohs(c->local.sin_port),
+               ntohs(c->remote.sin_port), atomic_load(&c->phase), atomic_load(&c->calls),
                (unsigned long long)atomic_load(&c->tx), (unsigned long long)atomic_load(&c->rx),
                (unsigned long long)atomic_load(&c->host_bytes));
     pthread_mutex_lock(&c->mu);
     /* The host connection's private number goes with the fd; if a writer is in it, the writer
-     * closes it on its way out (sf_wmu_unlock). */
+     * closes it on its way out (sf_wmu_unlock). Handoff frames still unread on it are consumed
+     * first: closing over them would reset the connection the peer is about to read its EOF
+     * from. Application bytes after them stay, and reset it as an overlay close would. */
+    if (c->host_fd >= 0) {
+        sf_agent_pump_locked(c);
+    }
     if (c->host_fd >= 0) {
         c->pending_close_host = c->host_fd;
         if (pthread_mutex_trylock(&c->wmu) == 0)

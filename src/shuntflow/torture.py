@@ -43,6 +43,13 @@ def own_netns_cookie() -> int:
         return netns_cookie(probe)
 
 
+def endpoints(sock: socket.socket) -> str:
+    try:
+        return f"{sock.getsockname()[1]}->{sock.getpeername()[1]}"
+    except OSError:
+        return "?"
+
+
 def stream(seed: int, direction: int, size: int) -> bytes:
     return random.Random(seed * 2 + direction).randbytes(size)
 
@@ -57,6 +64,9 @@ class ConnResult:
     error: str = ""
     switched: bool = False
     done: bool = False
+    started: float = field(default_factory=time.monotonic)
+    endpoints: str = ""
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -70,6 +80,7 @@ class Plan:
     rng: random.Random
     pause_prob: float
     max_chunk: int
+    pause_max: float = 0.003
 
     def chunk(self, remaining: int) -> int:
         # Mostly small writes (they drive the syscall count), sometimes large ones.
@@ -79,12 +90,12 @@ class Plan:
         elif kind < 0.9:
             size = self.rng.randint(512, 65536)
         else:
-            size = self.rng.randint(65536, self.max_chunk)
-        return max(1, min(size, remaining))
+            size = self.rng.randint(65536, max(65536, self.max_chunk))
+        return max(1, min(size, remaining, self.max_chunk))
 
     def maybe_pause(self) -> None:
         if self.rng.random() < self.pause_prob:
-            time.sleep(self.rng.random() * 0.003)
+            time.sleep(self.rng.random() * self.pause_max)
 
 
 @dataclass
@@ -100,6 +111,7 @@ class Side:
     got: int = 0
     wr_closed: bool = False
     eof: bool = False
+    resume_at: float = 0.0
     header: bytearray = field(default_factory=bytearray)
 
     def check(self, data: bytes) -> None:
@@ -129,6 +141,9 @@ class Side:
         if self.got != len(self.expect) and not self.result.error:
             self.result.error = f"short stream: {self.got} of {len(self.expect)} bytes"
         self.result.sent = self.sent
+        if not self.result.endpoints:
+            self.result.endpoints = endpoints(self.sock)
+        self.result.seconds = round(time.monotonic() - self.result.started, 4)
         self.result.done = True
         self.sock.close()
 
@@ -145,8 +160,8 @@ def run_blocking(side: Side, own_cookie: int) -> None:
                 side.sent += n
                 side.plan.maybe_pause()
             side.sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            side.result.error = side.result.error or f"write: {exc}"
+        except Exception as exc:  # any failure, the tool's own included, must fail the run
+            side.result.error = side.result.error or f"write: {exc!r}"
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
@@ -161,8 +176,8 @@ def run_blocking(side: Side, own_cookie: int) -> None:
             if not data:
                 break
             side.check(data)
-    except OSError as exc:
-        side.result.error = side.result.error or f"read: {exc}"
+    except Exception as exc:
+        side.result.error = side.result.error or f"read: {exc!r}"
     thread.join()
     side.finish(own_cookie)
 
@@ -201,6 +216,8 @@ class Loop:
         self.wake_w.send(b"x")
 
     def _pump_write(self, side: Side) -> None:
+        if time.monotonic() < side.resume_at:
+            return
         while side.sent < len(side.out):
             n = side.plan.chunk(len(side.out) - side.sent)
             try:
@@ -209,10 +226,9 @@ class Loop:
                 return
             side.sent += done
             if side.plan.rng.random() < side.plan.pause_prob:
-                # A pause: let the loop go round. Edge-triggered needs a re-arm (MOD) to be
-                # told again about a socket that is still writable.
-                if self.style == "epoll-et":
-                    self.poller.modify(side.sock.fileno(), self._mask(read=True, write=True))
+                # A pause: stop asking for writability until it is over (_resume re-arms).
+                side.resume_at = time.monotonic() + side.plan.rng.random() * side.plan.pause_max
+                self.poller.modify(side.sock.fileno(), self._mask(read=True, write=False))
                 return
         if not side.wr_closed:
             side.sock.shutdown(socket.SHUT_WR)
@@ -229,9 +245,20 @@ class Loop:
                 return
             side.check(data)
 
+    def _resume(self) -> None:
+        """Re-arm (MOD) writability for paused senders whose pause is over."""
+        now = time.monotonic()
+        with self.lock:
+            paused = [s for s in self.sides.values() if 0 < s.resume_at <= now]
+        for side in paused:
+            side.resume_at = 0.0
+            if side.sent < len(side.out):
+                self.poller.modify(side.sock.fileno(), self._mask(read=True, write=True))
+
     def run(self, own_cookie: int, until: Callable[[], bool], deadline: float) -> None:
         while not until() and time.monotonic() < deadline:
-            events = self.poller.poll(50 if self.style == "poll" else 0.05)
+            self._resume()
+            events = self.poller.poll(2 if self.style == "poll" else 0.002)
             for fd, _mask in events:
                 if fd == self.wake_r.fileno():
                     try:
@@ -246,8 +273,8 @@ class Loop:
                 try:
                     self._pump_write(side)
                     self._pump_read(side)
-                except OSError as exc:
-                    side.result.error = side.result.error or f"io: {exc}"
+                except Exception as exc:
+                    side.result.error = side.result.error or f"io: {exc!r}"
                     side.eof = side.wr_closed = True
                     side.sent = len(side.out)
                 if side.eof and side.wr_closed:
@@ -260,6 +287,14 @@ class Loop:
 
 
 # ---- the two programs ---------------------------------------------------------------------
+
+
+def make_plan(seed: int, conn_id: int, args: argparse.Namespace) -> Plan:
+    """Every fourth connection writes small chunks with long pauses, so it lives long enough
+    that it must switch."""
+    if conn_id % 4 == 0:
+        return Plan(random.Random(seed), 0.4, min(args.max_chunk, 4096), pause_max=0.03)
+    return Plan(random.Random(seed), args.pause, args.max_chunk)
 
 
 def sizes_for(rng: random.Random, max_bytes: int) -> int:
@@ -284,7 +319,7 @@ def summarize(role: str, results: list[ConnResult], started: float, expected_con
         "bytes": sum(r.sent + r.received for r in results),
         "seconds": round(time.monotonic() - started, 3),
         "failures": [asdict(r) for r in bad[:20]],
-        "per_conn": {r.conn_id: [r.sent, r.received, r.switched] for r in results},
+        "per_conn": {r.conn_id: [r.sent, r.received, r.switched, r.seconds] for r in results},
     }
     print(json.dumps(summary), flush=True)
     return 0 if not bad and missing == 0 else 1
@@ -324,9 +359,9 @@ def serve(args: argparse.Namespace) -> int:
         if magic != MAGIC:
             print(json.dumps({"role": "server", "error": "bad header"}), flush=True)
             return 1
-        result = ConnResult(conn_id, expected=c2s)
+        result = ConnResult(conn_id, expected=c2s, endpoints=endpoints(conn))
         results.append(result)
-        plan = Plan(random.Random(seed ^ 0x5EED), args.pause, args.max_chunk)
+        plan = make_plan(seed ^ 0x5EED, conn_id, args)
         side = Side(conn, result, stream(seed, 1, s2c), stream(seed, 0, c2s), plan)
         if loop is None:
             t = threading.Thread(target=run_blocking, args=(side, own), daemon=True)
@@ -376,10 +411,11 @@ def client(args: argparse.Namespace) -> int:
             results.append(result)
             continue
         sock.settimeout(None)
+        result.endpoints = endpoints(sock)
         results.append(result)
         header = HEADER.pack(MAGIC, conn_id, seed, c2s, s2c)
         sock.sendall(header)
-        plan = Plan(random.Random(seed), args.pause, args.max_chunk)
+        plan = make_plan(seed, conn_id, args)
         side = Side(sock, result, stream(seed, 0, c2s), stream(seed, 1, s2c), plan)
         if loop is None:
             t = threading.Thread(target=run_blocking, args=(side, own), daemon=True)

@@ -9,6 +9,7 @@ The path is proved three ways, none of which trusts the library's own word:
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,7 +30,12 @@ def mode_env(tb: Testbed, c: Container, mode: str | None, threshold: int = TEST_
     if mode is None:
         return {}
     host = tb.host(c.host_index)
-    return app_environment(Mode[mode.upper()], router_socket=host.router_socket, threshold=threshold)
+    return app_environment(
+        Mode[mode.upper()],
+        router_socket=host.router_socket,
+        threshold=threshold,
+        log=os.environ.get("SHUNTFLOW_LOG"),  # to debug a failing test: SHUNTFLOW_LOG=/tmp/x.log
+    )
 
 
 @dataclass

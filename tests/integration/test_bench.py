@@ -31,8 +31,12 @@ MakeTestbed = Callable[..., Testbed]
 CLI = [sys.executable, "-m", "shuntflow.cli"]
 
 
-def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "bench", *args], capture_output=True, text=True, timeout=timeout)
+def bench(
+    *args: str, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "bench", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
 
 
 # -- readers of the clients' own reports ------------------------------------------------
@@ -228,13 +232,15 @@ def _table_rows(md: str, section: str) -> list[str]:
 def test_tiny_run_writes_rows_table_and_plots(make_testbed: MakeTestbed, tmp_path: Path) -> None:
     make_testbed("bt1", routers=True)
     out = tmp_path / "out"
+    # A relative --out: every path the servers and clients get must still resolve.
     p = bench(
         "--prefix", "bt1",
         "--workload", "rr,web-short",
         "--modes", "overlay,shuntflow",
         "--repetitions", "1",
         "--duration", "1",
-        "--out", str(out),
+        "--out", "out",
+        cwd=tmp_path,
     )  # fmt: skip
     doc = json.loads((out / "results.json").read_text())
     rows = doc["rows"]

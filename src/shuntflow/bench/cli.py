@@ -200,6 +200,9 @@ def run_bench(cfg: BenchConfig, out: Path) -> Outcome:
 
     if os.geteuid() != 0:
         raise BenchError("the bench needs root (network namespaces); run it as root")
+    # Absolute, so that the recorded commands (and nginx -p, which resolves its config
+    # relative to its prefix) work from any directory.
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     outcome = Outcome(out)
     t0 = time.monotonic()

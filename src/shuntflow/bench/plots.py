@@ -66,7 +66,8 @@ def _axes(plt: Any, n: int, w: float = 5.0, h: float = 3.6) -> tuple[Any, list[A
 
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:
-    fig.tight_layout()
+    # Leave room for the suptitle above the first row of subplot titles.
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -156,6 +157,10 @@ def cpu_per_request(s: dict[str, list[ModeSummary]], path: Path) -> Path | None:
     return _save(fig, plt, path)
 
 
+def _name(metric: str) -> str:
+    return {"p50_us": "p50", "p99_us": "p99", "avg_us": "avg", "rps": "rate"}.get(metric, metric)
+
+
 def _ratio_median(m: ModeSummary, ref: str, key: str) -> float:
     st = m.ratios[ref][key]
     return st.median if st else float("nan")
@@ -182,16 +187,20 @@ def threshold_sweep(rows: list[Row], s: dict[str, list[ModeSummary]], path: Path
         keys = [(metric, "-o"), ("p99_us", "--s")] if metric == "p50_us" else [(metric, "-o")]
         for key, style in keys:
             ys = [_ratio_median(m, "overlay", key) for m in sweep]
-            ax.plot(xs, ys, style, color=COLORS["shuntflow"], label=f"shuntflow {key}")
+            ax.plot(xs, ys, style, color=COLORS["shuntflow"], label=f"shuntflow {_name(key)}")
         for ref in ("slim", "host"):
             m = next((m for m in ms if m.mode == ref), None)
             st = m.ratios["overlay"][metric] if m else None
             if st:
-                ax.axhline(st.median, color=COLORS[ref], linestyle=":", label=f"{ref} {metric}")
+                ax.axhline(
+                    st.median, color=COLORS[ref], linestyle=":", label=f"{ref} {_name(metric)}"
+                )
         ax.axhline(1.0, color=COLORS["overlay"], linewidth=0.8, label="overlay")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
         ax.set_xlabel("threshold (data syscalls before the switch)")
-        ax.set_ylabel(f"{metric} ÷ overlay (median)")
+        ax.set_ylabel(f"{_name(metric)} ÷ overlay (median)")
         ax.set_title(lbl)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

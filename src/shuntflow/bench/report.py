@@ -167,6 +167,45 @@ def workload_table(summaries: list[ModeSummary]) -> list[str]:
     return lines
 
 
+def summary_table(s: dict[str, list[ModeSummary]]) -> list[str]:
+    """One line per workload: each mode's avg / p99 latency (or rate) relative to overlay."""
+    modes = list(dict.fromkeys(m.mode for ms in s.values() for m in ms if m.mode != "overlay"))
+    lines = [
+        "| workload | overlay avg / p99 µs | " + " | ".join(modes) + " |",
+        "|" + "---|" * (len(modes) + 2),
+    ]
+    for lbl, ms in s.items():
+        by = {m.mode: m for m in ms}
+        ov = by.get("overlay")
+        if ov is None or ov.failed == ov.reps:
+            lines.append(f"| {lbl} | failed |" + " |" * len(modes))
+            continue
+        rate = ov.values["avg_us"] is None
+        base = (
+            f"{_val(ov.values['rps'])} {'MiB' if ov.unit == 'MiB' else 'req'}/s"
+            if rate
+            else f"{_val(ov.values['avg_us'])} / {_val(ov.values['p99_us'])}"
+        )
+        cells = []
+        for mode in modes:
+            m = by.get(mode)
+            if m is None:
+                cells.append("")
+            elif m.failed == m.reps:
+                cells.append("failed")
+            elif rate:
+                cells.append(_short(m.ratios["overlay"]["rps"]))
+            else:
+                r = m.ratios["overlay"]
+                cells.append(f"{_short(r['avg_us'])} / {_short(r['p99_us'])}")
+        lines.append(f"| {lbl} | {base} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _short(s: Stat | None) -> str:
+    return f"{s.median:.2f}" if s else "-"
+
+
 def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     s = summarise(rows)
     git = meta.get("git") or {}
@@ -185,19 +224,34 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     ]
     if meta.get("interrupted"):
         lines.append("- **interrupted**: the tables hold what was measured before the stop")
+    if s:
+        lines += [
+            "",
+            "## Summary",
+            "",
+            "Median per-repetition ratio to overlay of avg / p99 latency (below 1 is faster); "
+            "where the client reports no latency (stream), of its rate (above 1 is faster).",
+            "",
+        ]
+        lines += summary_table(s)
     for lbl, summaries in s.items():
         lines += ["", f"## {lbl}", ""]
         lines += workload_table(summaries)
     failed = [r for r in rows if not r.ok]
     if failed:
-        lines += ["", "## Failures", ""]
-        seen: set[tuple[str, str, str]] = set()
+        lines += ["", "## Failures", "", "The first error of each workload and mode:", ""]
+        count: dict[tuple[str, str], int] = {}
+        first: dict[tuple[str, str], Row] = {}
         for r in failed:
-            key = (r.label, r.mode, r.error or "")
-            if key in seen:
-                continue
-            seen.add(key)
-            lines.append(f"- {r.label} / {r.mode} (rep {r.repetition}): {r.error}")
+            count[(r.label, r.mode)] = count.get((r.label, r.mode), 0) + 1
+            first.setdefault((r.label, r.mode), r)
+        for (lbl, mode), r in first.items():
+            reps = sum(1 for x in rows if x.label == lbl and x.mode == mode)
+            error = (r.error or "")[:400]
+            lines.append(
+                f"- {lbl} / {mode}: {count[(lbl, mode)]} of {reps} failed "
+                f"(first: rep {r.repetition}): {error}"
+            )
     return "\n".join(lines) + "\n"
 
 

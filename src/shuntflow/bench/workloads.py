@@ -137,6 +137,8 @@ def _memcached_cases(t: Target, port: int) -> list[ClientCase]:
         "-c", "1",
         "-X", "64",
         "-t", f"{t.duration}s",
+        # One statistics dump at the end: without -S memaslap reports no average latency.
+        "-S", f"{t.duration}s",
     ]  # fmt: skip
     return [ClientCase("c1", [ClientSpec("c1", argv, parse.memaslap)])]
 

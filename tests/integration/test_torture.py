@@ -1,0 +1,124 @@
+"""The integrity torture test across the testbed: every byte of many concurrent full-duplex
+connections checked end to end while they switch (src/shuntflow/torture.py does the checking).
+
+The short variants run in CI; `pytest --long` adds the long run (>= 10,000 connections).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from shuntflow.testbed import Testbed
+
+from .apps import mode_env
+
+pytestmark = pytest.mark.root
+
+TESTBED_PREFIX = "it"
+TESTBED_ROUTERS = True
+
+
+def run_torture(
+    tb: Testbed,
+    mode: str,
+    style: str,
+    threshold: int,
+    connections: int,
+    port: int,
+    max_bytes: int = 256 * 1024,
+    concurrency: int = 16,
+    timeout: float = 120,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    common = ["--port", str(port), "--connections", str(connections), "--style", style,
+              "--timeout", str(timeout)]
+    server = tb.popen(
+        server_c,
+        [sys.executable, "-m", "shuntflow.torture", "server", *common],
+        env=mode_env(tb, server_c, mode, threshold),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert json.loads(server.stdout.readline())["listening"] == port
+        client = tb.run(
+            client_c,
+            [sys.executable, "-m", "shuntflow.torture", "client", *common,
+             "--host", server_c.overlay_ip, "--max-bytes", str(max_bytes),
+             "--concurrency", str(concurrency), "--seed", str(port)],
+            env=mode_env(tb, client_c, mode, threshold),
+            timeout=timeout + 30,
+            capture_output=True,
+            text=True,
+        )
+        out, err = server.communicate(timeout=timeout + 30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert client.stdout.strip(), client.stderr
+    return json.loads(client.stdout.strip().splitlines()[-1]), json.loads(out.strip().splitlines()[-1])
+
+
+def assert_intact(summary: dict[str, Any], connections: int) -> None:
+    assert summary["missing"] == 0, summary
+    assert summary["bad"] == 0, [
+        (f["conn_id"], f["endpoints"], f["error"], f["first_bad"]) for f in summary["failures"]
+    ]
+    assert summary["ok"] == connections
+
+
+def long_lived(summary: dict[str, Any], min_seconds: float) -> list[bool]:
+    """Whether each connection that lived at least min_seconds ended on the host path."""
+    return [switched for _sent, _received, switched, seconds in summary["per_conn"].values()
+            if seconds >= min_seconds]
+
+
+@pytest.mark.parametrize(
+    ("style", "threshold"),
+    [("blocking", 1), ("epoll", 4), ("epoll-et", 1), ("poll", 16)],
+)
+def test_torture_shuntflow(testbed: Testbed, style: str, threshold: int) -> None:
+    port = 7700 + {"blocking": 1, "epoll": 2, "epoll-et": 3, "poll": 4}[style]
+    client, server = run_torture(testbed, "shuntflow", style, threshold, 120, port)
+    assert_intact(client, 120)
+    assert_intact(server, 120)
+    # A connection that lived 150 ms crossed its threshold long before: it must
+    # have ended on the host path, on both ends.
+    for summary in (client, server):
+        lived = long_lived(summary, 0.15)
+        assert lived and all(lived), f"{lived.count(False)} of {len(lived)} stayed on the overlay"
+
+
+def test_torture_slim(testbed: Testbed) -> None:
+    client, server = run_torture(testbed, "slim", "epoll", 1, 60, 7711)
+    assert_intact(client, 60)
+    assert_intact(server, 60)
+    assert client["switched"] == 60 and server["switched"] == 60
+
+
+def test_torture_overlay_mode_never_switches(testbed: Testbed) -> None:
+    client, server = run_torture(testbed, "overlay", "blocking", 1, 40, 7712)
+    assert_intact(client, 40)
+    assert_intact(server, 40)
+    assert client["switched"] == 0 and server["switched"] == 0
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("style", ["epoll", "blocking"])
+def test_torture_long(testbed: Testbed, style: str) -> None:
+    n = 6000
+    client, server = run_torture(testbed, "shuntflow", style, 1, n, 7720 + len(style),
+                                 max_bytes=64 * 1024, concurrency=48, timeout=900)
+    assert_intact(client, n)
+    assert_intact(server, n)
+    print(f"\nlong torture {style}: {client['connections']} connections, "
+          f"{client['switched']} switched, {client['bytes']} bytes checked, "
+          f"{client['seconds']} s, bad {client['bad'] + server['bad']}")
