@@ -686,7 +686,11 @@ static void expire(struct sf_conn *c, void *arg) {
         (void)!real.send(c->host_fd, &abort_hop, sizeof abort_hop, MSG_DONTWAIT | MSG_NOSIGNAL);
         abort_switch(c, SF_TIMEOUT, 1);
     }
+    int want_commit = c->commit_wanted && atomic_load(&c->phase) == SF_P_HANDSHAKE;
     pthread_mutex_unlock(&c->mu);
+    /* A commit asked for while some holder of c->wmu was busy: try again. */
+    if (want_commit)
+        sf_agent_request_commit(c);
 }
 
 /* ---- the loop ----------------------------------------------------------------------------- */

@@ -270,8 +270,7 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
         }
         phase = atomic_load(&c->phase);
         peer_may_have_committed = (phase == SF_P_HANDSHAKE && !c->leader) ||
-                                  (phase == SF_P_COMMITTED && !c->peer_synced) ||
-                                  (phase == SF_P_HANDSHAKE && c->commit_wanted);
+                                  (phase == SF_P_COMMITTED && !c->peer_synced);
         if (!peer_may_have_committed) {
             /* BROKEN too: the peer dropped the host connection before it committed, so its
              * overlay stream, FIN included, is complete. */
@@ -292,6 +291,9 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
         }
         pthread_mutex_lock(&c->mu);
     }
+    SF_LOG("fd %d: overlay EOF in phase %d: %d (rx %llu, S_peer %llu%s)", c->fd,
+           atomic_load(&c->phase), result, (unsigned long long)atomic_load(&c->rx),
+           (unsigned long long)c->peer_s, c->peer_synced ? "" : " unknown");
     pthread_mutex_unlock(&c->mu);
     return result;
 }
@@ -342,6 +344,9 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
     } else {
         result = events; /* a real EOF */
     }
+    SF_LOG("fd %d: ready %#x -> %#x in phase %d (rx %llu, S_peer %llu%s)", c->fd, events, result,
+           phase, (unsigned long long)atomic_load(&c->rx), (unsigned long long)c->peer_s,
+           c->peer_synced ? "" : " unknown");
     pthread_mutex_unlock(&c->mu);
     return result;
 }

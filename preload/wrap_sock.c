@@ -400,6 +400,8 @@ SF_EXPORT int shutdown(int fd, int how) {
     int err = errno;
     pthread_mutex_unlock(&c->mu);
     sf_wmu_unlock(c);
+    if (c->commit_wanted) /* the agent's commit request arrived while we held c->wmu */
+        sf_agent_request_commit(c);
     errno = err;
     return rc;
 }
