@@ -38,9 +38,7 @@ def main(
 
 
 app.add_typer(testbed_cli.app, name="testbed")
-app.command("exec", context_settings={"allow_interspersed_args": False})(
-    testbed_cli.exec_command
-)
+app.command("exec", context_settings={"allow_interspersed_args": False})(testbed_cli.exec_command)
 app.command("router")(router_cli.router_command)
 app.command("status")(router_cli.status_command)
 app.command("bench")(bench_cli.bench_command)

@@ -16,7 +16,7 @@ class LibraryMissing(RuntimeError):
 
 
 def library_path() -> Path:
-    """The installed libshuntflow.so; SHUNTFLOW_LIBRARY overrides it (for a library built in place)."""
+    """The installed libshuntflow.so; SHUNTFLOW_LIBRARY overrides it (a library built in place)."""
     override = os.environ.get("SHUNTFLOW_LIBRARY")
     path = Path(override) if override else Path(__file__).parent / "_native" / "libshuntflow.so"
     if not path.is_file():

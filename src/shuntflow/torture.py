@@ -15,6 +15,7 @@ namespace's cookie, not the container's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import random
@@ -70,7 +71,9 @@ class ConnResult:
 
     @property
     def ok(self) -> bool:
-        return self.done and not self.error and self.first_bad < 0 and self.received == self.expected
+        return (
+            self.done and not self.error and self.first_bad < 0 and self.received == self.expected
+        )
 
 
 @dataclass
@@ -134,10 +137,8 @@ class Side:
             self.result.error = self.result.error or f"{why} at byte {offset}"
 
     def finish(self, own_cookie: int) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.result.switched = netns_cookie(self.sock) != own_cookie
-        except OSError:
-            pass
         if self.got != len(self.expect) and not self.result.error:
             self.result.error = f"short stream: {self.got} of {len(self.expect)} bytes"
         self.result.sent = self.sent
@@ -261,10 +262,8 @@ class Loop:
             events = self.poller.poll(2 if self.style == "poll" else 0.002)
             for fd, _mask in events:
                 if fd == self.wake_r.fileno():
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         self.wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
                     continue
                 with self.lock:
                     side = self.sides.get(fd)
@@ -390,8 +389,11 @@ def client(args: argparse.Namespace) -> int:
     if loop is not None:
         loop_thread = threading.Thread(
             target=loop.run,
-            args=(own, lambda: all(r.done for r in results) and len(results) == args.connections,
-                  deadline),
+            args=(
+                own,
+                lambda: all(r.done for r in results) and len(results) == args.connections,
+                deadline,
+            ),
             daemon=True,
         )
         loop_thread.start()

@@ -123,9 +123,7 @@ class Tuple4:
         return Tuple4(ep(local), ep(remote))
 
 
-_ZERO = Tuple4(
-    Endpoint(ipaddress.IPv4Address(0), 0), Endpoint(ipaddress.IPv4Address(0), 0)
-)
+_ZERO = Tuple4(Endpoint(ipaddress.IPv4Address(0), 0), Endpoint(ipaddress.IPv4Address(0), 0))
 
 
 @dataclass(frozen=True)
@@ -163,8 +161,8 @@ class Msg:
         """Decode one frame; raises WireError for anything but a well-formed frame."""
         if len(data) != MSG_SIZE:
             raise WireError(f"frame is {len(data)} bytes, expected {MSG_SIZE}")
-        (got_magic, mtype, status, seq, pid, lip, rip, lport, rport, _res, arg, arg2) = (
-            _MSG.unpack(data)
+        (got_magic, mtype, status, seq, pid, lip, rip, lport, rport, _res, arg, arg2) = _MSG.unpack(
+            data
         )
         if got_magic != magic:
             raise WireError(f"bad magic {got_magic:#x}")

@@ -26,7 +26,9 @@ MODES = ("overlay", "slim", "shuntflow")
 TEST_THRESHOLD = 16
 
 
-def mode_env(tb: Testbed, c: Container, mode: str | None, threshold: int = TEST_THRESHOLD) -> dict[str, str]:
+def mode_env(
+    tb: Testbed, c: Container, mode: str | None, threshold: int = TEST_THRESHOLD
+) -> dict[str, str]:
     if mode is None:
         return {}
     host = tb.host(c.host_index)
@@ -127,14 +129,22 @@ class Apps:
         """Established TCP connections between the hosts on the routers' peer port."""
         out = self.tb.run(
             self.tb.hosts[0].netns,
-            ["ss", "-tnH", "state", "established", f"( dport = :{PEER_PORT} or sport = :{PEER_PORT} )"],
+            [
+                "ss",
+                "-tnH",
+                "state",
+                "established",
+                f"( dport = :{PEER_PORT} or sport = :{PEER_PORT} )",
+            ],
             capture_output=True,
             text=True,
         ).stdout
         return [line for line in out.splitlines() if line.strip()]
 
 
-def assert_path(mode: str, before: Counters, after: Counters, payload: int, min_switches: int = 1) -> None:
+def assert_path(
+    mode: str, before: Counters, after: Counters, payload: int, min_switches: int = 1
+) -> None:
     """overlay: every byte crossed VXLAN, nothing switched. slim/shuntflow: the bulk did not."""
     crossed = after.vxlan - before.vxlan
     switches = after.switches - before.switches

@@ -39,14 +39,46 @@ def apps(testbed: Testbed) -> Apps:
 @pytest.mark.parametrize("mode", MODES)
 def test_redis(apps: Apps, mode: str, tmp_path: Path) -> None:
     tmp_path.chmod(0o777)
-    server = ["redis-server", "--bind", apps.server_ip, "--port", "6379", "--save", "",
-              "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path),
-              "--io-threads", "2", "--io-threads-do-reads", "yes"]
+    server = [
+        "redis-server",
+        "--bind",
+        apps.server_ip,
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--dir",
+        str(tmp_path),
+        "--io-threads",
+        "2",
+        "--io-threads-do-reads",
+        "yes",
+    ]
     with apps.server(server, mode, 6379):
         before = apps.counters()
         # Load on long connections, with a BGSAVE fork while they are live.
-        bench = apps.client_popen(["redis-benchmark", "-h", apps.server_ip, "-c", "4", "-n", "20000",
-                                   "-d", "1024", "-t", "set,get", "-q", "--csv"], mode)
+        bench = apps.client_popen(
+            [
+                "redis-benchmark",
+                "-h",
+                apps.server_ip,
+                "-c",
+                "4",
+                "-n",
+                "20000",
+                "-d",
+                "1024",
+                "-t",
+                "set,get",
+                "-q",
+                "--csv",
+            ],
+            mode,
+        )
         time.sleep(0.3)
         save = apps.client(["redis-cli", "-h", apps.server_ip, "bgsave"], mode)
         assert "Background saving started" in save.stdout, save.stdout + save.stderr
@@ -91,12 +123,33 @@ print("checked", len(values), "bad", bad)
 @pytest.mark.parametrize("mode", MODES)
 def test_memcached(apps: Apps, mode: str) -> None:
     # -u nobody: memcached drops root after start, the library must keep working.
-    server = ["memcached", "-u", "nobody", "-l", apps.server_ip, "-p", "11211", "-t", "4",
-              "-m", "256", "-U", "0"]
+    server = [
+        "memcached",
+        "-u",
+        "nobody",
+        "-l",
+        apps.server_ip,
+        "-p",
+        "11211",
+        "-t",
+        "4",
+        "-m",
+        "256",
+        "-U",
+        "0",
+    ]
     with apps.server(server, mode, 11211):
         before = apps.counters()
-        slap = apps.client(["memcslap", f"--servers={apps.server_ip}:11211", "--concurrency=4",
-                            "--execute-number=4000", "--binary"], mode)
+        slap = apps.client(
+            [
+                "memcslap",
+                f"--servers={apps.server_ip}:11211",
+                "--concurrency=4",
+                "--execute-number=4000",
+                "--binary",
+            ],
+            mode,
+        )
         assert slap.returncode == 0, slap.stdout + slap.stderr
         assert re.search(r"Time to set\s+16000 keys by\s+4 threads", slap.stdout), slap.stdout
         after_slap = apps.counters()
@@ -185,7 +238,9 @@ def test_nginx(apps: Apps, mode: str, docroot: tuple[Path, dict[str, str]]) -> N
         after = apps.counters()
         assert_path(mode, short, after, payload=requests * 100_000, min_switches=8)
         # Every byte of every file, over one keep-alive connection that switches midway.
-        check = apps.client(["python3", "-c", HTTP_CHECK, apps.server_ip, json.dumps(list(sums))], mode)
+        check = apps.client(
+            ["python3", "-c", HTTP_CHECK, apps.server_ip, json.dumps(list(sums))], mode
+        )
         got = json.loads(check.stdout)
         assert got == {k: [v] for k, v in sums.items()}, check.stderr
 
@@ -195,10 +250,26 @@ def test_nginx(apps: Apps, mode: str, docroot: tuple[Path, dict[str, str]]) -> N
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sockperf_ping_pong(apps: Apps, mode: str) -> None:
-    with apps.server(["sockperf", "server", "--tcp", "-i", apps.server_ip, "-p", "11111"], mode, 11111):
+    with apps.server(
+        ["sockperf", "server", "--tcp", "-i", apps.server_ip, "-p", "11111"], mode, 11111
+    ):
         before = apps.counters()
-        client = apps.client_popen(["sockperf", "ping-pong", "--tcp", "-i", apps.server_ip,
-                                    "-p", "11111", "-t", "3", "-m", "64"], mode)
+        client = apps.client_popen(
+            [
+                "sockperf",
+                "ping-pong",
+                "--tcp",
+                "-i",
+                apps.server_ip,
+                "-p",
+                "11111",
+                "-t",
+                "3",
+                "-m",
+                "64",
+            ],
+            mode,
+        )
         # sockperf connects, waits, warms up, then measures: look while it runs.
         during: list[str] = []
         deadline = time.monotonic() + 30
