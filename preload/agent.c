@@ -776,9 +776,17 @@ int sf_agent_switch_now(struct sf_conn *c) {
         if (phase == SF_P_OVERLAY && c->attempted) {
             if (c->last_status != SF_PEER_REFUSED || now - start > SLIM_ACCEPT_WAIT_MS)
                 break;
-            pthread_mutex_unlock(&c->mu);
-            usleep(SLIM_RETRY_MS * 1000);
-            pthread_mutex_lock(&c->mu);
+            /* The server has not accepted yet. Its own accept() usually starts the switch
+             * from its side first (a claim moves us on, and wakes this wait); ask again only
+             * if nothing happened meanwhile. */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += SLIM_RETRY_MS * 1000000;
+            if (ts.tv_nsec >= 1000000000)
+                ts.tv_sec++, ts.tv_nsec -= 1000000000;
+            pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+            if (atomic_load(&c->phase) != SF_P_OVERLAY)
+                continue;
             c->attempted = 0;
             pthread_mutex_unlock(&c->mu);
             sf_agent_trigger(c);

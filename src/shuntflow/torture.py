@@ -253,7 +253,7 @@ class Loop:
             paused = [s for s in self.sides.values() if 0 < s.resume_at <= now]
         for side in paused:
             side.resume_at = 0.0
-            if side.sent < len(side.out):
+            if not side.wr_closed:  # more to send, or at least the half-close after the last
                 self.poller.modify(side.sock.fileno(), self._mask(read=True, write=True))
 
     def run(self, own_cookie: int, until: Callable[[], bool], deadline: float) -> None:

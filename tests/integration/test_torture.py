@@ -111,15 +111,7 @@ def long_lived(summary: dict[str, Any], min_seconds: float) -> list[bool]:
     [
         ("blocking", 1),
         ("epoll", 4),
-        pytest.param(
-            "epoll-et",
-            1,
-            marks=pytest.mark.xfail(
-                reason="known: an edge-triggered reader can stall after a switch (about 1 run "
-                "in 10); data is never wrong, the connection hangs",
-                strict=False,
-            ),
-        ),
+        ("epoll-et", 1),
         ("poll", 16),
     ],
 )
