@@ -66,8 +66,11 @@ static ssize_t do_write(struct sf_conn *c, struct io *op) {
     }
     pthread_mutex_lock(&c->wmu);
     phase = atomic_load(&c->phase);
-    int to_host = phase == SF_P_COMMITTED && c->host_fd >= 0;
-    ssize_t n = op->call(op, to_host ? c->host_fd : c->fd);
+    /* Read once: a swap in another thread clears it (after its dup3, so c->fd is then the host
+     * socket, and it leaves the private number open while we hold c->wmu). */
+    int host = c->host_fd;
+    int to_host = phase == SF_P_COMMITTED && host >= 0;
+    ssize_t n = op->call(op, to_host ? host : c->fd);
     int err = errno;
     if (n > 0)
         atomic_fetch_add_explicit(to_host || phase == SF_P_HOST ? &c->host_bytes : &c->tx,

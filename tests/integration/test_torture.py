@@ -142,9 +142,8 @@ def test_torture_overlay_mode_never_switches(testbed: Testbed) -> None:
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("style", ["epoll", "blocking"])
-def test_torture_long(testbed: Testbed, style: str) -> None:
-    n = 6000
+@pytest.mark.parametrize(("style", "n"), [("epoll", 12000), ("blocking", 4000)])
+def test_torture_long(testbed: Testbed, style: str, n: int) -> None:
     client, server = run_torture(
         testbed,
         "shuntflow",
@@ -154,7 +153,7 @@ def test_torture_long(testbed: Testbed, style: str) -> None:
         7720 + len(style),
         max_bytes=64 * 1024,
         concurrency=48,
-        timeout=900,
+        timeout=1500,
     )
     assert_intact(client, n)
     assert_intact(server, n)
