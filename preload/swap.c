@@ -208,13 +208,14 @@ int sf_swap_locked(struct sf_conn *c) {
             ev.events = EPOLLONESHOT; /* registered, but reports nothing until re-armed */
         real.epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev);
     }
-    /* A writer may be inside write(host) right now (writes went there since the commit): it
-     * closes the private number itself when it is done. */
+    /* From here writers use c->fd, which now is the host socket. One may be inside
+     * write(host) right now (writes went there since the commit): the private number is closed
+     * by whoever next releases c->wmu, and only after host_fd stopped naming it. */
+    sf_set_phase(c, SF_P_HOST);
+    __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
     c->pending_close_host = host;
     if (pthread_mutex_trylock(&c->wmu) == 0)
         sf_wmu_unlock(c);
-    c->host_fd = -1;
-    sf_set_phase(c, SF_P_HOST);
     sf_agent_count_switch(1);
     SF_LOG("fd %d: switched to the host path (S=%llu, S_peer=%llu, in transition %d)", fd,
            (unsigned long long)atomic_load(&c->tx), (unsigned long long)c->peer_s,

@@ -68,7 +68,7 @@ static ssize_t do_write(struct sf_conn *c, struct io *op) {
     phase = atomic_load(&c->phase);
     /* Read once: a swap in another thread clears it (after its dup3, so c->fd is then the host
      * socket, and it leaves the private number open while we hold c->wmu). */
-    int host = c->host_fd;
+    int host = __atomic_load_n(&c->host_fd, __ATOMIC_SEQ_CST);
     int to_host = phase == SF_P_COMMITTED && host >= 0;
     ssize_t n = op->call(op, to_host ? host : c->fd);
     int err = errno;
