@@ -296,29 +296,38 @@ static int host_fd_if_committed(struct sf_conn *c) {
     return (phase == SF_P_HANDSHAKE || phase == SF_P_COMMITTED) ? c->host_fd : -1;
 }
 
-static void mirror_nonblock(int fd) {
+/* O_NONBLOCK changes must not interleave with a swap, which reads the old socket's flags and
+ * sets them on the new one: lock out the swap while the flag changes, and while writes go to the
+ * host connection, change it there too. Returns the locked connection, or NULL. */
+static struct sf_conn *lock_for_flags(int fd) {
     struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL || atomic_load(&c->phase) != SF_P_COMMITTED)
-        return;
+    int phase = c ? atomic_load(&c->phase) : SF_P_HOST;
+    if (phase == SF_P_HOST || phase == SF_P_PINNED || phase == SF_P_BROKEN)
+        return NULL;
     pthread_mutex_lock(&c->mu);
+    return c;
+}
+
+static void mirror_nonblock_locked(struct sf_conn *c) {
     int host = host_fd_if_committed(c);
-    int fl = real.fcntl(fd, F_GETFL);
+    int fl = real.fcntl(c->fd, F_GETFL);
     int hfl = host >= 0 ? real.fcntl(host, F_GETFL) : -1;
     if (fl >= 0 && hfl >= 0)
         real.fcntl(host, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK));
-    pthread_mutex_unlock(&c->mu);
 }
 
 static int fcntl_common(int fd, int cmd, void *arg, int (*fn)(int, int, ...)) {
+    struct sf_conn *c = cmd == F_SETFL ? lock_for_flags(fd) : NULL;
     int rc = fn(fd, cmd, arg);
-    if (rc < 0)
-        return rc;
     int err = errno;
-    if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) {
+    if (c != NULL) {
+        if (rc == 0)
+            mirror_nonblock_locked(c);
+        pthread_mutex_unlock(&c->mu);
+    }
+    if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {
         forget_fd(rc);
         note_dup(fd, rc);
-    } else if (cmd == F_SETFL) {
-        mirror_nonblock(fd);
     }
     errno = err;
     return rc;
@@ -348,9 +357,16 @@ SF_EXPORT int ioctl(int fd, unsigned long request, ...) {
     va_start(ap, request);
     void *arg = va_arg(ap, void *);
     va_end(ap);
+    /* nginx sets O_NONBLOCK this way */
+    struct sf_conn *c = request == FIONBIO ? lock_for_flags(fd) : NULL;
     int rc = real.ioctl(fd, request, arg);
-    if (rc == 0 && request == FIONBIO)
-        mirror_nonblock(fd); /* nginx sets O_NONBLOCK this way */
+    if (c != NULL) {
+        int err = errno;
+        if (rc == 0)
+            mirror_nonblock_locked(c);
+        pthread_mutex_unlock(&c->mu);
+        errno = err;
+    }
     return rc;
 }
 

@@ -142,7 +142,7 @@ def test_torture_overlay_mode_never_switches(testbed: Testbed) -> None:
 
 
 @pytest.mark.long
-@pytest.mark.parametrize(("style", "n"), [("epoll", 12000), ("blocking", 4000)])
+@pytest.mark.parametrize(("style", "n"), [("epoll", 24000), ("blocking", 6000)])
 def test_torture_long(testbed: Testbed, style: str, n: int) -> None:
     client, server = run_torture(
         testbed,
