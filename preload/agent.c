@@ -347,6 +347,11 @@ out:
 }
 
 static void begin_handshake(struct sf_conn *c, int host_fd) {
+    /* The handoff frames are tiny and each waits for the other's: with Nagle on, a frame
+     * behind the router's unacknowledged ANSWER waits for a delayed ACK (40 ms here). The
+     * application's own TCP_NODELAY setting is put on the connection at the commit. */
+    int one = 1;
+    real.setsockopt(host_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->host_fd = host_fd;
     c->hop_len = 0;
     c->peer_synced = 0;
@@ -538,7 +543,6 @@ void sf_agent_commit_locked(struct sf_conn *c) {
     int hfl = real.fcntl(c->host_fd, F_GETFL);
     if (fl >= 0 && hfl >= 0)
         real.fcntl(c->host_fd, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK));
-    sf_copy_sockopts(c->fd, c->host_fd, c->buf_locked);
     struct sf_hop sync = {.magic = SF_HOP_MAGIC, .type = SF_HOP_SYNC,
                           .flags = c->app_shut_wr ? SF_HOP_F_SHUT_WR : 0,
                           .seq = atomic_load(&c->tx)};
@@ -558,6 +562,9 @@ void sf_agent_commit_locked(struct sf_conn *c) {
         }
         return;
     }
+    /* The SYNC is out (with TCP_NODELAY); from here the connection takes the application's
+     * options (TCP_NODELAY, TCP_CORK, ...) for the application's own writes. */
+    sf_copy_sockopts(c->fd, c->host_fd, c->buf_locked);
     if (c->app_shut_wr)
         real.shutdown(c->host_fd, SHUT_WR);
     /* The overlay's FIN right after S tells the peer's readers where the overlay stream ends. */

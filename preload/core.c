@@ -23,6 +23,7 @@ _Atomic int sf_ready;
 int sf_log_on;
 _Atomic int sf_in_transition;
 _Atomic int sf_oneshot_regs;
+_Atomic uint64_t sf_last_swap_ms;
 
 static int log_fd = -1;
 static int private_base;

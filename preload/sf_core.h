@@ -175,6 +175,8 @@ extern int sf_log_on;
 void sf_for_each_conn(void (*fn)(struct sf_conn *, void *), void *arg);
 extern _Atomic int sf_in_transition;       /* connections between REQUESTED and HOST */
 extern _Atomic int sf_oneshot_regs;
+extern _Atomic uint64_t sf_last_swap_ms;       /* when this process last swapped a connection */
+#define SF_RECENT_SWAP_MS 50
 
 static inline struct sf_conn *sf_tracked(int fd) {
     struct sf_conn *c = sf_slot(fd);
@@ -206,6 +208,7 @@ void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
 void sf_copy_sockopts(int from, int to, int with_bufs);
 int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see swap.c */
 uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
+uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
 void sf_rearm_locked(struct sf_conn *c);
 enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
 

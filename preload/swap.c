@@ -212,6 +212,7 @@ int sf_swap_locked(struct sf_conn *c) {
      * write(host) right now (writes went there since the commit): the private number is closed
      * by whoever next releases c->wmu, and only after host_fd stopped naming it. */
     sf_set_phase(c, SF_P_HOST);
+    atomic_store(&sf_last_swap_ms, sf_now_ms());
     __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
     c->pending_close_host = host;
     if (pthread_mutex_trylock(&c->wmu) == 0)
@@ -366,4 +367,14 @@ void sf_rearm_locked(struct sf_conn *c) {
         struct epoll_event ev = {.events = r->events, .data = r->data};
         real.epoll_ctl(r->epfd, EPOLL_CTL_MOD, c->fd, &ev);
     }
+}
+
+/* The fd was swapped a moment ago, maybe by another thread while the application's wait was
+ * returning: the event may be the old overlay socket's FIN. Report what the host socket really
+ * has instead, so nobody reads EOF or EAGAIN out of a stale event. */
+uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
+    if (!(events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP)))
+        return events;
+    struct pollfd p = {.fd = c->fd, .events = (short)(wanted & (EPOLLIN | EPOLLOUT | EPOLLRDHUP))};
+    return real.poll(&p, 1, 0) == 1 ? (uint32_t)(unsigned short)p.revents : 0;
 }

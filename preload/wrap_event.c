@@ -72,12 +72,32 @@ struct fix_arg {
     int epfd;
     struct epoll_event *evs;
     int n;
+    uint64_t now;
 };
+
+/* Events need a second look while a switch is under way, and just after one. */
+static int events_need_fixing(uint64_t *now) {
+    if (atomic_load_explicit(&sf_in_transition, memory_order_relaxed) > 0) {
+        *now = sf_now_ms();
+        return 1;
+    }
+    uint64_t last = atomic_load_explicit(&sf_last_swap_ms, memory_order_relaxed);
+    if (SF_LIKELY(last == 0))
+        return 0;
+    *now = sf_now_ms();
+    return *now - last < SF_RECENT_SWAP_MS;
+}
+
+static int just_swapped(struct sf_conn *c, uint64_t now) {
+    return atomic_load(&c->phase) == SF_P_HOST && now - c->phase_since_ms < SF_RECENT_SWAP_MS;
+}
 
 static void fix_conn_events(struct sf_conn *c, void *arg) {
     struct fix_arg *a = arg;
     int phase = atomic_load(&c->phase);
-    if (atomic_load(&c->kind) != SF_CONN || (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED))
+    int recent = just_swapped(c, a->now);
+    if (atomic_load(&c->kind) != SF_CONN ||
+        (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED && !recent))
         return;
     for (int i = 0; i < c->n_regs; i++) {
         if (c->regs[i].epfd != a->epfd)
@@ -85,7 +105,8 @@ static void fix_conn_events(struct sf_conn *c, void *arg) {
         for (int k = 0; k < a->n; k++) {
             if (a->evs[k].data.u64 != c->regs[i].data.u64)
                 continue;
-            uint32_t ev = sf_settle_ready(c, a->evs[k].events, c->regs[i].events);
+            uint32_t ev = recent ? sf_recheck_ready(c, a->evs[k].events, c->regs[i].events)
+                                 : sf_settle_ready(c, a->evs[k].events, c->regs[i].events);
             if (ev == 0)
                 a->evs[k--] = a->evs[--a->n];
             else
@@ -99,8 +120,9 @@ static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
     if (n <= 0)
         return n;
     int err = errno;
-    if (SF_UNLIKELY(atomic_load_explicit(&sf_in_transition, memory_order_relaxed) > 0)) {
-        struct fix_arg a = {epfd, evs, n};
+    uint64_t now = 0;
+    if (SF_UNLIKELY(events_need_fixing(&now))) {
+        struct fix_arg a = {epfd, evs, n, now};
         sf_for_each_conn(fix_conn_events, &a);
         n = a.n;
     }
@@ -143,14 +165,17 @@ SF_EXPORT int epoll_pwait2(int epfd, struct epoll_event *evs, int max,
 
 /* poll's pollfd names the fd directly, so no lookup by epoll data is needed. */
 static int after_poll(struct pollfd *fds, nfds_t nfds, int n) {
-    if (n <= 0 || SF_LIKELY(atomic_load_explicit(&sf_in_transition, memory_order_relaxed) == 0))
+    uint64_t now = 0;
+    if (n <= 0 || SF_LIKELY(!events_need_fixing(&now)))
         return n;
     int err = errno;
     for (nfds_t i = 0; i < nfds; i++) {
         struct sf_conn *c = fds[i].revents ? sf_tracked(fds[i].fd) : NULL;
         if (c == NULL)
             continue;
-        uint32_t ev = sf_settle_ready(c, (uint16_t)fds[i].revents, (uint16_t)fds[i].events);
+        uint32_t ev = just_swapped(c, now)
+                          ? sf_recheck_ready(c, (uint16_t)fds[i].revents, (uint16_t)fds[i].events)
+                          : sf_settle_ready(c, (uint16_t)fds[i].revents, (uint16_t)fds[i].events);
         fds[i].revents = (short)ev;
         if (ev == 0)
             n--;
