@@ -50,8 +50,9 @@ static const struct sockopt_id carried_opts[] = {
     {IPPROTO_TCP, TCP_NODELAY},      {IPPROTO_TCP, TCP_CORK},        {SOL_SOCKET, SO_KEEPALIVE},
     {IPPROTO_TCP, TCP_KEEPIDLE},     {IPPROTO_TCP, TCP_KEEPINTVL},   {IPPROTO_TCP, TCP_KEEPCNT},
     {IPPROTO_TCP, TCP_USER_TIMEOUT}, {IPPROTO_IP, IP_TOS},           {SOL_SOCKET, SO_PRIORITY},
-    {IPPROTO_TCP, TCP_QUICKACK},
 };
+/* Not TCP_QUICKACK: it reads back the kernel's transient ping-pong state, and setting it from a
+ * busy connection would pin delayed ACKs on the new one. */
 
 static void copy_opt(int from, int to, int level, int name, size_t size) {
     char val[64];
