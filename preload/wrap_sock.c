@@ -372,22 +372,26 @@ SF_EXPORT int ioctl(int fd, unsigned long request, ...) {
 
 SF_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
     sf_ensure_init();
+    /* Like the flags: a change must not fall between the commit's or the swap's copy of the
+     * options and their switch of socket, or the host connection keeps the old value (a
+     * TCP_CORK left on stalls every later response). */
+    struct sf_conn *c = lock_for_flags(fd);
     int rc = real.setsockopt(fd, level, name, val, len);
-    struct sf_conn *c = sf_slot(fd);
-    if (rc != 0 || c == NULL)
-        return rc;
-    int kind = atomic_load(&c->kind);
-    if (kind != SF_SOCK && kind != SF_CONN)
-        return rc;
-    if (level == SOL_SOCKET && (name == SO_SNDBUF || name == SO_RCVBUF))
-        c->buf_locked = 1;
-    if (kind == SF_CONN && atomic_load(&c->phase) == SF_P_COMMITTED) {
-        pthread_mutex_lock(&c->mu);
-        int host = host_fd_if_committed(c);
-        if (host >= 0)
-            real.setsockopt(host, level, name, val, len); /* TCP_CORK toggles, above all */
+    int err = errno;
+    if (c != NULL) {
+        /* Only once committed: before that the host connection still carries our SYNC, which
+         * a TCP_CORK from the application would hold back. The commit copies them then. */
+        int host = atomic_load(&c->phase) == SF_P_COMMITTED ? c->host_fd : -1;
+        if (rc == 0 && host >= 0)
+            real.setsockopt(host, level, name, val, len);
         pthread_mutex_unlock(&c->mu);
     }
+    struct sf_conn *s = rc == 0 ? sf_slot(fd) : NULL;
+    int kind = s ? atomic_load(&s->kind) : SF_NONE;
+    if ((kind == SF_SOCK || kind == SF_CONN) && level == SOL_SOCKET &&
+        (name == SO_SNDBUF || name == SO_RCVBUF))
+        s->buf_locked = 1;
+    errno = err;
     return rc;
 }
 
