@@ -27,6 +27,7 @@
 #define AG_READY_TIMEOUT_MS 1000
 #define AG_TAG_EVENT 0xFFFFFFFFFFFFFFFEull
 #define AG_TAG_CHAN 0xFFFFFFFFFFFFFFFDull
+#define AG_DONE_QUEUE 256
 
 struct dest_backoff {
     uint32_t ip;
@@ -43,6 +44,8 @@ static struct {
     struct { int fd; uint32_t gen; } queue[AG_QUEUE];
     unsigned q_head, q_len;
     struct dest_backoff backoff[AG_BACKOFF_SLOTS];
+    struct sf_msg done[AG_DONE_QUEUE]; /* SWITCH_DONE frames waiting for the agent to send them */
+    unsigned done_len;
     _Atomic uint64_t switches_done, switches_failed;
     int warned_router;
 } ag = {.mu = PTHREAD_MUTEX_INITIALIZER, .epfd = -1, .evfd = -1, .chan = -1};
@@ -108,6 +111,7 @@ void sf_agent_after_fork_child(void) {
         }
     ag.epfd = ag.evfd = ag.chan = -1;
     ag.q_len = ag.q_head = 0;
+    ag.done_len = 0; /* the parent reports its own switches */
     ag.chan_retry_ms = 0;
     ag.pid = 0;
 }
@@ -136,6 +140,8 @@ void sf_agent_private_moved(int from, int to) {
 /* ---- the work queue: application threads -> agent ---------------------------------------- */
 
 void sf_agent_trigger(struct sf_conn *c) {
+    atomic_store(&c->decided_us, sf_now_us());
+    atomic_store(&c->initiated, 1);
     sf_agent_ensure();
     pthread_mutex_lock(&ag.mu);
     if (ag.evfd >= 0 && ag.q_len < AG_QUEUE) {
@@ -439,6 +445,8 @@ static void on_claim(const struct sf_msg *m) {
         pthread_mutex_lock(&c->mu);
         int phase = atomic_load(&c->phase);
         if (phase == SF_P_OVERLAY) {
+            atomic_store(&c->decided_us, sf_now_us());
+            atomic_store(&c->initiated, 0);
             sf_set_phase(c, SF_P_REQUESTED);
             c->outstanding = 1;
             r.status = SF_OK;
@@ -532,6 +540,35 @@ static void on_chan_readable(void) {
 
 /* ---- the handoff frames on the host connection -------------------------------------------- */
 
+/* The switch time (decided -> first byte on the host path) goes to the router, which keeps the
+ * figures. The commit may run on an application thread, which must not touch the channel: it
+ * queues the frame and wakes the agent, which sends it. */
+static void note_switch_time(struct sf_conn *c) {
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_DONE,
+                       .arg = sf_now_us() - atomic_load(&c->decided_us),
+                       .arg2 = (uint64_t)atomic_load(&c->initiated)};
+    fill_tuple(&m, c);
+    pthread_mutex_lock(&ag.mu);
+    if (ag.done_len < AG_DONE_QUEUE)
+        ag.done[ag.done_len++] = m;
+    if (ag.evfd >= 0) {
+        uint64_t one = 1;
+        (void)!real.write(ag.evfd, &one, sizeof one);
+    }
+    pthread_mutex_unlock(&ag.mu);
+}
+
+static void send_switch_times(void) {
+    struct sf_msg batch[AG_DONE_QUEUE];
+    pthread_mutex_lock(&ag.mu);
+    unsigned n = ag.done_len;
+    memcpy(batch, ag.done, n * sizeof batch[0]);
+    ag.done_len = 0;
+    pthread_mutex_unlock(&ag.mu);
+    for (unsigned i = 0; i < n && ag.chan >= 0; i++)
+        chan_send(&batch[i]);
+}
+
 /* Fix S and move writes to the host connection. Caller holds c->wmu (so no write is in flight)
  * and c->mu. */
 void sf_agent_commit_locked(struct sf_conn *c) {
@@ -565,6 +602,7 @@ void sf_agent_commit_locked(struct sf_conn *c) {
     /* The SYNC is out (with TCP_NODELAY); from here the connection takes the application's
      * options (TCP_NODELAY, TCP_CORK, ...) for the application's own writes. */
     sf_copy_sockopts(c->fd, c->host_fd, c->buf_locked);
+    note_switch_time(c);
     if (c->app_shut_wr)
         real.shutdown(c->host_fd, SHUT_WR);
     /* The overlay's FIN right after S tells the peer's readers where the overlay stream ends. */
@@ -745,6 +783,7 @@ static void *agent_main(void *arg) {
         uint64_t now = sf_now_ms();
         if (ag.chan < 0)
             chan_open();
+        send_switch_times();
         if (now - last_tick >= 50 && atomic_load(&sf_in_transition) > 0) {
             last_tick = now;
             sf_for_each_conn(expire, &now);

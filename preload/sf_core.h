@@ -148,6 +148,8 @@ struct sf_conn {
     uint64_t peer_s;
     _Atomic uint64_t tx, rx;      /* application bytes on the overlay */
     _Atomic uint64_t host_bytes;
+    _Atomic uint64_t decided_us;  /* when this switch was decided (threshold or claim) */
+    _Atomic int initiated;        /* 1: this end's threshold decided it; 0: a peer's claim */
     struct sf_epreg *regs;
     int n_regs, cap_regs;
 };
@@ -169,6 +171,7 @@ int sf_is_private(int fd);
 void sf_private_forget(int fd);
 void sf_private_move(int fd);             /* the app wants this number: move ours away */
 uint64_t sf_now_ms(void);
+uint64_t sf_now_us(void);
 void sf_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 extern int sf_log_on;
 #define SF_LOG(...) do { if (SF_UNLIKELY(sf_log_on)) sf_log(__VA_ARGS__); } while (0)

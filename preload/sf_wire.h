@@ -24,6 +24,7 @@ enum sf_msg_type {
     SF_STATS_REQ = 7,
     SF_CONN_INFO = 8,
     SF_STATS_END = 9,
+    SF_SWITCH_DONE = 10,
     SF_OFFER = 16,
     SF_ANSWER = 17,
 };

@@ -34,6 +34,7 @@ class MsgType(enum.IntEnum):
     STATS_REQ = 7
     CONN_INFO = 8
     STATS_END = 9
+    SWITCH_DONE = 10
     OFFER = 16
     ANSWER = 17
 

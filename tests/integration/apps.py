@@ -10,6 +10,7 @@ The path is proved three ways, none of which trusts the library's own word:
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -126,12 +127,15 @@ class Apps:
         )
 
     def host_connections(self) -> list[str]:
-        """Established TCP connections between the hosts on the routers' peer port."""
+        """Established TCP connections between the hosts on the routers' peer port that an
+        application holds (the router's own warm, idle connections of its pool do not count)."""
+        host = self.tb.hosts[0]
+        router = f"pid={int(host.router_pid_file.read_text())},"
         out = self.tb.run(
-            self.tb.hosts[0].netns,
+            host.netns,
             [
                 "ss",
-                "-tnH",
+                "-tnpH",
                 "state",
                 "established",
                 f"( dport = :{PEER_PORT} or sport = :{PEER_PORT} )",
@@ -139,7 +143,12 @@ class Apps:
             capture_output=True,
             text=True,
         ).stdout
-        return [line for line in out.splitlines() if line.strip()]
+
+        def routers_own(line: str) -> bool:
+            owners = re.findall(r"pid=\d+,", line)
+            return bool(owners) and all(o == router for o in owners)
+
+        return [line for line in out.splitlines() if line.strip() and not routers_own(line)]
 
 
 def assert_path(

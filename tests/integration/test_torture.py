@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shuntflow.router import control
 from shuntflow.testbed import Testbed
 
 from .apps import mode_env
@@ -117,6 +120,7 @@ def long_lived(summary: dict[str, Any], min_seconds: float) -> list[bool]:
 )
 def test_torture_shuntflow(testbed: Testbed, style: str, threshold: int) -> None:
     port = 7700 + {"blocking": 1, "epoll": 2, "epoll-et": 3, "poll": 4}[style]
+    reported_before = switch_times_reported(testbed)
     client, server = run_torture(testbed, "shuntflow", style, threshold, 120, port)
     assert_intact(client, 120)
     assert_intact(server, 120)
@@ -125,6 +129,23 @@ def test_torture_shuntflow(testbed: Testbed, style: str, threshold: int) -> None
     for summary in (client, server):
         lived = long_lived(summary, 0.15)
         assert lived and all(lived), f"{lived.count(False)} of {len(lived)} stayed on the overlay"
+    # Every switched connection had at least one end whose threshold started it, and that end
+    # reported its switch time (threshold -> first byte on the host path) to its router.
+    deadline = time.monotonic() + 3
+    while switch_times_reported(testbed) - reported_before < client["switched"]:
+        assert time.monotonic() < deadline, (reported_before, switch_times_reported(testbed))
+        time.sleep(0.05)
+    assert client["switched"] > 0
+
+
+def switch_times_reported(tb: Testbed) -> int:
+    total = 0
+    for h in tb.hosts:
+        info = control.query(Path(f"{h.router_socket}.ctl"))["router"]["switch_time_us"]
+        total += info["count"]
+        if info["count"]:
+            assert 0 < info["p50"] <= info["p99"] <= info["max"], info
+    return total
 
 
 def test_torture_slim(testbed: Testbed) -> None:

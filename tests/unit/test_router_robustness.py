@@ -175,7 +175,7 @@ def test_peer_port_garbage(env: tuple[RouterProcess, RouterProcess, int]) -> Non
     # A short frame, then close.
     with socket.create_connection(("127.0.0.2", port)) as s:
         s.sendall(b"SFR1" + os.urandom(6))
-    # Connect and close at once.
+    # Connect and close at once: what a peer's pool does with an aged connection, no offence.
     socket.create_connection(("127.0.0.2", port)).close()
     # A well-formed frame of the wrong type (ANSWER instead of OFFER).
     with socket.create_connection(("127.0.0.2", port)) as s:
@@ -189,14 +189,14 @@ def test_peer_port_garbage(env: tuple[RouterProcess, RouterProcess, int]) -> Non
 
     wait_log(b, "bad magic")
     wait_log(b, "connection closed after 10 of 48 bytes")
-    wait_log(b, "connection closed after 0 of 48 bytes")
+    wait_log(b, "event=peer_closed_idle")
     wait_log(b, "expected OFFER, got ANSWER")
     switch_works(a, b, 2)  # served while the slow client is still connected
     slow_thread.join(10)
     assert slow_result and 1.5 < float(slow_result[0]) < 4.0, slow_result
     wait_log(b, "no complete OFFER within 2s")
     switch_works(a, b, 3)
-    assert b.status()["router"]["peer_connections_dropped"] >= 6
+    assert b.status()["router"]["peer_connections_dropped"] >= 5
 
 
 def test_backoff_after_peer_unreachable(

@@ -177,7 +177,7 @@ def _with_type(kind: int, magic: int = MSG_MAGIC) -> bytes:
         (_good()[:47], Msg.unpack, "47 bytes"),
         (_good() + b"\0", Msg.unpack, "49 bytes"),
         (b"XXXX" + _good()[4:], Msg.unpack, "bad magic"),
-        (_with_type(10), Msg.unpack, "unknown frame type 10"),
+        (_with_type(11), Msg.unpack, "unknown frame type 11"),
         (_with_type(0), Msg.unpack, "unknown frame type 0"),
         (_with_type(0xFFFF), Msg.unpack, "unknown frame type"),
         (_with_type(MsgType.OFFER), Msg.unpack, "not allowed"),

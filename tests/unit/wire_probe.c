@@ -84,6 +84,7 @@ int main(void) {
     printf("enum MsgType.STATS_REQ %d\n", (int)SF_STATS_REQ);
     printf("enum MsgType.CONN_INFO %d\n", (int)SF_CONN_INFO);
     printf("enum MsgType.STATS_END %d\n", (int)SF_STATS_END);
+    printf("enum MsgType.SWITCH_DONE %d\n", (int)SF_SWITCH_DONE);
     printf("enum MsgType.OFFER %d\n", (int)SF_OFFER);
     printf("enum MsgType.ANSWER %d\n", (int)SF_ANSWER);
     printf("enum Status.OK %d\n", (int)SF_OK);

@@ -34,6 +34,8 @@ class RouterConfig:
     connect_timeout_ms: int = 1000
     answer_timeout_ms: int = 2000
     offer_read_timeout_ms: int = 2000
+    peer_idle_timeout_ms: int = 30000  # a warm (pooled) connection waits this long for its OFFER
+    peer_pool_size: int = 4  # warm connections kept to each peer in use; 0 = connect per switch
     duplicate_wait_ms: int = 1000
     stats_timeout_ms: int = 500
     max_clients: int = 4096
@@ -74,6 +76,8 @@ class RouterConfig:
                 raise ConfigError(f"{f.name} must be positive")
             if f.name.startswith("max_") and value < 1:
                 raise ConfigError(f"{f.name} must be at least 1")
+        if not 0 <= self.peer_pool_size <= 64:
+            raise ConfigError(f"peer_pool_size {self.peer_pool_size} must be 0..64")
         if len(str(self.control_socket).encode()) >= 108:
             raise ConfigError(f"--socket {self.socket}: path too long for a Unix socket")
         return self

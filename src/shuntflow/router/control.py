@@ -6,6 +6,8 @@
 # (0600, root) and wants free-form JSON. One request per line, one JSON object per answer line:
 #   {"cmd": "status"} -> {"router": {...}, "processes": [...]}
 #   {"cmd": "ping"}   -> {"ok": true, "pid": ...}
+#   {"cmd": "switch_times", "since": N} -> {"next": M, "samples": [µs, ...]}  (the bench's per-run
+#       switch times: samples N..M-1 of the initiating ends, as far as the window still holds them)
 # Anything else -> {"error": "..."}; the connection stays open for the next line.
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ MAX_LINE = 64 * 1024
 
 class StatusSource(Protocol):
     async def status(self) -> dict[str, Any]: ...
+    def switch_times_since(self, index: int) -> dict[str, Any]: ...
 
 
 class ControlServer:
@@ -83,7 +86,12 @@ class ControlServer:
             return await self.source.status()
         if cmd == "ping":
             return {"ok": True, "pid": os.getpid()}
-        return {"error": f"unknown cmd {cmd!r}; use status or ping"}
+        if cmd == "switch_times":
+            since = req.get("since", 0)
+            if not isinstance(since, int) or since < 0:
+                return {"error": "switch_times needs `since`, an integer >= 0"}
+            return self.source.switch_times_since(since)
+        return {"error": f"unknown cmd {cmd!r}; use status, ping or switch_times"}
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
@@ -100,12 +108,12 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
 
-def query(path: Path, cmd: str = "status", timeout: float = 5.0) -> dict[str, Any]:
+def query(path: Path, cmd: str = "status", timeout: float = 5.0, **params: Any) -> dict[str, Any]:
     """Blocking client: one request, one answer (used by `shuntflow status` and tests)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        sock.sendall(json.dumps({"cmd": cmd, **params}).encode() + b"\n")
         buf = bytearray()
         while not buf.endswith(b"\n"):
             chunk = sock.recv(65536)

@@ -33,6 +33,8 @@ from shuntflow.router.library_channel import LibraryClient, LibraryServer, Proto
 from shuntflow.router.logfmt import get_logger
 from shuntflow.router.overlay_map import Kind, Resolver, StaticMap
 from shuntflow.router.peer import PeerListener, send_answer, send_offer
+from shuntflow.router.peer_pool import PeerPool
+from shuntflow.router.switch_times import SwitchTimes
 from shuntflow.wire import Endpoint, Mode, Msg, MsgType, Path, Status, Tuple4
 
 log = get_logger()
@@ -159,7 +161,17 @@ class Router:
             cfg.peer_port,
             self.on_offer,
             cfg.offer_read_timeout_ms / 1000,
+            cfg.peer_idle_timeout_ms / 1000,
             cfg.max_incoming,
+        )
+        # Used while younger than half the peers' idle timeout (all routers share the setting).
+        self.pool = PeerPool(
+            self.loop,
+            cfg.host_ip,
+            cfg.peer_port,
+            cfg.peer_pool_size,
+            cfg.peer_idle_timeout_ms / 2000,
+            cfg.connect_timeout_ms / 1000,
         )
         self.control = ControlServer(cfg.control_socket, self)
         self.backoff = Backoff(cfg.backoff_initial_ms / 1000, cfg.backoff_max_ms / 1000)
@@ -177,6 +189,7 @@ class Router:
         self.failures: collections.Counter[str] = collections.Counter()
         self.backoff_refusals = 0
         self.handoffs_lost = 0
+        self.switch_times = SwitchTimes()
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -223,6 +236,7 @@ class Router:
         if self._stopping:
             return
         self._stopping = True
+        await self.pool.close()
         await self.peers.close()
         self.libs.close()
         await self.control.close()
@@ -243,6 +257,7 @@ class Router:
             now = time.monotonic()
             for key in [k for k, exp in self._done.items() if exp <= now]:
                 del self._done[key]
+            self.pool.maintain()
             try:
                 await self.resolver.refresh()
             except Exception:
@@ -383,8 +398,10 @@ class Router:
             e.seq,
             self.cfg.connect_timeout_ms / 1000,
             self.cfg.answer_timeout_ms / 1000,
+            pooled=self.pool.take(peer),
         )
         if res.status in HOST_FAILURES:
+            self.pool.forget(peer)
             interval = self.backoff.failure(peer, res.status)
             log.info("peer_backoff", peer=peer, status=res.status.name, interval_ms=interval * 1000)
         elif res.status is not Status.INTERNAL:
@@ -402,9 +419,14 @@ class Router:
         if res.status is Status.DUPLICATE:
             if not e.answered:
                 try:
-                    await asyncio.wait_for(e.served.wait(), self.cfg.duplicate_wait_ms / 1000)
+                    async with asyncio.timeout(self.cfg.duplicate_wait_ms / 1000):
+                        await e.served.wait()
                 except TimeoutError:
-                    return Status.TIMEOUT, "peer answered DUPLICATE and its own offer never came"
+                    if not e.served.is_set():  # served in the very loop round the timer fired
+                        return (
+                            Status.TIMEOUT,
+                            "peer answered DUPLICATE and its own offer never came",
+                        )
             return None, ""
         return res.status, res.detail
 
@@ -461,6 +483,10 @@ class Router:
         wait = self.stats_waits.get(msg.seq)
         if wait is not None and wait.client_id == client.id and not wait.done.done():
             wait.done.set_result((msg.arg, msg.arg2))
+
+    def on_switch_done(self, client: LibraryClient, msg: Msg) -> None:
+        self.switch_times.record(int(msg.arg), initiated=msg.arg2 == 1)
+        log.debug("switch_done", client=client.id, tuple=msg.tuple, us=msg.arg, own=msg.arg2)
 
     def on_client_closed(self, client: LibraryClient) -> None:
         for claim in self.claims.values():
@@ -539,11 +565,12 @@ class Router:
                 for c in clients:
                     c.send(Msg(MsgType.CLAIM_REQ, Status.OK, seq, tuple=t))
                 self._check_claim(claim)  # all of them may have gone while we sent
-                winner = await asyncio.wait_for(
-                    asyncio.shield(claim.winner), self.cfg.claim_timeout_ms / 1000
-                )
+                async with asyncio.timeout(self.cfg.claim_timeout_ms / 1000):
+                    winner = await asyncio.shield(claim.winner)
             except TimeoutError:
-                winner = None
+                # An answer read in the loop round the timer fired still counts: the library that
+                # said OK waits for this fd.
+                winner = claim.winner.result() if claim.winner.done() else None
             finally:
                 self.claims.pop(seq, None)
                 self._finished_claims[seq] = Status.DUPLICATE if winner else Status.TIMEOUT
@@ -608,6 +635,9 @@ class Router:
             "connections": wait.rows,
         }
 
+    def switch_times_since(self, index: int) -> dict[str, Any]:
+        return {"next": self.switch_times.total, "samples": self.switch_times.since(index)}
+
     async def status(self) -> dict[str, Any]:
         clients = self.libs.ready_clients()
         processes = await asyncio.gather(*(self._client_stats(c) for c in clients))
@@ -630,6 +660,8 @@ class Router:
                 "backoff_refusals": self.backoff_refusals,
                 "peer_backoffs": self.backoff.describe(),
                 "in_progress": len(self.in_progress),
+                "peer_pool": self.pool.describe(),
+                "switch_time_us": self.switch_times.summary(),
                 "peer_connections_dropped": self.peers.dropped,
                 "overlay_map": self.resolver.describe(),
                 "config": {

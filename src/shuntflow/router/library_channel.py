@@ -31,7 +31,14 @@ log = get_logger()
 
 # Frames a library may send; the others of section 1 go router -> library only.
 FROM_LIBRARY = frozenset(
-    {MsgType.HELLO, MsgType.SWITCH_REQ, MsgType.CLAIM_RES, MsgType.CONN_INFO, MsgType.STATS_END}
+    {
+        MsgType.HELLO,
+        MsgType.SWITCH_REQ,
+        MsgType.CLAIM_RES,
+        MsgType.CONN_INFO,
+        MsgType.STATS_END,
+        MsgType.SWITCH_DONE,
+    }
 )
 MAX_SEND_QUEUE = 4096
 READS_PER_WAKEUP = 64
@@ -51,6 +58,7 @@ class LibraryHandler(Protocol):
     def on_claim_res(self, client: LibraryClient, msg: Msg) -> None: ...
     def on_conn_info(self, client: LibraryClient, msg: Msg) -> None: ...
     def on_stats_end(self, client: LibraryClient, msg: Msg) -> None: ...
+    def on_switch_done(self, client: LibraryClient, msg: Msg) -> None: ...
     def on_client_closed(self, client: LibraryClient) -> None: ...
 
 
@@ -235,6 +243,8 @@ class LibraryClient:
             handler.on_conn_info(self, msg)
         elif msg.type is MsgType.STATS_END:
             handler.on_stats_end(self, msg)
+        elif msg.type is MsgType.SWITCH_DONE:
+            handler.on_switch_done(self, msg)
 
     # -- closing ---------------------------------------------------------------------------
 

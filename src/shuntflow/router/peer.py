@@ -29,14 +29,34 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 class PeerClosed(EOFError):
     """The peer closed the connection before a whole frame arrived."""
 
+    def __init__(self, message: str, nothing: bool) -> None:
+        super().__init__(message)
+        self.nothing = nothing  # not one byte of the frame came
 
-async def read_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
-    """Exactly `size` bytes; never one more."""
-    buf = bytearray()
+
+async def send_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket, frame: bytes) -> None:
+    """A frame is tiny and the send buffer nearly always has room: try before waiting, which
+    saves an event-loop round on the switch path."""
+    try:
+        sent = sock.send(frame)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(frame):
+        await loop.sock_sendall(sock, frame[sent:])
+
+
+async def read_exact(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int, head: bytes = b""
+) -> bytes:
+    """Exactly `size` bytes, `head` being the first of them; never one more."""
+    buf = bytearray(head)
     while len(buf) < size:
-        chunk = await loop.sock_recv(sock, size - len(buf))
+        try:  # already there: no event-loop round
+            chunk = sock.recv(size - len(buf))
+        except BlockingIOError:
+            chunk = await loop.sock_recv(sock, size - len(buf))
         if not chunk:
-            raise PeerClosed(f"connection closed after {len(buf)} of {size} bytes")
+            raise PeerClosed(f"connection closed after {len(buf)} of {size} bytes", not buf)
         buf += chunk
     return bytes(buf)
 
@@ -46,6 +66,37 @@ class OfferResult:
     status: Status
     sock: socket.socket | None = None
     detail: str = ""
+    unanswered: bool = False  # the connection failed before any byte of an ANSWER came
+
+
+class PeerConnectError(OSError):
+    """No TCP connection to the peer router (refused, unreachable, timed out)."""
+
+
+async def connect_peer(
+    loop: asyncio.AbstractEventLoop, source_ip: str, peer_ip: str, peer_port: int, timeout: float
+) -> socket.socket:
+    """A connected, non-blocking TCP socket from `source_ip` to the peer router."""
+    sock = socket.socket(
+        socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    )
+    try:
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source_ip, 0))
+        except OSError as exc:
+            raise RouterSetupError(f"bind {source_ip}: {exc.strerror}") from None
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, (peer_ip, peer_port))
+        except TimeoutError:
+            raise PeerConnectError("connect timed out") from None
+        except OSError as exc:
+            raise PeerConnectError(f"connect: {exc.strerror or exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def send_offer(
@@ -57,34 +108,52 @@ async def send_offer(
     seq: int,
     connect_timeout: float,
     answer_timeout: float,
+    pooled: socket.socket | None = None,
 ) -> OfferResult:
-    """Connect to the peer router, OFFER `tup` (initiator's view), read its one ANSWER.
+    """OFFER `tup` (initiator's view) to the peer router and read its one ANSWER, on `pooled`
+    (a warm connection from PeerPool) or on a new connection.
 
-    On status OK the connected socket is returned and now belongs to the caller."""
-    sock = socket.socket(
-        socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-    )
+    A pooled connection the peer closed before answering is not the peer's failure (it may have
+    restarted): the offer is made again on a new connection. On status OK the connected socket is
+    returned and now belongs to the caller."""
+    if pooled is not None:
+        res = await _offer_on(loop, pooled, tup, seq, answer_timeout)
+        if not res.unanswered:
+            return res
+    try:
+        sock = await connect_peer(loop, source_ip, peer_ip, peer_port, connect_timeout)
+    except PeerConnectError as exc:
+        return OfferResult(Status.PEER_UNREACHABLE, detail=str(exc))
+    except RouterSetupError as exc:
+        return OfferResult(Status.INTERNAL, detail=str(exc))
+    return await _offer_on(loop, sock, tup, seq, answer_timeout)
+
+
+async def _offer_on(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    tup: Tuple4,
+    seq: int,
+    answer_timeout: float,
+) -> OfferResult:
+    """The OFFER/ANSWER exchange on a connected socket, which is closed unless the answer is OK."""
     keep = False
     try:
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.bind((source_ip, 0))
-        except OSError as exc:
-            return OfferResult(Status.INTERNAL, detail=f"bind {source_ip}: {exc.strerror}")
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, (peer_ip, peer_port)), connect_timeout)
-        except TimeoutError:
-            return OfferResult(Status.PEER_UNREACHABLE, detail="connect timed out")
-        except OSError as exc:
-            return OfferResult(Status.PEER_UNREACHABLE, detail=f"connect: {exc.strerror or exc}")
         frame = Msg(MsgType.OFFER, Status.OK, seq, tuple=tup).pack_peer()
         try:
-            await asyncio.wait_for(loop.sock_sendall(sock, frame), answer_timeout)
-            data = await asyncio.wait_for(read_exact(loop, sock, MSG_SIZE), answer_timeout)
+            async with asyncio.timeout(answer_timeout):
+                await send_frame(loop, sock, frame)
+                data = await read_exact(loop, sock, MSG_SIZE)
         except TimeoutError:
             return OfferResult(Status.TIMEOUT, detail="no ANSWER in time")
-        except (OSError, EOFError) as exc:
-            return OfferResult(Status.PEER_UNREACHABLE, detail=f"offer exchange: {exc}")
+        except PeerClosed as exc:
+            return OfferResult(
+                Status.PEER_UNREACHABLE, detail=f"offer exchange: {exc}", unanswered=exc.nothing
+            )
+        except OSError as exc:
+            return OfferResult(
+                Status.PEER_UNREACHABLE, detail=f"offer exchange: {exc}", unanswered=True
+            )
         try:
             answer = Msg.unpack_peer(data)
         except WireError as exc:
@@ -110,7 +179,8 @@ async def send_answer(
     """Send the ANSWER for `offer`; False if the initiator is gone."""
     frame = Msg(MsgType.ANSWER, status, offer.seq, tuple=offer.tuple).pack_peer()
     try:
-        await asyncio.wait_for(loop.sock_sendall(sock, frame), timeout)
+        async with asyncio.timeout(timeout):
+            await send_frame(loop, sock, frame)
     except (OSError, TimeoutError):
         return False
     return True
@@ -121,7 +191,7 @@ OfferHandler = Callable[[socket.socket, str, Msg], Awaitable[bool]]
 
 
 class PeerListener:
-    """TCP listener on --host-ip:--peer-port; reads one OFFER per connection, with a deadline."""
+    """TCP listener on --host-ip:--peer-port; reads one OFFER per connection, with deadlines."""
 
     def __init__(
         self,
@@ -130,6 +200,7 @@ class PeerListener:
         port: int,
         on_offer: OfferHandler,
         read_timeout: float,
+        idle_timeout: float,
         max_incoming: int,
     ) -> None:
         self.loop = loop
@@ -137,6 +208,7 @@ class PeerListener:
         self.port = port
         self.on_offer = on_offer
         self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
         self.max_incoming = max_incoming
         self.handlers: set[asyncio.Task[None]] = set()
         self.dropped = 0
@@ -183,7 +255,20 @@ class PeerListener:
     async def _handle(self, conn: socket.socket, peer: str, port: int) -> None:
         taken = False
         try:
-            data = await asyncio.wait_for(read_exact(self.loop, conn, MSG_SIZE), self.read_timeout)
+            # A peer's pool keeps connections idle until a switch needs one (peer_pool.py), so
+            # the first byte may take up to idle_timeout; the rest of the frame may not dawdle.
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    head = await self.loop.sock_recv(conn, MSG_SIZE)
+            except TimeoutError:
+                self._drop(peer, port, f"idle for {self.idle_timeout:g}s without an OFFER")
+                return
+            if not head:
+                # Not an offence: a peer's pool lets aged connections go this way.
+                log.info("peer_closed_idle", peer=f"{peer}:{port}")
+                return
+            async with asyncio.timeout(self.read_timeout):
+                data = await read_exact(self.loop, conn, MSG_SIZE, head)
             msg = Msg.unpack_peer(data)
             if msg.type is not MsgType.OFFER:
                 raise WireError(f"expected OFFER, got {msg.type.name}")

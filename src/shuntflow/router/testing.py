@@ -308,6 +308,11 @@ class RouterProcess:
     def status(self) -> dict[str, Any]:
         return query(self.control)
 
+    def pooled(self) -> int:
+        """Warm connections this router keeps to its peers (each holds an fd at both ends)."""
+        idle: dict[str, int] = self.status()["router"]["peer_pool"]["idle"]
+        return sum(idle.values())
+
     def log(self) -> str:
         try:
             return self.log_file.read_text()

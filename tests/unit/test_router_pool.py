@@ -1,0 +1,124 @@
+"""Warm peer connections (peer_pool.py) and the switch-time figures (switch_times.py), against two
+real router processes on 127.0.0.1 / 127.0.0.2 with a static map."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shuntflow.router.control import query
+from shuntflow.router.switch_times import SwitchTimes, percentile
+from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
+from shuntflow.wire import Msg, MsgType, Status, Tuple4
+
+from .test_router_switch import MAP, assert_pair, tup
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[RouterProcess, RouterProcess, Path, int]]:
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(MAP))
+    port = free_port()
+    a = RouterProcess(tmp_path / "a" / "router.sock", "127.0.0.1", port, ["--map", str(map_file)])
+    b = RouterProcess(tmp_path / "b" / "router.sock", "127.0.0.2", port, ["--map", str(map_file)])
+    yield a, b, map_file, port
+    for r in (a, b):
+        r.stop()
+        assert "level=error" not in r.log(), r.log()
+
+
+def pool(r: RouterProcess) -> dict[str, object]:
+    info: dict[str, object] = r.status()["router"]["peer_pool"]
+    return info
+
+
+def wait_warm(r: RouterProcess, peer: str, n: int = 4) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        idle = pool(r)["idle"]
+        assert isinstance(idle, dict)
+        if idle.get(peer) == n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pool to {peer} never warmed: {pool(r)}")
+
+
+def switch(a: RouterProcess, b: RouterProcess, t: Tuple4) -> None:
+    with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, owned={t.mirrored()}) as lb:
+        res = la.wait_result(la.request(t))
+        assert res.msg.status == Status.OK, Status(res.msg.status).name
+        assert res.sock is not None
+        lb.wait_host([t.key()])
+        assert_pair(res.sock, lb.host[t.key()])
+
+
+def test_switches_use_warm_connections(
+    pair: tuple[RouterProcess, RouterProcess, Path, int],
+) -> None:
+    a, b, _map, _port = pair
+    assert pool(a) == {"hits": 0, "misses": 0, "idle": {}}  # nothing kept before it is needed
+    switch(a, b, tup(1))
+    assert pool(a)["misses"] == 1
+    wait_warm(a, "127.0.0.2")
+    for i in range(2, 8):
+        switch(a, b, tup(i))
+    # Each warm connection carried one OFFER and became a host connection; the pool refilled.
+    assert pool(a)["hits"] == 6 and pool(a)["misses"] == 1
+    wait_warm(a, "127.0.0.2")
+    # B holds the other end of every warm connection, waiting for its OFFER, and drops none.
+    assert b.status()["router"]["peer_connections_dropped"] == 0
+
+
+def test_warm_connections_to_a_restarted_peer_are_not_a_failure(
+    pair: tuple[RouterProcess, RouterProcess, Path, int],
+) -> None:
+    a, b, map_file, port = pair
+    switch(a, b, tup(1))
+    wait_warm(a, "127.0.0.2")
+    assert b.stop() == 0
+    b2 = RouterProcess(b.socket, "127.0.0.2", port, ["--map", str(map_file)])
+    try:
+        switch(a, b2, tup(2))  # every warm connection is dead: found out, then a new one
+        info = a.status()["router"]
+        assert info["peer_backoffs"] == {}, info["peer_backoffs"]
+        assert not any(k.startswith("PEER_UNREACHABLE") for k in info["failures"]), info
+    finally:
+        b2.stop()
+
+
+def test_switch_times_from_libraries(
+    pair: tuple[RouterProcess, RouterProcess, Path, int],
+) -> None:
+    a, _b, _map, _port = pair
+    t = tup(9)
+    with FakeLibrary(a.socket) as la:
+        for us in (900, 100, 500, 300, 700):
+            la.send(Msg(MsgType.SWITCH_DONE, tuple=t, arg=us, arg2=1))
+        la.send(Msg(MsgType.SWITCH_DONE, tuple=t, arg=99_999, arg2=0))  # claimed: not counted
+        deadline = time.monotonic() + 3
+        while a.status()["router"]["switch_time_us"]["count"] < 5:
+            assert time.monotonic() < deadline, a.status()["router"]["switch_time_us"]
+            time.sleep(0.02)
+        summary = a.status()["router"]["switch_time_us"]
+        assert summary == {"count": 5, "window": 5, "p50": 500, "p99": 900, "max": 900}
+        assert query(a.control, "switch_times", since=3) == {"next": 5, "samples": [300, 700]}
+        assert "error" in query(a.control, "switch_times", since=-1)
+        assert not la.closed_by_router.is_set()
+
+
+def test_switch_times_window() -> None:
+    st = SwitchTimes(window=4)
+    for us in range(1, 11):
+        st.record(us * 10, initiated=True)
+    st.record(5, initiated=False)
+    assert st.total == 10 and st.claimed == 1
+    assert st.since(0) == [70, 80, 90, 100]  # the older ones left the window
+    assert st.since(8) == [90, 100]
+    assert st.since(10) == []
+    assert st.summary() == {"count": 10, "window": 4, "p50": 80, "p99": 100, "max": 100}
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([7], 99) == 7
+    assert SwitchTimes().summary() == {"count": 0, "window": 0}
