@@ -264,6 +264,10 @@ def test_tiny_run_writes_rows_table_and_plots(make_testbed: MakeTestbed, tmp_pat
             assert "--mode shuntflow" in r["command"][1]
         else:
             assert "--mode" not in r["command"][1]
+            assert r["switch_p99_us"] is None
+    # sockperf's one long connection switched: its switch time is in the row.
+    rr = next(r for r in rows if r["workload"] == "rr" and r["mode"] == "shuntflow")
+    assert rr["switches"] >= 1 and 0 < rr["switch_p50_us"] <= rr["switch_p99_us"], rr
     meta = doc["meta"]
     for key in ("date", "kernel", "cpu_model", "nproc", "command", "placement", "git"):
         assert key in meta

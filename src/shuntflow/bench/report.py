@@ -131,6 +131,7 @@ def _ratio(s: Stat | None) -> str:
 
 HEADER = (
     "| mode | {rate} | avg µs | p50 µs | p99 µs | p99.9 µs | CPU µs/{unit} | switches "
+    "| switch p99 µs "
     "| {rate} vs overlay | avg vs overlay | p99 vs overlay | {rate} vs host | avg vs host "
     "| p99 vs host |"
 )
@@ -139,11 +140,11 @@ HEADER = (
 def workload_table(summaries: list[ModeSummary]) -> list[str]:
     unit = summaries[0].unit if summaries else "req"
     rate = "MiB/s" if unit == "MiB" else "req/s"
-    lines = [HEADER.format(rate=rate, unit=unit), "|" + "---|" * 14]
+    lines = [HEADER.format(rate=rate, unit=unit), "|" + "---|" * 15]
     for m in summaries:
         if m.failed == m.reps:
             err = m.errors[0] if m.errors else "failed"
-            lines.append(f"| {m.mode} | failed: {err.replace('|', '/')[:160]} |" + " |" * 12)
+            lines.append(f"| {m.mode} | failed: {err.replace('|', '/')[:160]} |" + " |" * 13)
             continue
         v, o, h = m.values, m.ratios["overlay"], m.ratios["host"]
         mode = m.mode + (f" ({m.failed}/{m.reps} failed)" if m.failed else "")
@@ -156,6 +157,7 @@ def workload_table(summaries: list[ModeSummary]) -> list[str]:
             _val(v["p999_us"]),
             _val(v["cpu_us_per_req"]),
             _count(m.switches),
+            _count(v["switch_p99_us"]),
             _ratio(o["rps"]),
             _ratio(o["avg_us"]),
             _ratio(o["p99_us"]),

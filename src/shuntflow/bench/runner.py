@@ -24,6 +24,7 @@ from shuntflow.bench.parse import ClientResult, ParseError, merge
 from shuntflow.bench.spec import BenchConfig, BenchError, ModeSpec
 from shuntflow.native import DEFAULT_THRESHOLD, LibraryMissing, app_environment
 from shuntflow.router import control
+from shuntflow.router.switch_times import percentile
 from shuntflow.testbed import Testbed
 from shuntflow.testbed.plan import Container, Host
 
@@ -103,6 +104,7 @@ class Snapshot:
     switches: int | None
     switch_failures: int | None
     vxlan_bytes: int | None
+    switch_index: dict[int, int]  # per host: the index its router gives the next switch time
 
 
 @dataclass
@@ -290,9 +292,11 @@ class Runner:
     def snapshot(self, server: subprocess.Popen[bytes]) -> Snapshot:
         switches = failures = 0
         ok = True
+        index: dict[int, int] = {}
         for h in self.tb.hosts:
             try:
                 st = control.query(Path(f"{h.router_socket}.ctl"), timeout=5.0)["router"]
+                index[h.index] = int(st["switch_time_us"]["count"])
                 switches += int(st["switches_initiated"])
                 failures += sum(
                     int(v) for k, v in dict(st.get("failures", {})).items() if "DUPLICATE" not in k
@@ -306,7 +310,23 @@ class Runner:
             switches=switches if ok else None,
             switch_failures=failures if ok else None,
             vxlan_bytes=vxlan,
+            switch_index=index,
         )
+
+    def switch_times(self, since: dict[int, int]) -> list[int]:
+        """The switch times (µs) the routers were told about since the snapshot `since`."""
+        samples: list[int] = []
+        for h in self.tb.hosts:
+            if h.index not in since:
+                continue
+            try:
+                got = control.query(
+                    Path(f"{h.router_socket}.ctl"), "switch_times", 5.0, since=since[h.index]
+                )
+                samples += [int(x) for x in got["samples"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return samples
 
     def _vxlan_bytes(self) -> int | None:
         """Bytes through the client host's VXLAN device: all the pair's overlay traffic."""
@@ -368,7 +388,10 @@ class Runner:
             if after.router_cpu_ns is not None and before.router_cpu_ns is not None
             else None
         )
+        times = sorted(self.switch_times(before.switch_index))
         shared: dict[str, Any] = {
+            "switch_p50_us": percentile(times, 50) if times else None,
+            "switch_p99_us": percentile(times, 99) if times else None,
             "switches": _delta(before.switches, after.switches),
             "switch_failures": _delta(before.switch_failures, after.switch_failures),
             "vxlan_bytes": _delta(before.vxlan_bytes, after.vxlan_bytes),
