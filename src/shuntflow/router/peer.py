@@ -7,6 +7,10 @@
 # deadline so a slow or silent peer (slowloris) costs a task for at most a couple of seconds.
 # The initiator side binds its source to --host-ip so the connection leaves from the host's
 # underlay address, which the responder checks against its overlay map.
+# Authentication (auth.py): a source address that is not an allowed peer is closed before a byte
+# is read; an OFFER whose MAC, timestamp or nonce fails is closed without an ANSWER (a rogue
+# learns nothing, not even whether the tuple exists); the initiator accepts only an ANSWER MAC'd
+# with the cluster key over its own OFFER's nonce.
 
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from shuntflow.router.auth import OfferChecker, answer_matches, make_answer, make_offer
 from shuntflow.router.library_channel import RouterSetupError
 from shuntflow.router.logfmt import get_logger
-from shuntflow.wire import MSG_SIZE, Msg, MsgType, Status, Tuple4, WireError
+from shuntflow.wire import PEER_SIZE, MsgType, PeerMsg, Status, Tuple4, WireError
 
 log = get_logger()
 
@@ -50,6 +55,7 @@ class OfferResult:
 
 async def send_offer(
     loop: asyncio.AbstractEventLoop,
+    key: bytes,
     source_ip: str,
     peer_ip: str,
     peer_port: int,
@@ -77,20 +83,21 @@ async def send_offer(
             return OfferResult(Status.PEER_UNREACHABLE, detail="connect timed out")
         except OSError as exc:
             return OfferResult(Status.PEER_UNREACHABLE, detail=f"connect: {exc.strerror or exc}")
-        frame = Msg(MsgType.OFFER, Status.OK, seq, tuple=tup).pack_peer()
+        offer = make_offer(key, seq, tup)
         try:
-            await asyncio.wait_for(loop.sock_sendall(sock, frame), answer_timeout)
-            data = await asyncio.wait_for(read_exact(loop, sock, MSG_SIZE), answer_timeout)
+            await asyncio.wait_for(loop.sock_sendall(sock, offer.pack()), answer_timeout)
+            data = await asyncio.wait_for(read_exact(loop, sock, PEER_SIZE), answer_timeout)
         except TimeoutError:
             return OfferResult(Status.TIMEOUT, detail="no ANSWER in time")
         except (OSError, EOFError) as exc:
             return OfferResult(Status.PEER_UNREACHABLE, detail=f"offer exchange: {exc}")
         try:
-            answer = Msg.unpack_peer(data)
+            answer = PeerMsg.unpack(data)
         except WireError as exc:
             return OfferResult(Status.INTERNAL, detail=f"bad ANSWER: {exc}")
-        if answer.type is not MsgType.ANSWER or answer.tuple != tup:
-            return OfferResult(Status.INTERNAL, detail="ANSWER does not match the OFFER")
+        mismatch = answer_matches(key, offer, answer)
+        if mismatch is not None:
+            return OfferResult(Status.INTERNAL, detail=mismatch)
         try:
             status = Status(answer.status)
         except ValueError:
@@ -105,10 +112,15 @@ async def send_offer(
 
 
 async def send_answer(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, offer: Msg, status: Status, timeout: float
+    loop: asyncio.AbstractEventLoop,
+    key: bytes,
+    sock: socket.socket,
+    offer: PeerMsg,
+    status: Status,
+    timeout: float,
 ) -> bool:
     """Send the ANSWER for `offer`; False if the initiator is gone."""
-    frame = Msg(MsgType.ANSWER, status, offer.seq, tuple=offer.tuple).pack_peer()
+    frame = make_answer(key, offer, status).pack()
     try:
         await asyncio.wait_for(loop.sock_sendall(sock, frame), timeout)
     except (OSError, TimeoutError):
@@ -116,8 +128,10 @@ async def send_answer(
     return True
 
 
-# Called with (connection, source ip, OFFER frame); returns True if it took the connection.
-OfferHandler = Callable[[socket.socket, str, Msg], Awaitable[bool]]
+# Called with (connection, source ip, authenticated OFFER); True if it took the connection.
+OfferHandler = Callable[[socket.socket, str, PeerMsg], Awaitable[bool]]
+# Called with a source ip at accept; None if it may be a peer router, else why not.
+PeerAdmission = Callable[[str], Awaitable[str | None]]
 
 
 class PeerListener:
@@ -131,8 +145,14 @@ class PeerListener:
         on_offer: OfferHandler,
         read_timeout: float,
         max_incoming: int,
+        admit: PeerAdmission,
+        checker: OfferChecker,
     ) -> None:
         self.loop = loop
+        self.admit = admit
+        self.checker = checker
+        self.rejected_peers = 0  # connections from addresses that are not allowed peers
+        self.rejected_offers = 0  # OFFERs failing MAC, time window or replay check
         self.host_ip = host_ip
         self.port = port
         self.on_offer = on_offer
@@ -183,10 +203,26 @@ class PeerListener:
     async def _handle(self, conn: socket.socket, peer: str, port: int) -> None:
         taken = False
         try:
-            data = await asyncio.wait_for(read_exact(self.loop, conn, MSG_SIZE), self.read_timeout)
-            msg = Msg.unpack_peer(data)
+            why = await self.admit(peer)
+            if why is not None:
+                self.rejected_peers += 1
+                log.warning("peer_rejected", peer=f"{peer}:{port}", reason=why)
+                return
+            data = await asyncio.wait_for(read_exact(self.loop, conn, PEER_SIZE), self.read_timeout)
+            msg = PeerMsg.unpack(data)
             if msg.type is not MsgType.OFFER:
                 raise WireError(f"expected OFFER, got {msg.type.name}")
+            verdict = self.checker.check(msg)
+            if not verdict.ok:
+                self.rejected_offers += 1
+                log.warning(
+                    "offer_rejected",
+                    peer=f"{peer}:{port}",
+                    tuple=msg.tuple,
+                    seq=msg.seq,
+                    reason=verdict.reason,
+                )
+                return
             taken = await self.on_offer(conn, peer, msg)
         except TimeoutError:
             self._drop(peer, port, f"no complete OFFER within {self.read_timeout:g}s")

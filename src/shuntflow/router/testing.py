@@ -28,6 +28,21 @@ from shuntflow.wire import MSG_SIZE, Endpoint, Mode, Msg, MsgType, Status, Tuple
 
 Key = tuple[Endpoint, Endpoint]
 
+# The cluster key every RouterProcess gets unless told otherwise, so routers of one test trust
+# each other and a test can MAC its own frames with it.
+TEST_KEY = b"shuntflow-router-tests-cluster-key-0123456789abcdef"
+
+
+def write_key_file(path: Path, key: bytes = TEST_KEY) -> Path:
+    """`key` in a 0600 file at `path` (replaced if present)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key)
+    finally:
+        os.close(fd)
+    return path
+
 
 @dataclass
 class Result:
@@ -213,7 +228,11 @@ def _die_with_parent() -> None:
 
 
 class RouterProcess:
-    """`python -m shuntflow.router ...` as a subprocess, ready when its control socket answers."""
+    """`python -m shuntflow.router ...` as a subprocess, ready when its control socket answers.
+
+    It gets TEST_KEY (in a 0600 file next to its socket) unless `key_file` is given, and runs
+    without the ownership check unless `owner_check`: the fake libraries of the router tests
+    ask for tuples no process holds."""
 
     def __init__(
         self,
@@ -223,7 +242,17 @@ class RouterProcess:
         extra: Sequence[str] = (),
         log_file: Path | None = None,
         netns: str | None = None,
+        key_file: Path | None = None,
+        owner_check: bool = False,
     ) -> None:
+        if key_file is None:
+            # In the nearest existing directory: the router creates its socket's own parents
+            # (with modes the tests check).
+            base = socket_path.parent
+            while not base.exists():
+                base = base.parent
+            key_file = write_key_file(base / f"{socket_path.parent.name}-{socket_path.name}.key")
+        self.key_file = key_file
         self.socket = socket_path
         self.control = socket_path.with_name(socket_path.name + ".ctl")
         self.log_file = log_file or socket_path.with_name(socket_path.name + ".log")
@@ -239,6 +268,9 @@ class RouterProcess:
             str(peer_port),
             "--log-file",
             str(self.log_file),
+            "--cluster-key",
+            str(key_file),
+            "--owner-check" if owner_check else "--no-owner-check",
             *extra,
         ]
         if netns:
@@ -343,3 +375,15 @@ def free_port(ips: Sequence[str] = ("127.0.0.1", "127.0.0.2", "127.0.0.3")) -> i
         if ok:
             return port
     raise RuntimeError("no free port")
+
+
+def recv_exact(sock: socket.socket, size: int, timeout: float = 5.0) -> bytes:
+    """Exactly `size` bytes from a stream socket; short only if the peer closed first."""
+    sock.settimeout(timeout)
+    buf = b""
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
