@@ -64,7 +64,11 @@ class FakeLibrary:
 
     - claims (CLAIM_RES OK) every offered tuple in `owned` it does not hold a host fd for yet;
     - answers STATS_REQ with `rows` and `switches`;
-    - keeps every SWITCH_RES (with its fd as a socket) in `results`, keyed by seq."""
+    - keeps every SWITCH_RES (with its fd as a socket) in `results`, keyed by seq.
+
+    With `netns`, the channel is connected by a helper process inside that network namespace
+    (which stays alive until close()), so the router's ownership check looks there: a test
+    that holds real TCP connections in that namespace can then ask for them."""
 
     path: Path
     pid: int = field(default_factory=os.getpid)
@@ -75,10 +79,16 @@ class FakeLibrary:
     rows: list[ConnRow] = field(default_factory=list)
     switches: tuple[int, int] = (0, 0)
     answer_stats: bool = True
+    netns: str | None = None
 
     def __post_init__(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.connect(str(self.path))
+        self._helper: subprocess.Popen[bytes] | None = None
+        self._helper_ctl: socket.socket | None = None
+        if self.netns is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.sock.connect(str(self.path))
+        else:
+            self.sock, self._helper, self._helper_ctl = connect_from_netns(self.path, self.netns)
         self.results: dict[int, Result] = {}
         self.claims: list[Msg] = []
         self.host: dict[Key, socket.socket] = {}  # every host fd received, by tuple key
@@ -205,6 +215,14 @@ class FakeLibrary:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(2)
+        if self._helper_ctl is not None:
+            self._helper_ctl.close()  # the helper's recv sees EOF and it exits
+        if self._helper is not None:
+            try:
+                self._helper.wait(5)
+            except subprocess.TimeoutExpired:
+                self._helper.kill()
+                self._helper.wait()
         with self._cond:
             for s in [*self.host.values(), *self.extra_host]:
                 s.close()
@@ -217,6 +235,48 @@ class FakeLibrary:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Runs in the namespace: connects the channel, hands it to the test, waits for the test's EOF.
+_HELPER = """
+import array, socket, sys
+ctl = socket.socket(fileno=int(sys.argv[2]))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+ctl.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
+s.close()
+ctl.recv(1)
+"""
+
+
+def connect_from_netns(
+    path: Path, netns: str
+) -> tuple[socket.socket, subprocess.Popen[bytes], socket.socket]:
+    """A router channel whose SO_PEERCRED names a live process in namespace `netns`."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", _HELPER, str(path)]
+    proc = subprocess.Popen(
+        [*cmd, str(theirs.fileno())], pass_fds=(theirs.fileno(),), preexec_fn=_die_with_parent
+    )
+    theirs.close()
+    ours.settimeout(10)
+    try:
+        _data, anc, _flags, _ = ours.recvmsg(1, socket.CMSG_SPACE(4))
+        fds = [
+            fd
+            for level, kind, payload in anc
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in array.array("i", payload[: len(payload) - len(payload) % 4])
+        ]
+        if len(fds) != 1:
+            raise RuntimeError(f"helper in {netns} passed {len(fds)} fds")
+    except BaseException:
+        ours.close()
+        proc.kill()
+        proc.wait()
+        raise
+    ours.settimeout(None)
+    return socket.socket(fileno=fds[0]), proc, ours
 
 
 def _die_with_parent() -> None:
