@@ -62,7 +62,7 @@ struct sf_msg {
 };
 
 /* Router <-> router (the library never sees it; here so both halves of docs/wire.md agree).
- * mac = HMAC-SHA256(cluster key, the 56 bytes before it). */
+ * mac = HMAC-SHA256(cluster key, the 56 bytes before it + the 12-byte underlay binding). */
 #define SF_PEER_NONCE_SIZE 16
 #define SF_PEER_MAC_SIZE 32
 struct sf_peer_msg {

@@ -197,9 +197,11 @@ def _tuple(lip: bytes, lport: bytes, rip: bytes, rport: bytes) -> Tuple4:
 class PeerMsg:
     """One router <-> router frame (docs/wire.md section 2): OFFER or ANSWER, MAC'd.
 
-    The MAC is HMAC-SHA256 with the cluster key over the first 56 bytes (everything but the MAC):
-    type, status, seq, tuple, timestamp and nonce are all covered, so an OFFER's MAC can never
-    pass as an ANSWER's and an ANSWER is bound to the OFFER whose nonce it echoes."""
+    The MAC is HMAC-SHA256 with the cluster key over the first 56 bytes (everything but the MAC)
+    followed by the underlay binding (`underlay_binding`, not sent: both ends read it from the
+    TCP connection): type, status, seq, tuple, timestamp and nonce are all covered, so an
+    OFFER's MAC can never pass as an ANSWER's, an ANSWER is bound to the OFFER whose nonce it
+    echoes, and a frame is valid only on the TCP connection it was made for."""
 
     type: MsgType
     status: int = Status.OK
@@ -229,18 +231,18 @@ class PeerMsg:
             self.nonce,
         )
 
-    def signed(self, key: bytes) -> PeerMsg:
-        """The same frame with its MAC computed under `key`."""
-        return replace(self, mac=peer_mac(key, self.head()))
+    def signed(self, key: bytes, binding: bytes = b"") -> PeerMsg:
+        """The same frame with its MAC computed under `key` for the connection `binding`."""
+        return replace(self, mac=peer_mac(key, self.head() + binding))
 
     def pack(self) -> bytes:
         if len(self.mac) != PEER_MAC_SIZE:
             raise WireError(f"mac is {len(self.mac)} bytes, expected {PEER_MAC_SIZE}")
         return self.head() + self.mac
 
-    def verify(self, key: bytes) -> bool:
-        """Constant-time check of the MAC under `key`."""
-        return hmac.compare_digest(self.mac, peer_mac(key, self.head()))
+    def verify(self, key: bytes, binding: bytes = b"") -> bool:
+        """Constant-time check of the MAC under `key` for the connection `binding`."""
+        return hmac.compare_digest(self.mac, peer_mac(key, self.head() + binding))
 
     @staticmethod
     def unpack(data: bytes) -> PeerMsg:
@@ -258,8 +260,17 @@ class PeerMsg:
         )
 
 
-def peer_mac(key: bytes, head: bytes) -> bytes:
-    return hmac.new(key, head, hashlib.sha256).digest()
+def peer_mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def underlay_binding(initiator: tuple[str, int], responder: tuple[str, int]) -> bytes:
+    """12 bytes naming the underlay TCP connection: initiator ip, port, responder ip, port
+    (network order). Both routers read it from their socket; it is MAC'd, never sent."""
+    out = b""
+    for ip, port in (initiator, responder):
+        out += ipaddress.IPv4Address(ip).packed + port.to_bytes(2, "big")
+    return out
 
 
 @dataclass(frozen=True)

@@ -179,14 +179,16 @@ def test_rogue_on_the_peer_port(tb: Testbed) -> None:
         assert res["valid"] == {"answer": "PEER_REFUSED", "mac_ok": True}, res
         assert res["bad_mac"]["answer"] == "closed", res
         assert res["replay"]["answer"] == "closed", res
+        assert res["replay_same_port"] == {"same_source": True, "answer": "closed", "bytes": 0}
         assert res["foreign"]["answer"] == "closed", res
         assert len(watcher.claims) == 1 and watcher.claims[0].tuple == t.mirrored()
         rejected = [x for x in lines if "event=offer_rejected" in x]
-        assert [x.split("reason=")[1] for x in rejected] == ['"bad MAC"', '"replayed nonce"']
+        reasons = [x.split("reason=")[1] for x in rejected]
+        assert reasons == ['"bad MAC"', '"bad MAC"', '"replayed nonce"'], lines
         peer_rejected = [x for x in lines if "event=peer_rejected" in x]
         assert len(peer_rejected) == 1 and f"peer={foreign}:" in peer_rejected[0]
         sec = status(h2)["security"]
-        assert sec["offers_rejected"] == st["security"]["offers_rejected"] + 2
+        assert sec["offers_rejected"] == st["security"]["offers_rejected"] + 3
         assert sec["peers_rejected"] == st["security"]["peers_rejected"] + 1
     # The routers keep serving real switches (real library, both modes).
     for mode, port in (("shuntflow", 7901), ("slim", 7902)):

@@ -9,8 +9,9 @@
         SECONDS; every CLAIM_REQ and SWITCH_RES it saw.
     wire_agent.py rogue PEER_IP PORT KEY_FILE LOCAL REMOTE FOREIGN_SRC
         On the peer port: (a) an OFFER MAC'd with a wrong key, (b) a valid OFFER (built with the
-        cluster key) and then the same bytes again, (c) a valid fresh OFFER from FOREIGN_SRC.
-        For each: the ANSWER (status, MAC valid) or "closed" if none came.
+        cluster key for its connection) and then the same bytes again, over a new connection
+        and over a new connection from the same source port, (c) a valid fresh OFFER from
+        FOREIGN_SRC. For each: the ANSWER (status, MAC valid) or "closed" if none came.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ import time
 from typing import Any
 
 from shuntflow.router.auth import answer_matches, make_offer
-from shuntflow.wire import MSG_SIZE, PEER_SIZE, Msg, MsgType, PeerMsg, Status, Tuple4
+from shuntflow.wire import (
+    MSG_SIZE,
+    PEER_SIZE,
+    Msg,
+    MsgType,
+    PeerMsg,
+    Status,
+    Tuple4,
+    underlay_binding,
+)
 
 
 def channel(path: str) -> socket.socket:
@@ -83,13 +93,21 @@ def claim(path: str, seconds: float) -> dict[str, Any]:
     return {"claims": claims, "results": results}
 
 
-def exchange(peer: str, port: int, frame: bytes, source: str | None = None) -> socket.socket:
-    s = socket.create_connection((peer, port), timeout=5, source_address=(source or "", 0))
-    s.sendall(frame)
+def connect(peer: str, port: int, source: tuple[str, int] = ("", 0)) -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(5)
+    s.bind(source)
+    s.connect((peer, port))
     return s
 
 
+def binding(s: socket.socket) -> bytes:
+    return underlay_binding(s.getsockname(), s.getpeername())
+
+
 def answer_of(s: socket.socket, key: bytes, offer: PeerMsg) -> dict[str, Any]:
+    bound = binding(s)
     s.settimeout(5)
     buf = b""
     try:
@@ -107,7 +125,7 @@ def answer_of(s: socket.socket, key: bytes, offer: PeerMsg) -> dict[str, Any]:
     answer = PeerMsg.unpack(buf)
     return {
         "answer": Status(answer.status).name,
-        "mac_ok": answer_matches(key, offer, answer) is None,
+        "mac_ok": answer_matches(key, offer, answer, bound) is None,
     }
 
 
@@ -116,14 +134,31 @@ def rogue(peer: str, port: int, key_file: str, local: str, remote: str, foreign:
         key = fh.read().strip()
     t = Tuple4.parse(local, remote)
     out: dict[str, Any] = {}
-    forged = make_offer(b"not the cluster key, but just as long!!", 1, t)
-    out["bad_mac"] = answer_of(exchange(peer, port, forged.pack()), key, forged)
-    valid = make_offer(key, 2, t)
-    out["valid"] = answer_of(exchange(peer, port, valid.pack()), key, valid)
-    out["replay"] = answer_of(exchange(peer, port, valid.pack()), key, valid)
-    fresh = make_offer(key, 3, t)
+    s = connect(peer, port)
+    forged = make_offer(b"not the cluster key, but just as long!!", 1, t, binding(s))
+    s.sendall(forged.pack())
+    out["bad_mac"] = answer_of(s, key, forged)
+    s = connect(peer, port)
+    source = s.getsockname()
+    valid = make_offer(key, 2, t, binding(s))
+    s.sendall(valid.pack())
+    out["valid"] = answer_of(s, key, valid)
+    # The captured bytes over a new connection: the MAC binds them to the first one.
+    s = connect(peer, port)
+    s.sendall(valid.pack())
+    out["replay"] = answer_of(s, key, valid)
+    # ... and over a new connection from the very same source address and port: the MAC holds,
+    # the nonce cache refuses it.
+    time.sleep(0.2)  # the router closed first; let our end finish closing
+    s = connect(peer, port, source)
+    out["replay_same_port"] = {"same_source": s.getsockname() == source}
+    s.sendall(valid.pack())
+    out["replay_same_port"].update(answer_of(s, key, valid))
     try:
-        out["foreign"] = answer_of(exchange(peer, port, fresh.pack(), foreign), key, fresh)
+        s = connect(peer, port, (foreign, 0))
+        fresh = make_offer(key, 3, t, binding(s))
+        s.sendall(fresh.pack())
+        out["foreign"] = answer_of(s, key, fresh)
     except OSError as exc:
         out["foreign"] = {"answer": "closed", "error": str(exc)}
     return out

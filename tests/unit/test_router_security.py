@@ -26,7 +26,7 @@ from shuntflow.router.auth import (
 from shuntflow.router.ownership import OwnershipChecker
 from shuntflow.router.policy import Policy, PolicyError, Rule
 from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port, write_key_file
-from shuntflow.wire import Status, Tuple4
+from shuntflow.wire import Status, Tuple4, underlay_binding
 
 KEY = b"0123456789abcdef0123456789abcdef"
 T = Tuple4.parse("198.19.1.2:40001", "198.19.2.3:80")
@@ -93,6 +93,21 @@ def test_offer_with_wrong_key_or_tampered_tuple() -> None:
     good = make_offer(KEY, 1, T)
     assert checker.check(replace(good, tuple=T.mirrored())).reason == "bad MAC"
     assert checker.check(replace(good, timestamp_ms=good.timestamp_ms + 1)).reason == "bad MAC"
+
+
+def test_offer_is_valid_only_on_its_own_underlay_connection() -> None:
+    """A copy of an OFFER raced over another TCP connection fails: the MAC covers the underlay
+    4-tuple both routers read from their socket."""
+    checker = OfferChecker(KEY, 10_000, 100)
+    mine = underlay_binding(("198.18.0.1", 40000), ("198.18.0.2", 4790))
+    other = underlay_binding(("198.18.0.1", 40001), ("198.18.0.2", 4790))
+    offer = make_offer(KEY, 1, T, mine)
+    assert checker.check(offer, other).reason == "bad MAC"
+    assert checker.check(offer).reason == "bad MAC"
+    assert checker.check(offer, mine).ok
+    answer = make_answer(KEY, offer, Status.OK, mine)
+    assert answer_matches(KEY, offer, answer, mine) is None
+    assert "MAC invalid" in (answer_matches(KEY, offer, answer, other) or "")
 
 
 def test_offer_time_window() -> None:

@@ -16,8 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shuntflow.router.auth import make_offer
-from shuntflow.router.testing import TEST_KEY, FakeLibrary, RouterProcess, free_port, recv_exact
+from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port, offer_bytes, recv_exact
 from shuntflow.wire import PEER_SIZE, MsgType, PeerMsg, Status, Tuple4
 
 MAP = {
@@ -265,7 +264,7 @@ def test_crossing_offer_leader_rule_on_the_wire(
         seq = lb.request(t_b, seq=4242)
         time.sleep(0.005)
         with socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s:
-            s.sendall(make_offer(TEST_KEY, 1, t_b.mirrored()).pack())
+            s.sendall(offer_bytes(s, 1, t_b.mirrored()))
             s.settimeout(2)
             answer = PeerMsg.unpack(recv_exact(s, PEER_SIZE))
             if answer.status == Status.OK:
@@ -283,7 +282,7 @@ def test_offer_from_wrong_host_is_denied(routers: tuple[RouterProcess, RouterPro
     t_b = Tuple4.parse("198.19.2.1:80", "198.19.3.5:7000")  # initiator claims to be on host .3
     with FakeLibrary(b.socket, owned={t_b}) as lb:
         with socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s:
-            s.sendall(make_offer(TEST_KEY, 1, t_b.mirrored()).pack())
+            s.sendall(offer_bytes(s, 1, t_b.mirrored()))
             s.settimeout(2)
             answer = PeerMsg.unpack(recv_exact(s, PEER_SIZE))
             assert answer.type is MsgType.ANSWER and answer.status == Status.DENIED
@@ -301,7 +300,7 @@ def test_router_never_reads_past_the_offer(routers: tuple[RouterProcess, RouterP
         socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s,
     ):
         if True:
-            s.sendall(make_offer(TEST_KEY, 9, t_b.mirrored()).pack() + b"APPDATA")
+            s.sendall(offer_bytes(s, 9, t_b.mirrored()) + b"APPDATA")
             s.settimeout(2)
             answer = PeerMsg.unpack(recv_exact(s, PEER_SIZE))
             assert answer.status == Status.OK and answer.seq == 9

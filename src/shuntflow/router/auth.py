@@ -7,6 +7,10 @@
 # the responder remembers every nonce it accepted for as long as the timestamp would still pass
 # the window check; after that the window check itself refuses the frame, so the cache stays
 # bounded by (offers per second) x (2 x window).
+# Why the MAC also covers the underlay TCP 4-tuple (read from the socket, never sent): the
+# accepted OFFER's connection *becomes* the host connection. Without the binding, someone who
+# sees an OFFER on the underlay could race it over their own TCP connection and be handed the
+# application's stream; with it, a copy is only valid on the very connection it was made for.
 
 from __future__ import annotations
 
@@ -71,24 +75,24 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def make_offer(key: bytes, seq: int, tup: Tuple4) -> PeerMsg:
+def make_offer(key: bytes, seq: int, tup: Tuple4, binding: bytes = b"") -> PeerMsg:
     return PeerMsg(
         MsgType.OFFER, Status.OK, seq, tup, now_ms(), secrets.token_bytes(PEER_NONCE_SIZE)
-    ).signed(key)
+    ).signed(key, binding)
 
 
-def make_answer(key: bytes, offer: PeerMsg, status: Status) -> PeerMsg:
+def make_answer(key: bytes, offer: PeerMsg, status: Status, binding: bytes = b"") -> PeerMsg:
     """Bound to `offer` by its nonce; the MAC proves the responder holds the key too."""
     return PeerMsg(
         MsgType.ANSWER, status, offer.seq, offer.tuple, offer.timestamp_ms, offer.nonce
-    ).signed(key)
+    ).signed(key, binding)
 
 
-def answer_matches(key: bytes, offer: PeerMsg, answer: PeerMsg) -> str | None:
+def answer_matches(key: bytes, offer: PeerMsg, answer: PeerMsg, binding: bytes = b"") -> str | None:
     """None if `answer` is the authentic answer to `offer`, else why not."""
     if answer.type is not MsgType.ANSWER:
         return f"expected ANSWER, got {answer.type.name}"
-    if not answer.verify(key):
+    if not answer.verify(key, binding):
         return "ANSWER MAC invalid (peer has another cluster key)"
     if answer.nonce != offer.nonce or answer.tuple != offer.tuple or answer.seq != offer.seq:
         return "ANSWER does not match the OFFER"
@@ -116,9 +120,11 @@ class OfferChecker:
             _, nonce = heapq.heappop(self._expiry)
             self._seen.discard(nonce)
 
-    def check(self, offer: PeerMsg, now: int | None = None) -> OfferVerdict:
-        """Accept each authentic OFFER once; a False verdict says why (for the log)."""
-        if not offer.verify(self.key):
+    def check(self, offer: PeerMsg, binding: bytes = b"", now: int | None = None) -> OfferVerdict:
+        """Accept each authentic OFFER once; a False verdict says why (for the log).
+
+        `binding`: the underlay connection it arrived on (wire.underlay_binding)."""
+        if not offer.verify(self.key, binding):
             return OfferVerdict(False, "bad MAC")
         now = now_ms() if now is None else now
         skew = offer.timestamp_ms - now

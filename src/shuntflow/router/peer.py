@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from shuntflow.router.auth import OfferChecker, answer_matches, make_answer, make_offer
 from shuntflow.router.library_channel import RouterSetupError
 from shuntflow.router.logfmt import get_logger
-from shuntflow.wire import PEER_SIZE, MsgType, PeerMsg, Status, Tuple4, WireError
+from shuntflow.wire import (
+    PEER_SIZE,
+    MsgType,
+    PeerMsg,
+    Status,
+    Tuple4,
+    WireError,
+    underlay_binding,
+)
 
 log = get_logger()
 
@@ -83,7 +91,11 @@ async def send_offer(
             return OfferResult(Status.PEER_UNREACHABLE, detail="connect timed out")
         except OSError as exc:
             return OfferResult(Status.PEER_UNREACHABLE, detail=f"connect: {exc.strerror or exc}")
-        offer = make_offer(key, seq, tup)
+        try:
+            binding = underlay_binding(sock.getsockname(), sock.getpeername())
+        except OSError as exc:
+            return OfferResult(Status.PEER_UNREACHABLE, detail=f"connect: {exc.strerror}")
+        offer = make_offer(key, seq, tup, binding)
         try:
             await asyncio.wait_for(loop.sock_sendall(sock, offer.pack()), answer_timeout)
             data = await asyncio.wait_for(read_exact(loop, sock, PEER_SIZE), answer_timeout)
@@ -95,7 +107,7 @@ async def send_offer(
             answer = PeerMsg.unpack(data)
         except WireError as exc:
             return OfferResult(Status.INTERNAL, detail=f"bad ANSWER: {exc}")
-        mismatch = answer_matches(key, offer, answer)
+        mismatch = answer_matches(key, offer, answer, binding)
         if mismatch is not None:
             return OfferResult(Status.INTERNAL, detail=mismatch)
         try:
@@ -120,7 +132,11 @@ async def send_answer(
     timeout: float,
 ) -> bool:
     """Send the ANSWER for `offer`; False if the initiator is gone."""
-    frame = make_answer(key, offer, status).pack()
+    try:
+        binding = underlay_binding(sock.getpeername(), sock.getsockname())
+    except OSError:
+        return False
+    frame = make_answer(key, offer, status, binding).pack()
     try:
         await asyncio.wait_for(loop.sock_sendall(sock, frame), timeout)
     except (OSError, TimeoutError):
@@ -212,7 +228,7 @@ class PeerListener:
             msg = PeerMsg.unpack(data)
             if msg.type is not MsgType.OFFER:
                 raise WireError(f"expected OFFER, got {msg.type.name}")
-            verdict = self.checker.check(msg)
+            verdict = self.checker.check(msg, underlay_binding((peer, port), conn.getsockname()))
             if not verdict.ok:
                 self.rejected_offers += 1
                 log.warning(

@@ -447,3 +447,11 @@ def recv_exact(sock: socket.socket, size: int, timeout: float = 5.0) -> bytes:
             break
         buf += chunk
     return buf
+
+
+def offer_bytes(sock: socket.socket, seq: int, t: Tuple4, key: bytes = TEST_KEY) -> bytes:
+    """A valid OFFER for `t` on the connected peer-port socket `sock` (MAC'd with its binding)."""
+    from shuntflow.router.auth import make_offer
+    from shuntflow.wire import underlay_binding
+
+    return make_offer(key, seq, t, underlay_binding(sock.getsockname(), sock.getpeername())).pack()
