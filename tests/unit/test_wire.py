@@ -141,6 +141,12 @@ def test_peer_mac_covers_every_byte_before_it() -> None:
         except WireError:
             continue  # magic or type no longer valid: refused before the MAC
         assert not msg.verify(KEY), f"flipping byte {i} kept the MAC valid"
+    # The underlay binding: initiator ip, port, responder ip, port, network order.
+    b = wire.underlay_binding(("198.18.0.1", 40000), ("198.18.0.2", 4790))
+    assert b == bytes([198, 18, 0, 1]) + (40000).to_bytes(2, "big") + bytes([198, 18, 0, 2]) + (
+        4790
+    ).to_bytes(2, "big")
+    assert good.verify(KEY) and not good.verify(KEY, b)
     # An OFFER's MAC is not an ANSWER's.
     as_answer = PeerMsg(
         MsgType.ANSWER, good.status, good.seq, good.tuple, good.timestamp_ms, good.nonce, good.mac

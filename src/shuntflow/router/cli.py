@@ -213,6 +213,17 @@ def _print_tables(results: list[dict[str, Any]]) -> None:
             + (f", failures: {failures}" if failures else "")
             + (f", backoff: {backoffs}" if backoffs else "")
         )
+        sec = info.get("security")
+        if sec:
+            policy = sec.get("policy", {})
+            console.print(
+                f"  security: owner check {'on' if sec.get('owner_check') else 'OFF'}, "
+                f"{sec.get('owner_denials', 0)} owner denials, "
+                f"{sec.get('offers_rejected', 0)} offers and {sec.get('peers_rejected', 0)} "
+                f"peers rejected; allow {policy.get('allow') or 'all'}, "
+                f"deny {policy.get('deny') or 'none'}",
+                markup=False,
+            )
         table = Table(show_edge=False, pad_edge=False)
         for col in ("pid", "local", "remote", "path", "overlay", "host"):
             table.add_column(col, justify="right" if col in ("overlay", "host", "pid") else "left")
