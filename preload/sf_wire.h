@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define SF_MSG_MAGIC 0x314C4653u  /* "SFL1": library <-> router */
-#define SF_PEER_MAGIC 0x31524653u /* "SFR1": router <-> router */
+#define SF_PEER_MAGIC 0x32524653u /* "SFR2": router <-> router, authenticated */
 #define SF_HOP_MAGIC 0x31484653u  /* "SFH1": library <-> library, first bytes on the host connection */
 #define SF_PROTOCOL_VERSION 1
 
@@ -62,6 +62,26 @@ struct sf_msg {
     uint64_t arg2;
 };
 
+/* Router <-> router (the library never sees it; here so both halves of docs/wire.md agree).
+ * mac = HMAC-SHA256(cluster key, the 56 bytes before it + the 12-byte underlay binding). */
+#define SF_PEER_NONCE_SIZE 16
+#define SF_PEER_MAC_SIZE 32
+struct sf_peer_msg {
+    uint32_t magic;
+    uint16_t type;   /* SF_OFFER or SF_ANSWER */
+    uint16_t status;
+    uint32_t seq;
+    uint32_t reserved;
+    uint32_t local_ip;    /* network order; the initiator's end */
+    uint32_t remote_ip;   /* network order */
+    uint16_t local_port;  /* network order */
+    uint16_t remote_port; /* network order */
+    uint32_t reserved2;
+    uint64_t timestamp_ms; /* OFFER: initiator's wall clock, ms since the epoch; ANSWER: echoed */
+    uint8_t nonce[SF_PEER_NONCE_SIZE]; /* OFFER: fresh random; ANSWER: the OFFER's */
+    uint8_t mac[SF_PEER_MAC_SIZE];
+};
+
 enum sf_hop_type { SF_HOP_READY = 1, SF_HOP_SYNC = 2, SF_HOP_ABORT = 3 };
 #define SF_HOP_F_SHUT_WR 0x1u
 
@@ -74,5 +94,6 @@ struct sf_hop {
 
 _Static_assert(sizeof(struct sf_msg) == 48, "sf_msg is 48 bytes on the wire");
 _Static_assert(sizeof(struct sf_hop) == 16, "sf_hop is 16 bytes on the wire");
+_Static_assert(sizeof(struct sf_peer_msg) == 88, "sf_peer_msg is 88 bytes on the wire");
 
 #endif

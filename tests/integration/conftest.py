@@ -13,6 +13,7 @@ library `lt*`, bench `bt*`):
 
     def test_z(make_testbed):
         tb = make_testbed("rt3", hosts=2, containers=1, routers=True)   # torn down after the test
+        # router_args=["--deny", ":6379"]: extra `shuntflow router` flags for every router
 
 A stale testbed of the same prefix (left by a killed run) is removed before building.
 """
@@ -20,7 +21,7 @@ A stale testbed of the same prefix (left by a killed run) is removed before buil
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -34,9 +35,17 @@ def _require_root() -> None:
         pytest.skip("needs root for network namespaces")
 
 
-def _fresh(prefix: str, hosts: int, containers: int, routers: bool) -> Testbed:
+def _fresh(
+    prefix: str, hosts: int, containers: int, routers: bool, router_args: Sequence[str] = ()
+) -> Testbed:
     Testbed.down_prefix(prefix)
-    return Testbed.up(prefix=prefix, hosts=hosts, containers=containers, routers=routers)
+    return Testbed.up(
+        prefix=prefix,
+        hosts=hosts,
+        containers=containers,
+        routers=routers,
+        router_args=router_args,
+    )
 
 
 class _Factory:
@@ -44,12 +53,17 @@ class _Factory:
         self.made: list[str] = []
 
     def __call__(
-        self, prefix: str, hosts: int = 2, containers: int = 2, routers: bool = False
+        self,
+        prefix: str,
+        hosts: int = 2,
+        containers: int = 2,
+        routers: bool = False,
+        router_args: Sequence[str] = (),
     ) -> Testbed:
         _require_root()
         # Recorded before building: a failed `up` may still leave something to remove.
         self.made.append(prefix)
-        return _fresh(prefix, hosts, containers, routers)
+        return _fresh(prefix, hosts, containers, routers, router_args)
 
     def teardown(self) -> None:
         errors = []

@@ -6,6 +6,7 @@ between the host namespaces, and `shuntflow status --prefix` finds every router.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from shuntflow.router.control import query
 from shuntflow.router.testing import FakeLibrary
+from shuntflow.testbed.nsutil import in_netns
 from shuntflow.wire import Status, Tuple4
 
 TESTBED_PREFIX = "rt1"
@@ -20,14 +22,33 @@ TESTBED_ROUTERS = True
 SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
 
 
+def overlay_connection(
+    client: Any, server: Any, port: int
+) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """A real TCP connection client -> server:port over the overlay, each socket made inside
+    its container's namespace (by a thread that entered it): the ownership check finds it."""
+    listener = in_netns(
+        server.netns, lambda: socket.create_server((server.overlay_ip, port), backlog=4)
+    )
+    conn = in_netns(
+        client.netns, lambda: socket.create_connection((server.overlay_ip, port), timeout=5)
+    )
+    accepted, _ = listener.accept()
+    return conn, accepted, listener
+
+
 def test_switch_crosses_the_underlay(testbed: Any) -> None:
     h1, h2 = testbed.hosts
     c11, c12 = h1.containers
     c21 = h2.containers[0]
-    t = Tuple4.parse(f"{c11.overlay_ip}:41000", f"{c21.overlay_ip}:80")
+    conn, accepted, listener = overlay_connection(c11, c21, 8080)
+    t = Tuple4.parse("{}:{}".format(*conn.getsockname()), "{}:{}".format(*conn.getpeername()))
     with (
-        FakeLibrary(h1.router_socket) as la,
-        FakeLibrary(h2.router_socket, owned={t.mirrored()}) as lb,
+        conn,
+        accepted,
+        listener,
+        FakeLibrary(h1.router_socket, netns=c11.netns) as la,
+        FakeLibrary(h2.router_socket, owned={t.mirrored()}, netns=c21.netns) as lb,
     ):
         res = la.wait_result(la.request(t))
         assert res.msg.status == Status.OK, Status(res.msg.status).name
@@ -48,12 +69,17 @@ def test_switch_crosses_the_underlay(testbed: Any) -> None:
         assert got == payload
         y.sendall(b"back")
         assert x.recv(10) == b"back"
-        # Same-host and unknown destinations never switch.
-        local = Tuple4.parse(f"{c11.overlay_ip}:41001", f"{c12.overlay_ip}:80")
-        assert la.wait_result(la.request(local)).msg.status == Status.NO_ROUTE
+        # Same-host and unknown destinations never switch (the ownership check comes first:
+        # these connections exist).
+        conn2, acc2, lis2 = overlay_connection(c11, c12, 8081)
+        with conn2, acc2, lis2:
+            local = Tuple4.parse(
+                "{}:{}".format(*conn2.getsockname()), "{}:{}".format(*conn2.getpeername())
+            )
+            assert la.wait_result(la.request(local)).msg.status == Status.NO_ROUTE
+        # A library on h1 claiming h2's overlay address, or a connection nobody holds: denied.
         unknown = Tuple4.parse(f"{c11.overlay_ip}:41002", "198.19.9.9:80")
-        assert la.wait_result(la.request(unknown)).msg.status == Status.NO_ROUTE
-        # A library on h1 claiming h2's overlay address is denied.
+        assert la.wait_result(la.request(unknown)).msg.status == Status.DENIED
         spoof = Tuple4.parse(f"{c21.overlay_ip}:41003", f"{c11.overlay_ip}:80")
         assert la.wait_result(la.request(spoof)).msg.status == Status.DENIED
 

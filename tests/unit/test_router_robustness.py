@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
-from shuntflow.wire import MSG_MAGIC, PEER_MAGIC, Msg, MsgType, Status, Tuple4
+from shuntflow.router.testing import TEST_KEY, FakeLibrary, RouterProcess, free_port
+from shuntflow.wire import MSG_MAGIC, PEER_MAGIC, Msg, MsgType, PeerMsg, Status, Tuple4
 
 MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2", "198.19.3.0/24": "127.0.0.3"}
 
@@ -168,27 +168,27 @@ def test_peer_port_garbage(env: tuple[RouterProcess, RouterProcess, int]) -> Non
     slow_thread = threading.Thread(target=slow)
     slow_thread.start()
 
-    # Random bytes: a full 48-byte frame with a bad magic.
+    # Random bytes: a full 88-byte frame with a bad magic.
     with socket.create_connection(("127.0.0.2", port)) as s:
-        s.sendall(os.urandom(44) + b"\xff\xff\xff\xff")
+        s.sendall(b"\xff\xff\xff\xff" + os.urandom(84))
         wait_closed(s)
     # A short frame, then close.
     with socket.create_connection(("127.0.0.2", port)) as s:
-        s.sendall(b"SFR1" + os.urandom(6))
+        s.sendall(b"SFR2" + os.urandom(6))
     # Connect and close at once: what a peer's pool does with an aged connection, no offence.
     socket.create_connection(("127.0.0.2", port)).close()
     # A well-formed frame of the wrong type (ANSWER instead of OFFER).
     with socket.create_connection(("127.0.0.2", port)) as s:
         t = Tuple4.parse("198.19.1.1:1", "198.19.2.1:2")
-        s.sendall(Msg(MsgType.ANSWER, tuple=t).pack_peer())
+        s.sendall(PeerMsg(MsgType.ANSWER, tuple=t).signed(TEST_KEY).pack())
         wait_closed(s)
-    # A library frame on the peer port.
+    # Library frames on the peer port.
     with socket.create_connection(("127.0.0.2", port)) as s:
-        s.sendall(Msg(MsgType.HELLO).pack())
+        s.sendall(Msg(MsgType.HELLO).pack() * 2)
         wait_closed(s)
 
     wait_log(b, "bad magic")
-    wait_log(b, "connection closed after 10 of 48 bytes")
+    wait_log(b, "connection closed after 10 of 88 bytes")
     wait_log(b, "event=peer_closed_idle")
     wait_log(b, "expected OFFER, got ANSWER")
     switch_works(a, b, 2)  # served while the slow client is still connected
@@ -279,6 +279,7 @@ def test_sockets_modes_and_clean_shutdown(tmp_path: os.PathLike[str]) -> None:
         assert stat.S_IMODE(r.control.stat().st_mode) == 0o600
         # A second router on the same socket refuses to start (exit 1, one line).
         args = ["--host-ip", "127.0.0.1", "--peer-port", str(free_port()), "--map", str(map_file)]
+        args += ["--cluster-key", str(r.key_file)]
         second = subprocess.run(
             [sys.executable, "-m", "shuntflow.router", "--socket", str(r.socket), *args],
             capture_output=True,

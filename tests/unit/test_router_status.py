@@ -17,7 +17,13 @@ import pytest
 from shuntflow.router.cli import find_routers
 from shuntflow.router.config import ConfigError, RouterConfig, build_config, load_toml
 from shuntflow.router.control import query
-from shuntflow.router.testing import ConnRow, FakeLibrary, RouterProcess, free_port
+from shuntflow.router.testing import (
+    ConnRow,
+    FakeLibrary,
+    RouterProcess,
+    free_port,
+    write_key_file,
+)
 from shuntflow.wire import Mode, Status, Tuple4
 from shuntflow.wire import Path as ConnPath
 
@@ -208,7 +214,10 @@ def test_status_reports_dead_router(tmp_path: Path) -> None:
         (["--socket", "{dir}/r.sock", "--host-ip", "0.0.0.0", "--map", "{map}"], "unicast"),
         (["--socket", "{dir}/r.sock", "--host-ip", "127.0.0.1"], "need --vxlan-dev or --map"),
         (["--socket", "{dir}/r.sock", "--host-ip", "127.0.0.1", "--map", "{dir}/x"], "no such"),
-        (["--socket", "{dir}/r.sock", "--host-ip", "127.0.0.1", "--map", "{bad}"], "--map"),
+        (
+            [*BASE[:4], "--map", "{bad}", "--cluster-key", "{key}"],
+            "--map",
+        ),
         (
             [*BASE, "--peer-port", "70000"],
             "not a TCP port",
@@ -223,13 +232,26 @@ def test_status_reports_dead_router(tmp_path: Path) -> None:
         ),
         (["--config", "{dir}/missing.toml"], "no such file"),
         (["--config", "{badtoml}"], "unknown key"),
+        (BASE, "missing --cluster-key"),
+        ([*BASE, "--cluster-key", "{dir}/nokey"], "no such file"),
+        ([*BASE, "--cluster-key", "{openkey}"], "mode 0640 lets group or others read it"),
+        ([*BASE, "--cluster-key", "{shortkey}"], "need at least 32"),
+        ([*BASE, "--cluster-key", "{key}", "--deny", "198.19.0.0/33"], "policy rule"),
+        ([*BASE, "--cluster-key", "{key}", "--allow", "*:0"], "ports must be 1..65535"),
+        ([*BASE, "--cluster-key", "{key}", "--peer-allow", "nope"], "--peer-allow 'nope'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "map.json").write_text(json.dumps(MAP))
     (tmp_path / "bad.json").write_text("[]")
     (tmp_path / "bad.toml").write_text('socket = "r.sock"\nhost_ip = "127.0.0.1"\nfoo = 1\n')
+    write_key_file(tmp_path / "key")
+    write_key_file(tmp_path / "short.key", b"too short")
+    os.chmod(write_key_file(tmp_path / "open.key"), 0o640)
     subst = {
+        "key": str(tmp_path / "key"),
+        "shortkey": str(tmp_path / "short.key"),
+        "openkey": str(tmp_path / "open.key"),
         "dir": str(tmp_path),
         "map": str(tmp_path / "map.json"),
         "bad": str(tmp_path / "bad.json"),
@@ -256,13 +278,20 @@ def test_toml_config(tmp_path: Path) -> None:
         'map = "map.json"\n'
         "claim-timeout-ms = 80\n"
         "backoff_max_ms = 2000\n"
+        'cluster-key = "cluster.key"\n'
+        'deny = ["198.19.2.0/24:6379", ":11211"]\n'
+        "owner-check = false\n"
     )
+    write_key_file(tmp_path / "cluster.key")
     values = load_toml(cfg_file)
     assert values["socket"] == tmp_path / "sock" / "router.sock"  # relative to the file
     assert values["map_file"] == tmp_path / "map.json"
     cfg = build_config(values, {"claim_timeout_ms": 90})  # flags win
     assert isinstance(cfg, RouterConfig) and cfg.claim_timeout_ms == 90
     assert cfg.backoff_max_ms == 2000 and cfg.peer_port == port
+    assert cfg.cluster_key == tmp_path / "cluster.key"
+    assert cfg.deny == ("198.19.2.0/24:6379", ":11211") and cfg.owner_check is False
+    assert build_config(values, {"deny": ("198.19.9.9",)}).deny == ("198.19.9.9",)
     assert cfg.control_socket == tmp_path / "sock" / "router.sock.ctl"
     with pytest.raises(ConfigError, match="peer_port must be int"):
         build_config({**values, "peer_port": "4790"}, {})
@@ -284,6 +313,9 @@ def test_toml_config(tmp_path: Path) -> None:
                 time.sleep(0.05)
         assert st["router"]["peer_port"] == port
         assert st["router"]["config"]["claim_timeout_ms"] == 80
+        security = st["router"]["security"]
+        assert security["policy"] == {"allow": [], "deny": ["198.19.2.0/24:6379", ":11211"]}
+        assert security["owner_check"] is False
     finally:
         proc.terminate()
         assert proc.wait(10) == 0

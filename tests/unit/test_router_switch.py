@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
-from shuntflow.wire import Msg, MsgType, Status, Tuple4
+from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port, offer_bytes, recv_exact
+from shuntflow.wire import PEER_SIZE, MsgType, PeerMsg, Status, Tuple4
 
 MAP = {
     "198.19.1.0/24": "127.0.0.1",
@@ -279,9 +279,9 @@ def test_crossing_offer_leader_rule_on_the_wire(
         seq = lb.request(t_b, seq=4242)
         time.sleep(0.005)
         with socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s:
-            s.sendall(Msg(MsgType.OFFER, seq=1, tuple=t_b.mirrored()).pack_peer())
+            s.sendall(offer_bytes(s, 1, t_b.mirrored()))
             s.settimeout(2)
-            answer = Msg.unpack_peer(s.recv(48))
+            answer = PeerMsg.unpack(recv_exact(s, PEER_SIZE))
             if answer.status == Status.OK:
                 res = lb.wait_result(seq)
                 assert res.msg.status == Status.OK and res.sock is not None
@@ -297,9 +297,9 @@ def test_offer_from_wrong_host_is_denied(routers: tuple[RouterProcess, RouterPro
     t_b = Tuple4.parse("198.19.2.1:80", "198.19.3.5:7000")  # initiator claims to be on host .3
     with FakeLibrary(b.socket, owned={t_b}) as lb:
         with socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s:
-            s.sendall(Msg(MsgType.OFFER, seq=1, tuple=t_b.mirrored()).pack_peer())
+            s.sendall(offer_bytes(s, 1, t_b.mirrored()))
             s.settimeout(2)
-            answer = Msg.unpack_peer(s.recv(48))
+            answer = PeerMsg.unpack(recv_exact(s, PEER_SIZE))
             assert answer.type is MsgType.ANSWER and answer.status == Status.DENIED
             assert s.recv(10) == b""  # closed after the frame
         assert not lb.claims and not lb.host
@@ -315,9 +315,9 @@ def test_router_never_reads_past_the_offer(routers: tuple[RouterProcess, RouterP
         socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.1", 0)) as s,
     ):
         if True:
-            s.sendall(Msg(MsgType.OFFER, seq=9, tuple=t_b.mirrored()).pack_peer() + b"APPDATA")
+            s.sendall(offer_bytes(s, 9, t_b.mirrored()) + b"APPDATA")
             s.settimeout(2)
-            answer = Msg.unpack_peer(s.recv(48))
+            answer = PeerMsg.unpack(recv_exact(s, PEER_SIZE))
             assert answer.status == Status.OK and answer.seq == 9
             lb.wait_host([t_b.key()])
             host = lb.host[t_b.key()]

@@ -24,11 +24,13 @@ from shuntflow.wire import (
     MSG_MAGIC,
     MSG_SIZE,
     PEER_MAGIC,
+    PEER_SIZE,
     Endpoint,
     Hop,
     HopType,
     Msg,
     MsgType,
+    PeerMsg,
     Status,
     Tuple4,
     WireError,
@@ -53,6 +55,23 @@ DOC_MSG_LAYOUT = {
     "arg2": (40, 8),
 }
 DOC_HOP_LAYOUT = {"magic": (0, 4), "type": (4, 2), "flags": (6, 2), "seq": (8, 8)}
+# Section 2: struct sf_peer_msg.
+DOC_PEER_LAYOUT = {
+    "magic": (0, 4),
+    "type": (4, 2),
+    "status": (6, 2),
+    "seq": (8, 4),
+    "reserved": (12, 4),
+    "local_ip": (16, 4),
+    "remote_ip": (20, 4),
+    "local_port": (24, 2),
+    "remote_port": (26, 2),
+    "reserved2": (28, 4),
+    "timestamp_ms": (32, 8),
+    "nonce": (40, 16),
+    "mac": (56, 32),
+}
+KEY = b"k" * 32
 
 SAMPLE_TUPLE = Tuple4.parse("198.19.1.2:40001", "198.19.2.3:80")
 
@@ -92,11 +111,47 @@ def test_msg_bytes_identical(probe: dict[str, list[str]]) -> None:
     assert Msg.unpack(c_bytes) == py
 
 
+def sample_peer(kind: MsgType, status: Status, mac: bytes = bytes(range(0xA0, 0xC0))) -> PeerMsg:
+    nonce = bytes(range(0x10, 0x20))
+    return PeerMsg(kind, status, 0x81020304, SAMPLE_TUPLE, 1764140000123, nonce, mac)
+
+
 def test_peer_msg_bytes_identical(probe: dict[str, list[str]]) -> None:
     c_bytes = bytes.fromhex(probe["peer"][0])
-    py = sample(MsgType.ANSWER, Status.PEER_REFUSED)
-    assert py.pack_peer() == c_bytes
-    assert Msg.unpack_peer(c_bytes) == py
+    py = sample_peer(MsgType.ANSWER, Status.PEER_REFUSED)
+    assert py.pack() == c_bytes
+    assert PeerMsg.unpack(c_bytes) == py
+    # Bytes 16..27 are the tuple exactly as in sf_msg.
+    assert c_bytes[16:28] == bytes.fromhex(probe["msg"][0])[16:28]
+
+
+def test_peer_mac_covers_every_byte_before_it() -> None:
+    good = sample_peer(MsgType.OFFER, Status.OK).signed(KEY)
+    raw = good.pack()
+    assert len(raw) == PEER_SIZE == 88
+    assert PeerMsg.unpack(raw).verify(KEY)
+    assert not PeerMsg.unpack(raw).verify(b"x" * 32)
+    for i in range(PEER_SIZE):
+        if 12 <= i < 16 or 28 <= i < 32:
+            continue  # reserved: decoding drops them, so they are re-packed as 0
+        bad = bytearray(raw)
+        bad[i] ^= 0x01
+        try:
+            msg = PeerMsg.unpack(bytes(bad))
+        except WireError:
+            continue  # magic or type no longer valid: refused before the MAC
+        assert not msg.verify(KEY), f"flipping byte {i} kept the MAC valid"
+    # The underlay binding: initiator ip, port, responder ip, port, network order.
+    b = wire.underlay_binding(("198.18.0.1", 40000), ("198.18.0.2", 4790))
+    assert b == bytes([198, 18, 0, 1]) + (40000).to_bytes(2, "big") + bytes([198, 18, 0, 2]) + (
+        4790
+    ).to_bytes(2, "big")
+    assert good.verify(KEY) and not good.verify(KEY, b)
+    # An OFFER's MAC is not an ANSWER's.
+    as_answer = PeerMsg(
+        MsgType.ANSWER, good.status, good.seq, good.tuple, good.timestamp_ms, good.nonce, good.mac
+    )
+    assert not as_answer.verify(KEY)
 
 
 def test_hop_bytes_identical(probe: dict[str, list[str]]) -> None:
@@ -121,7 +176,11 @@ def test_layout_matches_doc_and_python(probe: dict[str, list[str]]) -> None:
         assert offsets[f"sf_msg.{field}"] == [off, size], field
     for field, (off, size) in DOC_HOP_LAYOUT.items():
         assert offsets[f"sf_hop.{field}"] == [off, size], field
+    for field, (off, size) in DOC_PEER_LAYOUT.items():
+        assert offsets[f"sf_peer_msg.{field}"] == [off, size], field
     sizes = _pairs(probe["size"])
+    assert sizes["sf_peer_msg"] == [PEER_SIZE] == [88]
+    assert wire._PEER_HEAD.size == DOC_PEER_LAYOUT["mac"][0]
     assert sizes["sf_msg"] == [MSG_SIZE] == [48]
     assert sizes["sf_hop"] == [wire.HOP_SIZE] == [16]
     # Python's struct format puts every field at the documented offset too.
@@ -140,7 +199,7 @@ def test_constants_and_enums_match(probe: dict[str, list[str]]) -> None:
     assert (msg_magic, peer_magic, hop_magic) == (MSG_MAGIC, PEER_MAGIC, HOP_MAGIC)
     assert version == wire.PROTOCOL_VERSION
     assert MSG_MAGIC.to_bytes(4, "little") == b"SFL1"
-    assert PEER_MAGIC.to_bytes(4, "little") == b"SFR1"
+    assert PEER_MAGIC.to_bytes(4, "little") == b"SFR2"
     assert HOP_MAGIC.to_bytes(4, "little") == b"SFH1"
     c_enums = _pairs(probe["enum"])
     seen = set()
@@ -170,6 +229,16 @@ def _with_type(kind: int, magic: int = MSG_MAGIC) -> bytes:
     return bytes(raw)
 
 
+def _good_peer() -> bytes:
+    return sample_peer(MsgType.OFFER, Status.OK).signed(KEY).pack()
+
+
+def _peer_with(offset: int, value: int, size: int = 2) -> bytes:
+    raw = bytearray(_good_peer())
+    raw[offset : offset + size] = value.to_bytes(size, "little")
+    return bytes(raw)
+
+
 @pytest.mark.parametrize(
     ("data", "unpack", "match"),
     [
@@ -182,8 +251,12 @@ def _with_type(kind: int, magic: int = MSG_MAGIC) -> bytes:
         (_with_type(0xFFFF), Msg.unpack, "unknown frame type"),
         (_with_type(MsgType.OFFER), Msg.unpack, "not allowed"),
         (_with_type(MsgType.ANSWER), Msg.unpack, "not allowed"),
-        (_with_type(MsgType.SWITCH_REQ, PEER_MAGIC), Msg.unpack_peer, "not allowed"),
-        (_with_type(MsgType.OFFER, MSG_MAGIC), Msg.unpack_peer, "bad magic"),
+        (_peer_with(4, MsgType.SWITCH_REQ), PeerMsg.unpack, "not allowed"),
+        (_peer_with(4, 99), PeerMsg.unpack, "unknown frame type 99"),
+        (_peer_with(0, MSG_MAGIC, 4), PeerMsg.unpack, "bad magic"),
+        (_good_peer()[:87], PeerMsg.unpack, "87 bytes"),
+        (_good_peer() + b"\0", PeerMsg.unpack, "89 bytes"),
+        (_good(), PeerMsg.unpack, "48 bytes"),
         (_with_type(MsgType.OFFER, PEER_MAGIC), Msg.unpack, "bad magic"),
     ],
 )
@@ -245,8 +318,10 @@ def test_msg_round_trip(
     raw = msg.pack()
     assert len(raw) == MSG_SIZE
     assert Msg.unpack(raw) == msg
-    peer = Msg(MsgType.OFFER, status, seq, pid, Tuple4(local, remote), arg, arg2)
-    assert Msg.unpack_peer(peer.pack_peer()) == peer
+    peer = PeerMsg(MsgType.OFFER, status, seq, Tuple4(local, remote), arg, pid.to_bytes(16, "big"))
+    peer = peer.signed(KEY)
+    back = PeerMsg.unpack(peer.pack())
+    assert back == peer and back.verify(KEY)
 
 
 @given(a=endpoints, b=endpoints)

@@ -4,7 +4,7 @@
  * fills them (addresses and ports copied in network order from a sockaddr_in), then the raw
  * bytes are printed in hex, with offsetof/sizeof of every field, so the Python half
  * (src/shuntflow/wire.py) can be compared byte for byte. Output, one item per line:
- *   msg <hex>     peer <hex>     hop <hex>
+ *   msg <hex>     peer <hex> (MAC bytes a placeholder)     hop <hex>
  *   off <struct>.<field> <offset> <size>     enum <PyEnum>.<NAME> <value> */
 #include <arpa/inet.h>
 #include <stddef.h>
@@ -50,8 +50,25 @@ int main(void) {
     struct sf_msg m;
     fill(&m, SF_MSG_MAGIC, SF_SWITCH_RES, SF_DUPLICATE);
     hex("msg", &m, sizeof m);
-    fill(&m, SF_PEER_MAGIC, SF_ANSWER, SF_PEER_REFUSED);
-    hex("peer", &m, sizeof m);
+
+    /* The peer frame with a fixed nonce and a placeholder MAC (bytes 0xA0..0xBF): Python must
+     * lay out the same 56 bytes ahead of it; the MAC itself is computed only by Python. */
+    struct sf_msg src;
+    fill(&src, SF_MSG_MAGIC, 0, 0);
+    struct sf_peer_msg pm;
+    memset(&pm, 0, sizeof pm);
+    pm.magic = SF_PEER_MAGIC;
+    pm.type = SF_ANSWER;
+    pm.status = SF_PEER_REFUSED;
+    pm.seq = src.seq;
+    pm.local_ip = src.local_ip;
+    pm.remote_ip = src.remote_ip;
+    pm.local_port = src.local_port;
+    pm.remote_port = src.remote_port;
+    pm.timestamp_ms = 1764140000123ull;
+    for (int i = 0; i < SF_PEER_NONCE_SIZE; i++) pm.nonce[i] = (uint8_t)(0x10 + i);
+    for (int i = 0; i < SF_PEER_MAC_SIZE; i++) pm.mac[i] = (uint8_t)(0xA0 + i);
+    hex("peer", &pm, sizeof pm);
 
     struct sf_hop h = {.magic = SF_HOP_MAGIC, .type = SF_HOP_SYNC, .flags = SF_HOP_F_SHUT_WR,
                        .seq = 0x0102030405060708ull};
@@ -69,11 +86,25 @@ int main(void) {
     OFF(sf_msg, reserved);
     OFF(sf_msg, arg);
     OFF(sf_msg, arg2);
+    OFF(sf_peer_msg, magic);
+    OFF(sf_peer_msg, type);
+    OFF(sf_peer_msg, status);
+    OFF(sf_peer_msg, seq);
+    OFF(sf_peer_msg, reserved);
+    OFF(sf_peer_msg, local_ip);
+    OFF(sf_peer_msg, remote_ip);
+    OFF(sf_peer_msg, local_port);
+    OFF(sf_peer_msg, remote_port);
+    OFF(sf_peer_msg, reserved2);
+    OFF(sf_peer_msg, timestamp_ms);
+    OFF(sf_peer_msg, nonce);
+    OFF(sf_peer_msg, mac);
     OFF(sf_hop, magic);
     OFF(sf_hop, type);
     OFF(sf_hop, flags);
     OFF(sf_hop, seq);
     printf("size sf_msg %zu\nsize sf_hop %zu\n", sizeof(struct sf_msg), sizeof(struct sf_hop));
+    printf("size sf_peer_msg %zu\n", sizeof(struct sf_peer_msg));
     printf("const %u %u %u %d\n", SF_MSG_MAGIC, SF_PEER_MAGIC, SF_HOP_MAGIC, SF_PROTOCOL_VERSION);
     printf("enum MsgType.HELLO %d\n", (int)SF_HELLO);
     printf("enum MsgType.HELLO_ACK %d\n", (int)SF_HELLO_ACK);

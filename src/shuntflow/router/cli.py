@@ -77,6 +77,41 @@ def router_command(
             help=f"Time libraries get to claim an offer (default {DEFAULT_CLAIM_TIMEOUT_MS}).",
         ),
     ] = None,
+    cluster_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--cluster-key",
+            help="Key file shared by all routers (mode 0600, >= 32 bytes); MACs every OFFER.",
+        ),
+    ] = None,
+    peer_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--peer-allow",
+            help="Underlay CIDR peer routers may connect from (repeatable; default: the hosts "
+            "the overlay map knows).",
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Switch only connections with an end in CIDR[:PORT[-PORT]] (repeatable).",
+        ),
+    ] = None,
+    deny: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--deny", help="Never switch connections with an end in CIDR[:PORT[-PORT]]; wins."
+        ),
+    ] = None,
+    owner_check: Annotated[
+        bool | None,
+        typer.Option(
+            "--owner-check/--no-owner-check",
+            help="Check the asking process's namespace holds the connection (default on).",
+        ),
+    ] = None,
 ) -> None:
     """Run the per-host router (in the host network namespace) until SIGTERM."""
     from shuntflow.router.daemon import run_router
@@ -94,6 +129,12 @@ def router_command(
                 "log_file": log_file,
                 "log_level": log_level,
                 "claim_timeout_ms": claim_timeout_ms,
+                "cluster_key": cluster_key,
+                # An option not given is an empty list here: let the file's value stand.
+                "peer_allow": tuple(peer_allow) if peer_allow else None,
+                "allow": tuple(allow) if allow else None,
+                "deny": tuple(deny) if deny else None,
+                "owner_check": owner_check,
             },
         )
         if cfg.map_file is not None:
@@ -172,6 +213,17 @@ def _print_tables(results: list[dict[str, Any]]) -> None:
             + (f", failures: {failures}" if failures else "")
             + (f", backoff: {backoffs}" if backoffs else "")
         )
+        sec = info.get("security")
+        if sec:
+            policy = sec.get("policy", {})
+            console.print(
+                f"  security: owner check {'on' if sec.get('owner_check') else 'OFF'}, "
+                f"{sec.get('owner_denials', 0)} owner denials, "
+                f"{sec.get('offers_rejected', 0)} offers and {sec.get('peers_rejected', 0)} "
+                f"peers rejected; allow {policy.get('allow') or 'all'}, "
+                f"deny {policy.get('deny') or 'none'}",
+                markup=False,
+            )
         table = Table(show_edge=False, pad_edge=False)
         for col in ("pid", "local", "remote", "path", "overlay", "host"):
             table.add_column(col, justify="right" if col in ("overlay", "host", "pid") else "left")

@@ -12,6 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from shuntflow.router.auth import ClusterKeyError, load_cluster_key
+from shuntflow.router.policy import Policy, PolicyError
+
 DEFAULT_PEER_PORT = 4790
 DEFAULT_CLAIM_TIMEOUT_MS = 50
 
@@ -30,6 +33,13 @@ class RouterConfig:
     log_file: Path | None = None
     log_level: str = "info"
     claim_timeout_ms: int = DEFAULT_CLAIM_TIMEOUT_MS
+    cluster_key: Path | None = None  # required: validate() refuses to go without it
+    # Underlay sources a peer router may connect from; empty: the hosts the overlay map knows.
+    peer_allow: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()  # policy rules, see policy.Rule.parse; deny wins
+    deny: tuple[str, ...] = ()
+    # Off only where fake libraries hold no real connections (the router's unit tests).
+    owner_check: bool = True
     # Below: not on the CLI (TOML only); sane defaults for a real host.
     connect_timeout_ms: int = 1000
     answer_timeout_ms: int = 2000
@@ -46,6 +56,8 @@ class RouterConfig:
     refresh_interval_s: float = 5.0
     refresh_min_interval_ms: int = 200
     netns: str | None = None  # read the VXLAN state of this named netns (tests); None = own ns
+    auth_window_ms: int = 10_000  # an OFFER's timestamp may be this far off our clock
+    max_nonces: int = 200_000  # replay cache bound (offers accepted within 2 x window)
 
     @property
     def control_socket(self) -> Path:
@@ -80,11 +92,31 @@ class RouterConfig:
             raise ConfigError(f"peer_pool_size {self.peer_pool_size} must be 0..64")
         if len(str(self.control_socket).encode()) >= 108:
             raise ConfigError(f"--socket {self.socket}: path too long for a Unix socket")
+        for cidr in self.peer_allow:
+            try:
+                ipaddress.IPv4Network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"--peer-allow {cidr!r} is not an IPv4 address or CIDR") from None
+        self.policy()
+        if self.cluster_key is None:
+            raise ConfigError(
+                "missing --cluster-key FILE (the key shared by all routers, mode 0600)"
+            )
+        try:
+            load_cluster_key(self.cluster_key)
+        except ClusterKeyError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
+    def policy(self) -> Policy:
+        try:
+            return Policy.parse(self.allow, self.deny)
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
 
-_PATH_KEYS = {"socket", "map_file", "log_file"}
-_ALIASES = {"map": "map_file", "config": None}
+
+_PATH_KEYS = {"socket", "map_file", "log_file", "cluster_key"}
+_ALIASES = {"map": "map_file", "config": None, "cluster_key_file": "cluster_key"}
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -139,4 +171,15 @@ def _check_type(name: str, typ: str, value: Any) -> Any:
         return value
     if base == "Path" and isinstance(value, str | Path):
         return Path(value)
-    raise ConfigError(f"{name} must be {base}, got {value!r}")
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if (
+        base == "tuple[str, ...]"
+        and isinstance(value, list | tuple)
+        and all(isinstance(v, str) for v in value)
+    ):
+        return tuple(value)
+    if base == "tuple[str, ...]" and isinstance(value, str):
+        return (value,)
+    shown = "a list of strings" if base == "tuple[str, ...]" else base
+    raise ConfigError(f"{name} must be {shown}, got {value!r}")

@@ -5,9 +5,11 @@
 # from both ends -- so it lives in one place, mutated only on the event loop thread, with every
 # check that matters done after the last await that precedes the mutation.
 #
-#   library SWITCH_REQ -> resolve peer host -> OFFER over TCP -> ANSWER -> SWITCH_RES + fd
-#   peer OFFER -> check sender owns the source overlay IP -> CLAIM_REQ to every library ->
-#       first CLAIM_RES OK -> ANSWER OK -> SWITCH_RES + fd to that library
+#   library SWITCH_REQ -> its namespace holds the tuple? policy allows it? -> resolve peer host
+#       -> OFFER (MAC'd) over TCP -> ANSWER (MAC'd) -> SWITCH_RES + fd
+#   peer OFFER (allowed source, valid MAC, fresh, not replayed: peer.py) -> check sender owns
+#       the source overlay IP, policy -> CLAIM_REQ to every library -> first CLAIM_RES OK whose
+#       namespace holds the tuple -> ANSWER OK -> SWITCH_RES + fd to that library
 #   crossing offers: the leader's offer is accepted by a router that holds its own outgoing
 #       offer (and it serves the library's request with it); the follower's gets DUPLICATE.
 #
@@ -27,15 +29,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shuntflow.router.auth import ClusterKeyError, OfferChecker, load_cluster_key
 from shuntflow.router.config import RouterConfig
 from shuntflow.router.control import ControlServer
-from shuntflow.router.library_channel import LibraryClient, LibraryServer, ProtocolViolation
+from shuntflow.router.library_channel import (
+    LibraryClient,
+    LibraryServer,
+    ProtocolViolation,
+    RouterSetupError,
+)
 from shuntflow.router.logfmt import get_logger
 from shuntflow.router.overlay_map import Kind, Resolver, StaticMap
+from shuntflow.router.ownership import OwnershipChecker
 from shuntflow.router.peer import PeerListener, send_answer, send_offer
 from shuntflow.router.peer_pool import PeerPool
 from shuntflow.router.switch_times import SwitchTimes
-from shuntflow.wire import Endpoint, Mode, Msg, MsgType, Path, Status, Tuple4
+from shuntflow.wire import Endpoint, Mode, Msg, MsgType, Path, PeerMsg, Status, Tuple4
 
 log = get_logger()
 
@@ -154,7 +163,16 @@ class Router:
             cfg.netns,
             min_refresh_interval=cfg.refresh_min_interval_ms / 1000,
         )
-        self.libs = LibraryServer(cfg.socket, self, self.loop, cfg.max_clients)
+        if cfg.cluster_key is None:
+            raise RouterSetupError("no cluster key configured")
+        try:
+            self.key = load_cluster_key(cfg.cluster_key)
+        except ClusterKeyError as exc:
+            raise RouterSetupError(str(exc)) from None
+        self.policy = cfg.policy()
+        self.peer_allow = [ipaddress.IPv4Network(c, strict=False) for c in cfg.peer_allow]
+        self.owners = OwnershipChecker() if cfg.owner_check else None
+        self.libs = LibraryServer(cfg.socket, self, self.loop, cfg.max_clients, self.owners)
         self.peers = PeerListener(
             self.loop,
             cfg.host_ip,
@@ -163,6 +181,8 @@ class Router:
             cfg.offer_read_timeout_ms / 1000,
             cfg.peer_idle_timeout_ms / 1000,
             cfg.max_incoming,
+            self._admit_peer,
+            OfferChecker(self.key, cfg.auth_window_ms, cfg.max_nonces),
         )
         # Used while younger than half the peers' idle timeout (all routers share the setting).
         self.pool = PeerPool(
@@ -190,6 +210,7 @@ class Router:
         self.backoff_refusals = 0
         self.handoffs_lost = 0
         self.switch_times = SwitchTimes()
+        self.owner_denials = 0
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -216,6 +237,10 @@ class Router:
             peer_port=self.cfg.peer_port,
             vxlan_dev=self.cfg.vxlan_dev,
             map=self.cfg.map_file,
+            owner_check=self.owners is not None,
+            peer_allow=",".join(self.cfg.peer_allow) or "overlay-map hosts",
+            allow=",".join(self.cfg.allow) or None,
+            deny=",".join(self.cfg.deny) or None,
             **{k: v for k, v in self.resolver.describe().items() if k in ("neighbours", "fdb")},
         )
 
@@ -240,6 +265,8 @@ class Router:
         await self.peers.close()
         self.libs.close()
         await self.control.close()
+        if self.owners is not None:
+            self.owners.close()
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -333,6 +360,29 @@ class Router:
         log.warning("handoff_lost", how=how, client=client.id, tuple=t, reason="library gone")
         return False
 
+    def _not_owner(self, client: LibraryClient, t: Tuple4) -> str | None:
+        """None if the client's network namespace holds `t` (its own view), else why not."""
+        if self.owners is None:
+            return None
+        if client.ns_key is None:
+            return f"owner: {client.owner_error}"
+        verdict = self.owners.owns(client.ns_key, t)
+        if verdict.ok:
+            return None
+        self.owner_denials += 1
+        return f"owner: {verdict.reason}"
+
+    async def _admit_peer(self, ip: str) -> str | None:
+        """None if `ip` may connect to the peer port, else why not (peer.PeerListener)."""
+        addr = ipaddress.IPv4Address(ip)
+        if self.peer_allow:
+            if any(addr in net for net in self.peer_allow):
+                return None
+            return "source not in peer_allow"
+        if await self.resolver.is_known_host(addr):
+            return None
+        return "source is no host of the overlay map (set peer_allow to widen)"
+
     # -- library frames (LibraryHandler) ---------------------------------------------------
 
     def on_switch_req(self, client: LibraryClient, msg: Msg) -> None:
@@ -345,6 +395,10 @@ class Router:
             return
         if not _valid_tuple(t):
             self._fail(client, seq, t, Status.BAD_MESSAGE, "invalid tuple")
+            return
+        refusal = self._not_owner(client, t) or self.policy.refusal(t)
+        if refusal is not None:
+            self._fail(client, seq, t, Status.DENIED, refusal)
             return
         key = t.key()
         if key in self.in_progress or self._recently_done(key):
@@ -391,6 +445,7 @@ class Router:
             return None, ""
         res = await send_offer(
             self.loop,
+            self.key,
             self.cfg.host_ip,
             peer,
             self.cfg.peer_port,
@@ -449,6 +504,23 @@ class Router:
             return
         claim.pending.discard(client.id)
         if ok:
+            refusal = self._not_owner(client, claim.tuple)
+            if refusal is not None:
+                # It said "mine" and waits for a SWITCH_RES of this seq: it gets one, no fd.
+                self.failures["claim_DENIED"] += 1
+                client.send(Msg(MsgType.SWITCH_RES, Status.DENIED, seq, tuple=claim.tuple))
+                log.info(
+                    "claim_denied",
+                    client=client.id,
+                    pid=client.pid,
+                    cred_pid=client.cred_pid,
+                    seq=seq,
+                    tuple=claim.tuple,
+                    status=Status.DENIED.name,
+                    detail=refusal,
+                )
+                self._check_claim(claim)
+                return
             if not claim.winner.done():
                 claim.winner.set_result(client)
             else:
@@ -499,7 +571,7 @@ class Router:
 
     # -- peer offers -----------------------------------------------------------------------
 
-    async def on_offer(self, conn: socket.socket, src: str, msg: Msg) -> bool:
+    async def on_offer(self, conn: socket.socket, src: str, msg: PeerMsg) -> bool:
         """Handle one OFFER; True if `conn` was handed to a library."""
         answer_timeout = self.cfg.answer_timeout_ms / 1000
         theirs = msg.tuple  # the initiator's view
@@ -508,11 +580,14 @@ class Router:
         async def refuse(status: Status, detail: str) -> bool:
             self.failures[f"offer_{status.name}"] += 1
             log.info("offer_refused", peer=src, tuple=t, status=status.name, detail=detail)
-            await send_answer(self.loop, conn, msg, status, answer_timeout)
+            await send_answer(self.loop, self.key, conn, msg, status, answer_timeout)
             return False
 
         if not _valid_tuple(t):
             return await refuse(Status.BAD_MESSAGE, "invalid tuple")
+        refusal = self.policy.refusal(t)
+        if refusal is not None:
+            return await refuse(Status.DENIED, refusal)
         # Only the host that holds the initiator's overlay address may offer for it.
         sender = await self.resolver.resolve(theirs.local.ip)
         if sender.kind is not Kind.REMOTE or str(sender.host) != src:
@@ -534,13 +609,13 @@ class Router:
         return await self._claim(conn, src, msg, t, key)
 
     async def _accept_for_request(
-        self, conn: socket.socket, src: str, msg: Msg, e: Outgoing
+        self, conn: socket.socket, src: str, msg: PeerMsg, e: Outgoing
     ) -> bool:
         """Crossing offers, the sender leads: its connection serves our library's request."""
         e.answered = True
         try:
             if not await send_answer(
-                self.loop, conn, msg, Status.OK, self.cfg.answer_timeout_ms / 1000
+                self.loop, self.key, conn, msg, Status.OK, self.cfg.answer_timeout_ms / 1000
             ):
                 self._fail(e.client, e.seq, e.tuple, Status.PEER_UNREACHABLE, "initiator gone")
                 return False
@@ -549,7 +624,9 @@ class Router:
         finally:
             e.served.set()
 
-    async def _claim(self, conn: socket.socket, src: str, msg: Msg, t: Tuple4, key: Key) -> bool:
+    async def _claim(
+        self, conn: socket.socket, src: str, msg: PeerMsg, t: Tuple4, key: Key
+    ) -> bool:
         incoming = Incoming(t, src)
         self.in_progress[key] = incoming
         try:
@@ -584,7 +661,7 @@ class Router:
                 log.warning("handoff_lost", how="claimed", tuple=t, reason="claimer gone")
                 return False  # the caller closes conn: the initiator's library sees EOF
             if not await send_answer(
-                self.loop, conn, msg, Status.OK, self.cfg.answer_timeout_ms / 1000
+                self.loop, self.key, conn, msg, Status.OK, self.cfg.answer_timeout_ms / 1000
             ):
                 self._fail(winner, seq, t, Status.PEER_UNREACHABLE, "initiator gone")
                 return False
@@ -595,12 +672,12 @@ class Router:
                 del self.in_progress[key]
 
     async def _refuse_claim(
-        self, conn: socket.socket, src: str, msg: Msg, t: Tuple4, why: str
+        self, conn: socket.socket, src: str, msg: PeerMsg, t: Tuple4, why: str
     ) -> bool:
         self.failures["offer_PEER_REFUSED"] += 1
         log.info("offer_refused", peer=src, tuple=t, status="PEER_REFUSED", detail=why)
         await send_answer(
-            self.loop, conn, msg, Status.PEER_REFUSED, self.cfg.answer_timeout_ms / 1000
+            self.loop, self.key, conn, msg, Status.PEER_REFUSED, self.cfg.answer_timeout_ms / 1000
         )
         return False
 
@@ -663,6 +740,17 @@ class Router:
                 "peer_pool": self.pool.describe(),
                 "switch_time_us": self.switch_times.summary(),
                 "peer_connections_dropped": self.peers.dropped,
+                "security": {
+                    "owner_check": self.owners is not None,
+                    "owner_checks": self.owners.checks if self.owners else 0,
+                    "owner_denials": self.owner_denials,
+                    "owner_namespaces": self.owners.namespaces() if self.owners else 0,
+                    "peers_rejected": self.peers.rejected_peers,
+                    "offers_rejected": self.peers.rejected_offers,
+                    "replay_cache": len(self.peers.checker),
+                    "policy": self.policy.describe(),
+                    "peer_allow": list(self.cfg.peer_allow) or "overlay-map hosts",
+                },
                 "overlay_map": self.resolver.describe(),
                 "config": {
                     "vxlan_dev": self.cfg.vxlan_dev,

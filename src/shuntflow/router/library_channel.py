@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from shuntflow.router.logfmt import ensure_dir, get_logger
+from shuntflow.router.ownership import NsKey, OwnerError, OwnershipChecker
 from shuntflow.wire import MSG_SIZE, PROTOCOL_VERSION, Msg, MsgType, Status, WireError
 
 log = get_logger()
@@ -103,6 +104,8 @@ class LibraryClient:
         self.loop = server.loop
         self.pid = 0  # from HELLO (the process's own view; may be a pid namespace's)
         self.cred_pid, self.cred_uid = 0, -1  # SO_PEERCRED, in the router's view
+        self.ns_key: NsKey | None = None  # its network namespace, for the ownership check
+        self.owner_error = "ownership not established"  # why ns_key is None
         self.mode = 0
         self.ready = False  # HELLO received
         self.closed = False
@@ -265,6 +268,9 @@ class LibraryClient:
             if fd_sock is not None:
                 fd_sock.close()
         self.server.clients.pop(self.id, None)
+        if self.ns_key is not None and self.server.owners is not None:
+            self.server.owners.detach(self.ns_key)
+            self.ns_key = None
         emit = log.warning if violation else log.info
         emit(
             "client_dropped" if violation else "client_closed",
@@ -288,8 +294,10 @@ class LibraryServer:
         handler: LibraryHandler,
         loop: asyncio.AbstractEventLoop,
         max_clients: int = 4096,
+        owners: OwnershipChecker | None = None,
     ) -> None:
         self.path = path
+        self.owners = owners
         self.handler = handler
         self.loop = loop
         self.max_clients = max_clients
@@ -335,6 +343,14 @@ class LibraryServer:
             conn.setblocking(False)
             client = LibraryClient(self._next_id, conn, self)
             self._next_id += 1
+            if self.owners is not None:
+                # At accept, while the connecting process is certainly alive: its namespace
+                # is what every later ownership check of this channel asks.
+                try:
+                    client.ns_key, _pid = self.owners.attach(conn)
+                except OwnerError as exc:
+                    client.owner_error = str(exc)
+                    log.warning("client_owner_unknown", client=client.id, reason=str(exc))
             self.accepted += 1
             self.clients[client.id] = client
             self.loop.add_reader(conn.fileno(), client.on_readable)

@@ -181,6 +181,22 @@ class Resolver:
                 return Resolution(kind, host, "map")
         return Resolution(Kind.UNKNOWN)
 
+    def _knows_host(self, ip: IPv4) -> bool:
+        if self.vxlan_dev is not None and ip in self.tables.fdb.values():
+            return True
+        return self.static is not None and any(h == ip for _, h in self.static.entries)
+
+    async def is_known_host(self, ip: IPv4) -> bool:
+        """Is `ip` the underlay address of a host the overlay map sends traffic to?"""
+        if self._knows_host(ip):
+            return True
+        if self.vxlan_dev is not None:
+            age = time.monotonic() - self.tables.taken_at
+            if age >= self.min_refresh_interval:
+                await self.refresh()
+                return self._knows_host(ip)
+        return False
+
     async def resolve(self, ip: IPv4) -> Resolution:
         res = self.lookup(ip)
         if res.kind is Kind.UNKNOWN and self.vxlan_dev is not None:

@@ -2,11 +2,15 @@
 # then the very same TCP connection is the application's host connection.
 #
 # Why it is written with raw non-blocking sockets and loop.sock_* calls: a router must never
-# read past the one 48-byte frame it expects (the next bytes belong to the libraries), so there
+# read past the one frame it expects (the next bytes belong to the libraries), so there
 # is no buffered reader here, only "recv at most what is still missing". Every read has a
 # deadline so a slow or silent peer (slowloris) costs a task for at most a couple of seconds.
 # The initiator side binds its source to --host-ip so the connection leaves from the host's
 # underlay address, which the responder checks against its overlay map.
+# Authentication (auth.py): a source address that is not an allowed peer is closed before a byte
+# is read; an OFFER whose MAC, timestamp or nonce fails is closed without an ANSWER (a rogue
+# learns nothing, not even whether the tuple exists); the initiator accepts only an ANSWER MAC'd
+# with the cluster key over its own OFFER's nonce.
 
 from __future__ import annotations
 
@@ -15,9 +19,18 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from shuntflow.router.auth import OfferChecker, answer_matches, make_answer, make_offer
 from shuntflow.router.library_channel import RouterSetupError
 from shuntflow.router.logfmt import get_logger
-from shuntflow.wire import MSG_SIZE, Msg, MsgType, Status, Tuple4, WireError
+from shuntflow.wire import (
+    PEER_SIZE,
+    MsgType,
+    PeerMsg,
+    Status,
+    Tuple4,
+    WireError,
+    underlay_binding,
+)
 
 log = get_logger()
 
@@ -101,6 +114,7 @@ async def connect_peer(
 
 async def send_offer(
     loop: asyncio.AbstractEventLoop,
+    key: bytes,
     source_ip: str,
     peer_ip: str,
     peer_port: int,
@@ -117,7 +131,7 @@ async def send_offer(
     restarted): the offer is made again on a new connection. On status OK the connected socket is
     returned and now belongs to the caller."""
     if pooled is not None:
-        res = await _offer_on(loop, pooled, tup, seq, answer_timeout)
+        res = await _offer_on(loop, key, pooled, tup, seq, answer_timeout)
         if not res.unanswered:
             return res
     try:
@@ -126,11 +140,12 @@ async def send_offer(
         return OfferResult(Status.PEER_UNREACHABLE, detail=str(exc))
     except RouterSetupError as exc:
         return OfferResult(Status.INTERNAL, detail=str(exc))
-    return await _offer_on(loop, sock, tup, seq, answer_timeout)
+    return await _offer_on(loop, key, sock, tup, seq, answer_timeout)
 
 
 async def _offer_on(
     loop: asyncio.AbstractEventLoop,
+    key: bytes,
     sock: socket.socket,
     tup: Tuple4,
     seq: int,
@@ -139,11 +154,18 @@ async def _offer_on(
     """The OFFER/ANSWER exchange on a connected socket, which is closed unless the answer is OK."""
     keep = False
     try:
-        frame = Msg(MsgType.OFFER, Status.OK, seq, tuple=tup).pack_peer()
+        try:
+            # The MAC binds the OFFER to this very TCP connection (auth.py).
+            binding = underlay_binding(sock.getsockname(), sock.getpeername())
+        except OSError as exc:
+            return OfferResult(
+                Status.PEER_UNREACHABLE, detail=f"connect: {exc.strerror}", unanswered=True
+            )
+        offer = make_offer(key, seq, tup, binding)
         try:
             async with asyncio.timeout(answer_timeout):
-                await send_frame(loop, sock, frame)
-                data = await read_exact(loop, sock, MSG_SIZE)
+                await send_frame(loop, sock, offer.pack())
+                data = await read_exact(loop, sock, PEER_SIZE)
         except TimeoutError:
             return OfferResult(Status.TIMEOUT, detail="no ANSWER in time")
         except PeerClosed as exc:
@@ -155,11 +177,12 @@ async def _offer_on(
                 Status.PEER_UNREACHABLE, detail=f"offer exchange: {exc}", unanswered=True
             )
         try:
-            answer = Msg.unpack_peer(data)
+            answer = PeerMsg.unpack(data)
         except WireError as exc:
             return OfferResult(Status.INTERNAL, detail=f"bad ANSWER: {exc}")
-        if answer.type is not MsgType.ANSWER or answer.tuple != tup:
-            return OfferResult(Status.INTERNAL, detail="ANSWER does not match the OFFER")
+        mismatch = answer_matches(key, offer, answer, binding)
+        if mismatch is not None:
+            return OfferResult(Status.INTERNAL, detail=mismatch)
         try:
             status = Status(answer.status)
         except ValueError:
@@ -174,10 +197,19 @@ async def _offer_on(
 
 
 async def send_answer(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, offer: Msg, status: Status, timeout: float
+    loop: asyncio.AbstractEventLoop,
+    key: bytes,
+    sock: socket.socket,
+    offer: PeerMsg,
+    status: Status,
+    timeout: float,
 ) -> bool:
     """Send the ANSWER for `offer`; False if the initiator is gone."""
-    frame = Msg(MsgType.ANSWER, status, offer.seq, tuple=offer.tuple).pack_peer()
+    try:
+        binding = underlay_binding(sock.getpeername(), sock.getsockname())
+    except OSError:
+        return False
+    frame = make_answer(key, offer, status, binding).pack()
     try:
         async with asyncio.timeout(timeout):
             await send_frame(loop, sock, frame)
@@ -186,8 +218,10 @@ async def send_answer(
     return True
 
 
-# Called with (connection, source ip, OFFER frame); returns True if it took the connection.
-OfferHandler = Callable[[socket.socket, str, Msg], Awaitable[bool]]
+# Called with (connection, source ip, authenticated OFFER); True if it took the connection.
+OfferHandler = Callable[[socket.socket, str, PeerMsg], Awaitable[bool]]
+# Called with a source ip at accept; None if it may be a peer router, else why not.
+PeerAdmission = Callable[[str], Awaitable[str | None]]
 
 
 class PeerListener:
@@ -202,8 +236,14 @@ class PeerListener:
         read_timeout: float,
         idle_timeout: float,
         max_incoming: int,
+        admit: PeerAdmission,
+        checker: OfferChecker,
     ) -> None:
         self.loop = loop
+        self.admit = admit
+        self.checker = checker
+        self.rejected_peers = 0  # connections from addresses that are not allowed peers
+        self.rejected_offers = 0  # OFFERs failing MAC, time window or replay check
         self.host_ip = host_ip
         self.port = port
         self.on_offer = on_offer
@@ -255,11 +295,16 @@ class PeerListener:
     async def _handle(self, conn: socket.socket, peer: str, port: int) -> None:
         taken = False
         try:
+            why = await self.admit(peer)
+            if why is not None:
+                self.rejected_peers += 1
+                log.warning("peer_rejected", peer=f"{peer}:{port}", reason=why)
+                return
             # A peer's pool keeps connections idle until a switch needs one (peer_pool.py), so
             # the first byte may take up to idle_timeout; the rest of the frame may not dawdle.
             try:
                 async with asyncio.timeout(self.idle_timeout):
-                    head = await self.loop.sock_recv(conn, MSG_SIZE)
+                    head = await self.loop.sock_recv(conn, PEER_SIZE)
             except TimeoutError:
                 self._drop(peer, port, f"idle for {self.idle_timeout:g}s without an OFFER")
                 return
@@ -268,10 +313,21 @@ class PeerListener:
                 log.info("peer_closed_idle", peer=f"{peer}:{port}")
                 return
             async with asyncio.timeout(self.read_timeout):
-                data = await read_exact(self.loop, conn, MSG_SIZE, head)
-            msg = Msg.unpack_peer(data)
+                data = await read_exact(self.loop, conn, PEER_SIZE, head)
+            msg = PeerMsg.unpack(data)
             if msg.type is not MsgType.OFFER:
                 raise WireError(f"expected OFFER, got {msg.type.name}")
+            verdict = self.checker.check(msg, underlay_binding((peer, port), conn.getsockname()))
+            if not verdict.ok:
+                self.rejected_offers += 1
+                log.warning(
+                    "offer_rejected",
+                    peer=f"{peer}:{port}",
+                    tuple=msg.tuple,
+                    seq=msg.seq,
+                    reason=verdict.reason,
+                )
+                return
             taken = await self.on_offer(conn, peer, msg)
         except TimeoutError:
             self._drop(peer, port, f"no complete OFFER within {self.read_timeout:g}s")

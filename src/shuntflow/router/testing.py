@@ -28,6 +28,21 @@ from shuntflow.wire import MSG_SIZE, Endpoint, Mode, Msg, MsgType, Status, Tuple
 
 Key = tuple[Endpoint, Endpoint]
 
+# The cluster key every RouterProcess gets unless told otherwise, so routers of one test trust
+# each other and a test can MAC its own frames with it.
+TEST_KEY = b"shuntflow-router-tests-cluster-key-0123456789abcdef"
+
+
+def write_key_file(path: Path, key: bytes = TEST_KEY) -> Path:
+    """`key` in a 0600 file at `path` (replaced if present)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key)
+    finally:
+        os.close(fd)
+    return path
+
 
 @dataclass
 class Result:
@@ -49,7 +64,11 @@ class FakeLibrary:
 
     - claims (CLAIM_RES OK) every offered tuple in `owned` it does not hold a host fd for yet;
     - answers STATS_REQ with `rows` and `switches`;
-    - keeps every SWITCH_RES (with its fd as a socket) in `results`, keyed by seq."""
+    - keeps every SWITCH_RES (with its fd as a socket) in `results`, keyed by seq.
+
+    With `netns`, the channel is connected by a helper process inside that network namespace
+    (which stays alive until close()), so the router's ownership check looks there: a test
+    that holds real TCP connections in that namespace can then ask for them."""
 
     path: Path
     pid: int = field(default_factory=os.getpid)
@@ -60,10 +79,16 @@ class FakeLibrary:
     rows: list[ConnRow] = field(default_factory=list)
     switches: tuple[int, int] = (0, 0)
     answer_stats: bool = True
+    netns: str | None = None
 
     def __post_init__(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.connect(str(self.path))
+        self._helper: subprocess.Popen[bytes] | None = None
+        self._helper_ctl: socket.socket | None = None
+        if self.netns is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.sock.connect(str(self.path))
+        else:
+            self.sock, self._helper, self._helper_ctl = connect_from_netns(self.path, self.netns)
         self.results: dict[int, Result] = {}
         self.claims: list[Msg] = []
         self.host: dict[Key, socket.socket] = {}  # every host fd received, by tuple key
@@ -190,6 +215,14 @@ class FakeLibrary:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(2)
+        if self._helper_ctl is not None:
+            self._helper_ctl.close()  # the helper's recv sees EOF and it exits
+        if self._helper is not None:
+            try:
+                self._helper.wait(5)
+            except subprocess.TimeoutExpired:
+                self._helper.kill()
+                self._helper.wait()
         with self._cond:
             for s in [*self.host.values(), *self.extra_host]:
                 s.close()
@@ -204,6 +237,48 @@ class FakeLibrary:
         self.close()
 
 
+# Runs in the namespace: connects the channel, hands it to the test, waits for the test's EOF.
+_HELPER = """
+import array, socket, sys
+ctl = socket.socket(fileno=int(sys.argv[2]))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+ctl.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]))])
+s.close()
+ctl.recv(1)
+"""
+
+
+def connect_from_netns(
+    path: Path, netns: str
+) -> tuple[socket.socket, subprocess.Popen[bytes], socket.socket]:
+    """A router channel whose SO_PEERCRED names a live process in namespace `netns`."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", _HELPER, str(path)]
+    proc = subprocess.Popen(
+        [*cmd, str(theirs.fileno())], pass_fds=(theirs.fileno(),), preexec_fn=_die_with_parent
+    )
+    theirs.close()
+    ours.settimeout(10)
+    try:
+        _data, anc, _flags, _ = ours.recvmsg(1, socket.CMSG_SPACE(4))
+        fds = [
+            fd
+            for level, kind, payload in anc
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in array.array("i", payload[: len(payload) - len(payload) % 4])
+        ]
+        if len(fds) != 1:
+            raise RuntimeError(f"helper in {netns} passed {len(fds)} fds")
+    except BaseException:
+        ours.close()
+        proc.kill()
+        proc.wait()
+        raise
+    ours.settimeout(None)
+    return socket.socket(fileno=fds[0]), proc, ours
+
+
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the test process dies (a killed pytest leaves no router)."""
     import ctypes
@@ -213,7 +288,11 @@ def _die_with_parent() -> None:
 
 
 class RouterProcess:
-    """`python -m shuntflow.router ...` as a subprocess, ready when its control socket answers."""
+    """`python -m shuntflow.router ...` as a subprocess, ready when its control socket answers.
+
+    It gets TEST_KEY (in a 0600 file next to its socket) unless `key_file` is given, and runs
+    without the ownership check unless `owner_check`: the fake libraries of the router tests
+    ask for tuples no process holds."""
 
     def __init__(
         self,
@@ -223,7 +302,17 @@ class RouterProcess:
         extra: Sequence[str] = (),
         log_file: Path | None = None,
         netns: str | None = None,
+        key_file: Path | None = None,
+        owner_check: bool = False,
     ) -> None:
+        if key_file is None:
+            # In the nearest existing directory: the router creates its socket's own parents
+            # (with modes the tests check).
+            base = socket_path.parent
+            while not base.exists():
+                base = base.parent
+            key_file = write_key_file(base / f"{socket_path.parent.name}-{socket_path.name}.key")
+        self.key_file = key_file
         self.socket = socket_path
         self.control = socket_path.with_name(socket_path.name + ".ctl")
         self.log_file = log_file or socket_path.with_name(socket_path.name + ".log")
@@ -239,6 +328,9 @@ class RouterProcess:
             str(peer_port),
             "--log-file",
             str(self.log_file),
+            "--cluster-key",
+            str(key_file),
+            "--owner-check" if owner_check else "--no-owner-check",
             *extra,
         ]
         if netns:
@@ -348,3 +440,23 @@ def free_port(ips: Sequence[str] = ("127.0.0.1", "127.0.0.2", "127.0.0.3")) -> i
         if ok:
             return port
     raise RuntimeError("no free port")
+
+
+def recv_exact(sock: socket.socket, size: int, timeout: float = 5.0) -> bytes:
+    """Exactly `size` bytes from a stream socket; short only if the peer closed first."""
+    sock.settimeout(timeout)
+    buf = b""
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def offer_bytes(sock: socket.socket, seq: int, t: Tuple4, key: bytes = TEST_KEY) -> bytes:
+    """A valid OFFER for `t` on the connected peer-port socket `sock` (MAC'd with its binding)."""
+    from shuntflow.router.auth import make_offer
+    from shuntflow.wire import underlay_binding
+
+    return make_offer(key, seq, t, underlay_binding(sock.getsockname(), sock.getpeername())).pack()

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from shuntflow.router.auth import write_cluster_key
 from shuntflow.testbed import nsutil
 from shuntflow.testbed.plan import (
     OVERLAY_MTU,
@@ -28,6 +29,7 @@ from shuntflow.testbed.plan import (
     VXLAN_VNI,
     Host,
     TestbedError,
+    cluster_key_path,
     container_if,
     container_port,
     host_bridge,
@@ -92,8 +94,16 @@ def exists(prefix: str) -> bool:
 class Builder:
     """Builds one testbed step by step; `steps()` is what `Testbed.up` runs in order."""
 
-    def __init__(self, prefix: str, hosts: int, containers: int, routers: bool) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        hosts: int,
+        containers: int,
+        routers: bool,
+        router_args: Sequence[str] = (),
+    ) -> None:
         self.prefix = validate_prefix(prefix)
+        self.router_args = list(router_args)
         self.n_hosts = hosts
         self.n_containers = containers
         self.routers = routers
@@ -104,6 +114,8 @@ class Builder:
             "hosts_count": hosts,
             "containers_per_host": containers,
             "routers": routers,
+            "router_args": list(router_args),
+            "cluster_key": str(cluster_key_path(prefix)),
             "complete": False,
             "created": time.time(),
             "underlay_netns": underlay_netns(prefix),
@@ -264,9 +276,14 @@ class Builder:
             h.vxlan_dev,
             "--log-file",
             str(h.router_log),
+            "--cluster-key",
+            str(cluster_key_path(self.prefix)),
+            *self.router_args,
         ]
 
     def start_routers(self) -> None:
+        # One fresh key per testbed: its routers trust each other and no other testbed's.
+        write_cluster_key(cluster_key_path(self.prefix))
         for h in self.hosts:
             proc = start_detached(h.netns, self.router_argv(h), h.router_log)
             self.router_procs[h.index] = proc

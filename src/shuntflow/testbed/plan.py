@@ -133,6 +133,11 @@ def run_dir(prefix: str) -> Path:
     return RUN_ROOT / prefix
 
 
+def cluster_key_path(prefix: str) -> Path:
+    """The testbed's routers' shared key (mode 0600), made by `testbed up`."""
+    return run_dir(prefix) / "cluster.key"
+
+
 def host_run_dir(prefix: str, i: int) -> Path:
     return run_dir(prefix) / f"h{i}"
 

@@ -66,8 +66,11 @@ class Testbed:
         hosts: int = DEFAULT_HOSTS,
         containers: int = DEFAULT_CONTAINERS,
         routers: bool = True,
+        router_args: Sequence[str] = (),
     ) -> Testbed:
-        """Build the testbed; on any failure remove what was built and raise TestbedError."""
+        """Build the testbed; on any failure remove what was built and raise TestbedError.
+
+        `router_args` are extra `shuntflow router` flags for every router (e.g. --deny)."""
         validate_prefix(prefix)
         validate_count("hosts", hosts, MAX_HOSTS)
         validate_count("containers", containers, MAX_CONTAINERS)
@@ -75,7 +78,7 @@ class Testbed:
             raise TestbedError("the testbed needs root (network namespaces); run it as root")
         if build.exists(prefix):
             raise build.already_exists(prefix)
-        builder = build.Builder(prefix, hosts, containers, routers)
+        builder = build.Builder(prefix, hosts, containers, routers, router_args)
         # Claiming is atomic and tears nothing down if it fails: losing that race means the
         # testbed belongs to someone else.
         builder.claim()
