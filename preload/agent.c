@@ -659,6 +659,12 @@ static int read_hop(struct sf_conn *c, struct sf_hop *out) {
         return 0;
     c->hop_len = 0;
     memcpy(out, c->hop, sizeof *out);
+    /* ACK the frame now, not after the delayed-ACK timer: the sender's next small write with
+     * Nagle on (nginx's corked response once uncorked, with TCP_NODELAY off) is held back until
+     * its small, unacknowledged handoff frame is acknowledged, and our application, waiting for
+     * that response, sends nothing to carry the ACK. That cost 40 ms per switch. */
+    int one = 1;
+    real.setsockopt(c->host_fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
     if (out->magic != SF_HOP_MAGIC) {
         host_failed(c, "bad frame");
         return -1;
