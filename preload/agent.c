@@ -392,6 +392,11 @@ static int recv_frame(struct sf_msg *m, int *fd) {
     }
     if (n == 0)
         return RECV_CLOSED;
+    /* At RLIMIT_NOFILE the kernel drops the passed fd and sets MSG_CTRUNC: the frame still
+     * counts, without its host connection (on_switch_res then leaves it on the overlay). */
+    if (mh.msg_flags & MSG_CTRUNC)
+        SF_LOG("router frame type %u arrived without its fd (no free fd in this process)",
+               n >= 8 ? m->type : 0);
     if (n != (ssize_t)sizeof *m || m->magic != SF_MSG_MAGIC) {
         if (*fd >= 0)
             real.close(*fd);
@@ -421,11 +426,12 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
         /* Another attempt for this connection is under way; its result will come. */
     } else if (--c->outstanding <= 0) {
         /* No route and policy are final. A refusal may just mean the peer has not accepted the
-         * connection yet, so it is retried later for this connection only. */
+         * connection yet, so it is retried later for this connection only. So is an OK that
+         * lost its fd on the way in (fd limit): fds may be free by the next attempt. */
         int final = m->status == SF_NO_ROUTE || m->status == SF_DENIED;
         if (m->status == SF_PEER_UNREACHABLE || m->status == SF_TIMEOUT)
             dest_failed(c->remote.sin_addr.s_addr, 1);
-        abort_switch(c, m->status, !final);
+        abort_switch(c, m->status == SF_OK ? SF_INTERNAL : m->status, !final);
     }
     pthread_mutex_unlock(&c->mu);
 }
