@@ -284,13 +284,27 @@ static int chan_open(void) {
 
 /* ---- phase changes that end a switch attempt ---------------------------------------------- */
 
+/* Caller holds c->mu. Once committed, application writers use host_fd under c->wmu only, so a
+ * writer may be inside write(host_fd) right now (a host connection that fails while committed
+ * goes BROKEN from under it): as at the swap, the number is closed by whoever next releases
+ * c->wmu. Closing it here instead would let the writer hit EBADF, or write application bytes
+ * into whatever connection the number names next. */
 static void drop_host_fd(struct sf_conn *c) {
-    if (c->host_fd >= 0) {
-        real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, c->host_fd, NULL);
-        real.close(c->host_fd);
-        sf_private_forget(c->host_fd);
-        c->host_fd = -1;
+    int host = c->host_fd;
+    if (host < 0)
+        return;
+    real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, host, NULL);
+    __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
+    if (c->pending_close_host >= 0) {
+        /* c->wmu has been held since an earlier number was left pending: its holder loaded
+         * that one, never this one. */
+        real.close(host);
+        sf_private_forget(host);
+        return;
     }
+    c->pending_close_host = host;
+    if (pthread_mutex_trylock(&c->wmu) == 0)
+        sf_wmu_unlock(c);
 }
 
 /* Before any commit: the connection simply stays on the overlay. Caller holds c->mu. */
