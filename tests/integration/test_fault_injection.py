@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -364,37 +365,97 @@ def test_peer_router_down_and_underlay_flap(
 USERS = re.compile(r"pid=(\d+),fd=(\d+)")
 
 
-def kill_uncommitted_host_connections(tb: Testbed, client_pid: int) -> list[str]:
-    """With the client (the leader) stopped: reset, in host 1, every host connection its library
-    has not picked up yet. Such a connection cannot have been committed by either end: the
-    leader commits only once it has read READY on it, and the follower only once it has read
-    the leader's SYNC. Connections the client already holds are left alone (they may be
-    switched, and a reset there is the application's news, not a fallback)."""
+def private_base(pid: int) -> int:
+    """Where the library puts its own fds in process `pid` (core.c: soft RLIMIT_NOFILE - 128)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3]) - 128
+    raise AssertionError(f"no fd limit for {pid}")
+
+
+def reset_host_connections(tb: Testbed, host: int, pid: int, held: bool) -> list[tuple[str, str]]:
+    """With process `pid` (client on host 1 or server on host 2) stopped, reset (`ss -K`) host
+    connections in its host that are in a handoff on its side, as (local, peer) host addresses:
+
+    held=False: the ones its library has not picked up yet (in flight to it, or still with the
+        router). For the client, the leader, neither end can have committed them: the leader
+        commits only once it has read READY on the connection, and the follower only once it
+        has read the leader's SYNC.
+    held=True: the ones its library holds on its private fds, in the handshake or committed.
+
+    Connections it holds on its own fd numbers are switched ones and are left alone."""
+    base = private_base(pid)
     out = tb.run(
-        tb.hosts[0], ["ss", "-tnpH", "state", "established"], capture_output=True, text=True
+        tb.host(host), ["ss", "-tnpH", "state", "established"], capture_output=True, text=True
     ).stdout
     killed = []
     for line in out.splitlines():
-        cols = line.split()
+        cols = line.split()  # Recv-Q Send-Q Local Peer users (no State with a state filter)
         if len(cols) < 4:
             continue
         local, peer = cols[2], cols[3]
         lport, pport = local.rsplit(":", 1)[1], peer.rsplit(":", 1)[1]
         if str(PEER_PORT) not in (lport, pport):
             continue
-        holders = {int(pid) for pid, _fd in USERS.findall(line)}
-        if client_pid in holders:
-            continue
-        r = tb.run(
-            tb.hosts[0],
-            ["ss", "-K", "-tnH", "sport", "=", f":{lport}", "and", "dport", "=", f":{pport}"],
-            capture_output=True,
-            text=True,
-        )
-        assert r.returncode == 0, r.stderr
-        if r.stdout.strip():
-            killed.append(f"{local}->{peer} held by {sorted(holders) or 'nobody (in flight)'}")
+        fds = [int(fd) for holder, fd in USERS.findall(line) if int(holder) == pid]
+        if (bool(fds) and min(fds) >= base) if held else not fds:
+            r = tb.run(
+                tb.host(host),
+                ["ss", "-K", "-tnH", "sport", "=", f":{lport}", "and", "dport", "=", f":{pport}"],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stderr
+            if r.stdout.strip():
+                killed.append((local, peer))
     return killed
+
+
+Reset = tuple[float, str, str]  # (when, local, peer): a host connection reset by `ss -K`
+
+
+def client_ports_of(tb: Testbed, resets: list[Reset]) -> set[int]:
+    """Overlay ports of the client's end of the connections these host connections carried,
+    from router 1's switch_done lines (host connections as seen from either host). Host ports
+    are reused, so a reset belongs to the latest line naming its host connection before it."""
+    served: list[tuple[float, str, str, int]] = []
+    for line in router_events(tb, 1, "switch_done"):
+        m = re.search(
+            r"^ts=(\S+)Z .*tuple=[\d.]+:(\d+)->.* host_local=(\S+) host_remote=(\S+)", line
+        )
+        if m:
+            when = datetime.fromisoformat(m[1]).replace(tzinfo=UTC).timestamp()
+            served.append((when, m[3], m[4], int(m[2])))
+    ports = set()
+    for when, local, peer in resets:
+        names = {(local, peer), (peer, local)}
+        # The router writes its line a moment after it hands the connection over.
+        before = [p for t, a, b, p in served if (a, b) in names and t <= when + 0.05]
+        if before:
+            ports.add(before[-1])
+    return ports
+
+
+def stop_and_reset(pair: Pair, side: str, held: bool, want: int) -> list[Reset]:
+    """Stop `side`, reset host connections in its handoffs, resume it; until `want` are reset."""
+    assert pair.client is not None and pair.server is not None
+    proc, host = (pair.client, 1) if side == "client" else (pair.server, 2)
+    resets: list[Reset] = []
+    for _ in range(150):
+        if len(resets) >= want or pair.client.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            if not held:
+                time.sleep(0.3)  # the routers finish the offers under way and queue the results
+            now = time.time()
+            resets += [
+                (now, a, b) for a, b in reset_host_connections(pair.tb, host, proc.pid, held)
+            ]
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.03)
+    return resets
 
 
 def test_host_connection_reset_before_commit_falls_back(
@@ -404,38 +465,22 @@ def test_host_connection_reset_before_commit_falls_back(
     pair = Pair(tb, tmp_path, 7853, 600, concurrency=16)
     pairs.append(pair.start())
     wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 20, 30)
-    killed: list[str] = []
-    for _ in range(12):
-        if len(killed) >= 3 or pair.client is None or pair.client.poll() is not None:
-            break
-        os.kill(pair.client_pid, signal.SIGSTOP)
-        try:
-            time.sleep(0.3)  # the routers finish the offers under way and queue the results
-            killed += kill_uncommitted_host_connections(tb, pair.client_pid)
-        finally:
-            os.kill(pair.client_pid, signal.SIGCONT)
-        time.sleep(0.2)
+    killed = stop_and_reset(pair, "client", held=False, want=3)
     client, server = pair.finish()
     intact(client, 600)
     intact(server, 600)
     assert killed, "no host connection was caught in the handoff"
-    # The case hit: reset before the commit. Both libraries saw host connections fail only
-    # while still in the handshake (phase 3), abandoned those switches and kept the overlay;
-    # nobody had committed (phase 4). (Connections that end during a handoff close their host
-    # connection too, which the other end sees as EOF or reset in phase 3.)
-    failed = {}
-    for name, log in (("client", pair.client_log), ("server", pair.server_log)):
-        lines = [x.text for x in lib_lines(log)]
-        failed[name] = [t for t in lines if "host connection failed" in t]
-        assert not [t for t in failed[name] if "in phase 3" not in t], failed[name]
-    # ECONNABORTED is what `ss -K` leaves on a socket: the client's library met our resets.
-    aborted = [t for t in failed["client"] if "Software caused connection abort" in t]
-    in_flight = [k for k in killed if "in flight" in k]
+    # The case hit: reset before the commit. Every connection stayed whole (intact above).
+    # ECONNABORTED is what `ss -K` leaves on a socket: the client's library met our resets,
+    # each in the handshake (phase 3), where it abandoned the switch.
+    lines = [x.text for x in lib_lines(pair.client_log)]
+    aborted = [t for t in lines if "Software caused connection abort" in t]
+    assert all("host connection failed in phase 3" in t for t in aborted), aborted
     assert 1 <= len(aborted) <= len(killed), (aborted, killed)
     assert client["switched"] > 0
     print(
-        f"\nreset in handoff: {len(killed)} host connections reset ({len(in_flight)} in flight "
-        f"to the stopped client), {len(aborted)} met by its library in phase 3 and abandoned; "
+        f"\nreset before commit: {len(killed)} host connections reset before the client took "
+        f"them, {len(aborted)} met by its library in phase 3 and abandoned; "
         f"{client['switched']}/{client['connections']} connections switched anyway"
     )
 
@@ -453,17 +498,20 @@ def test_client_killed_mid_switch(
     pairs.append(pair.start())
     pid = pair.client_pid
 
-    def switching_now() -> bool:
-        lines = lib_lines(pair.client_log)
-        done = sum("switched to the host path" in x.text for x in lines)
-        return done >= 20 and bool(in_transition(lines, pid))
-
-    wait_for("a switch under way", switching_now, 30, step=0.002)
-    os.kill(pid, signal.SIGKILL)
+    wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 20, 30)
+    # Stopped, the client's state is what its log says; kill it only with a switch under way.
+    cut: set[int] = set()
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        cut = in_transition(lib_lines(pair.client_log), pid)
+        if cut:
+            os.kill(pid, signal.SIGKILL)
+            break
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.005)
+    assert cut, "never caught the client with a switch under way"
     assert pair.client is not None
     pair.client.wait()
-    cut = in_transition(lib_lines(pair.client_log), pid)
-    assert cut, "the kill landed between switches"
     server = pair.finish_server()
 
     # The server saw the connections the client had open as cut: EOF before the end of the
@@ -471,7 +519,10 @@ def test_client_killed_mid_switch(
     accepted = server["connections"]
     assert 1 <= server["bad"] <= 16, server["bad"]
     assert server["ok"] + server["bad"] == accepted and server["missing"] == 5000 - accepted
-    cut_ok = re.compile(r"short stream|ConnectionResetError|BrokenPipeError")
+    # ENOTCONN is shutdown(SHUT_WR) on a socket the dead peer reset, as on a plain overlay.
+    cut_ok = re.compile(
+        r"short stream|ConnectionResetError|BrokenPipeError|Transport endpoint is not connected"
+    )
     for f in server["failures"]:
         assert f["first_bad"] == -1, f
         assert cut_ok.search(f["error"]) and "hung" not in f["error"], f
@@ -544,3 +595,50 @@ def test_fd_limit_stays_on_overlay(
     hits = [t for t in lines if starved in t]
     assert hits, f"the library was never starved of fds: {lines[-5:]}"
     print(f"\nfd limit, {free} free: {len(hits)} x {starved!r}; 40 connections intact")
+
+
+@pytest.mark.parametrize(("side", "port"), [("client", 7856), ("server", 7857)])
+def test_host_connection_reset_in_handoff_never_loses_silently(
+    make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair], side: str, port: int
+) -> None:
+    """The host connections one end's library holds mid-handoff (handshake or committed)
+    reset: a connection either falls back intact (nothing committed yet) or its applications get
+    an error, as over a reset overlay connection. Never a quiet EOF or a wrong byte.
+
+    On the server's side (the follower) this used to end in a quiet EOF: a follower that had
+    read the leader's SYNC but could not send its own went BROKEN and took the overlay's FIN
+    after S_peer for the end of the stream, while the rest of it had died with the host
+    connection."""
+    tb = make_testbed(f"fi6{side[0]}", hosts=2, containers=1, routers=True)
+    pair = Pair(tb, tmp_path, port, 1500, concurrency=16)
+    pairs.append(pair.start())
+    wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 20, 30)
+    killed = stop_and_reset(pair, side, held=True, want=8)
+    client, server = pair.finish()
+    assert killed, "no host connection was caught in the handoff"
+    hit = client_ports_of(tb, killed)
+    assert 1 <= len(hit) <= len(killed), (killed, hit)
+    explicit = re.compile(
+        r"ConnectionResetError|ConnectionAbortedError|BrokenPipeError|"
+        r"Transport endpoint is not connected"
+    )
+    failed_ports: dict[int, list[str]] = {}
+    for summary in (client, server):
+        assert summary["missing"] == 0
+        assert summary["bad"] <= min(len(killed), 20), summary["failures"]
+        for f in summary["failures"]:
+            # An error the application sees, as from a reset connection; no silent shortening
+            # ("short stream": EOF before the end), no wrong, extra or repeated byte.
+            assert f["first_bad"] == -1 and explicit.search(f["error"]), f
+            ports = [int(p) for p in f["endpoints"].split("->")]
+            port = ports[0] if summary is client else ports[1]
+            assert port in hit, f"connection {f['endpoints']} failed but was not hit: {f}"
+            failed_ports.setdefault(port, []).append(f["error"])
+    # (An end that had written and read everything before the reset reached it succeeds, as it
+    # would over a reset overlay connection: its writes were in its kernel's buffer.)
+    errors = sorted({e.split("(")[0] for v in failed_ports.values() for e in v})
+    print(
+        f"\nreset in handoff: {len(killed)} host connections the {side} held reset; "
+        f"{len(hit) - len(failed_ports)} fell back or had finished, {len(failed_ports)} "
+        f"reported an error: {errors}"
+    )
