@@ -251,7 +251,20 @@ class Builder:
                         ipr.fdb("add", ifindex=vx, lladdr=c.mac, dst=other.underlay_ip)
 
     def router_argv(self, h: Host) -> list[str]:
-        return router_argv(h)
+        return [
+            sys.executable,
+            "-m",
+            "shuntflow.cli",
+            "router",
+            "--socket",
+            str(h.router_socket),
+            "--host-ip",
+            h.underlay_ip,
+            "--vxlan-dev",
+            h.vxlan_dev,
+            "--log-file",
+            str(h.router_log),
+        ]
 
     def start_routers(self) -> None:
         for h in self.hosts:
@@ -262,60 +275,46 @@ class Builder:
             self.save()
         deadline = time.monotonic() + ROUTER_START_TIMEOUT
         for h in self.hosts:
-            wait_router(h, self.router_procs[h.index], deadline)
+            proc = self.router_procs[h.index]
+            while not h.router_socket.exists():
+                if proc.poll() is not None or time.monotonic() >= deadline:
+                    why = (
+                        f"exited with code {proc.returncode}"
+                        if proc.poll() is not None
+                        else f"did not create {h.router_socket} within {ROUTER_START_TIMEOUT:g} s"
+                    )
+                    raise TestbedError(
+                        f"router of host {h.index} ({h.netns}) {why}; "
+                        f"last lines of {h.router_log}:\n{log_tail(h.router_log)}"
+                    )
+                time.sleep(0.02)
 
     def mark_complete(self) -> None:
         self.state["complete"] = True
         self.save()
 
 
-def router_argv(h: Host) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "shuntflow.cli",
-        "router",
-        "--socket",
-        str(h.router_socket),
-        "--host-ip",
-        h.underlay_ip,
-        "--vxlan-dev",
-        h.vxlan_dev,
-        "--log-file",
-        str(h.router_log),
-    ]
-
-
-def wait_router(h: Host, proc: subprocess.Popen[bytes], deadline: float) -> None:
-    """Until the router of `h` creates its socket; TestbedError if it exits or takes too long."""
-    while not h.router_socket.exists():
-        if proc.poll() is not None or time.monotonic() >= deadline:
-            why = (
-                f"exited with code {proc.returncode}"
-                if proc.poll() is not None
-                else f"did not create {h.router_socket} within {ROUTER_START_TIMEOUT:g} s"
-            )
-            raise TestbedError(
-                f"router of host {h.index} ({h.netns}) {why}; "
-                f"last lines of {h.router_log}:\n{log_tail(h.router_log)}"
-            )
-        time.sleep(0.02)
-
-
 def restart_router(prefix: str, h: Host, state: dict[str, Any]) -> subprocess.Popen[bytes]:
-    """Stop the router of `h` if it still runs, start a new one, wait for its socket."""
+    """Stop the router of `h` if it still runs, start a new one as `up` did, wait for its
+    socket (a SIGKILLed router leaves its socket file behind, so that is removed first)."""
     old = router_pid(h)
     if router_alive(old):
         assert old is not None
         nsutil.terminate([old], group=True)
-    # A router killed with SIGKILL leaves its sockets' files behind; the new router would
-    # clean them up, but waiting for the file to appear must not be fooled by the old one.
     h.router_socket.unlink(missing_ok=True)
-    proc = start_detached(h.netns, router_argv(h), h.router_log)
+    builder = Builder(prefix, state["hosts_count"], state["containers_per_host"], routers=True)
+    proc = start_detached(h.netns, builder.router_argv(h), h.router_log)
     h.router_pid_file.write_text(f"{proc.pid}\n")
     state.setdefault("router_pids", {})[str(h.index)] = proc.pid
     write_state(prefix, state)
-    wait_router(h, proc, time.monotonic() + ROUTER_START_TIMEOUT)
+    deadline = time.monotonic() + ROUTER_START_TIMEOUT
+    while not h.router_socket.exists():
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            raise TestbedError(
+                f"restarted router of host {h.index} ({h.netns}) did not come up; "
+                f"last lines of {h.router_log}:\n{log_tail(h.router_log)}"
+            )
+        time.sleep(0.02)
     return proc
 
 
