@@ -419,10 +419,11 @@ def reset_host_connections(tb: Testbed, host: int, pid: int, held: bool) -> list
     """With process `pid` (client on host 1 or server on host 2) stopped, reset (`ss -K`) host
     connections in its host that are in a handoff on its side, as (local, peer) host addresses:
 
-    held=False: the ones its library has not picked up yet (in flight to it, or still with the
-        router). For the client, the leader, neither end can have committed them: the leader
-        commits only once it has read READY on the connection, and the follower only once it
-        has read the leader's SYNC.
+    held=False: the ones in flight to it, passed by its router and not picked up yet by its
+        library (no process holds them). For the client, the leader, neither end can have
+        committed them: the leader commits only once it has read READY on the connection, and
+        the follower only once it has read the leader's SYNC. (Connections the router holds
+        may be idle ones it keeps warm for later switches: not handoffs, left alone.)
     held=True: the ones its library holds on its private fds, in the handshake or committed.
 
     Connections it holds on its own fd numbers are switched ones and are left alone."""
@@ -439,8 +440,9 @@ def reset_host_connections(tb: Testbed, host: int, pid: int, held: bool) -> list
         lport, pport = local.rsplit(":", 1)[1], peer.rsplit(":", 1)[1]
         if str(PEER_PORT) not in (lport, pport):
             continue
-        fds = [int(fd) for holder, fd in USERS.findall(line) if int(holder) == pid]
-        if (bool(fds) and min(fds) >= base) if held else not fds:
+        holders = USERS.findall(line)
+        fds = [int(fd) for holder, fd in holders if int(holder) == pid]
+        if (bool(fds) and min(fds) >= base) if held else not holders:
             r = tb.run(
                 tb.host(host),
                 ["ss", "-K", "-tnH", "sport", "=", f":{lport}", "and", "dport", "=", f":{pport}"],
@@ -489,7 +491,7 @@ def stop_and_reset(pair: Pair, side: str, held: bool, want: int) -> list[Reset]:
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             if not held:
-                time.sleep(0.3)  # the routers finish the offers under way and queue the results
+                time.sleep(0.3)  # the routers finish the offers under way and pass them on
             now = time.time()
             resets += [
                 (now, a, b) for a, b in reset_host_connections(pair.tb, host, proc.pid, held)
