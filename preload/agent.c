@@ -290,13 +290,27 @@ static int chan_open(void) {
 
 /* ---- phase changes that end a switch attempt ---------------------------------------------- */
 
+/* Caller holds c->mu. Once committed, application writers use host_fd under c->wmu only, so a
+ * writer may be inside write(host_fd) right now (a host connection that fails while committed
+ * goes BROKEN from under it): as at the swap, the number is closed by whoever next releases
+ * c->wmu. Closing it here instead would let the writer hit EBADF, or write application bytes
+ * into whatever connection the number names next. */
 static void drop_host_fd(struct sf_conn *c) {
-    if (c->host_fd >= 0) {
-        real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, c->host_fd, NULL);
-        real.close(c->host_fd);
-        sf_private_forget(c->host_fd);
-        c->host_fd = -1;
+    int host = c->host_fd;
+    if (host < 0)
+        return;
+    real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, host, NULL);
+    __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
+    if (c->pending_close_host >= 0) {
+        /* c->wmu has been held since an earlier number was left pending: its holder loaded
+         * that one, never this one. */
+        real.close(host);
+        sf_private_forget(host);
+        return;
     }
+    c->pending_close_host = host;
+    if (pthread_mutex_trylock(&c->wmu) == 0)
+        sf_wmu_unlock(c);
 }
 
 /* Before any commit: the connection simply stays on the overlay. Caller holds c->mu. */
@@ -398,6 +412,11 @@ static int recv_frame(struct sf_msg *m, int *fd) {
     }
     if (n == 0)
         return RECV_CLOSED;
+    /* At RLIMIT_NOFILE the kernel drops the passed fd and sets MSG_CTRUNC: the frame still
+     * counts, without its host connection (on_switch_res then leaves it on the overlay). */
+    if (mh.msg_flags & MSG_CTRUNC)
+        SF_LOG("router frame type %u arrived without its fd (no free fd in this process)",
+               n >= 8 ? m->type : 0);
     if (n != (ssize_t)sizeof *m || m->magic != SF_MSG_MAGIC) {
         if (*fd >= 0)
             real.close(*fd);
@@ -427,11 +446,12 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
         /* Another attempt for this connection is under way; its result will come. */
     } else if (--c->outstanding <= 0) {
         /* No route and policy are final. A refusal may just mean the peer has not accepted the
-         * connection yet, so it is retried later for this connection only. */
+         * connection yet, so it is retried later for this connection only. So is an OK that
+         * lost its fd on the way in (fd limit): fds may be free by the next attempt. */
         int final = m->status == SF_NO_ROUTE || m->status == SF_DENIED;
         if (m->status == SF_PEER_UNREACHABLE || m->status == SF_TIMEOUT)
             dest_failed(c->remote.sin_addr.s_addr, 1);
-        abort_switch(c, m->status, !final);
+        abort_switch(c, m->status == SF_OK ? SF_INTERNAL : m->status, !final);
     }
     pthread_mutex_unlock(&c->mu);
 }

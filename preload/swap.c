@@ -276,8 +276,9 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
                                   (phase == SF_P_COMMITTED && !c->peer_synced);
         if (!peer_may_have_committed) {
             /* BROKEN too: the peer dropped the host connection before it committed, so its
-             * overlay stream, FIN included, is complete. */
-            result = SF_WAIT_EOF;
+             * overlay stream, FIN included, is complete. Unless its SYNC reached us: then it
+             * had committed, and the rest of its stream died with the host connection. */
+            result = phase == SF_P_BROKEN && c->peer_synced ? SF_WAIT_RESET : SF_WAIT_EOF;
             break;
         }
         if (sf_now_ms() > deadline) {

@@ -134,8 +134,16 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want) {
         phase = atomic_load(&c->phase);
         if (phase == SF_P_HOST)
             continue; /* swapped while we read the overlay's FIN: read the host socket */
-        if (phase < SF_P_REQUESTED || phase == SF_P_BROKEN)
+        if (phase < SF_P_REQUESTED)
             return 0;
+        if (phase == SF_P_BROKEN) {
+            /* The peer's SYNC said the rest of its stream follows on the host connection, which
+             * died: this end of the overlay is not the stream's end, it is a reset. */
+            if (!c->peer_synced)
+                return 0;
+            errno = ECONNRESET;
+            return -1;
+        }
         /* Maybe the switch point: decided under c->mu, so an in-flight commit is seen whole. */
         switch (sf_wait_handoff(c, fd_nonblocking(c->fd, op->flags))) {
         case SF_WAIT_SWAPPED:

@@ -350,7 +350,14 @@ def serve(args: argparse.Namespace) -> int:
         except TimeoutError:
             continue
         conn.settimeout(None)
-        header = conn.recv(HEADER.size, socket.MSG_WAITALL)
+        try:
+            header = conn.recv(HEADER.size, socket.MSG_WAITALL)
+        except OSError as exc:  # reset before its header: a failed connection, id unknown
+            results.append(
+                ConnResult(-1, error=f"header: {exc!r}", done=True, endpoints=endpoints(conn))
+            )
+            conn.close()
+            continue
         if len(header) != HEADER.size:
             conn.close()
             continue
@@ -416,7 +423,12 @@ def client(args: argparse.Namespace) -> int:
         result.endpoints = endpoints(sock)
         results.append(result)
         header = HEADER.pack(MAGIC, conn_id, seed, c2s, s2c)
-        sock.sendall(header)
+        try:
+            sock.sendall(header)
+        except OSError as exc:  # a reset connection is that connection's failure, not the run's
+            result.error, result.done = f"header: {exc!r}", True
+            sock.close()
+            continue
         plan = make_plan(seed, conn_id, args)
         side = Side(sock, result, stream(seed, 0, c2s), stream(seed, 1, s2c), plan)
         if loop is None:

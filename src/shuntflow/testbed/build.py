@@ -311,6 +311,36 @@ class Builder:
         self.save()
 
 
+def restart_router(prefix: str, h: Host, state: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """Stop the router of `h` if it still runs, start a new one as `up` did, wait for its
+    socket (a SIGKILLed router leaves its socket file behind, so that is removed first)."""
+    old = router_pid(h)
+    if router_alive(old):
+        assert old is not None
+        nsutil.terminate([old], group=True)
+    h.router_socket.unlink(missing_ok=True)
+    builder = Builder(
+        prefix,
+        state["hosts_count"],
+        state["containers_per_host"],
+        routers=True,
+        router_args=state.get("router_args", ()),
+    )
+    proc = start_detached(h.netns, builder.router_argv(h), h.router_log)
+    h.router_pid_file.write_text(f"{proc.pid}\n")
+    state.setdefault("router_pids", {})[str(h.index)] = proc.pid
+    write_state(prefix, state)
+    deadline = time.monotonic() + ROUTER_START_TIMEOUT
+    while not h.router_socket.exists():
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            raise TestbedError(
+                f"restarted router of host {h.index} ({h.netns}) did not come up; "
+                f"last lines of {h.router_log}:\n{log_tail(h.router_log)}"
+            )
+        time.sleep(0.02)
+    return proc
+
+
 def start_detached(ns: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     """Start `argv` in namespace `ns` in its own session, output appended to `log`."""
     fd = nsutil.open_netns(ns)

@@ -149,6 +149,17 @@ class Testbed:
         m = len(self.hosts[0].containers) if self.hosts else 0
         return f"<Testbed {self.prefix!r} {n} hosts x {m} containers>"
 
+    def restart_router(self, host: int | str | Container) -> int:
+        """(Re)start the router of one host, e.g. after it was killed; returns its new pid.
+
+        A router still running is stopped first (SIGTERM). Returns once the new router listens
+        on its socket, so applications started afterwards, and libraries that reconnect, find it.
+        """
+        h = self.host(host)
+        proc = build.restart_router(self.prefix, h, self._state)
+        self._router_procs[h.index] = proc
+        return proc.pid
+
     # -- lookup -----------------------------------------------------------------------
 
     @property

@@ -1,0 +1,688 @@
+"""Fault injection under the integrity torture pair: no application connection fails, no byte
+is lost, whatever breaks around a switch.
+
+Each test injects one fault at the moment it matters and proves it did (library log lines of
+the handoff in progress, router log lines, counters), then checks every byte with
+`shuntflow.torture`:
+
+- the client's router SIGKILLed during heavy switching, then restarted: switching resumes;
+- the peer router stopped and the underlay link down for a moment: everything stays on the
+  overlay, the initiating router backs off per peer host instead of retrying in a storm;
+- the underlay down for a moment during heavy switching: everything survives, switching goes on;
+- host connections reset (`ss -K`) in the handoff: before either end commits, the connection
+  falls back to the overlay; once one has, its applications get an error, never a quiet EOF;
+- the client SIGKILLed mid-switch: the server sees the cut connections cut (EOF or reset), and
+  the routers keep nothing of them;
+- the client at its fd limit: the library cannot get its private fds and stays on the overlay.
+
+The client (198.19.1.1) is the handoff's leader in every test: its overlay address is lower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shuntflow.router.control import query
+from shuntflow.testbed import Testbed
+from shuntflow.testbed.build import rtnl
+from shuntflow.testbed.plan import host_uplink
+
+from .apps import PEER_PORT, mode_env
+from .conftest import MakeTestbed
+from .test_torture import assert_intact
+
+pytestmark = pytest.mark.root
+
+LOG_LINE = re.compile(r"^(\d+\.\d+) shuntflow\[(\d+)\]: (.*)$")
+
+
+# ---- observing: library log, router log, router status ------------------------------------
+
+
+@dataclass(frozen=True)
+class LibLine:
+    ts: float
+    pid: int
+    text: str
+
+
+def lib_lines(path: Path) -> list[LibLine]:
+    if not path.exists():
+        return []
+    out = []
+    for raw in path.read_text(errors="replace").splitlines():
+        m = LOG_LINE.match(raw)
+        if m:
+            out.append(LibLine(float(m[1]), int(m[2]), m[3]))
+    return out
+
+
+def in_transition(lines: list[LibLine], pid: int) -> set[int]:
+    """fds of `pid` that asked the router for a host connection and had not yet ended that
+    attempt (switched or abandoned) where its log ends."""
+    open_fds: set[int] = set()
+    for line in lines:
+        if line.pid != pid:
+            continue
+        m = re.match(r"fd (\d+)", line.text)
+        if not m:
+            continue
+        fd = int(m[1])
+        if "asked the router" in line.text:
+            open_fds.add(fd)
+        elif "switched to the host path" in line.text or "switch abandoned" in line.text:
+            open_fds.discard(fd)
+    return open_fds
+
+
+def router_events(tb: Testbed, host: int, event: str) -> list[str]:
+    log = tb.host(host).router_log
+    return [line for line in log.read_text().splitlines() if f"event={event} " in line]
+
+
+def router_status(tb: Testbed, host: int) -> dict[str, Any]:
+    sock = tb.host(host).router_socket
+    return query(sock.with_name(sock.name + ".ctl"), timeout=5.0)
+
+
+def router_pid(tb: Testbed, host: int) -> int:
+    return int(tb.host(host).router_pid_file.read_text())
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float, step: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(step)
+
+
+# ---- the torture pair, with both processes in our hands ------------------------------------
+
+
+@dataclass
+class Pair:
+    """`python -m shuntflow.torture` server in <prefix>-h2-c1 and client in <prefix>-h1-c1,
+    each under the library with its own log, started separately so a test can signal them."""
+
+    tb: Testbed
+    tmp: Path
+    port: int
+    connections: int
+    threshold: int = 1
+    style: str = "blocking"
+    max_bytes: int = 256 * 1024
+    concurrency: int = 16
+    timeout: float = 60.0
+    server_timeout: float | None = None
+    client_prefix: list[str] = field(default_factory=list)
+    client_module: list[str] = field(default_factory=lambda: ["-m", "shuntflow.torture"])
+    server: subprocess.Popen[str] | None = None
+    client: subprocess.Popen[str] | None = None
+
+    @property
+    def client_log(self) -> Path:
+        return self.tmp / "client-lib.log"
+
+    @property
+    def server_log(self) -> Path:
+        return self.tmp / "server-lib.log"
+
+    def _common(self, timeout: float) -> list[str]:
+        return [
+            "--port",
+            str(self.port),
+            "--connections",
+            str(self.connections),
+            "--style",
+            self.style,
+            "--timeout",
+            str(timeout),
+        ]
+
+    def _env(self, host: int, log: Path) -> dict[str, str]:
+        c = self.tb.hosts[host - 1].containers[0]
+        env = mode_env(self.tb, c, "shuntflow", self.threshold)
+        env["SHUNTFLOW_LOG"] = str(log)
+        return env
+
+    def start(self) -> Pair:
+        server_c, client_c = self.tb.hosts[1].containers[0], self.tb.hosts[0].containers[0]
+        self.server = self.tb.popen(
+            server_c,
+            [
+                sys.executable,
+                "-m",
+                "shuntflow.torture",
+                "server",
+                *self._common(self.server_timeout or self.timeout),
+            ],
+            env=self._env(2, self.server_log),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.server.stdout is not None
+        assert json.loads(self.server.stdout.readline())["listening"] == self.port
+        self.client = self.tb.popen(
+            client_c,
+            [
+                *self.client_prefix,
+                sys.executable,
+                *self.client_module,
+                "client",
+                *self._common(self.timeout),
+                "--host",
+                server_c.overlay_ip,
+                "--max-bytes",
+                str(self.max_bytes),
+                "--concurrency",
+                str(self.concurrency),
+                "--seed",
+                str(self.port),
+            ],
+            env=self._env(1, self.client_log),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        return self
+
+    @property
+    def client_pid(self) -> int:
+        assert self.client is not None
+        return self.client.pid
+
+    def _summary(self, proc: subprocess.Popen[str], who: str) -> dict[str, Any]:
+        out, err = proc.communicate(timeout=self.timeout + 30)
+        lines = out.strip().splitlines()
+        assert lines, f"{who} printed nothing (exit {proc.returncode}): {err[-2000:]}"
+        summary: dict[str, Any] = json.loads(lines[-1])
+        summary["exit"] = proc.returncode
+        summary["stderr"] = err
+        return summary
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        assert self.client is not None and self.server is not None
+        return self._summary(self.client, "client"), self._summary(self.server, "server")
+
+    def finish_server(self) -> dict[str, Any]:
+        assert self.server is not None
+        return self._summary(self.server, "server")
+
+    def stop(self) -> None:
+        for proc in (self.client, self.server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def intact(summary: dict[str, Any], connections: int) -> None:
+    assert_intact(summary, connections)
+    assert summary["exit"] == 0, summary["stderr"][-2000:]
+
+
+@pytest.fixture
+def pairs() -> Any:
+    made: list[Pair] = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+# ---- 1. the client's router killed during heavy switching, then restarted ------------------
+
+
+def test_router_sigkilled_during_switching_then_restarted(
+    make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair]
+) -> None:
+    tb = make_testbed("fi1", hosts=2, containers=1, routers=True)
+    old_pid = router_pid(tb, 1)
+    pair = Pair(tb, tmp_path, 7851, 700, concurrency=16)
+    pairs.append(pair.start())
+    # Heavy switching is under way once the router has served a few dozen switches.
+    wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 40, 30)
+    os.kill(old_pid, signal.SIGKILL)
+    killed_at = time.time()
+    served_before = len(router_events(tb, 1, "switch_done"))
+    time.sleep(0.5)  # connections keep running without a router meanwhile
+    restarted_at = time.time()  # the new router cannot be reached before this
+    new_pid = tb.restart_router(1)
+    client, server = pair.finish()
+    intact(client, 700)
+    intact(server, 700)
+
+    assert new_pid != old_pid
+    lines = [x for x in lib_lines(pair.client_log) if x.pid == pair.client_pid]
+    closed = [x.ts for x in lines if "router channel closed" in x.text]
+    assert closed and killed_at - 1 < closed[0] < restarted_at, "library never lost its router"
+    # The kill caught switches in the middle: the library abandoned the requests the dead
+    # router would never answer (status 3, PEER_UNREACHABLE), right after losing the channel.
+    aborted = [
+        x
+        for x in lines
+        if "switch abandoned (status 3)" in x.text and closed[0] <= x.ts < closed[0] + 0.1
+    ]
+    assert aborted, "no handoff was in progress when the router died"
+    # The library reconnected to the new router, which served new switches for it.
+    reopened = [x.ts for x in lines if "router channel open" in x.text and x.ts > restarted_at]
+    assert reopened, "library never reconnected to the restarted router"
+    after = [x for x in lines if "switched to the host path" in x.text and x.ts > reopened[0]]
+    assert after, "no connection switched after the restart"
+    status = router_status(tb, 1)["router"]
+    assert status["pid"] == new_pid
+    assert status["switches_served"] > 0
+    assert status["clients_accepted"] >= 1
+    assert status["in_progress"] == 0
+    assert client["switched"] > 0 and server["switched"] > 0
+    print(
+        f"\nrouter kill: {served_before} served before the kill, {len(aborted)} requests "
+        f"abandoned at it, {status['switches_served']} served by the new router, "
+        f"{client['switched']}/{client['connections']} connections switched, "
+        f"{client['bytes']} bytes checked"
+    )
+
+
+# ---- 2. peer router unreachable, underlay link down for a moment -------------------------
+
+
+def set_link(tb: Testbed, host: int, up: bool) -> None:
+    with rtnl(tb.host(host).netns) as ipr:
+        idx = ipr.link_lookup(ifname=host_uplink(tb.prefix))[0]
+        ipr.link("set", index=idx, state="up" if up else "down")
+
+
+def test_peer_router_down_and_underlay_flap(
+    make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair]
+) -> None:
+    tb = make_testbed("fi2", hosts=2, containers=1, routers=True)
+    peer_pid = router_pid(tb, 2)
+    os.kill(peer_pid, signal.SIGKILL)
+    wait_for(
+        "peer router gone",
+        lambda: (
+            not Path(f"/proc/{peer_pid}/cmdline").exists()
+            or Path(f"/proc/{peer_pid}/stat").read_text().split()[2] == "Z"
+        ),
+        5,
+    )
+    pair = Pair(tb, tmp_path, 7852, 400, concurrency=16)
+    pairs.append(pair.start())
+    started = time.monotonic()
+    wait_for("a refused offer", lambda: len(router_events(tb, 1, "peer_backoff")) >= 1, 20)
+    # The underlay goes away under the running connections for a moment.
+    set_link(tb, 1, up=False)
+    try:
+        time.sleep(0.1)  # packets already past the uplink are still counted
+        rx_before = tb.vxlan_counters(1)[0]
+        time.sleep(1.0)
+        rx_during = tb.vxlan_counters(1)[0]
+        assert pair.client is not None and pair.client.poll() is None, "run ended too soon"
+    finally:
+        set_link(tb, 1, up=True)
+    client, server = pair.finish()
+    elapsed = time.monotonic() - started
+    intact(client, 400)
+    intact(server, 400)
+    # The link was really down mid-run: nothing crossed the overlay into host 1 meanwhile.
+    assert rx_during == rx_before
+    # Nothing could switch: the peer host has no router.
+    assert client["switched"] == 0 and server["switched"] == 0
+
+    status = router_status(tb, 1)["router"]
+    backoff = status["peer_backoffs"].get("198.18.0.2")
+    assert backoff is not None, status["peer_backoffs"]
+    assert backoff["failures"] >= 2 and backoff["last_status"] == "PEER_UNREACHABLE"
+    attempts = router_events(tb, 1, "peer_backoff")
+    intervals = [float(m[1]) for a in attempts if (m := re.search(r"interval_ms=([\d.]+)", a))]
+    # Each failure doubles the wait: the router tried the dead peer a handful of times, not
+    # once per connection (400 of them, every one past the threshold).
+    assert intervals == sorted(intervals) and intervals[-1] >= 800, intervals
+    assert len(attempts) <= 16, f"{len(attempts)} offers to a dead peer in {elapsed:.1f} s"
+    asked = [x for x in lib_lines(pair.client_log) if "asked the router" in x.text]
+    assert len(asked) < 400 / 4, f"library asked {len(asked)} times for an unreachable peer"
+    print(
+        f"\npeer down: {len(attempts)} offers tried in {elapsed:.1f} s (intervals {intervals} ms),"
+        f" {status['backoff_refusals']} requests refused in backoff, library asked "
+        f"{len(asked)} times for {client['connections']} connections"
+    )
+
+
+def test_underlay_flap_during_switching(
+    make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair]
+) -> None:
+    """Both routers up, switching under way, the underlay gone for a second: switched and
+    overlay connections alike wait it out (TCP retransmits), handoffs caught in it finish or
+    fall back, and switching goes on afterwards."""
+    tb = make_testbed("fi7", hosts=2, containers=1, routers=True)
+    pair = Pair(tb, tmp_path, 7858, 500, concurrency=16)
+    pairs.append(pair.start())
+    wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 30, 30)
+    down_at = time.time()
+    set_link(tb, 1, up=False)
+    try:
+        time.sleep(0.1)
+        rx_before = tb.vxlan_counters(1)[0]
+        time.sleep(1.0)
+        rx_during = tb.vxlan_counters(1)[0]
+        served_during = len(router_events(tb, 1, "switch_done"))
+        assert pair.client is not None and pair.client.poll() is None, "run ended too soon"
+    finally:
+        set_link(tb, 1, up=True)
+        up_at = time.time()
+    client, server = pair.finish()
+    intact(client, 500)
+    intact(server, 500)
+    assert rx_during == rx_before  # the link was really down mid-run
+    # Handoffs were under way in the dark: the client's library was in the middle of some.
+    lines = lib_lines(pair.client_log)
+    caught = [x for x in lines if down_at <= x.ts <= up_at and re.match(r"fd \d+", x.text)]
+    assert any("asked the router" in x.text or "host connection" in x.text for x in caught), [
+        x.text for x in caught
+    ]
+    served_after = len(router_events(tb, 1, "switch_done")) - served_during
+    assert served_after > 0, "switching did not resume after the flap"
+    print(
+        f"\nunderlay flap: {served_during} switches before and during, {served_after} after, "
+        f"{len(caught)} handoff log lines of the client in the dark; "
+        f"{client['switched']}/{client['connections']} connections switched, all intact"
+    )
+
+
+# ---- 3. host connections reset while the handoff holds them, before any commit ------------
+
+USERS = re.compile(r"pid=(\d+),fd=(\d+)")
+
+
+def private_base(pid: int) -> int:
+    """Where the library puts its own fds in process `pid` (core.c: soft RLIMIT_NOFILE - 128)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3]) - 128
+    raise AssertionError(f"no fd limit for {pid}")
+
+
+def reset_host_connections(tb: Testbed, host: int, pid: int, held: bool) -> list[tuple[str, str]]:
+    """With process `pid` (client on host 1 or server on host 2) stopped, reset (`ss -K`) host
+    connections in its host that are in a handoff on its side, as (local, peer) host addresses:
+
+    held=False: the ones in flight to it, passed by its router and not picked up yet by its
+        library (no process holds them). For the client, the leader, neither end can have
+        committed them: the leader commits only once it has read READY on the connection, and
+        the follower only once it has read the leader's SYNC. (Connections the router holds
+        may be idle ones it keeps warm for later switches: not handoffs, left alone.)
+    held=True: the ones its library holds on its private fds, in the handshake or committed.
+
+    Connections it holds on its own fd numbers are switched ones and are left alone."""
+    base = private_base(pid)
+    out = tb.run(
+        tb.host(host), ["ss", "-tnpH", "state", "established"], capture_output=True, text=True
+    ).stdout
+    killed = []
+    for line in out.splitlines():
+        cols = line.split()  # Recv-Q Send-Q Local Peer users (no State with a state filter)
+        if len(cols) < 4:
+            continue
+        local, peer = cols[2], cols[3]
+        lport, pport = local.rsplit(":", 1)[1], peer.rsplit(":", 1)[1]
+        if str(PEER_PORT) not in (lport, pport):
+            continue
+        holders = USERS.findall(line)
+        fds = [int(fd) for holder, fd in holders if int(holder) == pid]
+        if (bool(fds) and min(fds) >= base) if held else not holders:
+            r = tb.run(
+                tb.host(host),
+                ["ss", "-K", "-tnH", "sport", "=", f":{lport}", "and", "dport", "=", f":{pport}"],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stderr
+            if r.stdout.strip():
+                killed.append((local, peer))
+    return killed
+
+
+Reset = tuple[float, str, str]  # (when, local, peer): a host connection reset by `ss -K`
+
+
+def client_ports_of(tb: Testbed, resets: list[Reset]) -> set[int]:
+    """Overlay ports of the client's end of the connections these host connections carried,
+    from router 1's switch_done lines (host connections as seen from either host). Host ports
+    are reused, so a reset belongs to the latest line naming its host connection before it."""
+    served: list[tuple[float, str, str, int]] = []
+    for line in router_events(tb, 1, "switch_done"):
+        m = re.search(
+            r"^ts=(\S+)Z .*tuple=[\d.]+:(\d+)->.* host_local=(\S+) host_remote=(\S+)", line
+        )
+        if m:
+            when = datetime.fromisoformat(m[1]).replace(tzinfo=UTC).timestamp()
+            served.append((when, m[3], m[4], int(m[2])))
+    ports = set()
+    for when, local, peer in resets:
+        names = {(local, peer), (peer, local)}
+        # The router writes its line a moment after it hands the connection over.
+        before = [p for t, a, b, p in served if (a, b) in names and t <= when + 0.05]
+        if before:
+            ports.add(before[-1])
+    return ports
+
+
+def stop_and_reset(pair: Pair, side: str, held: bool, want: int) -> list[Reset]:
+    """Stop `side`, reset host connections in its handoffs, resume it; until `want` are reset."""
+    assert pair.client is not None and pair.server is not None
+    proc, host = (pair.client, 1) if side == "client" else (pair.server, 2)
+    resets: list[Reset] = []
+    for _ in range(150):
+        if len(resets) >= want or pair.client.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            if not held:
+                time.sleep(0.3)  # the routers finish the offers under way and pass them on
+            now = time.time()
+            resets += [
+                (now, a, b) for a, b in reset_host_connections(pair.tb, host, proc.pid, held)
+            ]
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.03)
+    return resets
+
+
+def test_host_connection_reset_before_commit_falls_back(
+    make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair]
+) -> None:
+    tb = make_testbed("fi3", hosts=2, containers=1, routers=True)
+    pair = Pair(tb, tmp_path, 7853, 600, concurrency=16)
+    pairs.append(pair.start())
+    wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 20, 30)
+    killed = stop_and_reset(pair, "client", held=False, want=3)
+    client, server = pair.finish()
+    intact(client, 600)
+    intact(server, 600)
+    assert killed, "no host connection was caught in the handoff"
+    # The case hit: reset before the commit. Every connection stayed whole (intact above).
+    # ECONNABORTED is what `ss -K` leaves on a socket: the client's library met our resets,
+    # each in the handshake (phase 3), where it abandoned the switch.
+    lines = [x.text for x in lib_lines(pair.client_log)]
+    aborted = [t for t in lines if "Software caused connection abort" in t]
+    assert all("host connection failed in phase 3" in t for t in aborted), aborted
+    assert 1 <= len(aborted) <= len(killed), (aborted, killed)
+    assert client["switched"] > 0
+    print(
+        f"\nreset before commit: {len(killed)} host connections reset before the client took "
+        f"them, {len(aborted)} met by its library in phase 3 and abandoned; "
+        f"{client['switched']}/{client['connections']} connections switched anyway"
+    )
+
+
+# ---- 4. the application killed mid-switch ----------------------------------------------------
+
+
+def test_client_killed_mid_switch(
+    make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair]
+) -> None:
+    tb = make_testbed("fi4", hosts=2, containers=1, routers=True)
+    # The server outlives the client: it reports what it saw until its deadline, which leaves
+    # room for the longest wait of a cut handoff (5 s, sf_wait_handoff) after the kill.
+    pair = Pair(tb, tmp_path, 7854, 5000, concurrency=16, timeout=60, server_timeout=9)
+    pairs.append(pair.start())
+    pid = pair.client_pid
+
+    wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 20, 30)
+    # Stopped, the client's state is what its log says; kill it only with a switch under way.
+    cut: set[int] = set()
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        cut = in_transition(lib_lines(pair.client_log), pid)
+        if cut:
+            os.kill(pid, signal.SIGKILL)
+            break
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.005)
+    assert cut, "never caught the client with a switch under way"
+    assert pair.client is not None
+    pair.client.wait()
+    server = pair.finish_server()
+
+    # The server saw the connections the client had open as cut: EOF before the end of the
+    # stream or a reset, as a killed overlay client looks. Never corrupt, never hung.
+    accepted = server["connections"]
+    assert 1 <= server["bad"] <= 16, server["bad"]
+    assert server["ok"] + server["bad"] == accepted and server["missing"] == 5000 - accepted
+    # ENOTCONN is shutdown(SHUT_WR) on a socket the dead peer reset, as on a plain overlay.
+    cut_ok = re.compile(
+        r"short stream|ConnectionResetError|BrokenPipeError|Transport endpoint is not connected"
+    )
+    for f in server["failures"]:
+        assert f["first_bad"] == -1, f
+        assert cut_ok.search(f["error"]) and "hung" not in f["error"], f
+
+    # The routers keep nothing of the dead process: no switch in progress, no client entry.
+    def routers_clean() -> bool:
+        s1, s2 = router_status(tb, 1), router_status(tb, 2)
+        return (
+            s1["router"]["in_progress"] == 0
+            and s2["router"]["in_progress"] == 0
+            and s1["router"]["clients"] == 0
+            and all(p["cred_pid"] != pid for p in s1["processes"])
+        )
+
+    wait_for("routers to forget the dead client", routers_clean, 5, step=0.1)
+    print(
+        f"\napp killed: {len(cut)} connections in transition at the kill, server saw "
+        f"{server['bad']} cut of {accepted} accepted: "
+        f"{sorted({f['error'].split(':')[0] for f in server['failures']})}"
+    )
+
+
+# ---- 5. the application at its fd limit ----------------------------------------------------
+
+# Runs the torture client with every fd it may open taken except `free` (argv[1]). It opens
+# one connection at a time, so it never needs more than one fd itself.
+FILL_FDS = """
+import os, sys
+from shuntflow import torture
+free, held = int(sys.argv[1]), []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+except OSError:
+    pass
+for fd in held[len(held) - free:]:
+    os.close(fd)
+sys.exit(torture.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("free", "starved"),
+    [
+        # 1 for the connection, 1 more: the agent gets its epoll fd but not its eventfd.
+        (2, "agent: cannot create its fds (Too many open files)"),
+        # 1 for the connection, 3 for the agent: no room left for a host connection.
+        (4, "without its fd"),
+    ],
+)
+def test_fd_limit_stays_on_overlay(
+    make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair], free: int, starved: str
+) -> None:
+    tb = make_testbed(f"fi5{free}", hosts=2, containers=1, routers=True)
+    pair = Pair(
+        tb,
+        tmp_path,
+        7855,
+        40,
+        concurrency=1,
+        client_prefix=["prlimit", "--nofile=64:64", "--"],
+        client_module=["-c", FILL_FDS, str(free)],
+    )
+    pairs.append(pair.start())
+    client, server = pair.finish()
+    intact(client, 40)
+    intact(server, 40)
+    assert client["switched"] == 0 and server["switched"] == 0
+    lines = [x.text for x in lib_lines(pair.client_log) if x.pid == pair.client_pid]
+    hits = [t for t in lines if starved in t]
+    assert hits, f"the library was never starved of fds: {lines[-5:]}"
+    print(f"\nfd limit, {free} free: {len(hits)} x {starved!r}; 40 connections intact")
+
+
+@pytest.mark.parametrize(("side", "port"), [("client", 7856), ("server", 7857)])
+def test_host_connection_reset_in_handoff_never_loses_silently(
+    make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair], side: str, port: int
+) -> None:
+    """The host connections one end's library holds mid-handoff (handshake or committed)
+    reset: a connection either falls back intact (nothing committed yet) or its applications get
+    an error, as over a reset overlay connection. Never a quiet EOF or a wrong byte.
+
+    On the server's side (the follower) this used to end in a quiet EOF: a follower that had
+    read the leader's SYNC but could not send its own went BROKEN and took the overlay's FIN
+    after S_peer for the end of the stream, while the rest of it had died with the host
+    connection."""
+    tb = make_testbed(f"fi6{side[0]}", hosts=2, containers=1, routers=True)
+    pair = Pair(tb, tmp_path, port, 1500, concurrency=16)
+    pairs.append(pair.start())
+    wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 20, 30)
+    killed = stop_and_reset(pair, side, held=True, want=8)
+    client, server = pair.finish()
+    assert killed, "no host connection was caught in the handoff"
+    hit = client_ports_of(tb, killed)
+    assert 1 <= len(hit) <= len(killed), (killed, hit)
+    explicit = re.compile(
+        r"ConnectionResetError|ConnectionAbortedError|BrokenPipeError|"
+        r"Transport endpoint is not connected"
+    )
+    failed_ports: dict[int, list[str]] = {}
+    for summary in (client, server):
+        assert summary["missing"] == 0
+        assert summary["bad"] <= min(len(killed), 20), summary["failures"]
+        for f in summary["failures"]:
+            # An error the application sees, as from a reset connection; no silent shortening
+            # ("short stream": EOF before the end), no wrong, extra or repeated byte.
+            assert f["first_bad"] == -1 and explicit.search(f["error"]), f
+            ports = [int(p) for p in f["endpoints"].split("->")]
+            port = ports[0] if summary is client else ports[1]
+            assert port in hit, f"connection {f['endpoints']} failed but was not hit: {f}"
+            failed_ports.setdefault(port, []).append(f["error"])
+    # (An end that had written and read everything before the reset reached it succeeds, as it
+    # would over a reset overlay connection: its writes were in its kernel's buffer.)
+    errors = sorted({e.split("(")[0] for v in failed_ports.values() for e in v})
+    print(
+        f"\nreset in handoff: {len(killed)} host connections the {side} held reset; "
+        f"{len(hit) - len(failed_ports)} fell back or had finished, {len(failed_ports)} "
+        f"reported an error: {errors}"
+    )
