@@ -34,6 +34,7 @@ class RouterConfig:
     connect_timeout_ms: int = 1000
     answer_timeout_ms: int = 2000
     offer_read_timeout_ms: int = 2000
+    hello_timeout_ms: int = 2000
     duplicate_wait_ms: int = 1000
     stats_timeout_ms: int = 500
     max_clients: int = 4096

@@ -152,7 +152,9 @@ class Router:
             cfg.netns,
             min_refresh_interval=cfg.refresh_min_interval_ms / 1000,
         )
-        self.libs = LibraryServer(cfg.socket, self, self.loop, cfg.max_clients)
+        self.libs = LibraryServer(
+            cfg.socket, self, self.loop, cfg.max_clients, cfg.hello_timeout_ms / 1000
+        )
         self.peers = PeerListener(
             self.loop,
             cfg.host_ip,
