@@ -117,7 +117,9 @@ def library_datagrams(draw: st.DrawFn) -> Datagram:
     if shape == "random":
         return Datagram(draw(st.binary(min_size=0, max_size=200)))
     if shape == "fds":
-        return Datagram(frame if draw(st.booleans()) else b"", draw(st.integers(1, 253)))  # SCM_MAX_FD
+        return Datagram(
+            frame if draw(st.booleans()) else b"", draw(st.integers(1, 253))
+        )  # SCM_MAX_FD
     return Datagram(frame)
 
 

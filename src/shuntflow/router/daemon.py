@@ -29,6 +29,7 @@ from typing import Any
 
 from shuntflow.router.config import RouterConfig
 from shuntflow.router.control import ControlServer
+from shuntflow.router.latency import LatencyRecord
 from shuntflow.router.library_channel import LibraryClient, LibraryServer, ProtocolViolation
 from shuntflow.router.logfmt import get_logger
 from shuntflow.router.overlay_map import Kind, Resolver, StaticMap
@@ -54,6 +55,7 @@ class Outgoing:
     tuple: Tuple4  # the library's view
     answered: bool = False  # a SWITCH_RES was (or is being) sent for it
     served: asyncio.Event = field(default_factory=asyncio.Event)
+    requested_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -179,6 +181,7 @@ class Router:
         self.failures: collections.Counter[str] = collections.Counter()
         self.backoff_refusals = 0
         self.handoffs_lost = 0
+        self.req_to_res = LatencyRecord()  # SWITCH_REQ received -> SWITCH_RES OK sent
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -290,7 +293,14 @@ class Router:
         )
 
     def _deliver(
-        self, client: LibraryClient, seq: int, t: Tuple4, sock: socket.socket, how: str, peer: str
+        self,
+        client: LibraryClient,
+        seq: int,
+        t: Tuple4,
+        sock: socket.socket,
+        how: str,
+        peer: str,
+        requested_at: float | None = None,
     ) -> bool:
         """SWITCH_RES OK with the host socket; our copy is closed either way."""
         try:
@@ -300,6 +310,8 @@ class Router:
             host_local = host_remote = "?"
         if client.send(Msg(MsgType.SWITCH_RES, Status.OK, seq, tuple=t), sock):
             client.switches_ok += 1
+            if requested_at is not None:
+                self.req_to_res.add(time.monotonic() - requested_at)
             if how == "initiated":
                 self.served_initiated += 1
             else:
@@ -399,7 +411,7 @@ class Router:
                 return None, ""
             e.answered = True
             self._mark_done(t.key())
-            self._deliver(e.client, e.seq, t, res.sock, "initiated", peer)
+            self._deliver(e.client, e.seq, t, res.sock, "initiated", peer, e.requested_at)
             return None, ""
         if res.status is Status.DUPLICATE:
             if not e.answered:
@@ -521,7 +533,9 @@ class Router:
                 self._fail(e.client, e.seq, e.tuple, Status.PEER_UNREACHABLE, "initiator gone")
                 return False
             self._mark_done(e.tuple.key())
-            return self._deliver(e.client, e.seq, e.tuple, conn, "accepted_leader", src)
+            return self._deliver(
+                e.client, e.seq, e.tuple, conn, "accepted_leader", src, e.requested_at
+            )
         finally:
             e.served.set()
 
@@ -629,6 +643,7 @@ class Router:
                 "switches_accepted": self.served_accepted,
                 "failures": dict(self.failures),
                 "handoffs_lost": self.handoffs_lost,
+                "switch_req_res_us": self.req_to_res.describe(),
                 "backoff_refusals": self.backoff_refusals,
                 "peer_backoffs": self.backoff.describe(),
                 "in_progress": len(self.in_progress),

@@ -7,10 +7,11 @@
 # This module owns framing and hygiene, not meaning: it checks every datagram is one valid
 # 48-byte frame of a type a library may send (and HELLO first), closes a misbehaving client with
 # a logged reason while everyone else keeps being served, closes any fd a library tries to pass
-# us, queues outgoing frames when a client's socket buffer is full (bounded), and closes a passed
-# fd once the kernel holds the client's copy, and drops a client that has not said HELLO within
-# a deadline (else idle connections could fill the client table for good). What frames mean is the LibraryHandler's business
-# (daemon.Router); it may raise ProtocolViolation to have the client dropped.
+# us, queues outgoing frames when a client's socket buffer is full (bounded), closes a passed fd
+# once the kernel holds the client's copy, and drops a client that has not said HELLO within a
+# deadline (else idle connections could fill the client table for good). What frames mean is
+# the LibraryHandler's business (daemon.Router); it may raise ProtocolViolation to have the
+# client dropped.
 
 from __future__ import annotations
 
