@@ -388,6 +388,46 @@ def test_peer_slowloris(env: Env) -> None:
     check_no_growth(env, before)
 
 
+# -- control socket --------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+control_lines = st.one_of(
+    st.binary(max_size=300).map(lambda b: b.replace(b"\n", b" ")),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.just("cmd"), json_values).map(lambda v: json.dumps(v).encode()),
+    st.integers(1, 20_000).map(lambda n: b"[" * n + b"]" * n),  # deeper than json can parse
+    st.sampled_from([b'{"cmd": "ping"}', b'{"cmd": "status"}']),
+)
+
+
+def test_control_socket_fuzz(env: Env) -> None:
+    """Every line gets one JSON object back on the same connection; none closes it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(env.a.control))
+        s.settimeout(10)
+        reader = s.makefile("rb")
+
+        @settings(max_examples=200, deadline=None, database=None)
+        @given(line=control_lines)
+        def one_line(line: bytes) -> None:
+            s.sendall(line + b"\n")
+            if not line.strip():
+                return  # blank lines are skipped without an answer
+            answer = json.loads(reader.readline())
+            assert isinstance(answer, dict)
+            assert "error" in answer or "ok" in answer or "router" in answer, answer
+
+        one_line()
+        s.sendall(b'{"cmd": "ping"}\n')
+        assert json.loads(reader.readline())["ok"] is True
+    errors = [ln for ln in env.a.log().splitlines() if "event=control_error" in ln]
+    assert not errors, errors[:3]
+
+
 # -- the whole thing, at size ----------------------------------------------------------------
 
 
