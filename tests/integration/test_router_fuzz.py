@@ -444,6 +444,7 @@ def check_no_growth(e: Env, before: tuple[int, int, int, int]) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(2400)  # ~10 minutes on a shared 2-vCPU VM, mostly hypothesis itself
 def test_fuzz_100k(env: Env) -> None:
     fuzz_library(env, 2_000)  # warm up the allocator before the baseline
     before = env.resources()

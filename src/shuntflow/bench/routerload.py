@@ -162,6 +162,7 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         before = {i: _status(h)["router"] for i, h in enumerate(tb.hosts[:2], 1)}
         result["tracked_before"] = {i: _tracked(_status(h)) for i, h in enumerate(tb.hosts[:2], 1)}
         cpu0 = {i: cpu_seconds(pid) for i, pid in routers.items()}
+        apps0 = {"client": cpu_seconds(client.pid), "server": cpu_seconds(server.pid)}
         mem0 = {i: memory_kib(pid) for i, pid in routers.items()}
         t0 = time.monotonic()
         client.stdin.write("go\n")
@@ -169,6 +170,10 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         result["churn"] = _line(client.stdout, client, "client")
         wall = time.monotonic() - t0
         cpu1 = {i: cpu_seconds(pid) for i, pid in routers.items()}
+        result["apps_cpu_percent"] = {
+            "client": round(100 * (cpu_seconds(client.pid) - apps0["client"]) / wall, 1),
+            "server": round(100 * (cpu_seconds(server.pid) - apps0["server"]) / wall, 1),
+        }
         mem1 = {i: memory_kib(pid) for i, pid in routers.items()}
         after_status = {i: _status(h) for i, h in enumerate(tb.hosts[:2], 1)}
         result["tracked_after"] = {i: _tracked(s) for i, s in after_status.items()}
@@ -226,7 +231,10 @@ def summary(r: dict[str, Any]) -> str:
         f"  client: switched {c['switched']}, stayed on the overlay (timeout) {c['timed_out']}, "
         f"errors {c['errors']} {c['error_kinds'] or ''}, achieved {c['rate']}/s; "
         f"idle still open {c['idle_still_open']}",
-        f"  client latency threshold->host fd (us, {c['latency_us']['resolution_us']} us polls): "
+        f"  CPU of the applications (with their libraries' agent threads): {r['apps_cpu_percent']}",
+        f"  client latency threshold->host fd (us; polled every "
+        f"{c['latency_us']['resolution_us'][0]} us for 20 ms, then every "
+        f"{c['latency_us']['resolution_us'][1]} us): "
         f"p50 {c['latency_us']['p50']} p99 {c['latency_us']['p99']} max {c['latency_us']['max']}",
     ]
     for i, x in r["routers"].items():
