@@ -367,7 +367,7 @@ def test_peer_slowloris(env: Env) -> None:
     frame = Msg(MsgType.OFFER, tuple=Tuple4.parse("198.19.1.9:1", "198.19.2.9:2")).pack_peer()
     slow = [PeerInput(frame, "silent", drip=0.02)]
     half = [PeerInput(frame[: len(frame) // 2], "silent") for _ in range(5)]
-    idle = [PeerInput(b"", "silent") for _ in range(MAX_INCOMING + 20)]
+    idle = [PeerInput(b"", "silent") for _ in range(MAX_INCOMING * 2)]
     results: list[list[str]] = []
 
     def run(inputs: list[PeerInput]) -> Callable[[], None]:
