@@ -25,13 +25,17 @@ def test_router_load_tiny(make_testbed: MakeTestbed) -> None:
     assert r["tracked_after"] == {1: IDLE, 2: IDLE}
     churn = r["churn"]
     assert churn["started"] == SWITCHES and churn["errors"] == 0, churn
-    assert churn["switched"] == SWITCHES and churn["timed_out"] == 0, churn
-    assert churn["latency_us"]["count"] == SWITCHES
+    # a connection that happens to reuse a just-switched 4-tuple stays on the overlay (README,
+    # known limits); every other one is switched
+    assert churn["timed_out"] == churn["timed_out_reused"], churn
+    assert churn["switched"] == SWITCHES - churn["timed_out"], churn
+    assert churn["latency_us"]["count"] == churn["switched"]
     assert churn["idle_still_open"] == IDLE
     routers = r["routers"]
     # one initiated switch per switched connection, each accepted by the other router
-    assert routers[1]["switches_initiated"] + routers[2]["switches_initiated"] == SWITCHES
-    assert routers[1]["switches_accepted"] + routers[2]["switches_accepted"] == SWITCHES
+    switched = churn["switched"]
+    assert routers[1]["switches_initiated"] + routers[2]["switches_initiated"] == switched
+    assert routers[1]["switches_accepted"] + routers[2]["switches_accepted"] == switched
     for x in routers.values():
         assert x["handoffs_lost"] == 0
         assert x["switch_req_res_us"]["count"] >= x["switches_initiated"]

@@ -228,7 +228,9 @@ def summary(r: dict[str, Any]) -> str:
         f"router load on testbed {r['prefix']}: {r['idle_phase']['idle']} idle connections "
         f"(routers see {r['tracked_before']} tracked), {c['started']} churn connections "
         f"at target {r['params']['rate']:g}/s over {c['seconds']} s",
-        f"  client: switched {c['switched']}, stayed on the overlay (timeout) {c['timed_out']}, "
+        f"  client: switched {c['switched']}, stayed on the overlay (timeout) {c['timed_out']} "
+        f"({c['timed_out_reused']} of them reused a 4-tuple switched < 10 s before; "
+        f"{c['reused_tuples']} reuses in all), "
         f"errors {c['errors']} {c['error_kinds'] or ''}, achieved {c['rate']}/s; "
         f"idle still open {c['idle_still_open']}",
         f"  CPU of the applications (with their libraries' agent threads): {r['apps_cpu_percent']}",

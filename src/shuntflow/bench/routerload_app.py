@@ -37,6 +37,9 @@ PING, BYE = b"p", b"b"
 # Each waiting connection is polled every POLL_S for its first FINE_POLL_FOR_S, then every
 # COARSE_POLL_S: a backlog of slow switches must not eat the CPU the switches need.
 POLL_S = 0.001
+# The routers refuse a 4-tuple for this long after switching it (daemon.DONE_TTL): a connection
+# reusing one is expected to stay on the overlay, and is counted apart.
+REUSE_WINDOW_S = 10.0
 FINE_POLL_FOR_S = 0.02
 COARSE_POLL_S = 0.01
 
@@ -146,6 +149,7 @@ class Churn:
     pongs: int = 0
     crossed_at: float = 0.0
     next_check: float = 0.0
+    reused: bool = False  # its 4-tuple was switched less than REUSE_WINDOW_S ago
 
 
 @dataclass
@@ -153,6 +157,8 @@ class ClientStats:
     started: int = 0
     switched: int = 0
     timed_out: int = 0
+    reused: int = 0
+    timed_out_reused: int = 0
     errors: int = 0
     done: int = 0
 
@@ -166,6 +172,7 @@ class Client:
         self.waiting: dict[int, Churn] = {}  # crossed the threshold, not yet on the host path
         self.stats = ClientStats()
         self.latencies: list[float] = []
+        self.switched_at: dict[tuple[int, int], float] = {}  # (local port, server port)
         self.errors: dict[str, int] = {}
         with socket.socket() as probe:
             self.own_cookie = netns_cookie(probe)
@@ -248,6 +255,10 @@ class Client:
                 self._finish(fd, c, f"connect: {errno.errorcode.get(err, err)}")
                 return
             c.state = PINGING
+            last = self.switched_at.get(_ports(c.sock))
+            if last is not None and time.monotonic() - last < REUSE_WINDOW_S:
+                c.reused = True
+                self.stats.reused += 1
             self.ep.modify(fd, select.EPOLLIN)
             self._ping(fd, c)
             return
@@ -294,8 +305,10 @@ class Client:
             if moved:
                 self.latencies.append(now - c.crossed_at)
                 self.stats.switched += 1
+                self.switched_at[_ports(c.sock)] = now
             elif now - c.crossed_at > self.a.switch_timeout:
                 self.stats.timed_out += 1
+                self.stats.timed_out_reused += c.reused
             else:
                 continue
             del self.waiting[fd]
@@ -339,6 +352,8 @@ class Client:
                 "done": self.stats.done,
                 "switched": self.stats.switched,
                 "timed_out": self.stats.timed_out,
+                "reused_tuples": self.stats.reused,
+                "timed_out_reused": self.stats.timed_out_reused,
                 "errors": self.stats.errors,
                 "error_kinds": self.errors,
                 "rate": round(self.stats.switched / seconds, 1) if seconds else None,
@@ -355,6 +370,11 @@ class Client:
         sys.stdin.readline()
         for s in idle:
             s.close()
+
+
+def _ports(s: socket.socket) -> tuple[int, int]:
+    """(local port, server port): the server address is the same for every connection."""
+    return (s.getsockname()[1], s.getpeername()[1])
 
 
 def _us(seconds: float | None) -> int | None:
