@@ -58,6 +58,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_split(pid: int) -> tuple[float, float]:
+    """(main thread, all other threads) CPU seconds: the applications are single-threaded
+    Python, so the other threads are the library's agent."""
+    whole = cpu_seconds(pid)  # /proc/PID/stat counts every thread, task/PID/stat the main one
+    stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    main = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return main, whole - main
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -162,7 +172,7 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         before = {i: _status(h)["router"] for i, h in enumerate(tb.hosts[:2], 1)}
         result["tracked_before"] = {i: _tracked(_status(h)) for i, h in enumerate(tb.hosts[:2], 1)}
         cpu0 = {i: cpu_seconds(pid) for i, pid in routers.items()}
-        apps0 = {"client": cpu_seconds(client.pid), "server": cpu_seconds(server.pid)}
+        apps0 = {"client": thread_split(client.pid), "server": thread_split(server.pid)}
         mem0 = {i: memory_kib(pid) for i, pid in routers.items()}
         t0 = time.monotonic()
         client.stdin.write("go\n")
@@ -170,9 +180,13 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         result["churn"] = _line(client.stdout, client, "client")
         wall = time.monotonic() - t0
         cpu1 = {i: cpu_seconds(pid) for i, pid in routers.items()}
+        apps1 = {"client": thread_split(client.pid), "server": thread_split(server.pid)}
         result["apps_cpu_percent"] = {
-            "client": round(100 * (cpu_seconds(client.pid) - apps0["client"]) / wall, 1),
-            "server": round(100 * (cpu_seconds(server.pid) - apps0["server"]) / wall, 1),
+            name: {
+                "application": round(100 * (apps1[name][0] - apps0[name][0]) / wall, 1),
+                "library_agent": round(100 * (apps1[name][1] - apps0[name][1]) / wall, 1),
+            }
+            for name in apps0
         }
         mem1 = {i: memory_kib(pid) for i, pid in routers.items()}
         after_status = {i: _status(h) for i, h in enumerate(tb.hosts[:2], 1)}
@@ -233,7 +247,7 @@ def summary(r: dict[str, Any]) -> str:
         f"{c['reused_tuples']} reuses in all), "
         f"errors {c['errors']} {c['error_kinds'] or ''}, achieved {c['rate']}/s; "
         f"idle still open {c['idle_still_open']}",
-        f"  CPU of the applications (with their libraries' agent threads): {r['apps_cpu_percent']}",
+        f"  CPU % of the applications' main threads and libraries' agents: {r['apps_cpu_percent']}",
         f"  client latency threshold->host fd (us; polled every "
         f"{c['latency_us']['resolution_us'][0]} us for 20 ms, then every "
         f"{c['latency_us']['resolution_us'][1]} us): "
