@@ -1,4 +1,4 @@
-"""Warm peer connections (peer_pool.py) and the switch-time figures (switch_times.py), against two
+"""Warm peer connections (peer_pool.py) and the switch-time figures (latency.py), against two
 real router processes on 127.0.0.1 / 127.0.0.2 with a static map."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shuntflow.router.control import query
-from shuntflow.router.switch_times import SwitchTimes, percentile
+from shuntflow.router.latency import LatencyWindow, percentile
 from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
 from shuntflow.wire import Msg, MsgType, Status, Tuple4
 
@@ -110,15 +110,14 @@ def test_switch_times_from_libraries(
         assert not la.closed_by_router.is_set()
 
 
-def test_switch_times_window() -> None:
-    st = SwitchTimes(window=4)
+def test_latency_window() -> None:
+    st = LatencyWindow(window=4)
     for us in range(1, 11):
-        st.record(us * 10, initiated=True)
-    st.record(5, initiated=False)
-    assert st.total == 10 and st.claimed == 1
+        st.add(us * 10)
+    assert st.total == 10
     assert st.since(0) == [70, 80, 90, 100]  # the older ones left the window
     assert st.since(8) == [90, 100]
     assert st.since(10) == []
     assert st.summary() == {"count": 10, "window": 4, "p50": 80, "p99": 100, "max": 100}
     assert percentile([1, 2, 3, 4], 50) == 2 and percentile([7], 99) == 7
-    assert SwitchTimes().summary() == {"count": 0, "window": 0}
+    assert LatencyWindow().summary() == {"count": 0, "window": 0}

@@ -24,7 +24,7 @@ from shuntflow.bench.parse import ClientResult, ParseError, merge
 from shuntflow.bench.spec import BenchConfig, BenchError, ModeSpec
 from shuntflow.native import DEFAULT_THRESHOLD, LibraryMissing, app_environment
 from shuntflow.router import control
-from shuntflow.router.switch_times import percentile
+from shuntflow.router.latency import percentile
 from shuntflow.testbed import Testbed
 from shuntflow.testbed.plan import Container, Host
 

@@ -46,6 +46,7 @@ class RouterConfig:
     offer_read_timeout_ms: int = 2000
     peer_idle_timeout_ms: int = 30000  # a warm (pooled) connection waits this long for its OFFER
     peer_pool_size: int = 4  # warm connections kept to each peer in use; 0 = connect per switch
+    hello_timeout_ms: int = 2000
     duplicate_wait_ms: int = 1000
     stats_timeout_ms: int = 500
     max_clients: int = 4096

@@ -79,7 +79,7 @@ class ControlServer:
     async def _handle(self, line: bytes) -> dict[str, Any]:
         try:
             req = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
             return {"error": "request is not JSON"}
         cmd = req.get("cmd") if isinstance(req, dict) else None
         if cmd == "status":

@@ -32,6 +32,7 @@ from typing import Any
 from shuntflow.router.auth import ClusterKeyError, OfferChecker, load_cluster_key
 from shuntflow.router.config import RouterConfig
 from shuntflow.router.control import ControlServer
+from shuntflow.router.latency import LatencyWindow
 from shuntflow.router.library_channel import (
     LibraryClient,
     LibraryServer,
@@ -43,7 +44,6 @@ from shuntflow.router.overlay_map import Kind, Resolver, StaticMap
 from shuntflow.router.ownership import OwnershipChecker
 from shuntflow.router.peer import PeerListener, send_answer, send_offer
 from shuntflow.router.peer_pool import PeerPool
-from shuntflow.router.switch_times import SwitchTimes
 from shuntflow.wire import Endpoint, Mode, Msg, MsgType, Path, PeerMsg, Status, Tuple4
 
 log = get_logger()
@@ -65,6 +65,7 @@ class Outgoing:
     tuple: Tuple4  # the library's view
     answered: bool = False  # a SWITCH_RES was (or is being) sent for it
     served: asyncio.Event = field(default_factory=asyncio.Event)
+    requested_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -172,7 +173,9 @@ class Router:
         self.policy = cfg.policy()
         self.peer_allow = [ipaddress.IPv4Network(c, strict=False) for c in cfg.peer_allow]
         self.owners = OwnershipChecker() if cfg.owner_check else None
-        self.libs = LibraryServer(cfg.socket, self, self.loop, cfg.max_clients, self.owners)
+        self.libs = LibraryServer(
+            cfg.socket, self, self.loop, cfg.max_clients, self.owners, cfg.hello_timeout_ms / 1000
+        )
         self.peers = PeerListener(
             self.loop,
             cfg.host_ip,
@@ -209,7 +212,9 @@ class Router:
         self.failures: collections.Counter[str] = collections.Counter()
         self.backoff_refusals = 0
         self.handoffs_lost = 0
-        self.switch_times = SwitchTimes()
+        self.switch_times = LatencyWindow()  # libraries' SWITCH_DONE of the initiating ends
+        self.switch_times_claimed = 0  # SWITCH_DONE of ends claimed for a peer (not timed here)
+        self.req_to_res = LatencyWindow()  # SWITCH_REQ received -> SWITCH_RES OK sent
         self.owner_denials = 0
         self._stopping = False
 
@@ -330,7 +335,14 @@ class Router:
         )
 
     def _deliver(
-        self, client: LibraryClient, seq: int, t: Tuple4, sock: socket.socket, how: str, peer: str
+        self,
+        client: LibraryClient,
+        seq: int,
+        t: Tuple4,
+        sock: socket.socket,
+        how: str,
+        peer: str,
+        requested_at: float | None = None,
     ) -> bool:
         """SWITCH_RES OK with the host socket; our copy is closed either way."""
         try:
@@ -340,6 +352,8 @@ class Router:
             host_local = host_remote = "?"
         if client.send(Msg(MsgType.SWITCH_RES, Status.OK, seq, tuple=t), sock):
             client.switches_ok += 1
+            if requested_at is not None:
+                self.req_to_res.add(int((time.monotonic() - requested_at) * 1e6))
             if how == "initiated":
                 self.served_initiated += 1
             else:
@@ -469,7 +483,7 @@ class Router:
                 return None, ""
             e.answered = True
             self._mark_done(t.key())
-            self._deliver(e.client, e.seq, t, res.sock, "initiated", peer)
+            self._deliver(e.client, e.seq, t, res.sock, "initiated", peer, e.requested_at)
             return None, ""
         if res.status is Status.DUPLICATE:
             if not e.answered:
@@ -557,7 +571,10 @@ class Router:
             wait.done.set_result((msg.arg, msg.arg2))
 
     def on_switch_done(self, client: LibraryClient, msg: Msg) -> None:
-        self.switch_times.record(int(msg.arg), initiated=msg.arg2 == 1)
+        if msg.arg2 == 1:
+            self.switch_times.add(int(msg.arg))
+        else:
+            self.switch_times_claimed += 1
         log.debug("switch_done", client=client.id, tuple=msg.tuple, us=msg.arg, own=msg.arg2)
 
     def on_client_closed(self, client: LibraryClient) -> None:
@@ -620,7 +637,9 @@ class Router:
                 self._fail(e.client, e.seq, e.tuple, Status.PEER_UNREACHABLE, "initiator gone")
                 return False
             self._mark_done(e.tuple.key())
-            return self._deliver(e.client, e.seq, e.tuple, conn, "accepted_leader", src)
+            return self._deliver(
+                e.client, e.seq, e.tuple, conn, "accepted_leader", src, e.requested_at
+            )
         finally:
             e.served.set()
 
@@ -734,6 +753,7 @@ class Router:
                 "switches_accepted": self.served_accepted,
                 "failures": dict(self.failures),
                 "handoffs_lost": self.handoffs_lost,
+                "switch_req_res_us": self.req_to_res.summary(),
                 "backoff_refusals": self.backoff_refusals,
                 "peer_backoffs": self.backoff.describe(),
                 "in_progress": len(self.in_progress),

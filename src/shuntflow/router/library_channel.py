@@ -7,15 +7,18 @@
 # This module owns framing and hygiene, not meaning: it checks every datagram is one valid
 # 48-byte frame of a type a library may send (and HELLO first), closes a misbehaving client with
 # a logged reason while everyone else keeps being served, closes any fd a library tries to pass
-# us, queues outgoing frames when a client's socket buffer is full (bounded), and closes a passed
-# fd once the kernel holds the client's copy. What frames mean is the LibraryHandler's business
-# (daemon.Router); it may raise ProtocolViolation to have the client dropped.
+# us, queues outgoing frames when a client's socket buffer is full (bounded), closes a passed fd
+# once the kernel holds the client's copy, and drops a client that has not said HELLO within a
+# deadline (else idle connections could fill the client table for good). What frames mean is
+# the LibraryHandler's business (daemon.Router); it may raise ProtocolViolation to have the
+# client dropped.
 
 from __future__ import annotations
 
 import array
 import asyncio
 import os
+import select
 import socket
 import stat
 import struct
@@ -118,6 +121,7 @@ class LibraryClient:
         self.switches_failed = 0
         self._outq: deque[tuple[bytes, socket.socket | None]] = deque()
         self._writing = False
+        self._hello_deadline: asyncio.TimerHandle | None = None
         try:
             pid, uid, _gid = _UCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -198,7 +202,12 @@ class LibraryClient:
                 self.close("library passed file descriptors to the router", violation=True)
                 return
             if not data:
-                self.close("disconnected")
+                # SEQPACKET delivers an empty datagram as a 0-byte read too: only a hangup is
+                # the client leaving.
+                if self._peer_hung_up():
+                    self.close("disconnected")
+                else:
+                    self.close(f"empty frame (0 bytes), expected {MSG_SIZE}", violation=True)
                 return
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) != MSG_SIZE:
                 size = f"more than {MSG_SIZE}" if flags & socket.MSG_TRUNC else str(len(data))
@@ -216,6 +225,18 @@ class LibraryClient:
                 self.close("router internal error while handling a frame")
                 return
 
+    def _peer_hung_up(self) -> bool:
+        p = select.poll()
+        p.register(self.sock, select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP) for _fd, ev in p.poll(0))
+
+    def start_hello_deadline(self, seconds: float) -> None:
+        def expired() -> None:
+            if not self.ready:
+                self.close(f"no HELLO within {seconds:g}s", violation=True)
+
+        self._hello_deadline = self.loop.call_later(seconds, expired)
+
     def _dispatch(self, msg: Msg) -> None:
         if msg.type not in FROM_LIBRARY:
             raise ProtocolViolation(f"frame type {msg.type.name} may not come from a library")
@@ -224,6 +245,8 @@ class LibraryClient:
             if self.ready:
                 raise ProtocolViolation("second HELLO on one channel")
             self.ready = True
+            if self._hello_deadline is not None:
+                self._hello_deadline.cancel()
             self.pid = msg.pid
             self.mode = int(msg.arg)
             self.send(Msg(MsgType.HELLO_ACK, Status.OK, msg.seq, arg=PROTOCOL_VERSION))
@@ -256,6 +279,8 @@ class LibraryClient:
             return
         self.closed = True
         self.close_reason = reason
+        if self._hello_deadline is not None:
+            self._hello_deadline.cancel()
         fd = self.sock.fileno()
         if fd >= 0:
             self.loop.remove_reader(fd)
@@ -295,12 +320,14 @@ class LibraryServer:
         loop: asyncio.AbstractEventLoop,
         max_clients: int = 4096,
         owners: OwnershipChecker | None = None,
+        hello_timeout: float = 2.0,
     ) -> None:
         self.path = path
         self.owners = owners
         self.handler = handler
         self.loop = loop
         self.max_clients = max_clients
+        self.hello_timeout = hello_timeout
         self.clients: dict[int, LibraryClient] = {}
         self.accepted = 0
         self.rejected = 0
@@ -354,6 +381,7 @@ class LibraryServer:
             self.accepted += 1
             self.clients[client.id] = client
             self.loop.add_reader(conn.fileno(), client.on_readable)
+            client.start_hello_deadline(self.hello_timeout)
             log.debug("client_connected", client=client.id, cred_pid=client.cred_pid)
 
     def close(self) -> None:
