@@ -525,12 +525,23 @@ def run_peer_inputs(
     outcomes = [PeerOutcome(inp) for inp in inputs]
     socks: list[socket.socket] = []
     nonces: dict[int, bytes] = {}
+    spare: list[socket.socket] = []
+    ports: set[int] = set()
     try:
         for out in outcomes:
             inp = out.input
-            s = socket.socket()
+            # Log lines name connections by source port, so no two of a batch may share one. A
+            # bind(port 0) port is released as soon as a reset closes its connection (the router
+            # resets those it closes with bytes unread), and the next bind may get it again:
+            # hold such sockets, bound, until the batch is over.
+            while True:
+                s = socket.socket()
+                s.bind((source, 0))
+                if s.getsockname()[1] not in ports:
+                    break
+                spare.append(s)
             socks.append(s)
-            s.bind((source, 0))
+            ports.add(s.getsockname()[1])
             s.connect(addr)
             out.source = s.getsockname()
             out.binding = underlay_binding(out.source, addr)
@@ -567,7 +578,7 @@ def run_peer_inputs(
                 left -= 1
         sel.close()
     finally:
-        for s in socks:
+        for s in socks + spare:
             s.close()
     return outcomes
 
@@ -607,7 +618,7 @@ def check_peer_outcomes(
     seen: Counter[str] = Counter()
     groups: dict[bytes, list[PeerOutcome]] = {}  # authentic OFFERs without a line of their own
     for i, out in enumerate(outcomes):
-        what = f"input {i} {out.input!r:.160} sent {len(out.data)} bytes"
+        what = f"input {i} from port {out.source[1]} ({len(out.data)} bytes, {out.input!r:.160})"
         if not out.closed:
             problems.append(f"{what}: still open")
         v = peer_verdict(out.data, out.input.end, allowed, key, out.binding, out.sent_at_ms)

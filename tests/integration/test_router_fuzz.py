@@ -274,7 +274,7 @@ def peer_batch(e: Env, batch: list[PeerInput], allowed: bool, timeout: float = 0
     e.inputs += len(batch)
     lines = wait_events(e.log_b, PEER_EVENTS, len(batch))
     seen, problems = check_peer_outcomes(outcomes, lines, allowed, TEST_KEY)
-    assert not problems, problems
+    assert not problems, "\n".join(problems[:20])
     assert sum(seen.values()) == len(batch)
     counted = e.peer_counters() - before
     assert counted == Counter({k: n for k, n in seen.items() if k != "peer_closed_idle"}), (
