@@ -6,6 +6,13 @@ and router B's peer port. For every input the router must close that client only
 keep serving: afterwards the bystander libraries were never dropped, a real switch between the
 two routers works, and the routers' open fds and RSS did not grow (bounds below).
 
+Peer-port inputs are structured `PeerMsg` frames ("SFR2") as well as bytes: valid-looking OFFERs
+with bad MACs (drawn, wrong key, signed for another connection), timestamps outside the window,
+replayed nonces, ANSWERs, wrong magics (the old "SFR1" too), truncated, oversized and random,
+from an allowed peer and from a source that is none. Each must get the one log line and reason
+`router_fuzz.peer_verdict` predicts, move the router's counters by exactly one, and only an
+authentic OFFER gets an ANSWER (authentic itself, and a refusal).
+
 The default run is small; `pytest --long` runs well over 100,000 inputs.
 """
 
@@ -16,23 +23,40 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
-from shuntflow.wire import MSG_SIZE, Msg, MsgType, Status, Tuple4
+from shuntflow.router.auth import make_offer
+from shuntflow.router.testing import TEST_KEY, FakeLibrary, RouterProcess, free_port
+from shuntflow.wire import (
+    MSG_SIZE,
+    PEER_MAGIC,
+    PEER_SIZE,
+    Msg,
+    MsgType,
+    PeerMsg,
+    Status,
+    Tuple4,
+    underlay_binding,
+)
 
 from .router_fuzz import (
+    AUTH_WINDOW_MS,
     BYSTANDER_IP,
     NEVER_ISSUED_FLOOR,
+    PEER_EVENTS,
     Datagram,
     LogTail,
     PeerInput,
+    PeerOutcome,
+    check_peer_outcomes,
     events,
     hello,
     library_datagrams,
@@ -46,6 +70,7 @@ from .router_fuzz import (
 MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2"}
 # Short deadlines so slow inputs cost the test little; the logic is the same as with defaults.
 OFFER_READ_TIMEOUT_MS = 250
+PEER_IDLE_TIMEOUT_MS = 400  # for the first byte of an OFFER (default 30 s)
 HELLO_TIMEOUT_MS = 250
 MAX_CLIENTS = 64
 MAX_INCOMING = 64
@@ -86,6 +111,17 @@ class Env:
         # each switch A served is one SWITCH_REQ -> SWITCH_RES sample
         assert self.a.status()["router"]["switch_req_res_us"]["count"] >= self.switch_index
 
+    def peer_counters(self) -> Counter[str]:
+        """Router B's counters of the peer-side events."""
+        info = self.b.status()["router"]
+        sec = info["security"]
+        return Counter(
+            peer_dropped=info["peer_connections_dropped"],
+            peer_rejected=sec["peers_rejected"],
+            offer_rejected=sec["offers_rejected"],
+            offer_refused=sum(n for k, n in info["failures"].items() if k.startswith("offer_")),
+        )
+
     def resources(self) -> tuple[int, int, int, int]:
         return (
             self.a.settled_fd_count(),
@@ -99,6 +135,13 @@ def _router(d: Path, ip: str, port: int) -> RouterProcess:
     (d / "map.json").write_text(json.dumps(MAP))
     (d / "router.toml").write_text(
         f"offer_read_timeout_ms = {OFFER_READ_TIMEOUT_MS}\n"
+        f"peer_idle_timeout_ms = {PEER_IDLE_TIMEOUT_MS}\n"
+        f"auth_window_ms = {AUTH_WINDOW_MS}\n"
+        # No warm connections: with an idle timeout this short, A's pool (refreshed every 5 s)
+        # would hold connections B has already timed out, so B's log would gather pool timeouts
+        # and both routers' fd counts would swing by the pool's size at random moments. The
+        # pool is not what is fuzzed here; B's listener is.
+        "peer_pool_size = 0\n"
         f"hello_timeout_ms = {HELLO_TIMEOUT_MS}\n"
         f"max_clients = {MAX_CLIENTS}\n"
         f"max_incoming = {MAX_INCOMING}\n"
@@ -175,6 +218,7 @@ def fuzz_library(e: Env, examples: int) -> None:
     @given(batch=scripts)
     def one_batch(batch: list[list[Datagram]]) -> None:
         assert e.a.proc.poll() is None, "router A died"
+        samples = e.a.status()["router"]["switch_time_us"]["count"]
         outcomes = run_library_scripts(e.a.socket, batch)
         for out in outcomes:
             assert out.closed, f"router kept a client that sent {out.expect}"
@@ -190,6 +234,9 @@ def fuzz_library(e: Env, examples: int) -> None:
             match = next((r for r in logged if want in r), None)
             assert match is not None, f"no drop logged with {want!r}; logged: {logged}"
             logged.remove(match)
+        # every SWITCH_DONE (arg2 = 1) before the drop was taken as one switch time sample
+        own_done = sum(o.expect.own_switch_done for o in outcomes)
+        assert e.a.status()["router"]["switch_time_us"]["count"] - samples == own_done
 
     one_batch()
 
@@ -215,8 +262,31 @@ def settle(tail: LogTail, quiet: float = 0.5) -> None:
         time.sleep(0.05)
 
 
-def fuzz_peer(e: Env, examples: int, max_batch: int = 12) -> None:
+def peer_batch(e: Env, batch: list[PeerInput], allowed: bool, timeout: float = 0.0) -> Counter[str]:
+    """Send `batch` to router B's peer port from an allowed peer (127.0.0.1, a host of B's map)
+    or from nobody's address (127.0.0.3); check every connection's outcome, log line and
+    counter; the events seen."""
+    assert e.b.proc.poll() is None, "router B died"
+    src = "127.0.0.1" if allowed else "127.0.0.3"
+    timeout = timeout or max(OFFER_READ_TIMEOUT_MS, PEER_IDLE_TIMEOUT_MS) / 1000 + 3
+    before = e.peer_counters()
+    outcomes = run_peer_inputs(("127.0.0.2", e.port), batch, src, timeout, TEST_KEY)
+    e.inputs += len(batch)
+    lines = wait_events(e.log_b, PEER_EVENTS, len(batch))
+    seen, problems = check_peer_outcomes(outcomes, lines, allowed, TEST_KEY)
+    assert not problems, "\n".join(problems[:20])
+    assert sum(seen.values()) == len(batch)
+    counted = e.peer_counters() - before
+    assert counted == Counter({k: n for k, n in seen.items() if k != "peer_closed_idle"}), (
+        counted,
+        seen,
+    )
+    return seen
+
+
+def fuzz_peer(e: Env, examples: int, max_batch: int = 12) -> Counter[str]:
     settle(e.log_b)
+    total: Counter[str] = Counter()
 
     @settings(
         max_examples=examples,
@@ -224,26 +294,86 @@ def fuzz_peer(e: Env, examples: int, max_batch: int = 12) -> None:
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(batch=st.lists(peer_inputs(), min_size=1, max_size=max_batch), source=st.booleans())
-    def one_batch(batch: list[PeerInput], source: bool) -> None:
-        assert e.b.proc.poll() is None, "router B died"
-        # 127.0.0.1 is a peer host in B's map; 127.0.0.3 is nobody's
-        src = "127.0.0.1" if source else "127.0.0.3"
-        timeout = OFFER_READ_TIMEOUT_MS / 1000 + 3
-        problems = run_peer_inputs(("127.0.0.2", e.port), batch, src, timeout)
-        assert not problems, problems
-        e.inputs += len(batch)
-        lines = wait_events(e.log_b, ("peer_dropped", "offer_refused"), len(batch))
-        assert len(lines) == len(batch), lines
-        for ln in lines:
-            assert "reason=" in ln or "detail=" in ln, ln
+    @given(
+        batch=st.lists(peer_inputs(), min_size=1, max_size=max_batch),
+        allowed=st.sampled_from([True, True, True, False]),
+    )
+    def one_batch(batch: list[PeerInput], allowed: bool) -> None:
+        total.update(peer_batch(e, batch, allowed))
 
     one_batch()
+    return total
 
 
 def test_peer_port_fuzz(env: Env) -> None:
     before = env.resources()
-    fuzz_peer(env, 40)
+    seen = fuzz_peer(env, 40)
+    print(f"\npeer events: {dict(seen)}")
+    env.switch_works()
+    check_no_growth(env, before)
+
+
+def test_peer_port_cases(env: Env) -> None:
+    """One input of each kind, each with the exact outcome the oracle predicts (the fuzz draws
+    the same kinds, this makes sure every one of them is there)."""
+    before = env.resources()
+    t = Tuple4.parse("198.19.1.7:40000", "198.19.2.7:80")  # initiator's (A's) view
+    offer = PeerMsg(MsgType.OFFER, tuple=t)
+    window = AUTH_WINDOW_MS
+    cases = [
+        PeerInput(offer, mac="valid"),  # authentic: refused, with an authentic ANSWER
+        PeerInput(offer, mac="valid", end="silent"),  # no FIN needed for a whole frame
+        PeerInput(offer, mac="valid", tail=5000),  # bytes after the frame are never read
+        PeerInput(offer, mac="drawn"),  # MAC of zeros
+        PeerInput(offer, mac="wrong key"),
+        PeerInput(offer, mac="elsewhere"),  # a valid OFFER copied onto another connection
+        PeerInput(offer, mac="valid", skew_ms=window + 5000),
+        PeerInput(offer, mac="valid", skew_ms=-window - 5000),
+        PeerInput(offer, mac="valid", skew_ms=-(1 << 62)),  # the epoch
+        PeerInput(offer, mac="valid", nonce_group=1),  # one of these two is a replay
+        PeerInput(offer, mac="valid", nonce_group=1),
+        PeerInput(replace(offer, type=MsgType.ANSWER), mac="valid"),
+        PeerInput(replace(offer, type=MsgType.HELLO), mac="valid"),
+        PeerInput(replace(offer, type=cast(MsgType, 999)), mac="valid"),
+        PeerInput(offer, mac="valid", magic=0x31524653),  # "SFR1"
+        PeerInput(offer, mac="valid", magic=PEER_MAGIC ^ 1),
+        PeerInput(offer, mac="valid", cut=PEER_SIZE - 1),
+        PeerInput(offer, mac="valid", cut=PEER_SIZE // 2, end="silent"),
+        PeerInput(raw=os.urandom(PEER_SIZE)),
+        PeerInput(raw=b"GET / HTTP/1.0\r\n\r\n"),
+        PeerInput(),  # connect and close: a peer's warm pool letting one go
+        PeerInput(end="silent"),  # connect and wait: the idle deadline
+    ]
+    seen = peer_batch(env, cases, allowed=True)
+    assert seen == Counter(
+        offer_refused=4,  # 3 authentic + the first of the replayed pair
+        offer_rejected=7,  # zero MAC, wrong key, elsewhere, 3 timestamps, replay
+        peer_dropped=10,
+        peer_closed_idle=1,
+    ), seen
+    # a replay of an OFFER accepted earlier, re-signed for a new connection (only a key holder
+    # could): still refused by the nonce cache
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.connect(("127.0.0.2", env.port))
+        binding = underlay_binding(s.getsockname(), s.getpeername())
+        first = make_offer(TEST_KEY, 1, t, binding)
+        s.sendall(first.pack())
+        s.settimeout(5)
+        assert PeerMsg.unpack(s.recv(PEER_SIZE)).status == Status.PEER_REFUSED
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.connect(("127.0.0.2", env.port))
+        binding = underlay_binding(s.getsockname(), s.getpeername())
+        s.sendall(replace(first, seq=2).signed(TEST_KEY, binding).pack())
+        s.settimeout(5)
+        assert s.recv(PEER_SIZE) == b""  # closed without an ANSWER
+    lines = wait_events(env.log_b, PEER_EVENTS, 2)
+    assert "event=offer_refused" in lines[0], lines
+    assert "event=offer_rejected" in lines[1] and 'reason="replayed nonce"' in lines[1], lines
+    # the same kinds from a source that is no peer: closed before a byte is read
+    seen = peer_batch(env, cases, allowed=False)
+    assert seen == Counter(peer_rejected=len(cases)), seen
     env.switch_works()
     check_no_growth(env, before)
 
@@ -364,15 +494,16 @@ def test_peer_slowloris(env: Env) -> None:
     """A byte every 20 ms, half a frame then silence, and more idle connections than the router
     takes at once: each is cut at the read deadline; then the router serves again."""
     before = env.resources()
-    frame = Msg(MsgType.OFFER, tuple=Tuple4.parse("198.19.1.9:1", "198.19.2.9:2")).pack_peer()
-    slow = [PeerInput(frame, "silent", drip=0.02)]
-    half = [PeerInput(frame[: len(frame) // 2], "silent") for _ in range(5)]
-    idle = [PeerInput(b"", "silent") for _ in range(MAX_INCOMING * 2)]
-    results: list[list[str]] = []
+    settle(env.log_b)
+    frame = PeerMsg(MsgType.OFFER, tuple=Tuple4.parse("198.19.1.9:1", "198.19.2.9:2"))
+    slow = [PeerInput(frame, mac="valid", end="silent", drip=0.02)]
+    half = [PeerInput(frame, mac="valid", cut=PEER_SIZE // 2, end="silent") for _ in range(5)]
+    idle = [PeerInput(end="silent") for _ in range(MAX_INCOMING * 2)]
+    results: list[list[PeerOutcome]] = []
 
     def run(inputs: list[PeerInput]) -> Callable[[], None]:
         return lambda: results.append(
-            run_peer_inputs(("127.0.0.2", env.port), inputs, "127.0.0.1", 10)
+            run_peer_inputs(("127.0.0.2", env.port), inputs, "127.0.0.1", 10, TEST_KEY)
         )
 
     threads = [threading.Thread(target=run(x)) for x in (slow, half, idle)]
@@ -380,10 +511,26 @@ def test_peer_slowloris(env: Env) -> None:
         th.start()
     for th in threads:
         th.join(20)
-    assert results == [[], [], []], results
-    b_log = env.b.log()
-    assert b_log.count("no complete OFFER within") >= MAX_INCOMING
-    assert "too many incoming offers" in b_log
+    outcomes = [o for r in results for o in r]
+    assert len(outcomes) == 1 + 5 + MAX_INCOMING * 2
+    assert all(o.closed and not o.received for o in outcomes)
+    total = len(outcomes)
+    lines = wait_events(env.log_b, ("peer_dropped",), total)
+    assert len(lines) == total, lines
+    why = Counter(
+        "too many"
+        if "too many incoming offers" in ln
+        else "idle"
+        if f"idle for {PEER_IDLE_TIMEOUT_MS / 1000:g}s without an OFFER" in ln
+        else "slow"
+        if f"no complete OFFER within {OFFER_READ_TIMEOUT_MS / 1000:g}s" in ln
+        else ln
+        for ln in lines
+    )
+    # at most MAX_INCOMING held at once: the rest of the idle ones were turned away at once
+    assert why["too many"] >= total - MAX_INCOMING, why
+    assert why["idle"] >= MAX_INCOMING - 6, why
+    assert why["too many"] + why["idle"] + why["slow"] == total, why
     env.switch_works()
     check_no_growth(env, before)
 
@@ -450,8 +597,10 @@ def test_fuzz_100k(env: Env) -> None:
     before = env.resources()
     while env.inputs < 80_000:
         fuzz_library(env, 2_000)
+    seen: Counter[str] = Counter()
     while env.inputs < 100_000:
-        fuzz_peer(env, 200, max_batch=40)
+        seen += fuzz_peer(env, 200, max_batch=40)
+    print(f"\npeer events: {dict(seen)}")
     test_library_slowloris(env)
     test_peer_slowloris(env)
     env.switch_works()
