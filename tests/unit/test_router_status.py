@@ -77,7 +77,7 @@ def test_status_json_has_clients_and_conn_info(pair: tuple[RouterProcess, Router
         assert info["host_ip"] == "127.0.0.1" and info["pid"] == a.pid
         assert info["clients"] == 4 and info["clients_ready"] == 4
         assert info["switches_served"] == 1 and info["switches_initiated"] == 1
-        assert info["uptime_s"] > 0 and info["config"]["claim_timeout_ms"] == 50
+        assert info["uptime_s"] > 0 and info["config"]["claim_timeout_ms"] == 250
         procs = {p["pid"]: p for p in st["processes"]}
         assert set(procs) == {111, 222, 333, 444}
         p = procs[111]

@@ -134,7 +134,7 @@ def test_late_claim_gets_no_fd(routers: tuple[RouterProcess, RouterProcess]) -> 
     t = tup(4)
     with (
         FakeLibrary(a.socket) as la,
-        FakeLibrary(b.socket, owned={t.mirrored()}, claim_delay=0.2) as lb,
+        FakeLibrary(b.socket, owned={t.mirrored()}, claim_delay=0.5) as lb,
     ):
         res = la.wait_result(la.request(t))
         assert res.msg.status == Status.PEER_REFUSED

@@ -16,7 +16,10 @@ from shuntflow.router.auth import ClusterKeyError, load_cluster_key
 from shuntflow.router.policy import Policy, PolicyError
 
 DEFAULT_PEER_PORT = 4790
-DEFAULT_CLAIM_TIMEOUT_MS = 50
+# A claim waits for the peer libraries' agent threads, which a busy application can starve
+# (redis io-threads spin): 50 ms refused switches on a loaded 2-vCPU CI machine, and each refusal
+# doubles the calls before the next try. The wait is off the application's path, so be patient.
+DEFAULT_CLAIM_TIMEOUT_MS = 250
 
 
 class ConfigError(ValueError):
