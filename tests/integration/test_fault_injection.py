@@ -255,6 +255,17 @@ def test_router_sigkilled_during_switching_then_restarted(
     pairs.append(pair.start())
     # Heavy switching is under way once the router has served a few dozen switches.
     wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 40, 30)
+    # Freeze the router first so the kill is sure to find requests it has not answered: at full
+    # speed it may happen to be idle at the instant of a bare SIGKILL.
+    os.kill(old_pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    wait_for(
+        "a request to the frozen router",
+        lambda: in_transition(
+            [x for x in lib_lines(pair.client_log) if x.ts > stopped_at], pair.client_pid
+        ),
+        30,
+    )
     os.kill(old_pid, signal.SIGKILL)
     killed_at = time.time()
     served_before = len(router_events(tb, 1, "switch_done"))
