@@ -314,6 +314,11 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
         return events;
     pthread_mutex_lock(&c->mu);
     int phase = atomic_load(&c->phase);
+    if (phase == SF_P_HOST) {
+        /* Swapped by another thread since the caller looked: the event is the overlay's. */
+        pthread_mutex_unlock(&c->mu);
+        return sf_recheck_ready(c, events, wanted);
+    }
     if (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED) {
         pthread_mutex_unlock(&c->mu);
         return events;
