@@ -27,7 +27,7 @@
 #define AG_READY_TIMEOUT_MS 1000
 #define AG_TAG_EVENT 0xFFFFFFFFFFFFFFFEull
 #define AG_TAG_CHAN 0xFFFFFFFFFFFFFFFDull
-#define AG_DONE_QUEUE 256
+#define AG_REPORT_QUEUE 512 /* two frames per switch end: SWITCH_DONE, SWITCH_CALLS */
 
 struct dest_backoff {
     uint32_t ip;
@@ -44,8 +44,8 @@ static struct {
     struct { int fd; uint32_t gen; } queue[AG_QUEUE];
     unsigned q_head, q_len;
     struct dest_backoff backoff[AG_BACKOFF_SLOTS];
-    struct sf_msg done[AG_DONE_QUEUE]; /* SWITCH_DONE frames waiting for the agent to send them */
-    unsigned done_len;
+    struct sf_msg reports[AG_REPORT_QUEUE]; /* frames waiting for the agent to send them */
+    unsigned reports_len;
     _Atomic uint64_t switches_done, switches_failed;
     int warned_router;
 } ag = {.mu = PTHREAD_MUTEX_INITIALIZER, .epfd = -1, .evfd = -1, .chan = -1};
@@ -111,7 +111,7 @@ void sf_agent_after_fork_child(void) {
         }
     ag.epfd = ag.evfd = ag.chan = -1;
     ag.q_len = ag.q_head = 0;
-    ag.done_len = 0; /* the parent reports its own switches */
+    ag.reports_len = 0; /* the parent reports its own switches */
     ag.chan_retry_ms = 0;
     ag.pid = 0;
 }
@@ -142,6 +142,7 @@ void sf_agent_private_moved(int from, int to) {
 void sf_agent_trigger(struct sf_conn *c) {
     atomic_store(&c->decided_us, sf_now_us());
     atomic_store(&c->initiated, 1);
+    sf_window_open(c);
     sf_agent_ensure();
     pthread_mutex_lock(&ag.mu);
     if (ag.evfd >= 0 && ag.q_len < AG_QUEUE) {
@@ -467,6 +468,7 @@ static void on_claim(const struct sf_msg *m) {
         if (phase == SF_P_OVERLAY) {
             atomic_store(&c->decided_us, sf_now_us());
             atomic_store(&c->initiated, 0);
+            sf_window_open(c);
             sf_set_phase(c, SF_P_REQUESTED);
             c->outstanding = 1;
             r.status = SF_OK;
@@ -560,17 +562,13 @@ static void on_chan_readable(void) {
 
 /* ---- the handoff frames on the host connection -------------------------------------------- */
 
-/* The switch time (decided -> first byte on the host path) goes to the router, which keeps the
- * figures. The commit may run on an application thread, which must not touch the channel: it
- * queues the frame and wakes the agent, which sends it. */
-static void note_switch_time(struct sf_conn *c) {
-    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_DONE,
-                       .arg = sf_now_us() - atomic_load(&c->decided_us),
-                       .arg2 = (uint64_t)atomic_load(&c->initiated)};
-    fill_tuple(&m, c);
+/* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
+ * switch window closes) arise where the switch happens to be, often on an application thread,
+ * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
+void sf_agent_report(const struct sf_msg *m) {
     pthread_mutex_lock(&ag.mu);
-    if (ag.done_len < AG_DONE_QUEUE)
-        ag.done[ag.done_len++] = m;
+    if (ag.reports_len < AG_REPORT_QUEUE)
+        ag.reports[ag.reports_len++] = *m;
     if (ag.evfd >= 0) {
         uint64_t one = 1;
         (void)!real.write(ag.evfd, &one, sizeof one);
@@ -578,12 +576,21 @@ static void note_switch_time(struct sf_conn *c) {
     pthread_mutex_unlock(&ag.mu);
 }
 
-static void send_switch_times(void) {
-    struct sf_msg batch[AG_DONE_QUEUE];
+/* The switch time: decided -> first byte on the host path. */
+static void note_switch_time(struct sf_conn *c) {
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_DONE,
+                       .arg = sf_now_us() - atomic_load(&c->decided_us),
+                       .arg2 = (uint64_t)atomic_load(&c->initiated)};
+    fill_tuple(&m, c);
+    sf_agent_report(&m);
+}
+
+static void send_reports(void) {
+    struct sf_msg batch[AG_REPORT_QUEUE];
     pthread_mutex_lock(&ag.mu);
-    unsigned n = ag.done_len;
-    memcpy(batch, ag.done, n * sizeof batch[0]);
-    ag.done_len = 0;
+    unsigned n = ag.reports_len;
+    memcpy(batch, ag.reports, n * sizeof batch[0]);
+    ag.reports_len = 0;
     pthread_mutex_unlock(&ag.mu);
     for (unsigned i = 0; i < n && ag.chan >= 0; i++)
         chan_send(&batch[i]);
@@ -766,6 +773,18 @@ static void expire(struct sf_conn *c, void *arg) {
 
 /* ---- the loop ----------------------------------------------------------------------------- */
 
+/* start_request can leave a triggered connection on the overlay without asking the router (peer
+ * host in backoff, no router channel, not connected yet): that attempt is over, and so is the
+ * window its trigger opened. Unless the application has triggered again since (next_trigger is
+ * back at UINT32_MAX and another queue entry follows): the window goes on for that attempt. */
+static void end_window_unless_requested(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    if (atomic_load(&c->kind) == SF_CONN && atomic_load(&c->phase) == SF_P_OVERLAY &&
+        atomic_load(&c->next_trigger) != UINT32_MAX)
+        sf_window_close(c, SF_PEER_UNREACHABLE);
+    pthread_mutex_unlock(&c->mu);
+}
+
 static void drain_queue(void) {
     uint64_t count;
     (void)!real.read(ag.evfd, &count, sizeof count);
@@ -781,8 +800,10 @@ static void drain_queue(void) {
         ag.q_len--;
         pthread_mutex_unlock(&ag.mu);
         struct sf_conn *c = sf_slot(fd);
-        if (c != NULL && atomic_load(&c->gen) == gen)
+        if (c != NULL && atomic_load(&c->gen) == gen) {
             start_request(c);
+            end_window_unless_requested(c);
+        }
     }
 }
 
@@ -809,7 +830,7 @@ static void *agent_main(void *arg) {
         uint64_t now = sf_now_ms();
         if (ag.chan < 0)
             chan_open();
-        send_switch_times();
+        send_reports();
         if (now - last_tick >= 50 && atomic_load(&sf_in_transition) > 0) {
             last_tick = now;
             sf_for_each_conn(expire, &now);

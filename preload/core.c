@@ -207,6 +207,7 @@ static void atfork_child(void) {
             pthread_mutex_init(&c->mu, NULL);
             pthread_mutex_init(&c->wmu, NULL);
             pthread_cond_init(&c->cv, NULL);
+            sf_window_after_fork_child(c);
             if (atomic_load(&c->kind) != SF_CONN)
                 continue;
             int phase = atomic_load(&c->phase);
@@ -267,6 +268,7 @@ struct sf_conn *sf_slot_alloc(int fd) {
                     pthread_mutex_init(&chunk[i].mu, NULL);
                     pthread_mutex_init(&chunk[i].wmu, NULL);
                     pthread_cond_init(&chunk[i].cv, NULL);
+                    pthread_mutex_init(&chunk[i].tmu, NULL);
                     chunk[i].fd = (int)((hi << SF_CHUNK_BITS) | i);
                     chunk[i].host_fd = -1;
                     chunk[i].pending_close_host = -1;
@@ -312,6 +314,9 @@ static void reset_counters(struct sf_conn *c) {
 /* The fd number was closed (or is about to name a new socket). Caller holds c->mu, or the slot
  * is not yet visible to anyone. */
 void sf_slot_reset(struct sf_conn *c) {
+    /* Closed mid-switch: the window ends with the connection (reported while the addresses
+     * are still known). */
+    sf_window_close(c, SF_INTERNAL);
     reset_counters(c);
     for (int i = 0; i < c->n_regs; i++)
         if (c->regs[i].events & EPOLLONESHOT)

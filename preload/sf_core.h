@@ -8,6 +8,7 @@
  *   wrap_sock.c  socket lifecycle wrappers (socket, connect, accept, close, dup, fcntl, ...)
  *   wrap_io.c    data wrappers (read/write/send/recv/sendfile...): counting and redirection
  *   wrap_event.c epoll/poll/select wrappers
+ *   window.c     timing the data calls made while a connection switches (SWITCH_CALLS)
  * docs/wire.md explains the handoff; DESIGN.md the invariants it keeps. */
 #ifndef SF_CORE_H
 #define SF_CORE_H
@@ -152,6 +153,18 @@ struct sf_conn {
     _Atomic int initiated;        /* 1: this end's threshold decided it; 0: a peer's claim */
     struct sf_epreg *regs;
     int n_regs, cap_regs;
+    /* The switch window (window.c): data calls that begin between the decision to switch and
+     * the swap (or the end of the attempt) are timed, for issue 4's stall target. Its own
+     * lock, not c->mu: the agent holds c->mu across handoff steps, and a timed call must not
+     * wait for those to learn whether it is timed. */
+    pthread_mutex_t tmu;
+    uint8_t win_open;
+    uint8_t win_report;           /* closed; reported when its last call in flight returns */
+    uint32_t win_id;              /* which window a timed call belongs to */
+    uint32_t win_inflight;        /* timed calls of window win_id not yet returned */
+    uint32_t win_calls;
+    uint64_t win_max_us;
+    struct sf_msg win_msg;        /* the SWITCH_CALLS frame, status and tuple fixed at the close */
 };
 
 /* core.c */
@@ -199,6 +212,27 @@ void sf_agent_after_fork_child(void);
 void sf_agent_request_commit(struct sf_conn *c); /* commit now if no write is in flight */
 void sf_agent_count_switch(int ok);
 void sf_agent_private_moved(int from, int to);
+void sf_agent_report(const struct sf_msg *m);   /* queue a frame for the router; never blocks */
+
+/* window.c */
+/* From the calls counter's trigger value and the phase a data call already loaded: could a
+ * switch window be open? Only then is the window looked at, so a connection that is not
+ * switching pays no lock and no clock read. The second case is a decision the agent has not
+ * picked up yet (count_call set next_trigger to UINT32_MAX, the phase is still OVERLAY). */
+static inline int sf_window_maybe_open(int phase, uint32_t trigger) {
+    return (phase >= SF_P_REQUESTED && phase <= SF_P_COMMITTED) ||
+           (phase == SF_P_OVERLAY && trigger == UINT32_MAX);
+}
+struct sf_timed {
+    uint32_t id;
+    uint64_t start_us;
+};
+void sf_window_open(struct sf_conn *c);              /* a switch was decided (threshold, claim) */
+void sf_window_close(struct sf_conn *c, int status); /* caller holds c->mu */
+void sf_window_phase(struct sf_conn *c, int old, int phase); /* from sf_set_phase */
+int sf_window_enter(struct sf_conn *c, struct sf_timed *t); /* 1: time this call */
+void sf_window_leave(struct sf_conn *c, const struct sf_timed *t);
+void sf_window_after_fork_child(struct sf_conn *c);
 
 /* swap.c */
 int sf_maybe_swap(struct sf_conn *c);      /* swap if the switch point is reached; 1 if HOST */

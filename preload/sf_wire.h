@@ -25,6 +25,7 @@ enum sf_msg_type {
     SF_CONN_INFO = 8,
     SF_STATS_END = 9,
     SF_SWITCH_DONE = 10,
+    SF_SWITCH_CALLS = 11,
     SF_OFFER = 16,
     SF_ANSWER = 17,
 };

@@ -26,6 +26,7 @@ void sf_set_phase(struct sf_conn *c, int phase) {
     atomic_store(&c->phase, phase);
     c->phase_since_ms = sf_now_ms();
     pthread_cond_broadcast(&c->cv);
+    sf_window_phase(c, old, phase);
 }
 
 /* Every holder of c->wmu releases it here: a swap that ran while a write was in flight left the

@@ -5,7 +5,9 @@
  * switch this file does the two things the handoff needs from application threads:
  *   - writes go to the host connection once this end has committed (S is fixed);
  *   - a 0-byte overlay read may be the switch point rather than EOF (sf_wait_handoff).
- * Writes hold c->wmu so the agent can fix S at a moment when no write is in flight. */
+ * Writes hold c->wmu so the agent can fix S at a moment when no write is in flight. A call that
+ * begins while its connection switches is also timed (window.c); the phase it loads anyway
+ * says whether that can be the case. */
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
@@ -37,14 +39,17 @@ struct io {
     ssize_t bytes; /* bytes moved by the last call (differs from its result for *mmsg) */
 };
 
-static void count_call(struct sf_conn *c) {
+/* Returns the trigger it compared with: UINT32_MAX once a switch is decided and under way. */
+static uint32_t count_call(struct sf_conn *c) {
     uint32_t n = atomic_fetch_add_explicit(&c->calls, 1, memory_order_relaxed) + 1;
-    if (SF_UNLIKELY(n >= atomic_load_explicit(&c->next_trigger, memory_order_relaxed)) &&
-        sf_cfg.mode == SF_MODE_SHUNTFLOW &&
+    uint32_t trigger = atomic_load_explicit(&c->next_trigger, memory_order_relaxed);
+    if (SF_UNLIKELY(n >= trigger) && sf_cfg.mode == SF_MODE_SHUNTFLOW &&
         atomic_load_explicit(&c->phase, memory_order_relaxed) == SF_P_OVERLAY) {
         atomic_store(&c->next_trigger, UINT32_MAX); /* the agent sets the next one if it fails */
         sf_agent_trigger(c);
+        return UINT32_MAX;
     }
+    return trigger;
 }
 
 static ssize_t finish_host_write(struct sf_conn *c, ssize_t n, struct io *op) {
@@ -53,9 +58,7 @@ static ssize_t finish_host_write(struct sf_conn *c, ssize_t n, struct io *op) {
     return n;
 }
 
-static ssize_t do_write(struct sf_conn *c, struct io *op) {
-    count_call(c);
-    int phase = atomic_load_explicit(&c->phase, memory_order_acquire);
+static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {
     if (phase == SF_P_HOST)
         return finish_host_write(c, op->call(op, c->fd), op);
     if (phase == SF_P_PINNED) {
@@ -97,11 +100,10 @@ static int fd_nonblocking(int fd, int flags) {
     return fl >= 0 && (fl & O_NONBLOCK);
 }
 
-static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want) {
-    count_call(c);
+/* `phase` is the one the caller loaded; every further round loads it again. */
+static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase) {
     int peek = op->flags & MSG_PEEK;
-    for (;;) {
-        int phase = atomic_load_explicit(&c->phase, memory_order_acquire);
+    for (;; phase = atomic_load_explicit(&c->phase, memory_order_acquire)) {
         if (phase == SF_P_HOST) {
             ssize_t n = op->call(op, c->fd);
             if (n > 0 && !peek)
@@ -206,42 +208,17 @@ static ssize_t call_sendmmsg(struct io *op, int fd) {
     return mmsg_bytes(op, real.sendmmsg(fd, op->mmsg, op->vlen, op->flags));
 }
 
-/* ---- exported wrappers ---------------------------------------------------------------------- */
+/* ---- one application call: counted, maybe timed, then done ------------------------------- */
 
-SF_EXPORT ssize_t read(int fd, void *buf, size_t len) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.read(fd, buf, len);
-    struct io op = {.call = call_read, .buf = buf, .len = len};
-    return do_read(c, &op, len);
-}
-
-SF_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.write(fd, buf, len);
-    struct io op = {.call = call_write, .cbuf = buf, .len = len};
-    return do_write(c, &op);
-}
-
-SF_EXPORT ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.readv(fd, iov, iovcnt);
-    struct io op = {.call = call_readv, .iov = iov, .iovcnt = iovcnt};
-    return do_read(c, &op, iov_len(iov, iovcnt));
-}
-
-SF_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.writev(fd, iov, iovcnt);
-    struct io op = {.call = call_writev, .iov = iov, .iovcnt = iovcnt};
-    return do_write(c, &op);
+static ssize_t io_write(struct sf_conn *c, struct io *op) {
+    uint32_t trigger = count_call(c);
+    int phase = atomic_load_explicit(&c->phase, memory_order_acquire);
+    struct sf_timed t;
+    if (SF_LIKELY(!sf_window_maybe_open(phase, trigger)) || !sf_window_enter(c, &t))
+        return do_write(c, op, phase);
+    ssize_t n = do_write(c, op, phase);
+    sf_window_leave(c, &t);
+    return n;
 }
 
 /* MSG_WAITALL stops at the overlay's FIN at the switch point; the rest comes from the host. */
@@ -251,12 +228,65 @@ static ssize_t recv_waitall(struct sf_conn *c, struct io *op, ssize_t n) {
     while (got < total) {
         op->buf = base + got;
         op->len = total - got;
-        n = do_read(c, op, op->len);
+        count_call(c);
+        n = do_read(c, op, op->len, atomic_load_explicit(&c->phase, memory_order_acquire));
         if (n <= 0)
             break;
         got += (size_t)n;
     }
     return (ssize_t)got;
+}
+
+/* waitall: recv's MSG_WAITALL, which is one application call however many reads it takes. */
+static ssize_t io_read(struct sf_conn *c, struct io *op, size_t want, int waitall) {
+    uint32_t trigger = count_call(c);
+    int phase = atomic_load_explicit(&c->phase, memory_order_acquire);
+    struct sf_timed t;
+    int timed = SF_UNLIKELY(sf_window_maybe_open(phase, trigger)) && sf_window_enter(c, &t);
+    ssize_t n = do_read(c, op, want, phase);
+    if (waitall && n > 0 && (size_t)n < want && phase != SF_P_HOST && phase != SF_P_PINNED)
+        n = recv_waitall(c, op, n);
+    if (timed)
+        sf_window_leave(c, &t);
+    return n;
+}
+
+/* ---- exported wrappers ---------------------------------------------------------------------- */
+
+SF_EXPORT ssize_t read(int fd, void *buf, size_t len) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.read(fd, buf, len);
+    struct io op = {.call = call_read, .buf = buf, .len = len};
+    return io_read(c, &op, len, 0);
+}
+
+SF_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.write(fd, buf, len);
+    struct io op = {.call = call_write, .cbuf = buf, .len = len};
+    return io_write(c, &op);
+}
+
+SF_EXPORT ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.readv(fd, iov, iovcnt);
+    struct io op = {.call = call_readv, .iov = iov, .iovcnt = iovcnt};
+    return io_read(c, &op, iov_len(iov, iovcnt), 0);
+}
+
+SF_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
+    sf_ensure_init();
+    struct sf_conn *c = sf_tracked(fd);
+    if (c == NULL)
+        return real.writev(fd, iov, iovcnt);
+    struct io op = {.call = call_writev, .iov = iov, .iovcnt = iovcnt};
+    return io_write(c, &op);
 }
 
 SF_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
@@ -265,12 +295,7 @@ SF_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
     if (c == NULL)
         return real.recv(fd, buf, len, flags);
     struct io op = {.call = call_recv, .buf = buf, .len = len, .flags = flags};
-    int phase = atomic_load(&c->phase);
-    ssize_t n = do_read(c, &op, len);
-    if ((flags & MSG_WAITALL) && n > 0 && (size_t)n < len && phase != SF_P_HOST &&
-        phase != SF_P_PINNED)
-        n = recv_waitall(c, &op, n);
-    return n;
+    return io_read(c, &op, len, flags & MSG_WAITALL);
 }
 
 SF_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
@@ -279,7 +304,7 @@ SF_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
     if (c == NULL)
         return real.send(fd, buf, len, flags);
     struct io op = {.call = call_send, .cbuf = buf, .len = len, .flags = flags};
-    return do_write(c, &op);
+    return io_write(c, &op);
 }
 
 SF_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
@@ -290,12 +315,7 @@ SF_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sock
         return real.recvfrom(fd, buf, len, flags, addr, addrlen);
     struct io op = {.call = call_recvfrom, .buf = buf, .len = len, .flags = flags, .addr = addr,
                     .addrlen = addrlen};
-    int phase = atomic_load(&c->phase);
-    ssize_t n = do_read(c, &op, len);
-    if ((flags & MSG_WAITALL) && n > 0 && (size_t)n < len && phase != SF_P_HOST &&
-        phase != SF_P_PINNED)
-        n = recv_waitall(c, &op, n);
-    return n;
+    return io_read(c, &op, len, flags & MSG_WAITALL);
 }
 
 SF_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
@@ -306,7 +326,7 @@ SF_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
         return real.sendto(fd, buf, len, flags, addr, addrlen);
     struct io op = {.call = call_sendto, .cbuf = buf, .len = len, .flags = flags, .daddr = addr,
                     .daddrlen = addrlen};
-    return do_write(c, &op);
+    return io_write(c, &op);
 }
 
 SF_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
@@ -315,7 +335,7 @@ SF_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     if (c == NULL)
         return real.recvmsg(fd, msg, flags);
     struct io op = {.call = call_recvmsg, .msg = msg, .flags = flags};
-    return do_read(c, &op, iov_len(msg->msg_iov, (int)msg->msg_iovlen));
+    return io_read(c, &op, iov_len(msg->msg_iov, (int)msg->msg_iovlen), 0);
 }
 
 SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
@@ -324,7 +344,7 @@ SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     if (c == NULL)
         return real.sendmsg(fd, msg, flags);
     struct io op = {.call = call_sendmsg, .cmsg = msg, .flags = flags};
-    return do_write(c, &op);
+    return io_write(c, &op);
 }
 
 SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags,
@@ -336,7 +356,7 @@ SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags,
     struct io op = {.call = call_recvmmsg, .mmsg = vec, .vlen = vlen, .flags = flags,
                     .timeout = timeout};
     /* A message count of 0 is not an EOF here, so no switch point is taken from it. */
-    return (int)do_read(c, &op, 0);
+    return (int)io_read(c, &op, 0, 0);
 }
 
 SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags) {
@@ -345,7 +365,7 @@ SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags) {
     if (c == NULL)
         return real.sendmmsg(fd, vec, vlen, flags);
     struct io op = {.call = call_sendmmsg, .mmsg = vec, .vlen = vlen, .flags = flags};
-    return (int)do_write(c, &op);
+    return (int)io_write(c, &op);
 }
 
 static ssize_t sendfile_common(int out_fd, int in_fd, off_t *offset, size_t count, int use64) {
@@ -355,7 +375,7 @@ static ssize_t sendfile_common(int out_fd, int in_fd, off_t *offset, size_t coun
         return (use64 ? real.sendfile64 : real.sendfile)(out_fd, in_fd, offset, count);
     struct io op = {.call = call_sendfile, .in_fd = in_fd, .offset = offset, .len = count,
                     .use64 = use64};
-    return do_write(c, &op);
+    return io_write(c, &op);
 }
 
 SF_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count) {

@@ -44,6 +44,7 @@ class MsgType(enum.IntEnum):
     CONN_INFO = 8
     STATS_END = 9
     SWITCH_DONE = 10
+    SWITCH_CALLS = 11
     OFFER = 16
     ANSWER = 17
 

@@ -158,6 +158,9 @@ class Expect:
     switch_seqs: set[int] = field(default_factory=set)  # SWITCH_RES may come for these only
     # SWITCH_DONE frames with arg2 = 1 the router takes (each adds one switch time sample)
     own_switch_done: int = 0
+    # SWITCH_CALLS frames the router takes as a sample (OK or failed window) / leaves out
+    switch_calls: int = 0
+    switch_calls_rejected: int = 0
 
 
 def judge(script: Sequence[Datagram]) -> tuple[list[Datagram], Expect]:
@@ -167,12 +170,13 @@ def judge(script: Sequence[Datagram]) -> tuple[list[Datagram], Expect]:
     acks = 0
     switches: set[int] = set()
     done = 0
+    calls = [0, 0]  # taken, rejected
     sent: list[Datagram] = []
     for d in script:
         sent.append(d)
         reason = _drop_reason(d, hello_done)
         if reason is not None:
-            return sent, Expect(reason, acks, switches, done)
+            return sent, Expect(reason, acks, switches, done, *calls)
         m = Msg.unpack(d.data)
         if m.type is MsgType.HELLO:
             hello_done = True
@@ -181,9 +185,25 @@ def judge(script: Sequence[Datagram]) -> tuple[list[Datagram], Expect]:
             switches.add(m.seq)
         elif m.type is MsgType.SWITCH_DONE and m.arg2 == 1:
             done += 1
+        elif m.type is MsgType.SWITCH_CALLS:
+            calls[0 if _switch_calls_plausible(m) else 1] += 1
     terminator = Datagram(b"\0")
     sent.append(terminator)
-    return sent, Expect("frame is 1 bytes", acks, switches, done)
+    return sent, Expect("frame is 1 bytes", acks, switches, done, *calls)
+
+
+def _switch_calls_plausible(m: Msg) -> bool:
+    """docs/wire.md, SWITCH_CALLS: a known status, a tuple of two distinct, specified ends, and
+    no longest call without a call timed."""
+    t = m.tuple
+    return (
+        m.status in {int(s) for s in Status}
+        and 0 not in (t.local.port, t.remote.port)
+        and not t.local.ip.is_unspecified
+        and not t.remote.ip.is_unspecified
+        and t.local != t.remote
+        and not (m.arg > 0 and m.arg2 == 0)
+    )
 
 
 def _drop_reason(d: Datagram, hello_done: bool) -> str | None:

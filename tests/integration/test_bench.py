@@ -20,6 +20,7 @@ import pytest
 
 from shuntflow.bench import parse
 from shuntflow.bench.metrics import REQUIRED_FIELDS, Row, summarise
+from shuntflow.bench.report import markdown
 from shuntflow.bench.runner import Runner
 from shuntflow.bench.spec import BenchConfig, BenchUsageError, mode_spec, parse_modes
 from shuntflow.native import DEFAULT_THRESHOLD
@@ -196,6 +197,21 @@ def test_ratios_are_taken_within_each_repetition() -> None:
     assert sf.ratios["host"]["avg_us"] is None
 
 
+def test_summary_compares_the_longest_call_in_a_switch_with_overlay_p999() -> None:
+    rows = []
+    for rep, (p999, stall) in enumerate([(100.0, 40.0), (120.0, 150.0), (110.0, 60.0)]):
+        rows.append(Row("rr", "overlay", rep, "same", avg_us=40, p999_us=p999))
+        rows.append(Row("rr", "shuntflow", rep, "same", avg_us=30, switch_call_max_us=stall))
+        rows.append(Row("crr", "overlay", rep, "same", avg_us=90, p999_us=p999))
+        rows.append(Row("crr", "shuntflow", rep, "same", avg_us=95))  # nothing switched
+    md = markdown({}, rows)
+    # The worst repetition (150) against the overlay's median p99.9 (110).
+    assert "| rr | shuntflow | 150 | 110 | no |" in md
+    assert "| crr | shuntflow | - | 110 | no switch |" in md
+    table = _table_rows(md, "rr")
+    assert table[1].split("|")[10].strip() == "60"  # the column: median over repetitions
+
+
 def test_bad_workload_is_one_error_line_and_exit_2() -> None:
     p = bench("--workload", "rr,nosuch", "--prefix", "bt9")
     assert p.returncode == 2, p.stderr
@@ -264,10 +280,12 @@ def test_tiny_run_writes_rows_table_and_plots(make_testbed: MakeTestbed, tmp_pat
             assert "--mode shuntflow" in r["command"][1]
         else:
             assert "--mode" not in r["command"][1]
-            assert r["switch_p99_us"] is None
-    # sockperf's one long connection switched: its switch time is in the row.
+            assert r["switch_p99_us"] is None and r["switch_call_max_us"] is None
+    # sockperf's one long connection switched: its switch time is in the row, and so is the
+    # longest data call its ends made during the switch.
     rr = next(r for r in rows if r["workload"] == "rr" and r["mode"] == "shuntflow")
     assert rr["switches"] >= 1 and 0 < rr["switch_p50_us"] <= rr["switch_p99_us"], rr
+    assert rr["switch_call_max_us"] is not None and rr["switch_call_max_us"] >= 0, rr
     meta = doc["meta"]
     for key in ("date", "kernel", "cpu_model", "nproc", "command", "placement", "git"):
         assert key in meta

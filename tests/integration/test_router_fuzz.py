@@ -219,6 +219,7 @@ def fuzz_library(e: Env, examples: int) -> None:
     def one_batch(batch: list[list[Datagram]]) -> None:
         assert e.a.proc.poll() is None, "router A died"
         samples = e.a.status()["router"]["switch_time_us"]["count"]
+        calls_before = switch_calls_counts(e.a)
         outcomes = run_library_scripts(e.a.socket, batch)
         for out in outcomes:
             assert out.closed, f"router kept a client that sent {out.expect}"
@@ -237,8 +238,20 @@ def fuzz_library(e: Env, examples: int) -> None:
         # every SWITCH_DONE (arg2 = 1) before the drop was taken as one switch time sample
         own_done = sum(o.expect.own_switch_done for o in outcomes)
         assert e.a.status()["router"]["switch_time_us"]["count"] - samples == own_done
+        # every SWITCH_CALLS before the drop was taken as a sample or left out, as predicted
+        taken = sum(o.expect.switch_calls for o in outcomes)
+        rejected = sum(o.expect.switch_calls_rejected for o in outcomes)
+        after = switch_calls_counts(e.a)
+        assert (after[0] - calls_before[0], after[1] - calls_before[1]) == (taken, rejected)
 
     one_batch()
+
+
+def switch_calls_counts(r: RouterProcess) -> tuple[int, int]:
+    """SWITCH_CALLS frames router `r` took (completed or failed window) and left out."""
+    info = r.status()["router"]
+    taken = info["switch_call_max_us"]["count"] + info["switch_call_max_failed_us"]["count"]
+    return taken, info["switch_calls_rejected"]
 
 
 def test_library_channel_fuzz(env: Env) -> None:

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,7 @@ def long_lived(summary: dict[str, Any], min_seconds: float) -> list[bool]:
 def test_torture_shuntflow(testbed: Testbed, style: str, threshold: int) -> None:
     port = 7700 + {"blocking": 1, "epoll": 2, "epoll-et": 3, "poll": 4}[style]
     reported_before = switch_times_reported(testbed)
+    calls_before = switch_calls_reported(testbed)
     client, server = run_torture(testbed, "shuntflow", style, threshold, 120, port)
     assert_intact(client, 120)
     assert_intact(server, 120)
@@ -136,6 +138,52 @@ def test_torture_shuntflow(testbed: Testbed, style: str, threshold: int) -> None
         assert time.monotonic() < deadline, (reported_before, switch_times_reported(testbed))
         time.sleep(0.05)
     assert client["switched"] > 0
+    # Every end that switched timed the application's data calls during its switch and told its
+    # router once the swap was done (SWITCH_CALLS): one report per completed switch end. That is
+    # at least every end the application saw on the host path, and at most every end a router
+    # handed a host connection (a swap can land just as the application closes the connection,
+    # after torture looked at it: a completed switch torture counts as not switched).
+    ends = client["switched"] + server["switched"]
+    deadline = time.monotonic() + 5
+    while switch_calls_reported(testbed).count - calls_before.count < ends:
+        assert time.monotonic() < deadline, (ends, calls_before, switch_calls_reported(testbed))
+        time.sleep(0.05)
+    time.sleep(0.2)  # reports of ends torture did not count come the same way
+    after = switch_calls_reported(testbed)
+    assert ends <= after.count - calls_before.count <= after.served - calls_before.served
+    assert after.timed - calls_before.timed > 0
+    samples = switch_call_samples(testbed, calls_before.index)
+    assert len(samples) == after.count - calls_before.count
+    # Plausible, not fast: the longest call of a switch, in µs, between 0 and 10 s.
+    assert all(0 <= us < 10_000_000 for us in samples), samples
+    assert max(samples) > 0
+
+
+@dataclass
+class CallReports:
+    count: int  # completed switch ends reported with SWITCH_CALLS
+    timed: int  # calls timed in them
+    served: int  # host connections the routers handed to libraries
+    index: dict[int, int]  # per host: its router's running index of those reports
+
+
+def switch_calls_reported(tb: Testbed) -> CallReports:
+    r = CallReports(0, 0, 0, {})
+    for h in tb.hosts:
+        info = control.query(Path(f"{h.router_socket}.ctl"))["router"]
+        r.count += info["switch_call_max_us"]["count"]
+        r.timed += info["switch_calls_timed"]
+        r.served += info["switches_served"]
+        r.index[h.index] = info["switch_call_max_us"]["count"]
+    return r
+
+
+def switch_call_samples(tb: Testbed, since: dict[int, int]) -> list[int]:
+    samples: list[int] = []
+    for h in tb.hosts:
+        got = control.query(Path(f"{h.router_socket}.ctl"), "switch_calls", since=since[h.index])
+        samples += got["samples"]
+    return samples
 
 
 def switch_times_reported(tb: Testbed) -> int:

@@ -1,5 +1,6 @@
-"""Warm peer connections (peer_pool.py) and the switch-time figures (latency.py), against two
-real router processes on 127.0.0.1 / 127.0.0.2 with a static map."""
+"""Warm peer connections (peer_pool.py) and the switch figures (latency.py: switch times and the
+longest data calls during switches), against two real router processes on 127.0.0.1 /
+127.0.0.2 with a static map."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,6 +110,68 @@ def test_switch_times_from_libraries(
         assert query(a.control, "switch_times", since=3) == {"next": 5, "samples": [300, 700]}
         assert "error" in query(a.control, "switch_times", since=-1)
         assert not la.closed_by_router.is_set()
+
+
+def test_switch_calls_from_libraries(
+    pair: tuple[RouterProcess, RouterProcess, Path, int],
+) -> None:
+    """SWITCH_CALLS in -> switch_call_max_us (status) and `switch_calls` (control) out: every
+    completed end counts, initiated or claimed; failed windows apart; garbage left out."""
+    a, _b, _map, _port = pair
+    t = tup(10)
+
+    def wait_seen(n: int) -> dict[str, Any]:
+        deadline = time.monotonic() + 3
+        while True:
+            info: dict[str, Any] = a.status()["router"]
+            seen = (
+                info["switch_call_max_us"]["count"]
+                + info["switch_call_max_failed_us"]["count"]
+                + info["switch_calls_rejected"]
+            )
+            if seen >= n:
+                return info
+            assert time.monotonic() < deadline, info
+            time.sleep(0.02)
+
+    with FakeLibrary(a.socket) as la, FakeLibrary(a.socket) as lb:
+        # (longest call µs, calls timed); the two ends of one switch, then of another
+        la.send(Msg(MsgType.SWITCH_CALLS, Status.OK, tuple=t, arg=400, arg2=3))
+        lb.send(Msg(MsgType.SWITCH_CALLS, Status.OK, tuple=t.mirrored(), arg=80, arg2=1))
+        wait_seen(2)
+        la.send(Msg(MsgType.SWITCH_CALLS, Status.OK, tuple=t, arg=2500, arg2=40))
+        lb.send(Msg(MsgType.SWITCH_CALLS, Status.OK, tuple=t.mirrored(), arg=0, arg2=0))
+        la.send(Msg(MsgType.SWITCH_CALLS, Status.TIMEOUT, tuple=t, arg=3_000_000, arg2=9))
+        garbage = [
+            Msg(MsgType.SWITCH_CALLS, 999, tuple=t, arg=5, arg2=1),  # no such status
+            Msg(MsgType.SWITCH_CALLS, Status.OK, arg=5, arg2=1),  # no tuple
+            Msg(MsgType.SWITCH_CALLS, Status.OK, tuple=t, arg=2**64 - 1, arg2=0),  # no calls
+        ]
+        for m in garbage:
+            lb.send(m)
+        info = wait_seen(5 + len(garbage))
+        assert info["switch_call_max_us"] == {
+            "count": 4,
+            "window": 4,
+            "p50": 80,
+            "p99": 2500,
+            "max": 2500,
+        }
+        assert info["switch_calls_timed"] == 44
+        assert info["switch_call_max_failed_us"]["count"] == 1
+        assert info["switch_call_max_failed_us"]["max"] == 3_000_000
+        assert info["switch_calls_rejected"] == 3
+        assert sorted(query(a.control, "switch_calls")["samples"][:2]) == [80, 400]
+        assert sorted(query(a.control, "switch_calls", since=2)["samples"]) == [0, 2500]
+        assert query(a.control, "switch_calls", since=4) == {"next": 4, "samples": []}
+        assert "error" in query(a.control, "switch_calls", since=-1)
+        assert "error" in query(a.control, "switch_calls", since="0")
+        # Figures are no requests: neither client lost its channel over garbage in them.
+        assert not la.closed_by_router.is_set() and not lb.closed_by_router.is_set()
+    log = a.log()
+    assert log.count("event=switch_calls_rejected") == 3, log
+    for reason in ("unknown status 999", "invalid tuple", "without any call timed"):
+        assert reason in log, reason
 
 
 def test_latency_window() -> None:

@@ -92,6 +92,7 @@ GARBAGE_UNIX = [
     ("router-only type", [HELLO, raw_frame(kind=MsgType.CLAIM_REQ)], "may not come from a library"),
     ("hello ack", [raw_frame(kind=MsgType.HELLO_ACK)], "may not come from a library"),
     ("no hello", [raw_frame(kind=MsgType.SWITCH_REQ)], "first frame must be HELLO"),
+    ("calls, no hello", [raw_frame(kind=MsgType.SWITCH_CALLS)], "first frame must be HELLO"),
     ("two hellos", [HELLO, HELLO], "second HELLO"),
     ("unknown claim", [HELLO, raw_frame(kind=MsgType.CLAIM_RES, seq=0x8FFF_0000)], "never sent"),
     ("claim low seq", [HELLO, raw_frame(kind=MsgType.CLAIM_RES, seq=5)], "never sent"),

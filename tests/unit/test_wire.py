@@ -111,6 +111,15 @@ def test_msg_bytes_identical(probe: dict[str, list[str]]) -> None:
     assert Msg.unpack(c_bytes) == py
 
 
+def test_switch_calls_bytes_identical(probe: dict[str, list[str]]) -> None:
+    """SWITCH_CALLS as the library's window.c fills it: status, tuple, longest call, calls."""
+    c_bytes = bytes.fromhex(probe["calls"][0])
+    py = Msg(MsgType.SWITCH_CALLS, Status.TIMEOUT, tuple=SAMPLE_TUPLE, arg=1_500_000, arg2=7)
+    assert py.pack() == c_bytes
+    assert Msg.unpack(c_bytes) == py
+    assert c_bytes[4:6] == (11).to_bytes(2, "little")
+
+
 def sample_peer(kind: MsgType, status: Status, mac: bytes = bytes(range(0xA0, 0xC0))) -> PeerMsg:
     nonce = bytes(range(0x10, 0x20))
     return PeerMsg(kind, status, 0x81020304, SAMPLE_TUPLE, 1764140000123, nonce, mac)
@@ -246,7 +255,7 @@ def _peer_with(offset: int, value: int, size: int = 2) -> bytes:
         (_good()[:47], Msg.unpack, "47 bytes"),
         (_good() + b"\0", Msg.unpack, "49 bytes"),
         (b"XXXX" + _good()[4:], Msg.unpack, "bad magic"),
-        (_with_type(11), Msg.unpack, "unknown frame type 11"),
+        (_with_type(12), Msg.unpack, "unknown frame type 12"),
         (_with_type(0), Msg.unpack, "unknown frame type 0"),
         (_with_type(0xFFFF), Msg.unpack, "unknown frame type"),
         (_with_type(MsgType.OFFER), Msg.unpack, "not allowed"),

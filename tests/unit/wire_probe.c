@@ -4,7 +4,8 @@
  * fills them (addresses and ports copied in network order from a sockaddr_in), then the raw
  * bytes are printed in hex, with offsetof/sizeof of every field, so the Python half
  * (src/shuntflow/wire.py) can be compared byte for byte. Output, one item per line:
- *   msg <hex>     peer <hex> (MAC bytes a placeholder)     hop <hex>
+ *   msg <hex>     calls <hex> (a SWITCH_CALLS frame)     peer <hex> (MAC bytes a placeholder)
+ *   hop <hex>
  *   off <struct>.<field> <offset> <size>     enum <PyEnum>.<NAME> <value> */
 #include <arpa/inet.h>
 #include <stddef.h>
@@ -70,6 +71,15 @@ int main(void) {
     for (int i = 0; i < SF_PEER_MAC_SIZE; i++) pm.mac[i] = (uint8_t)(0xA0 + i);
     hex("peer", &pm, sizeof pm);
 
+    /* SWITCH_CALLS as window.c fills it: a failed switch, longest call 1.5 s, 7 calls timed. */
+    struct sf_msg calls;
+    fill(&calls, SF_MSG_MAGIC, SF_SWITCH_CALLS, SF_TIMEOUT);
+    calls.seq = 0;
+    calls.pid = 0;
+    calls.arg = 1500000;
+    calls.arg2 = 7;
+    hex("calls", &calls, sizeof calls);
+
     struct sf_hop h = {.magic = SF_HOP_MAGIC, .type = SF_HOP_SYNC, .flags = SF_HOP_F_SHUT_WR,
                        .seq = 0x0102030405060708ull};
     hex("hop", &h, sizeof h);
@@ -116,6 +126,7 @@ int main(void) {
     printf("enum MsgType.CONN_INFO %d\n", (int)SF_CONN_INFO);
     printf("enum MsgType.STATS_END %d\n", (int)SF_STATS_END);
     printf("enum MsgType.SWITCH_DONE %d\n", (int)SF_SWITCH_DONE);
+    printf("enum MsgType.SWITCH_CALLS %d\n", (int)SF_SWITCH_CALLS);
     printf("enum MsgType.OFFER %d\n", (int)SF_OFFER);
     printf("enum MsgType.ANSWER %d\n", (int)SF_ANSWER);
     printf("enum Status.OK %d\n", (int)SF_OK);

@@ -105,6 +105,7 @@ class Snapshot:
     switch_failures: int | None
     vxlan_bytes: int | None
     switch_index: dict[int, int]  # per host: the index its router gives the next switch time
+    calls_index: dict[int, int]  # the same for the longest data call of a switch end
 
 
 @dataclass
@@ -293,10 +294,12 @@ class Runner:
         switches = failures = 0
         ok = True
         index: dict[int, int] = {}
+        calls_index: dict[int, int] = {}
         for h in self.tb.hosts:
             try:
                 st = control.query(Path(f"{h.router_socket}.ctl"), timeout=5.0)["router"]
                 index[h.index] = int(st["switch_time_us"]["count"])
+                calls_index[h.index] = int(st["switch_call_max_us"]["count"])
                 switches += int(st["switches_initiated"])
                 failures += sum(
                     int(v) for k, v in dict(st.get("failures", {})).items() if "DUPLICATE" not in k
@@ -311,18 +314,18 @@ class Runner:
             switch_failures=failures if ok else None,
             vxlan_bytes=vxlan,
             switch_index=index,
+            calls_index=calls_index,
         )
 
-    def switch_times(self, since: dict[int, int]) -> list[int]:
-        """The switch times (µs) the routers were told about since the snapshot `since`."""
+    def switch_samples(self, cmd: str, since: dict[int, int]) -> list[int]:
+        """The samples (µs) the routers were told about since the snapshot `since`: switch
+        times (cmd "switch_times") or each switch end's longest data call ("switch_calls")."""
         samples: list[int] = []
         for h in self.tb.hosts:
             if h.index not in since:
                 continue
             try:
-                got = control.query(
-                    Path(f"{h.router_socket}.ctl"), "switch_times", 5.0, since=since[h.index]
-                )
+                got = control.query(Path(f"{h.router_socket}.ctl"), cmd, 5.0, since=since[h.index])
                 samples += [int(x) for x in got["samples"]]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
@@ -388,10 +391,12 @@ class Runner:
             if after.router_cpu_ns is not None and before.router_cpu_ns is not None
             else None
         )
-        times = sorted(self.switch_times(before.switch_index))
+        times = sorted(self.switch_samples("switch_times", before.switch_index))
+        call_max = self.switch_samples("switch_calls", before.calls_index)
         shared: dict[str, Any] = {
             "switch_p50_us": percentile(times, 50) if times else None,
             "switch_p99_us": percentile(times, 99) if times else None,
+            "switch_call_max_us": max(call_max) if call_max else None,
             "switches": _delta(before.switches, after.switches),
             "switch_failures": _delta(before.switch_failures, after.switch_failures),
             "vxlan_bytes": _delta(before.vxlan_bytes, after.vxlan_bytes),

@@ -8,6 +8,8 @@
 #   {"cmd": "ping"}   -> {"ok": true, "pid": ...}
 #   {"cmd": "switch_times", "since": N} -> {"next": M, "samples": [µs, ...]}  (the bench's per-run
 #       switch times: samples N..M-1 of the initiating ends, as far as the window still holds them)
+#   {"cmd": "switch_calls", "since": N} -> {"next": M, "samples": [µs, ...]}  (the same for the
+#       longest application data call of each completed switch, one sample per end)
 # Anything else -> {"error": "..."}; the connection stays open for the next line.
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ MAX_LINE = 64 * 1024
 class StatusSource(Protocol):
     async def status(self) -> dict[str, Any]: ...
     def switch_times_since(self, index: int) -> dict[str, Any]: ...
+    def switch_calls_since(self, index: int) -> dict[str, Any]: ...
 
 
 class ControlServer:
@@ -86,12 +89,14 @@ class ControlServer:
             return await self.source.status()
         if cmd == "ping":
             return {"ok": True, "pid": os.getpid()}
-        if cmd == "switch_times":
+        if cmd in ("switch_times", "switch_calls"):
             since = req.get("since", 0)
             if not isinstance(since, int) or since < 0:
-                return {"error": "switch_times needs `since`, an integer >= 0"}
-            return self.source.switch_times_since(since)
-        return {"error": f"unknown cmd {cmd!r}; use status, ping or switch_times"}
+                return {"error": f"{cmd} needs `since`, an integer >= 0"}
+            if cmd == "switch_times":
+                return self.source.switch_times_since(since)
+            return self.source.switch_calls_since(since)
+        return {"error": f"unknown cmd {cmd!r}; use status, ping, switch_times or switch_calls"}
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ FROM_LIBRARY = frozenset(
         MsgType.CONN_INFO,
         MsgType.STATS_END,
         MsgType.SWITCH_DONE,
+        MsgType.SWITCH_CALLS,
     }
 )
 MAX_SEND_QUEUE = 4096
@@ -63,6 +64,7 @@ class LibraryHandler(Protocol):
     def on_conn_info(self, client: LibraryClient, msg: Msg) -> None: ...
     def on_stats_end(self, client: LibraryClient, msg: Msg) -> None: ...
     def on_switch_done(self, client: LibraryClient, msg: Msg) -> None: ...
+    def on_switch_calls(self, client: LibraryClient, msg: Msg) -> None: ...
     def on_client_closed(self, client: LibraryClient) -> None: ...
 
 
@@ -271,6 +273,8 @@ class LibraryClient:
             handler.on_stats_end(self, msg)
         elif msg.type is MsgType.SWITCH_DONE:
             handler.on_switch_done(self, msg)
+        elif msg.type is MsgType.SWITCH_CALLS:
+            handler.on_switch_calls(self, msg)
 
     # -- closing ---------------------------------------------------------------------------
 
