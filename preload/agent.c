@@ -807,9 +807,22 @@ static void drain_queue(void) {
     }
 }
 
+/* The switch work (router frames, handoff frames, the commit) is off the application's path
+ * but not off its CPU: pinned with the application, the agent competes with the very calls it
+ * must not delay. SHUNTFLOW_AGENT_CPUS puts it on housekeeping CPUs instead. */
+static void pin_agent(void) {
+    if (!sf_cfg.agent_pinned)
+        return;
+    int rc = pthread_setaffinity_np(pthread_self(), sizeof sf_cfg.agent_cpus, &sf_cfg.agent_cpus);
+    if (rc != 0)
+        SF_LOG("agent: cannot run on SHUNTFLOW_AGENT_CPUS (%s); it stays on the application's CPUs",
+               strerror(rc));
+}
+
 static void *agent_main(void *arg) {
     (void)arg;
     pid_t me = getpid();
+    pin_agent();
     uint64_t last_tick = sf_now_ms();
     /* Open the channel now so that peers' claims reach this process even before it triggers. */
     chan_open();

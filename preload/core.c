@@ -132,6 +132,32 @@ static void open_log(void) {
     }
 }
 
+/* "0", "0,2", "0-3,6" (as taskset -c takes them); 0 if the text is not such a list. */
+static int parse_cpu_list(const char *text, cpu_set_t *set) {
+    CPU_ZERO(set);
+    const char *p = text;
+    while (*p) {
+        char *end;
+        long lo = strtol(p, &end, 10), hi = lo;
+        if (end == p || lo < 0 || lo >= CPU_SETSIZE)
+            return 0;
+        p = end;
+        if (*p == '-') {
+            hi = strtol(p + 1, &end, 10);
+            if (end == p + 1 || hi < lo || hi >= CPU_SETSIZE)
+                return 0;
+            p = end;
+        }
+        for (long cpu = lo; cpu <= hi; cpu++)
+            CPU_SET((int)cpu, set);
+        if (*p == ',')
+            p++;
+        else if (*p)
+            return 0;
+    }
+    return CPU_COUNT(set) > 0;
+}
+
 static void read_config(void) {
     const char *mode = getenv("SHUNTFLOW_MODE");
     sf_cfg.mode = SF_MODE_SHUNTFLOW;
@@ -152,6 +178,12 @@ static void read_config(void) {
             SF_LOG("SHUNTFLOW_THRESHOLD=%s is not a number >= 1; using %u", th, sf_cfg.threshold);
         else
             sf_cfg.threshold = (uint32_t)v;
+    }
+    const char *cpus = getenv("SHUNTFLOW_AGENT_CPUS");
+    if (cpus != NULL && *cpus) {
+        sf_cfg.agent_pinned = parse_cpu_list(cpus, &sf_cfg.agent_cpus);
+        if (!sf_cfg.agent_pinned)
+            SF_LOG("SHUNTFLOW_AGENT_CPUS=%s is not a CPU list like 0 or 0,2-3; ignored", cpus);
     }
     const char *router = getenv("SHUNTFLOW_ROUTER");
     if (router != NULL && strlen(router) < sizeof sf_cfg.router_path)

@@ -16,6 +16,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -92,6 +93,8 @@ struct sf_config {
     struct { uint32_t net, mask; } overlay[8]; /* network order */
     int n_overlay;
     int enabled;             /* 0: track nothing at all (no router, no overlay, bad config) */
+    int agent_pinned;        /* SHUNTFLOW_AGENT_CPUS given: the agent thread runs there */
+    cpu_set_t agent_cpus;
 };
 extern struct sf_config sf_cfg;
 

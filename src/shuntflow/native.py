@@ -35,8 +35,12 @@ def app_environment(
     threshold: int = DEFAULT_THRESHOLD,
     overlay_cidr: str = OVERLAY_CIDR,
     log: str | None = None,
+    agent_cpus: str | None = None,
 ) -> dict[str, str]:
-    """The variables that load the library into a process and point it at its router."""
+    """The variables that load the library into a process and point it at its router.
+
+    `agent_cpus` (a CPU list like 0 or 0,2-3) puts the library's background thread there rather
+    than on the application's CPUs, so the switch work never competes with the application."""
     env = {
         "LD_PRELOAD": str(library_path()),
         "SHUNTFLOW_MODE": mode.name.lower(),
@@ -46,4 +50,6 @@ def app_environment(
     }
     if log:
         env["SHUNTFLOW_LOG"] = log
+    if agent_cpus:
+        env["SHUNTFLOW_AGENT_CPUS"] = agent_cpus
     return env

@@ -422,6 +422,64 @@ def test_exec_cpu_pins(testbed: Testbed) -> None:
     ]
 
 
+# Connects to itself over the overlay with threshold 1, so the library starts its agent thread,
+# then prints each thread's CPU list once the agent's differs from the main thread's (or 5 s).
+AGENT_CPUS = """
+import os, socket, time
+srv = socket.create_server(("198.19.1.1", 0))
+c = socket.create_connection(srv.getsockname())
+c.sendall(b"x")
+me = str(os.getpid())
+def cpus(tid):
+    for line in open(f"/proc/self/task/{tid}/status"):
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split()[1]
+deadline = time.monotonic() + 5
+while True:
+    seen = {t: cpus(t) for t in os.listdir("/proc/self/task")}
+    others = sorted(v for t, v in seen.items() if t != me)
+    if set(others) - {seen[me]} or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
+print(seen[me], ",".join(others))
+"""
+
+
+@pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0 and 1")
+def test_exec_agent_cpus_pins_the_library_thread(testbed: Testbed, tmp_path: Path) -> None:
+    """The application stays on --cpu, the library's agent thread moves to --agent-cpus; a list
+    the library cannot read is reported in its log and leaves the agent with the application."""
+    run = ["exec", "tt1-h1-c1", "--cpu", "1", "--mode", "shuntflow", "--threshold", "1"]
+    r = cli(*run, "--agent-cpus", "0", "--", sys.executable, "-c", AGENT_CPUS)
+    assert r.returncode == 0, r.stderr
+    main, others = r.stdout.decode().split()
+    assert main == "1" and "0" in others.split(","), r.stdout
+    log = tmp_path / "lib.log"
+    env = {**os.environ, "SHUNTFLOW_LOG": str(log), "SHUNTFLOW_AGENT_CPUS": "zero"}
+    # Set directly: the CLI would refuse the list before the library saw it.
+    r = testbed.run(
+        "tt1-h1-c1",
+        [sys.executable, "-c", AGENT_CPUS],
+        cpu=1,
+        env={**env, **_library_env(testbed)},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    main, others = r.stdout.split()
+    assert main == "1" and set(others.split(",")) == {"1"}, r.stdout
+    assert "SHUNTFLOW_AGENT_CPUS=zero is not a CPU list" in log.read_text()
+    assert "--mode" in one_error_line(cli("exec", "tt1-h1-c1", "--agent-cpus", "0", "--", "true"))
+    assert "bad CPU list" in one_error_line(cli(*run, "--agent-cpus", "x", "--", "true"))
+
+
+def _library_env(testbed: Testbed) -> dict[str, str]:
+    from shuntflow.native import app_environment
+    from shuntflow.wire import Mode
+
+    return app_environment(Mode.SHUNTFLOW, testbed.hosts[0].router_socket, threshold=1)
+
+
 def test_exec_mode_sets_library_environment(testbed: Testbed) -> None:
     # A harmless stand-in library: this checks the wiring, not the preload library itself.
     stand_in = next(

@@ -212,6 +212,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> Outcome:
         "placement": cfg.placement,
         "server_cpus": sorted(server_cpus) if server_cpus is not None else None,
         "client_cpus": sorted(client_cpus) if client_cpus is not None else None,
+        "infra_cpus": sorted(cfg.infra_cpus) if cfg.infra_cpus is not None else None,
         "repetitions": cfg.repetitions,
         "duration_s": cfg.duration,
         "quick": cfg.quick,
@@ -320,7 +321,8 @@ def bench_command(
         "same",
         "--placement",
         metavar="|".join(PLACEMENTS),
-        help="same: server and client on one vCPU; split: one each; free: unpinned.",
+        help="same: server and client on one vCPU; split: one each; free: unpinned. With same "
+        "or split, routers and the libraries' threads run on the CPUs left, if any.",
     ),
     quick: bool = typer.Option(
         False, "--quick", help="Under 3 minutes: fewer repetitions, 1 s runs, fewer workloads."

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -48,6 +48,35 @@ def descendants(root: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def _tasks(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def pin(pids: Iterable[int], cpus: set[int] | None) -> Callable[[], None]:
+    """Move every thread of `pids` to `cpus` (None: leave them); returns what undoes it.
+
+    For the routers, which the testbed started and outlive the bench: threads that end or
+    appear meanwhile are skipped or keep their inherited set."""
+    saved: dict[int, set[int]] = {}
+    if cpus is not None:
+        for pid in pids:
+            for tid in _tasks(pid):
+                with contextlib.suppress(OSError):
+                    before = os.sched_getaffinity(tid)
+                    os.sched_setaffinity(tid, cpus)
+                    saved[tid] = before
+
+    def undo() -> None:
+        for tid, before in saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, before)
+
+    return undo
 
 
 def oncpu_ns(pids: Iterable[int]) -> int:

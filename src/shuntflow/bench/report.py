@@ -247,7 +247,8 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
         f"- date: {meta.get('date')}; command: `{meta.get('command')}`",
         f"- machine: {meta.get('cpu_model')}, {meta.get('nproc')} vCPUs, kernel "
         f"{meta.get('kernel')}; commit {commit}",
-        f"- placement: {meta.get('placement')}; repetitions: {meta.get('repetitions')}; "
+        f"- placement: {meta.get('placement')} (routers and library threads on CPUs "
+        f"{meta.get('infra_cpus') or 'unpinned'}); repetitions: {meta.get('repetitions')}; "
         f"duration per run: {meta.get('duration_s')} s; testbed: {meta.get('prefix')}",
         "- values are medians over repetitions; ratios are taken per repetition against the "
         "mode in the same repetition, shown as median [min-max]; below 1 is better for "

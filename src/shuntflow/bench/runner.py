@@ -61,6 +61,7 @@ class Side:
     host: Host
     mode: ModeSpec
     cpus: set[int] | None
+    agent_cpus: set[int] | None = None
 
     @property
     def netns(self) -> str:
@@ -77,7 +78,11 @@ class Side:
             self.mode.library,
             router_socket=self.host.router_socket,
             threshold=self.mode.threshold or DEFAULT_THRESHOLD,
+            agent_cpus=self._agent_cpus(),
         )
+
+    def _agent_cpus(self) -> str | None:
+        return _cpu_text(self.agent_cpus) if self.mode.library is not None else None
 
     def command(self, argv: list[str]) -> str:
         """The same process as a `shuntflow exec` line anyone can paste."""
@@ -85,6 +90,9 @@ class Side:
         cpu = _cpu_text(self.cpus)
         if cpu is not None:
             words += ["--cpu", cpu]
+        agent = self._agent_cpus()
+        if agent is not None:
+            words += ["--agent-cpus", agent]
         return shlex.join([*words, "--", *argv])
 
     def describe(self, argv: list[str]) -> dict[str, Any]:
@@ -170,6 +178,7 @@ class Runner:
         self.prepare_errors.update(workloads.prepare(ready, self.work))
         steps = self.plan()
         self.progress.start(len(steps))
+        unpin = procs.pin(self.router_pids, self.cfg.infra_cpus)
         try:
             for rep, wl, pos, mode in steps:
                 procs.check_stop()
@@ -181,6 +190,7 @@ class Runner:
         except KeyboardInterrupt:
             self.interrupted = True
         finally:
+            unpin()
             for p in self._live:
                 procs.kill_now(p)
             self._live.clear()
@@ -195,6 +205,7 @@ class Runner:
             self.tb.host(self.server_c),
             mode,
             self.cfg.server_cpus,
+            self.cfg.infra_cpus,
         )
         client = Side(
             "client",
@@ -202,6 +213,7 @@ class Runner:
             self.tb.host(self.client_c),
             mode,
             self.cfg.client_cpus,
+            self.cfg.infra_cpus,
         )
         return server, client
 

@@ -154,6 +154,17 @@ def placement_cpus(placement: str) -> tuple[set[int] | None, set[int] | None]:
     return {last}, {cpus[-2]}
 
 
+def infra_cpus(placement: str) -> set[int] | None:
+    """Where the routers and the libraries' background threads run: the CPUs the measured pair
+    is not pinned to, if there are any. The switch work is off the application's path; this keeps
+    it off the application's CPU too, as a deployment with housekeeping CPUs would."""
+    server, client = placement_cpus(placement)
+    if server is None or client is None:
+        return None
+    rest = set(os.sched_getaffinity(0)) - server - client
+    return rest or None
+
+
 @dataclass
 class BenchConfig:
     workloads: list[str]
@@ -171,3 +182,7 @@ class BenchConfig:
     @property
     def client_cpus(self) -> set[int] | None:
         return placement_cpus(self.placement)[1]
+
+    @property
+    def infra_cpus(self) -> set[int] | None:
+        return infra_cpus(self.placement)

@@ -168,6 +168,7 @@ class ExecOptions:
     mode: str | None = None
     threshold: str | None = None
     prefix: str | None = None
+    agent_cpus: str | None = None
     command: list[str] = field(default_factory=list)
 
 
@@ -176,6 +177,7 @@ _VALUE_OPTIONS = {
     "--mode": "mode",
     "--threshold": "threshold",
     "--prefix": "prefix",
+    "--agent-cpus": "agent_cpus",
 }
 
 
@@ -242,13 +244,22 @@ def exec_command(
     prefix: str | None = typer.Option(
         None, "--prefix", metavar="P", help="Testbed prefix (default: CONTAINER's name up to -h)."
     ),
+    agent_cpus: str | None = typer.Option(
+        None,
+        "--agent-cpus",
+        metavar="LIST",
+        help="Run the library's background thread on these CPUs (needs --mode).",
+    ),
 ) -> None:
     """Run CMD in a testbed container's namespace; stdin, stdout and exit code pass through.
 
-    Usage: shuntflow exec CONTAINER [--host-net] [--cpu LIST] [--mode M] [--threshold N] -- CMD ...
+    Usage: shuntflow exec CONTAINER [--host-net] [--cpu LIST] [--mode M] [--threshold N]
+    [--agent-cpus LIST] -- CMD ...
     """
     try:
-        opts = split_exec_args(ExecOptions(host_net, cpu, mode, threshold, prefix), list(cmd or []))
+        opts = split_exec_args(
+            ExecOptions(host_net, cpu, mode, threshold, prefix, agent_cpus), list(cmd or [])
+        )
         argv, env, ns_fd, cpus = _prepare_exec(container, opts)
     except TestbedError as e:
         fail_from(e)
@@ -276,15 +287,12 @@ def _prepare_exec(
         threshold = parse_int("--threshold", opts.threshold, 2**31 - 1)
         if opts.mode is None:
             raise TestbedUsageError("--threshold needs --mode")
-    cpus = None
-    if opts.cpu is not None:
-        cpus = parse_cpu_list(opts.cpu)
-        allowed = os.sched_getaffinity(0)
-        if not cpus <= allowed:
-            raise TestbedUsageError(
-                f"--cpu {opts.cpu}: CPU(s) {sorted(cpus - allowed)} not available "
-                f"(available: {','.join(map(str, sorted(allowed)))})"
-            )
+    cpus = None if opts.cpu is None else _available_cpus("--cpu", opts.cpu)
+    agent_cpus = None
+    if opts.agent_cpus is not None:
+        agent_cpus = ",".join(map(str, sorted(_available_cpus("--agent-cpus", opts.agent_cpus))))
+        if opts.mode is None:
+            raise TestbedUsageError("--agent-cpus needs --mode")
 
     tb = Testbed.load(prefix)
     c = tb.container(container)
@@ -303,11 +311,23 @@ def _prepare_exec(
                     router_socket=host.router_socket,
                     threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                     log=os.environ.get("SHUNTFLOW_LOG"),
+                    agent_cpus=agent_cpus,
                 )
             )
         except LibraryMissing as e:
             raise TestbedError(str(e)) from None
     return opts.command, env, nsutil.open_netns(ns), cpus
+
+
+def _available_cpus(flag: str, text: str) -> set[int]:
+    cpus = parse_cpu_list(text)
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise TestbedUsageError(
+            f"{flag} {text}: CPU(s) {sorted(cpus - allowed)} not available "
+            f"(available: {','.join(map(str, sorted(allowed)))})"
+        )
+    return cpus
 
 
 def _env_without_library(env: dict[str, str]) -> dict[str, str]:
