@@ -50,7 +50,11 @@ log = get_logger()
 
 SEQ_HIGH = 0x8000_0000  # router-chosen seqs (CLAIM_REQ, STATS_REQ) have the high bit set
 HOST_FAILURES = frozenset({Status.PEER_UNREACHABLE, Status.TIMEOUT})
-DONE_TTL = 10.0  # a key switched this recently is answered DUPLICATE (late crossing offers)
+# A key switched this recently is answered DUPLICATE: the peer's crossing offer for the same
+# connection may land just after ours completed (milliseconds later as a rule). Kept short, since a
+# new connection reusing the 4-tuple meanwhile is refused too; an offer later than this only
+# costs a claim its libraries answer NOT_MINE.
+DONE_TTL = 1.0
 MAX_ROWS_PER_CLIENT = 100_000
 FINISHED_CLAIMS_KEPT = 4096
 Key = tuple[Endpoint, Endpoint]
