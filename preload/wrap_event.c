@@ -209,16 +209,68 @@ SF_EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *timeout
     POLL_RETRY(real.ppoll(fds, n, timeout, mask));
 }
 
-/* select reports only "readable"; a switch-point FIN there is settled by the read wrapper. */
+/* select's "readable" for a switching connection may be nothing but the overlay's FIN at the
+ * switch point, or an event of the overlay socket the agent swapped out while select waited:
+ * the application would then read the host socket and block (a blocking socket) or get EAGAIN.
+ * Each such fd is settled as poll's are and kept only if really readable. Caller saved the
+ * sets it passed in `in`, for a retry when nothing is left. */
+struct fdsets {
+    fd_set r, w, e;
+};
+
+static int after_select(int n, fd_set *r, fd_set *w, fd_set *e, int ret) {
+    uint64_t now = 0;
+    if (ret <= 0 || r == NULL || SF_LIKELY(!events_need_fixing(&now)))
+        return ret;
+    int err = errno;
+    for (int fd = 0; fd < n && fd < FD_SETSIZE; fd++) {
+        struct sf_conn *c = FD_ISSET(fd, r) ? sf_tracked(fd) : NULL;
+        if (c == NULL)
+            continue;
+        uint32_t ev = just_swapped(c, now) ? sf_recheck_ready(c, EPOLLIN, EPOLLIN)
+                                           : sf_settle_ready(c, EPOLLIN, EPOLLIN);
+        if (ev & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR))
+            continue;
+        FD_CLR(fd, r);
+        if (!(w != NULL && FD_ISSET(fd, w)) && !(e != NULL && FD_ISSET(fd, e)))
+            ret--;
+    }
+    errno = err;
+    return ret;
+}
+
+static void save_sets(struct fdsets *in, const fd_set *r, const fd_set *w, const fd_set *e) {
+    if (r) in->r = *r;
+    if (w) in->w = *w;
+    if (e) in->e = *e;
+}
+
+static void restore_sets(const struct fdsets *in, fd_set *r, fd_set *w, fd_set *e) {
+    if (r) *r = in->r;
+    if (w) *w = in->w;
+    if (e) *e = in->e;
+}
+
+#define SELECT_RETRY(call)                                                                        \
+    do {                                                                                          \
+        sf_ensure_init();                                                                         \
+        struct fdsets in_;                                                                        \
+        save_sets(&in_, r, w, e);                                                                 \
+        for (;;) {                                                                                \
+            settle();                                                                             \
+            int n_ = (call);                                                                      \
+            int fixed_ = after_select(n, r, w, e, n_);                                            \
+            if (fixed_ != 0 || n_ <= 0)                                                           \
+                return fixed_;                                                                    \
+            restore_sets(&in_, r, w, e);                                                          \
+        }                                                                                         \
+    } while (0)
+
 SF_EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *timeout) {
-    sf_ensure_init();
-    settle();
-    return real.select(n, r, w, e, timeout);
+    SELECT_RETRY(real.select(n, r, w, e, timeout));
 }
 
 SF_EXPORT int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *timeout,
                       const sigset_t *mask) {
-    sf_ensure_init();
-    settle();
-    return real.pselect(n, r, w, e, timeout, mask);
+    SELECT_RETRY(real.pselect(n, r, w, e, timeout, mask));
 }

@@ -1,0 +1,134 @@
+"""select() while a connection switches: a blocking program must never be told "readable" for
+nothing.
+
+The pattern is iperf3's, where it hung in the bench: the server waits in select() on its
+listener and an idle control connection, then does a blocking read of whatever select reported.
+At the switch point the overlay socket's FIN (or an event of the socket the agent has just
+swapped out) made select report the control connection readable although the stream had no byte
+for it; the server then blocked in read() while the client waited for it to accept the data
+connection. Each round below is one such exchange on fresh connections with threshold 1, so the
+control connection switches right while the server sits in select().
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shuntflow.testbed import Testbed
+
+from .apps import mode_env
+from .conftest import MakeTestbed
+
+pytestmark = pytest.mark.root
+
+ROUNDS = 40
+PORT = 7811
+
+# One round: control connection C, "hello" -> "ok"; the client opens data connection D and waits
+# on C; the server select()s on the listener and C, blocking-reads C if select says so (a real
+# message there would be a protocol error), accepts D, reads its 64 KiB, answers "go" on C.
+SERVER = f"""
+import hashlib, select, socket, sys
+lst = socket.create_server((sys.argv[1], {PORT}))
+print("listening", flush=True)
+for rnd in range({ROUNDS}):
+    c, _ = lst.accept()
+    assert c.recv(5, socket.MSG_WAITALL) == b"hello"
+    c.sendall(b"ok")
+    while True:
+        r, _, _ = select.select([lst, c], [], [])
+        if c in r:
+            sys.exit(f"round {{rnd}}: control readable, got {{c.recv(16)!r}}")
+        d, _ = lst.accept()
+        break
+    data = b""
+    while len(data) < 65536:
+        chunk = d.recv(65536 - len(data))
+        if not chunk:
+            sys.exit(f"round {{rnd}}: data connection ended early")
+        data += chunk
+    c.sendall(hashlib.sha256(data).hexdigest().encode())
+    d.close()
+    c.close()
+print("served", {ROUNDS})
+"""
+
+CLIENT = f"""
+import hashlib, os, socket, sys, time
+switched = 0
+for rnd in range({ROUNDS}):
+    c = socket.create_connection((sys.argv[1], {PORT}))
+    c.sendall(b"hello")
+    assert c.recv(2, socket.MSG_WAITALL) == b"ok"
+    # The swap puts another socket under the fd number: wait for it, so that the server sits in
+    # select() all through its own end's switch.
+    ino, deadline = os.fstat(c.fileno()).st_ino, time.monotonic() + 2
+    while os.fstat(c.fileno()).st_ino == ino and time.monotonic() < deadline:
+        time.sleep(0.001)
+    switched += os.fstat(c.fileno()).st_ino != ino
+    d = socket.create_connection((sys.argv[1], {PORT}))
+    payload = os.urandom(65536)
+    d.sendall(payload)
+    digest = c.recv(64, socket.MSG_WAITALL).decode()
+    assert digest == hashlib.sha256(payload).hexdigest(), (rnd, digest)
+    d.close()
+    c.close()
+print("done", {ROUNDS}, switched)
+"""
+
+
+def test_select_never_reports_a_switch_point_as_readable(
+    make_testbed: MakeTestbed, tmp_path: Path
+) -> None:
+    tb: Testbed = make_testbed("sl1", hosts=2, containers=1, routers=True)
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    logs = {"server": tmp_path / "server.log", "client": tmp_path / "client.log"}
+    server = tb.popen(
+        server_c,
+        [sys.executable, "-c", SERVER, server_c.overlay_ip],
+        env={
+            **mode_env(tb, server_c, "shuntflow", threshold=1),
+            "SHUNTFLOW_LOG": str(logs["server"]),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert server.stdout is not None and server.stdout.readline() == "listening\n"
+    try:
+        client = tb.run(
+            client_c,
+            [sys.executable, "-c", CLIENT, server_c.overlay_ip],
+            env={
+                **mode_env(tb, client_c, "shuntflow", threshold=1),
+                "SHUNTFLOW_LOG": str(logs["client"]),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        server.kill()
+        out, _ = server.communicate()
+        pytest.fail(f"hung: a blocking read after select never returned\nserver: {out}")
+    try:
+        out, _ = server.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        out, _ = server.communicate()
+        pytest.fail(
+            f"server hung; client: {client.stdout} {client.stderr[-500:]}\nserver: {out}\n"
+            + logs["server"].read_text()[-3000:]
+        )
+    assert client.returncode == 0 and client.stdout.split()[:2] == ["done", str(ROUNDS)], (
+        client.stderr
+    )
+    assert server.returncode == 0 and out.split() == ["served", str(ROUNDS)], out
+    # The control connections did switch while the server waited in select (a switch may be
+    # refused now and then, e.g. while a router is busy; at least half must happen).
+    switched = int(client.stdout.split()[2])
+    assert switched >= ROUNDS // 2, (switched, logs["client"].read_text()[-3000:])
