@@ -132,10 +132,34 @@ static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
     return n;
 }
 
+/* A wait retried after its stale events were dropped keeps the caller's deadline: the retry
+ * waits for what is left of the timeout, not for a fresh one. */
+static int left_ms(int timeout, uint64_t start_us) {
+    if (timeout <= 0)
+        return timeout;
+    uint64_t elapsed = (sf_now_us() - start_us) / 1000;
+    return elapsed >= (uint64_t)timeout ? 0 : timeout - (int)elapsed;
+}
+
+static const struct timespec *left_ts(const struct timespec *ts, uint64_t start_us,
+                                      struct timespec *buf) {
+    if (ts == NULL)
+        return NULL;
+    uint64_t total = (uint64_t)ts->tv_sec * 1000000u + (uint64_t)ts->tv_nsec / 1000u;
+    uint64_t elapsed = sf_now_us() - start_us;
+    uint64_t left = elapsed >= total ? 0 : total - elapsed;
+    buf->tv_sec = (time_t)(left / 1000000u);
+    buf->tv_nsec = (long)(left % 1000000u) * 1000;
+    return buf;
+}
+
 /* An event dropped above must not turn a wait with no timeout into a spurious timeout. */
 #define EPOLL_RETRY(call)                                                                         \
     do {                                                                                          \
         sf_ensure_init();                                                                         \
+        uint64_t start_ = sf_now_us();                                                            \
+        struct timespec left_;                                                                    \
+        (void)left_;                                                                              \
         for (;;) {                                                                                \
             settle();                                                                             \
             int n_ = (call);                                                                      \
@@ -146,12 +170,12 @@ static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
     } while (0)
 
 SF_EXPORT int epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout) {
-    EPOLL_RETRY(real.epoll_wait(epfd, evs, max, timeout));
+    EPOLL_RETRY(real.epoll_wait(epfd, evs, max, left_ms(timeout, start_)));
 }
 
 SF_EXPORT int epoll_pwait(int epfd, struct epoll_event *evs, int max, int timeout,
                           const sigset_t *mask) {
-    EPOLL_RETRY(real.epoll_pwait(epfd, evs, max, timeout, mask));
+    EPOLL_RETRY(real.epoll_pwait(epfd, evs, max, left_ms(timeout, start_), mask));
 }
 
 SF_EXPORT int epoll_pwait2(int epfd, struct epoll_event *evs, int max,
@@ -160,7 +184,7 @@ SF_EXPORT int epoll_pwait2(int epfd, struct epoll_event *evs, int max,
         errno = ENOSYS;
         return -1;
     }
-    EPOLL_RETRY(real.epoll_pwait2(epfd, evs, max, timeout, mask));
+    EPOLL_RETRY(real.epoll_pwait2(epfd, evs, max, left_ts(timeout, start_, &left_), mask));
 }
 
 /* poll's pollfd names the fd directly, so no lookup by epoll data is needed. */
@@ -187,6 +211,9 @@ static int after_poll(struct pollfd *fds, nfds_t nfds, int n) {
 #define POLL_RETRY(call)                                                                          \
     do {                                                                                          \
         sf_ensure_init();                                                                         \
+        uint64_t start_ = sf_now_us();                                                            \
+        struct timespec left_;                                                                    \
+        (void)left_;                                                                              \
         for (;;) {                                                                                \
             settle();                                                                             \
             int n_ = (call);                                                                      \
@@ -197,16 +224,16 @@ static int after_poll(struct pollfd *fds, nfds_t nfds, int n) {
     } while (0)
 
 SF_EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout) {
-    POLL_RETRY(real.poll(fds, n, timeout));
+    POLL_RETRY(real.poll(fds, n, left_ms(timeout, start_)));
 }
 
 SF_EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen) {
-    POLL_RETRY(real.poll_chk(fds, n, timeout, fdslen));
+    POLL_RETRY(real.poll_chk(fds, n, left_ms(timeout, start_), fdslen));
 }
 
 SF_EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *timeout,
                     const sigset_t *mask) {
-    POLL_RETRY(real.ppoll(fds, n, timeout, mask));
+    POLL_RETRY(real.ppoll(fds, n, left_ts(timeout, start_, &left_), mask));
 }
 
 /* select's "readable" for a switching connection may be nothing but the overlay's FIN at the
@@ -251,9 +278,14 @@ static void restore_sets(const struct fdsets *in, fd_set *r, fd_set *w, fd_set *
     if (e) *e = in->e;
 }
 
+/* select on Linux counts its timeval down itself; pselect's timeout is const. */
 #define SELECT_RETRY(call)                                                                        \
     do {                                                                                          \
         sf_ensure_init();                                                                         \
+        uint64_t start_ = sf_now_us();                                                            \
+        struct timespec left_;                                                                    \
+        (void)start_;                                                                             \
+        (void)left_;                                                                              \
         struct fdsets in_;                                                                        \
         save_sets(&in_, r, w, e);                                                                 \
         for (;;) {                                                                                \
@@ -272,5 +304,5 @@ SF_EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *tim
 
 SF_EXPORT int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *timeout,
                       const sigset_t *mask) {
-    SELECT_RETRY(real.pselect(n, r, w, e, timeout, mask));
+    SELECT_RETRY(real.pselect(n, r, w, e, left_ts(timeout, start_, &left_), mask));
 }

@@ -15,6 +15,7 @@ namespace's cookie, not the container's.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import json
@@ -317,7 +318,9 @@ def summarize(role: str, results: list[ConnResult], started: float, expected_con
         "switched": sum(r.switched for r in results),
         "bytes": sum(r.sent + r.received for r in results),
         "seconds": round(time.monotonic() - started, 3),
-        "failures": [asdict(r) for r in bad[:20]],
+        # Never connected (connect() itself failed), with their errors: these carry no byte.
+        "unconnected": collections.Counter(r.error for r in bad if not r.endpoints),
+        "failures": [asdict(r) for r in bad[:20]],  # the first few, in full
         "per_conn": {r.conn_id: [r.sent, r.received, r.switched, r.seconds] for r in results},
     }
     print(json.dumps(summary), flush=True)
