@@ -127,7 +127,8 @@ def test_replay_cache_is_bounded_and_expires() -> None:
     full = checker.check(offers[3], now=now)
     assert not full.ok and "replay cache full" in full.reason
     # Once the window has passed, the old nonces go (their frames fail the window anyway).
-    later = offers[0].timestamp_ms + 1001
+    # The offers' clocks may differ by a millisecond: the window must have passed for all.
+    later = max(o.timestamp_ms for o in offers[:3]) + 1001
     assert "window" in checker.check(offers[0], now=later).reason
     fresh = replace(make_offer(KEY, 9, T), timestamp_ms=later).signed(KEY)
     assert checker.check(fresh, now=later).ok

@@ -263,6 +263,38 @@ def test_simultaneous_requests_give_one_connection(
         assert info["handoffs_lost"] == 0
 
 
+def test_both_ends_asking_costs_one_offer(routers: tuple[RouterProcess, RouterProcess]) -> None:
+    """The follower end asks first, the leader a moment later: the follower's router waits for
+    the leader's offer instead of making its own, so no offer is refused as a duplicate and the
+    leader's router initiates every one of these switches."""
+    a, b = routers
+    tuples = [tup(3000 + i) for i in range(20)]  # A's ends (198.19.1.1) lead
+    assert all(t.local_is_leader() for t in tuples)
+    before = {r: r.status()["router"] for r in (a, b)}
+    with (
+        FakeLibrary(a.socket, owned=set(tuples)) as la,
+        FakeLibrary(b.socket, owned={t.mirrored() for t in tuples}) as lb,
+    ):
+        for t in tuples:
+            sb = lb.request(t.mirrored())
+            time.sleep(0.001)
+            sa = la.request(t)
+            assert la.wait_result(sa).msg.status == Status.OK
+            assert lb.wait_result(sb).msg.status == Status.OK
+            assert_pair(la.host[t.key()], lb.host[t.key()])
+    after = {r: r.status()["router"] for r in (a, b)}
+
+    def delta(r: RouterProcess, name: str) -> int:
+        return int(after[r][name]) - int(before[r][name])
+
+    assert delta(a, "switches_initiated") == len(tuples)
+    assert delta(b, "switches_initiated") == 0
+    assert delta(b, "switches_accepted") == len(tuples)
+    for r in (a, b):
+        refused = {k: n for k, n in after[r]["failures"].items() if k.startswith("offer_")}
+        assert refused == {k: n for k, n in before[r]["failures"].items() if k.startswith("offer_")}
+
+
 def test_crossing_offer_leader_rule_on_the_wire(
     routers: tuple[RouterProcess, RouterProcess],
 ) -> None:

@@ -12,6 +12,8 @@
 #       namespace holds the tuple -> ANSWER OK -> SWITCH_RES + fd to that library
 #   crossing offers: the leader's offer is accepted by a router that holds its own outgoing
 #       offer (and it serves the library's request with it); the follower's gets DUPLICATE.
+#       A follower's request waits a few ms for the leader's offer before offering itself, so
+#       a switch both ends want costs one offer, not two.
 #
 # Failures before the handoff only ever produce a non-OK status (never an fd), so the library
 # stays on the overlay: that is the protocol's fail-open. Host-level failures (peer unreachable,
@@ -467,6 +469,8 @@ class Router:
         if self.backoff.blocked(peer):
             self.backoff_refusals += 1
             return Status.PEER_UNREACHABLE, f"peer {peer} in backoff"
+        if not t.local_is_leader() and await self._served_by_leader(e):
+            return None, ""
         if e.answered:
             return None, ""
         res = await send_offer(
@@ -510,6 +514,20 @@ class Router:
                         )
             return None, ""
         return res.status, res.detail
+
+    async def _served_by_leader(self, e: Outgoing) -> bool:
+        """Give the leader's offer a moment to come (on_offer then serves `e` with it).
+
+        Both ends of a busy connection cross the threshold within a round trip or so of each
+        other. Offering from both ends cost two offers, a refusal and two pool refills per switch,
+        and on a small machine the routers' CPU is the switch's critical path."""
+        if not e.answered:
+            try:
+                async with asyncio.timeout(self.cfg.follower_grace_ms / 1000):
+                    await e.served.wait()
+            except TimeoutError:
+                pass
+        return e.answered
 
     def on_claim_res(self, client: LibraryClient, msg: Msg) -> None:
         seq = msg.seq
