@@ -70,6 +70,17 @@ uint64_t sf_now_ms(void) {
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+/* Caller holds c->mu; returns with it held, after a broadcast of c->cv or `ms` at most. */
+void sf_cv_wait_ms(struct sf_conn *c, long ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts); /* the condvar's default clock */
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000)
+        ts.tv_sec++, ts.tv_nsec -= 1000000000;
+    pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+}
+
 uint64_t sf_now_us(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -335,7 +346,7 @@ static void reset_counters(struct sf_conn *c) {
     atomic_store(&c->host_bytes, 0);
     c->next_trigger = 0;
     c->have_addrs = c->leader = c->via_connect = c->connect_reported = 0;
-    c->app_shut_wr = c->commit_wanted = c->peer_synced = c->hop_len = 0;
+    c->app_shut_wr = c->commit_wanted = c->overlay_shut_due = c->peer_synced = c->hop_len = 0;
     c->attempted = 0;
     c->suppressed = 0;
     c->outstanding = 0;

@@ -138,6 +138,7 @@ struct sf_conn {
     uint8_t connect_reported;     /* slim, non-blocking connect: the next connect() returns 0 */
     uint8_t app_shut_wr;
     uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
+    uint8_t overlay_shut_due;     /* committed; the overlay's FIN goes out before c->mu is released */
     uint8_t buf_locked;           /* the app set SO_SNDBUF/SO_RCVBUF: carry them over */
     uint8_t peer_synced;
     uint8_t suppressed;           /* an epoll event of this fd was held back during a switch */
@@ -187,6 +188,7 @@ int sf_is_private(int fd);
 void sf_private_forget(int fd);
 void sf_private_move(int fd);             /* the app wants this number: move ours away */
 uint64_t sf_now_ms(void);
+void sf_cv_wait_ms(struct sf_conn *c, long ms); /* caller holds c->mu */
 uint64_t sf_now_us(void);
 void sf_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 extern int sf_log_on;
@@ -210,6 +212,7 @@ void sf_agent_trigger(struct sf_conn *c);  /* never blocks */
 int sf_agent_switch_now(struct sf_conn *c);/* slim mode: trigger and wait; 0 if swapped */
 void sf_agent_commit(struct sf_conn *c);   /* caller holds c->wmu */
 void sf_agent_commit_locked(struct sf_conn *c); /* caller holds c->wmu and c->mu */
+void sf_agent_finish_commit_locked(struct sf_conn *c); /* caller holds c->mu */
 void sf_agent_pump_locked(struct sf_conn *c);   /* caller holds c->mu */
 void sf_agent_after_fork_child(void);
 void sf_agent_request_commit(struct sf_conn *c); /* commit now if no write is in flight */

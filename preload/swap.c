@@ -186,7 +186,9 @@ int sf_swap_locked(struct sf_conn *c) {
     int flflags = real.fcntl(fd, F_GETFL);
     if (fdflags < 0 || flflags < 0)
         return -1;
-    sf_copy_sockopts(fd, host, c->buf_locked);
+    /* No copy of the socket options here: the commit copied them onto the host socket, and
+     * setsockopt mirrors every later change to it (wrap_sock.c). A second copy cost ~30 µs of
+     * the application's own call that met the switch point. */
     /* The overlay socket is about to close. With SO_LINGER {1,0} that close would reset it, and
      * a reset throws away overlay bytes the peer may not have read yet. */
     struct linger off = {0, 0};
@@ -266,6 +268,7 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
             if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
                 sf_agent_commit_locked(c);
                 sf_wmu_unlock(c);
+                sf_agent_finish_commit_locked(c);
             }
         }
         if (at_switch_point(c)) {
@@ -287,14 +290,17 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
             break;
         }
         int host = c->host_fd;
-        pthread_mutex_unlock(&c->mu);
         if (host >= 0 && !c->peer_synced) {
+            pthread_mutex_unlock(&c->mu);
             struct pollfd p = {.fd = host, .events = POLLIN};
             real.poll(&p, 1, 5);
+            pthread_mutex_lock(&c->mu);
         } else {
-            usleep(1000); /* a writer holds the commit; it finishes as soon as its write does */
+            /* The commit is due, but another thread holds c->wmu: a writer, which commits as
+             * soon as its write returns, or the agent, waiting for the c->mu this releases. The
+             * commit's phase change broadcasts c->cv. */
+            sf_cv_wait_ms(c, 1);
         }
-        pthread_mutex_lock(&c->mu);
     }
     SF_LOG("fd %d: overlay EOF in phase %d: %d (rx %llu, S_peer %llu%s)", c->fd,
            atomic_load(&c->phase), result, (unsigned long long)atomic_load(&c->rx),
@@ -336,6 +342,7 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
         if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
             sf_agent_commit_locked(c);
             sf_wmu_unlock(c);
+            sf_agent_finish_commit_locked(c);
         }
     }
     if (at_switch_point(c))
