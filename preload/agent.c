@@ -382,9 +382,13 @@ static void begin_handshake(struct sf_conn *c, int host_fd) {
     real.epoll_ctl(ag.epfd, EPOLL_CTL_ADD, host_fd, &ev);
     if (!c->leader) {
         struct sf_hop ready = {.magic = SF_HOP_MAGIC, .type = SF_HOP_READY};
-        if (real.send(host_fd, &ready, sizeof ready, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof ready)
+        if (real.send(host_fd, &ready, sizeof ready, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof ready) {
             abort_switch(c, SF_PEER_UNREACHABLE, 1);
+            return;
+        }
     }
+    /* After the READY: the peer's commit waits for that frame, not for these. */
+    sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
 }
 
 enum { RECV_OK = 0, RECV_AGAIN, RECV_CLOSED, RECV_MALFORMED };
@@ -626,9 +630,9 @@ void sf_agent_commit_locked(struct sf_conn *c) {
         }
         return;
     }
-    /* The SYNC is out (with TCP_NODELAY); from here the connection takes the application's
-     * options (TCP_NODELAY, TCP_CORK, ...) for the application's own writes. */
-    sf_copy_sockopts(c->fd, c->host_fd, c->buf_locked);
+    /* The SYNC is out (with TCP_NODELAY); the options held back for the handoff frames
+     * (TCP_NODELAY, TCP_CORK, SO_LINGER) now take the application's values too. */
+    sf_copy_sockopts_at_commit(c->fd, c->host_fd);
     note_switch_time(c);
     if (c->app_shut_wr)
         real.shutdown(c->host_fd, SHUT_WR);

@@ -248,7 +248,9 @@ void sf_wmu_unlock(struct sf_conn *c);     /* release c->wmu, closing a deferred
 void sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev);
 void sf_epreg_drop_epfd(int epfd);
 void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
-void sf_copy_sockopts(int from, int to, int with_bufs);
+void sf_copy_sockopts_early(int from, int to, int with_bufs); /* when the host fd arrives */
+void sf_copy_sockopts_at_commit(int from, int to);
+int sf_sockopt_waits_for_commit(int level, int name); /* not mirrored before the commit */
 int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see swap.c */
 uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
 uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);

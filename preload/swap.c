@@ -47,10 +47,13 @@ struct sockopt_id {
     int level, name;
 };
 
-static const struct sockopt_id carried_opts[] = {
-    {IPPROTO_TCP, TCP_NODELAY},      {IPPROTO_TCP, TCP_CORK},        {SOL_SOCKET, SO_KEEPALIVE},
-    {IPPROTO_TCP, TCP_KEEPIDLE},     {IPPROTO_TCP, TCP_KEEPINTVL},   {IPPROTO_TCP, TCP_KEEPCNT},
-    {IPPROTO_TCP, TCP_USER_TIMEOUT}, {IPPROTO_IP, IP_TOS},           {SOL_SOCKET, SO_PRIORITY},
+/* Copied as soon as the host connection arrives, off the application's path: the commit, which
+ * an application thread may be waiting for, then copies only the few below. From then on
+ * setsockopt mirrors the application's changes onto the host connection (wrap_sock.c). */
+static const struct sockopt_id early_opts[] = {
+    {SOL_SOCKET, SO_KEEPALIVE},     {IPPROTO_TCP, TCP_KEEPIDLE}, {IPPROTO_TCP, TCP_KEEPINTVL},
+    {IPPROTO_TCP, TCP_KEEPCNT},     {IPPROTO_TCP, TCP_USER_TIMEOUT}, {IPPROTO_IP, IP_TOS},
+    {SOL_SOCKET, SO_PRIORITY},
 };
 /* Not TCP_QUICKACK: it reads back the kernel's transient ping-pong state, and setting it from a
  * busy connection would pin delayed ACKs on the new one. */
@@ -62,10 +65,23 @@ static void copy_opt(int from, int to, int level, int name, size_t size) {
         real.setsockopt(to, level, name, val, len);
 }
 
-void sf_copy_sockopts(int from, int to, int with_bufs) {
-    for (size_t i = 0; i < sizeof carried_opts / sizeof carried_opts[0]; i++)
-        copy_opt(from, to, carried_opts[i].level, carried_opts[i].name, sizeof(int));
+int sf_sockopt_waits_for_commit(int level, int name) {
+    return (level == IPPROTO_TCP && (name == TCP_NODELAY || name == TCP_CORK)) ||
+           (level == SOL_SOCKET && name == SO_LINGER);
+}
+
+/* Until the commit the host connection carries the handoff frames, which the application's
+ * TCP_CORK would hold back and its Nagle delay, and the agent may still close it on an abort,
+ * which a lingering close would turn into a wait. */
+void sf_copy_sockopts_at_commit(int from, int to) {
+    copy_opt(from, to, IPPROTO_TCP, TCP_NODELAY, sizeof(int));
+    copy_opt(from, to, IPPROTO_TCP, TCP_CORK, sizeof(int));
     copy_opt(from, to, SOL_SOCKET, SO_LINGER, sizeof(struct linger));
+}
+
+void sf_copy_sockopts_early(int from, int to, int with_bufs) {
+    for (size_t i = 0; i < sizeof early_opts / sizeof early_opts[0]; i++)
+        copy_opt(from, to, early_opts[i].level, early_opts[i].name, sizeof(int));
     copy_opt(from, to, SOL_SOCKET, SO_RCVTIMEO, sizeof(struct timeval));
     copy_opt(from, to, SOL_SOCKET, SO_SNDTIMEO, sizeof(struct timeval));
     char cc[16];

@@ -384,9 +384,13 @@ SF_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t
     int rc = real.setsockopt(fd, level, name, val, len);
     int err = errno;
     if (c != NULL) {
-        /* Only once committed: before that the host connection still carries our SYNC, which
-         * a TCP_CORK from the application would hold back. The commit copies them then. */
-        int host = atomic_load(&c->phase) == SF_P_COMMITTED ? c->host_fd : -1;
+        /* From the moment the host connection is there (the agent copied the options then),
+         * but a few only once committed (sf_copy_sockopts_at_commit says why). */
+        int phase = atomic_load(&c->phase);
+        int host = phase == SF_P_COMMITTED ||
+                           (phase == SF_P_HANDSHAKE && !sf_sockopt_waits_for_commit(level, name))
+                       ? c->host_fd
+                       : -1;
         if (rc == 0 && host >= 0)
             real.setsockopt(host, level, name, val, len);
         pthread_mutex_unlock(&c->mu);
