@@ -589,15 +589,30 @@ static void note_switch_time(struct sf_conn *c) {
     sf_agent_report(&m);
 }
 
-static void send_reports(void) {
+/* Caller holds ag.mu, which this releases. */
+static void send_reports_unlock(void) {
     struct sf_msg batch[AG_REPORT_QUEUE];
-    pthread_mutex_lock(&ag.mu);
     unsigned n = ag.reports_len;
     memcpy(batch, ag.reports, n * sizeof batch[0]);
     ag.reports_len = 0;
     pthread_mutex_unlock(&ag.mu);
     for (unsigned i = 0; i < n && ag.chan >= 0; i++)
         chan_send(&batch[i]);
+}
+
+static void send_reports(void) {
+    pthread_mutex_lock(&ag.mu);
+    send_reports_unlock();
+}
+
+/* Reports queued just before the process exits (the figures of its last switches) would die
+ * with the agent thread: the exiting thread sends them. Only if ag.mu is free: exit() from a
+ * signal handler may have interrupted its own holder. Not after _exit, nor for a window still
+ * waiting for a call in flight. */
+__attribute__((destructor)) static void send_reports_at_exit(void) {
+    if (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == getpid() &&
+        pthread_mutex_trylock(&ag.mu) == 0)
+        send_reports_unlock();
 }
 
 /* Fix S and move writes to the host connection. Caller holds c->wmu (so no write is in flight)

@@ -335,8 +335,17 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
     const uint32_t hangup = EPOLLHUP | EPOLLRDHUP;
     if (!(events & (EPOLLIN | hangup)))
         return events;
-    pthread_mutex_lock(&c->mu);
+    /* The common case takes no lock: bytes to read make EPOLLIN true whatever the overlay's
+     * FIN, and c->mu is what the agent holds while it commits, which must not hold up an event
+     * loop that has data. A phase change meanwhile (a swap: the host socket's other bits may
+     * differ) takes the locked path. */
+    char byte;
     int phase = atomic_load(&c->phase);
+    if ((events & EPOLLIN) && real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0 &&
+        phase == atomic_load(&c->phase))
+        return events & ~hangup;
+    pthread_mutex_lock(&c->mu);
+    phase = atomic_load(&c->phase);
     if (phase == SF_P_HOST) {
         /* Swapped by another thread since the caller looked: the event is the overlay's. */
         pthread_mutex_unlock(&c->mu);
@@ -346,7 +355,6 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
         pthread_mutex_unlock(&c->mu);
         return events;
     }
-    char byte;
     ssize_t n = real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n != 0) {
         /* Overlay data still to read (or nothing at all): the hang-up is not the app's news. */
