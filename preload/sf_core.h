@@ -138,7 +138,7 @@ struct sf_conn {
     uint8_t connect_reported;     /* slim, non-blocking connect: the next connect() returns 0 */
     uint8_t app_shut_wr;
     uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
-    uint8_t overlay_shut_due;     /* committed; the overlay's FIN goes out before c->mu is released */
+    uint8_t commit_finish_due;    /* committed; the rest is done before c->mu is released */
     uint8_t buf_locked;           /* the app set SO_SNDBUF/SO_RCVBUF: carry them over */
     uint8_t peer_synced;
     uint8_t suppressed;           /* an epoll event of this fd was held back during a switch */

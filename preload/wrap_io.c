@@ -111,7 +111,10 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
                                           memory_order_relaxed);
             return n;
         }
-        if (phase == SF_P_COMMITTED && sf_maybe_swap(c))
+        /* The switch point needs c->mu, which the agent may hold for long in a burst: check
+         * without it first (a stale answer either way only costs the locked check below). */
+        if (phase == SF_P_COMMITTED && __atomic_load_n(&c->peer_synced, __ATOMIC_ACQUIRE) &&
+            atomic_load(&c->rx) == c->peer_s && sf_maybe_swap(c))
             continue;
         uint64_t rx_before = atomic_load(&c->rx);
         ssize_t n = op->call(op, c->fd);
