@@ -13,14 +13,13 @@ control connection switches right while the server sits in select().
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import mode_env
+from .apps import mode_env, run_script_client, start_script_server
 from .conftest import MakeTestbed
 
 pytestmark = pytest.mark.root
@@ -87,28 +86,16 @@ def test_select_never_reports_a_switch_point_as_readable(
     tb: Testbed = make_testbed("sl1", hosts=2, containers=1, routers=True)
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
     logs = {"server": tmp_path / "server.log", "client": tmp_path / "client.log"}
-    server = tb.popen(
-        server_c,
-        [sys.executable, "-c", SERVER, server_c.overlay_ip],
-        env={
-            **mode_env(tb, server_c, "shuntflow", threshold=1),
-            "SHUNTFLOW_LOG": str(logs["server"]),
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    server = start_script_server(
+        tb, server_c, SERVER, mode_env(tb, server_c, "shuntflow", threshold=1, log=logs["server"])
     )
-    assert server.stdout is not None and server.stdout.readline() == "listening\n"
     try:
-        client = tb.run(
+        client = run_script_client(
+            tb,
             client_c,
-            [sys.executable, "-c", CLIENT, server_c.overlay_ip],
-            env={
-                **mode_env(tb, client_c, "shuntflow", threshold=1),
-                "SHUNTFLOW_LOG": str(logs["client"]),
-            },
-            capture_output=True,
-            text=True,
+            CLIENT,
+            server_c.overlay_ip,
+            mode_env(tb, client_c, "shuntflow", threshold=1, log=logs["client"]),
             timeout=60,
         )
     except subprocess.TimeoutExpired:

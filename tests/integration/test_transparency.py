@@ -11,15 +11,13 @@ the fd itself and compares it with the last value it set.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import mode_env
+from .apps import mode_env, run_script_client, start_script_server
 from .conftest import MakeTestbed
 
 pytestmark = pytest.mark.root
@@ -131,28 +129,16 @@ def test_fd_keeps_its_options_flags_and_addresses_across_a_switch(
     tb: Testbed = make_testbed("tr1", hosts=2, containers=1, routers=True)
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
     logs = {"server": tmp_path / "server.log", "client": tmp_path / "client.log"}
-    server = tb.popen(
-        server_c,
-        [sys.executable, "-c", SERVER, server_c.overlay_ip],
-        env={
-            **mode_env(tb, server_c, "shuntflow", threshold=4),
-            "SHUNTFLOW_LOG": str(logs["server"]),
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    server = start_script_server(
+        tb, server_c, SERVER, mode_env(tb, server_c, "shuntflow", threshold=4, log=logs["server"])
     )
-    assert server.stdout is not None and server.stdout.readline() == "listening\n"
     try:
-        client = tb.run(
+        client = run_script_client(
+            tb,
             client_c,
-            [sys.executable, "-c", CLIENT, server_c.overlay_ip],
-            env={
-                **mode_env(tb, client_c, "shuntflow", threshold=4),
-                "SHUNTFLOW_LOG": str(logs["client"]),
-            },
-            capture_output=True,
-            text=True,
+            CLIENT,
+            server_c.overlay_ip,
+            mode_env(tb, client_c, "shuntflow", threshold=4, log=logs["client"]),
             timeout=120,
         )
         out, err = server.communicate(timeout=30)
