@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,54 @@ def test_policy_deny_keeps_a_port_on_the_overlay(make_testbed: Any) -> None:
     assert_intact(server, 8)
     assert client["switched"] > 0 and server["switched"] > 0
     assert status(h1)["security"]["policy"] == {"allow": [], "deny": [":7911"]}
+
+
+def test_one_namespace_cannot_take_every_client_slot(make_testbed: Any, tmp_path: Path) -> None:
+    """One container's processes get at most `max_clients_per_netns` library channels at their
+    host's router; another container's library still gets one, and closed channels free their
+    slots. (Before, one container could hold all `max_clients` and keep every other
+    container's connections on the overlay.)"""
+    conf = tmp_path / "router.toml"
+    conf.write_text("max_clients_per_netns = 4\n")
+    tb: Testbed = make_testbed("sc3", routers=True, router_args=["--config", str(conf)])
+    h1 = tb.hosts[0]
+    first, second = [c for c in tb.containers if tb.host(c) is h1][:2]
+    sock = str(h1.router_socket)
+
+    def hold_and_release(where: Any, n: int) -> dict[str, Any]:
+        out = tb.run(
+            where,
+            [sys.executable, AGENT, "hold", sock, str(n)],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+
+    before = len(log_of(h1))
+    holder = tb.popen(
+        first,
+        [sys.executable, AGENT, "hold", sock, "6"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert json.loads(holder.stdout.readline()) == {"acked": 4, "refused": 2}
+        assert hold_and_release(second, 1) == {"acked": 1, "refused": 0}
+        info = status(h1)
+        assert info["clients_rejected"] == 2 and info["clients"] == 4, info
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    rejected = [x for x in new_lines(h1, before) if "event=client_rejected" in x]
+    assert len(rejected) == 2 and all("one network namespace" in x for x in rejected), rejected
+    deadline = time.monotonic() + 5
+    while status(h1)["clients"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hold_and_release(first, 4) == {"acked": 4, "refused": 0}

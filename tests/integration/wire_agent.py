@@ -7,6 +7,10 @@
     wire_agent.py claim SOCKET SECONDS
         HELLO, prints "ready", then answers CLAIM_RES OK to every CLAIM_REQ (forged claims) for
         SECONDS; every CLAIM_REQ and SWITCH_RES it saw.
+    wire_agent.py hold SOCKET N
+        Opens N channels one after the other, each saying HELLO; prints how many got HELLO_ACK
+        and how many the router closed instead, then keeps the acknowledged ones open until its
+        stdin closes.
     wire_agent.py rogue PEER_IP PORT KEY_FILE LOCAL REMOTE FOREIGN_SRC
         On the peer port: (a) an OFFER MAC'd with a wrong key, (b) a valid OFFER (built with the
         cluster key for its connection) and then the same bytes again, over a new connection
@@ -93,6 +97,25 @@ def claim(path: str, seconds: float) -> dict[str, Any]:
     return {"claims": claims, "results": results}
 
 
+def hold(path: str, n: int) -> None:
+    held, refused = [], 0
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(path)
+            s.send(Msg(MsgType.HELLO, seq=0, pid=os.getpid(), arg=2).pack())
+            msg, _fds = receive(s)
+        except OSError:
+            msg = None
+        if msg is not None and msg.type is MsgType.HELLO_ACK:
+            held.append(s)
+        else:
+            refused += 1
+            s.close()
+    print(json.dumps({"acked": len(held), "refused": refused}), flush=True)
+    sys.stdin.read()
+
+
 def connect(peer: str, port: int, source: tuple[str, int] = ("", 0)) -> socket.socket:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -170,6 +193,9 @@ def main(argv: list[str]) -> None:
         result = ask(args[0], args[1], args[2])
     elif cmd == "claim":
         result = claim(args[0], float(args[1]))
+    elif cmd == "hold":
+        hold(args[0], int(args[1]))
+        return
     elif cmd == "rogue":
         result = rogue(args[0], int(args[1]), args[2], args[3], args[4], args[5])
     else:

@@ -56,6 +56,7 @@ class RouterConfig:
     follower_grace_ms: int = 5
     stats_timeout_ms: int = 500
     max_clients: int = 4096
+    max_clients_per_netns: int = 1024  # library channels from one container's namespace
     max_outstanding: int = 256
     max_incoming: int = 1024
     backoff_initial_ms: int = 100

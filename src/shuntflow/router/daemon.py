@@ -181,7 +181,13 @@ class Router:
         self.peer_allow = [ipaddress.IPv4Network(c, strict=False) for c in cfg.peer_allow]
         self.owners = OwnershipChecker() if cfg.owner_check else None
         self.libs = LibraryServer(
-            cfg.socket, self, self.loop, cfg.max_clients, self.owners, cfg.hello_timeout_ms / 1000
+            cfg.socket,
+            self,
+            self.loop,
+            cfg.max_clients,
+            self.owners,
+            cfg.hello_timeout_ms / 1000,
+            cfg.max_clients_per_netns,
         )
         self.peers = PeerListener(
             self.loop,
@@ -809,6 +815,7 @@ class Router:
                 "clients": len(self.libs.clients),
                 "clients_ready": len(clients),
                 "clients_accepted": self.libs.accepted,
+                "clients_rejected": self.libs.rejected,
                 "switches_served": self.served_initiated + self.served_accepted,
                 "switches_initiated": self.served_initiated,
                 "switches_accepted": self.served_accepted,

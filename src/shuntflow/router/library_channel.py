@@ -23,7 +23,7 @@ import socket
 import stat
 import struct
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Protocol
 
@@ -297,6 +297,7 @@ class LibraryClient:
             if fd_sock is not None:
                 fd_sock.close()
         self.server.clients.pop(self.id, None)
+        self.server.forget_namespace_slot(self.ns_key)
         if self.ns_key is not None and self.server.owners is not None:
             self.server.owners.detach(self.ns_key)
             self.ns_key = None
@@ -325,12 +326,15 @@ class LibraryServer:
         max_clients: int = 4096,
         owners: OwnershipChecker | None = None,
         hello_timeout: float = 2.0,
+        max_per_netns: int = 1024,
     ) -> None:
         self.path = path
         self.owners = owners
         self.handler = handler
         self.loop = loop
         self.max_clients = max_clients
+        self.max_per_netns = max_per_netns
+        self.per_netns: Counter[NsKey | None] = Counter()
         self.hello_timeout = hello_timeout
         self.clients: dict[int, LibraryClient] = {}
         self.accepted = 0
@@ -352,6 +356,13 @@ class LibraryServer:
             raise RouterSetupError(f"cannot listen on {self.path}: {exc.strerror}") from None
         self._sock = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
+
+    def forget_namespace_slot(self, key: NsKey | None) -> None:
+        if self.owners is None:
+            return
+        self.per_netns[key] -= 1
+        if self.per_netns[key] <= 0:
+            del self.per_netns[key]
 
     def ready_clients(self) -> list[LibraryClient]:
         return [c for c in self.clients.values() if c.ready and not c.closed]
@@ -382,11 +393,35 @@ class LibraryServer:
                 except OwnerError as exc:
                     client.owner_error = str(exc)
                     log.warning("client_owner_unknown", client=client.id, reason=str(exc))
+            if not self._admit_from_namespace(client):
+                continue
             self.accepted += 1
             self.clients[client.id] = client
             self.loop.add_reader(conn.fileno(), client.on_readable)
             client.start_hello_deadline(self.hello_timeout)
             log.debug("client_connected", client=client.id, cred_pid=client.cred_pid)
+
+    def _admit_from_namespace(self, client: LibraryClient) -> bool:
+        """One container must not take every client slot: its processes could otherwise
+        keep the others' libraries off the router (they would stay on the overlay). Channels
+        whose namespace is unknown share one count; without the ownership check (unit tests)
+        namespaces are not known and only max_clients applies."""
+        if self.owners is None:
+            return True
+        if self.per_netns[client.ns_key] < self.max_per_netns:
+            self.per_netns[client.ns_key] += 1
+            return True
+        self.rejected += 1
+        if client.ns_key is not None:
+            self.owners.detach(client.ns_key)
+        client.sock.close()
+        log.warning(
+            "client_rejected",
+            reason="too many clients from one network namespace",
+            limit=self.max_per_netns,
+            cred_pid=client.cred_pid,
+        )
+        return False
 
     def close(self) -> None:
         for client in list(self.clients.values()):
