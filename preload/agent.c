@@ -139,11 +139,32 @@ void sf_agent_private_moved(int from, int to) {
 
 /* ---- the work queue: application threads -> agent ---------------------------------------- */
 
+/* Nobody will take this trigger: the agent could not start (the process is at its fd limit)
+ * or its queue is full. The attempt ends before it began, as when the peer host is in backoff:
+ * retry after twice the calls, close the switch window (else every later call would be timed),
+ * and let a slim connect() waiting for the attempt go on at once. */
+static void trigger_dropped(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    if (atomic_load(&c->phase) == SF_P_OVERLAY) {
+        if (atomic_load(&c->next_trigger) == UINT32_MAX) {
+            uint32_t calls = atomic_load(&c->calls);
+            c->next_trigger = calls * 2 > sf_cfg.threshold ? calls * 2 : sf_cfg.threshold;
+        }
+        sf_window_close(c, SF_PEER_UNREACHABLE);
+    }
+    c->last_status = SF_INTERNAL;
+    c->attempted = 1;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    SF_LOG("fd %d: no agent thread to switch it; stays on the overlay", c->fd);
+}
+
 void sf_agent_trigger(struct sf_conn *c) {
     atomic_store(&c->decided_us, sf_now_us());
     atomic_store(&c->initiated, 1);
     sf_window_open(c);
     sf_agent_ensure();
+    int queued = 0;
     pthread_mutex_lock(&ag.mu);
     if (ag.evfd >= 0 && ag.q_len < AG_QUEUE) {
         unsigned slot = (ag.q_head + ag.q_len++) % AG_QUEUE;
@@ -151,8 +172,11 @@ void sf_agent_trigger(struct sf_conn *c) {
         ag.queue[slot].gen = atomic_load(&c->gen);
         uint64_t one = 1;
         (void)!real.write(ag.evfd, &one, sizeof one);
+        queued = 1;
     }
     pthread_mutex_unlock(&ag.mu);
+    if (SF_UNLIKELY(!queued))
+        trigger_dropped(c);
 }
 
 /* ---- addresses and lookups ---------------------------------------------------------------- */
