@@ -365,7 +365,7 @@ static void start_request(struct sf_conn *c) {
         c->next_trigger = atomic_load(&c->calls) + sf_cfg.threshold; /* not connected yet */
         goto out;
     }
-    if (!sf_is_overlay_addr((struct sockaddr *)&c->remote)) {
+    if (!sf_is_overlay_addr((struct sockaddr *)&c->remote) || sf_uses_io_uring()) {
         sf_set_phase(c, SF_P_PINNED);
         goto out;
     }
@@ -469,6 +469,9 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
             SF_LOG("fd %d: host connection arrived in phase %d; closed", c->fd, phase);
             real.close(fd);
         }
+    } else if (m->status == SF_OK && fd >= 0 && sf_uses_io_uring()) {
+        real.close(fd);
+        abort_switch(c, SF_NO_ROUTE, 0);
     } else if (m->status == SF_OK && fd >= 0) {
         begin_handshake(c, sf_private_fd(fd));
     } else if (m->status == SF_DUPLICATE) {
@@ -493,7 +496,9 @@ static void on_claim(const struct sf_msg *m) {
     if (c != NULL) {
         pthread_mutex_lock(&c->mu);
         int phase = atomic_load(&c->phase);
-        if (phase == SF_P_OVERLAY) {
+        if (phase == SF_P_OVERLAY && sf_uses_io_uring()) {
+            sf_set_phase(c, SF_P_PINNED);
+        } else if (phase == SF_P_OVERLAY) {
             atomic_store(&c->decided_us, sf_now_us());
             atomic_store(&c->initiated, 0);
             sf_window_open(c);
@@ -885,6 +890,8 @@ static void *agent_main(void *arg) {
     pid_t me = getpid();
     pin_agent();
     uint64_t last_tick = sf_now_ms();
+    /* A ring made before the first connection is known before any claim is answered. */
+    sf_uring_refresh(last_tick);
     /* Open the channel now so that peers' claims reach this process even before it triggers. */
     chan_open();
     while (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == me || ag.pid == 0) {
@@ -905,6 +912,7 @@ static void *agent_main(void *arg) {
         if (ag.chan < 0)
             chan_open();
         send_reports();
+        sf_uring_refresh(now);
         if (now - last_tick >= 50 && atomic_load(&sf_in_transition) > 0) {
             last_tick = now;
             sf_for_each_conn(expire, &now);

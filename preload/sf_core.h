@@ -9,6 +9,7 @@
  *   wrap_io.c    data wrappers (read/write/send/recv/sendfile...): counting and redirection
  *   wrap_event.c epoll/poll/select wrappers
  *   window.c     timing the data calls made while a connection switches (SWITCH_CALLS)
+ *   uring.c      noticing io_uring, whose I/O no wrapper sees: such a process switches nothing
  * docs/wire.md explains the handoff; DESIGN.md the invariants it keeps. */
 #ifndef SF_CORE_H
 #define SF_CORE_H
@@ -239,6 +240,10 @@ void sf_window_phase(struct sf_conn *c, int old, int phase); /* from sf_set_phas
 int sf_window_enter(struct sf_conn *c, struct sf_timed *t); /* 1: time this call */
 void sf_window_leave(struct sf_conn *c, const struct sf_timed *t);
 void sf_window_after_fork_child(struct sf_conn *c);
+
+/* uring.c */
+void sf_uring_refresh(uint64_t now_ms);    /* rescan for a ring if the last look is stale */
+int sf_uses_io_uring(void);                /* 1: this process switches nothing any more */
 
 /* swap.c */
 int sf_maybe_swap(struct sf_conn *c);      /* swap if the switch point is reached; 1 if HOST */

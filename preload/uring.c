@@ -1,0 +1,131 @@
+/* uring.c -- noticing io_uring, the one I/O path no libc wrapper sees.
+ *
+ * Socket I/O submitted through an io_uring never passes through read/write/send/recv, so the
+ * library can neither count it nor redirect it: a write queued on the ring before a commit is
+ * missing from S, and a read pending on the overlay socket at the swap completes with the
+ * overlay's FIN, which the application takes for EOF. Either loses bytes. So a process that
+ * holds a ring switches nothing from then on (reference/interposer-census.md: "detect it and
+ * refuse"): its own thresholds pin the connection to the overlay, and it answers NOT_MINE to
+ * a peer's claim.
+ *
+ * Two ways to notice, because liburing may issue the setup syscall itself (inline assembly)
+ * instead of through libc: the syscall() wrapper sees io_uring_setup when it goes through libc,
+ * and otherwise the ring's mapping shows in /proc/self/maps ("anon_inode:[io_uring]"), read at a
+ * switch decision at most once per SF_URING_SCAN_MS. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "sf_core.h"
+
+#define SF_URING_SCAN_MS 1000
+
+static _Atomic int uring_seen;
+static _Atomic uint64_t last_scan_ms;
+
+static void note_uring(const char *how) {
+    if (atomic_exchange(&uring_seen, 1) == 0)
+        SF_LOG("io_uring in use (%s): this process switches no connection from now on", how);
+}
+
+static int maps_show_uring(void) {
+    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    /* A line never exceeds PATH_MAX plus ~80 bytes; keep the tail of each buffer so a name
+     * split across two reads is still found. */
+    static const char needle[] = "anon_inode:[io_uring]";
+    const size_t keep = sizeof needle - 2;
+    char buf[8192];
+    size_t have = 0;
+    int found = 0;
+    for (;;) {
+        ssize_t n = real.read(fd, buf + have, sizeof buf - 1 - have);
+        if (n <= 0)
+            break;
+        have += (size_t)n;
+        buf[have] = '\0';
+        if (strstr(buf, needle) != NULL) {
+            found = 1;
+            break;
+        }
+        if (have > keep) {
+            memmove(buf, buf + have - keep, keep);
+            have = keep;
+        }
+    }
+    real.close(fd);
+    return found;
+}
+
+void sf_uring_refresh(uint64_t now_ms) {
+    if (atomic_load_explicit(&uring_seen, memory_order_relaxed))
+        return;
+    uint64_t last = atomic_load(&last_scan_ms);
+    if (last != 0 && now_ms - last < SF_URING_SCAN_MS)
+        return;
+    atomic_store(&last_scan_ms, now_ms);
+    if (maps_show_uring())
+        note_uring("its ring is mapped");
+}
+
+int sf_uses_io_uring(void) {
+    sf_uring_refresh(sf_now_ms());
+    return atomic_load_explicit(&uring_seen, memory_order_relaxed);
+}
+
+/* syscall() is issued here, not forwarded to libc's: it runs in constructors and allocators
+ * (jemalloc) before the library has resolved anything, where a dlsym would recurse. Only where
+ * the calling convention is spelled out below; elsewhere the maps scan alone notices rings. */
+#if defined(__x86_64__) || defined(__aarch64__)
+static long raw_syscall(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
+    long ret;
+#if defined(__x86_64__)
+    register long r10 __asm__("r10") = a4;
+    register long r8 __asm__("r8") = a5;
+    register long r9 __asm__("r9") = a6;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+#else
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a1;
+    register long x1 __asm__("x1") = a2;
+    register long x2 __asm__("x2") = a3;
+    register long x3 __asm__("x3") = a4;
+    register long x4 __asm__("x4") = a5;
+    register long x5 __asm__("x5") = a6;
+    __asm__ volatile("svc 0"
+                     : "+r"(x0)
+                     : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4), "r"(x5)
+                     : "memory");
+    ret = x0;
+#endif
+    if (ret < 0 && ret > -4096) {
+        errno = (int)-ret;
+        return -1;
+    }
+    return ret;
+}
+
+/* glibc's syscall() takes six arguments whatever the number; so does this. */
+SF_EXPORT long syscall(long number, ...) {
+    va_list ap;
+    va_start(ap, number);
+    long a[6];
+    for (int i = 0; i < 6; i++)
+        a[i] = va_arg(ap, long);
+    va_end(ap);
+    long rc = raw_syscall(number, a[0], a[1], a[2], a[3], a[4], a[5]);
+    if (SF_UNLIKELY(number == SYS_io_uring_setup) && rc >= 0) {
+        int err = errno;
+        note_uring("io_uring_setup");
+        errno = err;
+    }
+    return rc;
+}
+#endif

@@ -1,0 +1,116 @@
+"""A process that holds an io_uring switches nothing: I/O submitted on a ring bypasses every
+wrapper, so the library could neither count it into S nor move a read pending on the overlay
+socket (it would complete with the overlay's FIN, which the application takes for EOF).
+
+The torture server makes a ring before it serves, in one of the two ways the library must
+notice: through libc's syscall() (as the Rust io-uring crate does), or behind the library's back
+(libc's own syscall symbol, as liburing's inline syscalls would) and mapped, as every ring is.
+The client crosses the threshold on every connection and asks; the server's library must
+refuse every claim, its own thresholds must pin its connections, and every byte must arrive
+over the overlay.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shuntflow.testbed import Testbed
+
+from .apps import mode_env
+from .test_torture import assert_intact
+
+pytestmark = pytest.mark.root
+
+# argv: how ("syscall" | "hidden"), then the torture server's arguments.
+RING_THEN_SERVE = """
+import ctypes, mmap, sys
+from shuntflow import torture
+SYS_IO_URING_SETUP = 425
+how = sys.argv[1]
+# "syscall": the global scope's syscall, which the preloaded library wraps; "hidden": libc's
+# own symbol, which it never sees.
+call = (ctypes.CDLL(None) if how == "syscall" else ctypes.CDLL("libc.so.6")).syscall
+call.restype = ctypes.c_long
+params = ctypes.create_string_buffer(120)  # struct io_uring_params
+fd = call(ctypes.c_long(SYS_IO_URING_SETUP), ctypes.c_long(4), params)
+assert fd >= 0, "io_uring_setup failed"
+ring = mmap.mmap(fd, 4096, offset=0)  # IORING_OFF_SQ_RING: the mapping every ring has
+sys.exit(torture.main(["server", *sys.argv[2:]]))
+"""
+
+
+def run_pair(tb: Testbed, how: str, port: int, log: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    common = ["--port", str(port), "--connections", "24", "--style", "blocking"]
+    server = tb.popen(
+        server_c,
+        [sys.executable, "-c", RING_THEN_SERVE, how, *common, "--timeout", "60"],
+        env=mode_env(tb, server_c, "shuntflow", 1, log=log),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        first = server.stdout.readline()
+        assert first, server.communicate(timeout=10)[1][-2000:]
+        assert json.loads(first)["listening"] == port
+        client = tb.run(
+            client_c,
+            [
+                sys.executable,
+                "-m",
+                "shuntflow.torture",
+                "client",
+                *common,
+                "--timeout",
+                "60",
+                "--host",
+                server_c.overlay_ip,
+                "--max-bytes",
+                str(64 * 1024),
+                "--concurrency",
+                "8",
+            ],
+            env=mode_env(tb, client_c, "shuntflow", 1),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert client.returncode == 0, client.stderr[-2000:]
+        out, err = server.communicate(timeout=60)
+        assert server.returncode == 0, err[-2000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return json.loads(client.stdout.strip().splitlines()[-1]), json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.parametrize(("how", "port"), [("syscall", 7931), ("hidden", 7932)])
+def test_a_process_with_a_ring_switches_nothing(
+    make_testbed: Any, tmp_path: Path, how: str, port: int
+) -> None:
+    tb: Testbed = make_testbed(f"ur{how[0]}", hosts=2, containers=1, routers=True)
+    rx0, tx0 = tb.vxlan_counters(1)
+    log = tmp_path / "server-lib.log"
+    client, server = run_pair(tb, how, port, log)
+    assert_intact(client, 24)
+    assert_intact(server, 24)
+    assert client["switched"] == 0 and server["switched"] == 0, (client, server)
+    rx1, tx1 = tb.vxlan_counters(1)
+    # Every connection moved at least its 1 B-64 KiB both ways over the overlay.
+    assert (rx1 - rx0) + (tx1 - tx0) >= 24 * 2, (rx1 - rx0, tx1 - tx0)
+    text = log.read_text()
+    why = "io_uring_setup" if how == "syscall" else "its ring is mapped"
+    assert f"io_uring in use ({why})" in text, text[-2000:]
+    # The client asked: the server's router offered nothing its library accepted.
+    routers = [h.router_log.read_text() for h in tb.hosts]
+    assert "event=switch_done" not in "".join(routers)
+    assert "PEER_REFUSED" in routers[1], routers[1][-2000:]
