@@ -28,6 +28,18 @@
 #define AG_TAG_EVENT 0xFFFFFFFFFFFFFFFEull
 #define AG_TAG_CHAN 0xFFFFFFFFFFFFFFFDull
 #define AG_REPORT_QUEUE 512 /* two frames per switch end: SWITCH_DONE, SWITCH_CALLS */
+#define AG_LINGER_MAX 256
+#define AG_LINGER_MS 30000
+#define AG_EXIT_LINGER_MS 2000
+
+/* A host socket whose connection the application closed before the peer's last handoff frame
+ * came; see sf_agent_linger_host. */
+struct lingering {
+    int fd;
+    uint8_t len;
+    uint8_t hop[16];
+    uint64_t until_ms;
+};
 
 struct dest_backoff {
     uint32_t ip;
@@ -46,6 +58,8 @@ static struct {
     struct dest_backoff backoff[AG_BACKOFF_SLOTS];
     struct sf_msg reports[AG_REPORT_QUEUE]; /* frames waiting for the agent to send them */
     unsigned reports_len;
+    struct lingering lingering[AG_LINGER_MAX]; /* host sockets of closed connections (below) */
+    unsigned n_lingering;
     _Atomic uint64_t switches_done, switches_failed;
     int warned_router;
 } ag = {.mu = PTHREAD_MUTEX_INITIALIZER, .epfd = -1, .evfd = -1, .chan = -1};
@@ -112,6 +126,11 @@ void sf_agent_after_fork_child(void) {
     ag.epfd = ag.evfd = ag.chan = -1;
     ag.q_len = ag.q_head = 0;
     ag.reports_len = 0; /* the parent reports its own switches */
+    for (unsigned i = 0; i < ag.n_lingering; i++) {
+        real.close(ag.lingering[i].fd); /* the parent drains them */
+        sf_private_forget(ag.lingering[i].fd);
+    }
+    ag.n_lingering = 0;
     ag.chan_retry_ms = 0;
     ag.pid = 0;
 }
@@ -134,7 +153,108 @@ void sf_agent_private_moved(int from, int to) {
     for (int i = 0; i < 3; i++)
         if (*mine[i] == from)
             *mine[i] = to;
+    pthread_mutex_lock(&ag.mu);
+    for (unsigned i = 0; i < ag.n_lingering; i++)
+        if (ag.lingering[i].fd == from)
+            ag.lingering[i].fd = to;
+    pthread_mutex_unlock(&ag.mu);
     sf_for_each_conn(move_host_fd, &m);
+}
+
+/* ---- host connections the application closed mid-handoff ---------------------------------- */
+
+/* The application closed a connection whose host socket may still get a handoff frame from the
+ * peer (its SYNC, when this end had committed or the peer may have). Closed now, the socket
+ * would be orphaned, and a frame arriving at an orphaned socket makes the kernel reset the
+ * connection: the peer then loses whatever of this end's last writes was still in flight, and
+ * reads ECONNRESET where it should read EOF (seen in an underlay flap, where the SYNC came
+ * late). So the agent keeps it: FIN now, after the data; close once the frame is in (or the
+ * peer's EOF, an error, AG_LINGER_MS). Bytes after the frame still reset it on close, as they
+ * would an overlay socket closed with unread data. Caller holds c->mu and c->wmu. Returns 0 if
+ * the agent took the socket, -1 if the caller must close it itself. */
+int sf_agent_linger_host(int host, const uint8_t *partial, int len) {
+    struct linger lg;
+    socklen_t ll = sizeof lg;
+    if (real.getsockopt(host, SOL_SOCKET, SO_LINGER, &lg, &ll) == 0 && lg.l_onoff &&
+        lg.l_linger == 0)
+        return -1; /* the application asked for a reset on close */
+    int taken = -1;
+    pthread_mutex_lock(&ag.mu);
+    if (ag.epfd >= 0 && ag.n_lingering < AG_LINGER_MAX) {
+        real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, host, NULL);
+        real.shutdown(host, SHUT_WR);
+        struct lingering *l = &ag.lingering[ag.n_lingering++];
+        l->fd = host;
+        l->len = (uint8_t)len;
+        memcpy(l->hop, partial, (size_t)len);
+        l->until_ms = sf_now_ms() + AG_LINGER_MS;
+        taken = 0;
+    }
+    pthread_mutex_unlock(&ag.mu);
+    if (taken == 0)
+        SF_LOG("host fd %d: its connection closed before the peer's last handoff frame; kept "
+               "until it comes", host);
+    return taken;
+}
+
+/* 1 when the lingering socket can be closed. */
+static int linger_done(struct lingering *l, uint64_t now) {
+    for (;;) {
+        ssize_t n = real.recv(l->fd, l->hop + l->len, sizeof(struct sf_hop) - l->len, MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return now > l->until_ms;
+        if (n <= 0)
+            return 1;
+        l->len = (uint8_t)(l->len + n);
+        if (l->len < sizeof(struct sf_hop))
+            continue;
+        struct sf_hop hop;
+        memcpy(&hop, l->hop, sizeof hop);
+        l->len = 0;
+        if (hop.magic != SF_HOP_MAGIC || hop.type != SF_HOP_READY)
+            return 1; /* SYNC or ABORT: the last frame; anything else is not ours to read */
+    }
+}
+
+/* Caller holds ag.mu. */
+static void close_lingering_done(uint64_t now) {
+    for (unsigned i = 0; i < ag.n_lingering;) {
+        struct lingering *l = &ag.lingering[i];
+        if (linger_done(l, now)) {
+            real.close(l->fd);
+            sf_private_forget(l->fd);
+            *l = ag.lingering[--ag.n_lingering];
+        } else {
+            i++;
+        }
+    }
+}
+
+static void poll_lingering(uint64_t now) {
+    pthread_mutex_lock(&ag.mu);
+    close_lingering_done(now);
+    pthread_mutex_unlock(&ag.mu);
+}
+
+/* A process that exits right after such a close would take the kept sockets with it, and the
+ * late frame would reset the connection after all: the exiting thread waits for it, up to
+ * AG_EXIT_LINGER_MS. Only if ag.mu is free (see send_reports_at_exit); not after _exit. */
+__attribute__((destructor)) static void linger_at_exit(void) {
+    if (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) != getpid() ||
+        pthread_mutex_trylock(&ag.mu) != 0)
+        return;
+    uint64_t until = sf_now_ms() + AG_EXIT_LINGER_MS;
+    for (;;) {
+        uint64_t now = sf_now_ms();
+        close_lingering_done(now);
+        if (ag.n_lingering == 0 || now >= until)
+            break;
+        struct pollfd p[AG_LINGER_MAX];
+        for (unsigned i = 0; i < ag.n_lingering; i++)
+            p[i] = (struct pollfd){.fd = ag.lingering[i].fd, .events = POLLIN};
+        real.poll(p, ag.n_lingering, (int)(until - now));
+    }
+    pthread_mutex_unlock(&ag.mu);
 }
 
 /* ---- the work queue: application threads -> agent ---------------------------------------- */
@@ -896,7 +1016,7 @@ static void *agent_main(void *arg) {
     chan_open();
     while (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == me || ag.pid == 0) {
         struct epoll_event evs[64];
-        int timeout = atomic_load(&sf_in_transition) > 0 ? 50 : 1000;
+        int timeout = atomic_load(&sf_in_transition) > 0 || ag.n_lingering > 0 ? 50 : 1000;
         if (ag.chan < 0 && timeout > 250)
             timeout = 250;
         int n = real.epoll_wait(ag.epfd, evs, 64, timeout);
@@ -913,6 +1033,8 @@ static void *agent_main(void *arg) {
             chan_open();
         send_reports();
         sf_uring_refresh(now);
+        if (ag.n_lingering > 0)
+            poll_lingering(now);
         if (now - last_tick >= 50 && atomic_load(&sf_in_transition) > 0) {
             last_tick = now;
             sf_for_each_conn(expire, &now);

@@ -13,7 +13,9 @@ the handoff in progress, router log lines, counters), then checks every byte wit
   falls back to the overlay; once one has, its applications get an error, never a quiet EOF;
 - the client SIGKILLed mid-switch: the server sees the cut connections cut (EOF or reset), and
   the routers keep nothing of them;
-- the client at its fd limit: the library cannot get its private fds and stays on the overlay.
+- the client at its fd limit: the library cannot get its private fds and stays on the overlay;
+- the leader closes (and exits) before the follower's SYNC is back: the follower still reads
+  every byte, then EOF.
 
 The client (198.19.1.1) is the handoff's leader in every test: its overlay address is lower.
 """
@@ -40,7 +42,7 @@ from shuntflow.testbed import Testbed
 from shuntflow.testbed.build import rtnl
 from shuntflow.testbed.plan import host_uplink
 
-from .apps import PEER_PORT, mode_env
+from .apps import PEER_PORT, mode_env, run_script_client, start_script_server
 from .conftest import MakeTestbed
 from .test_torture import assert_intact
 
@@ -722,3 +724,110 @@ def test_host_connection_reset_in_handoff_never_loses_silently(
         f"{len(hit) - len(failed_ports)} fell back or had finished, {len(failed_ports)} "
         f"reported an error: {errors}"
     )
+
+
+LATE_SYNC_SERVER = """
+import hashlib, json, socket, sys, threading, time
+ls = socket.create_server((sys.argv[1], 7959))
+print("listening", flush=True)
+out = [None] * ATTEMPTS
+
+def serve(conn, i):
+    time.sleep(1.0)  # not reading yet: the client's big write blocks
+    h, n, err = hashlib.sha256(), 0, ""
+    try:
+        while chunk := conn.recv(1 << 16):
+            h.update(chunk)
+            n += len(chunk)
+    except OSError as exc:
+        err = repr(exc)
+    conn.close()
+    out[i] = {"bytes": n, "sha": h.hexdigest(), "error": err}
+
+threads = []
+for i in range(ATTEMPTS):
+    # Accepted at once, so that the library owns it when the client's switch asks.
+    threads.append(threading.Thread(target=serve, args=(ls.accept()[0], i)))
+    threads[-1].start()
+for t in threads:
+    t.join()
+print(json.dumps(out), flush=True)
+"""
+
+# The client, the leader, starts the switch with its first byte and at once blocks in a big
+# write, which the server does not read yet: the library cannot fix S while a write is in
+# flight, so the commit waits for it. Meanwhile the server sends READY and is stopped. The
+# write returns at its SO_SNDTIMEO, the client commits (its SYNC waits in the stopped server's
+# socket), writes its last 256 KiB on the host connection (a fresh connection's window holds
+# most of it back) and closes. The server goes on 50 ms later and its SYNC reaches the client's
+# host socket after the close.
+LATE_SYNC_CLIENT = """
+import hashlib, json, os, signal, socket, struct, sys, threading, time
+big, tail = os.urandom(16 << 20), os.urandom(256 * 1024)
+out = []
+for _ in range(ATTEMPTS):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 300_000))
+    s.connect((sys.argv[1], 7959))
+    stop = threading.Timer(0.1, os.kill, (SERVER_PID, signal.SIGSTOP))
+    stop.start()
+    try:
+        s.send(b"x")  # threshold 1: this call starts the switch
+        sent = 0
+        while sent == 0:
+            sent = s.send(big)
+        stop.join()
+        s.sendall(tail)
+        s.close()
+        time.sleep(0.05)
+    finally:
+        stop.cancel()
+        os.kill(SERVER_PID, signal.SIGCONT)
+    h = hashlib.sha256(b"x" + big[:sent] + tail)
+    out.append({"bytes": 1 + sent + len(tail), "sha": h.hexdigest()})
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_close_before_the_peers_sync_loses_nothing(
+    make_testbed: MakeTestbed, tmp_path: Path
+) -> None:
+    """The leader writes its last bytes on the host connection and closes before the follower's
+    SYNC is back: the follower must read every byte and then EOF. The library used to close the
+    host socket at once; the late SYNC then met an orphaned socket, whose kernel reset the
+    connection: ECONNRESET at the follower, and what was still in the leader's send buffer
+    lost (seen once in test_underlay_flap_during_switching). The last attempt's client exits
+    right after its close: the library's exit waits for that frame too."""
+    attempts = 3
+    tb = make_testbed("fi8", hosts=2, containers=1, routers=True)
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    client_log = tmp_path / "client-lib.log"
+    server = start_script_server(
+        tb,
+        server_c,
+        LATE_SYNC_SERVER.replace("ATTEMPTS", str(attempts)),
+        mode_env(tb, server_c, "shuntflow", 1),
+    )
+    try:
+        script = LATE_SYNC_CLIENT.replace("ATTEMPTS", str(attempts))
+        script = script.replace("SERVER_PID", str(server.pid))
+        env = mode_env(tb, client_c, "shuntflow", 1, log=client_log)
+        client = run_script_client(tb, client_c, script, server_c.overlay_ip, env, 60)
+        assert client.returncode == 0, client.stderr[-2000:]
+        sent = json.loads(client.stdout.strip().splitlines()[-1])
+        out, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err[-2000:]
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGCONT)
+            server.kill()
+            server.wait()
+    got = json.loads(out.strip().splitlines()[-1])
+    kept = [x for x in lib_lines(client_log) if "closed before the peer's last" in x.text]
+    for i, (a, b) in enumerate(zip(sent, got, strict=True)):
+        assert b == {**a, "error": ""}, (i, a, b)
+    # The case was hit: each time the client closed before the SYNC came, and its library kept
+    # the host socket until it did.
+    assert len(kept) == attempts, [x.text for x in kept]
+    print(f"\n{attempts} closes before the peer's SYNC, all kept, all intact")
