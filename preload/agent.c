@@ -236,12 +236,41 @@ static void poll_lingering(uint64_t now) {
     pthread_mutex_unlock(&ag.mu);
 }
 
-/* A process that exits right after such a close would take the kept sockets with it, and the
- * late frame would reset the connection after all: the exiting thread waits for it, up to
- * AG_EXIT_LINGER_MS. Only if ag.mu is free (see send_reports_at_exit); not after _exit. */
+/* Caller holds c->mu: the application is done with the connection (it closed it, or the
+ * process exits) while the peer's SYNC may still come. Unless a writer is in the host socket
+ * (it is then closed as before), the agent keeps it. */
+void sf_agent_linger_conn_locked(struct sf_conn *c) {
+    int phase = atomic_load(&c->phase);
+    if (c->host_fd < 0 || c->peer_synced || (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED))
+        return;
+    if (pthread_mutex_trylock(&c->wmu) != 0)
+        return;
+    if (sf_agent_linger_host(c->host_fd, c->hop, c->hop_len) == 0)
+        __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
+    sf_wmu_unlock(c);
+}
+
+/* At exit the kernel closes what the application left open, host sockets mid-handoff too. */
+static void linger_open_conn(struct sf_conn *c, void *arg) {
+    (void)arg;
+    if (atomic_load(&c->kind) != SF_CONN || pthread_mutex_trylock(&c->mu) != 0)
+        return;
+    if (c->host_fd >= 0)
+        sf_agent_pump_locked(c);
+    sf_agent_linger_conn_locked(c);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* A process that exits right after such a close (or with such a connection open) would take
+ * the kept sockets with it, and the late frame would reset the connection after all: the
+ * exiting thread waits for it, up to AG_EXIT_LINGER_MS. Only if the locks are free (see
+ * send_reports_at_exit); not after _exit. */
 __attribute__((destructor)) static void linger_at_exit(void) {
-    if (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) != getpid() ||
-        pthread_mutex_trylock(&ag.mu) != 0)
+    if (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) != getpid())
+        return;
+    if (atomic_load(&sf_in_transition) > 0)
+        sf_for_each_conn(linger_open_conn, NULL);
+    if (pthread_mutex_trylock(&ag.mu) != 0)
         return;
     uint64_t until = sf_now_ms() + AG_EXIT_LINGER_MS;
     for (;;) {

@@ -221,6 +221,7 @@ void sf_agent_count_switch(int ok);
 void sf_agent_private_moved(int from, int to);
 void sf_agent_report(const struct sf_msg *m);   /* queue a frame for the router; never blocks */
 int sf_agent_linger_host(int host, const uint8_t *partial, int len); /* see agent.c */
+void sf_agent_linger_conn_locked(struct sf_conn *c); /* caller holds c->mu */
 
 /* window.c */
 /* From the calls counter's trigger value and the phase a data call already loaded: could a

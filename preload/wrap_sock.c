@@ -167,16 +167,7 @@ static void forget_fd(int fd) {
     if (c->host_fd >= 0) {
         sf_agent_pump_locked(c);
     }
-    int phase = atomic_load(&c->phase);
-    if (c->host_fd >= 0 && !c->peer_synced &&
-        (phase == SF_P_HANDSHAKE || phase == SF_P_COMMITTED) &&
-        pthread_mutex_trylock(&c->wmu) == 0) {
-        /* The peer's SYNC may still come: the agent keeps the socket until it has (no writer
-         * is in it, or the trylock failed and it is closed below as before). */
-        if (sf_agent_linger_host(c->host_fd, c->hop, c->hop_len) == 0)
-            c->host_fd = -1;
-        sf_wmu_unlock(c);
-    }
+    sf_agent_linger_conn_locked(c); /* the peer's SYNC may still come */
     if (c->host_fd >= 0 && c->pending_close_host >= 0) {
         /* An earlier number is already pending: c->wmu has been held since, so its holder
          * loaded that one, never this one (as in drop_host_fd). Overwriting would leak it. */

@@ -42,7 +42,7 @@ from shuntflow.testbed import Testbed
 from shuntflow.testbed.build import rtnl
 from shuntflow.testbed.plan import host_uplink
 
-from .apps import PEER_PORT, mode_env, run_script_client, start_script_server
+from .apps import PEER_PORT, mode_env, start_script_server
 from .conftest import MakeTestbed
 from .test_torture import assert_intact
 
@@ -760,12 +760,14 @@ print(json.dumps(out), flush=True)
 # write returns at its SO_SNDTIMEO, the client commits (its SYNC waits in the stopped server's
 # socket), writes its last 256 KiB on the host connection (a fresh connection's window holds
 # most of it back) and closes. The server goes on 50 ms later and its SYNC reaches the client's
-# host socket after the close.
+# host socket after the close. The last connection is left open, the server stopped: the test
+# lets the server go on once this process is exiting.
 LATE_SYNC_CLIENT = """
-import hashlib, json, os, signal, socket, struct, sys, threading, time
+import ctypes, hashlib, json, os, signal, socket, struct, sys, threading, time
 big, tail = os.urandom(16 << 20), os.urandom(256 * 1024)
 out = []
-for _ in range(ATTEMPTS):
+for i in range(ATTEMPTS):
+    last = i == ATTEMPTS - 1
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 300_000))
@@ -779,14 +781,17 @@ for _ in range(ATTEMPTS):
             sent = s.send(big)
         stop.join()
         s.sendall(tail)
-        s.close()
-        time.sleep(0.05)
+        if not last:
+            s.close()
+            time.sleep(0.05)
     finally:
         stop.cancel()
-        os.kill(SERVER_PID, signal.SIGCONT)
+        if not last:
+            os.kill(SERVER_PID, signal.SIGCONT)
     h = hashlib.sha256(b"x" + big[:sent] + tail)
     out.append({"bytes": 1 + sent + len(tail), "sha": h.hexdigest()})
 print(json.dumps(out), flush=True)
+ctypes.CDLL(None).exit(0)  # libc's exit: the socket is still open, as a C program leaves it
 """
 
 
@@ -797,8 +802,9 @@ def test_close_before_the_peers_sync_loses_nothing(
     SYNC is back: the follower must read every byte and then EOF. The library used to close the
     host socket at once; the late SYNC then met an orphaned socket, whose kernel reset the
     connection: ECONNRESET at the follower, and what was still in the leader's send buffer
-    lost (seen once in test_underlay_flap_during_switching). The last attempt's client exits
-    right after its close: the library's exit waits for that frame too."""
+    lost (seen once in test_underlay_flap_during_switching). After the last attempt the client
+    exits with the connection open, the server still stopped: its library's exit waits for the
+    frame too."""
     attempts = 3
     tb = make_testbed("fi8", hosts=2, containers=1, routers=True)
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
@@ -813,9 +819,21 @@ def test_close_before_the_peers_sync_loses_nothing(
         script = LATE_SYNC_CLIENT.replace("ATTEMPTS", str(attempts))
         script = script.replace("SERVER_PID", str(server.pid))
         env = mode_env(tb, client_c, "shuntflow", 1, log=client_log)
-        client = run_script_client(tb, client_c, script, server_c.overlay_ip, env, 60)
-        assert client.returncode == 0, client.stderr[-2000:]
-        sent = json.loads(client.stdout.strip().splitlines()[-1])
+        client = tb.popen(
+            client_c,
+            [sys.executable, "-c", script, server_c.overlay_ip],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None
+        line = client.stdout.readline()
+        time.sleep(0.3)  # the client is exiting, its library waiting for the stopped server
+        os.kill(server.pid, signal.SIGCONT)
+        _, cerr = client.communicate(timeout=30)
+        assert client.returncode == 0 and line, cerr[-2000:]
+        sent = json.loads(line)
         out, err = server.communicate(timeout=30)
         assert server.returncode == 0, err[-2000:]
     finally:
