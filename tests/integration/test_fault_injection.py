@@ -22,6 +22,7 @@ The client (198.19.1.1) is the handoff's leader in every test: its overlay addre
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -363,8 +364,10 @@ def test_peer_router_down_and_underlay_flap(
     attempts = router_events(tb, 1, "peer_backoff")
     intervals = [float(m[1]) for a in attempts if (m := re.search(r"interval_ms=([\d.]+)", a))]
     # Each failure doubles the wait: the router tried the dead peer a handful of times, not
-    # once per connection (400 of them, every one past the threshold).
-    assert intervals == sorted(intervals) and intervals[-1] >= 800, intervals
+    # once per connection (400 of them, every one past the threshold). How many depends on how
+    # long the run lasts (3 to 5 here).
+    assert len(intervals) >= 2 and intervals[0] == 100, intervals
+    assert all(b == min(2 * a, 5000) for a, b in itertools.pairwise(intervals)), intervals
     assert len(attempts) <= 16, f"{len(attempts)} offers to a dead peer in {elapsed:.1f} s"
     asked = [x for x in lib_lines(pair.client_log) if "asked the router" in x.text]
     assert len(asked) < 400 / 4, f"library asked {len(asked)} times for an unreachable peer"
@@ -401,12 +404,13 @@ def test_underlay_flap_during_switching(
     intact(client, 500)
     intact(server, 500)
     assert rx_during == rx_before  # the link was really down mid-run
-    # Handoffs were under way in the dark: the client's library was in the middle of some.
+    # Handoffs were under way in the dark: the client's library took a step of some (asked,
+    # met a failing host connection, gave up, or finished with the swap). Which step falls in
+    # the dark varies: about 1 run in 8 had no new request there, only swaps.
     lines = lib_lines(pair.client_log)
     caught = [x for x in lines if down_at <= x.ts <= up_at and re.match(r"fd \d+", x.text)]
-    assert any("asked the router" in x.text or "host connection" in x.text for x in caught), [
-        x.text for x in caught
-    ]
+    step = re.compile(r"asked the router|host connection|switch abandoned|switched to the host")
+    assert any(step.search(x.text) for x in caught), [x.text for x in caught]
     served_after = len(router_events(tb, 1, "switch_done")) - served_during
     assert served_after > 0, "switching did not resume after the flap"
     print(
