@@ -12,9 +12,6 @@ over the overlay.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +19,11 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import mode_env
-from .test_torture import assert_intact
+from .test_torture import assert_intact, run_torture
 
 pytestmark = pytest.mark.root
 
-# argv: how ("syscall" | "hidden"), then the torture server's arguments.
+# argv: how ("syscall" | "hidden"), then shuntflow.torture's arguments.
 RING_THEN_SERVE = """
 import ctypes, mmap, sys
 from shuntflow import torture
@@ -41,56 +37,8 @@ params = ctypes.create_string_buffer(120)  # struct io_uring_params
 fd = call(ctypes.c_long(SYS_IO_URING_SETUP), ctypes.c_long(4), params)
 assert fd >= 0, "io_uring_setup failed"
 ring = mmap.mmap(fd, 4096, offset=0)  # IORING_OFF_SQ_RING: the mapping every ring has
-sys.exit(torture.main(["server", *sys.argv[2:]]))
+sys.exit(torture.main(sys.argv[2:]))
 """
-
-
-def run_pair(tb: Testbed, how: str, port: int, log: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
-    common = ["--port", str(port), "--connections", "24", "--style", "blocking"]
-    server = tb.popen(
-        server_c,
-        [sys.executable, "-c", RING_THEN_SERVE, how, *common, "--timeout", "60"],
-        env=mode_env(tb, server_c, "shuntflow", 1, log=log),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        first = server.stdout.readline()
-        assert first, server.communicate(timeout=10)[1][-2000:]
-        assert json.loads(first)["listening"] == port
-        client = tb.run(
-            client_c,
-            [
-                sys.executable,
-                "-m",
-                "shuntflow.torture",
-                "client",
-                *common,
-                "--timeout",
-                "60",
-                "--host",
-                server_c.overlay_ip,
-                "--max-bytes",
-                str(64 * 1024),
-                "--concurrency",
-                "8",
-            ],
-            env=mode_env(tb, client_c, "shuntflow", 1),
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        assert client.returncode == 0, client.stderr[-2000:]
-        out, err = server.communicate(timeout=60)
-        assert server.returncode == 0, err[-2000:]
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    return json.loads(client.stdout.strip().splitlines()[-1]), json.loads(out.splitlines()[-1])
 
 
 @pytest.mark.parametrize(("how", "port"), [("syscall", 7931), ("hidden", 7932)])
@@ -100,7 +48,19 @@ def test_a_process_with_a_ring_switches_nothing(
     tb: Testbed = make_testbed(f"ur{how[0]}", hosts=2, containers=1, routers=True)
     rx0, tx0 = tb.vxlan_counters(1)
     log = tmp_path / "server-lib.log"
-    client, server = run_pair(tb, how, port, log)
+    client, server = run_torture(
+        tb,
+        "shuntflow",
+        "blocking",
+        1,
+        24,
+        port,
+        max_bytes=64 * 1024,
+        concurrency=8,
+        timeout=60,
+        server_program=("-c", RING_THEN_SERVE, how),
+        server_log=log,
+    )
     assert_intact(client, 24)
     assert_intact(server, 24)
     assert client["switched"] == 0 and server["switched"] == 0, (client, server)

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,12 @@ def run_torture(
     max_bytes: int = 256 * 1024,
     concurrency: int = 16,
     timeout: float = 120,
+    server_program: Sequence[str] = ("-m", "shuntflow.torture"),
+    server_log: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The torture pair, client in <prefix>-h1-c1 and server in <prefix>-h2-c1, both in `mode`;
+    the server as `python <server_program> server ...` (a script that prepares the process, then
+    runs shuntflow.torture), its library logging to `server_log`. Their two summaries."""
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
     common = [
         "--port",
@@ -51,15 +57,17 @@ def run_torture(
     ]
     server = tb.popen(
         server_c,
-        [sys.executable, "-m", "shuntflow.torture", "server", *common],
-        env=mode_env(tb, server_c, mode, threshold),
+        [sys.executable, *server_program, "server", *common],
+        env=mode_env(tb, server_c, mode, threshold, log=server_log),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert server.stdout is not None
-        assert json.loads(server.stdout.readline())["listening"] == port
+        first = server.stdout.readline()
+        assert first, server.communicate(timeout=10)[1][-2000:]
+        assert json.loads(first)["listening"] == port
         client = tb.run(
             client_c,
             [
