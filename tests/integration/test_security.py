@@ -10,6 +10,7 @@ the containers' namespaces, so the routers' sock_diag checks see exactly what a 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -261,6 +262,14 @@ def test_one_namespace_cannot_take_every_client_slot(make_testbed: Any, tmp_path
         assert hold_and_release(second, 1) == {"acked": 1, "refused": 0}
         info = status(h1)
         assert info["clients_rejected"] == 2 and info["clients"] == 4, info
+        shown = subprocess.run(
+            [str(Path(sys.executable).parent / "shuntflow"), "status", "--prefix", "sc3"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "COLUMNS": "400"},  # one line per router, unwrapped
+        )
+        assert "4 clients (2 turned away)" in shown.stdout, shown.stdout + shown.stderr
     finally:
         assert holder.stdin is not None
         holder.stdin.close()

@@ -206,10 +206,12 @@ def _print_tables(results: list[dict[str, Any]]) -> None:
             for peer, b in info.get("peer_backoffs", {}).items()
         )
         failures = ", ".join(f"{k}={v}" for k, v in sorted(info.get("failures", {}).items()))
+        rejected = info.get("clients_rejected", 0)  # over max_clients or the namespace's cap
         console.print(
             f"[bold]router {info['host_ip']}[/] pid {info['pid']} up {info['uptime_s']:.0f}s "
-            f"socket {entry['socket']}: {info['clients']} clients, "
-            f"{info['switches_served']} switches served"
+            f"socket {entry['socket']}: {info['clients']} clients"
+            + (f" ({rejected} turned away)" if rejected else "")
+            + f", {info['switches_served']} switches served"
             + (f", failures: {failures}" if failures else "")
             + (f", backoff: {backoffs}" if backoffs else "")
         )
