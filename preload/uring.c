@@ -10,8 +10,9 @@
  *
  * Two ways to notice, because liburing may issue the setup syscall itself (inline assembly)
  * instead of through libc: the syscall() wrapper sees io_uring_setup when it goes through libc,
- * and otherwise the ring's mapping shows in /proc/self/maps ("anon_inode:[io_uring]"), read at a
- * switch decision at most once per SF_URING_SCAN_MS. */
+ * and otherwise the ring's mapping shows in /proc/self/maps ("anon_inode:[io_uring]"), which the
+ * agent reads when it starts and then at most once per SF_URING_SCAN_MS (less often where reading
+ * it is dear), and a switch decision too if that read is due. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -22,9 +23,12 @@
 #include "sf_core.h"
 
 #define SF_URING_SCAN_MS 1000
+/* A process with a huge address space (a JVM: 100,000 mappings, megabytes of text) would spend
+ * percents of a CPU re-reading its maps every second: scans are spaced so they cost at most 1 %. */
+#define SF_URING_SCAN_SHARE 100
 
 static _Atomic int uring_seen;
-static _Atomic uint64_t last_scan_ms;
+static _Atomic uint64_t last_scan_ms, scan_period_ms = SF_URING_SCAN_MS;
 
 static void note_uring(const char *how) {
     if (atomic_exchange(&uring_seen, 1) == 0)
@@ -65,11 +69,15 @@ void sf_uring_refresh(uint64_t now_ms) {
     if (atomic_load_explicit(&uring_seen, memory_order_relaxed))
         return;
     uint64_t last = atomic_load(&last_scan_ms);
-    if (last != 0 && now_ms - last < SF_URING_SCAN_MS)
+    if (last != 0 && now_ms - last < atomic_load(&scan_period_ms))
         return;
     atomic_store(&last_scan_ms, now_ms);
+    uint64_t start = sf_now_us();
     if (maps_show_uring())
         note_uring("its ring is mapped");
+    uint64_t cost_ms = (sf_now_us() - start) / 1000;
+    uint64_t period = cost_ms * SF_URING_SCAN_SHARE;
+    atomic_store(&scan_period_ms, period > SF_URING_SCAN_MS ? period : SF_URING_SCAN_MS);
 }
 
 int sf_uses_io_uring(void) {
