@@ -211,6 +211,12 @@ int sf_swap_locked(struct sf_conn *c) {
     real.setsockopt(fd, SOL_SOCKET, SO_LINGER, &off, sizeof off);
     for (int i = 0; i < c->n_regs; i++)
         real.epoll_ctl(c->regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
+    /* A thread blocked in read or poll on this number sleeps on the overlay socket itself, and
+     * dup3 does not wake it: only the peer's overlay FIN would, which may come late or, on a
+     * lossy overlay, never, while the data it waits for is already on the host connection. The
+     * overlay stream is complete (rx == S_peer), so ending its read side loses nothing: the
+     * sleeper reads 0, finds the fd swapped and reads the host socket (wrap_io.c do_read). */
+    real.shutdown(fd, SHUT_RD);
     if (real.dup3(host, fd, (fdflags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
         int err = errno;
         for (int i = 0; i < c->n_regs; i++) {

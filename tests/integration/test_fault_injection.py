@@ -853,3 +853,89 @@ def test_close_before_the_peers_sync_loses_nothing(
     # the host socket until it did.
     assert len(kept) == attempts, [x.text for x in kept]
     print(f"\n{attempts} closes before the peer's SYNC, all kept, all intact")
+
+
+LOST_FIN_SERVER = """
+import hashlib, json, os, socket, sys, time
+ls = socket.create_server((sys.argv[1], 7961))
+print("listening", flush=True)
+conn, _ = ls.accept()
+assert conn.recv(1) == b"x"
+time.sleep(1.0)  # the switch completes meanwhile, the client blocked in recv on the overlay
+reply = os.urandom(256 * 1024)
+conn.sendall(reply)
+rest = conn.recv(1)  # the client's EOF
+conn.close()
+sha = hashlib.sha256(reply).hexdigest()
+print(json.dumps({"bytes": len(reply), "sha": sha, "rest": len(rest)}))
+"""
+
+LOST_FIN_CLIENT = """
+import hashlib, json, socket, sys
+s = socket.create_connection((sys.argv[1], 7961))
+s.sendall(b"x")  # threshold 1: this call starts the switch
+buf = bytearray()
+while len(buf) < 256 * 1024:
+    chunk = s.recv(1 << 16)  # no timeout: a plain blocking recv(2) on the overlay socket
+    if not chunk:
+        break
+    buf += chunk
+s.close()
+print(json.dumps({"bytes": len(buf), "sha": hashlib.sha256(buf).hexdigest()}))
+"""
+
+
+def test_swap_wakes_a_reader_whose_overlay_fin_is_lost(
+    make_testbed: MakeTestbed, tmp_path: Path
+) -> None:
+    """A thread blocked in recv sleeps on the overlay socket itself; dup3 at the swap does not
+    wake it. The peer's overlay FIN would, but here the client's namespace drops every FIN from
+    the server (tc), as a lossy overlay might: the reply already waits on the host connection,
+    and the reader must get it anyway. Before the swap shut the overlay's read side, the client
+    hung in recv for good."""
+    tb = make_testbed("fi9", hosts=2, containers=1, routers=True)
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    # The table lives in the client container's namespace and goes with it.
+    rules = """table inet sf_fi9 {
+    chain input {
+        type filter hook input priority 0;
+        tcp sport 7961 tcp flags & fin == fin counter drop
+    }
+}
+"""
+    done = tb.run(client_c, ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    client_log = tmp_path / "client-lib.log"
+    server = start_script_server(
+        tb, server_c, LOST_FIN_SERVER, mode_env(tb, server_c, "shuntflow", 1)
+    )
+    try:
+        try:
+            client = tb.run(
+                client_c,
+                [sys.executable, "-c", LOST_FIN_CLIENT, server_c.overlay_ip],
+                env=mode_env(tb, client_c, "shuntflow", 1, log=client_log),
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("the client's recv never returned: the swap left it asleep on the overlay")
+        assert client.returncode == 0, client.stderr[-2000:]
+        out, err = server.communicate(timeout=20)
+        assert server.returncode == 0, err[-2000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    sent, got = json.loads(out), json.loads(client.stdout)
+    assert got == {"bytes": sent["bytes"], "sha": sent["sha"]}
+    assert sent["rest"] == 0  # the client's EOF, nothing more
+    assert any("switched to the host path" in x.text for x in lib_lines(client_log))
+    # The case was hit: the server's overlay FIN was dropped on its way in.
+    listed = tb.run(
+        client_c, ["nft", "list", "table", "inet", "sf_fi9"], capture_output=True, text=True
+    ).stdout
+    m = re.search(r"counter packets (\d+)", listed)
+    assert m and int(m[1]) >= 1, listed
+    print(f"\nserver's overlay FIN dropped {m[1]} times; reply read whole from the host path")
