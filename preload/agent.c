@@ -131,6 +131,7 @@ void sf_agent_after_fork_child(void) {
         sf_private_forget(ag.lingering[i].fd);
     }
     ag.n_lingering = 0;
+    sf_fins_after_fork_child();
     ag.chan_retry_ms = 0;
     ag.pid = 0;
 }
@@ -158,6 +159,7 @@ void sf_agent_private_moved(int from, int to) {
         if (ag.lingering[i].fd == from)
             ag.lingering[i].fd = to;
     pthread_mutex_unlock(&ag.mu);
+    sf_fins_private_moved(from, to);
     sf_for_each_conn(move_host_fd, &m);
 }
 
@@ -540,6 +542,14 @@ out:
     pthread_mutex_unlock(&c->mu);
 }
 
+/* Acknowledge the next segment at once, not after the delayed-ACK timer: a peer's overlay FIN
+ * waits for the acknowledgement of its SYNC (fin.c). Not sticky: the kernel may go back to
+ * delaying ACKs after a few segments, which by then carry application data. */
+static void quickack_host(int host) {
+    int one = 1;
+    real.setsockopt(host, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+}
+
 static void begin_handshake(struct sf_conn *c, int host_fd) {
     /* The handoff frames are tiny and each waits for the other's: with Nagle on, a frame
      * behind the router's unacknowledged ANSWER waits for a delayed ACK (40 ms here). The
@@ -559,6 +569,7 @@ static void begin_handshake(struct sf_conn *c, int host_fd) {
             abort_switch(c, SF_PEER_UNREACHABLE, 1);
             return;
         }
+        quickack_host(host_fd); /* the leader's SYNC, which its overlay FIN waits for */
     }
     /* After the READY: the peer's commit waits for that frame, not for these. */
     sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
@@ -747,6 +758,15 @@ static void on_chan_readable(void) {
 /* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
  * switch window closes) arise where the switch happens to be, often on an application thread,
  * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
+void sf_agent_wake(void) {
+    pthread_mutex_lock(&ag.mu);
+    if (ag.evfd >= 0) {
+        uint64_t one = 1;
+        (void)!real.write(ag.evfd, &one, sizeof one);
+    }
+    pthread_mutex_unlock(&ag.mu);
+}
+
 void sf_agent_report(const struct sf_msg *m) {
     pthread_mutex_lock(&ag.mu);
     if (ag.reports_len < AG_REPORT_QUEUE)
@@ -807,6 +827,7 @@ void sf_agent_commit_locked(struct sf_conn *c) {
     struct sf_hop sync = {.magic = SF_HOP_MAGIC, .type = SF_HOP_SYNC,
                           .flags = c->app_shut_wr ? SF_HOP_F_SHUT_WR : 0,
                           .seq = atomic_load(&c->tx)};
+    c->sync_acked_mark = sf_fin_mark(c->host_fd, sizeof sync);
     /* COMMITTED before the SYNC leaves: a reader that sees the peer's answering FIN must find
      * this phase (it decides under c->mu, which we hold). */
     sf_set_phase(c, SF_P_COMMITTED);
@@ -825,6 +846,8 @@ void sf_agent_commit_locked(struct sf_conn *c) {
     }
     if (c->app_shut_wr)
         real.shutdown(c->host_fd, SHUT_WR);
+    else
+        quickack_host(c->host_fd); /* the peer's SYNC, so its overlay FIN need not wait */
     c->commit_finish_due = 1;
 }
 
@@ -843,7 +866,7 @@ void sf_agent_finish_commit_locked(struct sf_conn *c) {
         c->commit_finish_due = 0;
         sf_copy_sockopts_at_commit(c->fd, c->host_fd);
         note_switch_time(c);
-        real.shutdown(c->fd, SHUT_WR);
+        sf_fin_after_sync(c);
     }
 }
 
@@ -1046,6 +1069,8 @@ static void *agent_main(void *arg) {
     while (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == me || ag.pid == 0) {
         struct epoll_event evs[64];
         int timeout = atomic_load(&sf_in_transition) > 0 || ag.n_lingering > 0 ? 50 : 1000;
+        if (sf_fins_owed() > 0)
+            timeout = 1;
         if (ag.chan < 0 && timeout > 250)
             timeout = 250;
         int n = real.epoll_wait(ag.epfd, evs, 64, timeout);
@@ -1064,6 +1089,8 @@ static void *agent_main(void *arg) {
         sf_uring_refresh(now);
         if (ag.n_lingering > 0)
             poll_lingering(now);
+        if (sf_fins_owed() > 0)
+            sf_fins_poll(now);
         if (now - last_tick >= 50 && atomic_load(&sf_in_transition) > 0) {
             last_tick = now;
             sf_for_each_conn(expire, &now);

@@ -10,6 +10,7 @@
  *   wrap_event.c epoll/poll/select wrappers
  *   window.c     timing the data calls made while a connection switches (SWITCH_CALLS)
  *   uring.c      noticing io_uring, whose I/O no wrapper sees: such a process switches nothing
+ *   fin.c        the overlay FIN of a commit, sent only once the peer holds the SYNC
  * docs/wire.md explains the handoff; DESIGN.md the invariants it keeps. */
 #ifndef SF_CORE_H
 #define SF_CORE_H
@@ -144,6 +145,7 @@ struct sf_conn {
     uint8_t peer_synced;
     uint8_t suppressed;           /* an epoll event of this fd was held back during a switch */
     uint8_t attempted;            /* the agent has looked at the last trigger (slim waits on it) */
+    uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */
     uint8_t hop_len;
     uint8_t hop[16];
     uint16_t last_status;         /* why the last attempt failed (enum sf_status) */
@@ -151,6 +153,7 @@ struct sf_conn {
     int host_fd;                  /* the host connection before the swap, -1 otherwise */
     int pending_close_host;       /* close() found a writer on host_fd; it closes it */
     uint64_t phase_since_ms;
+    uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
     uint64_t peer_s;
     _Atomic uint64_t tx, rx;      /* application bytes on the overlay */
     _Atomic uint64_t host_bytes;
@@ -220,6 +223,7 @@ void sf_agent_request_commit(struct sf_conn *c); /* commit now if no write is in
 void sf_agent_count_switch(int ok);
 void sf_agent_private_moved(int from, int to);
 void sf_agent_report(const struct sf_msg *m);   /* queue a frame for the router; never blocks */
+void sf_agent_wake(void);                       /* the agent looks at its work again */
 int sf_agent_linger_host(int host, const uint8_t *partial, int len); /* see agent.c */
 void sf_agent_linger_conn_locked(struct sf_conn *c); /* caller holds c->mu */
 
@@ -242,6 +246,14 @@ void sf_window_phase(struct sf_conn *c, int old, int phase); /* from sf_set_phas
 int sf_window_enter(struct sf_conn *c, struct sf_timed *t); /* 1: time this call */
 void sf_window_leave(struct sf_conn *c, const struct sf_timed *t);
 void sf_window_after_fork_child(struct sf_conn *c);
+
+/* fin.c */
+uint64_t sf_fin_mark(int host, size_t frame); /* before a SYNC of `frame` bytes is sent */
+void sf_fin_after_sync(struct sf_conn *c);     /* the commit's FIN; caller holds c->mu */
+unsigned sf_fins_owed(void);
+void sf_fins_poll(uint64_t now);               /* the agent's tick while some are owed */
+void sf_fins_private_moved(int from, int to);
+void sf_fins_after_fork_child(void);
 
 /* uring.c */
 void sf_uring_refresh(uint64_t now_ms);    /* rescan for a ring if the last look is stale */

@@ -160,6 +160,11 @@ static void forget_fd(int fd) {
                (unsigned long long)atomic_load(&c->tx), (unsigned long long)atomic_load(&c->rx),
                (unsigned long long)atomic_load(&c->host_bytes));
     pthread_mutex_lock(&c->mu);
+    /* fin.c's copy keeps the overlay socket open past this close, and with it the epoll
+     * registrations of this number, which would go on reporting a closed fd. */
+    if (kind == SF_CONN && c->fin_owed && atomic_load(&c->phase) != SF_P_HOST)
+        for (int i = 0; i < c->n_regs; i++)
+            real.epoll_ctl(c->regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
     /* The host connection's private number goes with the fd; if a writer is in it, the writer
      * closes it on its way out (sf_wmu_unlock). Handoff frames still unread on it are consumed
      * first: closing over them would reset the connection the peer is about to read its EOF

@@ -939,3 +939,184 @@ def test_swap_wakes_a_reader_whose_overlay_fin_is_lost(
     m = re.search(r"counter packets (\d+)", listed)
     assert m and int(m[1]) >= 1, listed
     print(f"\nserver's overlay FIN dropped {m[1]} times; reply read whole from the host path")
+
+
+# nftables: a segment whose payload begins with a handoff SYNC frame (docs/wire.md section 3:
+# magic "SFH1", then type 2 little-endian).
+SYNC_FRAME = "@ih,0,48 0x534648310200"
+
+LOST_SYNC_SERVER = """
+import json, socket, sys, time
+ls = socket.create_server((sys.argv[1], 7962))
+print("listening", flush=True)
+conn, _ = ls.accept()
+got, err = conn.recv(1), ""
+time.sleep(2.0)  # the client commits and writes on; the test resets the host connection
+try:
+    while chunk := conn.recv(1 << 16):
+        got += chunk
+except OSError as exc:
+    err = type(exc).__name__
+print(json.dumps({"bytes": len(got), "error": err}), flush=True)
+"""
+
+LOST_SYNC_CLIENT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 7962))
+s.sendall(b"x")  # threshold 1: this call starts the switch
+time.sleep(0.5)  # committed: its SYNC went out on the host connection, its overlay FIN too
+try:
+    s.sendall(b"y" * 65536)  # after S: on the host connection
+    print("sent", flush=True)
+    time.sleep(3.0)
+except OSError as exc:
+    print("error", type(exc).__name__, flush=True)
+s.close()
+"""
+
+
+def test_reset_before_the_followers_sync_is_no_silent_eof(
+    make_testbed: MakeTestbed, tmp_path: Path
+) -> None:
+    """The leader commits: its SYNC goes out on the host connection and its FIN on the overlay,
+    and then it writes 64 KiB more on the host connection. The SYNC never reaches the follower
+    (nftables drops it in the follower's host), and the follower's host connection is reset.
+    The follower reads the overlay to its end: that FIN only marked the switch point, 64 KiB
+    of the stream are lost, and the application must read a reset, not a clean EOF after one
+    byte (which is what it read before: a silently shortened stream)."""
+    tb = make_testbed("fia", hosts=2, containers=1, routers=True)
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    rules = f"""table inet sf_fia {{
+    chain input {{
+        type filter hook input priority 0;
+        tcp dport 4790 {SYNC_FRAME} counter drop
+    }}
+}}
+"""
+    done = tb.run(tb.host(2), ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    client_log, server_log = tmp_path / "client-lib.log", tmp_path / "server-lib.log"
+    server = start_script_server(
+        tb, server_c, LOST_SYNC_SERVER, mode_env(tb, server_c, "shuntflow", 1, log=server_log)
+    )
+    client = tb.popen(
+        client_c,
+        [sys.executable, "-c", LOST_SYNC_CLIENT, server_c.overlay_ip],
+        env=mode_env(tb, client_c, "shuntflow", 1, log=client_log),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        line = client.stdout.readline()
+        assert line == "sent\n", (line, client.stderr.read() if client.stderr else "")
+        killed = reset_host_connections(tb, 2, server.pid, held=True)
+        assert len(killed) == 1, killed
+        out, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err[-2000:]
+        client.communicate(timeout=30)
+    finally:
+        for p in (server, client):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    seen = json.loads(out)
+    listed = tb.run(
+        tb.host(2), ["nft", "list", "table", "inet", "sf_fia"], capture_output=True, text=True
+    ).stdout
+    m = re.search(r"counter packets (\d+)", listed)
+    assert m and int(m[1]) >= 1, listed  # the SYNC was dropped
+    client_lines = [x.text for x in lib_lines(client_log)]
+    assert any("host connection failed in phase 4" in t for t in client_lines), client_lines
+    # One byte came before the switch point; then a reset, never a clean end.
+    assert seen == {"bytes": 1, "error": "ConnectionResetError"}, seen
+    print(f"\nfollower read {seen['bytes']} byte, then {seen['error']}; SYNC dropped {m[1]} times")
+
+
+LOST_SYNC_BACK_SERVER = """
+import socket, sys, time
+ls = socket.create_server((sys.argv[1], 7963))
+print("listening", flush=True)
+conn, _ = ls.accept()
+assert conn.recv(1) == b"x"  # threshold 1: this call starts the switch
+time.sleep(0.5)  # committed on the client's SYNC: its own SYNC went out, its overlay FIN too
+conn.sendall(b"y" * 65536)  # after S: on the host connection
+print("sent", flush=True)
+time.sleep(3.0)
+conn.close()
+"""
+
+LOST_SYNC_BACK_CLIENT = """
+import json, socket, sys, time
+s = socket.create_connection((sys.argv[1], 7963))
+s.sendall(b"x")
+time.sleep(2.0)  # the test resets the host connection meanwhile
+got, err = b"", ""
+try:
+    while chunk := s.recv(1 << 16):
+        got += chunk
+except OSError as exc:
+    err = type(exc).__name__
+print(json.dumps({"bytes": len(got), "error": err}), flush=True)
+"""
+
+
+def test_reset_before_the_leaders_sync_is_no_silent_eof(
+    make_testbed: MakeTestbed, tmp_path: Path
+) -> None:
+    """The mirror case: the follower commits on the leader's SYNC (its own SYNC and overlay FIN
+    go out) and writes 64 KiB on the host connection; its SYNC never reaches the leader
+    (dropped in the leader's host), whose host connection is then reset. The leader must read a
+    reset where the follower's stream was cut, not a clean EOF."""
+    tb = make_testbed("fib", hosts=2, containers=1, routers=True)
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    rules = f"""table inet sf_fib {{
+    chain input {{
+        type filter hook input priority 0;
+        tcp sport 4790 {SYNC_FRAME} counter drop
+    }}
+}}
+"""
+    done = tb.run(tb.host(1), ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    client_log, server_log = tmp_path / "client-lib.log", tmp_path / "server-lib.log"
+    server = start_script_server(
+        tb,
+        server_c,
+        LOST_SYNC_BACK_SERVER,
+        mode_env(tb, server_c, "shuntflow", 1, log=server_log),
+    )
+    client = tb.popen(
+        client_c,
+        [sys.executable, "-c", LOST_SYNC_BACK_CLIENT, server_c.overlay_ip],
+        env=mode_env(tb, client_c, "shuntflow", 1, log=client_log),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line == "sent\n", (line, server.stderr.read() if server.stderr else "")
+        killed = reset_host_connections(tb, 1, client.pid, held=True)
+        assert len(killed) == 1, killed
+        out, err = client.communicate(timeout=30)
+        assert client.returncode == 0, err[-2000:]
+        server.communicate(timeout=30)
+    finally:
+        for p in (server, client):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    seen = json.loads(out)
+    listed = tb.run(
+        tb.host(1), ["nft", "list", "table", "inet", "sf_fib"], capture_output=True, text=True
+    ).stdout
+    m = re.search(r"counter packets (\d+)", listed)
+    assert m and int(m[1]) >= 1, listed  # the follower's SYNC was dropped
+    server_lines = [x.text for x in lib_lines(server_log)]
+    assert any("switched to the host path" in t for t in server_lines), server_lines
+    # Nothing came before the follower's switch point; then a reset, never a clean end.
+    assert seen == {"bytes": 0, "error": "ConnectionResetError"}, seen
+    print(f"\nleader read {seen['bytes']} bytes, then {seen['error']}; SYNC dropped {m[1]} times")

@@ -1,0 +1,195 @@
+/* fin.c -- the overlay FIN of a commit, sent only once the peer holds the SYNC.
+ *
+ * A commit ends this end's overlay stream with a FIN, which the peer reads as the switch point:
+ * it then looks on the host connection for this end's SYNC, which says where the overlay
+ * stream ended (S) and that the rest follows there. Were the FIN to arrive while the SYNC is
+ * lost (the host connection reset with the SYNC in flight), the peer would find no SYNC and
+ * could only take the FIN for the end of the stream, whose tail went down with the host
+ * connection: a silently shortened stream. So the FIN waits for the peer's kernel to
+ * acknowledge the SYNC. An acknowledged SYNC sits in the peer's socket and stays readable even
+ * after the connection is reset; a FIN with no SYNC to be found is then always the peer
+ * application's own. If the host connection dies before the acknowledgement, the overlay gets a
+ * reset instead of the FIN: this end's stream was cut, and the peer reads just that.
+ *
+ * The acknowledgement is usually in by the time the SYNC's send returns (the peer quick-ACKs
+ * handoff frames, and on one machine the whole path runs inside the send), so the FIN goes out
+ * at once as before. Otherwise the agent keeps private copies of both sockets and settles them
+ * on a 1 ms tick. */
+#include <errno.h>
+#include <linux/sockios.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include "sf_core.h"
+
+#define FIN_MAX 256
+#define FIN_WAIT_MS 30000
+
+/* The kernel's struct tcp_info reaches further than glibc's copy of it: tcpi_bytes_acked
+ * (Linux 4.1) is the 64-bit field at byte 120, tcpi_state the first byte. */
+#define TCPI_BYTES_ACKED_AT 120
+
+struct owed_fin {
+    int overlay, host;   /* private copies of the two sockets */
+    uint64_t acked_mark; /* the host connection's bytes_acked once the SYNC is acknowledged */
+    uint64_t since_us, until_ms;
+};
+
+static struct {
+    pthread_mutex_t mu;
+    struct owed_fin owed[FIN_MAX];
+    _Atomic unsigned n;
+} fins = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static int host_acked(int host, uint64_t *acked, uint8_t *state) {
+    unsigned char ti[256];
+    socklen_t len = sizeof ti;
+    if (real.getsockopt(host, IPPROTO_TCP, TCP_INFO, ti, &len) != 0 ||
+        len < TCPI_BYTES_ACKED_AT + sizeof *acked)
+        return -1;
+    memcpy(acked, ti + TCPI_BYTES_ACKED_AT, sizeof *acked);
+    *state = ti[0];
+    return 0;
+}
+
+/* Called right before a frame of `frame` bytes is sent on `host` (no other writer: the caller
+ * holds c->wmu). The bytes still unacknowledged (SIOCOUTQ) are read before those acknowledged,
+ * so an ACK in between makes the mark late, never early. 0: unknown (the FIN then goes out at
+ * once, as it did before this file). */
+uint64_t sf_fin_mark(int host, size_t frame) {
+    int outq;
+    uint64_t acked;
+    uint8_t state;
+    if (real.ioctl(host, SIOCOUTQ, &outq) != 0 || outq < 0 || host_acked(host, &acked, &state) != 0)
+        return 0;
+    return acked + (uint64_t)outq + frame;
+}
+
+static int sync_acked(int host, uint64_t mark) {
+    uint64_t acked;
+    uint8_t state;
+    return host_acked(host, &acked, &state) == 0 && acked >= mark;
+}
+
+/* connect(AF_UNSPEC) disconnects a TCP socket with a reset to the peer, and needs no close. */
+static void reset_socket(int fd) {
+    struct sockaddr unspec = {.sa_family = AF_UNSPEC};
+    real.connect(fd, &unspec, sizeof unspec);
+}
+
+static int owe(int overlay, int host, uint64_t mark) {
+    int ov = sf_private_fd(real.dup(overlay));
+    int h = sf_private_fd(real.dup(host));
+    int kept = -1;
+    pthread_mutex_lock(&fins.mu);
+    if (ov >= 0 && h >= 0 && fins.n < FIN_MAX) {
+        fins.owed[fins.n] = (struct owed_fin){ov, h, mark, sf_now_us(), sf_now_ms() + FIN_WAIT_MS};
+        atomic_fetch_add(&fins.n, 1);
+        kept = 0;
+    }
+    pthread_mutex_unlock(&fins.mu);
+    if (kept != 0) {
+        int fds[2] = {ov, h};
+        for (int i = 0; i < 2; i++)
+            if (fds[i] >= 0) {
+                real.close(fds[i]);
+                sf_private_forget(fds[i]);
+            }
+    }
+    return kept;
+}
+
+/* The commit's FIN. Caller holds c->mu; c->fd still names the overlay socket. */
+void sf_fin_after_sync(struct sf_conn *c) {
+    uint64_t mark = c->sync_acked_mark;
+    if (mark != 0 && !sync_acked(c->host_fd, mark)) {
+        if (owe(c->fd, c->host_fd, mark) == 0) {
+            c->fin_owed = 1;
+            SF_LOG("fd %d: overlay FIN waits for the peer to acknowledge the SYNC", c->fd);
+            sf_agent_wake();
+            return;
+        }
+        /* No fd or no room to keep it: the FIN goes now, as it did before this file. */
+    }
+    real.shutdown(c->fd, SHUT_WR);
+}
+
+unsigned sf_fins_owed(void) {
+    return atomic_load(&fins.n);
+}
+
+/* 1 once the FIN or the reset is out. */
+static int settle(struct owed_fin *f, uint64_t now) {
+    uint64_t acked;
+    uint8_t state;
+    int known = host_acked(f->host, &acked, &state) == 0;
+    if (known && acked >= f->acked_mark) {
+        real.shutdown(f->overlay, SHUT_WR);
+        SF_LOG("overlay fd %d: FIN after the SYNC's acknowledgement, %llu us late", f->overlay,
+               (unsigned long long)(sf_now_us() - f->since_us));
+        return 1;
+    }
+    if (known && state != TCP_CLOSE && now <= f->until_ms)
+        return 0;
+    SF_LOG("overlay fd %d: reset; the host connection %s before the peer had this end's SYNC",
+           f->overlay, known && state != TCP_CLOSE ? "stalled" : "died");
+    reset_socket(f->overlay);
+    return 1;
+}
+
+static void forget(unsigned i) {
+    struct owed_fin *f = &fins.owed[i];
+    int fds[2] = {f->overlay, f->host};
+    for (int k = 0; k < 2; k++) {
+        real.close(fds[k]);
+        sf_private_forget(fds[k]);
+    }
+    *f = fins.owed[atomic_load(&fins.n) - 1];
+    atomic_fetch_sub(&fins.n, 1);
+}
+
+/* The agent, every tick while some are owed. */
+void sf_fins_poll(uint64_t now) {
+    pthread_mutex_lock(&fins.mu);
+    for (unsigned i = 0; i < atomic_load(&fins.n);) {
+        if (settle(&fins.owed[i], now))
+            forget(i);
+        else
+            i++;
+    }
+    pthread_mutex_unlock(&fins.mu);
+}
+
+void sf_fins_private_moved(int from, int to) {
+    pthread_mutex_lock(&fins.mu);
+    for (unsigned i = 0; i < atomic_load(&fins.n); i++) {
+        if (fins.owed[i].overlay == from)
+            fins.owed[i].overlay = to;
+        if (fins.owed[i].host == from)
+            fins.owed[i].host = to;
+    }
+    pthread_mutex_unlock(&fins.mu);
+}
+
+/* The parent sends them; the child's copies only would keep the sockets open. */
+void sf_fins_after_fork_child(void) {
+    pthread_mutex_init(&fins.mu, NULL);
+    while (atomic_load(&fins.n) > 0)
+        forget(0);
+}
+
+/* At exit the kernel would close the copies, FIN and all: wait a little for the
+ * acknowledgements first, as for lingering host sockets (agent.c). */
+__attribute__((destructor)) static void fins_at_exit(void) {
+    uint64_t until = sf_now_ms() + 2000;
+    while (atomic_load(&fins.n) > 0 && pthread_mutex_trylock(&fins.mu) == 0) {
+        pthread_mutex_unlock(&fins.mu);
+        uint64_t now = sf_now_ms();
+        sf_fins_poll(now);
+        if (now >= until)
+            break;
+        real.poll(NULL, 0, 1);
+    }
+}
