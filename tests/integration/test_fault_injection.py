@@ -964,7 +964,7 @@ LOST_SYNC_CLIENT = """
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 7962))
 s.sendall(b"x")  # threshold 1: this call starts the switch
-time.sleep(0.5)  # committed: its SYNC went out on the host connection, its overlay FIN too
+time.sleep(0.5)  # committed: its SYNC went out on the host connection
 try:
     s.sendall(b"y" * 65536)  # after S: on the host connection
     print("sent", flush=True)
@@ -978,12 +978,13 @@ s.close()
 def test_reset_before_the_followers_sync_is_no_silent_eof(
     make_testbed: MakeTestbed, tmp_path: Path
 ) -> None:
-    """The leader commits: its SYNC goes out on the host connection and its FIN on the overlay,
-    and then it writes 64 KiB more on the host connection. The SYNC never reaches the follower
-    (nftables drops it in the follower's host), and the follower's host connection is reset.
-    The follower reads the overlay to its end: that FIN only marked the switch point, 64 KiB
-    of the stream are lost, and the application must read a reset, not a clean EOF after one
-    byte (which is what it read before: a silently shortened stream)."""
+    """The leader commits: its SYNC goes out on the host connection, and it writes 64 KiB more
+    there. The SYNC never reaches the follower (nftables drops it in the follower's host), and
+    the follower's host connection is reset. 64 KiB of the stream are lost, and the follower's
+    application must read a reset after its one byte. Before, the leader's overlay FIN went
+    out with the SYNC, and the follower, finding no SYNC, read that FIN as the end: a clean,
+    silently shortened stream. Now the FIN waits for the SYNC's acknowledgement, which never
+    comes, and the leader resets the overlay once its host connection is gone (fin.c)."""
     tb = make_testbed("fia", hosts=2, containers=1, routers=True)
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
     rules = f"""table inet sf_fia {{
@@ -1040,7 +1041,7 @@ ls = socket.create_server((sys.argv[1], 7963))
 print("listening", flush=True)
 conn, _ = ls.accept()
 assert conn.recv(1) == b"x"  # threshold 1: this call starts the switch
-time.sleep(0.5)  # committed on the client's SYNC: its own SYNC went out, its overlay FIN too
+time.sleep(0.5)  # committed on the client's SYNC: its own SYNC went out
 conn.sendall(b"y" * 65536)  # after S: on the host connection
 print("sent", flush=True)
 time.sleep(3.0)
@@ -1065,10 +1066,10 @@ print(json.dumps({"bytes": len(got), "error": err}), flush=True)
 def test_reset_before_the_leaders_sync_is_no_silent_eof(
     make_testbed: MakeTestbed, tmp_path: Path
 ) -> None:
-    """The mirror case: the follower commits on the leader's SYNC (its own SYNC and overlay FIN
-    go out) and writes 64 KiB on the host connection; its SYNC never reaches the leader
-    (dropped in the leader's host), whose host connection is then reset. The leader must read a
-    reset where the follower's stream was cut, not a clean EOF."""
+    """The mirror case: the follower commits on the leader's SYNC and writes 64 KiB on the host
+    connection; its SYNC never reaches the leader (dropped in the leader's host), whose host
+    connection is then reset. The leader must read a reset where the follower's stream was
+    cut, not the clean EOF the follower's early overlay FIN gave it before."""
     tb = make_testbed("fib", hosts=2, containers=1, routers=True)
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
     rules = f"""table inet sf_fib {{
