@@ -1121,3 +1121,72 @@ def test_reset_before_the_leaders_sync_is_no_silent_eof(
     # Nothing came before the follower's switch point; then a reset, never a clean end.
     assert seen == {"bytes": 0, "error": "ConnectionResetError"}, seen
     print(f"\nleader read {seen['bytes']} bytes, then {seen['error']}; SYNC dropped {m[1]} times")
+
+
+OWED_FIN_SERVER = """
+import socket, sys, time
+ls = socket.create_server((sys.argv[1], 7964))
+print("listening", flush=True)
+conn, _ = ls.accept()
+assert conn.recv(1) == b"x"
+time.sleep(1.0)  # the client has closed its fd by now
+conn.sendall(b"z" * 100)  # still on the overlay: this end never got the SYNC
+time.sleep(0.5)
+conn.close()
+"""
+
+OWED_FIN_CLIENT = """
+import json, select, socket, sys, time
+s = socket.create_connection((sys.argv[1], 7964))
+ep = select.epoll()
+ep.register(s.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+s.sendall(b"x")  # threshold 1: this call starts the switch
+time.sleep(0.5)  # committed; the SYNC is dropped, so the overlay FIN is owed
+s.close()  # still registered, as nginx closes its connections
+print(json.dumps({"events": ep.poll(2.5)}), flush=True)
+"""
+
+
+def test_close_while_the_fin_is_owed_leaves_no_epoll_registration(
+    make_testbed: MakeTestbed, tmp_path: Path
+) -> None:
+    """While a commit's overlay FIN waits for the SYNC's acknowledgement, the library holds a
+    copy of the overlay socket. An application that closes a registered fd relies on the close
+    to end the registration (nginx does), which it does only when no other fd names the socket:
+    the copy would keep it alive, and epoll would report the peer's later bytes for an fd the
+    application closed. The close takes the registrations away first."""
+    tb = make_testbed("fic", hosts=2, containers=1, routers=True)
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    rules = f"""table inet sf_fic {{
+    chain input {{
+        type filter hook input priority 0;
+        tcp dport 4790 {SYNC_FRAME} counter drop
+    }}
+}}
+"""
+    done = tb.run(tb.host(2), ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    client_log = tmp_path / "client-lib.log"
+    server = start_script_server(
+        tb, server_c, OWED_FIN_SERVER, mode_env(tb, server_c, "shuntflow", 1)
+    )
+    try:
+        client = tb.run(
+            client_c,
+            [sys.executable, "-c", OWED_FIN_CLIENT, server_c.overlay_ip],
+            env=mode_env(tb, client_c, "shuntflow", 1, log=client_log),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert client.returncode == 0, client.stderr[-2000:]
+        _, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err[-2000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    lines = [x.text for x in lib_lines(client_log)]
+    # The case was hit: the FIN was owed when the application closed.
+    assert any("overlay FIN waits" in t for t in lines), lines
+    assert json.loads(client.stdout) == {"events": []}
