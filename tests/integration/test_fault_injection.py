@@ -941,9 +941,87 @@ def test_swap_wakes_a_reader_whose_overlay_fin_is_lost(
     print(f"\nserver's overlay FIN dropped {m[1]} times; reply read whole from the host path")
 
 
+# ---- the commit's overlay FIN and a SYNC that never arrives ----------------------------------
+
 # nftables: a segment whose payload begins with a handoff SYNC frame (docs/wire.md section 3:
 # magic "SFH1", then type 2 little-endian).
 SYNC_FRAME = "@ih,0,48 0x534648310200"
+
+
+def drop_syncs(tb: Testbed, host: int, ports: str) -> None:
+    """In host `host`'s namespace, drop every SYNC frame arriving on the peer port (`ports`:
+    "dport", towards its router's port, or "sport", from the peer router's port)."""
+    rules = f"""table inet sf_drop_sync {{
+    chain input {{
+        type filter hook input priority 0;
+        tcp {ports} {PEER_PORT} {SYNC_FRAME} counter drop
+    }}
+}}
+"""
+    done = tb.run(tb.host(host), ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def syncs_dropped(tb: Testbed, host: int) -> int:
+    listed = tb.run(
+        tb.host(host),
+        ["nft", "list", "table", "inet", "sf_drop_sync"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    m = re.search(r"counter packets (\d+)", listed)
+    assert m, listed
+    return int(m[1])
+
+
+@dataclass
+class ScriptPair:
+    """A script server and client in shuntflow mode at threshold 1, each with a library log."""
+
+    tb: Testbed
+    tmp_path: Path
+    server_script: str
+    client_script: str
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.client_log = self.tmp_path / "client-lib.log"
+        self.server_log = self.tmp_path / "server-lib.log"
+
+    def start(self) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+        client_c, server_c = self.tb.hosts[0].containers[0], self.tb.hosts[1].containers[0]
+        env = mode_env(self.tb, server_c, "shuntflow", 1, log=self.server_log)
+        server = start_script_server(self.tb, server_c, self.server_script, env)
+        self.procs.append(server)
+        client = self.tb.popen(
+            client_c,
+            [sys.executable, "-c", self.client_script, server_c.overlay_ip],
+            env=mode_env(self.tb, client_c, "shuntflow", 1, log=self.client_log),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(client)
+        return server, client
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def wait_line(proc: subprocess.Popen[str], want: str) -> None:
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    assert line == want, (line, proc.stderr.read()[-2000:] if line == "" else "")
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    return out
+
 
 LOST_SYNC_SERVER = """
 import json, socket, sys, time
@@ -975,66 +1053,6 @@ s.close()
 """
 
 
-def test_reset_before_the_followers_sync_is_no_silent_eof(
-    make_testbed: MakeTestbed, tmp_path: Path
-) -> None:
-    """The leader commits: its SYNC goes out on the host connection, and it writes 64 KiB more
-    there. The SYNC never reaches the follower (nftables drops it in the follower's host), and
-    the follower's host connection is reset. 64 KiB of the stream are lost, and the follower's
-    application must read a reset after its one byte. Before, the leader's overlay FIN went
-    out with the SYNC, and the follower, finding no SYNC, read that FIN as the end: a clean,
-    silently shortened stream. Now the FIN waits for the SYNC's acknowledgement, which never
-    comes, and the leader resets the overlay once its host connection is gone (fin.c)."""
-    tb = make_testbed("fia", hosts=2, containers=1, routers=True)
-    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
-    rules = f"""table inet sf_fia {{
-    chain input {{
-        type filter hook input priority 0;
-        tcp dport 4790 {SYNC_FRAME} counter drop
-    }}
-}}
-"""
-    done = tb.run(tb.host(2), ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    client_log, server_log = tmp_path / "client-lib.log", tmp_path / "server-lib.log"
-    server = start_script_server(
-        tb, server_c, LOST_SYNC_SERVER, mode_env(tb, server_c, "shuntflow", 1, log=server_log)
-    )
-    client = tb.popen(
-        client_c,
-        [sys.executable, "-c", LOST_SYNC_CLIENT, server_c.overlay_ip],
-        env=mode_env(tb, client_c, "shuntflow", 1, log=client_log),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert client.stdout is not None
-        line = client.stdout.readline()
-        assert line == "sent\n", (line, client.stderr.read() if client.stderr else "")
-        killed = reset_host_connections(tb, 2, server.pid, held=True)
-        assert len(killed) == 1, killed
-        out, err = server.communicate(timeout=30)
-        assert server.returncode == 0, err[-2000:]
-        client.communicate(timeout=30)
-    finally:
-        for p in (server, client):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    seen = json.loads(out)
-    listed = tb.run(
-        tb.host(2), ["nft", "list", "table", "inet", "sf_fia"], capture_output=True, text=True
-    ).stdout
-    m = re.search(r"counter packets (\d+)", listed)
-    assert m and int(m[1]) >= 1, listed  # the SYNC was dropped
-    client_lines = [x.text for x in lib_lines(client_log)]
-    assert any("host connection failed in phase 4" in t for t in client_lines), client_lines
-    # One byte came before the switch point; then a reset, never a clean end.
-    assert seen == {"bytes": 1, "error": "ConnectionResetError"}, seen
-    print(f"\nfollower read {seen['bytes']} byte, then {seen['error']}; SYNC dropped {m[1]} times")
-
-
 LOST_SYNC_BACK_SERVER = """
 import socket, sys, time
 ls = socket.create_server((sys.argv[1], 7963))
@@ -1063,64 +1081,79 @@ print(json.dumps({"bytes": len(got), "error": err}), flush=True)
 """
 
 
-def test_reset_before_the_leaders_sync_is_no_silent_eof(
-    make_testbed: MakeTestbed, tmp_path: Path
-) -> None:
-    """The mirror case: the follower commits on the leader's SYNC and writes 64 KiB on the host
-    connection; its SYNC never reaches the leader (dropped in the leader's host), whose host
-    connection is then reset. The leader must read a reset where the follower's stream was
-    cut, not the clean EOF the follower's early overlay FIN gave it before."""
-    tb = make_testbed("fib", hosts=2, containers=1, routers=True)
-    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
-    rules = f"""table inet sf_fib {{
-    chain input {{
-        type filter hook input priority 0;
-        tcp sport 4790 {SYNC_FRAME} counter drop
-    }}
-}}
-"""
-    done = tb.run(tb.host(1), ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    client_log, server_log = tmp_path / "client-lib.log", tmp_path / "server-lib.log"
-    server = start_script_server(
-        tb,
-        server_c,
+@dataclass(frozen=True)
+class LostSync:
+    """Whose SYNC is lost, and who then reads the cut stream."""
+
+    prefix: str
+    drop_in: int  # host whose namespace drops the SYNC
+    ports: str  # its direction to the peer port (drop_syncs)
+    server_script: str
+    client_script: str
+    writer: str  # "client" or "server": commits, writes on, prints "sent"
+    writer_log_says: str  # the writer's library log shows it got that far
+    bytes_before: int  # what the reader gets before the reset
+
+
+LOST_SYNCS = {
+    "leaders-sync-lost": LostSync(
+        "fia",
+        2,
+        "dport",
+        LOST_SYNC_SERVER,
+        LOST_SYNC_CLIENT,
+        "client",
+        "host connection failed in phase 4",
+        1,
+    ),
+    "followers-sync-lost": LostSync(
+        "fib",
+        1,
+        "sport",
         LOST_SYNC_BACK_SERVER,
-        mode_env(tb, server_c, "shuntflow", 1, log=server_log),
-    )
-    client = tb.popen(
-        client_c,
-        [sys.executable, "-c", LOST_SYNC_BACK_CLIENT, server_c.overlay_ip],
-        env=mode_env(tb, client_c, "shuntflow", 1, log=client_log),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        LOST_SYNC_BACK_CLIENT,
+        "server",
+        "switched to the host path",
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LOST_SYNCS))
+def test_reset_before_the_peers_sync_is_no_silent_eof(
+    make_testbed: MakeTestbed, tmp_path: Path, case: str
+) -> None:
+    """One end commits: its SYNC goes out on the host connection, and it writes 64 KiB more
+    there. The SYNC never arrives (nftables drops it in the peer's host), and the reader's host
+    connection is reset. 64 KiB of the stream are lost, and the reader must get a reset after
+    the bytes that preceded the switch point. Before, the writer's overlay FIN went out with
+    its SYNC, and the reader, finding no SYNC, took that FIN for the end: a clean, silently
+    shortened stream. Now the FIN waits for the SYNC's acknowledgement, which never comes, and
+    the writer resets the overlay once its host connection is gone (fin.c). Both roles: the
+    leader's SYNC lost (the follower reads), and the follower's (the leader reads)."""
+    c = LOST_SYNCS[case]
+    tb = make_testbed(c.prefix, hosts=2, containers=1, routers=True)
+    drop_syncs(tb, c.drop_in, c.ports)
+    pair = ScriptPair(tb, tmp_path, c.server_script, c.client_script)
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert line == "sent\n", (line, server.stderr.read() if server.stderr else "")
-        killed = reset_host_connections(tb, 1, client.pid, held=True)
+        server, client = pair.start()
+        writer, reader = (client, server) if c.writer == "client" else (server, client)
+        reader_host = 2 if reader is server else 1
+        wait_line(writer, "sent\n")
+        killed = reset_host_connections(tb, reader_host, reader.pid, held=True)
         assert len(killed) == 1, killed
-        out, err = client.communicate(timeout=30)
-        assert client.returncode == 0, err[-2000:]
-        server.communicate(timeout=30)
+        seen = json.loads(finish(reader))
+        finish(writer)
     finally:
-        for p in (server, client):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    seen = json.loads(out)
-    listed = tb.run(
-        tb.host(1), ["nft", "list", "table", "inet", "sf_fib"], capture_output=True, text=True
-    ).stdout
-    m = re.search(r"counter packets (\d+)", listed)
-    assert m and int(m[1]) >= 1, listed  # the follower's SYNC was dropped
-    server_lines = [x.text for x in lib_lines(server_log)]
-    assert any("switched to the host path" in t for t in server_lines), server_lines
-    # Nothing came before the follower's switch point; then a reset, never a clean end.
-    assert seen == {"bytes": 0, "error": "ConnectionResetError"}, seen
-    print(f"\nleader read {seen['bytes']} bytes, then {seen['error']}; SYNC dropped {m[1]} times")
+        pair.stop()
+    dropped = syncs_dropped(tb, c.drop_in)
+    assert dropped >= 1
+    writer_log = pair.client_log if c.writer == "client" else pair.server_log
+    lines = [x.text for x in lib_lines(writer_log)]
+    assert any(c.writer_log_says in t for t in lines), lines
+    # The bytes before the switch point; then a reset, never a clean end.
+    assert seen == {"bytes": c.bytes_before, "error": "ConnectionResetError"}, seen
+    print(f"\n{case}: read {c.bytes_before} bytes, then a reset; SYNC dropped {dropped} times")
 
 
 OWED_FIN_SERVER = """
@@ -1156,37 +1189,15 @@ def test_close_while_the_fin_is_owed_leaves_no_epoll_registration(
     the copy would keep it alive, and epoll would report the peer's later bytes for an fd the
     application closed. The close takes the registrations away first."""
     tb = make_testbed("fic", hosts=2, containers=1, routers=True)
-    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
-    rules = f"""table inet sf_fic {{
-    chain input {{
-        type filter hook input priority 0;
-        tcp dport 4790 {SYNC_FRAME} counter drop
-    }}
-}}
-"""
-    done = tb.run(tb.host(2), ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    client_log = tmp_path / "client-lib.log"
-    server = start_script_server(
-        tb, server_c, OWED_FIN_SERVER, mode_env(tb, server_c, "shuntflow", 1)
-    )
+    drop_syncs(tb, 2, "dport")
+    pair = ScriptPair(tb, tmp_path, OWED_FIN_SERVER, OWED_FIN_CLIENT)
     try:
-        client = tb.run(
-            client_c,
-            [sys.executable, "-c", OWED_FIN_CLIENT, server_c.overlay_ip],
-            env=mode_env(tb, client_c, "shuntflow", 1, log=client_log),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert client.returncode == 0, client.stderr[-2000:]
-        _, err = server.communicate(timeout=30)
-        assert server.returncode == 0, err[-2000:]
+        server, client = pair.start()
+        seen = json.loads(finish(client))
+        finish(server)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    lines = [x.text for x in lib_lines(client_log)]
+        pair.stop()
+    lines = [x.text for x in lib_lines(pair.client_log)]
     # The case was hit: the FIN was owed when the application closed.
     assert any("overlay FIN waits" in t for t in lines), lines
-    assert json.loads(client.stdout) == {"events": []}
+    assert seen == {"events": []}
