@@ -755,9 +755,7 @@ static void on_chan_readable(void) {
 
 /* ---- the handoff frames on the host connection -------------------------------------------- */
 
-/* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
- * switch window closes) arise where the switch happens to be, often on an application thread,
- * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
+/* New work that no fd of the agent's epoll announces (fin.c's owed FINs). */
 void sf_agent_wake(void) {
     pthread_mutex_lock(&ag.mu);
     if (ag.evfd >= 0) {
@@ -767,6 +765,9 @@ void sf_agent_wake(void) {
     pthread_mutex_unlock(&ag.mu);
 }
 
+/* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
+ * switch window closes) arise where the switch happens to be, often on an application thread,
+ * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
 void sf_agent_report(const struct sf_msg *m) {
     pthread_mutex_lock(&ag.mu);
     if (ag.reports_len < AG_REPORT_QUEUE)
