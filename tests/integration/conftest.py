@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 
 import pytest
 
 from shuntflow.testbed import Testbed
+
+from .locks import prefix_lock
 
 MakeTestbed = Callable[..., Testbed]
 
@@ -51,6 +54,7 @@ def _fresh(
 class _Factory:
     def __init__(self) -> None:
         self.made: list[str] = []
+        self.locks = ExitStack()
 
     def __call__(
         self,
@@ -61,6 +65,7 @@ class _Factory:
         router_args: Sequence[str] = (),
     ) -> Testbed:
         _require_root()
+        self.locks.enter_context(prefix_lock(prefix))
         # Recorded before building: a failed `up` may still leave something to remove.
         self.made.append(prefix)
         return _fresh(prefix, hosts, containers, routers, router_args)
@@ -72,6 +77,7 @@ class _Factory:
                 Testbed.down_prefix(prefix)
             except Exception as e:  # keep tearing down the others
                 errors.append(e)
+        self.locks.close()
         if errors:
             raise errors[0]
 
@@ -109,12 +115,13 @@ def testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
     hosts = getattr(request.module, "TESTBED_HOSTS", 2)
     containers = getattr(request.module, "TESTBED_CONTAINERS", 2)
     routers = getattr(request.module, "TESTBED_ROUTERS", False)
-    try:
-        tb = _fresh(prefix, hosts, containers, routers)
-    except BaseException:
-        Testbed.down_prefix(prefix)
-        raise
-    try:
-        yield tb
-    finally:
-        tb.down()
+    with prefix_lock(prefix):
+        try:
+            tb = _fresh(prefix, hosts, containers, routers)
+        except BaseException:
+            Testbed.down_prefix(prefix)
+            raise
+        try:
+            yield tb
+        finally:
+            tb.down()

@@ -27,6 +27,8 @@ from shuntflow.native import DEFAULT_THRESHOLD
 from shuntflow.testbed import Testbed
 from shuntflow.testbed.nsutil import list_netns
 
+from .locks import prefix_lock
+
 MakeTestbed = Callable[..., Testbed]
 
 CLI = [sys.executable, "-m", "shuntflow.cli"]
@@ -330,34 +332,35 @@ def test_failing_mode_gives_error_rows_and_the_run_goes_on(
 @pytest.mark.timeout(120)
 def test_ctrl_c_keeps_what_was_measured_and_removes_its_own_testbed(tmp_path: Path) -> None:
     prefix = "bt3"
-    Testbed.down_prefix(prefix)
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            *CLI, "bench", "--prefix", prefix, "--workload", "web-short",
-            "--modes", "host,overlay", "--repetitions", "20", "--duration", "1",
-            "--out", str(out),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            path = out / "results.json"
-            if path.exists() and json.loads(path.read_text())["rows"]:
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
-        else:
-            pytest.fail("no row was measured within 60 s")
-        proc.send_signal(signal.SIGINT)
-        _stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with prefix_lock(prefix):
         Testbed.down_prefix(prefix)
+        out = tmp_path / "out"
+        proc = subprocess.Popen(
+            [
+                *CLI, "bench", "--prefix", prefix, "--workload", "web-short",
+                "--modes", "host,overlay", "--repetitions", "20", "--duration", "1",
+                "--out", str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                path = out / "results.json"
+                if path.exists() and json.loads(path.read_text())["rows"]:
+                    break
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.2)
+            else:
+                pytest.fail("no row was measured within 60 s")
+            proc.send_signal(signal.SIGINT)
+            _stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            Testbed.down_prefix(prefix)
     assert proc.returncode == 130, stderr
     doc = json.loads((out / "results.json").read_text())
     assert doc["meta"]["interrupted"] is True and doc["rows"]

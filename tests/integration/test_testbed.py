@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from pyroute2 import IPRoute
 from shuntflow.testbed import Testbed, TestbedError
 from shuntflow.testbed.build import Builder
 from shuntflow.testbed.nsutil import pid_alive
+
+from .locks import prefix_lock
 
 MakeTestbed = Callable[..., Testbed]
 
@@ -143,15 +146,17 @@ def leftovers(prefix: str) -> list[str]:
 def owned() -> Iterator[Callable[[str], str]]:
     """Marks a prefix this test builds by hand; it is removed after the test, pass or fail."""
     prefixes: list[str] = []
+    with ExitStack() as locks:
 
-    def own(prefix: str) -> str:
-        Testbed.down_prefix(prefix)  # a leftover of a killed run
-        prefixes.append(prefix)
-        return prefix
+        def own(prefix: str) -> str:
+            locks.enter_context(prefix_lock(prefix))
+            Testbed.down_prefix(prefix)  # a leftover of a killed run
+            prefixes.append(prefix)
+            return prefix
 
-    yield own
-    for prefix in prefixes:
-        Testbed.down_prefix(prefix)
+        yield own
+        for prefix in prefixes:
+            Testbed.down_prefix(prefix)
 
 
 def ping(tb: Testbed, ns: str, dst: str, *extra: str) -> subprocess.CompletedProcess[str]:
