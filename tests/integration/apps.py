@@ -1,14 +1,23 @@
 """Running real servers and clients in testbed containers, and proving which path they took.
 
-The path is proved three ways, none of which trusts the library's own word:
-- the VXLAN devices' byte counters (a switched connection's bytes do not cross them);
-- the routers' switch counters (`switches_served` from their control sockets);
+The path is proved from the kernel, never from the project's own word (its counters or logs):
+- nftables counters in each host namespace's output hook count what the host sent on each path:
+  VXLAN-encapsulated packets (UDP 4789) for the overlay, TCP on the routers' peer port for the
+  host path (`PathBytes`). A switched connection's bytes after its switch point cross only the
+  host path; a connection left on the overlay never touches it.
 - sockets in the host namespaces: a switched connection is an established TCP connection between
-  two underlay addresses on the routers' peer port, visible with `ss` there.
+  two underlay addresses on the routers' peer port, held by the application (`ss`).
+- SO_NETNS_COOKIE of the application's own socket, read by the content clients: a switched fd
+  is a socket of the host namespace (`SWITCH_WAIT`).
+
+Real-application tests check the path on the same phase whose content they check: a client of
+ours waits, on its own socket's namespace cookie, until its connection has switched, then the
+test snapshots the counters, and the client writes and reads back the checked data.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,15 +27,40 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shuntflow.native import app_environment
-from shuntflow.router.control import query
 from shuntflow.testbed import Container, Testbed
 from shuntflow.wire import Mode
 
 PEER_PORT = 4790
 MODES = ("overlay", "slim", "shuntflow")
 TEST_THRESHOLD = 16
+
+
+# The head of every content client: `wait_switched(sock, ping)` calls `ping()` (one request and
+# its reply) until `sock` is a socket of another network namespace than this process's, i.e. the
+# library has put the host connection on its fd number (at once in slim mode; never waited for in
+# overlay mode), then says "ready" and waits for the test's "go".
+SWITCH_WAIT = r"""
+import json, os, socket, sys, time
+SO_NETNS_COOKIE = 71
+def netns_cookie(s):
+    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+def wait_switched(s, ping):
+    if sys.argv[2] != "overlay":
+        with socket.socket() as probe:
+            own = netns_cookie(probe)
+        deadline = time.monotonic() + 60
+        while netns_cookie(s) == own:
+            if time.monotonic() > deadline:
+                sys.exit("the connection did not switch within 60 s")
+            ping()
+            time.sleep(0.001)
+    print("ready", flush=True)
+    if sys.stdin.readline() != "go\n":
+        sys.exit("no go from the test")
+"""
 
 
 def mode_env(
@@ -83,12 +117,6 @@ def run_script_client(
     )
 
 
-@dataclass
-class Counters:
-    vxlan: int
-    switches: int
-
-
 class Apps:
     """The two ends of every test: server in <prefix>-h2-c1, client in <prefix>-h1-c1."""
 
@@ -97,12 +125,10 @@ class Apps:
         self.client_c = tb.hosts[0].containers[0]
         self.server_c = tb.hosts[1].containers[0]
         self.server_ip = self.server_c.overlay_ip
+        install_path_counters(tb)
 
-    def counters(self) -> Counters:
-        vxlan = sum(sum(self.tb.vxlan_counters(h.index)) for h in self.tb.hosts)
-        sock = self.tb.hosts[0].router_socket
-        status = query(sock.with_name(sock.name + ".ctl"), timeout=5.0)
-        return Counters(vxlan, int(status["router"]["switches_served"]))
+    def path(self) -> PathBytes:
+        return read_path(self.tb)
 
     def wait_listening(self, port: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -168,6 +194,41 @@ class Apps:
             text=True,
         )
 
+    def checked_phase(
+        self, script: str, mode: str, *args: str, timeout: float = 120.0
+    ) -> tuple[dict[str, Any], PathBytes]:
+        """Runs a content client (`SWITCH_WAIT` + `script`, argv: server IP, mode, *args): once
+        it reports its connection switched (at once on the overlay), the counters are read, the
+        client writes and reads back its data, and its JSON result is returned with what the
+        paths carried meanwhile. The result holds `payload`: the bytes the client wrote and read
+        in the checked part."""
+        proc = self.tb.popen(
+            self.client_c,
+            [sys.executable, "-c", SWITCH_WAIT + script, self.server_ip, mode, *args],
+            env=mode_env(self.tb, self.client_c, mode),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            ready = proc.stdout.readline()
+            if ready != "ready\n":
+                proc.kill()
+                _, err = proc.communicate()
+                raise AssertionError(f"content client: {ready!r} {err[-2000:]}")
+            before = self.path()
+            out, err = proc.communicate("go\n", timeout=timeout)
+            after = self.path()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err[-2000:]
+        result: dict[str, Any] = json.loads(out)
+        return result, after - before
+
     def host_connections(self) -> list[str]:
         """Established TCP connections between the hosts on the routers' peer port that an
         application holds. The router's own warm, idle connections of its pool do not count, nor
@@ -194,15 +255,111 @@ class Apps:
         return [line for line in out.splitlines() if application_holds(line)]
 
 
+# Bytes around a TCP segment's payload in a packet as the output hook counts it (the IP packet).
+# TCP timestamps are on, so a segment's TCP header is 32 bytes; SACK blocks (up to 40 bytes of
+# options) appear only after a loss, which the testbed's veths do not have.
+TCP_IP_HEADER = 20 + 32
+# The overlay's packets are counted encapsulated: outer IP, UDP and VXLAN headers and the inner
+# Ethernet frame around the inner IP packet.
+VXLAN_HEADER = 20 + 8 + 8 + 14
+# After its switch point a connection's overlay carries at most its FIN, the peer's FIN and their
+# ACKs, possibly each retransmitted once: 8 payload-free packets.
+RETIRED_OVERLAY_PACKETS = 8
+
+PATH_TABLE = f"""table inet sf_path {{
+    counter overlay {{ }}
+    counter host {{ }}
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        udp dport 4789 counter name "overlay"
+        tcp sport {PEER_PORT} counter name "host"
+        tcp dport {PEER_PORT} counter name "host"
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class PathBytes:
+    """What the kernels of all hosts sent on each path: bytes (IP packets) and packets."""
+
+    overlay_bytes: int = 0
+    overlay_packets: int = 0
+    host_bytes: int = 0
+    host_packets: int = 0
+
+    def __sub__(self, other: PathBytes) -> PathBytes:
+        return PathBytes(
+            self.overlay_bytes - other.overlay_bytes,
+            self.overlay_packets - other.overlay_packets,
+            self.host_bytes - other.host_bytes,
+            self.host_packets - other.host_packets,
+        )
+
+    @property
+    def overlay_payload(self) -> int:
+        """TCP payload the overlay carried (headers taken off each packet)."""
+        return self.overlay_bytes - (VXLAN_HEADER + TCP_IP_HEADER) * self.overlay_packets
+
+    @property
+    def host_payload(self) -> int:
+        """TCP payload the host path carried."""
+        return self.host_bytes - TCP_IP_HEADER * self.host_packets
+
+
+def install_path_counters(tb: Testbed) -> None:
+    """Adds (or resets) the `sf_path` nftables counters in every host namespace."""
+    for h in tb.hosts:
+        tb.run(h.netns, ["nft", "delete", "table", "inet", "sf_path"], capture_output=True)
+        done = tb.run(h.netns, ["nft", "-f", "-"], input=PATH_TABLE, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def read_path(tb: Testbed) -> PathBytes:
+    total = PathBytes()
+    for h in tb.hosts:
+        out = tb.run(
+            h.netns,
+            ["nft", "-j", "list", "counters", "table", "inet", "sf_path"],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, f"no path counters in {h.netns}: {out.stderr}"
+        counters = {
+            c["counter"]["name"]: c["counter"]
+            for c in json.loads(out.stdout)["nftables"]
+            if "counter" in c
+        }
+        total = PathBytes(
+            total.overlay_bytes + counters["overlay"]["bytes"],
+            total.overlay_packets + counters["overlay"]["packets"],
+            total.host_bytes + counters["host"]["bytes"],
+            total.host_packets + counters["host"]["packets"],
+        )
+    return total
+
+
 def assert_path(
-    mode: str, before: Counters, after: Counters, payload: int, min_switches: int = 1
+    mode: str, before: PathBytes, after: PathBytes, payload: int, conns: int, setup: bool = False
 ) -> None:
-    """overlay: every byte crossed VXLAN, nothing switched. slim/shuntflow: the bulk did not."""
-    crossed = after.vxlan - before.vxlan
-    switches = after.switches - before.switches
+    """The path of a phase that moved `payload` bytes (both directions) on `conns` connections.
+
+    overlay: every byte crossed VXLAN, and the host path carried none.
+    slim / shuntflow, for a phase that began after every connection's switch point: every byte
+    crossed the host path, and the overlay carried only the retired sockets' FINs and ACKs
+    (`setup`: and the connections' overlay handshakes, 3 packets each, for slim mode's
+    switch at setup)."""
+    d = after - before
     if mode == "overlay":
-        assert switches == 0, f"overlay mode switched {switches} connections"
-        assert crossed >= payload, f"only {crossed} VXLAN bytes for {payload} payload bytes"
+        assert d.overlay_payload >= payload, f"overlay mode: VXLAN carried {d}, payload {payload}"
+        assert d.host_payload <= 0, f"overlay mode: the host path carried {d}"
     else:
-        assert switches >= min_switches, f"{mode}: {switches} switches, expected >= {min_switches}"
-        assert crossed < payload // 4, f"{mode}: {crossed} VXLAN bytes for {payload} payload bytes"
+        assert d.host_payload >= payload, f"{mode}: host path carried {d}, payload {payload}"
+        most = conns * (RETIRED_OVERLAY_PACKETS + (3 if setup else 0))
+        # A SYN and its SYN-ACK carry 8 bytes of options more than the timestamps (MSS, window
+        # scale, SACK permitted), which the payload estimate takes for payload.
+        options = conns * 16 if setup else 0
+        assert d.overlay_packets <= most and d.overlay_payload <= options, (
+            f"{mode}: after the switch VXLAN carried {d} for {conns} connections (at most "
+            f"{most} payload-free packets)"
+        )

@@ -1,7 +1,9 @@
 """Real servers and clients from Debian packages across the VXLAN testbed, in each library mode.
 
-Every test checks the application's own result (values read back, checksums, error counts) and
-the path its connections took (tests/integration/apps.py says how the path is proved).
+Every test checks the application's own result (exit status, error counts, exact byte counts)
+under load from the application's own client, then writes and reads back checked data on a
+connection of ours and proves from the kernel which path that data took (tests/integration/apps.py
+says how).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import MODES, Apps, assert_path
+from .apps import MODES, Apps, PathBytes, assert_path
 
 pytestmark = pytest.mark.root
 
@@ -59,8 +60,8 @@ def test_redis(apps: Apps, mode: str, tmp_path: Path) -> None:
         "yes",
     ]
     with apps.server(server, mode, 6379):
-        before = apps.counters()
         # Load on long connections, with a BGSAVE fork while they are live.
+        before = apps.path()
         bench = apps.client_popen(
             [
                 "redis-benchmark",
@@ -86,37 +87,80 @@ def test_redis(apps: Apps, mode: str, tmp_path: Path) -> None:
         assert bench.returncode == 0, out
         rates = dict(re.findall(r'"(SET|GET)","([0-9.]+)"', out))
         assert set(rates) == {"SET", "GET"} and all(float(v) > 0 for v in rates.values()), out
-        after = apps.counters()
-        assert_path(mode, before, after, payload=20000 * 1024, min_switches=2)
+        # 20,000 values of 1,024 B written, and read back: each crossed one path or the other.
+        assert_conserved(apps.path() - before, 2 * 20000 * 1024)
 
-        # Values written and read back on one long redis-cli connection, checked byte for byte.
-        values = {f"key:{i}": secrets.token_hex(secrets.randbelow(600) + 1) for i in range(300)}
-        script = "".join(f"SET {k} {v}\n" for k, v in values.items())
-        script += "".join(f"GET {k}\n" for k in values)
-        result = apps.client(["redis-cli", "-h", apps.server_ip], mode, stdin=script)
-        lines = result.stdout.split("\n")
-        assert lines[:300] == ["OK"] * 300, result.stdout[:300] + result.stderr
-        assert lines[300:600] == list(values.values())
+        result, path = apps.checked_phase(REDIS_CHECK, mode)
+        assert result["checked"] == 300 and result["bad"] == 0, result
+        assert_path(mode, PathBytes(), path, result["payload"], conns=1)
+
+
+def assert_conserved(path: PathBytes, payload: int) -> None:
+    """A load phase's bytes each crossed one path or the other. Which share took which path is
+    not asserted: in shuntflow mode that depends on how soon the switches complete."""
+    assert path.overlay_payload + path.host_payload >= payload, f"{path} for {payload} bytes"
+
+
+REDIS_CHECK = r"""
+s = socket.create_connection((sys.argv[1], 6379))
+f = s.makefile("rwb")
+payload = 0
+def call(*args):
+    global payload
+    req = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+    f.write(req)
+    f.flush()
+    line = f.readline()
+    payload += len(req) + len(line)
+    if not line.startswith(b"$"):
+        return line
+    data = f.read(int(line[1:]) + 2)
+    payload += len(data)
+    return data[:-2]
+wait_switched(s, lambda: call(b"PING"))
+payload = 0
+sizes = [int.from_bytes(os.urandom(2), "big") % 4000 + 1 for _ in range(300)]
+values = {b"key:%d" % i: os.urandom(n) for i, n in enumerate(sizes)}
+ok = sum(call(b"SET", k, v) == b"+OK\r\n" for k, v in values.items())
+bad = sum(call(b"GET", k) != v for k, v in values.items()) + len(values) - ok
+print(json.dumps({"checked": len(values), "bad": bad, "payload": payload}))
+"""
 
 
 # ---- memcached ---------------------------------------------------------------------------
 
 MEMCACHED_CHECK = r"""
-import hashlib, os, socket, sys
 s = socket.create_connection((sys.argv[1], 11211))
 f = s.makefile("rwb")
+payload = 0
+def send(data):
+    global payload
+    f.write(data)
+    f.flush()
+    payload += len(data)
+def readline():
+    global payload
+    line = f.readline()
+    payload += len(line)
+    return line
+def ping():
+    send(b"version\r\n")
+    assert readline().startswith(b"VERSION ")
+wait_switched(s, ping)
+payload = 0
 values = {f"k{i}": os.urandom(int.from_bytes(os.urandom(2), "big") % 4000 + 1) for i in range(1000)}
-for k, v in values.items():
-    f.write(b"set %s 0 0 %d\r\n%s\r\n" % (k.encode(), len(v), v)); f.flush()
-    assert f.readline() == b"STORED\r\n"
 bad = 0
 for k, v in values.items():
-    f.write(b"get %s\r\n" % k.encode()); f.flush()
-    header = f.readline().split()
-    data = f.read(int(header[3]) + 2)[:-2]
-    assert f.readline() == b"END\r\n"
-    bad += data != v
-print("checked", len(values), "bad", bad)
+    send(b"set %s 0 0 %d\r\n%s\r\n" % (k.encode(), len(v), v))
+    bad += readline() != b"STORED\r\n"
+for k, v in values.items():
+    send(b"get %s\r\n" % k.encode())
+    header = readline().split()
+    data = f.read(int(header[3]) + 2)
+    payload += len(data)
+    bad += data[:-2] != v
+    bad += readline() != b"END\r\n"
+print(json.dumps({"checked": len(values), "bad": bad, "payload": payload}))
 """
 
 
@@ -139,7 +183,6 @@ def test_memcached(apps: Apps, mode: str) -> None:
         "0",
     ]
     with apps.server(server, mode, 11211):
-        before = apps.counters()
         slap = apps.client(
             [
                 "memcslap",
@@ -152,30 +195,31 @@ def test_memcached(apps: Apps, mode: str) -> None:
         )
         assert slap.returncode == 0, slap.stdout + slap.stderr
         assert re.search(r"Time to set\s+16000 keys by\s+4 threads", slap.stdout), slap.stdout
-        after_slap = apps.counters()
-        if mode != "overlay":
-            assert after_slap.switches - before.switches >= 4, "memcslap's connections stayed"
-        check = apps.client(["python3", "-c", MEMCACHED_CHECK, apps.server_ip], mode)
-        assert check.stdout.strip() == "checked 1000 bad 0", check.stdout + check.stderr
-        # 1000 values of 1..4000 B, each written and read back: about 4 MB on one connection, so
-        # the part before and during the switch (100-200 KB when the machine is busy) stays small.
-        assert_path(mode, after_slap, apps.counters(), payload=2_000_000, min_switches=1)
+        result, path = apps.checked_phase(MEMCACHED_CHECK, mode)
+        assert result["checked"] == 1000 and result["bad"] == 0, result
+        assert_path(mode, PathBytes(), path, result["payload"], conns=1)
 
 
 # ---- nginx -------------------------------------------------------------------------------
 
 HTTP_CHECK = r"""
-import hashlib, http.client, json, sys
+import hashlib, http.client
 conn = http.client.HTTPConnection(sys.argv[1], 8080)
-sums = {}
+def get(name):
+    conn.request("GET", "/" + name)
+    r = conn.getresponse()
+    body = r.read()
+    assert r.status == 200, r.status
+    return body
+get("f1k")
+wait_switched(conn.sock, lambda: get("f1k"))
+sums, payload = {}, 0
 for _ in range(5):
-    for name in json.loads(sys.argv[2]):
-        conn.request("GET", "/" + name)
-        r = conn.getresponse()
-        body = r.read()
-        assert r.status == 200, r.status
+    for name in json.loads(sys.argv[3]):
+        body = get(name)
+        payload += len(body)  # headers not counted: the host path must carry at least the bodies
         sums.setdefault(name, set()).add(hashlib.sha256(body).hexdigest())
-print(json.dumps({k: sorted(v) for k, v in sums.items()}))
+print(json.dumps({"sums": {k: sorted(v) for k, v in sums.items()}, "payload": payload}))
 """
 
 
@@ -223,36 +267,29 @@ def test_nginx(apps: Apps, mode: str, docroot: tuple[Path, dict[str, str]]) -> N
     conf = nginx_conf(root, apps.server_ip)
     with apps.server(["nginx", "-p", str(root), "-c", str(conf)], mode, 8080):
         url = f"http://{apps.server_ip}:8080"
-        # Short connections (ab without -k): under the threshold, they never leave the overlay.
-        before = apps.counters()
+        # Short connections (ab without -k): in shuntflow mode, under the threshold, they never
+        # leave the overlay; in slim mode each is switched at setup.
+        before = apps.path()
         ab = apps.client(["ab", "-n", "300", "-c", "4", f"{url}/f1k"], mode)
         assert "Complete requests:      300" in ab.stdout, ab.stdout + ab.stderr
         assert "Failed requests:        0" in ab.stdout, ab.stdout
-        short = apps.counters()
-        if mode == "shuntflow":
-            assert short.switches == before.switches, "short connections were switched"
+        short = apps.path() - before
+        if mode == "slim":
+            assert short.host_payload >= 300 * 1000, f"slim: short connections: {short}"
+        else:
+            assert short.host_payload <= 0, f"{mode}: short connections switched: {short}"
         # Keep-alive load: sendfile + TCP_CORK on the server side of a switch.
+        before = apps.path()
         wrk = apps.client(["wrk", "-t2", "-c8", "-d2s", f"{url}/f100k"], mode)
         assert "Requests/sec" in wrk.stdout, wrk.stdout + wrk.stderr
         assert "Non-2xx" not in wrk.stdout, wrk.stdout
-        errors = re.search(
-            r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", wrk.stdout
-        )
-        # wrk takes EAGAIN after a readable event for a read error, and that is what a stale
-        # overlay event after a swap gave it (fixed: 0 in 80 runs here). A clean-clone CI run
-        # still met one read error once after the fix, cause not found; one is tolerated in
-        # shuntflow mode, more or in another mode fails.
-        allowed = 1 if mode == "shuntflow" else 0
-        assert errors is None or sum(map(int, errors.groups())) <= allowed, wrk.stdout
+        assert "Socket errors" not in wrk.stdout, wrk.stdout
         requests = int(re.search(r"(\d+) requests in", wrk.stdout).group(1))  # type: ignore[union-attr]
-        after = apps.counters()
-        assert_path(mode, short, after, payload=requests * 100_000, min_switches=8)
-        # Every byte of every file, over one keep-alive connection that switches midway.
-        check = apps.client(
-            ["python3", "-c", HTTP_CHECK, apps.server_ip, json.dumps(list(sums))], mode
-        )
-        got = json.loads(check.stdout)
-        assert got == {k: [v] for k, v in sums.items()}, check.stderr
+        assert_conserved(apps.path() - before, requests * 100_000)
+        # Every byte of every file, over one keep-alive connection, after its switch.
+        result, path = apps.checked_phase(HTTP_CHECK, mode, json.dumps(list(sums)))
+        assert result["sums"] == {k: [v] for k, v in sums.items()}, result
+        assert_path(mode, PathBytes(), path, result["payload"], conns=1)
 
 
 # ---- sockperf and iperf3 -----------------------------------------------------------------
@@ -265,7 +302,7 @@ def test_sockperf_ping_pong(apps: Apps, mode: str) -> None:
     with apps.server(
         ["sockperf", "server", "--tcp", "-i", apps.server_ip, "-p", str(port)], mode, port
     ):
-        before = apps.counters()
+        before = apps.path()
         client = apps.client_popen(
             [
                 "sockperf",
@@ -289,28 +326,45 @@ def test_sockperf_ping_pong(apps: Apps, mode: str) -> None:
             during += apps.host_connections()
             time.sleep(0.2)
         out, _ = client.communicate(timeout=30)
-        after = apps.counters()
+        path = apps.path() - before
     assert client.returncode == 0 and "avg-latency" in out, out
     assert "ERROR" not in out
     if mode == "overlay":
-        assert during == [] and after.switches == before.switches
+        assert during == [] and path.host_payload <= 0, (during, path)
     else:
-        # The live connection is a socket of the host namespaces, between the underlay IPs.
+        # The live connection is a socket of the host namespaces, between the underlay IPs, and
+        # the host path carried its 64 B messages.
         assert any(apps.tb.hosts[1].underlay_ip in line for line in during), during
-        assert after.switches - before.switches >= 1
+        assert path.host_payload >= 64 * 1000, path
+
+
+IPERF_BYTES = 100 << 20
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_iperf3(apps: Apps, mode: str) -> None:
     port = 5201 + MODES.index(mode)  # a port per mode, as for sockperf
     with apps.server(["iperf3", "-s", "-B", apps.server_ip, "-p", str(port), "-1"], mode, port):
-        before = apps.counters()
-        run = apps.client(["iperf3", "-c", apps.server_ip, "-p", str(port), "-t", "2", "-J"], mode)
-        after = apps.counters()
+        before = apps.path()
+        run = apps.client(
+            ["iperf3", "-c", apps.server_ip, "-p", str(port), "-n", str(IPERF_BYTES), "-J"], mode
+        )
+        path = apps.path() - before
     report = json.loads(run.stdout)
     assert "error" not in report, report.get("error")
-    sent = int(report["end"]["sum_sent"]["bytes"])
-    received = int(report["end"]["sum_received"]["bytes"])
-    # iperf3 stops counting at the end of the interval; the tail in flight is not a loss.
-    assert sent > 0 and 0.98 * sent <= received <= sent
-    assert_path(mode, before, after, payload=sent, min_switches=1)
+    assert report["end"]["sum_sent"]["bytes"] == IPERF_BYTES, report["end"]["sum_sent"]
+    # iperf3's server stops reading when the client's TEST_END arrives on the control
+    # connection, which can overtake data still in flight; it then closes, and the kernel
+    # drops that tail (esnet/iperf#382; seen in overlay mode too, where the library never
+    # switches: 100,532,224 of 104,857,600 counted). So the sender's count is exact and the
+    # receiver's is what the paths must have carried.
+    received = report["end"]["sum_received"]["bytes"]
+    assert 0 < received <= IPERF_BYTES, report["end"]
+    if mode == "shuntflow":
+        # Where the stream's head went depends on how soon the switch completed; every byte
+        # crossed one path or the other (the content and path of a switched stream are proved
+        # by the other tests' checked phases).
+        assert_conserved(path, received)
+    else:
+        # Slim switches both of iperf3's connections (control and data) at setup.
+        assert_path(mode, PathBytes(), path, received, conns=2, setup=True)
