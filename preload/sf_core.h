@@ -11,7 +11,7 @@
  *   window.c     timing the data calls made while a connection switches (SWITCH_CALLS)
  *   uring.c      noticing io_uring, whose I/O no wrapper sees: such a process switches nothing
  *   fin.c        the overlay FIN of a commit, sent only once the peer holds the SYNC
- * docs/wire.md explains the handoff; DESIGN.md the invariants it keeps. */
+ * docs/wire.md explains the handoff; docs/design.md its phases and the invariants it keeps. */
 #ifndef SF_CORE_H
 #define SF_CORE_H
 
@@ -162,9 +162,9 @@ struct sf_conn {
     struct sf_epreg *regs;
     int n_regs, cap_regs;
     /* The switch window (window.c): data calls that begin between the decision to switch and
-     * the swap (or the end of the attempt) are timed, for issue 4's stall target. Its own
-     * lock, not c->mu: the agent holds c->mu across handoff steps, and a timed call must not
-     * wait for those to learn whether it is timed. */
+     * the swap (or the end of the attempt) are timed, for the stall target (docs/performance.md).
+     * Its own lock, not c->mu: the agent holds c->mu across handoff steps, and a timed call must
+     * not wait for those to learn whether it is timed. */
     pthread_mutex_t tmu;
     uint8_t win_open;
     uint8_t win_report;           /* closed; reported when its last call in flight returns */

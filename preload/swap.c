@@ -2,7 +2,7 @@
  *
  * The application keeps its fd number, its epoll registrations (same events, same 64-bit data,
  * in every epoll instance), its fd and file flags and its socket options; only the socket under
- * the number changes. Order matters (reference/interposer-census.md, "Pitfalls"): epoll keys a
+ * the number changes. Order matters (docs/design.md, "The swap keeps the fd number"): epoll keys a
  * registration by (file, fd), so each registration is deleted while the number still names the
  * overlay socket, then dup3 replaces it, then the registration is added back. */
 #include <errno.h>

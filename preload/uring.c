@@ -4,9 +4,8 @@
  * library can neither count it nor redirect it: a write queued on the ring before a commit is
  * missing from S, and a read pending on the overlay socket at the swap completes with the
  * overlay's FIN, which the application takes for EOF. Either loses bytes. So a process that
- * holds a ring switches nothing from then on (reference/interposer-census.md: "detect it and
- * refuse"): its own thresholds pin the connection to the overlay, and it answers NOT_MINE to
- * a peer's claim.
+ * holds a ring switches nothing from then on (docs/design.md, "What stays on the overlay"): its
+ * own thresholds pin the connection to the overlay, and it answers NOT_MINE to a peer's claim.
  *
  * Two ways to notice, because liburing may issue the setup syscall itself (inline assembly)
  * instead of through libc: the syscall() wrapper sees io_uring_setup when it goes through libc,

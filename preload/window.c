@@ -1,6 +1,6 @@
 /* window.c -- how long the application's data calls take while their connection switches.
  *
- * Issue 4 sets a target for it: the longest application data call during a switch is no longer
+ * docs/performance.md sets a target for it: the longest data call during a switch is no longer
  * than the overlay's own p99.9 latency. The window opens when this end decides to switch (its
  * threshold reached, or a peer's claim accepted: when decided_us is set) and closes when the
  * host socket is in place, or when the attempt ends without that (aborted, broken, pinned, the

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from shuntflow.wire import Mode
 
-# From the bench's threshold sweep (README, "Latest full run"): 1 and 4 also switch one-request
-# connections (crr 2x overlay at 1); 16-256 leave them alone and perform alike on long ones, 256
-# leaving busy connections on the overlay longer. 64 sits in the middle of that flat region.
+# From the bench's threshold sweep (docs/performance.md, "Latest full run"): 1 and 4 also switch
+# one-request connections (crr 2x overlay at 1); 16-256 leave them alone and perform alike on long
+# ones, 256 leaving busy connections on the overlay longer. 64 sits in the middle of that flat
+# region.
 DEFAULT_THRESHOLD = 64
 OVERLAY_CIDR = "198.19.0.0/16"
 

@@ -1,4 +1,4 @@
-"""Fuzzing the router's two protocols against real router processes (issue 6, item 4).
+"""Fuzzing the router's two protocols against real router processes.
 
 Two standalone routers (127.0.0.1 and 127.0.0.2, a static overlay map) with a well-behaved
 library on each. Malformed, truncated, oversized and slow inputs go to router A's library socket

@@ -1,5 +1,5 @@
 """The router load generator, tiny: idle tracked connections stay up and every churn connection
-is switched by the real routers and the real library (issue 6, item 6; the full-size run is
+is switched by the real routers and the real library (the full-size run is
 `python -m shuntflow.bench.routerload`, see its docstring). Counts only, never timings."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_router_load_tiny(make_testbed: MakeTestbed) -> None:
     churn = r["churn"]
     assert churn["started"] == SWITCHES and churn["errors"] == 0, churn
     # a connection that happens to reuse a just-switched 4-tuple stays on the overlay (README,
-    # known limits); every other one is switched
+    # Limits); every other one is switched
     assert churn["timed_out"] == churn["timed_out_reused"], churn
     assert churn["switched"] == SWITCHES - churn["timed_out"], churn
     assert churn["latency_us"]["count"] == churn["switched"]

@@ -2,7 +2,7 @@
 
 Ratios are formed inside one repetition (the modes of a repetition ran back to back, so slow
 drift of the machine cancels) and only then summarised; a median of per-pair ratios is what
-reference/testbed-figures.md found to reproduce within a few percent.
+reproduces within a few percent on the test machine (docs/performance.md, Method and metrics).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Fields every row carries, in this order in results.json (DESIGN.md's contract first).
+# Fields every row carries, in this order in results.json.
 REQUIRED_FIELDS = (
     "workload",
     "mode",
@@ -34,7 +34,7 @@ RATIO_METRICS = ("rps", "avg_us", "p50_us", "p99_us", "p999_us", "cpu_us_per_req
 # switch_p99_us: per run, the p99 of the switch times the libraries reported (threshold reached ->
 # first byte on the host path), then the median over repetitions like every other value.
 # switch_call_max_us: per run, the longest application data call any end made during a switch
-# (issue 4's target: no longer than the overlay's p99.9); the report also takes its max.
+# (target, docs/performance.md: no longer than the overlay's p99.9); the report also takes its max.
 VALUE_METRICS = (
     *RATIO_METRICS,
     "router_cpu_us_per_req",

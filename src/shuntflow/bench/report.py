@@ -206,9 +206,10 @@ def summary_table(s: dict[str, list[ModeSummary]]) -> list[str]:
 
 
 def stall_table(s: dict[str, list[ModeSummary]]) -> list[str]:
-    """Issue 4's target, per workload and shuntflow mode: the longest application data call any
-    end made during a switch (max over repetitions: the target is about the worst stall) against
-    the overlay's own p99.9 latency (median over repetitions, as everywhere else)."""
+    """The stall target of docs/performance.md, per workload and shuntflow mode: the longest
+    application data call any end made during a switch (max over repetitions: the target is
+    about the worst stall) against the overlay's own p99.9 latency (median over repetitions, as
+    everywhere else)."""
     lines = [
         "| workload | mode | longest data call in a switch µs | overlay p99.9 µs | target met |",
         "|---|---|---|---|---|",
@@ -270,7 +271,7 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
         if len(stall) > 2:
             lines += [
                 "",
-                "The longest application data call during a switch (issue 4's target: no longer "
+                "The longest application data call during a switch (the target: no longer "
                 "than the overlay's own p99.9): per run the longest call any end made between its "
                 "decision to switch and the swap, blocking calls with their wait; the max over "
                 "repetitions against overlay's median p99.9.",

@@ -228,9 +228,10 @@ class Router:
         self.switch_times = LatencyWindow()  # libraries' SWITCH_DONE of the initiating ends
         self.switch_times_claimed = 0  # SWITCH_DONE of ends claimed for a peer (not timed here)
         self.req_to_res = LatencyWindow()  # SWITCH_REQ received -> SWITCH_RES OK sent
-        # SWITCH_CALLS: per switch end, the longest application data call made during it (issue
-        # 4: no longer than the overlay's p99.9). Completed switches, every end (initiated or
-        # claimed: the stall is the application's wherever it sits); failed attempts apart.
+        # SWITCH_CALLS: per switch end, the longest application data call made during it (target,
+        # docs/performance.md: no longer than the overlay's p99.9). Completed switches, every end
+        # (initiated or claimed: the stall is the application's wherever it sits); failed
+        # attempts apart.
         self.switch_call_max = LatencyWindow()
         self.switch_call_max_failed = LatencyWindow()
         self.switch_calls_timed = 0  # calls timed over the completed switches' windows

@@ -1,6 +1,7 @@
 # A bounded window of recent latencies in microseconds, for the router's status and the bench:
 # the switch times the libraries report (SWITCH_DONE: decided -> first byte on the host path,
-# the figure issue 4's p99 <= 1 ms target is about) and the router's own SWITCH_REQ -> SWITCH_RES.
+# the figure the 1 ms p99 target of docs/performance.md is about) and the router's own
+# SWITCH_REQ -> SWITCH_RES.
 #
 # Why the last samples and not a histogram: people and the load generator want exact
 # percentiles of recent switches, and the bench wants exactly the samples of one measured run,

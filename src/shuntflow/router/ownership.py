@@ -1,4 +1,4 @@
-# "Only the owner" (DESIGN.md invariant 6): does the network namespace of the process on the
+# "Only the owner" (invariant 6, docs/design.md): does the network namespace of the process on the
 # other end of a library channel hold this overlay 4-tuple as a live TCP connection?
 #
 # How: SO_PEERCRED (and SO_PEERPIDFD, against pid reuse) name the process when its channel is
