@@ -339,6 +339,7 @@ def test_sockperf_ping_pong(apps: Apps, mode: str) -> None:
 
 
 IPERF_BYTES = 100 << 20
+IPERF_BLOCK = 128 << 10
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -346,20 +347,22 @@ def test_iperf3(apps: Apps, mode: str) -> None:
     port = 5201 + MODES.index(mode)  # a port per mode, as for sockperf
     with apps.server(["iperf3", "-s", "-B", apps.server_ip, "-p", str(port), "-1"], mode, port):
         before = apps.path()
-        run = apps.client(
-            ["iperf3", "-c", apps.server_ip, "-p", str(port), "-n", str(IPERF_BYTES), "-J"], mode
-        )
+        client = ["iperf3", "-c", apps.server_ip, "-p", str(port), "-J"]
+        run = apps.client([*client, "-n", str(IPERF_BYTES), "-l", str(IPERF_BLOCK)], mode)
         path = apps.path() - before
     report = json.loads(run.stdout)
     assert "error" not in report, report.get("error")
-    assert report["end"]["sum_sent"]["bytes"] == IPERF_BYTES, report["end"]["sum_sent"]
+    # iperf3 writes whole 128 KiB blocks and checks the count after each; about 1 run in 3 it
+    # writes one block past -n (seen in overlay mode too).
+    sent = report["end"]["sum_sent"]["bytes"]
+    assert sent in (IPERF_BYTES, IPERF_BYTES + IPERF_BLOCK), report["end"]["sum_sent"]
     # iperf3's server stops reading when the client's TEST_END arrives on the control
     # connection, which can overtake data still in flight; it then closes, and the kernel
     # drops that tail (esnet/iperf#382; seen in overlay mode too, where the library never
     # switches: 100,532,224 of 104,857,600 counted). So the sender's count is exact and the
     # receiver's is what the paths must have carried.
     received = report["end"]["sum_received"]["bytes"]
-    assert 0 < received <= IPERF_BYTES, report["end"]
+    assert 0 < received <= sent, report["end"]
     if mode == "shuntflow":
         # Where the stream's head went depends on how soon the switch completed; every byte
         # crossed one path or the other (the content and path of a switched stream are proved
