@@ -37,6 +37,11 @@ def apps(testbed: Testbed) -> Apps:
 # ---- redis -------------------------------------------------------------------------------
 
 
+# Per command: with io-threads spinning, a 2-vCPU machine that is busy elsewhere serves only a few
+# hundred requests a second (seen here in every mode), so the load stays modest.
+REDIS_REQUESTS = 8000
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_redis(apps: Apps, mode: str, tmp_path: Path) -> None:
     tmp_path.chmod(0o777)
@@ -70,7 +75,7 @@ def test_redis(apps: Apps, mode: str, tmp_path: Path) -> None:
                 "-c",
                 "4",
                 "-n",
-                "20000",
+                str(REDIS_REQUESTS),
                 "-d",
                 "1024",
                 "-t",
@@ -87,8 +92,8 @@ def test_redis(apps: Apps, mode: str, tmp_path: Path) -> None:
         assert bench.returncode == 0, out
         rates = dict(re.findall(r'"(SET|GET)","([0-9.]+)"', out))
         assert set(rates) == {"SET", "GET"} and all(float(v) > 0 for v in rates.values()), out
-        # 20,000 values of 1,024 B written, and read back: each crossed one path or the other.
-        assert_conserved(apps.path() - before, 2 * 20000 * 1024)
+        # The values of 1,024 B written, and read back: each crossed one path or the other.
+        assert_conserved(apps.path() - before, 2 * REDIS_REQUESTS * 1024)
 
         result, path = apps.checked_phase(REDIS_CHECK, mode)
         assert result["checked"] == 300 and result["bad"] == 0, result
