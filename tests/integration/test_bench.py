@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,6 +163,34 @@ def test_merge_weights_by_requests() -> None:
     assert m.p50_us == 10.0 and m.p99_us == 50.0
 
 
+def test_worker_connections_counts_each_connection_once_and_keeps_idle_workers() -> None:
+    log = "101 1\n102 2\n101 3\n101 3\n\n101 4\n"
+    assert parse.worker_connections(log, {101, 102, 103}) == {"101": 3, "102": 1, "103": 0}
+    # A worker that replaced one during the run still counts.
+    assert parse.worker_connections("104 9\n", {101}) == {"101": 0, "104": 1}
+    with pytest.raises(parse.ParseError, match="line 2"):
+        parse.worker_connections("101 1\n101 - GET /\n", {101})
+
+
+def test_table_shows_connections_per_worker_and_reads_rows_without_them() -> None:
+    rows = [
+        Row("web-keepalive", "overlay", 0, "same", case="c8", avg_us=90,
+            worker_connections={"7": 3, "9": 5}),
+        Row("web-keepalive", "overlay", 1, "same", case="c8", avg_us=95,
+            worker_connections={"7": 8, "9": 0}),
+        Row("web-short", "overlay", 0, "same", case="c8", avg_us=200,
+            worker_connections={"7": 20417, "9": 19876}),
+    ]  # fmt: skip
+    # A row as results.json held it before the field existed.
+    old = Row("rr", "overlay", 0, "same", case="64B", avg_us=30).to_json()
+    del old["worker_connections"]
+    rows.append(Row(**old))
+    md = markdown({}, rows)
+    cell = {sec: _table_rows(md, sec)[0].split("|")[-2].strip() for sec in
+            ("web-keepalive c8", "web-short c8", "rr 64B")}  # fmt: skip
+    assert cell == {"web-keepalive c8": "5/3 8/0", "web-short c8": "20.4k/19.9k", "rr 64B": "-"}
+
+
 # -- options -----------------------------------------------------------------------------
 
 
@@ -246,14 +275,14 @@ def _table_rows(md: str, section: str) -> list[str]:
 
 
 @pytest.mark.root
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_tiny_run_writes_rows_table_and_plots(make_testbed: MakeTestbed, tmp_path: Path) -> None:
     make_testbed("bt1", routers=True)
     out = tmp_path / "out"
     # A relative --out: every path the servers and clients get must still resolve.
     p = bench(
         "--prefix", "bt1",
-        "--workload", "rr,web-short",
+        "--workload", "rr,web-short,web-keepalive",
         "--modes", "overlay,shuntflow",
         "--repetitions", "1",
         "--duration", "1",
@@ -266,13 +295,14 @@ def test_tiny_run_writes_rows_table_and_plots(make_testbed: MakeTestbed, tmp_pat
     assert not failed, failed
     assert p.returncode == 0, p.stderr[-2000:]
     assert {(r["workload"], r["mode"]) for r in rows} == {
-        (w, m) for w in ("rr", "web-short") for m in ("overlay", "shuntflow")
+        (w, m) for w in ("rr", "web-short", "web-keepalive") for m in ("overlay", "shuntflow")
     }
     for r in rows:
         assert set(REQUIRED_FIELDS) <= r.keys()
         assert r["requests"] > 0 and r["rps"] > 0 and r["avg_us"] > 0
         assert r["p50_us"] <= r["p99_us"] <= r["p999_us"]
         assert r["cpu_us_per_req"] > 0 and r["placement"] == "same"
+        _check_worker_connections(r)
         tool = "sockperf" if r["workload"] == "rr" else "wrk"
         # The server and the client, each as a `shuntflow exec` line one can paste.
         assert len(r["command"]) == 2
@@ -294,7 +324,7 @@ def test_tiny_run_writes_rows_table_and_plots(make_testbed: MakeTestbed, tmp_pat
     assert meta["testbed"] == "existing, reused"
 
     md = (out / "results.md").read_text()
-    for section in ("rr 64B", "web-short c8"):
+    for section in ("rr 64B", "web-short c8", "web-keepalive c8"):
         assert [ln.split("|")[1].strip() for ln in _table_rows(md, section)] == [
             "overlay",
             "shuntflow",
@@ -305,6 +335,26 @@ def test_tiny_run_writes_rows_table_and_plots(make_testbed: MakeTestbed, tmp_pat
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The existing testbed is left as it was.
     assert "bt1-h1-c1" in list_netns()
+
+
+def _check_worker_connections(r: dict[str, Any]) -> None:
+    """nginx's own count of the connections each worker served against what wrk opened.
+
+    Which worker the kernel's reuseport hash picks is chance (all 8 on one of 2 workers has
+    probability 2^-7), so the spread itself is not asserted, only that the counts add up."""
+    counts = r["worker_connections"]
+    if r["workload"] == "rr":
+        assert counts is None, r
+        return
+    assert isinstance(counts, dict) and len(counts) == 2, r  # every worker, idle ones too
+    total = sum(counts.values())
+    if r["workload"] == "web-keepalive":
+        assert total == 8, r  # wrk -c8 opens its 8 connections once
+    else:
+        # A connection per request: those wrk completed, plus at most the 8 it cut off at the
+        # end or lost to a socket error (nginx logs a request it answered even when the client
+        # has gone).
+        assert r["requests"] <= total <= r["requests"] + 8 + r["client_errors"], r
 
 
 @pytest.mark.root

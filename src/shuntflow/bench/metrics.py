@@ -71,6 +71,9 @@ class Row:
     switch_p99_us: float | None = None
     switch_call_max_us: float | None = None
     vxlan_bytes: int | None = None
+    # Connections each server worker served during the measurement, by worker pid (nginx
+    # workloads; None for servers that keep no such log and in results written before it).
+    worker_connections: dict[str, int] | None = None
     client_errors: int = 0
     duration_s: float | None = None
     command: list[str] = field(default_factory=list)
@@ -133,6 +136,8 @@ class ModeSummary:
     switches: Stat | None
     cdf: list[tuple[float, float]]
     errors: list[str]
+    # Per repetition that has them, the connections each worker served, busiest first.
+    worker_connections: list[list[int]] = field(default_factory=list)
 
 
 def groups(rows: list[Row]) -> dict[str, list[Row]]:
@@ -191,6 +196,11 @@ def summarise(rows: list[Row]) -> dict[str, list[ModeSummary]]:
                     switches=stat([float(r.switches) for r in good if r.switches is not None]),
                     cdf=_median_cdf(good),
                     errors=sorted({r.error for r in mine if r.error}),
+                    worker_connections=[
+                        sorted(r.worker_connections.values(), reverse=True)
+                        for r in good
+                        if r.worker_connections
+                    ],
                 )
             )
         out[lbl] = summaries
@@ -222,6 +232,7 @@ def summary_json(s: dict[str, list[ModeSummary]]) -> dict[str, Any]:
                 "ratios": {ref: {k: st(v) for k, v in d.items()} for ref, d in m.ratios.items()},
                 "switches": st(m.switches),
                 "errors": m.errors,
+                "worker_connections": m.worker_connections,
             }
             for m in ms
         ]

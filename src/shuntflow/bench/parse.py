@@ -285,3 +285,24 @@ def merge(parts: list[ClientResult], seconds: float) -> ClientResult:
         cdf=cdf,
         errors=sum(p.errors for p in parts),
     )
+
+
+def worker_connections(text: str, workers: set[int]) -> dict[str, int]:
+    """Connections per server worker, from a log of "<worker pid> <connection number>" lines.
+
+    Every worker in `workers` is in the answer, those that served nothing with 0, so a spread
+    of 8/0 is told from one worker alone; a pid not in `workers` (a worker that was replaced
+    during the run) is counted under its own pid."""
+    seen: set[tuple[int, int]] = set()
+    counts = {pid: 0 for pid in workers}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isdigit():
+            raise ParseError(f"connection log line {n}: expected '<pid> <connection>': {line!r}")
+        pid, conn = int(parts[0]), int(parts[1])
+        if (pid, conn) not in seen:
+            seen.add((pid, conn))
+            counts[pid] = counts.get(pid, 0) + 1
+    return {str(pid): counts[pid] for pid in sorted(counts)}

@@ -133,18 +133,29 @@ HEADER = (
     "| mode | {rate} | avg µs | p50 µs | p99 µs | p99.9 µs | CPU µs/{unit} | switches "
     "| switch p99 µs | longest call in a switch µs "
     "| {rate} vs overlay | avg vs overlay | p99 vs overlay | {rate} vs host | avg vs host "
-    "| p99 vs host |"
+    "| p99 vs host | conns/worker |"
 )
+
+
+def _spread(per_rep: list[list[int]]) -> str:
+    """Connections per worker, busiest first, for each repetition: "4/4 5/3 8/0"."""
+    if not per_rep:
+        return "-"
+
+    def n(x: int) -> str:
+        return f"{x / 1000:.1f}k" if x >= 10000 else str(x)
+
+    return " ".join("/".join(n(x) for x in counts) for counts in per_rep)
 
 
 def workload_table(summaries: list[ModeSummary]) -> list[str]:
     unit = summaries[0].unit if summaries else "req"
     rate = "MiB/s" if unit == "MiB" else "req/s"
-    lines = [HEADER.format(rate=rate, unit=unit), "|" + "---|" * 16]
+    lines = [HEADER.format(rate=rate, unit=unit), "|" + "---|" * 17]
     for m in summaries:
         if m.failed == m.reps:
             err = m.errors[0] if m.errors else "failed"
-            lines.append(f"| {m.mode} | failed: {err.replace('|', '/')[:160]} |" + " |" * 14)
+            lines.append(f"| {m.mode} | failed: {err.replace('|', '/')[:160]} |" + " |" * 15)
             continue
         v, o, h = m.values, m.ratios["overlay"], m.ratios["host"]
         mode = m.mode + (f" ({m.failed}/{m.reps} failed)" if m.failed else "")
@@ -165,6 +176,7 @@ def workload_table(summaries: list[ModeSummary]) -> list[str]:
             _ratio(h["rps"]),
             _ratio(h["avg_us"]),
             _ratio(h["p99_us"]),
+            _spread(m.worker_connections),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -254,6 +266,8 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
         "- values are medians over repetitions; ratios are taken per repetition against the "
         "mode in the same repetition, shown as median [min-max]; below 1 is better for "
         "latency and CPU, above 1 for req/s",
+        "- conns/worker: for each repetition, the connections each server worker served, "
+        "busiest first (nginx has 2 workers, each with its own `reuseport` listener)",
     ]
     if meta.get("interrupted"):
         lines.append("- **interrupted**: the tables hold what was measured before the stop")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from shuntflow.bench import procs, workloads
+from shuntflow.bench import parse, procs, workloads
 from shuntflow.bench.metrics import Row
 from shuntflow.bench.parse import ClientResult, ParseError, merge
 from shuntflow.bench.spec import BenchConfig, BenchError, ModeSpec
@@ -263,6 +263,7 @@ class Runner:
         except (OSError, LibraryMissing) as e:
             return failed(f"cannot prepare the server: {e}")
         rows: list[Row] = []
+        workers: set[int] = set()
         try:
             with server_log, self._spawn(server_side, server_argv, server_log) as server:
                 try:
@@ -274,11 +275,15 @@ class Runner:
                         wl.name, case, mode, rep, pos, base, server, server_side,
                         client_side, server_argv,
                     )  # fmt: skip
+                # Taken after the clients: the workers may fork after the port listens.
+                workers = procs.descendants(server.pid) - {server.pid}
         except (OSError, LibraryMissing, BenchError, RuntimeError, ValueError) as e:
             # Anything one measurement trips over costs that measurement, not the run.
             done = {r.case for r in rows}
             todo = [lbl for c in cases for lbl in _labels(c) if lbl not in done]
             rows += failed(f"bench: {type(e).__name__}: {e}", todo)
+        if wl.conns_log is not None:
+            _add_worker_connections(wl.conns_log(target), workers, cases, rows)
         return rows
 
     @contextlib.contextmanager
@@ -533,6 +538,22 @@ def _read(run: ClientRun) -> ClientResult | str:
     if res.requests <= 0:
         return f"{tool}: no request completed; {_tail(run.err) or _tail(run.out)}"
     return res
+
+
+def _add_worker_connections(
+    log: Path, workers: set[int], cases: list[workloads.ClientCase], rows: list[Row]
+) -> None:
+    """Put the connections each worker served into the rows that stand for the whole server
+    run (a case's only row, or its combined row), read once the server has exited: the
+    server writes its log when it exits. No log (the server never started), no count."""
+    try:
+        counts = parse.worker_connections(log.read_text(), workers)
+    except (OSError, ParseError):
+        return
+    whole = {_labels(c)[-1] for c in cases}
+    for r in rows:
+        if r.case in whole:
+            r.worker_connections = counts
 
 
 def _labels(case: workloads.ClientCase) -> list[str]:

@@ -80,6 +80,9 @@ class Workload:
     cases: Callable[[Target, int], list[ClientCase]]
     needs: list[str] = field(default_factory=list)
     prepare: Callable[[Path], None] | None = None
+    # The file where the server writes one line "<worker pid> <connection number>" per connection
+    # it served (read once the server has exited), or None when the server keeps no such log.
+    conns_log: Callable[[Target], Path] | None = None
 
 
 # -- redis --------------------------------------------------------------------------------
@@ -167,7 +170,11 @@ def _nginx_prepare(work: Path) -> None:
     (work / "report.lua").write_text(WRK_LUA)
 
 
-def nginx_conf(root: Path, ip: str, port: int) -> str:
+def nginx_conns_log(t: Target) -> Path:
+    return Path(f"{t.raw}-conns.log")
+
+
+def nginx_conf(root: Path, ip: str, port: int, conns_log: Path) -> str:
     tmp = root / "tmp"
     return f"""# written by shuntflow bench for one run; nginx -p {root}
 daemon off;
@@ -179,7 +186,11 @@ pid {root}/nginx.pid;
 error_log {root}/logs/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    # One line per connection, at its first request: how many connections each worker served.
+    # Buffered, so the log costs no write per connection; workers flush it when they exit.
+    map $connection_requests $sf_first_request {{ 1 1; default 0; }}
+    log_format sf_conns '$pid $connection';
+    access_log {conns_log} sf_conns buffer=64k if=$sf_first_request;
     sendfile on;
     tcp_nopush on;
     tcp_nodelay on;
@@ -192,7 +203,11 @@ http {{
     scgi_temp_path {tmp}/scgi;
     default_type application/octet-stream;
     server {{
-        listen {ip}:{port} backlog=4096;
+        # A listener per worker, spread by the kernel's hash: with one shared listener the
+        # spread depends on how long accept() takes (slim's blocking accept hands the next
+        # connection to the other worker, an instant accept leaves most on one), which would
+        # make the modes differ by something other than their network path.
+        listen {ip}:{port} backlog=4096 reuseport;
         root {root}/html;
     }}
 }}
@@ -202,7 +217,10 @@ http {{
 def _nginx_server(t: Target, port: int) -> list[str]:
     root = nginx_prefix(t.work)
     conf = root / f"nginx-{t.ip}-{port}.conf"
-    conf.write_text(nginx_conf(root, t.ip, port))
+    log = nginx_conns_log(t)
+    # nginx appends: a log left by an earlier run into the same directory would count twice.
+    log.unlink(missing_ok=True)
+    conf.write_text(nginx_conf(root, t.ip, port, log))
     return ["nginx", "-p", str(root), "-c", str(conf), "-e", str(root / "logs" / "error.log")]
 
 
@@ -305,14 +323,30 @@ WORKLOADS: dict[str, Workload] = {
         "kv-memcached", 11211, _memcached_server, _memcached_cases, ["memcached", "memcaslap"]
     ),
     "web-keepalive": Workload(
-        "web-keepalive", 8080, _nginx_server, _keepalive_cases, ["nginx", "wrk"], _nginx_prepare
+        "web-keepalive",
+        8080,
+        _nginx_server,
+        _keepalive_cases,
+        ["nginx", "wrk"],
+        _nginx_prepare,
+        nginx_conns_log,
     ),
     "web-short": Workload(
-        "web-short", 8080, _nginx_server, _short_cases, ["nginx", "wrk"], _nginx_prepare
+        "web-short",
+        8080,
+        _nginx_server,
+        _short_cases,
+        ["nginx", "wrk"],
+        _nginx_prepare,
+        nginx_conns_log,
     ),
     "rr": Workload("rr", 11111, _sockperf_server, _rr_cases, ["sockperf"]),
-    "crr": Workload("crr", 8080, _nginx_server, _crr_cases, ["nginx"], _crr_prepare),
-    "mix": Workload("mix", 8080, _nginx_server, _mix_cases, ["nginx", "wrk"], _nginx_prepare),
+    "crr": Workload(
+        "crr", 8080, _nginx_server, _crr_cases, ["nginx"], _crr_prepare, nginx_conns_log
+    ),
+    "mix": Workload(
+        "mix", 8080, _nginx_server, _mix_cases, ["nginx", "wrk"], _nginx_prepare, nginx_conns_log
+    ),
     "stream": Workload("stream", 5201, _iperf_server, _stream_cases, ["iperf3"]),
 }
 
