@@ -12,7 +12,8 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -263,11 +264,44 @@ def test_simultaneous_requests_give_one_connection(
         assert info["handoffs_lost"] == 0
 
 
-def test_both_ends_asking_costs_one_offer(routers: tuple[RouterProcess, RouterProcess]) -> None:
-    """The follower end asks first, the leader a moment later: the follower's router waits for
-    the leader's offer instead of making its own, so no offer is refused as a duplicate and the
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def patient_routers(
+    tmp_path: Path,
+) -> Iterator[tuple[RouterProcess, RouterProcess]]:
+    """Two routers whose follower end waits up to 30 s for the leader's offer: how long the
+    leader's request takes to arrive then decides nothing (the default is 5 ms, which a busy
+    machine can miss between two requests)."""
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(MAP))
+    config = tmp_path / "router.toml"
+    config.write_text("follower-grace-ms = 30000\n")
+    extra = ["--map", str(map_file), "--config", str(config)]
+    port = free_port()
+    a = RouterProcess(tmp_path / "a" / "router.sock", "127.0.0.1", port, extra)
+    try:
+        b = RouterProcess(tmp_path / "b" / "router.sock", "127.0.0.2", port, extra)
+    except BaseException:
+        a.stop()
+        raise
+    yield a, b
+    assert b.stop() == 0, b.log()
+    assert a.stop() == 0, a.log()
+
+
+def test_both_ends_asking_costs_one_offer(
+    patient_routers: tuple[RouterProcess, RouterProcess],
+) -> None:
+    """The follower end asks first, the leader after it: the follower's router waits for the
+    leader's offer instead of making its own, so no offer is refused as a duplicate and the
     leader's router initiates every one of these switches."""
-    a, b = routers
+    a, b = patient_routers
     tuples = [tup(3000 + i) for i in range(20)]  # A's ends (198.19.1.1) lead
     assert all(t.local_is_leader() for t in tuples)
     before = {r: r.status()["router"] for r in (a, b)}
@@ -277,7 +311,7 @@ def test_both_ends_asking_costs_one_offer(routers: tuple[RouterProcess, RouterPr
     ):
         for t in tuples:
             sb = lb.request(t.mirrored())
-            time.sleep(0.001)
+            wait_for(lambda: b.status()["router"]["in_progress"] > 0, "the follower's request")
             sa = la.request(t)
             assert la.wait_result(sa).msg.status == Status.OK
             assert lb.wait_result(sb).msg.status == Status.OK
