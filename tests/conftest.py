@@ -1,10 +1,20 @@
-"""Options and markers shared by every test: `--long`, and skipping `root` tests without root."""
+"""Options and markers shared by every test: `--long`, and `root` tests that fail without root.
+
+A test marked `root` builds network namespaces or runs the library against real routers: as a
+non-root user it fails with a message saying so, never skips, so a run without root is never
+green by accident. To run only the tests that need no root: `pytest -m "not root"`.
+"""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+NEEDS_ROOT = (
+    "this test needs root (network namespaces, routers, the preload library on a testbed): "
+    "run the suite as root, or only the tests that need no root with -m 'not root'"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -15,10 +25,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_long = pytest.mark.skip(reason="long-running variant; run with --long")
-    skip_root = pytest.mark.skip(reason="needs root for network namespaces")
-    is_root = os.geteuid() == 0
     for item in items:
         if item.get_closest_marker("long") and not config.getoption("--long"):
             item.add_marker(skip_long)
-        if item.get_closest_marker("root") and not is_root:
-            item.add_marker(skip_root)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        pytest.fail(NEEDS_ROOT, pytrace=False)

@@ -28,6 +28,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
+from ..conftest import NEEDS_ROOT
 from .locks import prefix_lock
 
 MakeTestbed = Callable[..., Testbed]
@@ -35,7 +36,7 @@ MakeTestbed = Callable[..., Testbed]
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
+        pytest.fail(NEEDS_ROOT, pytrace=False)
 
 
 def _fresh(

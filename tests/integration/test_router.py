@@ -12,10 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shuntflow.router.control import query
 from shuntflow.router.testing import FakeLibrary
 from shuntflow.testbed.nsutil import in_netns
 from shuntflow.wire import Status, Tuple4
+
+pytestmark = pytest.mark.root
 
 TESTBED_PREFIX = "rt1"
 TESTBED_ROUTERS = True

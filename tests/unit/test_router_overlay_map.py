@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,8 +25,6 @@ DEV = "rt-vx"
 NUD_PERMANENT = 0x80
 NTF_MASTER = 0x04
 RTNH_F_ONLINK = 0x04
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 
 def _ns(*cmd: str) -> None:
@@ -106,6 +103,7 @@ def add_container(ipr: Any, idx: int) -> None:
     ipr.fdb("add", ifindex=idx, lladdr="02:42:c6:13:02:09", dst="198.18.0.2")
 
 
+@pytest.mark.root
 def test_read_tables(vxlan_ns: Any) -> None:
     tables = read_vxlan_tables(DEV, NS)
     assert tables.error is None
@@ -115,6 +113,7 @@ def test_read_tables(vxlan_ns: Any) -> None:
     assert read_vxlan_tables("rt-nodev", NS).error == "no device rt-nodev"
 
 
+@pytest.mark.root
 def test_resolver_netlink_and_static_fallback(vxlan_ns: Any, tmp_path: Path) -> None:
     ipr, idx = vxlan_ns
     static = StaticMap({"198.19.4.0/24": "198.18.0.4", "198.19.2.1": "198.18.0.99"})
@@ -159,6 +158,7 @@ def test_resolver_netlink_and_static_fallback(vxlan_ns: Any, tmp_path: Path) -> 
     asyncio.run(main())
 
 
+@pytest.mark.root
 def test_router_uses_vxlan_device(vxlan_ns: Any, tmp_path: Path) -> None:
     """A router inside the namespace with --vxlan-dev only (no map) resolves by netlink."""
     port = free_port(["127.0.0.1"])
