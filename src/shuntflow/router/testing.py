@@ -66,6 +66,11 @@ class FakeLibrary:
     - answers STATS_REQ with `rows` and `switches`;
     - keeps every SWITCH_RES (with its fd as a socket) in `results`, keyed by seq.
 
+    Strict, as the real library must be: a frame it cannot parse, a frame a library never
+    receives, an fd anywhere but on a SWITCH_RES OK (exactly one there), a SWITCH_RES OK without
+    its fd, or one for a seq it never asked or claimed is a protocol error of the router. Each is
+    kept in `errors`, and close() (so the `with` block) raises AssertionError on them.
+
     With `netns`, the channel is connected by a helper process inside that network namespace
     (which stays alive until close()), so the router's ownership check looks there: a test
     that holds real TCP connections in that namespace can then ask for them."""
@@ -94,6 +99,8 @@ class FakeLibrary:
         self.host: dict[Key, socket.socket] = {}  # every host fd received, by tuple key
         self.extra_host: list[socket.socket] = []  # a second fd for a key already held: a bug
         self.closed_by_router = threading.Event()
+        self.errors: list[str] = []  # the router's protocol errors towards this library
+        self._asked: set[int] = set()  # seqs of our SWITCH_REQs and of claims we said OK to
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._seq = itertools.count(1)
@@ -106,7 +113,16 @@ class FakeLibrary:
 
     def send(self, msg: Msg) -> None:
         with self._send_lock:
+            if msg.type is MsgType.SWITCH_REQ or (
+                msg.type is MsgType.CLAIM_RES and msg.status == Status.OK
+            ):
+                self._asked.add(msg.seq)
             self.sock.send(msg.pack())
+
+    def _error(self, what: str, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        self.errors.append(what)
 
     def request(self, t: Tuple4, seq: int | None = None) -> int:
         seq = next(self._seq) if seq is None else seq
@@ -136,7 +152,7 @@ class FakeLibrary:
     def _reader(self) -> None:
         while True:
             try:
-                data, anc, _flags, _ = self.sock.recvmsg(
+                data, anc, flags, _ = self.sock.recvmsg(
                     MSG_SIZE + 1, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
                 )
             except OSError:
@@ -147,15 +163,17 @@ class FakeLibrary:
                     arr = array.array("i")
                     arr.frombytes(payload[: len(payload) - len(payload) % 4])
                     fds.extend(arr)
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                self._error(f"frame or fds truncated (flags {flags:#x}, {len(data)} B)", fds)
+                continue
             if not data:
-                for fd in fds:
-                    os.close(fd)
+                if fds:
+                    self._error(f"{len(fds)} fds on the channel's end", fds)
                 break
             try:
                 msg = Msg.unpack(data)
-            except WireError:
-                for fd in fds:
-                    os.close(fd)
+            except WireError as e:
+                self._error(f"unparseable frame ({e}): {data.hex()}", fds)
                 continue
             self._handle(msg, fds)
         self.closed_by_router.set()
@@ -163,9 +181,14 @@ class FakeLibrary:
             self._cond.notify_all()
 
     def _handle(self, msg: Msg, fds: list[int]) -> None:
+        ok_switch = msg.type is MsgType.SWITCH_RES and msg.status == Status.OK
+        if len(fds) != (1 if ok_switch else 0):
+            self._error(f"{len(fds)} fds on {msg.type.name} status {msg.status}", fds)
+            return
+        if msg.type is MsgType.SWITCH_RES and msg.seq not in self._asked:
+            self._error(f"SWITCH_RES for seq {msg.seq:#x}, never asked nor claimed", fds)
+            return
         sock = socket.socket(fileno=fds[0]) if fds else None
-        for fd in fds[1:]:
-            os.close(fd)
         if msg.type is MsgType.HELLO_ACK:
             self._hello.set()
         elif msg.type is MsgType.SWITCH_RES:
@@ -189,11 +212,12 @@ class FakeLibrary:
             status = Status.OK if mine else Status.NOT_MINE
             with contextlib.suppress(OSError):  # closed meanwhile
                 self.send(Msg(MsgType.CLAIM_RES, status, msg.seq, tuple=msg.tuple))
-        elif msg.type is MsgType.STATS_REQ and self.answer_stats:
-            with contextlib.suppress(OSError):
-                self._answer_stats(msg)
-        elif sock is not None:
-            sock.close()
+        elif msg.type is MsgType.STATS_REQ:
+            if self.answer_stats:
+                with contextlib.suppress(OSError):
+                    self._answer_stats(msg)
+        else:
+            self._error(f"{msg.type.name} is not a frame the router sends a library", [])
 
     def _answer_stats(self, msg: Msg) -> None:
         for row in self.rows:
@@ -229,12 +253,18 @@ class FakeLibrary:
             for r in self.results.values():
                 if r.sock is not None:
                     r.sock.close()
+        if self.errors:
+            raise AssertionError(f"the router broke the library protocol: {self.errors}")
 
     def __enter__(self) -> FakeLibrary:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            self.close()
+        except AssertionError:
+            if exc_type is None:  # else the test's own failure is the one to report
+                raise
 
 
 # Runs in the namespace: connects the channel, hands it to the test, waits for the test's EOF.
