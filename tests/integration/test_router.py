@@ -88,19 +88,6 @@ def test_switch_crosses_the_underlay(testbed: Any) -> None:
         assert la.wait_result(la.request(spoof)).msg.status == Status.DENIED
 
 
-def test_peer_port_only_on_the_underlay(testbed: Any) -> None:
-    """Containers reach their own host's router only through its Unix socket, not TCP."""
-    h1, _h2 = testbed.hosts
-    c11 = h1.containers[0]
-    probe = (
-        "import socket,sys\n"
-        "s=socket.socket(); s.settimeout(1)\n"
-        f"rc=s.connect_ex(('{h1.underlay_ip}', 4790)); print(rc)\n"
-    )
-    out = testbed.run(c11, [sys.executable, "-c", probe], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() != "0", out
-
-
 def test_status_over_the_testbed(testbed: Any) -> None:
     h1, h2 = testbed.hosts
     with FakeLibrary(h1.router_socket), FakeLibrary(h2.router_socket):

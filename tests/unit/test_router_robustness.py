@@ -247,19 +247,80 @@ def test_backoff_after_peer_unreachable(
             c.stop()
 
 
-def test_outstanding_cap_and_duplicate_seq(env: tuple[RouterProcess, RouterProcess, int]) -> None:
-    a, b, _port = env
-    t = Tuple4.parse("198.19.1.10:1000", "198.19.2.10:80")
-    with (
-        FakeLibrary(a.socket) as la,
-        FakeLibrary(b.socket, owned={t.mirrored()}, claim_delay=0.03),
-    ):
-        la.request(t, seq=77)
-        other = Tuple4.parse("198.19.1.10:1001", "198.19.2.10:80")
-        la.request(other, seq=77)  # same seq while 77 is outstanding
-        first = la.wait_result(77)
-        # The first SWITCH_RES for seq 77 is the BAD_MESSAGE for the reused seq.
-        assert first.msg.status == Status.BAD_MESSAGE and first.msg.tuple == other
+CAP = 8
+
+
+def test_outstanding_cap_and_duplicate_seq(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A library has at most `max_outstanding` requests in the works: the next one is DENIED at
+    once, a seq still outstanding is BAD_MESSAGE, and answered requests free their slots.
+
+    B's library answers no claim until told, and both routers wait up to 10 s for it, so A's
+    first CAP requests stay outstanding for the whole check (it takes milliseconds)."""
+    d = tmp_path_factory.mktemp("rt-cap")
+    (d / "map.json").write_text(json.dumps(MAP))
+    (d / "a.toml").write_text(f"max_outstanding = {CAP}\nanswer_timeout_ms = 10000\n")
+    port = free_port()
+    a = RouterProcess(
+        d / "a" / "router.sock",
+        "127.0.0.1",
+        port,
+        ["--map", str(d / "map.json"), "--config", str(d / "a.toml")],
+    )
+    try:
+        b = RouterProcess(
+            d / "b" / "router.sock",
+            "127.0.0.2",
+            port,
+            ["--map", str(d / "map.json"), "--claim-timeout-ms", "10000"],
+        )
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        tuples = [Tuple4.parse(f"198.19.1.10:{1000 + i}", "198.19.2.10:80") for i in range(CAP)]
+        with FakeLibrary(a.socket) as la:
+            with FakeLibrary(b.socket, answer_claims=False) as lb:
+                for i, t in enumerate(tuples):
+                    la.request(t, seq=100 + i)
+                extra = Tuple4.parse("198.19.1.10:2000", "198.19.2.10:80")
+                over = la.wait_result(la.request(extra, seq=200))
+                assert over.msg.status == Status.DENIED and over.sock is None, over.msg
+                # The seq of an outstanding request, again: refused as such (before the cap).
+                reused = Tuple4.parse("198.19.1.10:2001", "198.19.2.10:80")
+                la.request(reused, seq=100)
+                again = la.wait_result(100)
+                assert again.msg.status == Status.BAD_MESSAGE and again.msg.tuple == reused
+                assert sorted(la.results) == [100, 200], la.results  # the CAP others wait
+                assert a.status()["router"]["in_progress"] == CAP
+                deadline = time.monotonic() + 10
+                while len(lb.claims) < CAP and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert len(lb.claims) == CAP, lb.claims
+                # B's library says NOT_MINE: B refuses the offers, and A answers each request
+                # (seq 100's answer replaces the BAD_MESSAGE of its reuse).
+                for claim in lb.claims:
+                    lb.send(Msg(MsgType.CLAIM_RES, Status.NOT_MINE, claim.seq, tuple=claim.tuple))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                answered = {
+                    seq: r for seq, r in la.results.items() if r.msg.status != Status.BAD_MESSAGE
+                }
+                if len(answered) == CAP + 1:
+                    break
+                time.sleep(0.01)
+            for i, t in enumerate(tuples):
+                res = answered.get(100 + i)
+                assert res is not None and res.msg.tuple == t, (i, la.results)
+                assert res.msg.status == Status.PEER_REFUSED and res.sock is None, res.msg
+            # Slots freed: a request is served again.
+            t = Tuple4.parse("198.19.1.10:3000", "198.19.2.10:80")
+            with FakeLibrary(b.socket, owned={t.mirrored()}) as lb2:
+                res = la.wait_result(la.request(t, seq=300))
+                assert res.msg.status == Status.OK and res.sock is not None, res.msg
+                lb2.wait_host([t.key()])
+    finally:
+        assert b.stop() == 0
+        assert a.stop() == 0
 
 
 def test_sockets_modes_and_clean_shutdown(tmp_path: os.PathLike[str]) -> None:
@@ -301,3 +362,55 @@ def test_sockets_modes_and_clean_shutdown(tmp_path: os.PathLike[str]) -> None:
     stale.close()
     r2 = RouterProcess(d / "router.sock", "127.0.0.1", free_port(), ["--map", str(map_file)])
     assert r2.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "fds", "error"),
+    [
+        (b"garbage", 0, "unparseable frame"),
+        (Msg(MsgType.HELLO_ACK, seq=0).pack(), 1, "1 fds on HELLO_ACK"),
+        (Msg(MsgType.SWITCH_RES, Status.OK, 5).pack(), 0, "0 fds on SWITCH_RES status 0"),
+        (Msg(MsgType.SWITCH_RES, Status.OK, 5).pack(), 2, "2 fds on SWITCH_RES status 0"),
+        (Msg(MsgType.SWITCH_RES, Status.OK, 6).pack(), 1, "seq 0x6, never asked"),
+        (Msg(MsgType.SWITCH_REQ, seq=7).pack(), 0, "SWITCH_REQ is not a frame the router sends"),
+    ],
+    ids=["garbage", "fd-on-hello-ack", "ok-without-fd", "two-fds", "unknown-seq", "wrong-type"],
+)
+def test_fake_library_fails_on_what_the_real_one_refuses(
+    tmp_path: os.PathLike[str], frame: bytes, fds: int, error: str
+) -> None:
+    """The router tests' library stand-in turns a protocol error of the router into a failure
+    of the test that used it, instead of dropping the frame or closing the fd quietly."""
+    from pathlib import Path
+
+    path = Path(tmp_path) / "router.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen()
+
+    def router() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)  # HELLO
+            conn.send(Msg(MsgType.HELLO_ACK, seq=0).pack())
+            conn.recv(4096)  # SWITCH_REQ seq 5
+            passed = [os.open("/dev/null", os.O_RDONLY) for _ in range(fds)]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", passed))]
+            conn.sendmsg([frame], anc if passed else [])
+            for fd in passed:
+                os.close(fd)
+            conn.recv(4096)  # the library's EOF
+
+    t = threading.Thread(target=router)
+    t.start()
+    try:
+        lib = FakeLibrary(path)
+        lib.request(Tuple4.parse("198.19.1.1:1000", "198.19.2.1:80"), seq=5)
+        deadline = time.monotonic() + 5
+        while not lib.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(AssertionError, match=error):
+            lib.close()
+    finally:
+        t.join(5)
+        listener.close()
