@@ -19,6 +19,8 @@ from shuntflow.router.testing import FakeLibrary
 from shuntflow.testbed.nsutil import in_netns
 from shuntflow.wire import Status, Tuple4
 
+from .apps import Apps, PathBytes, assert_path
+
 pytestmark = pytest.mark.root
 
 TESTBED_PREFIX = "rt1"
@@ -119,6 +121,9 @@ def test_routers_are_in_the_host_namespaces(testbed: Any) -> None:
 
 SERVER = r"""
 import socket
+SO_NETNS_COOKIE = 71
+def cookie(s):
+    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 9000))
@@ -130,56 +135,37 @@ while True:
     if not d:
         break
     c.sendall(d)
+print("switched" if cookie(c) != cookie(s) else "overlay", flush=True)
 """
 
+# After SWITCH_WAIT (apps.py): waits until its fd is a host-namespace socket, then echoes 200
+# checked messages, all of them after the switch point.
 CLIENT = r"""
-import socket, sys, time
 s = socket.create_connection((sys.argv[1], 9000))
-for i in range(200):
-    m = (b"%06d" % i) * 100
+def echo(m):
     s.sendall(m)
     got = b""
     while len(got) < len(m):
         got += s.recv(65536)
-    assert got == m, i
+    assert got == m
+wait_switched(s, lambda: echo(b"ping"))
+payload = 0
+for i in range(200):
+    m = (b"%06d" % i) * 100
+    echo(m)
+    payload += 2 * len(m)
     time.sleep(0.002)
-print("ok")
+print(json.dumps({"payload": payload}))
 """
 
 
 def test_real_library_switches_through_the_routers(testbed: Any) -> None:
-    """Unmodified Python echo client/server with libshuntflow.so (shuntflow mode, threshold 8):
-    the stream stays intact and both routers served one switch for it."""
-    from shuntflow.native import app_environment
-    from shuntflow.wire import Mode
-
-    h1, h2 = testbed.hosts
-    c1, c2 = h1.containers[0], h2.containers[1]
-    before = [query(h.router_socket.with_name("router.sock.ctl"))["router"] for h in (h1, h2)]
-    server = testbed.popen(
-        c2,
-        [sys.executable, "-c", SERVER],
-        env=app_environment(Mode.SHUNTFLOW, h2.router_socket, threshold=8),
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert server.stdout is not None and server.stdout.readline() == b"listening\n"
-        client = testbed.run(
-            c1,
-            [sys.executable, "-c", CLIENT, c2.overlay_ip],
-            env=app_environment(Mode.SHUNTFLOW, h1.router_socket, threshold=8),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert client.returncode == 0 and client.stdout.strip() == "ok", client.stderr[-2000:]
-        assert server.wait(10) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        if server.stdout:
-            server.stdout.close()
-    after = [query(h.router_socket.with_name("router.sock.ctl"))["router"] for h in (h1, h2)]
-    for b, a in zip(before, after, strict=True):
-        assert a["switches_served"] == b["switches_served"] + 1, (b, a)
+    """Unmodified Python echo client/server with libshuntflow.so (shuntflow mode): the stream
+    stays intact, both ends' fds become sockets of their host namespaces, and every byte after
+    the switch crosses the host path, none of it VXLAN."""
+    apps = Apps(testbed)
+    with apps.server([sys.executable, "-c", SERVER], "shuntflow", 9000) as server:
+        result, path = apps.checked_phase(CLIENT, "shuntflow")
+        out, _ = server.communicate(timeout=10)
+        assert server.returncode == 0 and out.split() == ["listening", "switched"], out
+    assert_path("shuntflow", PathBytes(), path, result["payload"], conns=1)
