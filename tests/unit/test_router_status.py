@@ -72,7 +72,9 @@ def test_status_json_has_clients_and_conn_info(pair: tuple[RouterProcess, Router
         start = time.monotonic()
         st = query(a.control)
         elapsed = time.monotonic() - start
-        assert 0.4 < elapsed < 2.0  # one silent library costs the 500 ms timeout, once
+        # One silent library costs the 500 ms stats timeout (a timer never fires early), and the
+        # answer still came within the query's own 5 s: the others' rows are all there below.
+        assert elapsed >= 0.5, elapsed
         info = st["router"]
         assert info["host_ip"] == "127.0.0.1" and info["pid"] == a.pid
         assert info["clients"] == 4 and info["clients_ready"] == 4
