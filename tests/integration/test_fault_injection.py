@@ -943,7 +943,7 @@ conn, _ = ls.accept()
 assert conn.recv(1) == b"x"
 # Its end swaps once the client's SYNC is in (the client meanwhile blocked in recv on the
 # overlay): from then on its fd is a host-namespace socket and the reply goes on the host path.
-own, deadline = cookie(ls), time.monotonic() + 30
+own, deadline = cookie(ls), time.monotonic() + 15  # within the client's 20 s
 while cookie(conn) == own:
     if time.monotonic() > deadline:
         sys.exit("the server's end never switched")
@@ -1012,7 +1012,12 @@ def test_swap_wakes_a_reader_whose_overlay_fin_is_lost(
                 timeout=20,
             )
         except subprocess.TimeoutExpired:
-            pytest.fail("the client's recv never returned: the swap left it asleep on the overlay")
+            server.kill()
+            _, err = server.communicate()
+            pytest.fail(
+                "the client's recv never returned: the swap left it asleep on the overlay "
+                f"(server: {err[-500:]!r})"
+            )
         assert client.returncode == 0, client.stderr[-2000:]
         out, err = server.communicate(timeout=20)
         assert server.returncode == 0, err[-2000:]

@@ -75,6 +75,7 @@ switched = fell_back = 0
 deadline = time.monotonic() + 50
 while switched < {ROUNDS}:
     if time.monotonic() > deadline:
+        socket.create_connection((sys.argv[1], {PORT})).sendall(b"done!")
         sys.exit(f"only {{switched}} rounds switched ({{fell_back}} fell back)")
     c = socket.create_connection((sys.argv[1], {PORT}))
     c.sendall(b"hello")
