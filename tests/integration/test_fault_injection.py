@@ -296,11 +296,16 @@ def test_router_sigkilled_during_switching_then_restarted(
     closed = [x.ts for x in lines if "router channel closed" in x.text]
     assert closed and killed_at - 1 < closed[0] < restarted_at, "library never lost its router"
     # The kill caught switches in the middle: the library abandoned the requests the dead
-    # router would never answer (status 3, PEER_UNREACHABLE), right after losing the channel.
+    # router would never answer (status 3, PEER_UNREACHABLE): fds that had asked and not ended
+    # their attempt when the channel closed, abandoned after that.
+    asked = in_transition([x for x in lines if x.ts < closed[0]], pair.client_pid)
     aborted = [
         x
         for x in lines
-        if "switch abandoned (status 3)" in x.text and closed[0] <= x.ts < closed[0] + 0.1
+        if "switch abandoned (status 3)" in x.text
+        and x.ts >= closed[0]
+        and (m := re.match(r"fd (\d+)", x.text))
+        and int(m[1]) in asked
     ]
     assert aborted, "no handoff was in progress when the router died"
     # The library reconnected to the new router, which served new switches for it.
