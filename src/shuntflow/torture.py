@@ -234,6 +234,7 @@ class Side:
     eof: bool = False
     resume_at: float = 0.0
     on_host: bool = False
+    last_read: str = ""  # the kind of the last read call, for the report of an early EOF
     file: IO[bytes] | None = None
     peer: Any = None
     rrng: random.Random = field(default_factory=random.Random)
@@ -291,7 +292,7 @@ class Side:
     def read_once(self, want: int) -> bytes:
         """One read call of a random kind for up to `want` bytes, checked: b"" at EOF.
         BlockingIOError when a non-blocking socket has nothing yet."""
-        name = self.rrng.choice(self.reads)
+        name = self.last_read = self.rrng.choice(self.reads)
         host = self.host_now()
         data = self._read(name, want)
         self.count(name, len(data), host)
@@ -338,8 +339,10 @@ class Side:
     def _follow(self, want: int, after: str = "") -> bytes:
         """The read after a peek or FIONREAD, of a plain kind; EAGAIN is a violation `after`
         something said bytes (or the end) were there."""
+        name = self.rrng.choice(tuple(n for n in PLAIN_READS if n in self.reads) or PLAIN_READS)
+        self.last_read += f" then {name}"
         try:
-            return self._read(self.rrng.choice(PLAIN_READS), want)
+            return self._read(name, want)
         except BlockingIOError:
             if after:
                 raise self.violation(f"EAGAIN after {after}") from None
@@ -365,11 +368,12 @@ class Side:
         if rc < 0:
             _raise_errno("recvmmsg")
         lens = [int(vec[i].msg_len) for i in range(rc)]
-        # TCP fills the messages in stream order; an empty one is the end (the kernel reports
-        # every further message of the call as empty too).
-        if any(lens[i] == 0 and any(lens[i + 1 :]) for i in range(rc)):
-            raise self.violation(f"recvmmsg: bytes after an empty message {lens}")
-        return b"".join(bytes(buf[starts[i] : starts[i] + lens[i]]) for i in range(rc))
+        data = b"".join(bytes(buf[starts[i] : starts[i] + lens[i]]) for i in range(rc))
+        # TCP fills the messages in stream order, and an empty one says the stream ended there
+        # (each further message of the call is empty too): an application stops reading.
+        if 0 in lens and (any(lens[lens.index(0) :]) or self.got + len(data) != len(self.expect)):
+            raise self.violation(f"recvmmsg: an empty message {lens} before the end")
+        return data
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -448,7 +452,9 @@ class Side:
             # Evidence that cannot be read proves nothing: the connection fails.
             self.result.cookie_error = self.result.cookie_error or repr(exc)
         if self.got != len(self.expect) and not self.result.error:
-            self.result.error = f"short stream: {self.got} of {len(self.expect)} bytes"
+            self.result.error = (
+                f"short stream: {self.got} of {len(self.expect)} bytes (EOF: {self.last_read})"
+            )
         self.result.sent = self.sent
         if not self.result.endpoints:
             self.result.endpoints = endpoints(self.sock)
