@@ -330,6 +330,7 @@ def test_torture_overlay_mode_never_switches(testbed: Testbed) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1800)  # the pair's own hang bound is 1500 s
 @pytest.mark.parametrize(
     ("style", "n", "min_switched"), [("epoll", 24000, 10_000), ("blocking", 6000, 0)]
 )
