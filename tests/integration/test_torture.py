@@ -25,7 +25,7 @@ import pytest
 
 from shuntflow import torture
 from shuntflow.router import control
-from shuntflow.testbed import Testbed
+from shuntflow.testbed import Testbed, nsutil
 
 from .apps import PathBytes, assert_path, install_path_counters, mode_env, read_path
 
@@ -54,7 +54,7 @@ def run_torture(
     runs shuntflow.torture), its library logging to `server_log`; `calls`: the data calls the
     pair picks from. Their two summaries."""
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
-    cookie = {h.index: host_netns_cookie(tb, h.netns) for h in tb.hosts}
+    cookie = {h.index: host_netns_cookie(h.netns) for h in tb.hosts}
     common = [
         "--port",
         str(port),
@@ -122,11 +122,11 @@ def run_torture(
     )
 
 
-def host_netns_cookie(tb: Testbed, netns: str) -> int:
-    """SO_NETNS_COOKIE of a socket made in `netns`: what a switched connection's socket reports."""
-    probe = "from shuntflow import torture; print(torture.own_netns_cookie())"
-    out = tb.run(netns, [sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    return int(out.stdout)
+def host_netns_cookie(netns: str) -> int:
+    """SO_NETNS_COOKIE of a socket made in `netns`: what a switched connection's socket reports.
+    In-process (a thread enters the namespace): the tests that time a fault from before
+    run_torture must not wait for a probe process."""
+    return int(nsutil.in_netns(netns, torture.own_netns_cookie))
 
 
 def assert_intact(summary: dict[str, Any], connections: int) -> None:
