@@ -329,8 +329,9 @@ class Side:
         if name == "fionread":
             avail = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))[0]
             data = self._follow(want, f"FIONREAD {avail}") if avail > 0 else self._follow(want)
-            # Bytes already in the socket's queue are the next read's, on either socket: the
-            # switch point is only taken once the overlay's are all read.
+            # What the fd's socket holds is the next read's, on either socket: the switch point
+            # is only taken once the overlay's bytes are all read. A 0 promises nothing: at the
+            # switch point it is the drained overlay's count while the host socket holds bytes.
             if avail > 0 and len(data) < min(avail, want):
                 raise self.violation(f"FIONREAD said {avail}, then read {len(data)} of {want}")
             return data
