@@ -100,6 +100,21 @@ static int fd_nonblocking(int fd, int flags) {
     return fl >= 0 && (fl & O_NONBLOCK);
 }
 
+/* recvmmsg counts messages, and at the end of a TCP stream the kernel reports each message of the
+ * call empty: an empty first message is what 0 is to the other calls. */
+static int mmsg_at_end(const struct io *op, ssize_t n) {
+    return op->mmsg != NULL && n > 0 && op->mmsg[0].msg_len == 0;
+}
+
+/* Messages after an empty one met the overlay's end, which may be the switch point rather than
+ * EOF: return those before it, and let the next call find out (its bytes are not consumed). */
+static ssize_t mmsg_until_empty(struct io *op, ssize_t n) {
+    for (ssize_t i = 1; i < n; i++)
+        if (op->mmsg[i].msg_len == 0)
+            return i;
+    return n;
+}
+
 /* `phase` is the one the caller loaded; every further round loads it again. */
 static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase) {
     int peek = op->flags & MSG_PEEK;
@@ -119,6 +134,11 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
         uint64_t rx_before = atomic_load(&c->rx);
         ssize_t n = op->call(op, c->fd);
         int err = errno;
+        ssize_t end = n; /* what the call returns at the stream's end: 0, or recvmmsg's count */
+        if (mmsg_at_end(op, n))
+            n = 0;
+        else if (n > 0 && op->mmsg != NULL)
+            n = mmsg_until_empty(op, n);
         if (n > 0) {
             /* Only once every overlay byte is read can the fd have been swapped under us. */
             int from_host = atomic_load(&c->phase) == SF_P_HOST && c->peer_synced &&
@@ -134,18 +154,18 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
         }
         if (n < 0 || want == 0) {
             errno = err;
-            return n;
+            return n < 0 ? n : end;
         }
         phase = atomic_load(&c->phase);
         if (phase == SF_P_HOST)
             continue; /* swapped while we read the overlay's FIN: read the host socket */
         if (phase < SF_P_REQUESTED)
-            return 0;
+            return end;
         if (phase == SF_P_BROKEN) {
             /* The peer's SYNC said the rest of its stream follows on the host connection, which
              * died: this end of the overlay is not the stream's end, it is a reset. */
             if (!c->peer_synced)
-                return 0;
+                return end;
             errno = ECONNRESET;
             return -1;
         }
@@ -160,7 +180,7 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
             errno = ECONNRESET;
             return -1;
         default:
-            return 0;
+            return end;
         }
     }
 }
@@ -358,8 +378,10 @@ SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags,
         return real.recvmmsg(fd, vec, vlen, flags, timeout);
     struct io op = {.call = call_recvmmsg, .mmsg = vec, .vlen = vlen, .flags = flags,
                     .timeout = timeout};
-    /* A message count of 0 is not an EOF here, so no switch point is taken from it. */
-    return (int)io_read(c, &op, 0, 0);
+    /* The first message's room: an empty first message with room is the end, or the switch
+     * point (do_read). */
+    size_t want = vlen > 0 ? iov_len(vec[0].msg_hdr.msg_iov, (int)vec[0].msg_hdr.msg_iovlen) : 0;
+    return (int)io_read(c, &op, want, 0);
 }
 
 SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags) {

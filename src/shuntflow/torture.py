@@ -7,9 +7,18 @@ Each end checks every byte it reads against the stream it expects, and that the 
 exactly at EOF. At the end each side prints one JSON summary line; the exit code is non-zero on
 any mismatch, loss, duplicate, reset or hang.
 
+Every data call picks its entry point at random (seeded: the client's --seed, and each
+connection's seed in its header, replay the choices): send/recv, write/read, writev/readv,
+sendmsg/recvmsg with several buffers, sendto/recvfrom, sendmmsg/recvmmsg, sendfile from a file,
+a recvmsg MSG_PEEK whose bytes the next read must return, a recv MSG_WAITALL that must come back
+whole unless the stream ends, and a FIONREAD whose count the next read must deliver. The summary
+counts calls and bytes per entry point: all of them, those of connections that ended switched,
+and those made while the socket already was the host connection.
+
 Which path a connection ended on is read from the socket itself: SO_NETNS_COOKIE names the
 network namespace the socket was created in, so a connection that was switched reports the host
-namespace's cookie, not the container's.
+namespace's cookie (--host-cookie), not the container's. A socket that reports neither, or whose
+cookie cannot be read, is a failed connection.
 """
 
 from __future__ import annotations
@@ -17,23 +26,98 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import errno
+import fcntl
 import json
+import os
 import random
 import select
 import socket
 import struct
 import sys
+import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import IO, Any
 
 SO_NETNS_COOKIE = 71
 HEADER = struct.Struct("<4sIQQQ")  # magic, conn id, seed, client->server, server->client bytes
 MAGIC = b"SFT1"
 STYLES = ("blocking", "epoll", "epoll-et", "poll")
 MAX_CHUNK = 1 << 20
+# The library's data entry points, as the calls that reach them (peek, waitall and fionread are
+# recvmsg/recv/ioctl variants whose results the next read must agree with).
+PLAIN_READS = ("recv", "read", "readv", "recvmsg", "recvfrom", "recvmmsg")
+READ_CALLS = (*PLAIN_READS, "peek", "waitall", "fionread")
+WRITE_CALLS = ("send", "write", "writev", "sendmsg", "sendto", "sendfile", "sendmmsg")
+CALLS = READ_CALLS + WRITE_CALLS
+MSG_WAITFORONE = 0x10000
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.POINTER(_Iovec)),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint)]
+
+
+# The global scope (dlopen(NULL)), not libc.so.6 by name: under LD_PRELOAD it finds the
+# preloaded library's wrappers first, which a handle on libc itself would bypass.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_recvmmsg = _LIBC.recvmmsg
+_recvmmsg.argtypes = [
+    ctypes.c_int,
+    ctypes.POINTER(_Mmsghdr),
+    ctypes.c_uint,
+    ctypes.c_int,
+    ctypes.c_void_p,
+]
+_recvmmsg.restype = ctypes.c_int
+_sendmmsg = _LIBC.sendmmsg
+_sendmmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_Mmsghdr), ctypes.c_uint, ctypes.c_int]
+_sendmmsg.restype = ctypes.c_int
+
+
+def _mmsg_vector(messages: list[list[tuple[int, int]]]) -> tuple[Any, list[Any]]:
+    """An mmsghdr array, one message per list of (address, length) iovecs, and the ctypes
+    objects that must outlive the call."""
+    vec = (_Mmsghdr * len(messages))()
+    keep: list[Any] = [vec]
+    for i, iovs in enumerate(messages):
+        arr = (_Iovec * len(iovs))(*[_Iovec(addr, n) for addr, n in iovs])
+        keep.append(arr)
+        vec[i].msg_hdr.msg_iov = ctypes.cast(arr, ctypes.POINTER(_Iovec))
+        vec[i].msg_hdr.msg_iovlen = len(iovs)
+    return vec, keep
+
+
+def _raise_errno(what: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")  # EAGAIN makes a BlockingIOError
+
+
+def split(rng: random.Random, n: int, most: int) -> list[int]:
+    """n as 1..most positive parts."""
+    k = rng.randint(1, max(1, min(most, n)))
+    cuts = sorted(rng.sample(range(1, n), k - 1)) if k > 1 else []
+    return [b - a for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
 
 
 def netns_cookie(sock: socket.socket) -> int:
@@ -43,6 +127,22 @@ def netns_cookie(sock: socket.socket) -> int:
 def own_netns_cookie() -> int:
     with socket.socket() as probe:
         return netns_cookie(probe)
+
+
+@dataclass(frozen=True)
+class Cookies:
+    """The namespace cookies a connection's socket may report: this process's (the overlay) and
+    its host's (0: not given, then any other cookie counts as the host's)."""
+
+    own: int
+    host: int = 0
+
+    def on_host(self, cookie: int) -> bool:
+        if cookie == self.own:
+            return False
+        if self.host and cookie != self.host:
+            raise ValueError(f"socket of namespace cookie {cookie}: neither own nor the host's")
+        return True
 
 
 def endpoints(sock: socket.socket) -> str:
@@ -59,21 +159,29 @@ def stream(seed: int, direction: int, size: int) -> bytes:
 @dataclass
 class ConnResult:
     conn_id: int
+    seed: int = 0
     sent: int = 0
     received: int = 0
     expected: int = 0
     first_bad: int = -1
     error: str = ""
+    cookie_error: str = ""
     switched: bool = False
     done: bool = False
     started: float = field(default_factory=time.monotonic)
     endpoints: str = ""
     seconds: float = 0.0
+    # per call name: calls, bytes, calls made on the host socket, their bytes
+    io: dict[str, list[int]] = field(default_factory=lambda: {n: [0, 0, 0, 0] for n in CALLS})
 
     @property
     def ok(self) -> bool:
         return (
-            self.done and not self.error and self.first_bad < 0 and self.received == self.expected
+            self.done
+            and not self.error
+            and not self.cookie_error
+            and self.first_bad < 0
+            and self.received == self.expected
         )
 
 
@@ -102,21 +210,41 @@ class Plan:
             time.sleep(self.rng.random() * self.pause_max)
 
 
+class Violation(Exception):
+    """A call returned what its contract rules out (recorded in the result before raising)."""
+
+
 @dataclass
 class Side:
-    """One end of one connection: what it must send and what it must receive."""
+    """One end of one connection: what it must send and what it must receive, and the calls
+    that move it (each picks its entry point from `reads`/`writes` with the side's own RNGs)."""
 
     sock: socket.socket
     result: ConnResult
     out: bytes
     expect: bytes
     plan: Plan
+    cookies: Cookies
+    blocking: bool = True
+    reads: tuple[str, ...] = READ_CALLS
+    writes: tuple[str, ...] = WRITE_CALLS
     sent: int = 0
     got: int = 0
     wr_closed: bool = False
     eof: bool = False
     resume_at: float = 0.0
-    header: bytearray = field(default_factory=bytearray)
+    on_host: bool = False
+    last_read: str = ""  # the kind of the last read call, for the report of an early EOF
+    file: IO[bytes] | None = None
+    peer: Any = None
+    rrng: random.Random = field(default_factory=random.Random)
+    wrng: random.Random = field(default_factory=random.Random)
+
+    def seed_calls(self, seed: int) -> None:
+        self.rrng = random.Random(f"{seed}/read")
+        self.wrng = random.Random(f"{seed}/write")
+
+    # -- checking ----------------------------------------------------------------------------
 
     def check(self, data: bytes) -> None:
         end = self.got + len(data)
@@ -137,29 +265,217 @@ class Side:
             self.result.first_bad = offset
             self.result.error = self.result.error or f"{why} at byte {offset}"
 
-    def finish(self, own_cookie: int) -> None:
-        with contextlib.suppress(OSError):
-            self.result.switched = netns_cookie(self.sock) != own_cookie
+    def violation(self, why: str) -> Violation:
+        self.fail_at(self.got, why)
+        return Violation(why)
+
+    def host_now(self) -> bool:
+        """Whether the fd is the host connection now (once it is, it stays so)."""
+        if not self.on_host:
+            try:
+                self.on_host = self.cookies.on_host(netns_cookie(self.sock))
+            except (OSError, ValueError) as exc:
+                self.result.cookie_error = self.result.cookie_error or repr(exc)
+                raise
+        return self.on_host
+
+    def count(self, name: str, nbytes: int, host: bool) -> None:
+        c = self.result.io[name]
+        c[0] += 1
+        c[1] += nbytes
+        if host:
+            c[2] += 1
+            c[3] += nbytes
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read_once(self, want: int) -> bytes:
+        """One read call of a random kind for up to `want` bytes, checked: b"" at EOF.
+        BlockingIOError when a non-blocking socket has nothing yet."""
+        name = self.last_read = self.rrng.choice(self.reads)
+        host = self.host_now()
+        data = self._read(name, want)
+        self.count(name, len(data), host)
+        self.check(data)
+        return data
+
+    def _read(self, name: str, want: int) -> bytes:
+        fd = self.sock.fileno()
+        if name == "recv":
+            return self.sock.recv(want)
+        if name == "read":
+            return os.read(fd, want)
+        if name == "recvfrom":
+            return self.sock.recvfrom(want)[0]
+        if name in ("readv", "recvmsg"):
+            bufs = [bytearray(n) for n in split(self.rrng, want, 4)]
+            n = os.readv(fd, bufs) if name == "readv" else self.sock.recvmsg_into(bufs)[0]
+            return b"".join(bufs)[:n]
+        if name == "recvmmsg":
+            return self._recvmmsg(want)
+        if name == "waitall":
+            data = self.sock.recv(want, socket.MSG_WAITALL)
+            # Whole, unless the stream ends within it (a non-blocking socket ignores the flag).
+            if self.blocking and 0 < len(data) < want and self.got + len(data) != len(self.expect):
+                raise self.violation(f"MSG_WAITALL returned {len(data)} of {want} bytes")
+            return data
+        if name == "peek":
+            buf = bytearray(want)
+            n = self.sock.recvmsg_into([buf], 0, socket.MSG_PEEK)[0]
+            data = self._follow(want, f"a peek of {n} bytes")
+            if (n == 0) != (len(data) == 0) or data[:n] != buf[:n]:
+                raise self.violation(f"peeked {n} bytes, then read {len(data)} other ones")
+            return data
+        if name == "fionread":
+            avail = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))[0]
+            data = self._follow(want, f"FIONREAD {avail}") if avail > 0 else self._follow(want)
+            # What the fd's socket holds is the next read's, on either socket: the switch point
+            # is only taken once the overlay's bytes are all read. A 0 promises nothing: at the
+            # switch point it is the drained overlay's count while the host socket holds bytes.
+            if avail > 0 and len(data) < min(avail, want):
+                raise self.violation(f"FIONREAD said {avail}, then read {len(data)} of {want}")
+            return data
+        raise ValueError(f"no read call {name!r}")
+
+    def _follow(self, want: int, after: str = "") -> bytes:
+        """The read after a peek or FIONREAD, of a plain kind; EAGAIN is a violation `after`
+        something said bytes (or the end) were there."""
+        name = self.rrng.choice(tuple(n for n in PLAIN_READS if n in self.reads) or PLAIN_READS)
+        self.last_read += f" then {name}"
+        try:
+            return self._read(name, want)
+        except BlockingIOError:
+            if after:
+                raise self.violation(f"EAGAIN after {after}") from None
+            raise
+
+    def _recvmmsg(self, want: int) -> bytes:
+        buf = bytearray(want)
+        base = ctypes.addressof((ctypes.c_char * want).from_buffer(buf))
+        messages: list[list[tuple[int, int]]] = []
+        starts: list[int] = []
+        at = 0
+        for size in split(self.rrng, want, 3):
+            starts.append(at)
+            iovs = []
+            for part in split(self.rrng, size, 2):
+                iovs.append((base + at, part))
+                at += part
+            messages.append(iovs)
+        vec, _keep = _mmsg_vector(messages)
+        # A blocking socket would wait for every message: MSG_WAITFORONE stops after the first.
+        flags = MSG_WAITFORONE if self.blocking or self.rrng.random() < 0.5 else 0
+        rc = _recvmmsg(self.sock.fileno(), vec, len(messages), flags, None)
+        if rc < 0:
+            _raise_errno("recvmmsg")
+        lens = [int(vec[i].msg_len) for i in range(rc)]
+        data = b"".join(bytes(buf[starts[i] : starts[i] + lens[i]]) for i in range(rc))
+        # TCP fills the messages in stream order, and an empty one says the stream ended there
+        # (each further message of the call is empty too): an application stops reading.
+        if 0 in lens and (any(lens[lens.index(0) :]) or self.got + len(data) != len(self.expect)):
+            raise self.violation(f"recvmmsg: an empty message {lens} before the end")
+        return data
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def write_once(self, n: int) -> int:
+        """One write call of a random kind for up to the next n bytes of the stream: bytes
+        written. BlockingIOError when a non-blocking socket takes nothing now."""
+        name = self.wrng.choice(self.writes)
+        host = self.host_now()
+        done = self._write(name, self.sent, n)
+        if done <= 0:
+            raise self.violation(f"{name} of {n} bytes returned {done}")
+        self.count(name, done, host)
+        self.sent += done
+        return done
+
+    def _pieces(self, view: memoryview) -> list[memoryview]:
+        parts, at = [], 0
+        for size in split(self.wrng, len(view), 4):
+            parts.append(view[at : at + size])
+            at += size
+        return parts
+
+    def _write(self, name: str, at: int, n: int) -> int:
+        view = memoryview(self.out)[at : at + n]
+        fd = self.sock.fileno()
+        if name == "send":
+            return self.sock.send(view)
+        if name == "write":
+            return os.write(fd, view)
+        if name == "writev":
+            return os.writev(fd, self._pieces(view))
+        if name == "sendmsg":
+            return self.sock.sendmsg(self._pieces(view))
+        if name == "sendto":
+            if self.peer is None:
+                self.peer = self.sock.getpeername()
+            return self.sock.sendto(view, self.peer)
+        if name == "sendfile":
+            if self.file is None:
+                # The whole stream, written once: the socket keeps references to the file's
+                # pages until they are sent, so a page must never change after a sendfile.
+                self.file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by finish)
+                self.file.write(self.out)
+                self.file.flush()
+            return os.sendfile(fd, self.file.fileno(), at, n)  # short: the caller goes on
+        if name == "sendmmsg":
+            return self._sendmmsg(at, n)
+        raise ValueError(f"no write call {name!r}")
+
+    def _sendmmsg(self, at: int, n: int) -> int:
+        base = ctypes.cast(ctypes.c_char_p(self.out), ctypes.c_void_p).value
+        assert base is not None
+        messages: list[list[tuple[int, int]]] = []
+        sizes = split(self.wrng, n, 3)
+        pos = at
+        for size in sizes:
+            iovs = []
+            for part in split(self.wrng, size, 2):
+                iovs.append((base + pos, part))
+                pos += part
+            messages.append(iovs)
+        vec, _keep = _mmsg_vector(messages)
+        rc = _sendmmsg(self.sock.fileno(), vec, len(messages), 0)
+        if rc < 0:
+            _raise_errno("sendmmsg")
+        lens = [int(vec[i].msg_len) for i in range(rc)]
+        # A message sent in part and a later one sent at all would leave a hole in the stream.
+        if any(lens[i] != sizes[i] for i in range(rc - 1)):
+            raise self.violation(f"sendmmsg: message sent in part before others {lens} {sizes}")
+        return sum(lens)
+
+    def finish(self) -> None:
+        try:
+            self.result.switched = self.cookies.on_host(netns_cookie(self.sock))
+        except (OSError, ValueError) as exc:
+            # Evidence that cannot be read proves nothing: the connection fails.
+            self.result.cookie_error = self.result.cookie_error or repr(exc)
         if self.got != len(self.expect) and not self.result.error:
-            self.result.error = f"short stream: {self.got} of {len(self.expect)} bytes"
+            self.result.error = (
+                f"short stream: {self.got} of {len(self.expect)} bytes (EOF: {self.last_read})"
+            )
         self.result.sent = self.sent
         if not self.result.endpoints:
             self.result.endpoints = endpoints(self.sock)
         self.result.seconds = round(time.monotonic() - self.result.started, 4)
         self.result.done = True
+        if self.file is not None:
+            self.file.close()
         self.sock.close()
 
 
 # ---- blocking style: one reader and one writer thread per connection ----------------------
 
 
-def run_blocking(side: Side, own_cookie: int) -> None:
+def run_blocking(side: Side) -> None:
     def writer() -> None:
         try:
             while side.sent < len(side.out):
-                n = side.plan.chunk(len(side.out) - side.sent)
-                side.sock.sendall(side.out[side.sent : side.sent + n])
-                side.sent += n
+                end = side.sent + side.plan.chunk(len(side.out) - side.sent)
+                while side.sent < end:  # a short write: the next call, of any kind, goes on
+                    side.write_once(end - side.sent)
                 side.plan.maybe_pause()
             side.sock.shutdown(socket.SHUT_WR)
         except Exception as exc:  # any failure, the tool's own included, must fail the run
@@ -168,20 +484,12 @@ def run_blocking(side: Side, own_cookie: int) -> None:
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     try:
-        while True:
-            want = side.plan.chunk(MAX_CHUNK)
-            # MSG_WAITALL and MSG_PEEK are how real clients differ; both must survive a switch.
-            flags = socket.MSG_WAITALL if side.plan.rng.random() < 0.1 else 0
-            if side.plan.rng.random() < 0.05:
-                side.sock.recv(min(want, 16), socket.MSG_PEEK)
-            data = side.sock.recv(want, flags)
-            if not data:
-                break
-            side.check(data)
+        while side.read_once(side.plan.chunk(MAX_CHUNK)):
+            pass
     except Exception as exc:
         side.result.error = side.result.error or f"read: {exc!r}"
     thread.join()
-    side.finish(own_cookie)
+    side.finish()
 
 
 # ---- non-blocking styles: one event loop for all connections of this process ---------------
@@ -212,6 +520,7 @@ class Loop:
 
     def add(self, side: Side) -> None:
         side.sock.setblocking(False)
+        side.blocking = False
         with self.lock:
             self.sides[side.sock.fileno()] = side
         self._register(side.sock.fileno(), read=True, write=True)
@@ -223,10 +532,9 @@ class Loop:
         while side.sent < len(side.out):
             n = side.plan.chunk(len(side.out) - side.sent)
             try:
-                done = side.sock.send(side.out[side.sent : side.sent + n])
+                side.write_once(n)
             except BlockingIOError:
                 return
-            side.sent += done
             if side.plan.rng.random() < side.plan.pause_prob:
                 # A pause: stop asking for writability until it is over (_resume re-arms).
                 side.resume_at = time.monotonic() + side.plan.rng.random() * side.plan.pause_max
@@ -239,13 +547,12 @@ class Loop:
     def _pump_read(self, side: Side) -> None:
         while not side.eof:
             try:
-                data = side.sock.recv(side.plan.chunk(MAX_CHUNK))
+                data = side.read_once(side.plan.chunk(MAX_CHUNK))
             except BlockingIOError:
                 return
             if not data:
                 side.eof = True
                 return
-            side.check(data)
 
     def _resume(self) -> None:
         """Re-arm (MOD) writability for paused senders whose pause is over."""
@@ -257,7 +564,7 @@ class Loop:
             if not side.wr_closed:  # more to send, or at least the half-close after the last
                 self.poller.modify(side.sock.fileno(), self._mask(read=True, write=True))
 
-    def run(self, own_cookie: int, until: Callable[[], bool], deadline: float) -> None:
+    def run(self, until: Callable[[], bool], deadline: float) -> None:
         while not until() and time.monotonic() < deadline:
             self._resume()
             events = self.poller.poll(2 if self.style == "poll" else 0.002)
@@ -281,7 +588,7 @@ class Loop:
                     self.poller.unregister(fd)
                     with self.lock:
                         del self.sides[fd]
-                    side.finish(own_cookie)
+                    side.finish()
                 elif side.sent >= len(side.out):
                     self.poller.modify(fd, self._mask(read=True, write=False))
 
@@ -306,9 +613,46 @@ def sizes_for(rng: random.Random, max_bytes: int) -> int:
     return rng.randint(65536, max_bytes)
 
 
-def summarize(role: str, results: list[ConnResult], started: float, expected_conns: int) -> int:
+def new_side(
+    sock: socket.socket,
+    result: ConnResult,
+    out: bytes,
+    expect: bytes,
+    plan: Plan,
+    cookies: Cookies,
+    args: argparse.Namespace,
+) -> Side:
+    side = Side(sock, result, out, expect, plan, cookies)
+    side.reads = tuple(n for n in args.calls if n in READ_CALLS) or READ_CALLS
+    side.writes = tuple(n for n in args.calls if n in WRITE_CALLS) or WRITE_CALLS
+    side.seed_calls(result.seed)
+    return side
+
+
+def io_totals(results: list[ConnResult]) -> dict[str, dict[str, int]]:
+    """Per call name: calls and bytes; those of connections that ended switched; those made on
+    the host socket."""
+    keys = ("calls", "bytes", "host_calls", "host_bytes", "switched_calls", "switched_bytes")
+    totals = {name: dict.fromkeys(keys, 0) for name in CALLS}
+    for r in results:
+        for name, (calls, nbytes, host_calls, host_bytes) in r.io.items():
+            t = totals[name]
+            t["calls"] += calls
+            t["bytes"] += nbytes
+            t["host_calls"] += host_calls
+            t["host_bytes"] += host_bytes
+            if r.switched:
+                t["switched_calls"] += calls
+                t["switched_bytes"] += nbytes
+    return totals
+
+
+def summarize(
+    role: str, results: list[ConnResult], started: float, expected_conns: int, seed: int | None
+) -> int:
     bad = [r for r in results if not r.ok]
     missing = expected_conns - len(results)
+    io = io_totals(results)
     summary = {
         "role": role,
         "connections": len(results),
@@ -316,6 +660,12 @@ def summarize(role: str, results: list[ConnResult], started: float, expected_con
         "bad": len(bad),
         "missing": missing,
         "switched": sum(r.switched for r in results),
+        "cookie_errors": sum(bool(r.cookie_error) for r in results),
+        "seed": seed,
+        "io": io,
+        # Bytes this end wrote / read with calls made once its fd was the host connection.
+        "host_sent": sum(io[n]["host_bytes"] for n in WRITE_CALLS),
+        "host_received": sum(io[n]["host_bytes"] for n in READ_CALLS),
         "bytes": sum(r.sent + r.received for r in results),
         "seconds": round(time.monotonic() - started, 3),
         # Never connected (connect() itself failed), with their errors: these carry no byte.
@@ -328,7 +678,7 @@ def summarize(role: str, results: list[ConnResult], started: float, expected_con
 
 
 def serve(args: argparse.Namespace) -> int:
-    own = own_netns_cookie()
+    cookies = Cookies(own_netns_cookie(), args.host_cookie)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.bind, args.port))
@@ -342,7 +692,7 @@ def serve(args: argparse.Namespace) -> int:
     if loop is not None:
         loop_thread = threading.Thread(
             target=loop.run,
-            args=(own, lambda: len(results) == args.connections and not loop.sides, deadline),
+            args=(lambda: len(results) == args.connections and not loop.sides, deadline),
             daemon=True,
         )
         loop_thread.start()
@@ -368,12 +718,14 @@ def serve(args: argparse.Namespace) -> int:
         if magic != MAGIC:
             print(json.dumps({"role": "server", "error": "bad header"}), flush=True)
             return 1
-        result = ConnResult(conn_id, expected=c2s, endpoints=endpoints(conn))
+        result = ConnResult(conn_id, seed ^ 0x5EED, expected=c2s, endpoints=endpoints(conn))
         results.append(result)
-        plan = make_plan(seed ^ 0x5EED, conn_id, args)
-        side = Side(conn, result, stream(seed, 1, s2c), stream(seed, 0, c2s), plan)
+        plan = make_plan(result.seed, conn_id, args)
+        side = new_side(
+            conn, result, stream(seed, 1, s2c), stream(seed, 0, c2s), plan, cookies, args
+        )
         if loop is None:
-            t = threading.Thread(target=run_blocking, args=(side, own), daemon=True)
+            t = threading.Thread(target=run_blocking, args=(side,), daemon=True)
             t.start()
             threads.append(t)
         else:
@@ -385,11 +737,11 @@ def serve(args: argparse.Namespace) -> int:
     for r in results:
         if not r.done:
             r.error = r.error or "hung past the deadline"
-    return summarize("server", results, started, args.connections)
+    return summarize("server", results, started, args.connections, None)
 
 
 def client(args: argparse.Namespace) -> int:
-    own = own_netns_cookie()
+    cookies = Cookies(own_netns_cookie(), args.host_cookie)
     rng = random.Random(args.seed)
     results: list[ConnResult] = []
     threads: list[threading.Thread] = []
@@ -400,7 +752,6 @@ def client(args: argparse.Namespace) -> int:
         loop_thread = threading.Thread(
             target=loop.run,
             args=(
-                own,
                 lambda: all(r.done for r in results) and len(results) == args.connections,
                 deadline,
             ),
@@ -414,7 +765,7 @@ def client(args: argparse.Namespace) -> int:
             time.sleep(0.002)
         seed = rng.getrandbits(48)
         c2s, s2c = sizes_for(rng, args.max_bytes), sizes_for(rng, args.max_bytes)
-        result = ConnResult(conn_id, expected=s2c)
+        result = ConnResult(conn_id, seed, expected=s2c)
         try:
             source = (args.source, 0) if args.source else None
             sock = socket.create_connection((args.host, args.port), 10, source)
@@ -433,9 +784,11 @@ def client(args: argparse.Namespace) -> int:
             sock.close()
             continue
         plan = make_plan(seed, conn_id, args)
-        side = Side(sock, result, stream(seed, 0, c2s), stream(seed, 1, s2c), plan)
+        side = new_side(
+            sock, result, stream(seed, 0, c2s), stream(seed, 1, s2c), plan, cookies, args
+        )
         if loop is None:
-            t = threading.Thread(target=run_blocking, args=(side, own), daemon=True)
+            t = threading.Thread(target=run_blocking, args=(side,), daemon=True)
             t.start()
             threads.append(t)
         else:
@@ -447,7 +800,15 @@ def client(args: argparse.Namespace) -> int:
     for r in results:
         if not r.done:
             r.error = r.error or "hung past the deadline"
-    return summarize("client", results, started, args.connections)
+    return summarize("client", results, started, args.connections, args.seed)
+
+
+def calls_arg(text: str) -> tuple[str, ...]:
+    names = tuple(n for n in text.split(",") if n)
+    unknown = [n for n in names if n not in CALLS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown calls {unknown}; known: {','.join(CALLS)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,6 +822,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=float, default=120.0, help="hang bound, seconds")
         p.add_argument("--pause", type=float, default=0.02, help="chance of a pause per chunk")
         p.add_argument("--max-chunk", type=int, default=MAX_CHUNK)
+        p.add_argument(
+            "--host-cookie",
+            type=int,
+            default=0,
+            help="SO_NETNS_COOKIE of the host namespace (else any other than our own counts)",
+        )
+        p.add_argument(
+            "--calls",
+            type=calls_arg,
+            default=CALLS,
+            help=f"comma-separated data calls to pick from (default all: {','.join(CALLS)})",
+        )
     sub.choices["server"].add_argument("--bind", default="0.0.0.0")
     c = sub.choices["client"]
     c.add_argument("--host", required=True)

@@ -1,7 +1,13 @@
 """The integrity torture test across the testbed: every byte of many concurrent full-duplex
 connections checked end to end while they switch (src/shuntflow/torture.py does the checking).
 
-The short variants run in CI; `pytest --long` adds the long run (>= 10,000 connections).
+Every data call of the pair picks one of the library's entry points at random; each run must
+have moved bytes through every one of them on connections that ended switched, with calls made
+on the host socket itself. The kernels' counters of both paths (`PathBytes`) must account for
+the bytes: those the pair moved on the host socket crossed the host path, and every byte crossed
+one path or the other.
+
+The short variants run in CI; `pytest --long` adds the long run (>= 10,000 switched connections).
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from typing import Any
 
 import pytest
 
+from shuntflow import torture
 from shuntflow.router import control
-from shuntflow.testbed import Testbed
+from shuntflow.testbed import Testbed, nsutil
 
-from .apps import mode_env
+from .apps import PathBytes, assert_path, install_path_counters, mode_env, read_path
 
 pytestmark = pytest.mark.root
 
@@ -40,11 +47,14 @@ def run_torture(
     timeout: float = 120,
     server_program: Sequence[str] = ("-m", "shuntflow.torture"),
     server_log: Path | None = None,
+    calls: Sequence[str] = torture.CALLS,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The torture pair, client in <prefix>-h1-c1 and server in <prefix>-h2-c1, both in `mode`;
     the server as `python <server_program> server ...` (a script that prepares the process, then
-    runs shuntflow.torture), its library logging to `server_log`. Their two summaries."""
+    runs shuntflow.torture), its library logging to `server_log`; `calls`: the data calls the
+    pair picks from. Their two summaries."""
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    cookie = {h.index: host_netns_cookie(h.netns) for h in tb.hosts}
     common = [
         "--port",
         str(port),
@@ -54,10 +64,19 @@ def run_torture(
         style,
         "--timeout",
         str(timeout),
+        "--calls",
+        ",".join(calls),
     ]
     server = tb.popen(
         server_c,
-        [sys.executable, *server_program, "server", *common],
+        [
+            sys.executable,
+            *server_program,
+            "server",
+            *common,
+            "--host-cookie",
+            str(cookie[server_c.host_index]),
+        ],
         env=mode_env(tb, server_c, mode, threshold, log=server_log),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -84,6 +103,8 @@ def run_torture(
                 str(concurrency),
                 "--seed",
                 str(port),
+                "--host-cookie",
+                str(cookie[client_c.host_index]),
             ],
             env=mode_env(tb, client_c, mode, threshold),
             timeout=timeout + 30,
@@ -101,12 +122,95 @@ def run_torture(
     )
 
 
+def host_netns_cookie(netns: str) -> int:
+    """SO_NETNS_COOKIE of a socket made in `netns`: what a switched connection's socket reports.
+    In-process (a thread enters the namespace): the tests that time a fault from before
+    run_torture must not wait for a probe process."""
+    return int(nsutil.in_netns(netns, torture.own_netns_cookie))
+
+
 def assert_intact(summary: dict[str, Any], connections: int) -> None:
     assert summary["missing"] == 0, summary
-    assert summary["bad"] == 0, [
-        (f["conn_id"], f["endpoints"], f["error"], f["first_bad"]) for f in summary["failures"]
-    ]
+    assert summary["bad"] == 0, (
+        f"seed {summary.get('seed')}",
+        [
+            (f["conn_id"], f["seed"], f["endpoints"], f["error"], f["cookie_error"], f["first_bad"])
+            for f in summary["failures"]
+        ],
+    )
     assert summary["ok"] == connections
+    assert summary["cookie_errors"] == 0
+
+
+def assert_every_call(summary: dict[str, Any]) -> None:
+    """Every entry point moved bytes on connections that ended switched, and with calls made
+    once the fd was the host connection (else the run proves nothing about it across a switch)."""
+    for name in torture.CALLS:
+        io = summary["io"][name]
+        assert io["switched_bytes"] > 0 and io["host_bytes"] > 0, (summary["role"], name, io)
+
+
+def tcp_retransmits(tb: Testbed) -> int:
+    """Segments the containers' TCP stacks (the overlay sockets) retransmitted so far."""
+    total = 0
+    for h in tb.hosts:
+        for c in h.containers:
+            snmp = tb.run(c, ["cat", "/proc/net/snmp"], capture_output=True, text=True).stdout
+            names, values = [line.split() for line in snmp.splitlines() if line.startswith("Tcp:")]
+            total += int(values[names.index("RetransSegs")])
+    return total
+
+
+@dataclass
+class Paths:
+    """What the kernels counted on both paths during one torture run."""
+
+    sent: PathBytes  # by all hosts, on each path
+    overlay_retransmits: int
+
+
+def run_counted(
+    tb: Testbed, *args: Any, **kwargs: Any
+) -> tuple[dict[str, Any], dict[str, Any], Paths]:
+    """run_torture, and what the paths carried meanwhile."""
+    install_path_counters(tb)
+    before, retrans = read_path(tb), tcp_retransmits(tb)
+    client, server = run_torture(tb, *args, **kwargs)
+    paths = Paths(read_path(tb) - before, tcp_retransmits(tb) - retrans)
+    return client, server, paths
+
+
+# The overlay's TCP MSS (MTU 1450 less the IP and TCP headers), what one retransmitted segment
+# adds to the overlay's payload at most.
+OVERLAY_MSS = 1450 - 40
+# The payload estimate of a SYN or SYN-ACK counts its 8 option bytes beyond the timestamps.
+SYN_SLACK = 2 * 8
+
+
+def assert_paths_carried(client: dict[str, Any], server: dict[str, Any], paths: Paths) -> None:
+    """The kernels' path counters against the bytes the pair moved (client["bytes"]: both
+    directions, every byte checked)."""
+    d, conns = paths.sent, client["connections"]
+    payload = client["bytes"]
+    # Bytes an end wrote with a call made once its fd was the host socket, or read so, were on
+    # no other path; per direction the larger of writer's and reader's count is proven.
+    on_host = max(client["host_sent"], server["host_received"]) + max(
+        server["host_sent"], client["host_received"]
+    )
+    assert on_host > 0, (client["host_sent"], server["host_sent"])
+    assert d.host_payload >= on_host, f"host path carried {d}, {on_host} bytes were moved on it"
+    # Each byte crosses exactly one path (the overlay up to the writer's S, the host path after
+    # it), so payload <= overlay + host; both counters only add headers' slack and retransmits.
+    assert d.overlay_payload + d.host_payload >= payload, f"{d}: {payload} bytes moved"
+    # The overlay carried none of the bytes proven on the host path: at most the rest, plus each
+    # connection's header and SYN options, plus what its retransmits repeated.
+    most = (
+        payload
+        - on_host
+        + conns * (torture.HEADER.size + SYN_SLACK)
+        + paths.overlay_retransmits * OVERLAY_MSS
+    )
+    assert d.overlay_payload <= most, f"VXLAN carried {d}, at most {most} expected"
 
 
 def long_lived(summary: dict[str, Any], min_seconds: float) -> list[bool]:
@@ -131,9 +235,12 @@ def test_torture_shuntflow(testbed: Testbed, style: str, threshold: int) -> None
     port = 7700 + {"blocking": 1, "epoll": 2, "epoll-et": 3, "poll": 4}[style]
     reported_before = switch_times_reported(testbed)
     calls_before = switch_calls_reported(testbed)
-    client, server = run_torture(testbed, "shuntflow", style, threshold, 120, port)
+    client, server, paths = run_counted(testbed, "shuntflow", style, threshold, 120, port)
     assert_intact(client, 120)
     assert_intact(server, 120)
+    assert_every_call(client)
+    assert_every_call(server)
+    assert_paths_carried(client, server, paths)
     # A connection that lived 150 ms crossed its threshold long before: it must
     # have ended on the host path, on both ends.
     for summary in (client, server):
@@ -205,23 +312,30 @@ def switch_times_reported(tb: Testbed) -> int:
 
 
 def test_torture_slim(testbed: Testbed) -> None:
-    client, server = run_torture(testbed, "slim", "epoll", 1, 60, 7711)
+    client, server, paths = run_counted(testbed, "slim", "epoll", 1, 60, 7711)
     assert_intact(client, 60)
     assert_intact(server, 60)
     assert client["switched"] == 60 and server["switched"] == 60
+    # Switched at connect: every byte on the host path, the overlay only set up and torn down.
+    assert_path("slim", PathBytes(), paths.sent, client["bytes"], 60, setup=True)
 
 
 def test_torture_overlay_mode_never_switches(testbed: Testbed) -> None:
-    client, server = run_torture(testbed, "overlay", "blocking", 1, 40, 7712)
+    client, server, paths = run_counted(testbed, "overlay", "blocking", 1, 40, 7712)
     assert_intact(client, 40)
     assert_intact(server, 40)
     assert client["switched"] == 0 and server["switched"] == 0
+    assert client["host_sent"] == server["host_sent"] == 0
+    assert_path("overlay", PathBytes(), paths.sent, client["bytes"], 40)
 
 
 @pytest.mark.long
-@pytest.mark.parametrize(("style", "n"), [("epoll", 24000), ("blocking", 6000)])
-def test_torture_long(testbed: Testbed, style: str, n: int) -> None:
-    client, server = run_torture(
+@pytest.mark.timeout(1800)  # the pair's own hang bound is 1500 s
+@pytest.mark.parametrize(
+    ("style", "n", "min_switched"), [("epoll", 24000, 10_000), ("blocking", 6000, 0)]
+)
+def test_torture_long(testbed: Testbed, style: str, n: int, min_switched: int) -> None:
+    client, server, paths = run_counted(
         testbed,
         "shuntflow",
         style,
@@ -232,10 +346,16 @@ def test_torture_long(testbed: Testbed, style: str, n: int) -> None:
         concurrency=48,
         timeout=1500,
     )
-    assert_intact(client, n)
-    assert_intact(server, n)
+    calls = {name: io["calls"] for name, io in client["io"].items()}
     print(
         f"\nlong torture {style}: {client['connections']} connections, "
         f"{client['switched']} switched, {client['bytes']} bytes checked, "
-        f"{client['seconds']} s, bad {client['bad'] + server['bad']}"
+        f"{client['seconds']} s, bad {client['bad'] + server['bad']}, {paths}, "
+        f"client calls {calls}"
     )
+    assert_intact(client, n)
+    assert_intact(server, n)
+    assert_every_call(client)
+    assert_every_call(server)
+    assert_paths_carried(client, server, paths)
+    assert client["switched"] >= min_switched and server["switched"] >= min_switched
