@@ -460,10 +460,12 @@ class Side:
         if not self.result.endpoints:
             self.result.endpoints = endpoints(self.sock)
         self.result.seconds = round(time.monotonic() - self.result.started, 4)
-        self.result.done = True
         if self.file is not None:
             self.file.close()
         self.sock.close()
+        # Done only once its fds are closed: the client's next connection may take their place
+        # (with `--concurrency 1` at the fd limit, one fd is all it has).
+        self.result.done = True
 
 
 # ---- blocking style: one reader and one writer thread per connection ----------------------

@@ -213,15 +213,6 @@ def assert_paths_carried(client: dict[str, Any], server: dict[str, Any], paths: 
     assert d.overlay_payload <= most, f"VXLAN carried {d}, at most {most} expected"
 
 
-def long_lived(summary: dict[str, Any], min_seconds: float) -> list[bool]:
-    """Whether each connection that lived at least min_seconds ended on the host path."""
-    return [
-        switched
-        for _sent, _received, switched, seconds in summary["per_conn"].values()
-        if seconds >= min_seconds
-    ]
-
-
 @pytest.mark.parametrize(
     ("style", "threshold"),
     [
@@ -241,14 +232,9 @@ def test_torture_shuntflow(testbed: Testbed, style: str, threshold: int) -> None
     assert_every_call(client)
     assert_every_call(server)
     assert_paths_carried(client, server, paths)
-    # A connection that lived 150 ms crossed its threshold long before: it must
-    # have ended on the host path, on both ends.
-    for summary in (client, server):
-        lived = long_lived(summary, 0.15)
-        assert lived and all(lived), f"{lived.count(False)} of {len(lived)} stayed on the overlay"
     # Every switched connection had at least one end whose threshold started it, and that end
     # reported its switch time (threshold -> first byte on the host path) to its router.
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 30  # a wait for the reports, not a bound on their speed
     while switch_times_reported(testbed) - reported_before < client["switched"]:
         assert time.monotonic() < deadline, (reported_before, switch_times_reported(testbed))
         time.sleep(0.05)
@@ -259,7 +245,7 @@ def test_torture_shuntflow(testbed: Testbed, style: str, threshold: int) -> None
     # handed a host connection (a swap can land just as the application closes the connection,
     # after torture looked at it: a completed switch torture counts as not switched).
     ends = client["switched"] + server["switched"]
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while switch_calls_reported(testbed).count - calls_before.count < ends:
         assert time.monotonic() < deadline, (ends, calls_before, switch_calls_reported(testbed))
         time.sleep(0.05)
