@@ -280,6 +280,8 @@ class Builder:
             str(h.router_log),
             "--cluster-key",
             str(cluster_key_path(self.prefix)),
+            "--metrics",
+            h.metrics_address,
             *self.router_args,
         ]
 

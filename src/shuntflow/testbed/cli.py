@@ -148,6 +148,8 @@ def _print_status(s: dict[str, Any]) -> None:
             router = "not started"
         else:
             router = f"pid {h['router_pid']} " + ("alive" if h["router_alive"] else "NOT RUNNING")
+            if h.get("metrics_url"):
+                router += f", metrics {h['metrics_url']}"
         missing = "" if h["netns_present"] else "  (namespace MISSING)"
         typer.echo(
             f"  host      {h['netns']:<14} {h['underlay_ip']:<15} vxlan {h['vxlan_dev']}"

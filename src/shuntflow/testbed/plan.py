@@ -25,6 +25,9 @@ OVERLAY_MTU = 1450
 UNDERLAY_NET = "198.18.0.0/16"
 OVERLAY_NET = "198.19.0.0/16"
 PREFIX_LEN = 16
+# Each router's Prometheus endpoint, on its host's underlay address (one per namespace, so the
+# same port on every host).
+METRICS_PORT = 9477
 
 # Interface names are limited to 15 bytes; the longest we make is "<8 chars>-ulbr" (13).
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
@@ -177,6 +180,14 @@ class Host:
     @property
     def run_dir(self) -> Path:
         return self.router_socket.parent
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.underlay_ip}:{METRICS_PORT}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_address}/metrics"
 
     @property
     def router_log(self) -> Path:

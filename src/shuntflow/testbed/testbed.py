@@ -269,6 +269,8 @@ class Testbed:
                     "router_log": str(h.router_log),
                     "router_pid": pid,
                     "router_alive": build.router_alive(pid),
+                    # Reached from the host's namespace (or another host's, over the underlay).
+                    "metrics_url": h.metrics_url if self._state.get("routers") else None,
                     "containers": [
                         {
                             "name": c.name,
