@@ -107,6 +107,12 @@ def container_args_command(
         str,
         typer.Option("--overlay", metavar="CIDR", help="Switchable addresses: the pod network."),
     ] = OVERLAY_CIDR,
+    musl: Annotated[
+        bool,
+        typer.Option(
+            "--musl", help="Mount the musl build (libshuntflow-musl.so), for Alpine-based images."
+        ),
+    ] = False,
     library: Annotated[
         Path | None,
         typer.Option("--library", help="A library file to mount instead of the installed one."),
@@ -140,6 +146,8 @@ def container_args_command(
             except TestbedError as e:
                 raise ArgsError(str(e)) from None
             socket, netns = tb.host(c.host_index).router_socket, c.netns
+        if library is None and musl:
+            library = library_path(musl=True)
         words = container_args(modes[mode], socket, library, threshold, overlay, netns, log)
     except (ArgsError, LibraryMissing) as e:
         typer.echo(f"shuntflow container-args: error: {e}", err=True)

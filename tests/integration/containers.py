@@ -93,3 +93,20 @@ def podman_rm(name: str) -> None:
 
 def same_ns(pid: int, kind: str, other: str | Path) -> bool:
     return Path(f"/proc/{pid}/ns/{kind}").stat().st_ino == Path(other).stat().st_ino
+
+
+MUSL_LOADER = "/lib/ld-musl-x86_64.so.1"
+
+
+def musl_rootfs(root: Path, programs: dict[str, Path]) -> Path:
+    """`root` with musl's loader (which is also its libc) and `programs` {path in root: file}:
+    what an Alpine-based image holds for a dynamically linked C program, and no glibc at all."""
+    _copy(MUSL_LOADER, root)
+    for inside, built in programs.items():
+        dest = root / inside.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, dest)
+    for d in ("tmp", "etc", "proc", "dev", "sys", "run"):
+        (root / d).mkdir(exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    return root
