@@ -15,6 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shuntflow.router.control import query
+from shuntflow.testbed import Testbed
+
 SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
 
 
@@ -110,3 +113,11 @@ def musl_rootfs(root: Path, programs: dict[str, Path]) -> Path:
         (root / d).mkdir(exist_ok=True)
     (root / "tmp").chmod(0o1777)
     return root
+
+
+def switches_served(tb: Testbed) -> int:
+    """Switches both routers served (each switch counts once on each)."""
+    return sum(
+        int(query(h.router_socket.with_name("router.sock.ctl"))["router"]["switches_served"])
+        for h in tb.hosts
+    )

@@ -10,16 +10,20 @@
 # on the event loop (run_coroutine_threadsafe), so every figure is read on the loop thread,
 # consistent with itself, with no lock added to the router.
 
+# prometheus-client is imported only where a router serves metrics: every `shuntflow` command
+# loads this module (for parse_address, through the router's config), and the import costs them
+# a fifth of a second.
+
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
 
 NAMESPACE = "shuntflow"
 # Switch times run from ~0.5 ms (warm, idle) to tens of ms (a starved agent thread); the
@@ -67,10 +71,14 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
     return CounterMetricFamily(f"{NAMESPACE}_{name}", doc, labels=labels)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=labels)
 
 
@@ -189,7 +197,9 @@ def families(status: dict[str, Any]) -> list[Metric]:
     return out
 
 
-class _StatusCollector(Collector):
+class _StatusCollector:
+    """A prometheus-client collector (collect/describe) over the router's status()."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop, source: Callable[[], Awaitable[Any]]):
         self.loop = loop
         self.source = source
@@ -215,6 +225,8 @@ class RouterMetrics:
         loop: asyncio.AbstractEventLoop,
         status: Callable[[], Awaitable[dict[str, Any]]],
     ) -> None:
+        from prometheus_client import CollectorRegistry, Histogram
+
         self.host, self.port = parse_address(address)
         self.registry = CollectorRegistry(auto_describe=False)
         self.switch_seconds = Histogram(
@@ -225,12 +237,14 @@ class RouterMetrics:
             buckets=SWITCH_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StatusCollector(loop, status))
+        self.registry.register(cast("Collector", _StatusCollector(loop, status)))
         self._server: Any = None
         self._thread: Any = None
 
     def start(self) -> None:
         """Listen; OSError (address in use, not this host's) goes to the caller."""
+        from prometheus_client import start_http_server
+
         self._server, self._thread = start_http_server(
             self.port, addr=self.host, registry=self.registry
         )

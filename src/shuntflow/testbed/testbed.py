@@ -15,9 +15,11 @@ from shuntflow.testbed.plan import (
     DEFAULT_HOSTS,
     DEFAULT_LAYOUT,
     DEFAULT_PREFIX,
+    FLANNEL_PORT,
     MAX_CONTAINERS,
     MAX_HOSTS,
     RUN_ROOT,
+    VXLAN_PORT,
     Container,
     Host,
     TestbedError,
@@ -174,6 +176,11 @@ class Testbed:
     @property
     def layout(self) -> str:
         return str(self._state.get("layout", DEFAULT_LAYOUT))
+
+    @property
+    def vxlan_port(self) -> int:
+        """The UDP port the overlay's VXLAN packets go to."""
+        return FLANNEL_PORT if self.layout == "flannel" else VXLAN_PORT
 
     @property
     def underlay_netns(self) -> str:
