@@ -1,7 +1,8 @@
 """Builds the C preload library as part of every install, so nobody runs a compiler by hand.
 
-`pip install .` runs build_py, which runs `make -C preload` and ships libshuntflow.so inside the
-package (shuntflow/_native/); shuntflow.native finds it there.
+`pip install .` runs build_py, which runs `make -C preload` and ships libshuntflow.so (and
+libshuntflow-musl.so, where musl-gcc is installed) inside the package (shuntflow/_native/);
+shuntflow.native finds them there.
 """
 
 import os
@@ -21,8 +22,12 @@ class BuildWithPreload(build_py):
         subprocess.run(["make", "-C", str(ROOT / "preload")], check=True)
         target = Path(self.build_lib) / "shuntflow" / "_native"
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / "preload" / "build" / "libshuntflow.so", target / "libshuntflow.so")
-        os.chmod(target / "libshuntflow.so", 0o755)
+        # libshuntflow-musl.so is built where musl-gcc is installed (scripts/setup.sh installs it).
+        for name in ("libshuntflow.so", "libshuntflow-musl.so"):
+            built = ROOT / "preload" / "build" / name
+            if built.exists():
+                shutil.copy2(built, target / name)
+                os.chmod(target / name, 0o755)
 
 
 setup(cmdclass={"build_py": BuildWithPreload})

@@ -30,6 +30,24 @@
 
 #include "sf_wire.h"
 
+/* musl (the library's second build, for Alpine-based containers) differs from glibc in what the
+ * wrappers see: the mmsg calls take unsigned flags, ioctl an int request, and with _GNU_SOURCE
+ * its headers make the
+ * LFS64 names (sendfile64, fcntl64) macros for the plain ones. Undefined here, those names stay
+ * our own wrappers and table entries; musl has no such symbols, so they resolve to NULL and
+ * core.c falls back to the plain calls, which are 64-bit there anyway. */
+#ifdef __GLIBC__
+typedef int sf_mmsg_flags;
+typedef unsigned long sf_ioctl_req;
+#else
+typedef unsigned sf_mmsg_flags;
+typedef int sf_ioctl_req;
+#include <fcntl.h>
+#include <sys/sendfile.h>
+#undef sendfile64
+#undef fcntl64
+#endif
+
 #define SF_EXPORT __attribute__((visibility("default")))
 #define SF_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define SF_LIKELY(x) __builtin_expect(!!(x), 1)
@@ -55,7 +73,7 @@ struct sf_real {
     int (*dup3)(int, int, int);
     int (*fcntl)(int, int, ...);
     int (*fcntl64)(int, int, ...);
-    int (*ioctl)(int, unsigned long, ...);
+    int (*ioctl)(int, sf_ioctl_req, ...);
     ssize_t (*read)(int, void *, size_t);
     ssize_t (*write)(int, const void *, size_t);
     ssize_t (*readv)(int, const struct iovec *, int);
@@ -66,8 +84,8 @@ struct sf_real {
     ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
     ssize_t (*recvmsg)(int, struct msghdr *, int);
     ssize_t (*sendmsg)(int, const struct msghdr *, int);
-    int (*recvmmsg)(int, struct mmsghdr *, unsigned, int, struct timespec *);
-    int (*sendmmsg)(int, struct mmsghdr *, unsigned, int);
+    int (*recvmmsg)(int, struct mmsghdr *, unsigned, sf_mmsg_flags, struct timespec *);
+    int (*sendmmsg)(int, struct mmsghdr *, unsigned, sf_mmsg_flags);
     ssize_t (*sendfile)(int, int, off_t *, size_t);
     ssize_t (*sendfile64)(int, int, off_t *, size_t);
     ssize_t (*splice)(int, off_t *, int, off_t *, size_t, unsigned);

@@ -370,7 +370,7 @@ SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     return io_write(c, &op);
 }
 
-SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags,
+SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags flags,
                        struct timespec *timeout) {
     sf_ensure_init();
     struct sf_conn *c = sf_tracked(fd);
@@ -384,7 +384,7 @@ SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags,
     return (int)io_read(c, &op, want, 0);
 }
 
-SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, int flags) {
+SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags flags) {
     sf_ensure_init();
     struct sf_conn *c = sf_tracked(fd);
     if (c == NULL)

@@ -362,7 +362,7 @@ SF_EXPORT int fcntl64(int fd, int cmd, ...) {
     return fcntl_common(fd, cmd, arg, real.fcntl64);
 }
 
-SF_EXPORT int ioctl(int fd, unsigned long request, ...) {
+SF_EXPORT int ioctl(int fd, sf_ioctl_req request, ...) {
     sf_ensure_init();
     va_list ap;
     va_start(ap, request);

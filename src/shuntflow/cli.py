@@ -1,4 +1,4 @@
-"""The one entry point: `shuntflow testbed|exec|router|status|bench|demo`.
+"""The one entry point: `shuntflow testbed|exec|router|status|bench|demo|container-args`.
 
 Each part owns its commands (testbed/cli.py, router/cli.py, bench/cli.py); this file only
 assembles them, so the folder listing and `shuntflow --help` show the same architecture.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from shuntflow import __version__
+from shuntflow import runtime as runtime_cli
 from shuntflow.bench import cli as bench_cli
 from shuntflow.router import cli as router_cli
 from shuntflow.testbed import cli as testbed_cli
@@ -43,6 +44,7 @@ app.command("router")(router_cli.router_command)
 app.command("status")(router_cli.status_command)
 app.command("bench")(bench_cli.bench_command)
 app.command("demo")(bench_cli.demo_command)
+app.command("container-args")(runtime_cli.container_args_command)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,19 @@ class LibraryMissing(RuntimeError):
     pass
 
 
-def library_path() -> Path:
-    """The installed libshuntflow.so; SHUNTFLOW_LIBRARY overrides it (a library built in place)."""
+def library_path(musl: bool = False) -> Path:
+    """The installed libshuntflow.so; SHUNTFLOW_LIBRARY overrides it (a library built in place).
+
+    `musl`: libshuntflow-musl.so, the build for musl-based containers (e.g. Alpine), made where
+    musl-gcc was installed when the package was (Debian's musl-tools)."""
+    if musl:
+        path = Path(__file__).parent / "_native" / "libshuntflow-musl.so"
+        if not path.is_file():
+            raise LibraryMissing(
+                f"musl build of the library not found at {path}; install musl-gcc (Debian: "
+                "musl-tools) and reinstall the package (`pip install .`)"
+            )
+        return path
     override = os.environ.get("SHUNTFLOW_LIBRARY")
     path = Path(override) if override else Path(__file__).parent / "_native" / "libshuntflow.so"
     if not path.is_file():

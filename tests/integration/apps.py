@@ -2,9 +2,9 @@
 
 The path is proved from the kernel, never from the project's own word (its counters or logs):
 - nftables counters in each host namespace's output hook count what the host sent on each path:
-  VXLAN-encapsulated packets (UDP 4789) for the overlay, TCP on the routers' peer port for the
-  host path (`PathBytes`). A switched connection's bytes after its switch point cross only the
-  host path; a connection left on the overlay never touches it.
+  VXLAN-encapsulated packets (UDP 4789; 8472 in the flannel layout) for the overlay, TCP on the
+  routers' peer port for the host path (`PathBytes`). A switched connection's bytes after its
+  switch point cross only the host path; a connection left on the overlay never touches it.
 - sockets in the host namespaces: a switched connection is an established TCP connection between
   two underlay addresses on the routers' peer port, held by the application (`ss`).
 - SO_NETNS_COOKIE of the application's own socket, read by the content clients: a switched fd
@@ -266,12 +266,14 @@ VXLAN_HEADER = 20 + 8 + 8 + 14
 # ACKs, possibly each retransmitted once: 8 payload-free packets.
 RETIRED_OVERLAY_PACKETS = 8
 
-PATH_TABLE = f"""table inet sf_path {{
+
+def path_table(vxlan_port: int) -> str:
+    return f"""table inet sf_path {{
     counter overlay {{ }}
     counter host {{ }}
     chain output {{
         type filter hook output priority 0; policy accept;
-        udp dport 4789 counter name "overlay"
+        udp dport {vxlan_port} counter name "overlay"
         tcp sport {PEER_PORT} counter name "host"
         tcp dport {PEER_PORT} counter name "host"
     }}
@@ -311,7 +313,13 @@ def install_path_counters(tb: Testbed) -> None:
     """Adds (or resets) the `sf_path` nftables counters in every host namespace."""
     for h in tb.hosts:
         tb.run(h.netns, ["nft", "delete", "table", "inet", "sf_path"], capture_output=True)
-        done = tb.run(h.netns, ["nft", "-f", "-"], input=PATH_TABLE, capture_output=True, text=True)
+        done = tb.run(
+            h.netns,
+            ["nft", "-f", "-"],
+            input=path_table(tb.vxlan_port),
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr
 
 

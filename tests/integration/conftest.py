@@ -14,6 +14,7 @@ library `lt*`, bench `bt*`):
     def test_z(make_testbed):
         tb = make_testbed("rt3", hosts=2, containers=1, routers=True)   # torn down after the test
         # router_args=["--deny", ":6379"]: extra `shuntflow router` flags for every router
+        # layout="flannel": the overlay as Flannel's VXLAN backend programs it (default docker)
 
 A stale testbed of the same prefix (left by a killed run) is removed before building.
 """
@@ -40,7 +41,12 @@ def _require_root() -> None:
 
 
 def _fresh(
-    prefix: str, hosts: int, containers: int, routers: bool, router_args: Sequence[str] = ()
+    prefix: str,
+    hosts: int,
+    containers: int,
+    routers: bool,
+    router_args: Sequence[str] = (),
+    layout: str = "docker",
 ) -> Testbed:
     Testbed.down_prefix(prefix)
     return Testbed.up(
@@ -49,6 +55,7 @@ def _fresh(
         containers=containers,
         routers=routers,
         router_args=router_args,
+        layout=layout,
     )
 
 
@@ -64,12 +71,13 @@ class _Factory:
         containers: int = 2,
         routers: bool = False,
         router_args: Sequence[str] = (),
+        layout: str = "docker",
     ) -> Testbed:
         _require_root()
         self.locks.enter_context(prefix_lock(prefix))
         # Recorded before building: a failed `up` may still leave something to remove.
         self.made.append(prefix)
-        return _fresh(prefix, hosts, containers, routers, router_args)
+        return _fresh(prefix, hosts, containers, routers, router_args, layout)
 
     def teardown(self) -> None:
         errors = []

@@ -4,6 +4,10 @@ Every test checks the application's own result (exit status, error counts, exact
 under load from the application's own client, then writes and reads back checked data on a
 connection of ours and proves from the kernel which path that data took (tests/integration/apps.py
 says how).
+
+Every test runs on the Docker-style overlay in every mode; redis and nginx in shuntflow mode
+run on the Flannel-style one too (`--layout flannel`: routed pod subnets, the router resolving
+remote pods through the VXLAN device's routes), which keeps the suite's time in bounds.
 """
 
 from __future__ import annotations
@@ -16,17 +20,51 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from shuntflow.testbed import Testbed
 
 from .apps import MODES, Apps, PathBytes, assert_path
+from .locks import prefix_lock
 
 pytestmark = pytest.mark.root
 
-TESTBED_PREFIX = "at"
-TESTBED_ROUTERS = True
+PREFIXES = {"docker": "at", "flannel": "dy2"}
+
+
+def cases(flannel: bool = False) -> list[Any]:
+    """(layout, mode) for a test: every mode on docker (ids as plain as before), and
+    shuntflow mode on flannel when asked."""
+    out = [pytest.param("docker", m, id=m) for m in MODES]
+    if flannel:
+        out.append(pytest.param("flannel", "shuntflow", id="flannel-shuntflow"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def layout(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def testbed(layout: str) -> Iterator[Testbed]:
+    """One 2x2 testbed with routers per layout; pytest runs a layout's tests together."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    prefix = PREFIXES[layout]
+    with prefix_lock(prefix):
+        Testbed.down_prefix(prefix)
+        try:
+            tb = Testbed.up(prefix=prefix, hosts=2, containers=2, routers=True, layout=layout)
+        except BaseException:
+            Testbed.down_prefix(prefix)
+            raise
+        try:
+            yield tb
+        finally:
+            tb.down()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +80,9 @@ def apps(testbed: Testbed) -> Apps:
 REDIS_REQUESTS = 8000
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("layout", "mode"), cases(flannel=True), indirect=["layout"], scope="module"
+)
 def test_redis(apps: Apps, mode: str, tmp_path: Path) -> None:
     tmp_path.chmod(0o777)
     server = [
@@ -169,7 +209,7 @@ print(json.dumps({"checked": len(values), "bad": bad, "payload": payload}))
 """
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("layout", "mode"), cases(), indirect=["layout"], scope="module")
 def test_memcached(apps: Apps, mode: str) -> None:
     # -u nobody: memcached drops root after start, the library must keep working.
     server = [
@@ -266,7 +306,9 @@ http {{
     return conf
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("layout", "mode"), cases(flannel=True), indirect=["layout"], scope="module"
+)
 def test_nginx(apps: Apps, mode: str, docroot: tuple[Path, dict[str, str]]) -> None:
     root, sums = docroot
     conf = nginx_conf(root, apps.server_ip)
@@ -300,7 +342,7 @@ def test_nginx(apps: Apps, mode: str, docroot: tuple[Path, dict[str, str]]) -> N
 # ---- sockperf and iperf3 -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("layout", "mode"), cases(), indirect=["layout"], scope="module")
 def test_sockperf_ping_pong(apps: Apps, mode: str) -> None:
     # A port per mode: sockperf's listener does not reuse one left in TIME_WAIT by the last run.
     port = 11111 + MODES.index(mode)
@@ -347,7 +389,7 @@ IPERF_BYTES = 100 << 20
 IPERF_BLOCK = 128 << 10
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("layout", "mode"), cases(), indirect=["layout"], scope="module")
 def test_iperf3(apps: Apps, mode: str) -> None:
     port = 5201 + MODES.index(mode)  # a port per mode, as for sockperf
     with apps.server(["iperf3", "-s", "-B", apps.server_ip, "-p", str(port), "-1"], mode, port):

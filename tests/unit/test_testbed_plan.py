@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from shuntflow.cli import app
+from shuntflow.testbed import plan
 from shuntflow.testbed.cli import ExecOptions, split_exec_args
 from shuntflow.testbed.plan import (
     MAX_CONTAINERS,
@@ -123,3 +124,34 @@ def test_every_command_has_help(args: list[str]) -> None:
     r = CliRunner().invoke(app, [*args, "--help"])
     assert r.exit_code == 0, r.output
     assert "--help" in r.output
+
+
+def test_flannel_layout_addresses() -> None:
+    assert plan.LAYOUTS == ("docker", "flannel") and plan.DEFAULT_LAYOUT == "docker"
+    assert plan.validate_layout("flannel") == "flannel"
+    assert plan.pod_subnet(3) == "198.19.3.0/24"
+    assert plan.vtep_ip(3) == "198.19.3.0"
+    assert plan.pod_gateway(3) == "198.19.3.254"
+    # The VTEP's MAC is nobody else's: containers count from 1.
+    assert plan.vtep_mac(3) == "02:42:c6:13:03:00"
+    macs = {c.mac for h in plan.plan_hosts("x", 3, plan.MAX_CONTAINERS) for c in h.containers}
+    assert plan.vtep_mac(3) not in macs
+    ips = {c.overlay_ip for h in plan.plan_hosts("x", 3, plan.MAX_CONTAINERS) for c in h.containers}
+    assert not ips & {plan.vtep_ip(3), plan.pod_gateway(3)}
+
+
+@pytest.mark.parametrize("layout", ["", "Docker", "calico", "flannel "])
+def test_bad_layout(layout: str) -> None:
+    with pytest.raises(plan.TestbedUsageError, match="invalid layout"):
+        plan.validate_layout(layout)
+
+
+def test_metrics_address_per_host() -> None:
+    (h,) = plan.plan_hosts("x", 1, 1)
+    assert h.metrics_url == "http://198.18.0.1:9477/metrics"
+
+
+def test_up_refuses_an_unknown_layout() -> None:
+    r = CliRunner().invoke(app, ["testbed", "up", "--prefix", "dy9", "--layout", "calico"])
+    assert r.exit_code == 2
+    assert "invalid layout 'calico': use docker or flannel" in r.output

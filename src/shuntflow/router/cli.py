@@ -105,6 +105,13 @@ def router_command(
             "--deny", help="Never switch connections with an end in CIDR[:PORT[-PORT]]; wins."
         ),
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            help="Serve Prometheus metrics on HOST:PORT (http://HOST:PORT/metrics).",
+        ),
+    ] = None,
     owner_check: Annotated[
         bool | None,
         typer.Option(
@@ -135,6 +142,7 @@ def router_command(
                 "allow": tuple(allow) if allow else None,
                 "deny": tuple(deny) if deny else None,
                 "owner_check": owner_check,
+                "metrics": metrics,
             },
         )
         if cfg.map_file is not None:

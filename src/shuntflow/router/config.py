@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shuntflow.router.auth import ClusterKeyError, load_cluster_key
+from shuntflow.router.metrics import MetricsAddressError, parse_address
 from shuntflow.router.policy import Policy, PolicyError
 
 DEFAULT_PEER_PORT = 4790
@@ -43,6 +44,7 @@ class RouterConfig:
     deny: tuple[str, ...] = ()
     # Off only where fake libraries hold no real connections (the router's unit tests).
     owner_check: bool = True
+    metrics: str | None = None  # HOST:PORT of the Prometheus endpoint; None: no endpoint
     # Below: not on the CLI (TOML only); sane defaults for a real host.
     connect_timeout_ms: int = 1000
     answer_timeout_ms: int = 2000
@@ -106,6 +108,11 @@ class RouterConfig:
             except ValueError:
                 raise ConfigError(f"--peer-allow {cidr!r} is not an IPv4 address or CIDR") from None
         self.policy()
+        if self.metrics is not None:
+            try:
+                parse_address(self.metrics)
+            except MetricsAddressError as exc:
+                raise ConfigError(str(exc)) from None
         if self.cluster_key is None:
             raise ConfigError(
                 "missing --cluster-key FILE (the key shared by all routers, mode 0600)"

@@ -42,6 +42,7 @@ from shuntflow.router.library_channel import (
     RouterSetupError,
 )
 from shuntflow.router.logfmt import get_logger
+from shuntflow.router.metrics import RouterMetrics
 from shuntflow.router.overlay_map import Kind, Resolver, StaticMap
 from shuntflow.router.ownership import OwnershipChecker
 from shuntflow.router.peer import PeerListener, send_answer, send_offer
@@ -237,6 +238,7 @@ class Router:
         self.switch_calls_timed = 0  # calls timed over the completed switches' windows
         self.switch_calls_rejected = 0
         self.owner_denials = 0
+        self.metrics = RouterMetrics(cfg.metrics, self.loop, self.status) if cfg.metrics else None
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -250,6 +252,14 @@ class Router:
         try:
             self.peers.start()
             await self.control.start()
+            if self.metrics is not None:
+                try:
+                    self.metrics.start()
+                except OSError as exc:
+                    await self.control.close()
+                    raise RouterSetupError(
+                        f"cannot serve metrics on {self.cfg.metrics}: {exc.strerror}"
+                    ) from None
         except BaseException:
             self.libs.close()
             await self.peers.close()
@@ -267,6 +277,7 @@ class Router:
             peer_allow=",".join(self.cfg.peer_allow) or "overlay-map hosts",
             allow=",".join(self.cfg.allow) or None,
             deny=",".join(self.cfg.deny) or None,
+            metrics=self.cfg.metrics,
             **{k: v for k, v in self.resolver.describe().items() if k in ("neighbours", "fdb")},
         )
 
@@ -291,6 +302,8 @@ class Router:
         await self.peers.close()
         self.libs.close()
         await self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.owners is not None:
             self.owners.close()
         tasks = list(self._tasks)
@@ -610,6 +623,8 @@ class Router:
     def on_switch_done(self, client: LibraryClient, msg: Msg) -> None:
         if msg.arg2 == 1:
             self.switch_times.add(int(msg.arg))
+            if self.metrics is not None:
+                self.metrics.switch_done(int(msg.arg))
         else:
             self.switch_times_claimed += 1
         log.debug("switch_done", client=client.id, tuple=msg.tuple, us=msg.arg, own=msg.arg2)

@@ -23,7 +23,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 from shuntflow.router.auth import write_cluster_key
 from shuntflow.testbed import nsutil
 from shuntflow.testbed.plan import (
+    DEFAULT_LAYOUT,
+    FLANNEL_PORT,
+    FLANNEL_VNI,
     OVERLAY_MTU,
+    OVERLAY_NET,
+    POD_PREFIX_LEN,
     PREFIX_LEN,
     VXLAN_PORT,
     VXLAN_VNI,
@@ -37,11 +42,16 @@ from shuntflow.testbed.plan import (
     host_uplink,
     is_testbed_netns,
     plan_hosts,
+    pod_gateway,
+    pod_subnet,
     run_dir,
     underlay_bridge,
     underlay_netns,
     underlay_port,
+    validate_layout,
     validate_prefix,
+    vtep_ip,
+    vtep_mac,
 )
 
 STATE_FILE = "state.json"
@@ -49,6 +59,7 @@ STATE_FILE = "state.json"
 # start). Seen at 4-5 s on a 2-vCPU machine shared by several test runs, so 5 s was too tight.
 ROUTER_START_TIMEOUT = 30.0
 NUD_PERMANENT = 0x80
+RTNH_F_ONLINK = 0x04
 _SYSCTLS = {
     "net.ipv6.conf.all.disable_ipv6": "1",
     "net.ipv6.conf.default.disable_ipv6": "1",
@@ -103,8 +114,10 @@ class Builder:
         containers: int,
         routers: bool,
         router_args: Sequence[str] = (),
+        layout: str = DEFAULT_LAYOUT,
     ) -> None:
         self.prefix = validate_prefix(prefix)
+        self.layout = validate_layout(layout)
         self.router_args = list(router_args)
         self.n_hosts = hosts
         self.n_containers = containers
@@ -116,6 +129,7 @@ class Builder:
             "hosts_count": hosts,
             "containers_per_host": containers,
             "routers": routers,
+            "layout": layout,
             "router_args": list(router_args),
             "cluster_key": str(cluster_key_path(prefix)),
             "complete": False,
@@ -206,6 +220,9 @@ class Builder:
                 ipr.link("set", index=port, master=_index(ipr, underlay_bridge(p)), state="up")
 
     def make_host(self, h: Host) -> None:
+        if self.layout == "flannel":
+            self.make_flannel_host(h)
+            return
         p = self.prefix
         with rtnl(h.netns) as ipr:
             ipr.link("add", ifname=host_bridge(p), kind="bridge", mtu=OVERLAY_MTU)
@@ -224,25 +241,7 @@ class Builder:
             )
             vx = _index(ipr, h.vxlan_dev)
             ipr.link("set", index=vx, master=br, state="up")
-            for c in h.containers:
-                c_fd = nsutil.open_netns(c.netns)
-                try:
-                    ipr.link(
-                        "add",
-                        ifname=container_port(p, c.index),
-                        kind="veth",
-                        mtu=OVERLAY_MTU,
-                        peer={
-                            "ifname": container_if(p),
-                            "net_ns_fd": c_fd,
-                            "address": c.mac,
-                            "mtu": OVERLAY_MTU,
-                        },
-                    )
-                finally:
-                    os.close(c_fd)
-                port = _index(ipr, container_port(p, c.index))
-                ipr.link("set", index=port, master=br, state="up")
+            self._container_veths(ipr, h, br)
             ipr.link("set", index=br, state="up")
         for c in h.containers:
             with rtnl(c.netns) as ipr:
@@ -250,7 +249,95 @@ class Builder:
                 ipr.addr("add", index=eth, address=c.overlay_ip, prefixlen=PREFIX_LEN)
                 ipr.link("set", index=eth, state="up")
 
+    def _container_veths(self, ipr: Any, h: Host, bridge: int) -> None:
+        p = self.prefix
+        for c in h.containers:
+            c_fd = nsutil.open_netns(c.netns)
+            try:
+                ipr.link(
+                    "add",
+                    ifname=container_port(p, c.index),
+                    kind="veth",
+                    mtu=OVERLAY_MTU,
+                    peer={
+                        "ifname": container_if(p),
+                        "net_ns_fd": c_fd,
+                        "address": c.mac,
+                        "mtu": OVERLAY_MTU,
+                    },
+                )
+            finally:
+                os.close(c_fd)
+            port = _index(ipr, container_port(p, c.index))
+            ipr.link("set", index=port, master=bridge, state="up")
+
+    def make_flannel_host(self, h: Host) -> None:
+        """Flannel's VXLAN backend: the containers on a bridge that routes their /24 (the CNI
+        bridge plugin's part), and a VXLAN device outside the bridge with its own MAC and the
+        subnet's .0 as address, which the host routes remote subnets through."""
+        p = self.prefix
+        nsutil.write_sysctls(h.netns, {"net.ipv4.ip_forward": "1"})
+        with rtnl(h.netns) as ipr:
+            ipr.link("add", ifname=host_bridge(p), kind="bridge", mtu=OVERLAY_MTU)
+            br = _index(ipr, host_bridge(p))
+            ipr.addr("add", index=br, address=pod_gateway(h.index), prefixlen=POD_PREFIX_LEN)
+            ipr.link(
+                "add",
+                ifname=h.vxlan_dev,
+                kind="vxlan",
+                vxlan_id=FLANNEL_VNI,
+                vxlan_port=FLANNEL_PORT,
+                vxlan_local=h.underlay_ip,
+                vxlan_link=_index(ipr, host_uplink(p)),
+                vxlan_learning=0,
+                address=vtep_mac(h.index),
+                mtu=OVERLAY_MTU,
+            )
+            vx = _index(ipr, h.vxlan_dev)
+            ipr.addr("add", index=vx, address=vtep_ip(h.index), prefixlen=32)
+            ipr.link("set", index=vx, state="up")
+            self._container_veths(ipr, h, br)
+            ipr.link("set", index=br, state="up")
+        for c in h.containers:
+            with rtnl(c.netns) as ipr:
+                eth = _index(ipr, container_if(p))
+                ipr.addr("add", index=eth, address=c.overlay_ip, prefixlen=POD_PREFIX_LEN)
+                ipr.link("set", index=eth, state="up")
+                # The cluster's pod network through the bridge; nothing else leaves.
+                ipr.route("add", dst=OVERLAY_NET, gateway=pod_gateway(h.index), oif=eth)
+
     def program_overlay(self) -> None:
+        if self.layout == "flannel":
+            self.program_flannel()
+        else:
+            self.program_docker()
+
+    def program_flannel(self) -> None:
+        """Flannel's way, per remote host: `<subnet> via <vtep ip> dev <vxlan> onlink`, a
+        permanent neighbour <vtep ip> -> <vtep mac>, an FDB entry <vtep mac> -> its underlay IP."""
+        for h in self.hosts:
+            with rtnl(h.netns) as ipr:
+                vx = _index(ipr, h.vxlan_dev)
+                for other in self.hosts:
+                    if other.index == h.index:
+                        continue
+                    ipr.neigh(
+                        "add",
+                        dst=vtep_ip(other.index),
+                        lladdr=vtep_mac(other.index),
+                        ifindex=vx,
+                        state=NUD_PERMANENT,
+                    )
+                    ipr.fdb("add", ifindex=vx, lladdr=vtep_mac(other.index), dst=other.underlay_ip)
+                    ipr.route(
+                        "add",
+                        dst=pod_subnet(other.index),
+                        gateway=vtep_ip(other.index),
+                        oif=vx,
+                        flags=RTNH_F_ONLINK,
+                    )
+
+    def program_docker(self) -> None:
         """Docker's overlay driver way: every remote container is a static ARP + FDB entry."""
         for h in self.hosts:
             with rtnl(h.netns) as ipr:
@@ -280,6 +367,8 @@ class Builder:
             str(h.router_log),
             "--cluster-key",
             str(cluster_key_path(self.prefix)),
+            "--metrics",
+            h.metrics_address,
             *self.router_args,
         ]
 
@@ -327,6 +416,7 @@ def restart_router(prefix: str, h: Host, state: dict[str, Any]) -> subprocess.Po
         state["containers_per_host"],
         routers=True,
         router_args=state.get("router_args", ()),
+        layout=state.get("layout", DEFAULT_LAYOUT),
     )
     proc = start_detached(h.netns, builder.router_argv(h), h.router_log)
     h.router_pid_file.write_text(f"{proc.pid}\n")

@@ -18,6 +18,7 @@ import typer
 from shuntflow.testbed.plan import (
     DEFAULT_CONTAINERS,
     DEFAULT_HOSTS,
+    DEFAULT_LAYOUT,
     DEFAULT_PREFIX,
     MAX_CONTAINERS,
     MAX_HOSTS,
@@ -25,6 +26,7 @@ from shuntflow.testbed.plan import (
     TestbedUsageError,
     container_prefix,
     parse_cpu_list,
+    validate_layout,
     validate_prefix,
 )
 
@@ -81,6 +83,13 @@ def up_command(
     no_routers: bool = typer.Option(
         False, "--no-routers", help="Do not start a router in each host namespace."
     ),
+    layout: str = typer.Option(
+        DEFAULT_LAYOUT,
+        "--layout",
+        metavar="docker|flannel",
+        help="Program the overlay as Docker's overlay driver (one L2 segment) or as Flannel's "
+        "VXLAN backend (a routed /24 per host).",
+    ),
 ) -> None:
     """Build N hosts x M containers joined by a VXLAN overlay, and start one router per host."""
     from shuntflow.testbed.testbed import Testbed
@@ -89,8 +98,9 @@ def up_command(
         validate_prefix(prefix)
         n = parse_int("--hosts", hosts, MAX_HOSTS)
         m = parse_int("--containers", containers, MAX_CONTAINERS)
-        tb = Testbed.up(prefix=prefix, hosts=n, containers=m, routers=not no_routers)
-        typer.echo(f"testbed {prefix} up: {n} hosts x {m} containers")
+        validate_layout(layout)
+        tb = Testbed.up(prefix=prefix, hosts=n, containers=m, routers=not no_routers, layout=layout)
+        typer.echo(f"testbed {prefix} up: {n} hosts x {m} containers, {layout} layout")
         _print_status(tb.status())
 
     _guarded(body)
@@ -141,13 +151,18 @@ def status_command(
 
 def _print_status(s: dict[str, Any]) -> None:
     state = "complete" if s["complete"] else "INCOMPLETE (run `down`)"
-    typer.echo(f"testbed {s['prefix']}: {state}, run dir {s['run_dir']}")
+    typer.echo(
+        f"testbed {s['prefix']}: {state}, {s.get('layout', 'docker')} layout, "
+        f"run dir {s['run_dir']}"
+    )
     typer.echo(f"  underlay  netns {s['underlay_netns']}  bridge {s['underlay_bridge']}")
     for h in s["hosts"]:
         if h["router_pid"] is None:
             router = "not started"
         else:
             router = f"pid {h['router_pid']} " + ("alive" if h["router_alive"] else "NOT RUNNING")
+            if h.get("metrics_url"):
+                router += f", metrics {h['metrics_url']}"
         missing = "" if h["netns_present"] else "  (namespace MISSING)"
         typer.echo(
             f"  host      {h['netns']:<14} {h['underlay_ip']:<15} vxlan {h['vxlan_dev']}"

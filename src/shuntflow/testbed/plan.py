@@ -25,6 +25,20 @@ OVERLAY_MTU = 1450
 UNDERLAY_NET = "198.18.0.0/16"
 OVERLAY_NET = "198.19.0.0/16"
 PREFIX_LEN = 16
+# Each router's Prometheus endpoint, on its host's underlay address (one per namespace, so the
+# same port on every host).
+METRICS_PORT = 9477
+
+# How the overlay is programmed. docker: one L2 segment (198.19.0.0/16), every remote container a
+# static neighbour + FDB entry, as Docker's overlay driver does. flannel: as Flannel's VXLAN
+# backend, routed: a /24 pod subnet per host behind a bridge, the VXLAN device holding the
+# subnet's .0 as its VTEP address, and per remote host a route to its subnet via its VTEP, a
+# neighbour entry for that VTEP and an FDB entry for its MAC.
+LAYOUTS = ("docker", "flannel")
+DEFAULT_LAYOUT = "docker"
+FLANNEL_VNI = 1
+FLANNEL_PORT = 8472  # the kernel's own VXLAN port, which Flannel leaves as it is
+POD_PREFIX_LEN = 24
 
 # Interface names are limited to 15 bytes; the longest we make is "<8 chars>-ulbr" (13).
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
@@ -50,6 +64,12 @@ def validate_prefix(prefix: str) -> str:
             "then lowercase letters or digits"
         )
     return prefix
+
+
+def validate_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise TestbedUsageError(f"invalid layout {layout!r}: use {' or '.join(LAYOUTS)}")
+    return layout
 
 
 def validate_count(what: str, value: int, maximum: int) -> int:
@@ -126,6 +146,27 @@ def container_mac(i: int, j: int) -> str:
     return f"02:42:c6:13:{i:02x}:{j:02x}"
 
 
+def pod_subnet(i: int) -> str:
+    """Host i's pod subnet in the flannel layout."""
+    return f"198.19.{i}.0/{POD_PREFIX_LEN}"
+
+
+def vtep_ip(i: int) -> str:
+    """Host i's VXLAN device address in the flannel layout: its subnet's .0, as Flannel's."""
+    return f"198.19.{i}.0"
+
+
+def vtep_mac(i: int) -> str:
+    """Host i's VXLAN device MAC in the flannel layout (container 0 of host i: never used)."""
+    return container_mac(i, 0)
+
+
+def pod_gateway(i: int) -> str:
+    """The bridge's address on host i, the containers' gateway in the flannel layout. Flannel's
+    CNI gives the bridge .1; here .254, so that container j keeps 198.19.i.j in both layouts."""
+    return f"198.19.{i}.254"
+
+
 # -- run directory -----------------------------------------------------------------------
 
 
@@ -177,6 +218,14 @@ class Host:
     @property
     def run_dir(self) -> Path:
         return self.router_socket.parent
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.underlay_ip}:{METRICS_PORT}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_address}/metrics"
 
     @property
     def router_log(self) -> Path:

@@ -13,10 +13,13 @@ from shuntflow.testbed import build, nsutil
 from shuntflow.testbed.plan import (
     DEFAULT_CONTAINERS,
     DEFAULT_HOSTS,
+    DEFAULT_LAYOUT,
     DEFAULT_PREFIX,
+    FLANNEL_PORT,
     MAX_CONTAINERS,
     MAX_HOSTS,
     RUN_ROOT,
+    VXLAN_PORT,
     Container,
     Host,
     TestbedError,
@@ -27,6 +30,7 @@ from shuntflow.testbed.plan import (
     underlay_bridge,
     underlay_netns,
     validate_count,
+    validate_layout,
     validate_prefix,
 )
 
@@ -67,18 +71,21 @@ class Testbed:
         containers: int = DEFAULT_CONTAINERS,
         routers: bool = True,
         router_args: Sequence[str] = (),
+        layout: str = DEFAULT_LAYOUT,
     ) -> Testbed:
         """Build the testbed; on any failure remove what was built and raise TestbedError.
 
-        `router_args` are extra `shuntflow router` flags for every router (e.g. --deny)."""
+        `router_args` are extra `shuntflow router` flags for every router (e.g. --deny);
+        `layout` is how the overlay is programmed: "docker" or "flannel" (plan.LAYOUTS)."""
         validate_prefix(prefix)
         validate_count("hosts", hosts, MAX_HOSTS)
         validate_count("containers", containers, MAX_CONTAINERS)
+        validate_layout(layout)
         if os.geteuid() != 0:
             raise TestbedError("the testbed needs root (network namespaces); run it as root")
         if build.exists(prefix):
             raise build.already_exists(prefix)
-        builder = build.Builder(prefix, hosts, containers, routers, router_args)
+        builder = build.Builder(prefix, hosts, containers, routers, router_args, layout)
         # Claiming is atomic and tears nothing down if it fails: losing that race means the
         # testbed belongs to someone else.
         builder.claim()
@@ -165,6 +172,15 @@ class Testbed:
     @property
     def containers(self) -> list[Container]:
         return [c for h in self.hosts for c in h.containers]
+
+    @property
+    def layout(self) -> str:
+        return str(self._state.get("layout", DEFAULT_LAYOUT))
+
+    @property
+    def vxlan_port(self) -> int:
+        """The UDP port the overlay's VXLAN packets go to."""
+        return FLANNEL_PORT if self.layout == "flannel" else VXLAN_PORT
 
     @property
     def underlay_netns(self) -> str:
@@ -269,6 +285,8 @@ class Testbed:
                     "router_log": str(h.router_log),
                     "router_pid": pid,
                     "router_alive": build.router_alive(pid),
+                    # Reached from the host's namespace (or another host's, over the underlay).
+                    "metrics_url": h.metrics_url if self._state.get("routers") else None,
                     "containers": [
                         {
                             "name": c.name,
@@ -288,6 +306,7 @@ class Testbed:
             "run_dir": str(self.run_dir),
             "complete": bool(self._state.get("complete")),
             "routers": bool(self._state.get("routers")),
+            "layout": self.layout,
             "underlay_netns": underlay_netns(self.prefix),
             "underlay_netns_present": nsutil.netns_exists(underlay_netns(self.prefix)),
             "underlay_bridge": underlay_bridge(self.prefix),
