@@ -5,10 +5,13 @@
  *   streamcheck server IP PORT BYTES   prints "listening", serves one connection
  *   streamcheck client IP PORT BYTES
  *
- * Each end writes BYTES from its own generator in chunks of varying size (alternating write()
- * and send(), so both wrappers are on the path), shuts down writing, and reads until EOF,
- * comparing with the peer's generator. Output: "ok sent=N received=N" and exit 0, or
- * "MISMATCH ..." / "ERROR ..." and exit 1. */
+ * Each end first writes the HEAD bytes of its stream one byte per call, enough calls to cross
+ * the library's threshold, then reads what comes until its socket is a socket of another network
+ * namespace than its own (SO_NETNS_COOKIE): the connection has switched, and the rest of both
+ * streams must cross the host path, which the tests check in the kernel's counters. Then it
+ * writes the rest in chunks of varying size (alternating write() and send(), so both wrappers are
+ * on the path), shuts down writing, and reads until EOF, comparing with the peer's generator.
+ * Output: "ok sent=N received=N" and exit 0, or "MISMATCH ..." / "ERROR ..." and exit 1. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -20,7 +23,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
+
+#define HEAD 32 /* bytes written one per call: more calls than the tests' threshold */
+#define SWITCH_WAIT_S 60
+#ifndef SO_NETNS_COOKIE
+#define SO_NETNS_COOKIE 71
+#endif
 
 struct gen {
     uint64_t state;
@@ -51,7 +61,60 @@ static int fail(const char *what) {
     return 1;
 }
 
-static int run(int fd, unsigned long long bytes, int is_client) {
+static uint64_t netns_cookie(int fd) {
+    uint64_t cookie = 0;
+    socklen_t len = sizeof cookie;
+    if (getsockopt(fd, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &len) != 0)
+        return 0;
+    return cookie;
+}
+
+/* Checks r bytes read against the peer's generator; 0 on a mismatch (printed). */
+static int check(const uint8_t *buf, ssize_t r, struct gen *in, unsigned long long *received) {
+    for (ssize_t i = 0; i < r; i++, (*received)++) {
+        uint8_t want = next_byte(in);
+        if (buf[i] != want) {
+            printf("MISMATCH at byte %llu: got %02x, want %02x\n", *received, buf[i], want);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The head of the stream, one byte per call, then reads until the fd is a host socket. */
+static int head_until_switched(int fd, struct gen *out, struct gen *in, uint64_t own,
+                               unsigned long long *sent, unsigned long long *received) {
+    static uint8_t rbuf[16384];
+    for (int i = 0; i < HEAD; i++) {
+        uint8_t b = next_byte(out);
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        if (poll(&p, 1, 30000) <= 0 || write(fd, &b, 1) != 1)
+            return fail("head write");
+        (*sent)++;
+    }
+    time_t deadline = time(NULL) + SWITCH_WAIT_S;
+    while (netns_cookie(fd) == own) {
+        if (time(NULL) > deadline) {
+            printf("ERROR the connection did not switch within %d s\n", SWITCH_WAIT_S);
+            return 1;
+        }
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 1) == 1) {
+            ssize_t r = read(fd, rbuf, sizeof rbuf);
+            if (r < 0 && errno != EAGAIN && errno != EINTR)
+                return fail("head read");
+            if (r == 0) {
+                printf("ERROR EOF before the switch\n");
+                return 1;
+            }
+            if (r > 0 && !check(rbuf, r, in, received))
+                return 1;
+        }
+    }
+    return 0;
+}
+
+static int run(int fd, unsigned long long bytes, int is_client, uint64_t own) {
     struct gen out = {.state = is_client ? 0x5eed0001ULL : 0x5eed0002ULL, .used = 8};
     struct gen in = {.state = is_client ? 0x5eed0002ULL : 0x5eed0001ULL, .used = 8};
     uint64_t sizes = is_client ? 77 : 78;
@@ -63,6 +126,12 @@ static int run(int fd, unsigned long long bytes, int is_client) {
 
     if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0)
         return fail("fcntl");
+    if (bytes < HEAD) {
+        printf("ERROR BYTES must be at least %d\n", HEAD);
+        return 1;
+    }
+    if (head_until_switched(fd, &out, &in, own, &sent, &received) != 0)
+        return 1;
     while (!eof || !shut) {
         if (woff == wlen && sent < bytes) {
             size_t n = 1 + (size_t)(xorshift(&sizes) % sizeof wbuf);
@@ -102,13 +171,8 @@ static int run(int fd, unsigned long long bytes, int is_client) {
                 return fail("read");
             if (r == 0)
                 eof = 1;
-            for (ssize_t i = 0; i < r; i++, received++) {
-                uint8_t want = next_byte(&in);
-                if (rbuf[i] != want) {
-                    printf("MISMATCH at byte %llu: got %02x, want %02x\n", received, rbuf[i], want);
-                    return 1;
-                }
-            }
+            if (r > 0 && !check(rbuf, r, &in, &received))
+                return 1;
         }
     }
     if (received != bytes) {
@@ -134,6 +198,7 @@ int main(int argc, char **argv) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0)
         return fail("socket");
+    uint64_t own = netns_cookie(fd); /* a fresh socket: this process's own namespace */
     if (is_client) {
         if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0)
             return fail("connect");
@@ -150,7 +215,7 @@ int main(int argc, char **argv) {
         close(fd);
         fd = c;
     }
-    int rc = run(fd, bytes, is_client);
+    int rc = run(fd, bytes, is_client, own);
     close(fd);
     fflush(stdout);
     return rc;

@@ -36,6 +36,7 @@ PREFIX = "dy5"
 SERVER_NAME = f"{PREFIX}-streamcheck"
 SOURCE = Path(__file__).with_name("streamcheck.c")
 BYTES = 16 * 1024 * 1024  # each way
+HEAD = 32  # streamcheck.c: the bytes each end writes before it waits for the switch
 PORT = "7000"
 
 
@@ -145,8 +146,8 @@ def test_musl_client_and_server_switch_and_keep_every_byte(
         f"{path.overlay_packets} packets, for {2 * BYTES} B both ways"
     )
     assert held, "the connection never showed up on the host path"
-    assert switches == 2, switches  # one connection, counted by both routers
-    # Each byte crossed one path or the other, and the bulk the host path (the connection
-    # switches after 16 calls of thousands).
-    assert path.overlay_payload + path.host_payload >= 2 * BYTES, path
-    assert path.host_payload >= BYTES, path
+    # streamcheck's ends each wrote HEAD bytes, one per call, then waited for their switch (their
+    # sockets' namespace cookie): the rest of both streams crossed the host path, and the
+    # overlay carried only the heads (and the SYNs' 8 bytes of extra options each).
+    assert path.host_payload >= 2 * (BYTES - HEAD), path
+    assert path.overlay_payload <= 2 * HEAD + 16, path
