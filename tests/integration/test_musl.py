@@ -148,6 +148,7 @@ def test_musl_client_and_server_switch_and_keep_every_byte(
     assert held, "the connection never showed up on the host path"
     # streamcheck's ends each wrote HEAD bytes, one per call, then waited for their switch (their
     # sockets' namespace cookie): the rest of both streams crossed the host path, and the
-    # overlay carried only the heads (and the SYNs' 8 bytes of extra options each).
+    # overlay carried only the heads (and the SYNs' 8 bytes of extra options each), each at
+    # most twice (a spurious retransmit when a busy machine delays an ACK past the RTO).
     assert path.host_payload >= 2 * (BYTES - HEAD), path
-    assert path.overlay_payload <= 2 * HEAD + 16, path
+    assert path.overlay_payload <= 2 * (2 * HEAD) + 16, path
