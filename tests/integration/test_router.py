@@ -92,7 +92,11 @@ def test_switch_crosses_the_underlay(testbed: Any) -> None:
 
 def test_status_over_the_testbed(testbed: Any) -> None:
     h1, h2 = testbed.hosts
-    with FakeLibrary(h1.router_socket), FakeLibrary(h2.router_socket):
+    # From a container of each host: a namespace attached to no overlay address gets no channel.
+    with (
+        FakeLibrary(h1.router_socket, netns=h1.containers[0].netns),
+        FakeLibrary(h2.router_socket, netns=h2.containers[0].netns),
+    ):
         out = subprocess.run(
             [SHUNTFLOW, "status", "--json", "--prefix", TESTBED_PREFIX],
             capture_output=True,

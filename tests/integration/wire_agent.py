@@ -29,13 +29,15 @@ under `unshare -Urn` (a user and network namespace of their own, no privilege on
     wire_agent.py escape SOCKET LOCAL REMOTE LOOPBACK_PORT PEER_IP PEER_PORT
         Connects LOCAL->REMOTE on the overlay, asks for its host connection, then tries to make
         that socket something else: clear its mark, disconnect and connect to the host's
-        127.0.0.1:LOOPBACK_PORT and to PEER_IP:PEER_PORT, bind, listen.
+        127.0.0.1:LOOPBACK_PORT and to PEER_IP:PEER_PORT, bind, listen (a listener stays open
+        until stdin closes).
     wire_agent.py spawn-hold SOCKET NAMESPACES N
         NAMESPACES times `unshare -Urn` + `hold SOCKET N`; prints the total acked and refused,
         holds until stdin closes.
-    wire_agent.py flood PEER_IP PORT SECONDS HOLD
-        Reconnects to the peer port in a loop for SECONDS, keeping up to HOLD connections open
-        (the oldest closed to make room); how many connects succeeded and failed.
+    wire_agent.py flood PEER_IP PORT SECONDS HOLD RATE
+        Reconnects to the peer port in a loop for SECONDS, at most RATE connects a second,
+        keeping up to HOLD connections open (the oldest closed to make room); how many connects
+        succeeded and failed.
 """
 
 from __future__ import annotations
@@ -347,7 +349,10 @@ def escape(
     out["host_local"] = "{}:{}".format(*host.getsockname())
     out["set_mark"] = _attempt(lambda: host.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0))
     host.settimeout(2)
-    for name, target in (("loopback", ("127.0.0.1", loopback_port)), ("peer", (peer_ip, peer_port))):
+    for name, target in (
+        ("loopback", ("127.0.0.1", loopback_port)),
+        ("peer", (peer_ip, peer_port)),
+    ):
         out[f"disconnect_{name}"] = _disconnect(host)
         out[f"connect_{name}"] = _attempt(lambda target=target: host.connect(target))
         if out[f"connect_{name}"] == "ok":
@@ -356,7 +361,10 @@ def escape(
     out["bind"] = _attempt(lambda: host.bind(("0.0.0.0", 0)))
     out["listen"] = _attempt(lambda: host.listen(4))
     if out["listen"] == "ok":
+        # Kept listening until stdin closes, so that the test can try to reach it.
         out["listening"] = "{}:{}".format(*host.getsockname())
+        print(json.dumps(out), flush=True)
+        sys.stdin.read()
     return out
 
 
@@ -384,12 +392,16 @@ def spawn_hold(path: str, namespaces: int, n: int) -> None:
         p.wait()
 
 
-def flood(peer: str, port: int, seconds: float, hold_max: int) -> dict[str, Any]:
+def flood(peer: str, port: int, seconds: float, hold_max: int, rate: float) -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hold_max + 256, hold_max + 256))
     held: deque[socket.socket] = deque()
     ok = failed = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    deadline = start + seconds
+    while (now := time.monotonic()) < deadline:
+        ahead = (ok + failed) / rate - (now - start)
+        if ahead > 0:
+            time.sleep(ahead)
         s = socket.socket()
         s.settimeout(1)
         try:
@@ -425,7 +437,7 @@ def main(argv: list[str]) -> None:
         spawn_hold(args[0], int(args[1]), int(args[2]))
         return
     elif cmd == "flood":
-        result = flood(args[0], int(args[1]), float(args[2]), int(args[3]))
+        result = flood(args[0], int(args[1]), float(args[2]), int(args[3]), float(args[4]))
     elif cmd == "rogue":
         result = rogue(args[0], int(args[1]), args[2], args[3], args[4], args[5])
     else:

@@ -119,6 +119,14 @@ def router_command(
             help="Check the asking process's namespace holds the connection (default on).",
         ),
     ] = None,
+    socket_guard: Annotated[
+        bool | None,
+        typer.Option(
+            "--socket-guard/--no-socket-guard",
+            help="Have the kernel refuse connect/bind on handed-over sockets (BPF; default on, "
+            "and without it nothing is handed over).",
+        ),
+    ] = None,
 ) -> None:
     """Run the per-host router (in the host network namespace) until SIGTERM."""
     from shuntflow.router.daemon import run_router
@@ -143,6 +151,7 @@ def router_command(
                 "deny": tuple(deny) if deny else None,
                 "owner_check": owner_check,
                 "metrics": metrics,
+                "socket_guard": socket_guard,
             },
         )
         if cfg.map_file is not None:

@@ -45,6 +45,9 @@ class RouterConfig:
     # Off only where fake libraries hold no real connections (the router's unit tests).
     owner_check: bool = True
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint; None: no endpoint
+    # The kernel refuses connect/bind on handed-over sockets (guard.py); without it (off, or
+    # failing to load) the router hands out nothing unless this is off.
+    socket_guard: bool = True
     # Below: not on the CLI (TOML only); sane defaults for a real host.
     connect_timeout_ms: int = 1000
     answer_timeout_ms: int = 2000
@@ -68,6 +71,8 @@ class RouterConfig:
     netns: str | None = None  # read the VXLAN state of this named netns (tests); None = own ns
     auth_window_ms: int = 10_000  # an OFFER's timestamp may be this far off our clock
     max_nonces: int = 200_000  # replay cache bound (offers accepted within 2 x window)
+    guard_mark: int = 0x53  # SO_MARK of handed-over sockets, which the guard's programs match
+    max_idle_per_peer: int = 64  # connections from one source still waiting for their OFFER
 
     @property
     def control_socket(self) -> Path:
@@ -98,6 +103,8 @@ class RouterConfig:
                 raise ConfigError(f"{f.name} must be positive")
             if f.name.startswith("max_") and value < 1:
                 raise ConfigError(f"{f.name} must be at least 1")
+        if not 0 < self.guard_mark <= 0xFFFFFFFF:
+            raise ConfigError(f"guard_mark {self.guard_mark:#x} must be 1..0xffffffff")
         if not 0 <= self.peer_pool_size <= 64:
             raise ConfigError(f"peer_pool_size {self.peer_pool_size} must be 0..64")
         if len(str(self.control_socket).encode()) >= 108:

@@ -5,11 +5,13 @@
 # from both ends -- so it lives in one place, mutated only on the event loop thread, with every
 # check that matters done after the last await that precedes the mutation.
 #
-#   library SWITCH_REQ -> its namespace holds the tuple? policy allows it? -> resolve peer host
-#       -> OFFER (MAC'd) over TCP -> ANSWER (MAC'd) -> SWITCH_RES + fd
+#   library SWITCH_REQ -> its namespace holds the tuple, and is the container attached to the
+#       overlay at the tuple's local address? policy allows it? -> resolve peer host
+#       -> OFFER (MAC'd) over TCP -> ANSWER (MAC'd) -> SWITCH_RES + fd (marked: guard.py)
 #   peer OFFER (allowed source, valid MAC, fresh, not replayed: peer.py) -> check sender owns
-#       the source overlay IP, policy -> CLAIM_REQ to every library -> first CLAIM_RES OK whose
-#       namespace holds the tuple -> ANSWER OK -> SWITCH_RES + fd to that library
+#       the source overlay IP, policy -> CLAIM_REQ to the libraries of the container attached
+#       at the tuple's local address only -> first CLAIM_RES OK whose namespace holds the tuple
+#       -> ANSWER OK -> SWITCH_RES + fd to that library
 #   crossing offers: the leader's offer is accepted by a router that holds its own outgoing
 #       offer (and it serves the library's request with it); the follower's gets DUPLICATE.
 #       A follower's request waits a few ms for the leader's offer before offering itself, so
@@ -31,9 +33,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shuntflow.router.attachment import Attachments
 from shuntflow.router.auth import ClusterKeyError, OfferChecker, load_cluster_key
 from shuntflow.router.config import RouterConfig
 from shuntflow.router.control import ControlServer
+from shuntflow.router.guard import GuardError, SocketGuard
 from shuntflow.router.latency import LatencyWindow
 from shuntflow.router.library_channel import (
     LibraryClient,
@@ -59,6 +63,8 @@ HOST_FAILURES = frozenset({Status.PEER_UNREACHABLE, Status.TIMEOUT})
 # costs a claim its libraries answer NOT_MINE.
 DONE_TTL = 1.0
 MAX_ROWS_PER_CLIENT = 100_000
+# Tuples remembered per client as handed to it (its host-path reports count only for these).
+MAX_HANDED_PER_CLIENT = 65_536
 FINISHED_CLAIMS_KEPT = 4096
 Key = tuple[Endpoint, Endpoint]
 _STATUS_CODES = frozenset(int(s) for s in Status)
@@ -98,6 +104,7 @@ class StatsWait:
     client_id: int
     rows: list[dict[str, Any]]
     done: asyncio.Future[tuple[int, int] | None]
+    rejected: int = 0
 
 
 @dataclass
@@ -181,6 +188,14 @@ class Router:
         self.policy = cfg.policy()
         self.peer_allow = [ipaddress.IPv4Network(c, strict=False) for c in cfg.peer_allow]
         self.owners = OwnershipChecker() if cfg.owner_check else None
+        self.attachments = (
+            Attachments(cfg.vxlan_dev, cfg.refresh_min_interval_ms / 1000)
+            if cfg.owner_check
+            else None
+        )
+        self.guard = SocketGuard(cfg.guard_mark) if cfg.socket_guard else None
+        self.guard_error: str | None = None
+        self._guard_seen: dict[str, int] = {}
         self.libs = LibraryServer(
             cfg.socket,
             self,
@@ -189,6 +204,7 @@ class Router:
             self.owners,
             cfg.hello_timeout_ms / 1000,
             cfg.max_clients_per_netns,
+            self.attachments,
         )
         self.peers = PeerListener(
             self.loop,
@@ -200,6 +216,7 @@ class Router:
             cfg.max_incoming,
             self._admit_peer,
             OfferChecker(self.key, cfg.auth_window_ms, cfg.max_nonces),
+            cfg.max_idle_per_peer,
         )
         # Used while younger than half the peers' idle timeout (all routers share the setting).
         self.pool = PeerPool(
@@ -239,11 +256,24 @@ class Router:
         self.switch_calls_rejected = 0
         self.owner_denials = 0
         self.metrics = RouterMetrics(cfg.metrics, self.loop, self.status) if cfg.metrics else None
+        self.reports_rejected = 0  # CONN_INFO / SWITCH_DONE rows for tuples not the sender's
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.attachments is not None:
+            self.attachments.refresh()
+            if self.attachments.tables.error:
+                log.warning("attachments_unavailable", error=self.attachments.tables.error)
+        if self.guard is not None:
+            try:
+                self.guard.start()
+                self._guard_seen = self.guard.counters()
+            except GuardError as exc:
+                # The router still runs (every connection stays on the overlay), and says why.
+                self.guard_error = str(exc)
+                log.error("socket_guard_unavailable", reason=self.guard_error)
         if self.cfg.vxlan_dev is not None:
             await self.resolver.refresh()
             if self.resolver.tables.error:
@@ -274,6 +304,14 @@ class Router:
             vxlan_dev=self.cfg.vxlan_dev,
             map=self.cfg.map_file,
             owner_check=self.owners is not None,
+            socket_guard=(
+                None
+                if self.guard is None
+                else ("off: " + self.guard_error if self.guard_error else "on")
+            ),
+            attached_containers=len(self.attachments.tables.addresses)
+            if self.attachments
+            else None,
             peer_allow=",".join(self.cfg.peer_allow) or "overlay-map hosts",
             allow=",".join(self.cfg.allow) or None,
             deny=",".join(self.cfg.deny) or None,
@@ -306,6 +344,10 @@ class Router:
             self.metrics.close()
         if self.owners is not None:
             self.owners.close()
+        if self.attachments is not None:
+            self.attachments.close()
+        if self.guard is not None:
+            self.guard.close()
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -324,10 +366,26 @@ class Router:
             for key in [k for k, exp in self._done.items() if exp <= now]:
                 del self._done[key]
             self.pool.maintain()
+            if self.attachments is not None:
+                self.attachments.refresh()
+            self._log_guard_refusals()
             try:
                 await self.resolver.refresh()
             except Exception:
                 log.error("overlay_map_refresh_failed", exc=True)
+
+    def _log_guard_refusals(self) -> None:
+        """One line when the kernel refused something on a handed-over socket since the last."""
+        if self.guard is None or self.guard_error is not None:
+            return
+        now = self.guard.counters()
+        if now != self._guard_seen:
+            log.warning(
+                "socket_guard_refused",
+                reason="connect, bind or a connection to a listener on a handed-over socket",
+                **{k: v - self._guard_seen.get(k, 0) for k, v in now.items()},
+            )
+            self._guard_seen = now
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -379,6 +437,13 @@ class Router:
         requested_at: float | None = None,
     ) -> bool:
         """SWITCH_RES OK with the host socket; our copy is closed either way."""
+        if self.guard is not None:
+            try:
+                self.guard.protect(sock)
+            except OSError as exc:
+                sock.close()
+                self._fail(client, seq, t, Status.INTERNAL, f"cannot mark the host socket: {exc}")
+                return False
         try:
             host_local = "{}:{}".format(*sock.getsockname()[:2])
             host_remote = "{}:{}".format(*sock.getpeername()[:2])
@@ -386,6 +451,9 @@ class Router:
             host_local = host_remote = "?"
         if client.send(Msg(MsgType.SWITCH_RES, Status.OK, seq, tuple=t), sock):
             client.switches_ok += 1
+            client.handed[t.key()] = None
+            if len(client.handed) > MAX_HANDED_PER_CLIENT:
+                del client.handed[next(iter(client.handed))]
             if requested_at is not None:
                 self.req_to_res.add(int((time.monotonic() - requested_at) * 1e6))
             if how == "initiated":
@@ -415,10 +483,23 @@ class Router:
         if client.ns_key is None:
             return f"owner: {client.owner_error}"
         verdict = self.owners.owns(client.ns_key, t)
-        if verdict.ok:
-            return None
-        self.owner_denials += 1
-        return f"owner: {verdict.reason}"
+        if not verdict.ok:
+            self.owner_denials += 1
+            return f"owner: {verdict.reason}"
+        # Its namespace holds the tuple; but only the container the overlay reaches at that
+        # address owns it (a copy on some namespace's loopback is no connection of the overlay).
+        if self.attachments is not None and not self.attachments.holds_address(
+            client.nsid, t.local.ip
+        ):
+            self.owner_denials += 1
+            return f"owner: {t.local.ip} is not an overlay address of the caller's container"
+        return None
+
+    def _handoff_refusal(self) -> str | None:
+        """Why no socket may be handed over at all (the guard is wanted but not working)."""
+        if self.guard is not None and self.guard_error is not None:
+            return f"socket guard unavailable: {self.guard_error}"
+        return None
 
     async def _admit_peer(self, ip: str) -> str | None:
         """None if `ip` may connect to the peer port, else why not (peer.PeerListener)."""
@@ -444,7 +525,7 @@ class Router:
         if not _valid_tuple(t):
             self._fail(client, seq, t, Status.BAD_MESSAGE, "invalid tuple")
             return
-        refusal = self._not_owner(client, t) or self.policy.refusal(t)
+        refusal = self._handoff_refusal() or self._not_owner(client, t) or self.policy.refusal(t)
         if refusal is not None:
             self._fail(client, seq, t, Status.DENIED, refusal)
             return
@@ -601,6 +682,9 @@ class Router:
         wait = self.stats_waits.get(msg.seq)
         if wait is None or wait.client_id != client.id or wait.done.done():
             return  # late answer to a timed-out STATS_REQ
+        if not self._reports_own(client, msg.tuple, msg.status):
+            wait.rejected += 1
+            return
         if len(wait.rows) < MAX_ROWS_PER_CLIENT:
             wait.rows.append(
                 {
@@ -620,7 +704,30 @@ class Router:
         if wait is not None and wait.client_id == client.id and not wait.done.done():
             wait.done.set_result((msg.arg, msg.arg2))
 
+    def _reports_own(self, client: LibraryClient, t: Tuple4, path: int) -> bool:
+        """Does a report about `t` come from the container that holds it? A connection on the
+        host path is one the router handed to this client; any other is a live socket of the
+        client's namespace at one of its container's overlay addresses (as for a SWITCH_REQ)."""
+        if self.owners is None:
+            return True
+        if not _valid_tuple(t):
+            return False
+        if path == Path.HOST:
+            return t.key() in client.handed
+        return self._not_owner(client, t) is None
+
     def on_switch_done(self, client: LibraryClient, msg: Msg) -> None:
+        if self.owners is not None and msg.tuple.key() not in client.handed:
+            self.reports_rejected += 1
+            log.warning(
+                "report_rejected",
+                client=client.id,
+                pid=client.pid,
+                frame="SWITCH_DONE",
+                tuple=msg.tuple,
+                reason="no host connection was handed to this client for it",
+            )
+            return
         if msg.arg2 == 1:
             self.switch_times.add(int(msg.arg))
             if self.metrics is not None:
@@ -682,7 +789,7 @@ class Router:
 
         if not _valid_tuple(t):
             return await refuse(Status.BAD_MESSAGE, "invalid tuple")
-        refusal = self.policy.refusal(t)
+        refusal = self._handoff_refusal() or self.policy.refusal(t)
         if refusal is not None:
             return await refuse(Status.DENIED, refusal)
         # Only the host that holds the initiator's overlay address may offer for it.
@@ -730,6 +837,18 @@ class Router:
         self.in_progress[key] = incoming
         try:
             clients = self.libs.ready_clients()
+            if self.attachments is not None:
+                # Only the container the overlay reaches at our end's address hears of it: the
+                # others could copy the tuple and say "mine", and would learn who talks to whom.
+                owner = self.attachments.container_at(t.local.ip)
+                clients = [c for c in clients if owner is not None and c.nsid == owner]
+                if not clients:
+                    why = (
+                        f"no container attached at {t.local.ip}"
+                        if owner is None
+                        else f"no library in the container at {t.local.ip}"
+                    )
+                    return await self._refuse_claim(conn, src, msg, t, why)
             if not clients:
                 return await self._refuse_claim(conn, src, msg, t, "no library connected")
             seq = self._next_seq()
@@ -796,6 +915,16 @@ class Router:
             result = None
         finally:
             self.stats_waits.pop(seq, None)
+        if wait.rejected:
+            self.reports_rejected += wait.rejected
+            log.warning(
+                "report_rejected",
+                client=client.id,
+                pid=client.pid,
+                frame="CONN_INFO",
+                rows=wait.rejected,
+                reason="tuples the sender's container does not hold",
+            )
         return {
             "client": client.id,
             "pid": client.pid,
@@ -809,6 +938,7 @@ class Router:
             "router_switches_ok": client.switches_ok,
             "router_switches_failed": client.switches_failed,
             "connections": wait.rows,
+            "rows_rejected": wait.rejected,
         }
 
     def switch_times_since(self, index: int) -> dict[str, Any]:
@@ -853,6 +983,13 @@ class Router:
                     "owner_checks": self.owners.checks if self.owners else 0,
                     "owner_denials": self.owner_denials,
                     "owner_namespaces": self.owners.namespaces() if self.owners else 0,
+                    "attachments": self.attachments.describe() if self.attachments else None,
+                    "socket_guard": (
+                        None
+                        if self.guard is None
+                        else {**self.guard.describe(), "error": self.guard_error}
+                    ),
+                    "reports_rejected": self.reports_rejected,
                     "peers_rejected": self.peers.rejected_peers,
                     "offers_rejected": self.peers.rejected_offers,
                     "replay_cache": len(self.peers.checker),

@@ -27,6 +27,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Protocol
 
+from shuntflow.router.attachment import Attachments
 from shuntflow.router.logfmt import ensure_dir, get_logger
 from shuntflow.router.ownership import NsKey, OwnerError, OwnershipChecker
 from shuntflow.wire import MSG_SIZE, PROTOCOL_VERSION, Msg, MsgType, Status, WireError
@@ -110,6 +111,12 @@ class LibraryClient:
         self.pid = 0  # from HELLO (the process's own view; may be a pid namespace's)
         self.cred_pid, self.cred_uid = 0, -1  # SO_PEERCRED, in the router's view
         self.ns_key: NsKey | None = None  # its network namespace, for the ownership check
+        # The id the router's namespace gives that namespace; the container it is, if a veth
+        # of the overlay bridge leads there (attachment.py). None: attached nowhere.
+        self.nsid: int | None = None
+        # Overlay tuples (keys) the router handed to this client: its reports of host-path
+        # connections count only for these.
+        self.handed: dict[tuple[object, object], None] = {}
         self.owner_error = "ownership not established"  # why ns_key is None
         self.mode = 0
         self.ready = False  # HELLO received
@@ -297,7 +304,7 @@ class LibraryClient:
             if fd_sock is not None:
                 fd_sock.close()
         self.server.clients.pop(self.id, None)
-        self.server.forget_namespace_slot(self.ns_key)
+        self.server.forget_container_slot(self.nsid)
         if self.ns_key is not None and self.server.owners is not None:
             self.server.owners.detach(self.ns_key)
             self.ns_key = None
@@ -327,14 +334,16 @@ class LibraryServer:
         owners: OwnershipChecker | None = None,
         hello_timeout: float = 2.0,
         max_per_netns: int = 1024,
+        attachments: Attachments | None = None,
     ) -> None:
         self.path = path
         self.owners = owners
+        self.attachments = attachments
         self.handler = handler
         self.loop = loop
         self.max_clients = max_clients
         self.max_per_netns = max_per_netns
-        self.per_netns: Counter[NsKey | None] = Counter()
+        self.per_container: Counter[int] = Counter()
         self.hello_timeout = hello_timeout
         self.clients: dict[int, LibraryClient] = {}
         self.accepted = 0
@@ -357,12 +366,12 @@ class LibraryServer:
         self._sock = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
 
-    def forget_namespace_slot(self, key: NsKey | None) -> None:
-        if self.owners is None:
+    def forget_container_slot(self, nsid: int | None) -> None:
+        if self.owners is None or nsid is None or nsid not in self.per_container:
             return
-        self.per_netns[key] -= 1
-        if self.per_netns[key] <= 0:
-            del self.per_netns[key]
+        self.per_container[nsid] -= 1
+        if self.per_container[nsid] <= 0:
+            del self.per_container[nsid]
 
     def ready_clients(self) -> list[LibraryClient]:
         return [c for c in self.clients.values() if c.ready and not c.closed]
@@ -388,8 +397,9 @@ class LibraryServer:
             if self.owners is not None:
                 # At accept, while the connecting process is certainly alive: its namespace
                 # is what every later ownership check of this channel asks.
+                nsid_of = self.attachments.nsid_of if self.attachments else (lambda _fd: None)
                 try:
-                    client.ns_key, _pid = self.owners.attach(conn)
+                    client.ns_key, _pid, client.nsid = self.owners.attach_with_id(conn, nsid_of)
                 except OwnerError as exc:
                     client.owner_error = str(exc)
                     log.warning("client_owner_unknown", client=client.id, reason=str(exc))
@@ -402,14 +412,25 @@ class LibraryServer:
             log.debug("client_connected", client=client.id, cred_pid=client.cred_pid)
 
     def _admit_from_namespace(self, client: LibraryClient) -> bool:
-        """One container must not take every client slot: its processes could otherwise
-        keep the others' libraries off the router (they would stay on the overlay). Channels
-        whose namespace is unknown share one count; without the ownership check (unit tests)
-        namespaces are not known and only max_clients applies."""
+        """A channel only for a process of a container attached to the overlay, and at most
+        max_per_netns per container: one container's processes could otherwise keep the
+        others' libraries off the router (they would stay on the overlay). Namespaces are free
+        to make, so a namespace no overlay veth leads to gets none: it holds no overlay address
+        and has nothing to switch. Without the ownership check (unit tests) namespaces are not
+        known and only max_clients applies."""
         if self.owners is None:
             return True
-        if self.per_netns[client.ns_key] < self.max_per_netns:
-            self.per_netns[client.ns_key] += 1
+        reason = None
+        nsid = client.nsid
+        if self.attachments is not None and not self.attachments.attached(nsid):
+            reason = "network namespace attached to no overlay address"
+            if client.ns_key is None:
+                reason += f" ({client.owner_error})"
+        elif nsid is not None and self.per_container[nsid] >= self.max_per_netns:
+            reason = "too many clients from one network namespace (container)"
+        if reason is None:
+            if nsid is not None:
+                self.per_container[nsid] += 1
             return True
         self.rejected += 1
         if client.ns_key is not None:
@@ -417,9 +438,10 @@ class LibraryServer:
         client.sock.close()
         log.warning(
             "client_rejected",
-            reason="too many clients from one network namespace",
+            reason=reason,
             limit=self.max_per_netns,
             cred_pid=client.cred_pid,
+            nsid=nsid,
         )
         return False
 

@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shuntflow.wire import Tuple4
@@ -132,6 +133,13 @@ class OwnershipChecker:
 
     def attach(self, conn: socket.socket) -> tuple[NsKey, int]:
         """Namespace and pid of the process on the other end of `conn` (at its connect())."""
+        key, pid, _nsid = self.attach_with_id(conn, lambda _fd: None)
+        return key, pid
+
+    def attach_with_id(
+        self, conn: socket.socket, nsid_of: Callable[[int], int | None]
+    ) -> tuple[NsKey, int, int | None]:
+        """As attach, plus `nsid_of(namespace fd)`: the id the router's namespace gives it."""
         pidfd = -1
         with contextlib.suppress(OSError):
             pidfd = int(conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
@@ -153,13 +161,14 @@ class OwnershipChecker:
                         raise OwnerError(f"process {pid} exited while connecting") from None
                 st = os.fstat(ns_fd)
                 key: NsKey = (st.st_dev, st.st_ino)
+                nsid = nsid_of(ns_fd)
                 entry = self._diag.get(key)
                 if entry is not None:
                     entry.users += 1
                 else:
                     sock = _open_diag_socket() if key == self.own_ns else _diag_socket_in(ns_fd)
                     self._diag[key] = _Diag(sock, 1)
-                return key, pid
+                return key, pid, nsid
             finally:
                 os.close(ns_fd)
         except OSError as exc:

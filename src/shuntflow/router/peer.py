@@ -11,11 +11,20 @@
 # is read; an OFFER whose MAC, timestamp or nonce fails is closed without an ANSWER (a rogue
 # learns nothing, not even whether the tuple exists); the initiator accepts only an ANSWER MAC'd
 # with the cluster key over its own OFFER's nonce.
+# Why TCP_DEFER_ACCEPT on the listener, and why connections still waiting for their first byte
+# are evicted, oldest first, rather than new
+# ones refused: a peer's pool keeps a few such connections open by design, so an idle connection
+# looks like a peer's; but anyone on an allowed source can open thousands. When one source holds
+# more than max_idle_per_peer of them, or the listener is full, the oldest idle one (no byte
+# pending) goes. A real OFFER follows its connect at once, so it is never the oldest idle one
+# for long, and a peer whose pooled connection was evicted offers again on a new connection.
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -238,6 +247,7 @@ class PeerListener:
         max_incoming: int,
         admit: PeerAdmission,
         checker: OfferChecker,
+        max_idle_per_peer: int = 64,
     ) -> None:
         self.loop = loop
         self.admit = admit
@@ -251,6 +261,11 @@ class PeerListener:
         self.idle_timeout = idle_timeout
         self.max_incoming = max_incoming
         self.handlers: set[asyncio.Task[None]] = set()
+        self.max_idle_per_peer = max_idle_per_peer
+        self.waiting: dict[socket.socket, str] = {}  # no byte read yet; oldest first
+        self.waiting_per_peer: Counter[str] = Counter()
+        self.evicted: dict[socket.socket, str] = {}  # -> why
+        self.evictions = 0
         self.dropped = 0
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -261,6 +276,13 @@ class PeerListener:
         )
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # A connection reaches accept() only once its first bytes are in (or after the
+            # idle timeout): a flood of connections that never send an OFFER stays in the
+            # kernel and never reaches this event loop. The peers' pooled connections, idle
+            # until a switch needs them, wait there the same way.
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, round(self.idle_timeout))
+            )
             sock.bind((self.host_ip, self.port))
             sock.listen(1024)
         except OSError as exc:
@@ -282,7 +304,9 @@ class PeerListener:
                 log.error("peer_accept_failed", error=exc.strerror or str(exc))
                 await asyncio.sleep(0.05)
                 continue
-            if len(self.handlers) >= self.max_incoming:
+            if len(self.handlers) >= self.max_incoming and not self._evict_idle(
+                None, f"{self.max_incoming} offers being read: the oldest idle connection goes"
+            ):
                 self.dropped += 1
                 conn.close()
                 log.warning("peer_dropped", peer=addr[0], reason="too many incoming offers")
@@ -300,6 +324,12 @@ class PeerListener:
                 self.rejected_peers += 1
                 log.warning("peer_rejected", peer=f"{peer}:{port}", reason=why)
                 return
+            if self.waiting_per_peer[peer] >= self.max_idle_per_peer:
+                self._evict_idle(
+                    peer, f"source holds more than {self.max_idle_per_peer} idle connections"
+                )
+            self.waiting[conn] = peer
+            self.waiting_per_peer[peer] += 1
             # A peer's pool keeps connections idle until a switch needs one (peer_pool.py), so
             # the first byte may take up to idle_timeout; the rest of the frame may not dawdle.
             try:
@@ -307,6 +337,12 @@ class PeerListener:
                     head = await self.loop.sock_recv(conn, PEER_SIZE)
             except TimeoutError:
                 self._drop(peer, port, f"idle for {self.idle_timeout:g}s without an OFFER")
+                return
+            finally:
+                self._unwait(conn)
+            evicted = self.evicted.pop(conn, None)
+            if evicted is not None:
+                self._drop(peer, port, f"evicted before its OFFER: {evicted}")
                 return
             if not head:
                 # Not an offence: a peer's pool lets aged connections go this way.
@@ -342,8 +378,38 @@ class PeerListener:
         except Exception:
             log.error("offer_handler_error", exc=True, peer=peer)
         finally:
+            self._unwait(conn)
+            self.evicted.pop(conn, None)
             if not taken:
                 conn.close()
+
+    def _unwait(self, conn: socket.socket) -> None:
+        peer = self.waiting.pop(conn, None)
+        if peer is not None:
+            self.waiting_per_peer[peer] -= 1
+            if self.waiting_per_peer[peer] <= 0:
+                del self.waiting_per_peer[peer]
+
+    def _evict_idle(self, peer: str | None, why: str) -> bool:
+        """Shut the oldest waiting connection (of `peer`, or any) with no byte pending; its
+        handler then reads EOF and logs the eviction. False if there is none."""
+        for conn, source in self.waiting.items():
+            if peer is not None and source != peer:
+                continue
+            try:
+                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    continue  # its OFFER is in: not idle
+            except BlockingIOError:
+                pass
+            except OSError:
+                pass  # already broken: evicting it costs nothing
+            self._unwait(conn)
+            self.evicted[conn] = why
+            self.evictions += 1
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            return True
+        return False
 
     def _drop(self, peer: str, port: int, reason: str) -> None:
         self.dropped += 1

@@ -361,6 +361,8 @@ class RouterProcess:
             "--cluster-key",
             str(key_file),
             "--owner-check" if owner_check else "--no-owner-check",
+            # Fake libraries on loopback: no kernel guard either, unless ownership is real.
+            "--socket-guard" if owner_check else "--no-socket-guard",
             *extra,
         ]
         if netns:
