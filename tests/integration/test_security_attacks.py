@@ -253,6 +253,42 @@ def test_handed_over_socket_cannot_become_another_connection(tb: Testbed) -> Non
         time.sleep(0.2)
 
 
+def test_invented_reports_do_not_count(tb: Testbed) -> None:
+    """A process reports a switch it never had and answers STATS_REQ with one real connection
+    and 2,000 invented ones: the status shows the real one only."""
+    h1, h2 = tb.hosts
+    c11 = h1.containers[0]
+    conn, accepted, t = connect(c11, h2.containers[0], 8203)
+    before = len(log_of(h1))
+    times = status(h1)["switch_time_us"]
+    with conn, accepted:
+        reporter = tb.popen(
+            c11,
+            attacker_argv(
+                ["report", str(h1.router_socket), str(t.local), str(t.remote), "2000", "8"],
+                own_netns=False,
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert reporter.stdout is not None and reporter.stdout.readline().strip() == "ready"
+            shown = query(h1.router_socket.with_name("router.sock.ctl"), timeout=30)
+        finally:
+            reporter.kill()
+            reporter.wait()
+    procs = [p for p in shown["processes"] if p["cred_pid"] == reporter.pid]
+    assert len(procs) == 1, shown["processes"]
+    rows = procs[0]["connections"]
+    assert [(r["local"], r["remote"]) for r in rows] == [(str(t.local), str(t.remote))], len(rows)
+    assert procs[0]["rows_rejected"] == 2000
+    assert shown["router"]["switch_time_us"] == times  # the invented SWITCH_DONE is not a sample
+    lines = new_lines(h1, before)
+    rejected = [x for x in lines if "event=report_rejected" in x]
+    assert any("frame=SWITCH_DONE" in x for x in rejected), lines
+    assert any("frame=CONN_INFO" in x and "rows=2000" in x for x in rejected), lines
+
+
 def test_peer_port_flood_leaves_switches_working(tb: Testbed) -> None:
     """A process on an allowed underlay source reconnects to the peer port in a loop (1,000
     connects a second, up to 1,500 held open: more than the router reads offers from at once),

@@ -34,6 +34,9 @@ under `unshare -Urn` (a user and network namespace of their own, no privilege on
     wire_agent.py spawn-hold SOCKET NAMESPACES N
         NAMESPACES times `unshare -Urn` + `hold SOCKET N`; prints the total acked and refused,
         holds until stdin closes.
+    wire_agent.py report SOCKET LOCAL REMOTE N SECONDS
+        Says SWITCH_DONE for a connection it never had, then answers every STATS_REQ with one
+        CONN_INFO row for LOCAL->REMOTE (on the overlay) and N invented ones, for SECONDS.
     wire_agent.py flood PEER_IP PORT SECONDS HOLD RATE
         Reconnects to the peer port in a loop for SECONDS, at most RATE connects a second,
         keeping up to HOLD connections open (the oldest closed to make room); how many connects
@@ -392,6 +395,32 @@ def spawn_hold(path: str, namespaces: int, n: int) -> None:
         p.wait()
 
 
+def report(path: str, local: str, remote: str, n: int, seconds: float) -> dict[str, Any]:
+    s = channel(path)
+    invented = [
+        Tuple4.parse(f"198.19.9.{1 + i % 250}:{1000 + i}", "198.19.8.8:80") for i in range(n)
+    ]
+    s.send(Msg(MsgType.SWITCH_DONE, seq=0, tuple=invented[0], arg=100, arg2=1).pack())
+    print("ready", flush=True)
+    answered = 0
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            msg, _fds = receive(s)
+        except TimeoutError:
+            break
+        if msg is None:
+            break
+        if msg.type is MsgType.STATS_REQ:
+            real = Tuple4.parse(local, remote)
+            for t in [real, *invented]:
+                s.send(Msg(MsgType.CONN_INFO, 0, msg.seq, tuple=t, arg=1, arg2=0).pack())
+            s.send(Msg(MsgType.STATS_END, seq=msg.seq).pack())
+            answered += 1
+    return {"answered": answered}
+
+
 def flood(peer: str, port: int, seconds: float, hold_max: int, rate: float) -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hold_max + 256, hold_max + 256))
     held: deque[socket.socket] = deque()
@@ -436,6 +465,8 @@ def main(argv: list[str]) -> None:
     elif cmd == "spawn-hold":
         spawn_hold(args[0], int(args[1]), int(args[2]))
         return
+    elif cmd == "report":
+        result = report(args[0], args[1], args[2], int(args[3]), float(args[4]))
     elif cmd == "flood":
         result = flood(args[0], int(args[1]), float(args[2]), int(args[3]), float(args[4]))
     elif cmd == "rogue":

@@ -1,6 +1,6 @@
 """The router's security pieces on their own: cluster key files, OFFER authentication (MAC,
 time window, replay cache), allow/deny policy rules, the sock_diag ownership check on real
-loopback connections, and two routers with different keys on loopback."""
+loopback connections, two routers with different keys on loopback, and the BPF socket guard."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from shuntflow.router.auth import (
     now_ms,
     write_cluster_key,
 )
+from shuntflow.router.guard import GuardError, SocketGuard, cgroup2_root
 from shuntflow.router.ownership import OwnershipChecker
 from shuntflow.router.policy import Policy, PolicyError, Rule
 from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port, write_key_file
@@ -245,3 +246,46 @@ def test_routers_with_different_keys_never_switch(tmp_path: Path) -> None:
             b.stop()
     finally:
         a.stop()
+
+
+# -- the socket guard -----------------------------------------------------------------------
+
+
+def test_cgroup2_root_in_both_layouts() -> None:
+    unified = (
+        "29 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
+        "30 29 0:26 /sys.slice /run/x rw shared:4 - cgroup2 cgroup2 rw\n"
+    )
+    hybrid = (
+        "25 1 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755\n"
+        "26 25 0:23 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+        "27 25 0:24 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+    )
+    assert cgroup2_root(unified) == Path("/sys/fs/cgroup")
+    assert cgroup2_root(hybrid) == Path("/sys/fs/cgroup/unified")
+    with pytest.raises(GuardError, match="no cgroup v2"):
+        cgroup2_root("26 25 0:23 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root")
+def test_guard_refuses_marked_sockets_and_leaves_nothing() -> None:
+    """Two guards stack (two routers on one kernel); closing both detaches everything."""
+    first, second = SocketGuard(0x5F5F01), SocketGuard(0x5F5F01)
+    first.start()
+    second.start()
+    try:
+        first.close()  # the other router's programs still hold
+        with socket.socket() as s:
+            second.protect(s)
+            with pytest.raises(PermissionError):
+                s.bind(("127.0.0.1", 0))
+            with pytest.raises(PermissionError):
+                s.connect(("127.0.0.1", 9))
+        with socket.socket() as plain:  # an unmarked socket is none of its business
+            plain.bind(("127.0.0.1", 0))
+        assert second.counters()["refused_bind"] >= 2  # its self-test's and ours
+    finally:
+        second.close()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x5F5F01)
+        s.bind(("127.0.0.1", 0))  # no program left attached

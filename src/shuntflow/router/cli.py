@@ -211,6 +211,17 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
+def _guard_text(guard: Any) -> str:
+    if not isinstance(guard, dict):
+        return "socket guard off"
+    if guard.get("error"):
+        return f"socket guard FAILED, nothing handed over: {guard['error']}"
+    return (
+        f"socket guard on (mark {guard.get('mark')}, refused {guard.get('refused_connect', 0)} "
+        f"connect, {guard.get('refused_bind', 0)} bind)"
+    )
+
+
 def _print_tables(results: list[dict[str, Any]]) -> None:
     console = Console()
     for entry in results:
@@ -240,7 +251,7 @@ def _print_tables(results: list[dict[str, Any]]) -> None:
                 f"{sec.get('owner_denials', 0)} owner denials, "
                 f"{sec.get('offers_rejected', 0)} offers and {sec.get('peers_rejected', 0)} "
                 f"peers rejected; allow {policy.get('allow') or 'all'}, "
-                f"deny {policy.get('deny') or 'none'}",
+                f"deny {policy.get('deny') or 'none'}; " + _guard_text(sec.get("socket_guard")),
                 markup=False,
             )
         table = Table(show_edge=False, pad_edge=False)

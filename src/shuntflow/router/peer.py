@@ -11,19 +11,20 @@
 # is read; an OFFER whose MAC, timestamp or nonce fails is closed without an ANSWER (a rogue
 # learns nothing, not even whether the tuple exists); the initiator accepts only an ANSWER MAC'd
 # with the cluster key over its own OFFER's nonce.
-# Why TCP_DEFER_ACCEPT on the listener, and why connections still waiting for their first byte
-# are evicted, oldest first, rather than new
+# Why connections still waiting for their first byte are evicted, oldest first, rather than new
 # ones refused: a peer's pool keeps a few such connections open by design, so an idle connection
 # looks like a peer's; but anyone on an allowed source can open thousands. When one source holds
-# more than max_idle_per_peer of them, or the listener is full, the oldest idle one (no byte
-# pending) goes. A real OFFER follows its connect at once, so it is never the oldest idle one
-# for long, and a peer whose pooled connection was evicted offers again on a new connection.
+# more than max_idle_per_peer of them idle for over a second, or the listener is full, the
+# oldest idle one (no byte pending) goes. A real OFFER follows its connect within milliseconds,
+# so it is never idle for a second (a peer's burst of fresh offers is left alone), and a peer
+# whose pooled connection was evicted offers again on a new connection.
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ log = get_logger()
 # Linux: don't reserve an ephemeral port at bind() time, pick it at connect() (no exhaustion
 # from bind-before-connect). Not exported by Python 3.11's socket module.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# A connection without a byte for this long is idle (pooled, or a flood), not an OFFER on its way.
+IDLE_AGE = 1.0
 
 
 class PeerClosed(EOFError):
@@ -262,7 +265,7 @@ class PeerListener:
         self.max_incoming = max_incoming
         self.handlers: set[asyncio.Task[None]] = set()
         self.max_idle_per_peer = max_idle_per_peer
-        self.waiting: dict[socket.socket, str] = {}  # no byte read yet; oldest first
+        self.waiting: dict[socket.socket, tuple[str, float]] = {}  # no byte yet: source, since
         self.waiting_per_peer: Counter[str] = Counter()
         self.evicted: dict[socket.socket, str] = {}  # -> why
         self.evictions = 0
@@ -276,13 +279,6 @@ class PeerListener:
         )
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # A connection reaches accept() only once its first bytes are in (or after the
-            # idle timeout): a flood of connections that never send an OFFER stays in the
-            # kernel and never reaches this event loop. The peers' pooled connections, idle
-            # until a switch needs them, wait there the same way.
-            sock.setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, round(self.idle_timeout))
-            )
             sock.bind((self.host_ip, self.port))
             sock.listen(1024)
         except OSError as exc:
@@ -305,7 +301,7 @@ class PeerListener:
                 await asyncio.sleep(0.05)
                 continue
             if len(self.handlers) >= self.max_incoming and not self._evict_idle(
-                None, f"{self.max_incoming} offers being read: the oldest idle connection goes"
+                None, f"{self.max_incoming} offers being read: the oldest idle connection goes", 0.0
             ):
                 self.dropped += 1
                 conn.close()
@@ -326,9 +322,11 @@ class PeerListener:
                 return
             if self.waiting_per_peer[peer] >= self.max_idle_per_peer:
                 self._evict_idle(
-                    peer, f"source holds more than {self.max_idle_per_peer} idle connections"
+                    peer,
+                    f"source holds more than {self.max_idle_per_peer} idle connections",
+                    IDLE_AGE,
                 )
-            self.waiting[conn] = peer
+            self.waiting[conn] = (peer, time.monotonic())
             self.waiting_per_peer[peer] += 1
             # A peer's pool keeps connections idle until a switch needs one (peer_pool.py), so
             # the first byte may take up to idle_timeout; the rest of the frame may not dawdle.
@@ -384,16 +382,21 @@ class PeerListener:
                 conn.close()
 
     def _unwait(self, conn: socket.socket) -> None:
-        peer = self.waiting.pop(conn, None)
-        if peer is not None:
+        entry = self.waiting.pop(conn, None)
+        if entry is not None:
+            peer = entry[0]
             self.waiting_per_peer[peer] -= 1
             if self.waiting_per_peer[peer] <= 0:
                 del self.waiting_per_peer[peer]
 
-    def _evict_idle(self, peer: str | None, why: str) -> bool:
-        """Shut the oldest waiting connection (of `peer`, or any) with no byte pending; its
-        handler then reads EOF and logs the eviction. False if there is none."""
-        for conn, source in self.waiting.items():
+    def _evict_idle(self, peer: str | None, why: str, min_age: float) -> bool:
+        """Shut the oldest waiting connection (of `peer`, or any) with no byte pending that has
+        waited min_age seconds; its handler then reads EOF and logs the eviction. False if there
+        is none."""
+        now = time.monotonic()
+        for conn, (source, since) in self.waiting.items():
+            if now - since < min_age:
+                return False  # oldest first: the rest are younger
             if peer is not None and source != peer:
                 continue
             try:
