@@ -707,14 +707,15 @@ class Router:
     def _reports_own(self, client: LibraryClient, t: Tuple4, path: int) -> bool:
         """Does a report about `t` come from the container that holds it? A connection on the
         host path is one the router handed to this client; any other is a live socket of the
-        client's namespace at one of its container's overlay addresses (as for a SWITCH_REQ)."""
+        client's namespace (an attached container's: no other gets a channel), overlay or not
+        (a connection pinned to the overlay may be one to a non-overlay address)."""
         if self.owners is None:
             return True
         if not _valid_tuple(t):
             return False
         if path == Path.HOST:
             return t.key() in client.handed
-        return self._not_owner(client, t) is None
+        return client.ns_key is not None and self.owners.owns(client.ns_key, t).ok
 
     def on_switch_done(self, client: LibraryClient, msg: Msg) -> None:
         if self.owners is not None and msg.tuple.key() not in client.handed:

@@ -175,7 +175,7 @@ class SocketGuard:
                 with contextlib.suppress(BlockingIOError):
                     probe.connect(("127.0.0.1", port))
                 # Over loopback a SYN that is not dropped is answered at once.
-                _r, writable, _x = select.select([], [probe], [], 0.2)
+                _r, writable, _x = select.select([], [probe], [], 0.05)
                 if writable and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
                     raise GuardError("self-test: a marked listener accepted a connection")
 

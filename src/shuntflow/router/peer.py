@@ -14,8 +14,8 @@
 # Why connections still waiting for their first byte are evicted, oldest first, rather than new
 # ones refused: a peer's pool keeps a few such connections open by design, so an idle connection
 # looks like a peer's; but anyone on an allowed source can open thousands. When one source holds
-# more than max_idle_per_peer of them idle for over a second, or the listener is full, the
-# oldest idle one (no byte pending) goes. A real OFFER follows its connect within milliseconds,
+# more than max_idle_per_peer of them, or the listener is full, the oldest one idle for over a
+# second (no byte pending) goes. A real OFFER follows its connect within milliseconds,
 # so it is never idle for a second (a peer's burst of fresh offers is left alone), and a peer
 # whose pooled connection was evicted offers again on a new connection.
 
@@ -301,7 +301,7 @@ class PeerListener:
                 await asyncio.sleep(0.05)
                 continue
             if len(self.handlers) >= self.max_incoming and not self._evict_idle(
-                None, f"{self.max_incoming} offers being read: the oldest idle connection goes", 0.0
+                None, f"{self.max_incoming} offers being read: the oldest idle one goes", IDLE_AGE
             ):
                 self.dropped += 1
                 conn.close()
