@@ -16,4 +16,4 @@ lint:
 	.venv/bin/mypy
 
 clean:
-	rm -rf build .venv preload/build src/*.egg-info
+	rm -rf build .venv preload/build bpf/build src/*.egg-info

@@ -278,21 +278,23 @@ class Router:
             await self.resolver.refresh()
             if self.resolver.tables.error:
                 log.warning("overlay_map_unavailable", error=self.resolver.tables.error)
-        self.libs.start()
+        # The control socket first: whoever waits for the library socket (the testbed) may ask
+        # for the status at once.
+        await self.control.start()
         try:
+            self.libs.start()
             self.peers.start()
-            await self.control.start()
             if self.metrics is not None:
                 try:
                     self.metrics.start()
                 except OSError as exc:
-                    await self.control.close()
                     raise RouterSetupError(
                         f"cannot serve metrics on {self.cfg.metrics}: {exc.strerror}"
                     ) from None
         except BaseException:
             self.libs.close()
             await self.peers.close()
+            await self.control.close()
             raise
         self._spawn(self._housekeeping())
         log.info(
