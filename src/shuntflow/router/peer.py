@@ -14,10 +14,10 @@
 # Why connections still waiting for their first byte are evicted, oldest first, rather than new
 # ones refused: a peer's pool keeps a few such connections open by design, so an idle connection
 # looks like a peer's; but anyone on an allowed source can open thousands. When one source holds
-# more than max_idle_per_peer of them, or the listener is full, the oldest one idle for over a
-# second (no byte pending) goes. A real OFFER follows its connect within milliseconds,
-# so it is never idle for a second (a peer's burst of fresh offers is left alone), and a peer
-# whose pooled connection was evicted offers again on a new connection.
+# more than max_idle_per_peer of them, or the listener is full, the oldest one idle for over
+# IDLE_AGE (no byte pending) goes. A real OFFER follows its connect within milliseconds, so a
+# peer's burst of fresh offers is left alone, and a peer whose pooled connection was evicted
+# offers again on a new connection.
 
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ log = get_logger()
 # Linux: don't reserve an ephemeral port at bind() time, pick it at connect() (no exhaustion
 # from bind-before-connect). Not exported by Python 3.11's socket module.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-# A connection without a byte for this long is idle (pooled, or a flood), not an OFFER on its way.
-IDLE_AGE = 1.0
+# A connection without a byte for this long is idle (pooled, or a flood), not an OFFER on its way:
+# an initiator waits 2 s for its ANSWER (answer_timeout_ms), so a later OFFER is dead anyway.
+IDLE_AGE = 2.0
 
 
 class PeerClosed(EOFError):
