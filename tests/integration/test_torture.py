@@ -148,6 +148,9 @@ def assert_every_call(summary: dict[str, Any]) -> None:
     for name in torture.CALLS:
         io = summary["io"][name]
         assert io["switched_bytes"] > 0 and io["host_bytes"] > 0, (summary["role"], name, io)
+    # Nothing signals these processes or resets their connections: every MSG_WAITALL read that
+    # did not meet the stream's end came back whole, across switch points too.
+    assert summary["waitall_short"] == 0, (summary["role"], summary["waitall_short"])
 
 
 def tcp_retransmits(tb: Testbed) -> int:
