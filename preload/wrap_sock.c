@@ -36,8 +36,6 @@ SF_EXPORT int socket(int domain, int type, int protocol) {
 
 /* Slim mode, non-blocking socket: Slim blocks here too; we wait for the overlay handshake, swap,
  * and still answer EINPROGRESS so the application's own connect-completion logic runs. */
-/* Slim mode, non-blocking socket: Slim blocks here too; we wait for the overlay handshake, swap,
- * and still answer EINPROGRESS so the application's own connect-completion logic runs. */
 static void slim_after_connect(struct sf_conn *c, int in_progress) {
     if (in_progress) {
         struct pollfd p = {.fd = c->fd, .events = POLLOUT};
