@@ -21,7 +21,6 @@ struct sf_real real;
 struct sf_config sf_cfg;
 _Atomic int sf_ready;
 int sf_log_on;
-_Atomic int sf_in_transition;
 _Atomic int sf_oneshot_regs;
 _Atomic uint64_t sf_last_swap_ms;
 
@@ -253,17 +252,13 @@ static void atfork_child(void) {
             sf_window_after_fork_child(c);
             if (atomic_load(&c->kind) != SF_CONN)
                 continue;
-            int phase = atomic_load(&c->phase);
             if (c->host_fd >= 0) {
                 real.close(c->host_fd);
                 sf_private_forget(c->host_fd);
                 c->host_fd = -1;
             }
-            if (phase != SF_P_HOST) {
-                if (phase >= SF_P_REQUESTED)
-                    atomic_fetch_sub(&sf_in_transition, 1);
-                atomic_store(&c->phase, SF_P_PINNED);
-            }
+            if (atomic_load(&c->phase) != SF_P_HOST)
+                sf_phase_reset(c, SF_P_PINNED);
         }
     }
     sf_agent_after_fork_child();
@@ -336,10 +331,7 @@ void sf_for_each_conn(void (*fn)(struct sf_conn *, void *), void *arg) {
 }
 
 static void reset_counters(struct sf_conn *c) {
-    int phase = atomic_load(&c->phase);
-    if (phase >= SF_P_REQUESTED && phase < SF_P_HOST)
-        atomic_fetch_sub(&sf_in_transition, 1);
-    atomic_store(&c->phase, SF_P_OVERLAY);
+    sf_phase_reset(c, SF_P_OVERLAY);
     atomic_store(&c->calls, 0);
     atomic_store(&c->tx, 0);
     atomic_store(&c->rx, 0);
@@ -352,7 +344,6 @@ static void reset_counters(struct sf_conn *c) {
     c->suppressed = 0;
     c->outstanding = 0;
     c->peer_s = 0;
-    c->phase_since_ms = 0;
 }
 
 /* The fd number was closed (or is about to name a new socket). Caller holds c->mu, or the slot
@@ -390,7 +381,7 @@ void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_conne
     c->next_trigger = sf_cfg.threshold;
     if (peer != NULL && peer->sa_family == AF_INET)
         memcpy(&c->remote, peer, sizeof c->remote);
-    atomic_store(&c->phase, sf_cfg.mode == SF_MODE_OVERLAY ? SF_P_PINNED : SF_P_OVERLAY);
+    sf_phase_reset(c, sf_cfg.mode == SF_MODE_OVERLAY ? SF_P_PINNED : SF_P_OVERLAY);
     atomic_store_explicit(&c->kind, SF_CONN, memory_order_release);
     pthread_mutex_unlock(&c->mu);
     if (sf_cfg.mode != SF_MODE_OVERLAY)

@@ -181,8 +181,8 @@ void sf_fins_after_fork_child(void) {
 }
 
 /* At exit the kernel would close the copies, FIN and all: wait a little for the
- * acknowledgements first, as for lingering host sockets (agent.c). */
-__attribute__((destructor)) static void fins_at_exit(void) {
+ * acknowledgements first, as for lingering host sockets (linger.c). */
+void sf_fins_at_exit(void) {
     uint64_t until = sf_now_ms() + 2000;
     while (atomic_load(&fins.n) > 0 && pthread_mutex_trylock(&fins.mu) == 0) {
         pthread_mutex_unlock(&fins.mu);

@@ -2,16 +2,24 @@
  *
  * The library lives inside unmodified programs (redis, nginx, memcached...). It must never crash
  * them, never block them on the router, and cost an array lookup on the fast path. The pieces:
- *   core.c       configuration, the real_* table resolved once, the per-fd table, private fds, fork
- *   agent.c      the background thread: router channel, the in-band handoff on the host connection
- *   swap.c       putting the host socket in place of the overlay socket on the same fd number
- *   wrap_sock.c  socket lifecycle wrappers (socket, connect, accept, close, dup, fcntl, ...)
- *   wrap_io.c    data wrappers (read/write/send/recv/sendfile...): counting and redirection
- *   wrap_event.c epoll/poll/select wrappers
- *   window.c     timing the data calls made while a connection switches (SWITCH_CALLS)
- *   uring.c      noticing io_uring, whose I/O no wrapper sees: such a process switches nothing
- *   fin.c        the overlay FIN of a commit, sent only once the peer holds the SYNC
- * docs/wire.md explains the handoff; docs/design.md its phases and the invariants it keeps. */
+ *   core.c        configuration, the real_* table resolved once, the per-fd table, private fds, fork
+ *   phase.c       where a connection is in its switch: the only writer of c->phase (phase.h)
+ *   agent.c       the background thread and its work queue; slim mode's blocking switch
+ *   router.c      the agent's channel to the router: requests, claims, statistics, reports
+ *   handoff.c     the in-band handoff on the host connection: begin, commit, pump, abort, expiry
+ *   linger.c      host sockets of connections closed before the peer's last handoff frame
+ *   swap.c        putting the host socket in place of the overlay socket on the same fd number
+ *   switchpoint.c an application thread that meets the overlay's FIN while a switch is under way
+ *   wrap_sock.c   socket lifecycle wrappers (socket, connect, accept, close, dup, fcntl, ...)
+ *   wrap_io.c     data wrappers (read/write/send/recv/sendfile...): counting and redirection
+ *   wrap_event.c  epoll/poll/select wrappers
+ *   window.c      timing the data calls made while a connection switches (SWITCH_CALLS)
+ *   uring.c       noticing io_uring, whose I/O no wrapper sees: such a process switches nothing
+ *   fin.c         the overlay FIN of a commit, sent only once the peer holds the SYNC
+ * docs/wire.md explains the handoff; docs/design.md its phases and the invariants it keeps.
+ *
+ * Locks, in the order they may be taken: c->wmu, then c->mu (under c->mu, c->wmu is only tried),
+ * then c->tmu, the agent's sf_agent_mu or fin.c's, and last the fd table's. */
 #ifndef SF_CORE_H
 #define SF_CORE_H
 
@@ -28,6 +36,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include "phase.h"
 #include "sf_wire.h"
 
 /* musl (the library's second build, for Alpine-based containers) differs from glibc in what the
@@ -121,17 +130,6 @@ extern struct sf_config sf_cfg;
 /* What an fd number is to the library. Untracked fds never get past the first check. */
 enum sf_kind { SF_NONE = 0, SF_SOCK, SF_CONN, SF_EPOLL, SF_PRIVATE };
 
-/* Where a tracked connection is in its life. Ordered: the wrappers compare ranges. */
-enum sf_phase {
-    SF_P_OVERLAY = 0,   /* on the overlay, counting */
-    SF_P_PINNED,        /* stays on the overlay for good (dup'd, inherited by fork, not switchable) */
-    SF_P_REQUESTED,     /* the agent asked the router (or accepted a claim), no host fd yet */
-    SF_P_HANDSHAKE,     /* holds the host connection, READY/SYNC exchange, nothing committed */
-    SF_P_COMMITTED,     /* S fixed, writes go to the host connection, reading the overlay up to S_peer */
-    SF_P_BROKEN,        /* committed, then the host connection died before the peer's SYNC */
-    SF_P_HOST,          /* swapped: the fd is the host socket */
-};
-
 struct sf_epreg {
     int epfd;
     uint32_t events;
@@ -139,10 +137,12 @@ struct sf_epreg {
     epoll_data_t data;
 };
 
-/* One per fd number, allocated on first use and reused: a racing thread never sees freed memory. */
+/* One per fd number, allocated on first use and reused: a racing thread never sees freed memory.
+ * Grouped by the part that writes each field; the others only read them. */
 struct sf_conn {
-    _Atomic int kind;
-    _Atomic int phase;
+    /* Read by every data call (wrap_io.c), so first. */
+    _Atomic int kind;             /* enum sf_kind: core.c, wrap_sock.c, wrap_event.c */
+    _Atomic int phase;            /* enum sf_phase: phase.c alone writes it */
     _Atomic uint32_t calls;       /* data syscalls seen (shuntflow threshold) */
     _Atomic uint32_t next_trigger; /* calls at which the next switch attempt starts */
     _Atomic uint32_t gen;         /* bumped when the fd number is closed and reused */
@@ -150,35 +150,45 @@ struct sf_conn {
     pthread_mutex_t mu;           /* phase changes, host_fd, epoll records, the swap */
     pthread_mutex_t wmu;          /* held across each application write, and by the commit */
     pthread_cond_t cv;            /* phase left the handoff (swapped, aborted, broken) */
-    /* overlay addresses, network order; valid when have_addrs */
-    struct sockaddr_in local, remote;
-    uint8_t have_addrs;
-    uint8_t leader;
+
+    /* phase.c */
+    uint64_t phase_since_ms;      /* when the phase last changed (0 after a reset) */
+
+    /* The data path (wrap_io.c) and the socket wrappers (wrap_sock.c). */
+    _Atomic uint64_t tx, rx;      /* application bytes on the overlay */
+    _Atomic uint64_t host_bytes;
     uint8_t via_connect;
     uint8_t connect_reported;     /* slim, non-blocking connect: the next connect() returns 0 */
     uint8_t app_shut_wr;
-    uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
-    uint8_t commit_finish_due;    /* committed; the rest is done before c->mu is released */
     uint8_t buf_locked;           /* the app set SO_SNDBUF/SO_RCVBUF: carry them over */
-    uint8_t peer_synced;
-    uint8_t suppressed;           /* an epoll event of this fd was held back during a switch */
+
+    /* The request (agent.c, router.c). */
+    struct sockaddr_in local, remote; /* overlay addresses, network order; valid when have_addrs */
+    uint8_t have_addrs;
+    uint8_t leader;               /* this end's (ip, port) is the lower one (docs/wire.md) */
     uint8_t attempted;            /* the agent has looked at the last trigger (slim waits on it) */
-    uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */
-    uint8_t hop_len;
-    uint8_t hop[16];
     uint16_t last_status;         /* why the last attempt failed (enum sf_status) */
     int outstanding;              /* router answers still expected while REQUESTED */
-    int host_fd;                  /* the host connection before the swap, -1 otherwise */
-    int pending_close_host;       /* close() found a writer on host_fd; it closes it */
-    uint64_t phase_since_ms;
-    uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
-    uint64_t peer_s;
-    _Atomic uint64_t tx, rx;      /* application bytes on the overlay */
-    _Atomic uint64_t host_bytes;
     _Atomic uint64_t decided_us;  /* when this switch was decided (threshold or claim) */
     _Atomic int initiated;        /* 1: this end's threshold decided it; 0: a peer's claim */
+
+    /* The handoff (handoff.c; fin.c its FIN). */
+    int host_fd;                  /* the host connection before the swap, -1 otherwise */
+    uint8_t hop_len;
+    uint8_t hop[16];              /* a handoff frame read in part */
+    uint8_t peer_synced;
+    uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
+    uint8_t commit_finish_due;    /* committed; the rest is done before c->mu is released */
+    uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */
+    uint64_t peer_s;
+    uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
+
+    /* The swap and what it carries over (swap.c, switchpoint.c). */
+    int pending_close_host;       /* a writer held c->wmu when host_fd went: it closes it */
+    uint8_t suppressed;           /* an epoll event of this fd was held back during a switch */
     struct sf_epreg *regs;
     int n_regs, cap_regs;
+
     /* The switch window (window.c): data calls that begin between the decision to switch and
      * the swap (or the end of the attempt) are timed, for the stall target (docs/performance.md).
      * Its own lock, not c->mu: the agent holds c->mu across handoff steps, and a timed call must
@@ -216,7 +226,6 @@ void sf_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 extern int sf_log_on;
 #define SF_LOG(...) do { if (SF_UNLIKELY(sf_log_on)) sf_log(__VA_ARGS__); } while (0)
 void sf_for_each_conn(void (*fn)(struct sf_conn *, void *), void *arg);
-extern _Atomic int sf_in_transition;       /* connections between REQUESTED and HOST */
 extern _Atomic int sf_oneshot_regs;
 extern _Atomic uint64_t sf_last_swap_ms;       /* when this process last swapped a connection */
 #define SF_RECENT_SWAP_MS 50
@@ -232,18 +241,22 @@ static inline struct sf_conn *sf_tracked(int fd) {
 void sf_agent_ensure(void);                /* start this process's agent thread once */
 void sf_agent_trigger(struct sf_conn *c);  /* never blocks */
 int sf_agent_switch_now(struct sf_conn *c);/* slim mode: trigger and wait; 0 if swapped */
-void sf_agent_commit(struct sf_conn *c);   /* caller holds c->wmu */
-void sf_agent_commit_locked(struct sf_conn *c); /* caller holds c->wmu and c->mu */
-void sf_agent_finish_commit_locked(struct sf_conn *c); /* caller holds c->mu */
-void sf_agent_pump_locked(struct sf_conn *c);   /* caller holds c->mu */
 void sf_agent_after_fork_child(void);
-void sf_agent_request_commit(struct sf_conn *c); /* commit now if no write is in flight */
-void sf_agent_count_switch(int ok);
 void sf_agent_private_moved(int from, int to);
-void sf_agent_report(const struct sf_msg *m);   /* queue a frame for the router; never blocks */
-void sf_agent_wake(void);                       /* the agent looks at its work again */
-int sf_agent_linger_host(int host, const uint8_t *partial, int len); /* see agent.c */
-void sf_agent_linger_conn_locked(struct sf_conn *c); /* caller holds c->mu */
+void sf_agent_wake(void);                  /* the agent looks at its work again */
+
+/* router.c */
+void sf_router_report(const struct sf_msg *m); /* queue a frame for the router; never blocks */
+void sf_count_switch(int ok);              /* for the router's statistics */
+
+/* handoff.c */
+void sf_handoff_commit(struct sf_conn *c); /* caller holds c->wmu */
+void sf_handoff_request_commit(struct sf_conn *c); /* commit now if no write is in flight */
+void sf_handoff_pump_locked(struct sf_conn *c);    /* caller holds c->mu */
+void sf_handoff_catch_up_locked(struct sf_conn *c); /* pump, and commit if due; holds c->mu */
+
+/* linger.c */
+void sf_linger_conn_locked(struct sf_conn *c); /* caller holds c->mu */
 
 /* window.c */
 /* From the calls counter's trigger value and the phase a data call already loaded: could a
@@ -251,7 +264,7 @@ void sf_agent_linger_conn_locked(struct sf_conn *c); /* caller holds c->mu */
  * switching pays no lock and no clock read. The second case is a decision the agent has not
  * picked up yet (count_call set next_trigger to UINT32_MAX, the phase is still OVERLAY). */
 static inline int sf_window_maybe_open(int phase, uint32_t trigger) {
-    return (phase >= SF_P_REQUESTED && phase <= SF_P_COMMITTED) ||
+    return sf_phase_switching(phase) ||
            (phase == SF_P_OVERLAY && trigger == UINT32_MAX);
 }
 struct sf_timed {
@@ -272,6 +285,7 @@ unsigned sf_fins_owed(void);
 void sf_fins_poll(uint64_t now);               /* the agent's tick while some are owed */
 void sf_fins_private_moved(int from, int to);
 void sf_fins_after_fork_child(void);
+void sf_fins_at_exit(void);
 
 /* uring.c */
 void sf_uring_refresh(uint64_t now_ms);    /* rescan for a ring if the last look is stale */
@@ -280,18 +294,19 @@ int sf_uses_io_uring(void);                /* 1: this process switches nothing a
 /* swap.c */
 int sf_maybe_swap(struct sf_conn *c);      /* swap if the switch point is reached; 1 if HOST */
 int sf_swap_locked(struct sf_conn *c);     /* caller holds c->mu */
-void sf_set_phase(struct sf_conn *c, int phase);
 void sf_wmu_unlock(struct sf_conn *c);     /* release c->wmu, closing a deferred host fd */
 void sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev);
 void sf_epreg_drop_epfd(int epfd);
 void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
+void sf_rearm_locked(struct sf_conn *c);
 void sf_copy_sockopts_early(int from, int to, int with_bufs); /* when the host fd arrives */
 void sf_copy_sockopts_at_commit(int from, int to);
 int sf_sockopt_waits_for_commit(int level, int name); /* not mirrored before the commit */
-int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see swap.c */
+
+/* switchpoint.c */
+int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see switchpoint.c */
+enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
 uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
 uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
-void sf_rearm_locked(struct sf_conn *c);
-enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
 
 #endif

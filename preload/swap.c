@@ -2,9 +2,14 @@
  *
  * The application keeps its fd number, its epoll registrations (same events, same 64-bit data,
  * in every epoll instance), its fd and file flags and its socket options; only the socket under
- * the number changes. Order matters (docs/design.md, "The swap keeps the fd number"): epoll keys a
- * registration by (file, fd), so each registration is deleted while the number still names the
- * overlay socket, then dup3 replaces it, then the registration is added back. */
+ * the number changes. So this file also keeps what the swap carries over: the record of every
+ * epoll registration of a tracked socket (wrap_event.c reports each epoll_ctl), and the socket
+ * options, copied onto the host connection when it arrives and at the commit. Order matters
+ * (docs/design.md, "The swap keeps the fd number"): epoll keys a registration by (file, fd), so
+ * each registration is deleted while the number still names the overlay socket, then dup3
+ * replaces it, then the registration is added back.
+ * The swap runs at the switch point (phase.h's COMMITTED -> HOST), from whichever thread gets
+ * there first: the agent, a reader, or an event loop (switchpoint.c). */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/tcp.h>
@@ -14,20 +19,6 @@
 #include <unistd.h>
 
 #include "sf_core.h"
-
-void sf_set_phase(struct sf_conn *c, int phase) {
-    int old = atomic_load(&c->phase);
-    int was = old >= SF_P_REQUESTED && old < SF_P_HOST;
-    int is = phase >= SF_P_REQUESTED && phase < SF_P_HOST;
-    if (is && !was)
-        atomic_fetch_add(&sf_in_transition, 1);
-    else if (was && !is)
-        atomic_fetch_sub(&sf_in_transition, 1);
-    atomic_store(&c->phase, phase);
-    c->phase_since_ms = sf_now_ms();
-    pthread_cond_broadcast(&c->cv);
-    sf_window_phase(c, old, phase);
-}
 
 /* Every holder of c->wmu releases it here: a swap that ran while a write was in flight left the
  * host connection's private number for the writer to close. */
@@ -122,7 +113,9 @@ void sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_ev
                 int cap = c->cap_regs ? c->cap_regs * 2 : 2;
                 struct sf_epreg *grown = realloc(c->regs, (size_t)cap * sizeof *grown);
                 if (grown == NULL) {
-                    sf_set_phase(c, SF_P_PINNED); /* cannot re-register it: never swap it */
+                    /* Cannot re-register it: never swap it. phase.h allows this from OVERLAY
+                     * only; mid-switch, a debug build stops here. */
+                    sf_set_phase(c, SF_P_PINNED);
                     return;
                 }
                 c->regs = grown;
@@ -243,159 +236,20 @@ int sf_swap_locked(struct sf_conn *c) {
     c->pending_close_host = host;
     if (pthread_mutex_trylock(&c->wmu) == 0)
         sf_wmu_unlock(c);
-    sf_agent_count_switch(1);
+    sf_count_switch(1);
     SF_LOG("fd %d: switched to the host path (S=%llu, S_peer=%llu, in transition %d)", fd,
            (unsigned long long)atomic_load(&c->tx), (unsigned long long)c->peer_s,
            atomic_load(&sf_in_transition));
     return 0;
 }
 
-static int at_switch_point(struct sf_conn *c) {
-    return atomic_load(&c->phase) == SF_P_COMMITTED && c->peer_synced && c->host_fd >= 0 &&
-           atomic_load(&c->rx) == c->peer_s;
-}
-
 int sf_maybe_swap(struct sf_conn *c) {
     pthread_mutex_lock(&c->mu);
-    if (at_switch_point(c))
+    if (sf_at_switch_point(c))
         sf_swap_locked(c);
     int host = atomic_load(&c->phase) == SF_P_HOST;
     pthread_mutex_unlock(&c->mu);
     return host;
-}
-
-/* A read on the overlay returned 0 while a switch is under way. Decide whether that is the
- * switch point (swap, the caller reads again), the peer's real EOF, or not yet known.
- *
- * The peer sends its SYNC on the host connection before its FIN on the overlay, so when the FIN
- * is here the SYNC is already in flight on the faster path: this thread reads it itself rather
- * than wait for the agent. Returning EAGAIN instead would break programs that take a readable
- * socket's EAGAIN for an error (wrk does), so even a non-blocking caller waits here, briefly. */
-int sf_wait_handoff(struct sf_conn *c, int nonblock) {
-    uint64_t deadline = sf_now_ms() + (nonblock ? 500 : 5000);
-    int result = SF_WAIT_EOF;
-    pthread_mutex_lock(&c->mu);
-    for (;;) {
-        int phase = atomic_load(&c->phase);
-        if (phase == SF_P_HOST) {
-            result = SF_WAIT_SWAPPED;
-            break;
-        }
-        /* The peer only shuts the overlay after it got our READY (we are the follower) or our
-         * SYNC (we committed); in every other phase the EOF is the application's own. */
-        int peer_may_have_committed = (phase == SF_P_HANDSHAKE && !c->leader) ||
-                                      (phase == SF_P_COMMITTED && !c->peer_synced);
-        if (peer_may_have_committed) {
-            sf_agent_pump_locked(c);
-            if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
-                sf_agent_commit_locked(c);
-                sf_wmu_unlock(c);
-                sf_agent_finish_commit_locked(c);
-            }
-        }
-        if (at_switch_point(c)) {
-            result = sf_swap_locked(c) == 0 ? SF_WAIT_SWAPPED : SF_WAIT_RESET;
-            break;
-        }
-        phase = atomic_load(&c->phase);
-        peer_may_have_committed = (phase == SF_P_HANDSHAKE && !c->leader) ||
-                                  (phase == SF_P_COMMITTED && !c->peer_synced);
-        if (!peer_may_have_committed) {
-            /* BROKEN too: the peer dropped the host connection before it committed, so its
-             * overlay stream, FIN included, is complete. Unless its SYNC reached us: then it
-             * had committed, and the rest of its stream died with the host connection. */
-            result = phase == SF_P_BROKEN && c->peer_synced ? SF_WAIT_RESET : SF_WAIT_EOF;
-            break;
-        }
-        if (sf_now_ms() > deadline) {
-            result = nonblock ? SF_WAIT_AGAIN : SF_WAIT_RESET;
-            break;
-        }
-        int host = c->host_fd;
-        if (host >= 0 && !c->peer_synced) {
-            pthread_mutex_unlock(&c->mu);
-            struct pollfd p = {.fd = host, .events = POLLIN};
-            real.poll(&p, 1, 5);
-            pthread_mutex_lock(&c->mu);
-        } else {
-            /* The commit is due, but another thread holds c->wmu: a writer, which commits as
-             * soon as its write returns, or the agent, waiting for the c->mu this releases. The
-             * commit's phase change broadcasts c->cv. */
-            sf_cv_wait_ms(c, 1);
-        }
-    }
-    SF_LOG("fd %d: overlay EOF in phase %d: %d (rx %llu, S_peer %llu%s)", c->fd,
-           atomic_load(&c->phase), result, (unsigned long long)atomic_load(&c->rx),
-           (unsigned long long)c->peer_s, c->peer_synced ? "" : " unknown");
-    pthread_mutex_unlock(&c->mu);
-    return result;
-}
-
-/* An event loop was just told that fd c->fd is readable or hung up. While a switch is under way
- * that may be nothing but the overlay's FIN at the switch point, which the application must not
- * see: it would read EOF, or EAGAIN where it expected data. Settle it here: swap if this is the
- * switch point and report the host socket's real readiness instead, or drop the overlay's
- * hang-up bits. `events` uses the bits poll and epoll share (IN, OUT, HUP, RDHUP, ERR);
- * `wanted` is what the caller asked for. Returns the events to report (0 = drop the event). */
-uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
-    const uint32_t hangup = EPOLLHUP | EPOLLRDHUP;
-    if (!(events & (EPOLLIN | hangup)))
-        return events;
-    /* The common case takes no lock: bytes to read make EPOLLIN true whatever the overlay's
-     * FIN, and c->mu is what the agent holds while it commits, which must not hold up an event
-     * loop that has data. A phase change meanwhile (a swap: the host socket's other bits may
-     * differ) takes the locked path. */
-    char byte;
-    int phase = atomic_load(&c->phase);
-    if ((events & EPOLLIN) && real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0 &&
-        phase == atomic_load(&c->phase))
-        return events & ~hangup;
-    pthread_mutex_lock(&c->mu);
-    phase = atomic_load(&c->phase);
-    if (phase == SF_P_HOST) {
-        /* Swapped by another thread since the caller looked: the event is the overlay's. */
-        pthread_mutex_unlock(&c->mu);
-        return sf_recheck_ready(c, events, wanted);
-    }
-    if (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED) {
-        pthread_mutex_unlock(&c->mu);
-        return events;
-    }
-    ssize_t n = real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n != 0) {
-        /* Overlay data still to read (or nothing at all): the hang-up is not the app's news. */
-        pthread_mutex_unlock(&c->mu);
-        return n > 0 ? events & ~hangup : events;
-    }
-    if (!c->peer_synced) {
-        sf_agent_pump_locked(c);
-        if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
-            sf_agent_commit_locked(c);
-            sf_wmu_unlock(c);
-            sf_agent_finish_commit_locked(c);
-        }
-    }
-    if (at_switch_point(c))
-        sf_swap_locked(c);
-    phase = atomic_load(&c->phase);
-    uint32_t result;
-    if (phase == SF_P_HOST) {
-        struct pollfd p = {.fd = c->fd, .events = (short)(wanted & (EPOLLIN | EPOLLOUT | EPOLLRDHUP))};
-        result = real.poll(&p, 1, 0) == 1 ? (uint32_t)(unsigned short)p.revents : 0;
-    } else if ((phase == SF_P_COMMITTED && !c->peer_synced) ||
-               (phase == SF_P_HANDSHAKE && !c->leader)) {
-        /* The answer is on its way: the swap will report the host socket's readiness, and a
-         * switch that fails instead re-arms the registrations (sf_rearm_locked). */
-        result = events & ~(hangup | EPOLLIN);
-        c->suppressed = 1;
-    } else {
-        result = events; /* a real EOF */
-    }
-    SF_LOG("fd %d: ready %#x -> %#x in phase %d (rx %llu, S_peer %llu%s)", c->fd, events, result,
-           phase, (unsigned long long)atomic_load(&c->rx), (unsigned long long)c->peer_s,
-           c->peer_synced ? "" : " unknown");
-    pthread_mutex_unlock(&c->mu);
-    return result;
 }
 
 /* A switch ended without a swap after an event of this fd was held back: ask epoll to look at
@@ -412,14 +266,4 @@ void sf_rearm_locked(struct sf_conn *c) {
         struct epoll_event ev = {.events = r->events, .data = r->data};
         real.epoll_ctl(r->epfd, EPOLL_CTL_MOD, c->fd, &ev);
     }
-}
-
-/* The fd was swapped a moment ago, maybe by another thread while the application's wait was
- * returning: the event may be the old overlay socket's FIN. Report what the host socket really
- * has instead, so nobody reads EOF or EAGAIN out of a stale event. */
-uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
-    if (!(events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP)))
-        return events;
-    struct pollfd p = {.fd = c->fd, .events = (short)(wanted & (EPOLLIN | EPOLLOUT | EPOLLRDHUP))};
-    return real.poll(&p, 1, 0) == 1 ? (uint32_t)(unsigned short)p.revents : 0;
 }

@@ -22,7 +22,7 @@ static void send_report(const struct sf_msg *m) {
     SF_LOG("port %u->%u: switch window closed (status %u): %llu calls timed, longest %llu us",
            ntohs(m->local_port), ntohs(m->remote_port), m->status, (unsigned long long)m->arg2,
            (unsigned long long)m->arg);
-    sf_agent_report(m);
+    sf_router_report(m);
 }
 
 /* Caller holds c->tmu. */
@@ -89,8 +89,9 @@ void sf_window_close(struct sf_conn *c, int status) {
         send_report(&m);
 }
 
-/* Every phase change goes through sf_set_phase, so this is where the window learns how the
- * switch ended. The status is what the router is told (docs/wire.md, SWITCH_CALLS). */
+/* Every phase change within a connection's life goes through sf_set_phase (phase.c), so this is
+ * where the window learns how the switch ended; a closed connection's window is closed by
+ * sf_slot_reset. The status is what the router is told (docs/wire.md, SWITCH_CALLS). */
 void sf_window_phase(struct sf_conn *c, int old, int phase) {
     int status;
     if (phase == SF_P_HOST)
@@ -100,7 +101,7 @@ void sf_window_phase(struct sf_conn *c, int old, int phase) {
     else if (phase > SF_P_PINNED)
         return; /* still switching */
     else if (old >= SF_P_REQUESTED)
-        status = c->last_status != SF_OK ? c->last_status : SF_INTERNAL; /* abort_switch's */
+        status = c->last_status != SF_OK ? c->last_status : SF_INTERNAL; /* the abort's */
     else
         status = SF_NO_ROUTE; /* pinned before the router was asked: not switchable */
     sf_window_close(c, status);

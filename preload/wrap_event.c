@@ -96,8 +96,7 @@ static void fix_conn_events(struct sf_conn *c, void *arg) {
     struct fix_arg *a = arg;
     int phase = atomic_load(&c->phase);
     int recent = just_swapped(c, a->now);
-    if (atomic_load(&c->kind) != SF_CONN ||
-        (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED && !recent))
+    if (atomic_load(&c->kind) != SF_CONN || (!sf_phase_in_handoff(phase) && !recent))
         return;
     for (int i = 0; i < c->n_regs; i++) {
         if (c->regs[i].epfd != a->epfd)

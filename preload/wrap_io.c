@@ -80,13 +80,13 @@ static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {
                                   (uint64_t)op->bytes, memory_order_relaxed);
     int committed = 0;
     if (c->commit_wanted) {
-        sf_agent_commit(c);
+        sf_handoff_commit(c);
         committed = 1;
     }
     sf_wmu_unlock(c);
     /* The agent may have asked between our check and the unlock; its trylock failed then. */
     if (SF_UNLIKELY(c->commit_wanted))
-        sf_agent_request_commit(c);
+        sf_handoff_request_commit(c);
     else if (committed)
         sf_maybe_swap(c);
     errno = err;

@@ -36,8 +36,6 @@ SF_EXPORT int socket(int domain, int type, int protocol) {
 
 /* Slim mode, non-blocking socket: Slim blocks here too; we wait for the overlay handshake, swap,
  * and still answer EINPROGRESS so the application's own connect-completion logic runs. */
-/* Slim mode, non-blocking socket: Slim blocks here too; we wait for the overlay handshake, swap,
- * and still answer EINPROGRESS so the application's own connect-completion logic runs. */
 static void slim_after_connect(struct sf_conn *c, int in_progress) {
     if (in_progress) {
         struct pollfd p = {.fd = c->fd, .events = POLLOUT};
@@ -170,9 +168,9 @@ static void forget_fd(int fd) {
      * first: closing over them would reset the connection the peer is about to read its EOF
      * from. Application bytes after them stay, and reset it as an overlay close would. */
     if (c->host_fd >= 0) {
-        sf_agent_pump_locked(c);
+        sf_handoff_pump_locked(c);
     }
-    sf_agent_linger_conn_locked(c); /* the peer's SYNC may still come */
+    sf_linger_conn_locked(c); /* the peer's SYNC may still come */
     if (c->host_fd >= 0 && c->pending_close_host >= 0) {
         /* An earlier number is already pending: c->wmu has been held since, so its holder
          * loaded that one, never this one (as in drop_host_fd). Overwriting would leak it. */
@@ -255,7 +253,7 @@ static void note_dup(int oldfd, int newfd) {
             d->local = local;
             d->remote = remote;
             d->have_addrs = 1;
-            atomic_store(&d->phase, SF_P_HOST);
+            sf_phase_reset(d, SF_P_HOST);
             atomic_store(&d->kind, SF_CONN);
             pthread_mutex_unlock(&d->mu);
         }
@@ -303,8 +301,7 @@ SF_EXPORT int dup3(int oldfd, int newfd, int flags) {
 /* ---- flags and options: mirrored onto the host connection while writes go there ------------- */
 
 static int host_fd_if_committed(struct sf_conn *c) {
-    int phase = atomic_load(&c->phase);
-    return (phase == SF_P_HANDSHAKE || phase == SF_P_COMMITTED) ? c->host_fd : -1;
+    return sf_phase_in_handoff(atomic_load(&c->phase)) ? c->host_fd : -1;
 }
 
 /* O_NONBLOCK changes must not interleave with a swap, which reads the old socket's flags and
@@ -312,8 +309,7 @@ static int host_fd_if_committed(struct sf_conn *c) {
  * host connection, change it there too. Returns the locked connection, or NULL. */
 static struct sf_conn *lock_for_flags(int fd) {
     struct sf_conn *c = sf_tracked(fd);
-    int phase = c ? atomic_load(&c->phase) : SF_P_HOST;
-    if (phase == SF_P_HOST || phase == SF_P_PINNED || phase == SF_P_BROKEN)
+    if (c == NULL || sf_phase_final(atomic_load(&c->phase)))
         return NULL;
     pthread_mutex_lock(&c->mu);
     return c;
@@ -436,7 +432,7 @@ SF_EXPORT int shutdown(int fd, int how) {
     pthread_mutex_unlock(&c->mu);
     sf_wmu_unlock(c);
     if (c->commit_wanted) /* the agent's commit request arrived while we held c->wmu */
-        sf_agent_request_commit(c);
+        sf_handoff_request_commit(c);
     errno = err;
     return rc;
 }

@@ -1,0 +1,315 @@
+/* handoff.c -- the in-band handoff on a new host connection (docs/wire.md section 3).
+ *
+ * Once the router has passed this end its host connection, the two libraries exchange 16-byte
+ * frames on it before any application byte: the follower's READY, each end's SYNC (S, the bytes
+ * its application wrote on the overlay), or the leader's ABORT. This file begins that exchange,
+ * reads exactly those frames and never an application byte (pump), commits (fixes S, moves
+ * writes to the host connection, ends the overlay stream), and ends an attempt that failed
+ * (abort before a commit, BROKEN after one) or took too long (expiry). The swap itself, once
+ * the overlay stream is read to the peer's S, is swap.c's.
+ *
+ * The agent thread runs most of it, but not all: a commit waits for the application's write in
+ * flight, so the writer holding c->wmu then commits itself (sf_handoff_commit), and a reader
+ * that met the overlay's FIN pumps the frames itself rather than wait for the agent
+ * (switchpoint.c). Every step runs under c->mu. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "agent.h"
+
+#define AG_READY_TIMEOUT_MS 1000
+
+/* Acknowledge the next segment at once, not after the delayed-ACK timer: a peer's overlay FIN
+ * waits for the acknowledgement of its SYNC (fin.c). Not sticky: the kernel may go back to
+ * delaying ACKs after a few segments, which by then carry application data. */
+static void quickack_host(int host) {
+    int one = 1;
+    real.setsockopt(host, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+}
+
+/* ---- ending an attempt -------------------------------------------------------------------- */
+
+/* Caller holds c->mu. Once committed, application writers use host_fd under c->wmu only, so a
+ * writer may be inside write(host_fd) right now (a host connection that fails while committed
+ * goes BROKEN from under it): as at the swap, the number is closed by whoever next releases
+ * c->wmu. Closing it here instead would let the writer hit EBADF, or write application bytes
+ * into whatever connection the number names next. */
+static void drop_host_fd(struct sf_conn *c) {
+    int host = c->host_fd;
+    if (host < 0)
+        return;
+    sf_agent_unwatch(host);
+    __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
+    if (c->pending_close_host >= 0) {
+        /* c->wmu has been held since an earlier number was left pending: its holder loaded
+         * that one, never this one. */
+        real.close(host);
+        sf_private_forget(host);
+        return;
+    }
+    c->pending_close_host = host;
+    if (pthread_mutex_trylock(&c->wmu) == 0)
+        sf_wmu_unlock(c);
+}
+
+/* Before any commit: the connection simply stays on the overlay. Caller holds c->mu. */
+void sf_handoff_abort_locked(struct sf_conn *c, int status, int retry) {
+    drop_host_fd(c);
+    c->hop_len = 0;
+    c->outstanding = 0;
+    sf_retry_later_locked(c);
+    c->last_status = (uint16_t)status;
+    sf_set_phase(c, retry ? SF_P_OVERLAY : SF_P_PINNED);
+    sf_rearm_locked(c);
+    sf_count_switch(0);
+    SF_LOG("fd %d: switch abandoned (status %d), stays on the overlay", c->fd, status);
+}
+
+/* After this end's commit, before the peer's SYNC: the bytes written since S went to a host
+ * connection the peer will never read. Caller holds c->mu. */
+static void break_committed(struct sf_conn *c) {
+    drop_host_fd(c);
+    sf_set_phase(c, SF_P_BROKEN);
+    sf_rearm_locked(c);
+}
+
+/* ---- beginning ---------------------------------------------------------------------------- */
+
+/* Caller holds c->mu; the connection is REQUESTED and host_fd is the router's fd, private. */
+void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
+    /* The handoff frames are tiny and each waits for the other's: with Nagle on, a frame
+     * behind the router's unacknowledged ANSWER waits for a delayed ACK (40 ms here). The
+     * application's own TCP_NODELAY setting is put on the connection at the commit. */
+    int one = 1;
+    real.setsockopt(host_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->host_fd = host_fd;
+    c->hop_len = 0;
+    c->peer_synced = 0;
+    sf_set_phase(c, SF_P_HANDSHAKE);
+    sf_agent_watch(host_fd, EPOLLIN | EPOLLRDHUP,
+                   ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd);
+    if (!c->leader) {
+        struct sf_hop ready = {.magic = SF_HOP_MAGIC, .type = SF_HOP_READY};
+        if (real.send(host_fd, &ready, sizeof ready, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof ready) {
+            sf_handoff_abort_locked(c, SF_PEER_UNREACHABLE, 1);
+            return;
+        }
+        quickack_host(host_fd); /* the leader's SYNC, which its overlay FIN waits for */
+    }
+    /* After the READY: the peer's commit waits for that frame, not for these. */
+    sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
+}
+
+/* ---- the commit --------------------------------------------------------------------------- */
+
+/* Fix S and move writes to the host connection. Caller holds c->wmu (so no write is in flight)
+ * and c->mu, and calls finish_commit_locked after. */
+static void commit_locked(struct sf_conn *c) {
+    int wanted = c->commit_wanted;
+    c->commit_wanted = 0;
+    if (!wanted || atomic_load(&c->phase) != SF_P_HANDSHAKE || c->host_fd < 0)
+        return;
+    int fl = real.fcntl(c->fd, F_GETFL);
+    int hfl = real.fcntl(c->host_fd, F_GETFL);
+    if (fl >= 0 && hfl >= 0)
+        real.fcntl(c->host_fd, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK));
+    struct sf_hop sync = {.magic = SF_HOP_MAGIC, .type = SF_HOP_SYNC,
+                          .flags = c->app_shut_wr ? SF_HOP_F_SHUT_WR : 0,
+                          .seq = atomic_load(&c->tx)};
+    c->sync_acked_mark = sf_fin_mark(c->host_fd, sizeof sync);
+    /* COMMITTED before the SYNC leaves: a reader that sees the peer's answering FIN must find
+     * this phase (it decides under c->mu, which we hold). */
+    sf_set_phase(c, SF_P_COMMITTED);
+    if (real.send(c->host_fd, &sync, sizeof sync, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof sync) {
+        sf_set_phase(c, SF_P_HANDSHAKE); /* the SYNC did not leave: nothing is committed */
+        /* The leader has not committed anything yet: stay on the overlay. A follower's leader
+         * already has, so that connection's tail is lost with the host connection: report it. */
+        if (c->leader)
+            sf_handoff_abort_locked(c, SF_PEER_UNREACHABLE, 1);
+        else
+            break_committed(c);
+        return;
+    }
+    if (c->app_shut_wr)
+        real.shutdown(c->host_fd, SHUT_WR);
+    else
+        quickack_host(c->host_fd); /* the peer's SYNC, so its overlay FIN need not wait */
+    c->commit_finish_due = 1;
+}
+
+/* The rest of a commit need not hold back the application's writes, which go to the host
+ * connection once S is fixed and the SYNC is out: whoever commits for a blocked writer releases
+ * c->wmu first and does this after, still under c->mu (which keeps c->fd naming the overlay
+ * socket and orders it with setsockopt's mirror). In a burst of switches the agent shares its
+ * vCPU with busy routers, and every syscall under c->wmu was a chance to be preempted with a
+ * writer waiting (1.5 ms seen in kv-redis c20).
+ *   - The options held back for the handoff frames (TCP_NODELAY, TCP_CORK, SO_LINGER) take the
+ *     application's values; writes in between only miss a cork's batching.
+ *   - The overlay's FIN right after S tells the peer's readers where the overlay stream ends;
+ *     the shutdown runs it through the whole overlay path (~40 µs here). */
+static void finish_commit_locked(struct sf_conn *c) {
+    if (c->commit_finish_due) {
+        c->commit_finish_due = 0;
+        sf_copy_sockopts_at_commit(c->fd, c->host_fd);
+        sf_router_report_switch_time(c);
+        sf_fin_after_sync(c);
+    }
+}
+
+/* Caller holds c->wmu but not c->mu. The caller swaps, if due, once it has released c->wmu:
+ * the swap closes the host fd's private number only when no writer holds c->wmu. */
+void sf_handoff_commit(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    commit_locked(c);
+    finish_commit_locked(c);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* The agent wants to commit: do it now unless an application write is in flight, in which case
+ * the writer does it when its write returns (wrap_io.c checks commit_wanted after unlocking). */
+void sf_handoff_request_commit(struct sf_conn *c) {
+    c->commit_wanted = 1;
+    if (pthread_mutex_trylock(&c->wmu) == 0) {
+        pthread_mutex_lock(&c->mu);
+        commit_locked(c);
+        sf_wmu_unlock(c);
+        finish_commit_locked(c);
+        pthread_mutex_unlock(&c->mu);
+        sf_maybe_swap(c);
+    }
+}
+
+/* ---- the frames --------------------------------------------------------------------------- */
+
+static void host_failed(struct sf_conn *c, const char *why) {
+    int phase = atomic_load(&c->phase);
+    SF_LOG("fd %d: host connection failed in phase %d (%s, %s)", c->fd, phase,
+           c->leader ? "leader" : "follower", why);
+    if (phase == SF_P_HANDSHAKE) {
+        sf_handoff_abort_locked(c, SF_PEER_UNREACHABLE, 1);
+    } else if (phase == SF_P_COMMITTED && !c->peer_synced) {
+        break_committed(c);
+        sf_count_switch(0);
+    }
+}
+
+/* Reads at most one frame's worth from the host connection. Returns 1 if a frame is complete,
+ * 0 if not yet, -1 if the connection failed (host_failed has run). */
+static int read_hop(struct sf_conn *c, struct sf_hop *out) {
+    ssize_t n = real.recv(c->host_fd, c->hop + c->hop_len, sizeof(struct sf_hop) - c->hop_len,
+                     MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        host_failed(c, n == 0 ? "EOF" : strerror(errno));
+        return -1;
+    }
+    if (n < 0)
+        return 0;
+    c->hop_len = (uint8_t)(c->hop_len + n);
+    if (c->hop_len < sizeof(struct sf_hop))
+        return 0;
+    c->hop_len = 0;
+    memcpy(out, c->hop, sizeof *out);
+    /* ACK the frame now, not after the delayed-ACK timer: the sender's next small write with
+     * Nagle on (nginx's corked response once uncorked, with TCP_NODELAY off) is held back until
+     * its small, unacknowledged handoff frame is acknowledged, and our application, waiting for
+     * that response, sends nothing to carry the ACK. That cost 40 ms per switch. */
+    quickack_host(c->host_fd);
+    if (out->magic != SF_HOP_MAGIC) {
+        host_failed(c, "bad frame");
+        return -1;
+    }
+    return 1;
+}
+
+/* Apply the handoff frames already waiting on the host connection, never reading past the
+ * peer's SYNC (what follows it is application data). Caller holds c->mu. Both the agent and a
+ * reader thread that met the overlay's FIN call this; c->mu keeps frames whole. */
+void sf_handoff_pump_locked(struct sf_conn *c) {
+    while (c->host_fd >= 0 && !c->peer_synced) {
+        int phase = atomic_load(&c->phase);
+        struct sf_hop hop;
+        if (!sf_phase_in_handoff(phase) || read_hop(c, &hop) != 1)
+            return;
+        if (hop.type == SF_HOP_READY && c->leader && phase == SF_P_HANDSHAKE) {
+            c->commit_wanted = 1;
+        } else if (hop.type == SF_HOP_SYNC && (phase == SF_P_COMMITTED || !c->leader)) {
+            c->peer_s = hop.seq;
+            c->peer_synced = 1;
+            sf_agent_unwatch(c->host_fd);
+            if (phase == SF_P_HANDSHAKE)
+                c->commit_wanted = 1;
+            pthread_cond_broadcast(&c->cv);
+        } else if (hop.type == SF_HOP_ABORT && phase == SF_P_HANDSHAKE) {
+            sf_handoff_abort_locked(c, SF_PEER_REFUSED, 1);
+        } else {
+            SF_LOG("fd %d: unexpected handoff frame %u in phase %d", c->fd, hop.type, phase);
+            host_failed(c, "unexpected frame");
+        }
+    }
+}
+
+/* Caller holds c->mu: an application thread met the switch point's signs (the overlay's FIN)
+ * before the agent did. Apply the frames waiting, and make the commit they call for unless
+ * another thread holds c->wmu (a writer commits when its write returns, the agent when it gets
+ * the c->mu its caller holds). */
+void sf_handoff_catch_up_locked(struct sf_conn *c) {
+    sf_handoff_pump_locked(c);
+    if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
+        commit_locked(c);
+        sf_wmu_unlock(c);
+        finish_commit_locked(c);
+    }
+}
+
+void sf_handoff_on_readable(uint64_t tag) {
+    int fd = (int)(uint32_t)tag;
+    uint32_t gen = (uint32_t)(tag >> 32);
+    struct sf_conn *c = sf_slot(fd);
+    if (c == NULL)
+        return;
+    pthread_mutex_lock(&c->mu);
+    if (atomic_load(&c->gen) == gen)
+        sf_handoff_pump_locked(c);
+    int want_commit = c->commit_wanted;
+    pthread_mutex_unlock(&c->mu);
+    if (want_commit)
+        sf_handoff_request_commit(c);
+    if (c->peer_synced)
+        sf_maybe_swap(c);
+}
+
+/* ---- expiry ------------------------------------------------------------------------------- */
+
+static void expire(struct sf_conn *c, void *arg) {
+    uint64_t now = *(uint64_t *)arg;
+    if (atomic_load(&c->kind) != SF_CONN)
+        return;
+    int phase = atomic_load(&c->phase);
+    if (phase != SF_P_REQUESTED && phase != SF_P_HANDSHAKE)
+        return;
+    pthread_mutex_lock(&c->mu);
+    phase = atomic_load(&c->phase);
+    uint64_t age = now - c->phase_since_ms;
+    if (phase == SF_P_REQUESTED && age > AG_REQUEST_TIMEOUT_MS) {
+        sf_handoff_abort_locked(c, SF_TIMEOUT, 1);
+    } else if (phase == SF_P_HANDSHAKE && c->leader && !c->commit_wanted &&
+               age > AG_READY_TIMEOUT_MS) {
+        /* Only the leader may give up: the follower waits for SYNC or ABORT. */
+        struct sf_hop abort_hop = {.magic = SF_HOP_MAGIC, .type = SF_HOP_ABORT};
+        (void)!real.send(c->host_fd, &abort_hop, sizeof abort_hop, MSG_DONTWAIT | MSG_NOSIGNAL);
+        sf_handoff_abort_locked(c, SF_TIMEOUT, 1);
+    }
+    int want_commit = c->commit_wanted && atomic_load(&c->phase) == SF_P_HANDSHAKE;
+    pthread_mutex_unlock(&c->mu);
+    /* A commit asked for while some holder of c->wmu was busy: try again. */
+    if (want_commit)
+        sf_handoff_request_commit(c);
+}
+
+/* The agent's tick while any connection is in transition. */
+void sf_handoff_expire_all(uint64_t now) {
+    sf_for_each_conn(expire, &now);
+}

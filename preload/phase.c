@@ -1,0 +1,113 @@
+/* phase.c -- the only writer of a connection's phase (phase.h has the diagram).
+ *
+ * One place, so that what must happen at every change does happen at every change: the count of
+ * connections in transition stays true, the time of the change is noted (the agent's timeouts,
+ * the event wrappers' "just swapped"), threads waiting on c->cv look again, and the switch
+ * window learns how an attempt ended. A debug build (SF_DEBUG) also checks each change against
+ * the table of allowed transitions and that the caller holds c->mu, and aborts with the fd and
+ * both phases named: a wrong change is a bug to find in a test, not a state to run on in. */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "sf_core.h"
+
+_Atomic int sf_in_transition;
+
+const char *sf_phase_name(int phase) {
+    static const char *const names[SF_P_COUNT] = {
+        [SF_P_OVERLAY] = "OVERLAY",     [SF_P_PINNED] = "PINNED", [SF_P_REQUESTED] = "REQUESTED",
+        [SF_P_HANDSHAKE] = "HANDSHAKE", [SF_P_COMMITTED] = "COMMITTED",
+        [SF_P_BROKEN] = "BROKEN",       [SF_P_HOST] = "HOST",
+    };
+    return phase >= 0 && phase < SF_P_COUNT ? names[phase] : "?";
+}
+
+#ifdef SF_DEBUG
+#define TO(p) (1u << (p))
+/* phase.h's list, one row per phase: the phases it may change to. */
+static const unsigned allowed[SF_P_COUNT] = {
+    [SF_P_OVERLAY] = TO(SF_P_REQUESTED) | TO(SF_P_PINNED),
+    [SF_P_PINNED] = 0,
+    [SF_P_REQUESTED] = TO(SF_P_HANDSHAKE) | TO(SF_P_OVERLAY) | TO(SF_P_PINNED),
+    [SF_P_HANDSHAKE] = TO(SF_P_COMMITTED) | TO(SF_P_OVERLAY) | TO(SF_P_BROKEN),
+    [SF_P_COMMITTED] = TO(SF_P_HOST) | TO(SF_P_BROKEN) | TO(SF_P_HANDSHAKE),
+    [SF_P_BROKEN] = 0,
+    [SF_P_HOST] = 0,
+};
+
+static void die(const struct sf_conn *c, int from, int to, const char *why) {
+    SF_LOG("fd %d: %s %s -> %s", c->fd, why, sf_phase_name(from), sf_phase_name(to));
+    fprintf(stderr, "shuntflow: fd %d: %s %s -> %s\n", c->fd, why, sf_phase_name(from),
+            sf_phase_name(to));
+    abort();
+}
+
+static void check_transition(struct sf_conn *c, int from, int to) {
+    if (from < 0 || from >= SF_P_COUNT || to < 0 || to >= SF_P_COUNT ||
+        !(allowed[from] & TO(to)))
+        die(c, from, to, "illegal phase transition");
+    /* trylock succeeds only if nobody held it: the caller did not. */
+    if (pthread_mutex_trylock(&c->mu) == 0) {
+        pthread_mutex_unlock(&c->mu);
+        die(c, from, to, "phase transition without c->mu:");
+    }
+}
+
+static void check_reset(struct sf_conn *c, int from, int to) {
+    if (to != SF_P_OVERLAY && to != SF_P_PINNED && to != SF_P_HOST)
+        die(c, from, to, "a new life cannot start in transition:");
+}
+
+static void check_count(const struct sf_conn *c, int from, int to, int count) {
+    if (count < 0)
+        die(c, from, to, "connections in transition went below 0 at");
+}
+#else
+static inline void check_transition(struct sf_conn *c, int from, int to) {
+    (void)c, (void)from, (void)to;
+}
+static inline void check_reset(struct sf_conn *c, int from, int to) {
+    (void)c, (void)from, (void)to;
+}
+static inline void check_count(const struct sf_conn *c, int from, int to, int count) {
+    (void)c, (void)from, (void)to, (void)count;
+}
+#endif
+
+static void count_transition(struct sf_conn *c, int from, int to) {
+    int was = sf_phase_in_transition(from), is = sf_phase_in_transition(to);
+    if (is && !was)
+        atomic_fetch_add(&sf_in_transition, 1);
+    else if (was && !is)
+        check_count(c, from, to, atomic_fetch_sub(&sf_in_transition, 1) - 1);
+}
+
+void sf_set_phase(struct sf_conn *c, int phase) {
+    int old = atomic_load(&c->phase);
+    check_transition(c, old, phase);
+    count_transition(c, old, phase);
+    atomic_store(&c->phase, phase);
+    c->phase_since_ms = sf_now_ms();
+    pthread_cond_broadcast(&c->cv);
+    sf_window_phase(c, old, phase);
+}
+
+/* No window to tell and nobody to wake: the window of a closed connection was closed with it
+ * (sf_slot_reset), and a new connection, or a fork child's copy, has no waiters yet. */
+void sf_phase_reset(struct sf_conn *c, int phase) {
+    int old = atomic_load(&c->phase);
+    check_reset(c, old, phase);
+    count_transition(c, old, phase);
+    atomic_store(&c->phase, phase);
+    c->phase_since_ms = 0;
+}
+
+int sf_peer_may_have_committed(const struct sf_conn *c) {
+    int phase = atomic_load(&c->phase);
+    return (phase == SF_P_HANDSHAKE && !c->leader) || (phase == SF_P_COMMITTED && !c->peer_synced);
+}
+
+int sf_at_switch_point(const struct sf_conn *c) {
+    return atomic_load(&c->phase) == SF_P_COMMITTED && c->peer_synced && c->host_fd >= 0 &&
+           atomic_load(&c->rx) == c->peer_s;
+}

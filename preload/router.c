@@ -1,0 +1,455 @@
+/* router.c -- the agent's channel to the router of its host (docs/wire.md section 1).
+ *
+ * One persistent SOCK_SEQPACKET connection per process, opened by the agent and used by the
+ * agent thread alone: it asks for host connections (SWITCH_REQ), receives them with SCM_RIGHTS
+ * (SWITCH_RES), answers peer routers' claims (CLAIM_REQ) and statistics requests, and sends the
+ * figures other parts queue (SWITCH_DONE, SWITCH_CALLS: an application thread must never touch
+ * the channel). A destination host that did not answer is left alone for a while (backoff), and
+ * a router that is away only means that connections stay on the overlay until it is back. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "agent.h"
+
+#define AG_BACKOFF_SLOTS 64
+#define AG_REPORT_QUEUE 512 /* two frames per switch end: SWITCH_DONE, SWITCH_CALLS */
+
+struct dest_backoff {
+    uint32_t ip;
+    uint64_t until_ms;
+    uint64_t step_ms;
+};
+
+static struct {
+    int chan;                  /* the agent thread's alone */
+    uint64_t chan_retry_ms, chan_step_ms;
+    uint32_t seq;
+    int warned_router;
+    struct dest_backoff backoff[AG_BACKOFF_SLOTS];      /* under sf_agent_mu */
+    struct sf_msg reports[AG_REPORT_QUEUE];             /* under sf_agent_mu: frames to send */
+    unsigned reports_len;
+    _Atomic uint64_t switches_done, switches_failed;
+} rt = {.chan = -1};
+
+int sf_router_connected(void) {
+    return rt.chan >= 0;
+}
+
+void sf_count_switch(int ok) {
+    atomic_fetch_add(ok ? &rt.switches_done : &rt.switches_failed, 1);
+}
+
+void sf_router_after_fork_child(void) {
+    if (rt.chan >= 0) {
+        real.close(rt.chan);
+        sf_private_forget(rt.chan);
+    }
+    rt.chan = -1;
+    rt.reports_len = 0; /* the parent reports its own switches */
+    rt.chan_retry_ms = 0;
+}
+
+void sf_router_private_moved(int from, int to) {
+    if (rt.chan == from)
+        rt.chan = to;
+}
+
+/* ---- addresses and lookups ---------------------------------------------------------------- */
+
+static int fill_addrs(struct sf_conn *c) {
+    if (c->have_addrs)
+        return 0;
+    socklen_t ll = sizeof c->local, rl = sizeof c->remote;
+    if (real.getsockname(c->fd, (struct sockaddr *)&c->local, &ll) != 0 ||
+        real.getpeername(c->fd, (struct sockaddr *)&c->remote, &rl) != 0 ||
+        c->local.sin_family != AF_INET || c->remote.sin_family != AF_INET)
+        return -1;
+    c->have_addrs = 1;
+    /* The leader is the end whose (ip, port) is lower in network byte order (docs/wire.md). */
+    int cmp = memcmp(&c->local.sin_addr, &c->remote.sin_addr, 4);
+    if (cmp == 0)
+        cmp = memcmp(&c->local.sin_port, &c->remote.sin_port, 2);
+    c->leader = cmp < 0;
+    return 0;
+}
+
+struct lookup {
+    const struct sf_msg *m;
+    struct sf_conn *found;
+};
+
+static void match_conn(struct sf_conn *c, void *arg) {
+    struct lookup *l = arg;
+    if (l->found || atomic_load(&c->kind) != SF_CONN)
+        return;
+    if (!c->have_addrs) {
+        pthread_mutex_lock(&c->mu);
+        fill_addrs(c);
+        pthread_mutex_unlock(&c->mu);
+    }
+    if (c->have_addrs && c->local.sin_addr.s_addr == l->m->local_ip &&
+        c->remote.sin_addr.s_addr == l->m->remote_ip && c->local.sin_port == l->m->local_port &&
+        c->remote.sin_port == l->m->remote_port)
+        l->found = c;
+}
+
+static struct sf_conn *find_by_tuple(const struct sf_msg *m) {
+    struct lookup l = {m, NULL};
+    sf_for_each_conn(match_conn, &l);
+    return l.found;
+}
+
+static void fill_tuple(struct sf_msg *m, const struct sf_conn *c) {
+    m->local_ip = c->local.sin_addr.s_addr;
+    m->remote_ip = c->remote.sin_addr.s_addr;
+    m->local_port = c->local.sin_port;
+    m->remote_port = c->remote.sin_port;
+}
+
+/* ---- per-destination backoff -------------------------------------------------------------- */
+
+static int dest_blocked(uint32_t ip, uint64_t now) {
+    for (int i = 0; i < AG_BACKOFF_SLOTS; i++)
+        if (rt.backoff[i].ip == ip && rt.backoff[i].until_ms > now)
+            return 1;
+    return 0;
+}
+
+static void dest_failed(uint32_t ip, int failed) {
+    uint64_t now = sf_now_ms();
+    pthread_mutex_lock(&sf_agent_mu);
+    struct dest_backoff *slot = NULL, *oldest = &rt.backoff[0];
+    for (int i = 0; i < AG_BACKOFF_SLOTS; i++) {
+        if (rt.backoff[i].ip == ip) slot = &rt.backoff[i];
+        if (rt.backoff[i].until_ms < oldest->until_ms) oldest = &rt.backoff[i];
+    }
+    if (!failed) {
+        if (slot) slot->step_ms = 0, slot->until_ms = 0;
+    } else {
+        if (!slot) {
+            slot = oldest;
+            slot->ip = ip;
+            slot->step_ms = 0;
+        }
+        slot->step_ms = slot->step_ms ? slot->step_ms * 2 : 100;
+        if (slot->step_ms > 10000) slot->step_ms = 10000;
+        slot->until_ms = now + slot->step_ms;
+    }
+    pthread_mutex_unlock(&sf_agent_mu);
+}
+
+/* ---- the channel -------------------------------------------------------------------------- */
+
+static int chan_send(const struct sf_msg *m) {
+    if (rt.chan < 0)
+        return -1;
+    ssize_t n = real.send(rt.chan, m, sizeof *m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n == (ssize_t)sizeof *m)
+        return 0;
+    if (n < 0 && errno == EAGAIN) {
+        /* The router is slow; wait a little (this is the agent, not the application). */
+        struct pollfd p = {.fd = rt.chan, .events = POLLOUT};
+        if (real.poll(&p, 1, 100) == 1)
+            n = real.send(rt.chan, m, sizeof *m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    }
+    return n == (ssize_t)sizeof *m ? 0 : -1;
+}
+
+int sf_router_open(void) {
+    if (rt.chan >= 0)
+        return 0;
+    uint64_t now = sf_now_ms();
+    if (now < rt.chan_retry_ms)
+        return -1;
+    int fd = real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    memcpy(sun.sun_path, sf_cfg.router_path, sizeof sf_cfg.router_path);
+    if (fd < 0 || real.connect(fd, (struct sockaddr *)&sun, sizeof sun) != 0) {
+        int err = errno;
+        if (fd >= 0) real.close(fd);
+        rt.chan_step_ms = rt.chan_step_ms ? rt.chan_step_ms * 2 : 250;
+        if (rt.chan_step_ms > 10000) rt.chan_step_ms = 10000;
+        rt.chan_retry_ms = now + rt.chan_step_ms;
+        if (!rt.warned_router++)
+            SF_LOG("router at %s unreachable (%s): connections stay on the overlay",
+                   sf_cfg.router_path, strerror(err));
+        return -1;
+    }
+    rt.chan = sf_private_fd(fd);
+    rt.chan_step_ms = 0;
+    rt.warned_router = 0;
+    sf_agent_watch(rt.chan, EPOLLIN, AG_TAG_CHAN);
+    struct sf_msg hello = {.magic = SF_MSG_MAGIC, .type = SF_HELLO, .pid = (uint32_t)getpid(),
+                           .arg = (uint64_t)sf_cfg.mode};
+    if (chan_send(&hello) != 0)
+        return -1;
+    SF_LOG("router channel open: %s", sf_cfg.router_path);
+    return 0;
+}
+
+/* ---- asking for a host connection --------------------------------------------------------- */
+
+void sf_router_request(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    c->attempted = 1;
+    pthread_cond_broadcast(&c->cv);
+    if (atomic_load(&c->phase) != SF_P_OVERLAY || atomic_load(&c->kind) != SF_CONN)
+        goto out;
+    if (fill_addrs(c) != 0) {
+        c->next_trigger = atomic_load(&c->calls) + sf_cfg.threshold; /* not connected yet */
+        goto out;
+    }
+    if (!sf_is_overlay_addr((struct sockaddr *)&c->remote) || sf_uses_io_uring()) {
+        sf_set_phase(c, SF_P_PINNED);
+        goto out;
+    }
+    uint64_t now = sf_now_ms();
+    pthread_mutex_lock(&sf_agent_mu);
+    int blocked = dest_blocked(c->remote.sin_addr.s_addr, now);
+    pthread_mutex_unlock(&sf_agent_mu);
+    if (blocked || sf_router_open() != 0) {
+        sf_retry_later_locked(c);
+        goto out;
+    }
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_REQ, .seq = ++rt.seq};
+    fill_tuple(&m, c);
+    sf_set_phase(c, SF_P_REQUESTED);
+    c->outstanding = 1;
+    if (chan_send(&m) != 0)
+        sf_handoff_abort_locked(c, SF_INTERNAL, 1);
+    else
+        SF_LOG("fd %d (port %u->%u): asked the router for a host connection (seq %u)", c->fd,
+               ntohs(c->local.sin_port), ntohs(c->remote.sin_port), m.seq);
+out:
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* ---- frames from the router --------------------------------------------------------------- */
+
+enum { RECV_OK = 0, RECV_AGAIN, RECV_CLOSED, RECV_MALFORMED };
+
+/* One frame from the router, with the fd it carries (or -1) in *fd. */
+static int recv_frame(struct sf_msg *m, int *fd) {
+    char cbuf[CMSG_SPACE(sizeof(int) * 4)];
+    struct iovec iov = {.iov_base = m, .iov_len = sizeof *m};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                        .msg_controllen = sizeof cbuf};
+    *fd = -1;
+    ssize_t n = real.recvmsg(rt.chan, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return errno == EAGAIN || errno == EINTR ? RECV_AGAIN : RECV_CLOSED;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+            continue;
+        int nfds = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *fds = (int *)CMSG_DATA(cm);
+        for (int i = 0; i < nfds; i++) {
+            if (*fd < 0)
+                *fd = fds[i];
+            else
+                real.close(fds[i]); /* never more than one expected */
+        }
+    }
+    if (n == 0)
+        return RECV_CLOSED;
+    /* At RLIMIT_NOFILE the kernel drops the passed fd and sets MSG_CTRUNC: the frame still
+     * counts, without its host connection (on_switch_res then leaves it on the overlay). */
+    if (mh.msg_flags & MSG_CTRUNC)
+        SF_LOG("router frame type %u arrived without its fd (no free fd in this process)",
+               n >= 8 ? m->type : 0);
+    if (n != (ssize_t)sizeof *m || m->magic != SF_MSG_MAGIC) {
+        if (*fd >= 0)
+            real.close(*fd);
+        *fd = -1;
+        SF_LOG("router sent a malformed frame (%zd bytes); ignored", n);
+        return RECV_MALFORMED;
+    }
+    return RECV_OK;
+}
+
+static void on_switch_res(const struct sf_msg *m, int fd) {
+    struct sf_conn *c = find_by_tuple(m);
+    if (c == NULL) {
+        if (fd >= 0) real.close(fd);
+        return;
+    }
+    pthread_mutex_lock(&c->mu);
+    int phase = atomic_load(&c->phase);
+    if (phase != SF_P_REQUESTED) {
+        if (fd >= 0) {
+            SF_LOG("fd %d: host connection arrived in phase %d; closed", c->fd, phase);
+            real.close(fd);
+        }
+    } else if (m->status == SF_OK && fd >= 0 && sf_uses_io_uring()) {
+        real.close(fd);
+        sf_handoff_abort_locked(c, SF_NO_ROUTE, 0);
+    } else if (m->status == SF_OK && fd >= 0) {
+        sf_handoff_begin_locked(c, sf_private_fd(fd));
+    } else if (m->status == SF_DUPLICATE) {
+        /* Another attempt for this connection is under way; its result will come. */
+    } else if (--c->outstanding <= 0) {
+        /* No route and policy are final. A refusal may just mean the peer has not accepted the
+         * connection yet, so it is retried later for this connection only. So is an OK that
+         * lost its fd on the way in (fd limit): fds may be free by the next attempt. */
+        int final = m->status == SF_NO_ROUTE || m->status == SF_DENIED;
+        if (m->status == SF_PEER_UNREACHABLE || m->status == SF_TIMEOUT)
+            dest_failed(c->remote.sin_addr.s_addr, 1);
+        sf_handoff_abort_locked(c, m->status == SF_OK ? SF_INTERNAL : m->status, !final);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void on_claim(const struct sf_msg *m) {
+    struct sf_msg r = *m;
+    r.type = SF_CLAIM_RES;
+    r.status = SF_NOT_MINE;
+    struct sf_conn *c = sf_cfg.mode == SF_MODE_OVERLAY ? NULL : find_by_tuple(m);
+    if (c != NULL) {
+        pthread_mutex_lock(&c->mu);
+        int phase = atomic_load(&c->phase);
+        if (phase == SF_P_OVERLAY && sf_uses_io_uring()) {
+            sf_set_phase(c, SF_P_PINNED);
+        } else if (phase == SF_P_OVERLAY) {
+            atomic_store(&c->decided_us, sf_now_us());
+            atomic_store(&c->initiated, 0);
+            sf_window_open(c);
+            sf_set_phase(c, SF_P_REQUESTED);
+            c->outstanding = 1;
+            r.status = SF_OK;
+        } else if (phase == SF_P_REQUESTED) {
+            c->outstanding++;
+            r.status = SF_OK;
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+    chan_send(&r);
+}
+
+struct stats_walk {
+    uint32_t seq;
+};
+
+static void report_conn(struct sf_conn *c, void *arg) {
+    struct stats_walk *w = arg;
+    if (atomic_load(&c->kind) != SF_CONN)
+        return;
+    pthread_mutex_lock(&c->mu);
+    fill_addrs(c);
+    int phase = atomic_load(&c->phase);
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_CONN_INFO, .seq = w->seq};
+    fill_tuple(&m, c);
+    m.status = phase == SF_P_HOST     ? SF_PATH_HOST
+               : phase == SF_P_PINNED ? SF_PATH_PINNED
+               : phase >= SF_P_REQUESTED ? SF_PATH_SWITCHING
+                                         : SF_PATH_OVERLAY;
+    m.arg = atomic_load(&c->tx) + atomic_load(&c->rx);
+    m.arg2 = atomic_load(&c->host_bytes);
+    pthread_mutex_unlock(&c->mu);
+    chan_send(&m);
+}
+
+static void on_stats(const struct sf_msg *m) {
+    struct stats_walk w = {m->seq};
+    sf_for_each_conn(report_conn, &w);
+    struct sf_msg end = {.magic = SF_MSG_MAGIC, .type = SF_STATS_END, .seq = m->seq,
+                         .arg = atomic_load(&rt.switches_done),
+                         .arg2 = atomic_load(&rt.switches_failed)};
+    chan_send(&end);
+}
+
+static void abort_requests(struct sf_conn *c, void *arg) {
+    (void)arg;
+    if (atomic_load(&c->kind) != SF_CONN)
+        return;
+    pthread_mutex_lock(&c->mu);
+    if (atomic_load(&c->phase) == SF_P_REQUESTED)
+        sf_handoff_abort_locked(c, SF_PEER_UNREACHABLE, 1);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void chan_lost(void) {
+    SF_LOG("router channel closed: connections stay on the overlay until it is back");
+    sf_agent_unwatch(rt.chan);
+    real.close(rt.chan);
+    sf_private_forget(rt.chan);
+    rt.chan = -1;
+    rt.chan_retry_ms = sf_now_ms() + 250;
+    sf_for_each_conn(abort_requests, NULL);
+}
+
+void sf_router_on_readable(void) {
+    for (int i = 0; i < 64 && rt.chan >= 0; i++) {
+        struct sf_msg m;
+        int fd;
+        int rc = recv_frame(&m, &fd);
+        if (rc == RECV_AGAIN)
+            return;
+        if (rc == RECV_CLOSED) {
+            if (fd >= 0)
+                real.close(fd);
+            chan_lost();
+            return;
+        }
+        if (rc == RECV_MALFORMED)
+            continue;
+        switch (m.type) {
+        case SF_HELLO_ACK: break;
+        case SF_SWITCH_RES: on_switch_res(&m, fd); fd = -1; break;
+        case SF_CLAIM_REQ: on_claim(&m); break;
+        case SF_STATS_REQ: on_stats(&m); break;
+        default: SF_LOG("router sent frame type %u; ignored", m.type); break;
+        }
+        if (fd >= 0)
+            real.close(fd);
+    }
+}
+
+/* ---- reports: frames other parts queue for the router ------------------------------------- */
+
+/* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
+ * switch window closes) arise where the switch happens to be, often on an application thread,
+ * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
+void sf_router_report(const struct sf_msg *m) {
+    pthread_mutex_lock(&sf_agent_mu);
+    if (rt.reports_len < AG_REPORT_QUEUE)
+        rt.reports[rt.reports_len++] = *m;
+    sf_agent_kick_locked();
+    pthread_mutex_unlock(&sf_agent_mu);
+}
+
+/* The switch time: decided -> first byte on the host path. */
+void sf_router_report_switch_time(struct sf_conn *c) {
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_DONE,
+                       .arg = sf_now_us() - atomic_load(&c->decided_us),
+                       .arg2 = (uint64_t)atomic_load(&c->initiated)};
+    fill_tuple(&m, c);
+    sf_router_report(&m);
+}
+
+/* Caller holds sf_agent_mu, which this releases. */
+static void send_reports_unlock(void) {
+    struct sf_msg batch[AG_REPORT_QUEUE];
+    unsigned n = rt.reports_len;
+    memcpy(batch, rt.reports, n * sizeof batch[0]);
+    rt.reports_len = 0;
+    pthread_mutex_unlock(&sf_agent_mu);
+    for (unsigned i = 0; i < n && rt.chan >= 0; i++)
+        chan_send(&batch[i]);
+}
+
+void sf_router_send_reports(void) {
+    pthread_mutex_lock(&sf_agent_mu);
+    send_reports_unlock();
+}
+
+/* Reports queued just before the process exits (the figures of its last switches) would die
+ * with the agent thread: the exiting thread sends them (agent_at_exit). Only if sf_agent_mu is
+ * free: exit() from a signal handler may have interrupted its own holder. Not after _exit, nor
+ * for a window still waiting for a call in flight. */
+void sf_router_at_exit(void) {
+    if (sf_agent_is_this_process() && pthread_mutex_trylock(&sf_agent_mu) == 0)
+        send_reports_unlock();
+}

@@ -1,0 +1,144 @@
+/* switchpoint.c -- the switch point as an application thread meets it.
+ *
+ * The peer ends its overlay stream with a FIN once it has committed, so while a switch is under
+ * way an application thread may see that FIN before the agent has the peer's SYNC: a read that
+ * returns 0, or an event loop told that the fd is readable or hung up. Shown as it is, the
+ * application would take it for the end of the stream. Here it is settled instead, under c->mu
+ * so that a commit in flight is seen whole: pump the handoff frames waiting and commit if due
+ * (handoff.c), swap if every overlay byte is read (swap.c), and only then tell the caller what
+ * it met: the switch point (swapped: read the host socket), the peer's real EOF, a reset, or not
+ * known yet. Just after a swap, events are checked against the host socket too. */
+#include <errno.h>
+#include <string.h>
+
+#include "sf_core.h"
+
+/* What the swapped-in host socket has of what the caller waits for. */
+static uint32_t host_readiness(struct sf_conn *c, uint32_t wanted) {
+    struct pollfd p = {.fd = c->fd, .events = (short)(wanted & (EPOLLIN | EPOLLOUT | EPOLLRDHUP))};
+    return real.poll(&p, 1, 0) == 1 ? (uint32_t)(unsigned short)p.revents : 0;
+}
+
+/* A read on the overlay returned 0 while a switch is under way. Decide whether that is the
+ * switch point (swap, the caller reads again), the peer's real EOF, or not yet known.
+ *
+ * The peer sends its SYNC on the host connection before its FIN on the overlay, so when the FIN
+ * is here the SYNC is already in flight on the faster path: this thread reads it itself rather
+ * than wait for the agent. Returning EAGAIN instead would break programs that take a readable
+ * socket's EAGAIN for an error (wrk does), so even a non-blocking caller waits here, briefly. */
+int sf_wait_handoff(struct sf_conn *c, int nonblock) {
+    uint64_t deadline = sf_now_ms() + (nonblock ? 500 : 5000);
+    int result = SF_WAIT_EOF;
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        int phase = atomic_load(&c->phase);
+        if (phase == SF_P_HOST) {
+            result = SF_WAIT_SWAPPED;
+            break;
+        }
+        /* Unless the peer may have committed, the EOF is the application's own. */
+        if (sf_peer_may_have_committed(c))
+            sf_handoff_catch_up_locked(c);
+        if (sf_at_switch_point(c)) {
+            result = sf_swap_locked(c) == 0 ? SF_WAIT_SWAPPED : SF_WAIT_RESET;
+            break;
+        }
+        phase = atomic_load(&c->phase);
+        if (!sf_peer_may_have_committed(c)) {
+            /* BROKEN too: the peer dropped the host connection before it committed, so its
+             * overlay stream, FIN included, is complete. Unless its SYNC reached us: then it
+             * had committed, and the rest of its stream died with the host connection. */
+            result = phase == SF_P_BROKEN && c->peer_synced ? SF_WAIT_RESET : SF_WAIT_EOF;
+            break;
+        }
+        if (sf_now_ms() > deadline) {
+            result = nonblock ? SF_WAIT_AGAIN : SF_WAIT_RESET;
+            break;
+        }
+        int host = c->host_fd;
+        if (host >= 0 && !c->peer_synced) {
+            pthread_mutex_unlock(&c->mu);
+            struct pollfd p = {.fd = host, .events = POLLIN};
+            real.poll(&p, 1, 5);
+            pthread_mutex_lock(&c->mu);
+        } else {
+            /* The commit is due, but another thread holds c->wmu: a writer, which commits as
+             * soon as its write returns, or the agent, waiting for the c->mu this releases. The
+             * commit's phase change broadcasts c->cv. */
+            sf_cv_wait_ms(c, 1);
+        }
+    }
+    SF_LOG("fd %d: overlay EOF in phase %d: %d (rx %llu, S_peer %llu%s)", c->fd,
+           atomic_load(&c->phase), result, (unsigned long long)atomic_load(&c->rx),
+           (unsigned long long)c->peer_s, c->peer_synced ? "" : " unknown");
+    pthread_mutex_unlock(&c->mu);
+    return result;
+}
+
+/* An event loop was just told that fd c->fd is readable or hung up. While a switch is under way
+ * that may be nothing but the overlay's FIN at the switch point, which the application must not
+ * see: it would read EOF, or EAGAIN where it expected data. Settle it here: swap if this is the
+ * switch point and report the host socket's real readiness instead, or drop the overlay's
+ * hang-up bits. `events` uses the bits poll and epoll share (IN, OUT, HUP, RDHUP, ERR);
+ * `wanted` is what the caller asked for. Returns the events to report (0 = drop the event). */
+uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
+    const uint32_t hangup = EPOLLHUP | EPOLLRDHUP;
+    if (!(events & (EPOLLIN | hangup)))
+        return events;
+    /* The common case takes no lock: bytes to read make EPOLLIN true whatever the overlay's
+     * FIN, and c->mu is what the agent holds while it commits, which must not hold up an event
+     * loop that has data. A phase change meanwhile (a swap: the host socket's other bits may
+     * differ) takes the locked path. */
+    char byte;
+    int phase = atomic_load(&c->phase);
+    if ((events & EPOLLIN) && real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0 &&
+        phase == atomic_load(&c->phase))
+        return events & ~hangup;
+    pthread_mutex_lock(&c->mu);
+    phase = atomic_load(&c->phase);
+    if (phase == SF_P_HOST) {
+        /* Swapped by another thread since the caller looked: the event is the overlay's. */
+        pthread_mutex_unlock(&c->mu);
+        return sf_recheck_ready(c, events, wanted);
+    }
+    if (!sf_phase_in_handoff(phase)) {
+        pthread_mutex_unlock(&c->mu);
+        return events;
+    }
+    ssize_t n = real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n != 0) {
+        /* Overlay data still to read (or nothing at all): the hang-up is not the app's news. */
+        pthread_mutex_unlock(&c->mu);
+        return n > 0 ? events & ~hangup : events;
+    }
+    if (!c->peer_synced)
+        sf_handoff_catch_up_locked(c);
+    if (sf_at_switch_point(c))
+        sf_swap_locked(c);
+    phase = atomic_load(&c->phase);
+    uint32_t result;
+    if (phase == SF_P_HOST) {
+        result = host_readiness(c, wanted);
+    } else if (sf_peer_may_have_committed(c)) {
+        /* The answer is on its way: the swap will report the host socket's readiness, and a
+         * switch that fails instead re-arms the registrations (sf_rearm_locked). */
+        result = events & ~(hangup | EPOLLIN);
+        c->suppressed = 1;
+    } else {
+        result = events; /* a real EOF */
+    }
+    SF_LOG("fd %d: ready %#x -> %#x in phase %d (rx %llu, S_peer %llu%s)", c->fd, events, result,
+           phase, (unsigned long long)atomic_load(&c->rx), (unsigned long long)c->peer_s,
+           c->peer_synced ? "" : " unknown");
+    pthread_mutex_unlock(&c->mu);
+    return result;
+}
+
+/* The fd was swapped a moment ago, maybe by another thread while the application's wait was
+ * returning: the event may be the old overlay socket's FIN. Report what the host socket really
+ * has instead, so nobody reads EOF or EAGAIN out of a stale event. */
+uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
+    if (!(events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP)))
+        return events;
+    return host_readiness(c, wanted);
+}
