@@ -1,5 +1,5 @@
 # The two commands of the quick start: `make demo` and `make test`. Both install what they need.
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean mutants
 
 setup:
 	./scripts/setup.sh
@@ -9,6 +9,11 @@ demo: setup
 
 test: setup lint
 	.venv/bin/pytest -q
+
+# The mutation check (not part of `test`: one full suite per surviving mutant). Select mutants
+# with MUTANTS="byte-dropped ..." and pass pytest arguments with PYTEST_ARGS="-k torture".
+mutants: setup
+	.venv/bin/python scripts/mutants.py $(MUTANTS) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 lint:
 	.venv/bin/ruff check src tests
