@@ -30,7 +30,6 @@ import argparse
 import fcntl
 import hashlib
 import os
-import py_compile
 import re
 import shutil
 import subprocess
@@ -402,8 +401,8 @@ def check_compiles(tree: Path, mutant: Mutant, log: Path) -> bool:
     """A Python mutant that does not even compile would 'fail' every test for the wrong reason."""
     for path in {e.path for e in mutant.edits if e.path.endswith(".py")}:
         try:
-            py_compile.compile(str(tree / path), doraise=True, cfile=os.devnull)
-        except py_compile.PyCompileError as exc:
+            compile((tree / path).read_text(), path, "exec")
+        except SyntaxError as exc:
             with log.open("a") as out:
                 out.write(f"mutants: {path} does not compile: {exc}\n")
             return False
@@ -467,17 +466,27 @@ def confirm(results: list[Result], timeout: float) -> None:
 
 
 def table(results: Sequence[Result]) -> str:
-    rows = [("mutant", "verdict", "time", "first failing test")]
-    for r in results:
-        verdict = r.verdict
-        if r.confirmed is False:
-            verdict += " (unconfirmed: fails without the bug too)"
-        rows.append((r.name, verdict, f"{r.seconds:.0f} s", r.first_failure or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(
-        "  ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(row))
+    """A Markdown table: mutant, verdict, first failing test, whether that test passes without
+    the bug, time."""
+    confirmed = {True: "yes", False: "NO: fails without the bug too", None: "-"}
+    rows = [("mutant", "verdict", "first failing test", "passes without the bug", "time")]
+    rows += [
+        (
+            r.name,
+            r.verdict,
+            f"`{r.first_failure}`" if r.first_failure else "-",
+            confirmed[r.confirmed],
+            f"{r.seconds:.0f} s",
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
         for row in rows
-    )
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -540,6 +549,7 @@ def main(argv: Sequence[str]) -> int:
         if not args.no_confirm:
             confirm(results, args.timeout)
     print(table(results))
+    (LOGS / "results.md").write_text(table(results) + "\n")
     bad = [r for r in results if r.verdict != "caught" or r.confirmed is False]
     if bad:
         _log(f"{len(bad)} of {len(results)} not caught: {', '.join(r.name for r in bad)}")
