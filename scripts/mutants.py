@@ -32,6 +32,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,8 @@ ORDER = (
     "tests/integration/test_select.py",
     "tests/integration/test_faults.py",
 )
+
+ANCHOR_TESTS = "tests/unit/test_mutants.py"
 
 
 @dataclass(frozen=True)
@@ -296,18 +299,39 @@ def scratch_copy(dest: Path) -> None:
 def _run(
     cmd: Sequence[str], log: Path, cwd: Path | None = None, timeout: float | None = None
 ) -> int:
+    """Run `cmd` in its own process group, output to `log`. On a timeout or an interruption the
+    whole group ends (pytest's servers, clients and routers), not only its leader."""
     env = {k: v for k, v in os.environ.items() if k not in ("SHUNTFLOW_LIBRARY", "VIRTUAL_ENV")}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
-            return subprocess.run(
-                cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout
-            ).returncode
+            return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             out.write(f"\nmutants: timed out after {timeout} s\n")
+            _end_group(proc)
             return -1
+        except BaseException:
+            _end_group(proc)
+            raise
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT first, so pytest tears its testbeds down; SIGKILL if it does not end in 60 s."""
+    for sig, wait in ((signal.SIGINT, 60.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def ensure_venv(log: Path) -> None:
@@ -363,8 +387,10 @@ def install(tree: Path, log: Path) -> bool:
     return True
 
 
-def test_files(tree: Path) -> list[str]:
-    """ORDER first, then every other test file of the tree, sorted."""
+def test_files(tree: Path, mutant: Mutant | None = None) -> list[str]:
+    """ORDER first, then every other test file of the tree, sorted. The unit tests never load
+    the library, so for a mutant of the library alone they go last: they cannot catch it first,
+    but a survivor must still pass them."""
     ordered = [p for p in ORDER if (tree / p).exists()]
     covered = [tree / p for p in ordered]
     rest = sorted(
@@ -372,7 +398,10 @@ def test_files(tree: Path) -> list[str]:
         for p in (tree / "tests").rglob("test_*.py")
         if not any(p == c or c in p.parents for c in covered)
     )
-    return ordered + rest
+    files = ordered + rest
+    if mutant is not None and all(e.path.startswith("preload/") for e in mutant.edits):
+        files = [f for f in files if f != "tests/unit"] + ["tests/unit"]
+    return files
 
 
 FAIL_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
@@ -387,6 +416,8 @@ def run_suite(
     timeout: float,
 ) -> tuple[int, list[str]]:
     cmd = [str(VENV / "bin" / "pytest"), "-q", "-p", "no:cacheprovider", "-rfE"]
+    # The anchor checks read the tree they run in: on a mutated copy they fail by construction.
+    cmd.append(f"--deselect={ANCHOR_TESTS}")
     if stop_first:
         cmd.append("-x")
     start = log.stat().st_size if log.exists() else 0
@@ -427,7 +458,7 @@ def run_mutant(
                 out.write(diff.stdout)
         if not check_compiles(tree, m, log) or not install(tree, log):
             return Result(m.name, "build-failed", seconds=time.monotonic() - t0)
-        rc, failures = run_suite(tree, log, targets or test_files(tree), extra, True, timeout)
+        rc, failures = run_suite(tree, log, targets or test_files(tree, m), extra, True, timeout)
         took = time.monotonic() - t0
         if rc == 0:
             return Result(m.name, "survived", seconds=took)
@@ -533,6 +564,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     chosen = [by_name[n] for n in args.names] or list(MUTANTS)
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     LOGS.mkdir(parents=True, exist_ok=True)
     with open(f"{VENV}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one mutants run per machine: they share the venv
