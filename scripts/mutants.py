@@ -10,18 +10,20 @@ fails the same way, so the table is re-anchored here rather than silently testin
 Each mutant: a scratch copy of the tree under /tmp (tracked and untracked-but-not-ignored files,
 so uncommitted work is included), the edits applied, `pip install` of that copy into a venv kept
 for mutants only (/tmp/sf-mutants-venv; installing compiles the C library), and that venv's
-pytest on the copy's tests, with -x: the first failure ends the run, so a caught mutant costs
-little. "survived" means the whole suite passed. At the end the original tree is installed into
-the same venv and every catching test is run on it again: a catch counts as confirmed only if
-that test passes without the bug (so a flaky or already-red test does not pass for a catch).
+pytest on the copy's tests, in a fixed order (cheap catchers first), stopping at the first
+failure. The machine is shared and some checks are timing-bound, so a failure counts as the
+catch only if the test fails again when rerun on the mutant and passes (in one of two runs) on
+the original tree, installed in a second venv (/tmp/sf-mutants-venv-original). Any other failure
+is noted ("flaky on the mutant", "red without the bug") and the suite goes on after that test.
+"survived": the suite ran to its end with no failure that counts.
 
     scripts/mutants.py                       # every mutant
     scripts/mutants.py --list                # names and what each breaks
     scripts/mutants.py byte-dropped -- -k torture   # one mutant, extra pytest args after --
     scripts/mutants.py --check               # only check that every anchor applies once
 
-Exit status: 0 if every mutant was caught (and confirmed), 1 otherwise (survivor, unconfirmed
-catch, build failure, missing anchor).
+Logs and a Markdown table of the results go to /tmp/sf-mutants-logs/. Exit status: 0 if every
+mutant was caught, 1 otherwise (a survivor, a build failure, a missing anchor, a pytest error).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path("/tmp/sf-mutants-venv")
+ORIG_VENV = Path("/tmp/sf-mutants-venv-original")
 LOGS = Path("/tmp/sf-mutants-logs")
 
 # The suite's files, cheapest catchers first: unit tests (no testbed), then the byte-integrity
@@ -268,9 +271,11 @@ def anchor_problems(tree: Path, mutants: Sequence[Mutant] = MUTANTS) -> list[str
 class Result:
     name: str
     verdict: str  # caught, survived, build-failed, error
-    first_failure: str = ""
+    caught_by: str = ""  # the test that failed on the mutant (twice) and passes on the original
+    why: str = ""  # that failure's first `E` line
     seconds: float = 0.0
-    confirmed: bool | None = None  # the catching test passes on the original tree
+    # Failures not counted as a catch: (test, "flaky on the mutant" or "red without the bug").
+    discounted: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _log(msg: str) -> None:
@@ -334,30 +339,31 @@ def _end_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def ensure_venv(log: Path) -> None:
-    """The mutants' own venv, made once: never the checkout's .venv, which a mutant would break."""
-    if (VENV / "bin" / "pytest").exists():
+def ensure_venv(venv: Path, log: Path) -> None:
+    """A venv of the mutant runs, made once: never the checkout's .venv, which a mutant would
+    break. One holds the mutant under test, one the original tree (its verdicts)."""
+    if (venv / "bin" / "pytest").exists():
         return
-    _log(f"creating {VENV} (once)")
-    with tempfile.TemporaryDirectory(prefix="sf-mutant-orig-") as tmp:
+    _log(f"creating {venv} (once)")
+    with tempfile.TemporaryDirectory(prefix="sf-mutant-venv-") as tmp:
         scratch_copy(Path(tmp))
         if (
-            _run(["/usr/bin/python3", "-m", "venv", str(VENV)], log) != 0
-            or _run([str(VENV / "bin" / "pip"), "install", "-q", f"{tmp}[dev]"], log) != 0
+            _run(["/usr/bin/python3", "-m", "venv", str(venv)], log) != 0
+            or _run([str(venv / "bin" / "pip"), "install", "-q", f"{tmp}[dev]"], log) != 0
         ):
-            shutil.rmtree(VENV, ignore_errors=True)
-            raise SystemExit(f"mutants: cannot create {VENV}; see {log}")
+            shutil.rmtree(venv, ignore_errors=True)
+            raise SystemExit(f"mutants: cannot create {venv}; see {log}")
 
 
-def install(tree: Path, log: Path) -> bool:
-    """Install `tree` into the venv (compiling the library) and check that what got installed is
+def install(venv: Path, tree: Path, log: Path) -> bool:
+    """Install `tree` into `venv` (compiling the library) and check that what got installed is
     that tree: the library's bytes, and every Python file of the package."""
-    pip = [str(VENV / "bin" / "pip"), "install", "-q", "--no-deps", "--force-reinstall"]
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--force-reinstall"]
     if _run([*pip, str(tree)], log) != 0:
         return False
     site = subprocess.run(
         [
-            str(VENV / "bin" / "python"),
+            str(venv / "bin" / "python"),
             "-c",
             "import shuntflow, pathlib; print(pathlib.Path(shuntflow.__file__).parent)",
         ],
@@ -405,27 +411,45 @@ def test_files(tree: Path, mutant: Mutant | None = None) -> list[str]:
 
 
 FAIL_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+E_LINE = re.compile(r"^E +(.+)$", re.M)
 
 
-def run_suite(
-    tree: Path,
-    log: Path,
-    targets: Sequence[str],
-    extra: Sequence[str],
-    stop_first: bool,
-    timeout: float,
-) -> tuple[int, list[str]]:
-    cmd = [str(VENV / "bin" / "pytest"), "-q", "-p", "no:cacheprovider", "-rfE"]
+@dataclass
+class Run:
+    rc: int
+    failures: list[str]
+    why: str
+
+
+def run_pytest(
+    venv: Path, tree: Path, log: Path, args: Sequence[str], timeout: float, first: bool = False
+) -> Run:
+    """pytest of `venv` on `tree`'s tests; `first`: stop at the first failure (-x)."""
+    cmd = [str(venv / "bin" / "pytest"), "-q", "-rfE", "-p", "no:cacheprovider"]
     # The anchor checks read the tree they run in: on a mutated copy they fail by construction.
     cmd.append(f"--deselect={ANCHOR_TESTS}")
-    if stop_first:
+    if first:
         cmd.append("-x")
     start = log.stat().st_size if log.exists() else 0
-    rc = _run([*cmd, *targets, *extra], log, cwd=tree, timeout=timeout)
+    rc = _run([*cmd, *args], log, cwd=tree, timeout=timeout)
     with log.open() as f:
         f.seek(start)
-        failures = FAIL_LINE.findall(f.read())
-    return rc, failures
+        out = f.read()
+    why = E_LINE.search(out)
+    return Run(rc, FAIL_LINE.findall(out), why.group(1).strip()[:160] if why else "")
+
+
+def collect(venv: Path, tree: Path, log: Path, args: Sequence[str]) -> list[str]:
+    """The node ids `args` select, in the order pytest runs them."""
+    cmd = [str(venv / "bin" / "pytest"), "-q", "--collect-only", "-p", "no:cacheprovider"]
+    cmd.append(f"--deselect={ANCHOR_TESTS}")
+    out = tree / ".mutants-collect.txt"
+    with out.open("w") as f:
+        rc = subprocess.run([*cmd, *args], cwd=tree, stdout=f, stderr=subprocess.STDOUT).returncode
+    text = out.read_text()
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join([*cmd, *args])}\n{text[-3000:]}")
+    return [line for line in text.splitlines() if "::" in line] if rc == 0 else []
 
 
 def check_compiles(tree: Path, mutant: Mutant, log: Path) -> bool:
@@ -440,12 +464,33 @@ def check_compiles(tree: Path, mutant: Mutant, log: Path) -> bool:
     return True
 
 
-def run_mutant(
-    m: Mutant, extra: Sequence[str], targets: Sequence[str] | None, keep: bool, timeout: float
-) -> Result:
+@dataclass
+class Setup:
+    original: Path  # the original tree, installed in ORIG_VENV
+    extra: Sequence[str]
+    targets: Sequence[str] | None
+    keep: bool
+    timeout: float
+    original_tries: int
+
+
+def passes_without_the_bug(setup: Setup, test: str, log: Path) -> bool:
+    """Whether `test` passes on the original tree in one of `original_tries` runs. A test that
+    fails there too is red for some other reason (a load-bound timing check, say)."""
+    for _ in range(setup.original_tries):
+        if run_pytest(ORIG_VENV, setup.original, log, [test, *setup.extra], setup.timeout).rc == 0:
+            return True
+    return False
+
+
+def run_mutant(m: Mutant, setup: Setup) -> Result:
+    """The suite on the mutant, stopping at the first failure. That failure is the catch if the
+    test fails again when rerun on the mutant and passes on the original tree; otherwise it is
+    noted and the suite goes on after it, so a flaky test neither catches nor hides a mutant."""
     log = LOGS / f"{m.name}.log"
     log.write_text(f"mutant {m.name}: {m.bug}\n")
     t0 = time.monotonic()
+    res = Result(m.name, "error")
     tree = Path(tempfile.mkdtemp(prefix=f"sf-mutant-{m.name}-"))
     try:
         scratch_copy(tree)
@@ -456,58 +501,59 @@ def run_mutant(
                     ["diff", "-u", str(ROOT / rel), str(tree / rel)], capture_output=True, text=True
                 )
                 out.write(diff.stdout)
-        if not check_compiles(tree, m, log) or not install(tree, log):
-            return Result(m.name, "build-failed", seconds=time.monotonic() - t0)
-        rc, failures = run_suite(tree, log, targets or test_files(tree, m), extra, True, timeout)
-        took = time.monotonic() - t0
-        if rc == 0:
-            return Result(m.name, "survived", seconds=took)
-        if rc == 1 and failures:
-            return Result(m.name, "caught", failures[0], took)
-        if rc == -1:
-            return Result(m.name, "caught", f"(suite timed out after {timeout:.0f} s)", took)
-        return Result(m.name, "error", f"pytest exit {rc}", took)
+        if not check_compiles(tree, m, log) or not install(VENV, tree, log):
+            res.verdict = "build-failed"
+            return res
+        nodes = collect(VENV, tree, log, [*(setup.targets or test_files(tree, m)), *setup.extra])
+        if not nodes:
+            res.why = f"no tests collected; see {log}"
+            return res
+        # Run from `start` on, stopping at the first failure; a failure that does not count
+        # as a catch moves `start` past that test.
+        start = 0
+        while start < len(nodes):
+            run = run_pytest(VENV, tree, log, [*nodes[start:], *setup.extra], setup.timeout, True)
+            if run.rc == 0:
+                break
+            if run.rc == -1:
+                res.verdict, res.why = "caught", f"suite timed out after {setup.timeout:.0f} s"
+                return res
+            if run.rc != 1 or not run.failures or run.failures[0] not in nodes[start:]:
+                res.why = f"pytest exit {run.rc}; see {log}"
+                return res
+            test = run.failures[0]
+            _log(f"{m.name}: {test} failed ({run.why}); rerunning it on the mutant")
+            if run_pytest(VENV, tree, log, [test, *setup.extra], setup.timeout).rc == 0:
+                res.discounted.append((test, "flaky on the mutant"))
+            elif not passes_without_the_bug(setup, test, LOGS / "original.log"):
+                res.discounted.append((test, "red without the bug"))
+            else:
+                res.verdict, res.caught_by, res.why = "caught", test, run.why
+                return res
+            _log(f"{m.name}: {test} not counted ({res.discounted[-1][1]}); the suite goes on")
+            start = nodes.index(test, start) + 1
+        res.verdict = "survived"
+        return res
     finally:
-        if keep:
+        res.seconds = time.monotonic() - t0
+        if setup.keep:
             _log(f"{m.name}: scratch tree kept at {tree}")
         else:
             shutil.rmtree(tree, ignore_errors=True)
 
 
-def confirm(results: list[Result], timeout: float) -> None:
-    """Install the original tree and run each catching test on it: it must pass there."""
-    caught = [r for r in results if r.verdict == "caught" and "::" in r.first_failure]
-    log = LOGS / "original.log"
-    log.write_text("the original tree, for the catching tests\n")
-    tree = Path(tempfile.mkdtemp(prefix="sf-mutant-original-"))
-    try:
-        scratch_copy(tree)
-        if not install(tree, log):
-            _log(f"the original tree does not install; see {log}")
-            return
-        if not caught:
-            return
-        nodes = sorted({r.first_failure for r in caught})
-        _log(f"confirming {len(nodes)} catching test(s) on the original tree")
-        _rc, failures = run_suite(tree, log, nodes, (), False, timeout)
-        for r in caught:
-            r.confirmed = r.first_failure not in failures
-    finally:
-        shutil.rmtree(tree, ignore_errors=True)
-
-
 def table(results: Sequence[Result]) -> str:
-    """A Markdown table: mutant, verdict, first failing test, whether that test passes without
-    the bug, time."""
-    confirmed = {True: "yes", False: "NO: fails without the bug too", None: "-"}
-    rows = [("mutant", "verdict", "first failing test", "passes without the bug", "time")]
+    """A Markdown table: mutant, verdict, the catching test and its failure, time, and the
+    failures that were not counted as a catch."""
+    rows = [("mutant", "verdict", "caught by", "its failure", "time", "not counted")]
     rows += [
         (
             r.name,
             r.verdict,
-            f"`{r.first_failure}`" if r.first_failure else "-",
-            confirmed[r.confirmed],
+            f"`{r.caught_by}`" if r.caught_by else "-",
+            r.why.replace("|", "\\|") or "-",
             f"{r.seconds:.0f} s",
+            "; ".join(f"`{t}` ({why})" for t, why in r.discounted) or "-",
         )
         for r in results
     ]
@@ -533,15 +579,16 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--tests", nargs="+", help="test paths or node ids instead of the suite")
     ap.add_argument("--keep", action="store_true", help="keep the scratch trees")
     ap.add_argument(
-        "--no-confirm",
-        action="store_true",
-        help="skip re-running the catching tests on the original tree",
+        "--original-tries",
+        type=int,
+        default=2,
+        help="runs a catching test gets on the original tree to pass once (default 2)",
     )
     ap.add_argument(
         "--timeout",
         type=float,
         default=3600,
-        help="seconds one mutant's suite may take (default 3600)",
+        help="seconds one pytest run may take (default 3600)",
     )
     args = ap.parse_args(argv)
 
@@ -566,23 +613,31 @@ def main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     LOGS.mkdir(parents=True, exist_ok=True)
-    with open(f"{VENV}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one mutants run per machine: they share the venv
-        ensure_venv(LOGS / "venv.log")
-        results = []
-        for m in chosen:
-            _log(f"{m.name}: {m.bug}")
-            r = run_mutant(m, extra, args.tests, args.keep, args.timeout)
-            _log(
-                f"{m.name}: {r.verdict} in {r.seconds:.0f} s {r.first_failure} "
-                f"(log {LOGS / (m.name + '.log')})"
-            )
-            results.append(r)
-        if not args.no_confirm:
-            confirm(results, args.timeout)
+    original = Path(tempfile.mkdtemp(prefix="sf-mutant-original-"))
+    results = []
+    try:
+        with open(f"{VENV}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one mutants run per machine: they share the venvs
+            for venv in (VENV, ORIG_VENV):
+                ensure_venv(venv, LOGS / "venv.log")
+            scratch_copy(original)
+            (LOGS / "original.log").write_text("the original tree, for the catching tests\n")
+            if not install(ORIG_VENV, original, LOGS / "original.log"):
+                raise SystemExit(f"mutants: the original tree does not install; see {LOGS}")
+            setup = Setup(original, extra, args.tests, args.keep, args.timeout, args.original_tries)
+            for m in chosen:
+                _log(f"{m.name}: {m.bug}")
+                r = run_mutant(m, setup)
+                _log(
+                    f"{m.name}: {r.verdict} in {r.seconds:.0f} s {r.caught_by} {r.why} "
+                    f"(log {LOGS / (m.name + '.log')})"
+                )
+                results.append(r)
+    finally:
+        shutil.rmtree(original, ignore_errors=True)
     print(table(results))
     (LOGS / "results.md").write_text(table(results) + "\n")
-    bad = [r for r in results if r.verdict != "caught" or r.confirmed is False]
+    bad = [r for r in results if r.verdict != "caught"]
     if bad:
         _log(f"{len(bad)} of {len(results)} not caught: {', '.join(r.name for r in bad)}")
         return 1
