@@ -472,15 +472,30 @@ class Setup:
     keep: bool
     timeout: float
     original_tries: int
+    # Per test, how it has failed on the original tree during this run (signature()).
+    seen_without_bug: dict[str, set[str]] = field(default_factory=dict)
 
 
-def passes_without_the_bug(setup: Setup, test: str, log: Path) -> bool:
-    """Whether `test` passes on the original tree in one of `original_tries` runs. A test that
-    fails there too is red for some other reason (a load-bound timing check, say)."""
+def signature(why: str) -> str:
+    """A failure's first `E` line without its numbers: "4 of 21 stayed on the overlay" and
+    "21 of 21 stayed on the overlay" are the same failure."""
+    return re.sub(r"\d+", "N", why)
+
+
+def passes_without_the_bug(setup: Setup, test: str, why: str, log: Path) -> bool:
+    """Whether `test` passes on the original tree in one of `original_tries` runs, and has never
+    failed there the way it failed on the mutant. A test that fails there too is red for some
+    other reason (a load-bound timing check, say): a flaky failure that repeats on a mutant is
+    no catch, even when the original happens to pass this time."""
+    seen = setup.seen_without_bug.setdefault(test, set())
+    passed = False
     for _ in range(setup.original_tries):
-        if run_pytest(ORIG_VENV, setup.original, log, [test, *setup.extra], setup.timeout).rc == 0:
-            return True
-    return False
+        run = run_pytest(ORIG_VENV, setup.original, log, [test, *setup.extra], setup.timeout)
+        if run.rc == 0:
+            passed = True
+            break
+        seen.add(signature(run.why))
+    return passed and signature(why) not in seen
 
 
 def run_mutant(m: Mutant, setup: Setup) -> Result:
@@ -523,9 +538,10 @@ def run_mutant(m: Mutant, setup: Setup) -> Result:
                 return res
             test = run.failures[0]
             _log(f"{m.name}: {test} failed ({run.why}); rerunning it on the mutant")
-            if run_pytest(VENV, tree, log, [test, *setup.extra], setup.timeout).rc == 0:
+            again = run_pytest(VENV, tree, log, [test, *setup.extra], setup.timeout)
+            if again.rc == 0 or signature(again.why) != signature(run.why):
                 res.discounted.append((test, "flaky on the mutant"))
-            elif not passes_without_the_bug(setup, test, LOGS / "original.log"):
+            elif not passes_without_the_bug(setup, test, run.why, LOGS / "original.log"):
                 res.discounted.append((test, "red without the bug"))
             else:
                 res.verdict, res.caught_by, res.why = "caught", test, run.why
