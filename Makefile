@@ -16,8 +16,8 @@ mutants: setup
 	.venv/bin/python scripts/mutants.py $(MUTANTS) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 lint:
-	.venv/bin/ruff check src tests
-	.venv/bin/ruff format --check src tests
+	.venv/bin/ruff check src tests scripts
+	.venv/bin/ruff format --check src tests scripts
 	.venv/bin/mypy
 
 clean:
