@@ -194,8 +194,10 @@ MUTANTS: tuple[Mutant, ...] = (
         (
             Edit(
                 "src/shuntflow/router/daemon.py",
-                "        if verdict.ok:\n            return None\n",
-                "        if verdict.ok or True:\n            return None\n",
+                "        verdict = self.owners.owns(client.ns_key, t)\n",
+                "        verdict = self.owners.owns(client.ns_key, t)\n"
+                "        if verdict.ok or True:  # MUTANT: neither the verdict nor the address\n"
+                "            return None\n",
             ),
         ),
     ),
