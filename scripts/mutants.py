@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,6 +362,13 @@ def ensure_venv(venv: Path, log: Path) -> None:
 def install(venv: Path, tree: Path, log: Path) -> bool:
     """Install `tree` into `venv` (compiling the library) and check that what got installed is
     that tree: the library's bytes, and every Python file of the package."""
+    # The tree's dependencies first (a merge may have added one; the venv was made once), then
+    # the tree itself, rebuilt even though its version did not change.
+    with (tree / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)["project"]
+    deps = [*project.get("dependencies", []), *project.get("optional-dependencies", {})["dev"]]
+    if _run([str(venv / "bin" / "pip"), "install", "-q", *deps], log) != 0:
+        return False
     pip = [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--force-reinstall"]
     if _run([*pip, str(tree)], log) != 0:
         return False
@@ -414,7 +422,8 @@ def test_files(tree: Path, mutant: Mutant | None = None) -> list[str]:
 
 
 FAIL_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
-E_LINE = re.compile(r"^E +(.+)$", re.M)
+# The first line pytest marks `E` in a failure, not its progress line ("E      [100%]").
+E_LINE = re.compile(r"^E(?! +\[ *\d+%\]$) +(.+)$", re.M)
 
 
 @dataclass
