@@ -83,7 +83,8 @@ class Mutant:
 
 # What the fake switch reports is what a real one does (sf_swap_locked,
 # sf_router_report_switch_time): the SWITCH_DONE frame, the switches-done counter, phase HOST (so
-# CONN_INFO says "host" and later bytes count as host bytes) and the same log line. Only the fd keeps naming the overlay socket.
+# CONN_INFO says "host" and later bytes count as host bytes) and the same log line. Only the fd
+# keeps naming the overlay socket.
 _OVERLAY_KEPT = """\
         /* MUTANT overlay-kept: the host connection is closed unused, the overlay socket stays
          * on the fd, and the switch is reported as done. */
