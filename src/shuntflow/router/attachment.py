@@ -3,9 +3,10 @@
 # Why: a network namespace costs nothing (`unshare -Urn` needs no privilege), and inside one a
 # process can give its loopback any address and hold a TCP pair with any 4-tuple. So "the
 # caller's namespace holds the tuple" (ownership.py) proves nothing about who owns an overlay
-# address. What a container cannot forge from inside is the host's wiring: the host's overlay
-# bridge has one veth per container, and the kernel reports, for each, the namespace its peer
-# lives in (IFLA_LINK_NETNSID, an id in the router's own namespace) and the peer's ifindex. The
+# address. What a container cannot forge from inside is the host's wiring: the host has one veth
+# per container (on the overlay bridge, or routed), and the kernel reports, for each, the
+# namespace its peer lives in (IFLA_LINK_NETNSID, an id in the router's own namespace) and the
+# peer's ifindex. The
 # addresses on that peer interface are the container's overlay addresses. A caller's namespace is
 # compared by that same id (RTM_GETNSID with the namespace's fd): a namespace no veth leads to
 # has no id the bridge knows, so it is attached nowhere.
@@ -218,12 +219,18 @@ class Attachments:
             for index, attrs in links:
                 if names[index] == self.vxlan_dev and IFLA_MASTER in attrs:
                     bridge = struct.unpack("=I", attrs[IFLA_MASTER][:4])[0]
+        # Docker's layout bridges the VXLAN device with the containers' veths: only that bridge's
+        # ports count. Routed layouts (Flannel's cni0 with the VXLAN device outside it, Calico's
+        # unbridged cali* veths) reach containers by routes: every veth of this namespace whose
+        # peer lives in another counts. Either way only the host's administrator (or its CNI)
+        # can have made that veth: a container cannot add a link to the host's namespace.
         ports = []
         for index, attrs in links:
-            if IFLA_MASTER not in attrs or IFLA_LINK_NETNSID not in attrs or IFLA_LINK not in attrs:
+            if IFLA_LINK_NETNSID not in attrs or IFLA_LINK not in attrs:
                 continue
-            master = struct.unpack("=I", attrs[IFLA_MASTER][:4])[0]
-            if self.vxlan_dev is not None and master != bridge:
+            if bridge is not None and (
+                IFLA_MASTER not in attrs or struct.unpack("=I", attrs[IFLA_MASTER][:4])[0] != bridge
+            ):
                 continue
             kind_attrs = _attrs(attrs.get(IFLA_LINKINFO, b""), 0)
             if kind_attrs.get(IFLA_INFO_KIND, b"").rstrip(b"\0") != b"veth":
