@@ -63,6 +63,24 @@ def wait_switched(s, ping):
 """
 
 
+def redis_server(ip: str, exe: str = "redis-server") -> list[str]:
+    """redis-server on `ip`:6379, no persistence to disk, no protected mode (the tests' clients
+    come from other namespaces)."""
+    return [
+        exe,
+        "--bind",
+        ip,
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+
+
 def mode_env(
     tb: Testbed,
     c: Container,

@@ -26,7 +26,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import MODES, Apps, PathBytes, assert_path
+from .apps import MODES, Apps, PathBytes, assert_path, redis_server
 from .locks import prefix_lock
 
 pytestmark = pytest.mark.root
@@ -86,17 +86,7 @@ REDIS_REQUESTS = 8000
 def test_redis(apps: Apps, mode: str, tmp_path: Path) -> None:
     tmp_path.chmod(0o777)
     server = [
-        "redis-server",
-        "--bind",
-        apps.server_ip,
-        "--port",
-        "6379",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
+        *redis_server(apps.server_ip),
         "--dir",
         str(tmp_path),
         "--io-threads",

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shuntflow.testbed import Host, Testbed
 from shuntflow.testbed.nsutil import in_netns
 
-from .apps import Apps, PathBytes, assert_path, mode_env
+from .apps import Apps, PathBytes, assert_path, mode_env, redis_server
 
 pytestmark = pytest.mark.root
 
@@ -106,21 +106,7 @@ def test_counters_move_with_a_switch(testbed: Testbed, tmp_path: Path) -> None:
     apps = Apps(testbed)
     urls = [h.metrics_url for h in testbed.hosts]
     tmp_path.chmod(0o777)
-    server = [
-        "redis-server",
-        "--bind",
-        apps.server_ip,
-        "--port",
-        "6379",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-        "--dir",
-        str(tmp_path),
-    ]
+    server = [*redis_server(apps.server_ip), "--dir", str(tmp_path)]
     values = [secrets.token_bytes(secrets.randbelow(2000) + 1) for _ in range(400)]
     with apps.server(server, "shuntflow", 6379):
         before = [scrape(h, u) for h, u in zip(testbed.hosts, urls, strict=True)]

@@ -18,7 +18,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import Apps
+from .apps import Apps, redis_server
 from .conftest import MakeTestbed
 from .containers import (
     container_args,
@@ -63,17 +63,7 @@ def server(testbed: Testbed, rootfs: Path) -> Iterator[int]:
         *container_args(c.name, "--threshold", THRESHOLD),
         "--rootfs",
         str(rootfs),
-        "/usr/bin/redis-server",
-        "--bind",
-        c.overlay_ip,
-        "--port",
-        "6379",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
+        *redis_server(c.overlay_ip, "/usr/bin/redis-server"),
     ]
     started = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stderr
