@@ -815,7 +815,7 @@ print("listening", flush=True)
 out = [None] * ATTEMPTS
 
 def serve(conn, i):
-    time.sleep(1.0)  # not reading yet: the client's big write blocks
+    time.sleep(5.0)  # not reading yet: the client's big write blocks (its SO_SNDTIMEO is 3 s)
     h, n, err = hashlib.sha256(), 0, ""
     try:
         while chunk := conn.recv(1 << 16):
@@ -852,9 +852,13 @@ for i in range(ATTEMPTS):
     last = i == ATTEMPTS - 1
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 300_000))
+    # The big write below blocks (the server does not read) until SO_SNDTIMEO, and the library
+    # commits only once it returns: the server is stopped halfway, after the handoff's READY
+    # (a switch takes milliseconds; 1.5 s leaves a busy machine a wide margin) and before the
+    # commit's SYNC reaches it, so its own SYNC comes late.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 3, 0))
     s.connect((sys.argv[1], 7959))
-    stop = threading.Timer(0.1, os.kill, (SERVER_PID, signal.SIGSTOP))
+    stop = threading.Timer(1.5, os.kill, (SERVER_PID, signal.SIGSTOP))
     stop.start()
     try:
         s.send(b"x")  # threshold 1: this call starts the switch
