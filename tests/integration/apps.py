@@ -81,6 +81,29 @@ def redis_server(ip: str, exe: str = "redis-server") -> list[str]:
     ]
 
 
+# A redis client for test scripts: connects to argv[1]:6379; `call(*args)` sends one command and
+# returns a bulk reply's bytes, or any other reply's line (with its CRLF); `payload` counts the
+# bytes written and read, both ways.
+RESP_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 6379))
+f = s.makefile("rwb")
+payload = 0
+def call(*args):
+    global payload
+    req = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+    f.write(req)
+    f.flush()
+    line = f.readline()
+    payload += len(req) + len(line)
+    if not line.startswith(b"$"):
+        return line
+    data = f.read(int(line[1:]) + 2)
+    payload += len(data)
+    return data[:-2]
+"""
+
+
 def mode_env(
     tb: Testbed,
     c: Container,

@@ -26,7 +26,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import MODES, Apps, PathBytes, assert_path, redis_server
+from .apps import MODES, RESP_CLIENT, Apps, PathBytes, assert_path, redis_server
 from .locks import prefix_lock
 
 pytestmark = pytest.mark.root
@@ -136,22 +136,9 @@ def assert_conserved(path: PathBytes, payload: int) -> None:
     assert path.overlay_payload + path.host_payload >= payload, f"{path} for {payload} bytes"
 
 
-REDIS_CHECK = r"""
-s = socket.create_connection((sys.argv[1], 6379))
-f = s.makefile("rwb")
-payload = 0
-def call(*args):
-    global payload
-    req = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-    f.write(req)
-    f.flush()
-    line = f.readline()
-    payload += len(req) + len(line)
-    if not line.startswith(b"$"):
-        return line
-    data = f.read(int(line[1:]) + 2)
-    payload += len(data)
-    return data[:-2]
+REDIS_CHECK = (
+    RESP_CLIENT
+    + r"""
 wait_switched(s, lambda: call(b"PING"))
 payload = 0
 sizes = [int.from_bytes(os.urandom(2), "big") % 4000 + 1 for _ in range(300)]
@@ -160,6 +147,7 @@ ok = sum(call(b"SET", k, v) == b"+OK\r\n" for k, v in values.items())
 bad = sum(call(b"GET", k) != v for k, v in values.items()) + len(values) - ok
 print(json.dumps({"checked": len(values), "bad": bad, "payload": payload}))
 """
+)
 
 
 # ---- memcached ---------------------------------------------------------------------------

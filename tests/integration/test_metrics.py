@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shuntflow.testbed import Host, Testbed
 from shuntflow.testbed.nsutil import in_netns
 
-from .apps import Apps, PathBytes, assert_path, mode_env, redis_server
+from .apps import RESP_CLIENT, Apps, PathBytes, assert_path, mode_env, redis_server
 
 pytestmark = pytest.mark.root
 
@@ -32,32 +32,19 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 # SETs of random values on one connection, then "wrote"; it waits for a line on stdin before it
 # reads every value back (printing "same" and the GET phase's bytes) and closes, so the scrapes
 # see it open on the host path.
-CLIENT = r"""
-import socket, sys
+CLIENT = (
+    RESP_CLIENT
+    + r"""
 values = [bytes.fromhex(x) for x in sys.stdin.readline().split()]
-s = socket.create_connection((sys.argv[1], 6379))
-f = s.makefile("rwb")
-payload = 0  # bytes both ways, counted per call
-def cmd(*args):
-    global payload
-    req = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-    f.write(req)
-    f.flush()
-    line = f.readline()
-    payload += len(req) + len(line)
-    if not line.startswith(b"$"):
-        return line.strip()
-    data = f.read(int(line[1:]) + 2)
-    payload += len(data)
-    return data[:-2]
 for i, v in enumerate(values):
-    assert cmd(b"SET", b"m%d" % i, v) == b"+OK"
+    assert call(b"SET", b"m%d" % i, v) == b"+OK\r\n"
 print("wrote", flush=True)
 sys.stdin.readline()
 payload = 0
-back = [cmd(b"GET", b"m%d" % i) for i in range(len(values))]
+back = [call(b"GET", b"m%d" % i) for i in range(len(values))]
 print("same" if back == values else "DIFFERENT", payload, flush=True)
 """
+)
 
 
 def scrape(host: Host, url: str) -> Samples:

@@ -719,13 +719,15 @@ class Router:
             return t.key() in client.handed
         return client.ns_key is not None and self.owners.owns(client.ns_key, t).ok
 
+    def _reject_report(self, client: LibraryClient, count: int, **fields: Any) -> None:
+        self.reports_rejected += count
+        log.warning("report_rejected", client=client.id, pid=client.pid, **fields)
+
     def on_switch_done(self, client: LibraryClient, msg: Msg) -> None:
         if self.owners is not None and msg.tuple.key() not in client.handed:
-            self.reports_rejected += 1
-            log.warning(
-                "report_rejected",
-                client=client.id,
-                pid=client.pid,
+            self._reject_report(
+                client,
+                1,
                 frame="SWITCH_DONE",
                 tuple=msg.tuple,
                 reason="no host connection was handed to this client for it",
@@ -919,11 +921,9 @@ class Router:
         finally:
             self.stats_waits.pop(seq, None)
         if wait.rejected:
-            self.reports_rejected += wait.rejected
-            log.warning(
-                "report_rejected",
-                client=client.id,
-                pid=client.pid,
+            self._reject_report(
+                client,
+                wait.rejected,
                 frame="CONN_INFO",
                 rows=wait.rejected,
                 reason="tuples the sender's container does not hold",
