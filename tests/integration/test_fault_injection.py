@@ -622,7 +622,18 @@ def test_client_killed_mid_switch(
     tb = make_testbed("fi4", hosts=2, containers=1, routers=True)
     # The server outlives the client: it reports what it saw until its deadline, which leaves
     # room for the longest wait of a cut handoff (5 s, sf_wait_handoff) after the kill.
-    pair = Pair(tb, tmp_path, 7854, 5000, concurrency=16, timeout=60, server_timeout=9)
+    # send and recv only, as the reset-in-handoff test: with every call style a read other than
+    # recv can end early at a dead handoff (CHANGELOG, Known issues).
+    pair = Pair(
+        tb,
+        tmp_path,
+        7854,
+        5000,
+        concurrency=16,
+        timeout=60,
+        server_timeout=9,
+        calls=("recv", "send"),
+    )
     pairs.append(pair.start())
     pid = pair.client_pid
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +26,7 @@ from typing import Any
 
 import pytest
 
+import shuntflow
 from shuntflow.router.control import query
 from shuntflow.router.testing import FakeLibrary
 from shuntflow.testbed import Testbed
@@ -34,9 +38,28 @@ from .test_torture import assert_intact, run_torture
 
 pytestmark = pytest.mark.root
 
-AGENT = str(Path(__file__).with_name("wire_agent.py"))
 PREFIX = "sy1"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+# The wire agent's command line, set by `agent_anyone_can_run` for the module.
+AGENT: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def agent_anyone_can_run() -> Iterator[None]:
+    """nobody may not be able to reach the checkout or its venv (a clone under a 0700 temp
+    directory): the agent runs from a world-readable copy of itself and of the package (it needs
+    only the standard library), with the interpreter the venv was made from."""
+    root = Path(tempfile.mkdtemp(prefix="sf-agent-"))
+    root.chmod(0o755)
+    shutil.copy(Path(__file__).with_name("wire_agent.py"), root / "wire_agent.py")
+    shutil.copytree(
+        Path(shuntflow.__file__).parent,
+        root / "shuntflow",
+        ignore=shutil.ignore_patterns("_native", "__pycache__"),
+    )
+    AGENT[:] = [os.path.realpath(sys.executable), str(root / "wire_agent.py")]
+    yield
+    shutil.rmtree(root)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +75,7 @@ def status(h: Any) -> dict[str, Any]:
 
 def attacker_argv(args: Sequence[str], own_netns: bool = True) -> list[str]:
     unshare = ["unshare", "-Urn"] if own_netns else []
-    return [*NOBODY, *unshare, sys.executable, AGENT, *args]
+    return [*NOBODY, *unshare, *AGENT, *args]
 
 
 def attack(tb: Testbed, where: Any, *args: str, own_netns: bool = True) -> dict[str, Any]:
@@ -91,7 +114,7 @@ def test_copied_tuple_gets_no_host_connection(tb: Testbed) -> None:
 
 def agent_root(tb: Testbed, where: Any, *args: str) -> dict[str, Any]:
     """The legitimate side: a process of the container itself (the testbed runs them as root)."""
-    out = tb.run(where, [sys.executable, AGENT, *args], capture_output=True, text=True, timeout=30)
+    out = tb.run(where, [*AGENT, *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr[-2000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -297,7 +320,7 @@ def test_peer_port_flood_leaves_switches_working(tb: Testbed) -> None:
     h1, h2 = tb.hosts
     flooder = tb.popen(
         h1,
-        [sys.executable, AGENT, "flood", h2.underlay_ip, "4790", "25", "1500", "300"],
+        [*AGENT, "flood", h2.underlay_ip, "4790", "25", "1500", "300"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -347,7 +370,7 @@ def test_namespaces_buy_no_channels(make_testbed: Any, tmp_path: Path) -> None:
     before = len(log_of(h1))
     holder = tb.popen(
         first,
-        [*NOBODY, sys.executable, AGENT, "spawn-hold", sock, "3", "4"],
+        [*NOBODY, *AGENT, "spawn-hold", sock, "3", "4"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -357,7 +380,7 @@ def test_namespaces_buy_no_channels(make_testbed: Any, tmp_path: Path) -> None:
         taken = json.loads(holder.stdout.readline())
         out = tb.run(
             second,
-            [sys.executable, AGENT, "hold", sock, "1"],
+            [*AGENT, "hold", sock, "1"],
             input="",
             capture_output=True,
             text=True,
@@ -368,7 +391,7 @@ def test_namespaces_buy_no_channels(make_testbed: Any, tmp_path: Path) -> None:
         # The attacker's own container still has its slots.
         own = tb.run(
             first,
-            [*NOBODY, sys.executable, AGENT, "hold", sock, "5"],
+            [*NOBODY, *AGENT, "hold", sock, "5"],
             input="",
             capture_output=True,
             text=True,
