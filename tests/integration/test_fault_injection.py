@@ -623,7 +623,7 @@ def test_client_killed_mid_switch(
     # The server outlives the client: it reports what it saw until its deadline, which leaves
     # room for the longest wait of a cut handoff (5 s, sf_wait_handoff) after the kill.
     # send and recv only, as the reset-in-handoff test: with every call style a read other than
-    # recv can end early at a dead handoff (CHANGELOG, Known issues).
+    # recv can end early or break a torture check at a dead handoff (CHANGELOG, Known issues).
     pair = Pair(
         tb,
         tmp_path,
