@@ -1,0 +1,884 @@
+"""The native switch path (switchpath/) and the Python router read and write the same frames.
+
+Each rule lives twice: in C (switchpath/peerframe.c, libframe.c, owner.c) and in Python (auth.py
+with wire.py, library_channel.py, ownership.py). These tests load the C library with ctypes and
+put both halves to the same inputs: frames made on one side are checked on the other, byte for
+byte where the output is deterministic; refusals must agree, reasons included; the ownership
+check asks the kernel about the same live, closed and foreign sockets from both sides.
+
+The library is built from switchpath/ by `make` (the test's fixture), or taken from
+SHUNTFLOW_SWITCHPATH when that is set (`make test-asan` runs these tests against the
+AddressSanitizer build that way).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shuntflow.router import auth, ownership
+from shuntflow.router.daemon import _valid_tuple
+from shuntflow.router.library_channel import LibraryClient
+from shuntflow.wire import (
+    MSG_MAGIC,
+    MSG_SIZE,
+    PEER_MAGIC,
+    PEER_SIZE,
+    Endpoint,
+    Msg,
+    MsgType,
+    PeerMsg,
+    Status,
+    Tuple4,
+    WireError,
+    underlay_binding,
+)
+from tests.integration.locks import prefix_lock
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = b"0123456789abcdef0123456789abcdef-cluster"
+BINDING = underlay_binding(("198.18.0.1", 40000), ("198.18.0.2", 7890))
+TUP = Tuple4.parse("10.244.1.5:43210", "10.244.2.7:6379")
+
+
+class CTuple(ctypes.Structure):
+    _fields_ = (
+        ("local_ip", ctypes.c_uint32),
+        ("remote_ip", ctypes.c_uint32),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+    )
+
+
+def ctuple(t: Tuple4) -> CTuple:
+    """Network-order bytes, as struct sf_tuple holds them."""
+    raw = (
+        t.local.ip.packed
+        + t.remote.ip.packed
+        + t.local.port.to_bytes(2, "big")
+        + t.remote.port.to_bytes(2, "big")
+    )
+    return CTuple.from_buffer_copy(raw)
+
+
+def pytuple(c: CTuple) -> Tuple4:
+    raw = bytes(c)
+    return Tuple4(
+        Endpoint(ipaddress.IPv4Address(raw[0:4]), int.from_bytes(raw[8:10], "big")),
+        Endpoint(ipaddress.IPv4Address(raw[4:8]), int.from_bytes(raw[10:12], "big")),
+    )
+
+
+Frame = ctypes.c_char * PEER_SIZE
+MsgBuf = ctypes.c_char * MSG_SIZE
+_u8p = ctypes.c_char_p
+_void_p = ctypes.c_void_p
+
+
+class Native:
+    """The C functions, typed."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        self.lib = lib
+        sig: dict[str, tuple[Any, list[Any]]] = {
+            "sfp_binding": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, _void_p]),
+            "sfp_offer_make": (
+                ctypes.c_int,
+                [_u8p, ctypes.c_size_t, ctypes.c_uint32, _void_p, _u8p, _void_p],
+            ),
+            "sfp_answer_make": (
+                None,
+                [_u8p, ctypes.c_size_t, _void_p, ctypes.c_uint16, _u8p, _void_p],
+            ),
+            "sfp_parse": (ctypes.c_char_p, [_u8p, ctypes.c_size_t, ctypes.c_uint16, _void_p]),
+            "sfp_answer_check": (ctypes.c_char_p, [_u8p, ctypes.c_size_t, _void_p, _void_p, _u8p]),
+            "sfp_replay_new": (_void_p, [ctypes.c_uint32, ctypes.c_uint32]),
+            "sfp_replay_free": (None, [_void_p]),
+            "sfp_replay_size": (ctypes.c_size_t, [_void_p]),
+            "sfp_offer_check": (
+                ctypes.c_char_p,
+                [
+                    _void_p,
+                    _u8p,
+                    ctypes.c_size_t,
+                    _void_p,
+                    _u8p,
+                    ctypes.c_uint64,
+                    _void_p,
+                    ctypes.c_size_t,
+                ],
+            ),
+            "sfp_now_ms": (ctypes.c_uint64, []),
+            "sfl_parse": (ctypes.c_char_p, [_u8p, ctypes.c_size_t, ctypes.c_int, _void_p]),
+            "sfl_valid_tuple": (ctypes.c_int, [_void_p]),
+            "sfl_tuple": (CTuple, [_void_p]),
+            "sfl_mirrored": (CTuple, [_void_p]),
+            "sfo_owns": (
+                ctypes.c_int,
+                [
+                    ctypes.c_int,
+                    ctypes.POINTER(ctypes.c_uint32),
+                    _void_p,
+                    ctypes.c_int,
+                    _void_p,
+                    ctypes.c_size_t,
+                ],
+            ),
+        }
+        for name, (restype, argtypes) in sig.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+
+    # -- peer frames -----------------------------------------------------------------------
+
+    def offer_make(self, key: bytes, seq: int, t: Tuple4, binding: bytes) -> bytes:
+        out = Frame()
+        ct = ctuple(t)
+        assert self.lib.sfp_offer_make(key, len(key), seq, ctypes.byref(ct), binding, out) == 0
+        return out.raw
+
+    def answer_make(self, key: bytes, offer: bytes, status: int, binding: bytes) -> bytes:
+        out = Frame()
+        src = Frame.from_buffer_copy(offer)
+        self.lib.sfp_answer_make(key, len(key), src, status, binding, out)
+        return out.raw
+
+    def parse(self, data: bytes, want: MsgType) -> tuple[bytes | None, str | None]:
+        out = Frame()
+        why = self.lib.sfp_parse(data, len(data), int(want), out)
+        return (None, why.decode()) if why is not None else (out.raw, None)
+
+    def answer_check(self, key: bytes, offer: bytes, answer: bytes, binding: bytes) -> str | None:
+        why = self.lib.sfp_answer_check(
+            key, len(key), Frame.from_buffer_copy(offer), Frame.from_buffer_copy(answer), binding
+        )
+        return None if why is None else str(why.decode())
+
+    # -- library frames --------------------------------------------------------------------
+
+    def lib_parse(self, data: bytes, nfds: int) -> tuple[bytes | None, str | None]:
+        out = MsgBuf()
+        why = self.lib.sfl_parse(data, len(data), nfds, out)
+        return (None, why.decode()) if why is not None else (out.raw, None)
+
+    # -- ownership -------------------------------------------------------------------------
+
+    def owns(
+        self, fd: int, seq: ctypes.c_uint32, t: Tuple4, timeout_ms: int = 500
+    ) -> tuple[bool, str]:
+        why = ctypes.create_string_buffer(256)
+        ct = ctuple(t)
+        ok = self.lib.sfo_owns(fd, ctypes.byref(seq), ctypes.byref(ct), timeout_ms, why, 256)
+        return bool(ok), why.value.decode()
+
+
+class Replay:
+    """An sfp_replay cache, freed when the test is done with it."""
+
+    def __init__(self, native: Native, window_ms: int, max_nonces: int) -> None:
+        self.n = native
+        self.ptr = native.lib.sfp_replay_new(window_ms, max_nonces)
+        assert self.ptr
+
+    def check(self, key: bytes, offer: bytes, binding: bytes, now: int) -> str | None:
+        why = ctypes.create_string_buffer(128)
+        res = self.n.lib.sfp_offer_check(
+            self.ptr, key, len(key), Frame.from_buffer_copy(offer), binding, now, why, 128
+        )
+        return None if res is None else str(res.decode())
+
+    def __len__(self) -> int:
+        return int(self.n.lib.sfp_replay_size(self.ptr))
+
+    def free(self) -> None:
+        self.n.lib.sfp_replay_free(self.ptr)
+
+
+@pytest.fixture(scope="module")
+def native() -> Native:
+    given_path = os.environ.get("SHUNTFLOW_SWITCHPATH")
+    if given_path:
+        return Native(Path(given_path))
+    subprocess.run(["make", "-s", "-C", str(ROOT / "switchpath")], check=True)
+    return Native(ROOT / "switchpath" / "build" / "libsfswitch.so")
+
+
+@pytest.fixture
+def replay(native: Native) -> Iterator[Any]:
+    made: list[Replay] = []
+
+    def make(window_ms: int, max_nonces: int) -> Replay:
+        made.append(Replay(native, window_ms, max_nonces))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.free()
+
+
+def checker_verdict(
+    checker: auth.OfferChecker, frame: bytes, binding: bytes, now: int
+) -> str | None:
+    """auth.OfferChecker's verdict as peer.py reaches it: the type first, then the checker."""
+    msg = PeerMsg.unpack(frame)
+    if msg.type is not MsgType.OFFER:
+        return f"expected OFFER, got {msg.type.name}"
+    v = checker.check(msg, binding, now)
+    return None if v.ok else v.reason
+
+
+# -- OFFER and ANSWER both ways ------------------------------------------------------------
+
+
+def test_offer_made_in_c_is_python_bytes_and_verifies_there(native: Native) -> None:
+    frame = native.offer_make(KEY, 77, TUP, BINDING)
+    msg = PeerMsg.unpack(frame)
+    assert (msg.type, msg.status, msg.seq, msg.tuple) == (MsgType.OFFER, Status.OK, 77, TUP)
+    # The same fields signed by Python give the same 88 bytes.
+    again = PeerMsg(MsgType.OFFER, Status.OK, 77, TUP, msg.timestamp_ms, msg.nonce)
+    assert again.signed(KEY, BINDING).pack() == frame
+    assert msg.verify(KEY, BINDING)
+    assert not msg.verify(KEY, underlay_binding(("198.18.0.1", 40001), ("198.18.0.2", 7890)))
+    checker = auth.OfferChecker(KEY, 60_000, 16)
+    assert checker_verdict(checker, frame, BINDING, msg.timestamp_ms) is None
+    # Fresh nonces: two offers never share one.
+    assert PeerMsg.unpack(native.offer_make(KEY, 77, TUP, BINDING)).nonce != msg.nonce
+
+
+def test_offer_made_in_python_verifies_in_c(native: Native, replay: Any) -> None:
+    offer = auth.make_offer(KEY, 5, TUP, BINDING)
+    parsed, why = native.parse(offer.pack(), MsgType.OFFER)
+    assert why is None and parsed == offer.pack()
+    r = replay(60_000, 16)
+    assert r.check(KEY, offer.pack(), BINDING, offer.timestamp_ms) is None
+    assert len(r) == 1
+
+
+def test_answers_are_the_same_bytes_both_ways(native: Native) -> None:
+    offer = auth.make_offer(KEY, 9, TUP, BINDING)
+    for status in (Status.OK, Status.PEER_REFUSED, Status.DUPLICATE):
+        c_answer = native.answer_make(KEY, offer.pack(), int(status), BINDING)
+        assert c_answer == auth.make_answer(KEY, offer, status, BINDING).pack()
+        assert auth.answer_matches(KEY, offer, PeerMsg.unpack(c_answer), BINDING) is None
+        assert native.answer_check(KEY, offer.pack(), c_answer, BINDING) is None
+    c_offer = native.offer_make(KEY, 10, TUP, BINDING)
+    py_answer = auth.make_answer(KEY, PeerMsg.unpack(c_offer), Status.OK, BINDING).pack()
+    assert native.answer_check(KEY, c_offer, py_answer, BINDING) is None
+
+
+def _bad_answers(offer: PeerMsg) -> dict[str, tuple[PeerMsg, bytes, bytes]]:
+    """name -> (answer, key it was signed with, binding it was signed for)."""
+    good = auth.make_answer(KEY, offer, Status.OK, BINDING)
+    other_tuple = Tuple4.parse("10.244.1.5:43211", "10.244.2.7:6379")
+    other_binding = underlay_binding(("198.18.0.1", 40000), ("198.18.0.3", 7890))
+    flipped = bytes([offer.nonce[0] ^ 1]) + offer.nonce[1:]
+    return {
+        "wrong nonce": (replace(good, nonce=flipped), KEY, BINDING),
+        "wrong tuple": (replace(good, tuple=other_tuple), KEY, BINDING),
+        "mirrored tuple": (
+            replace(good, tuple=offer.tuple.mirrored()),
+            KEY,
+            BINDING,
+        ),
+        "wrong seq": (replace(good, seq=offer.seq + 1), KEY, BINDING),
+        "wrong binding": (good, KEY, other_binding),
+        "wrong key": (good, b"another cluster key of 32+ bytes!!", BINDING),
+        "an OFFER": (replace(good, type=MsgType.OFFER), KEY, BINDING),
+        # The timestamp is MAC'd but not compared: the nonce already names the OFFER.
+        "other timestamp": (
+            replace(good, timestamp_ms=offer.timestamp_ms + 1),
+            KEY,
+            BINDING,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("wrong nonce", "ANSWER does not match the OFFER"),
+        ("wrong tuple", "ANSWER does not match the OFFER"),
+        ("mirrored tuple", "ANSWER does not match the OFFER"),
+        ("wrong seq", "ANSWER does not match the OFFER"),
+        ("wrong binding", "ANSWER MAC invalid (peer has another cluster key)"),
+        ("wrong key", "ANSWER MAC invalid (peer has another cluster key)"),
+        ("an OFFER", "expected ANSWER, got OFFER"),
+        ("other timestamp", None),
+    ],
+)
+def test_answer_binding_refusals_agree(native: Native, case: str, reason: str | None) -> None:
+    offer = auth.make_offer(KEY, 41, TUP, BINDING)
+    answer, key, binding = _bad_answers(offer)[case]
+    frame = answer.signed(key, binding).pack()
+    assert auth.answer_matches(KEY, offer, PeerMsg.unpack(frame), BINDING) == reason
+    assert native.answer_check(KEY, offer.pack(), frame, BINDING) == reason
+
+
+def test_answer_tampered_after_signing_is_refused(native: Native) -> None:
+    offer = auth.make_offer(KEY, 41, TUP, BINDING)
+    frame = bytearray(auth.make_answer(KEY, offer, Status.PEER_REFUSED, BINDING).pack())
+    frame[6] = Status.OK  # the status turned into an acceptance on the way
+    why = "ANSWER MAC invalid (peer has another cluster key)"
+    assert auth.answer_matches(KEY, offer, PeerMsg.unpack(bytes(frame)), BINDING) == why
+    assert native.answer_check(KEY, offer.pack(), bytes(frame), BINDING) == why
+
+
+def test_reserved_bytes_are_outside_the_mac_on_both_sides(native: Native, replay: Any) -> None:
+    """wire.py packs reserved fields as 0 whatever was received: C must MAC the same head."""
+    offer = auth.make_offer(KEY, 3, TUP, BINDING)
+    raw = bytearray(offer.pack())
+    raw[12:16] = b"\xff\xff\xff\xff"
+    raw[28:32] = b"\x01\x02\x03\x04"
+    py = checker_verdict(auth.OfferChecker(KEY, 60_000, 4), bytes(raw), BINDING, offer.timestamp_ms)
+    assert py is None
+    assert replay(60_000, 4).check(KEY, bytes(raw), BINDING, offer.timestamp_ms) is None
+
+
+# -- the responder's checks: MAC, window, replay, cache bound -----------------------------
+
+
+def _offer_at(ts: int, nonce: bytes, seq: int = 1, key: bytes = KEY) -> bytes:
+    return PeerMsg(MsgType.OFFER, Status.OK, seq, TUP, ts, nonce).signed(key, BINDING).pack()
+
+
+def test_offer_refusals_agree(native: Native, replay: Any) -> None:
+    now = 1_800_000_000_000
+    window = 5000
+    r = replay(window, 2)
+    checker = auth.OfferChecker(KEY, window, 2)
+    steps: list[tuple[bytes, int, str | None]] = [
+        (_offer_at(now, b"A" * 16), now, None),
+        (_offer_at(now, b"A" * 16), now, "replayed nonce"),
+        (_offer_at(now, b"A" * 16, seq=2), now, "replayed nonce"),
+        (
+            _offer_at(now + window + 1, b"B" * 16),
+            now,
+            f"timestamp +{window + 1} ms off, window 5000 ms",
+        ),
+        (
+            _offer_at(now - window - 7, b"B" * 16),
+            now,
+            f"timestamp -{window + 7} ms off, window 5000 ms",
+        ),
+        (_offer_at(now + window, b"B" * 16), now, None),  # the edge of the window still passes
+        (_offer_at(now, b"C" * 16), now, "replay cache full (2 nonces)"),
+        (_offer_at(now, b"C" * 16, key=b"x" * 32), now, "bad MAC"),
+        (
+            native.answer_make(KEY, _offer_at(now, b"D" * 16), 0, BINDING),
+            now,
+            "expected OFFER, got ANSWER",
+        ),
+        # A's expiry is now + window: still remembered at that instant, forgotten one ms later.
+        (_offer_at(now + window, b"A" * 16), now + window, "replayed nonce"),
+        (_offer_at(now + window, b"C" * 16), now + window, "replay cache full (2 nonces)"),
+        (_offer_at(now + window + 1, b"C" * 16), now + window + 1, None),
+        (_offer_at(now + window + 1, b"A" * 16), now + window + 1, "replay cache full (2 nonces)"),
+    ]
+    for i, (frame, at, want) in enumerate(steps):
+        assert checker_verdict(checker, frame, BINDING, at) == want, f"python, step {i}"
+        assert r.check(KEY, frame, BINDING, at) == want, f"C, step {i}"
+        assert len(r) == len(checker), f"cache size, step {i}"
+
+
+def test_zero_capacity_cache_refuses_every_offer(native: Native, replay: Any) -> None:
+    frame = _offer_at(1000, b"Z" * 16)
+    assert replay(100, 0).check(KEY, frame, BINDING, 1000) == "replay cache full (0 nonces)"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.integers(-150, 150), st.integers(0, 80)),
+        min_size=1,
+        max_size=60,
+    ),
+    st.integers(0, 6),
+)
+def test_replay_cache_matches_offer_checker(
+    native: Native, ops: list[tuple[int, int, int]], max_nonces: int
+) -> None:
+    """Random sequences of offers (few nonces, skewed clocks, time moving on) get the same
+    verdicts from both caches, and both remember as many nonces after each."""
+    window = 100
+    r = Replay(native, window, max_nonces)
+    checker = auth.OfferChecker(KEY, window, max_nonces)
+    now = 10_000
+    try:
+        for nonce_no, skew, advance in ops:
+            now += advance
+            frame = _offer_at(now + skew, bytes([nonce_no]) * 16)
+            assert r.check(KEY, frame, BINDING, now) == checker_verdict(
+                checker, frame, BINDING, now
+            )
+            assert len(r) == len(checker)
+    finally:
+        r.free()
+
+
+def test_replay_cache_grows_and_forgets(native: Native, replay: Any) -> None:
+    """Many nonces: the set grows past its first size, and all expire together."""
+    r = replay(1000, 5000)
+    for i in range(3000):
+        assert r.check(KEY, _offer_at(50_000, i.to_bytes(16, "big")), BINDING, 50_000) is None
+    assert len(r) == 3000
+    for i in range(0, 3000, 7):
+        assert (
+            r.check(KEY, _offer_at(50_000, i.to_bytes(16, "big")), BINDING, 50_500)
+            == "replayed nonce"
+        )
+    assert r.check(KEY, _offer_at(51_001, b"n" * 16), BINDING, 51_001) is None
+    assert len(r) == 1
+
+
+# -- parsing peer frames -----------------------------------------------------------------
+
+
+def _python_peer_parse(data: bytes, want: MsgType) -> str | None:
+    try:
+        msg = PeerMsg.unpack(data)
+    except WireError as exc:
+        return str(exc)
+    if msg.type is not want:
+        return f"expected {want.name}, got {msg.type.name}"
+    return None
+
+
+def _same_refusal(c: str | None, py: str | None) -> None:
+    """Equal, or for the two values a static string cannot hold (a size, a magic, a type
+    number) the Python wording up to the number."""
+    if c is None or py is None:
+        assert c == py
+        return
+    numbered = {
+        "bad magic": "bad magic 0x",
+        "unknown frame type": "unknown frame type ",
+        "peer frame is not 88 bytes, expected 88": "peer frame is ",
+    }
+    if c in numbered:
+        assert py.startswith(numbered[c]), (c, py)
+    else:
+        assert c == py
+
+
+@pytest.mark.parametrize("want", [MsgType.OFFER, MsgType.ANSWER])
+def test_peer_parse_agrees_on_every_type_and_size(native: Native, want: MsgType) -> None:
+    good = auth.make_offer(KEY, 1, TUP, BINDING).pack()
+    cases = [good[:n] for n in (0, 1, 55, 87)] + [good + b"\0", good + b"\0" * 40]
+    cases.append(struct.pack("<I", PEER_MAGIC ^ 1) + good[4:])
+    cases.append(struct.pack("<I", MSG_MAGIC) + good[4:])
+    cases += [good[:4] + struct.pack("<H", t) + good[6:] for t in range(0, 20)]
+    cases.append(good[:4] + struct.pack("<H", 0xFFFF) + good[6:])
+    for data in cases:
+        parsed, why = native.parse(data, want)
+        _same_refusal(why, _python_peer_parse(data, want))
+        if why is None:
+            assert parsed == data
+
+
+# -- library frames: the channel's rules ---------------------------------------------------
+
+
+class _Handler:
+    def __init__(self) -> None:
+        self.frames: list[Msg] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_") and name != "on_client_closed":
+            return lambda _client, msg: self.frames.append(msg)
+        raise AttributeError(name)
+
+    def on_client_closed(self, client: LibraryClient) -> None:
+        pass
+
+
+class _Server:
+    """What LibraryClient needs of its server."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.handler = _Handler()
+        self.clients: dict[int, LibraryClient] = {}
+        self.owners = None
+
+    def forget_container_slot(self, nsid: int | None) -> None:
+        pass
+
+
+HELLO = Msg(MsgType.HELLO, Status.OK, 1, 4242, arg=2).pack()
+
+
+def python_channel_verdict(data: bytes, fds: int, loop: asyncio.AbstractEventLoop) -> str | None:
+    """Sends `data` (with `fds` fds) over a real SEQPACKET pair to library_channel's reader,
+    after a HELLO unless the datagram is one; None if the client is still served."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        theirs.setblocking(False)
+        client = LibraryClient(1, theirs, _Server(loop))  # type: ignore[arg-type]
+        is_hello = data[4:6] == struct.pack("<H", MsgType.HELLO)
+        if not is_hello:
+            ours.send(HELLO)
+            client.on_readable()
+            assert client.ready and not client.closed
+        if fds:
+            with open(os.devnull, "rb") as f:
+                rights = array.array("i", [f.fileno()] * fds)
+                ours.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        else:
+            ours.send(data)
+        client.on_readable()
+        verdict = client.close_reason if client.closed else None
+        theirs.close()
+        return verdict
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def _lib_cases() -> list[tuple[bytes, int]]:
+    t = Tuple4.parse("10.244.1.5:43210", "10.244.2.7:6379")
+    good = Msg(MsgType.SWITCH_REQ, Status.OK, 7, 99, t, 1, 2).pack()
+    cases = [(good, 0)] + [(good[:n], 0) for n in (0, 1, 20, 47)]
+    cases += [(good + b"\0", 0), (good + b"\0" * 2, 0), (good * 3, 0)]
+    cases += [(struct.pack("<I", MSG_MAGIC + 1) + good[4:], 0)]
+    cases += [(struct.pack("<I", PEER_MAGIC) + good[4:], 0)]
+    cases += [(good[:4] + struct.pack("<H", ty) + good[6:], 0) for ty in range(0, 20)]
+    cases += [(good[:4] + struct.pack("<H", 0xFFFF) + good[6:], 0)]
+    cases += [(good, 1), (good, 3), (HELLO, 1), (b"", 1), (good[:10], 2)]
+    return cases
+
+
+def test_library_frames_accepted_and_refused_alike(
+    native: Native, loop: asyncio.AbstractEventLoop
+) -> None:
+    accepted = 0
+    for data, fds in _lib_cases():
+        py = python_channel_verdict(data, fds, loop)
+        parsed, why = native.lib_parse(data, fds)
+        _same_refusal(why, py)
+        if why is None:
+            accepted += 1
+            assert parsed == data
+            msg = Msg.unpack(data)
+            c_tuple = native.lib.sfl_tuple(MsgBuf.from_buffer_copy(data))
+            assert pytuple(c_tuple) == msg.tuple
+            mirrored = native.lib.sfl_mirrored(ctypes.byref(c_tuple))
+            assert pytuple(mirrored) == msg.tuple.mirrored()
+    # Every type a library may send, and none other.
+    assert accepted == 7 + 1  # the seven types, plus the original SWITCH_REQ
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 0xFFFF),
+    st.binary(min_size=42, max_size=42),
+    st.sampled_from([MSG_MAGIC, MSG_MAGIC, PEER_MAGIC, 0]),
+)
+def test_random_library_frames_agree(
+    native: Native, loop: asyncio.AbstractEventLoop, mtype: int, rest: bytes, magic: int
+) -> None:
+    data = struct.pack("<IH", magic, mtype) + rest
+    parsed, why = native.lib_parse(data, 0)
+    _same_refusal(why, python_channel_verdict(data, 0, loop))
+    if why is None:
+        assert parsed == data
+
+
+_ADDRS = st.sampled_from(["0.0.0.0", "10.0.0.1", "10.0.0.2", "255.255.255.255"])
+_PORTS = st.sampled_from([0, 1, 6379, 65535])
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ADDRS, _PORTS, _ADDRS, _PORTS)
+def test_valid_tuple_as_the_daemon_has_it(
+    native: Native, lip: str, lport: int, rip: str, rport: int
+) -> None:
+    t = Tuple4.parse(f"{lip}:{lport}", f"{rip}:{rport}")
+    ct = ctuple(t)
+    assert bool(native.lib.sfl_valid_tuple(ctypes.byref(ct))) == _valid_tuple(t)
+
+
+# -- ownership: the kernel asked from both sides ------------------------------------------
+
+
+@contextlib.contextmanager
+def diag_socket() -> Iterator[socket.socket]:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
+    s.bind((0, 0))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+class PythonOwner:
+    """ownership.OwnershipChecker attached to this process's own namespace, as the router
+    attaches a library channel (SO_PEERCRED of a connected AF_UNIX pair)."""
+
+    def __init__(self) -> None:
+        self.checker = ownership.OwnershipChecker()
+        self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.key, _pid = self.checker.attach(self.a)
+
+    def owns(self, t: Tuple4) -> tuple[bool, str]:
+        v = self.checker.owns(self.key, t)
+        return v.ok, v.reason
+
+    def close(self) -> None:
+        self.checker.close()
+        self.a.close()
+        self.b.close()
+
+
+def tup_of(sock: socket.socket) -> Tuple4:
+    (lh, lp), (rh, rp) = sock.getsockname(), sock.getpeername()
+    return Tuple4.parse(f"{lh}:{lp}", f"{rh}:{rp}")
+
+
+def _wait_state(owner: PythonOwner, t: Tuple4, reason_part: str) -> None:
+    """The kernel moves a closed connection through its states on its own: wait for it."""
+    for _ in range(200):
+        if reason_part in owner.owns(t)[1]:
+            return
+        time.sleep(0.01)
+
+
+def test_owns_live_closed_and_listener(native: Native) -> None:
+    owner = PythonOwner()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    seq = ctypes.c_uint32(0)
+    with diag_socket() as d:
+        try:
+            for t in (tup_of(client), tup_of(server)):
+                assert native.owns(d.fileno(), seq, t) == (True, "ESTABLISHED")
+                assert owner.owns(t) == (True, "ESTABLISHED")
+            # Only the listener's port is ours: the kernel's fallback must not count.
+            lport = listener.getsockname()[1]
+            nobody = Tuple4.parse(f"127.0.0.1:{lport}", "127.0.0.1:9")
+            why = "no such TCP connection in the process's network namespace"
+            assert native.owns(d.fileno(), seq, nobody) == (False, why)
+            assert owner.owns(nobody) == (False, why)
+            # The client closes: its end is left without a process, the server's half-open.
+            ct, st_ = tup_of(client), tup_of(server)
+            client.close()
+            _wait_state(owner, ct, "FIN_WAIT2")
+            c_verdict = native.owns(d.fileno(), seq, ct)
+            assert c_verdict == owner.owns(ct)
+            assert c_verdict == (
+                False,
+                "connection is FIN_WAIT2 but closed by its process (no inode)",
+            )
+            _wait_state(owner, st_, "CLOSE_WAIT")
+            assert native.owns(d.fileno(), seq, st_) == (True, "CLOSE_WAIT") == owner.owns(st_)
+            server.close()
+            _wait_state(owner, ct, "TIME_WAIT")
+            c_verdict = native.owns(d.fileno(), seq, ct)
+            assert c_verdict == owner.owns(ct)
+            assert not c_verdict[0]
+            assert seq.value == 6  # one netlink sequence number per query
+        finally:
+            for s in (client, server, listener):
+                s.close()
+            owner.close()
+
+
+def _in_netns(name: str, fn: Any) -> Any:
+    """fn() run in a thread that entered namespace `name` (sockets it makes stay there)."""
+    box: list[Any] = []
+
+    def body() -> None:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ownership._setns(fd)
+        finally:
+            os.close(fd)
+        box.append(fn())
+
+    th = threading.Thread(target=body)
+    th.start()
+    th.join()
+    return box[0]
+
+
+@pytest.mark.root
+def test_owns_is_per_namespace(native: Native) -> None:
+    """A connection in another namespace is not ours, even with a tuple ours could have."""
+    name = "fr-owner"
+    with prefix_lock("fr"):
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        try:
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+
+            def make() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+                d = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
+                d.bind((0, 0))
+                ls = socket.create_server(("127.0.0.1", 0))
+                c = socket.create_connection(ls.getsockname())
+                s, _ = ls.accept()
+                return d, ls, c, s
+
+            foreign_diag, ls, c, s = _in_netns(name, make)
+            seq = ctypes.c_uint32(0)
+            t = tup_of(c)
+            with diag_socket() as ours:
+                try:
+                    why = "no such TCP connection in the process's network namespace"
+                    assert native.owns(ours.fileno(), seq, t) == (False, why)
+                    owner = PythonOwner()
+                    try:
+                        assert owner.owns(t) == (False, why)
+                    finally:
+                        owner.close()
+                    assert native.owns(foreign_diag.fileno(), seq, t) == (True, "ESTABLISHED")
+                    # And the other way round: our live connection is not the namespace's.
+                    hl = socket.create_server(("127.0.0.1", 0))
+                    hc = socket.create_connection(hl.getsockname())
+                    hs, _ = hl.accept()
+                    with hl, hc, hs:
+                        assert native.owns(ours.fileno(), seq, tup_of(hc))[0]
+                        assert native.owns(foreign_diag.fileno(), seq, tup_of(hc)) == (False, why)
+                finally:
+                    for sock in (foreign_diag, ls, c, s):
+                        sock.close()
+        finally:
+            subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+# Scripted replies: the C reader and ownership._lookup fed the same netlink messages.
+
+_NLHDR = struct.Struct("=IHHII")
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sII I IIIII")
+
+
+def _nl(mtype: int, seq: int, body: bytes) -> bytes:
+    data = _NLHDR.pack(_NLHDR.size + len(body), mtype, 0, seq, 0) + body
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _diag_reply(seq: int, t: Tuple4, state: int, inode: int) -> bytes:
+    body = _DIAG_MSG.pack(
+        socket.AF_INET,
+        state,
+        0,
+        0,
+        t.local.port.to_bytes(2, "big"),
+        t.remote.port.to_bytes(2, "big"),
+        t.local.ip.packed.ljust(16, b"\0"),
+        t.remote.ip.packed.ljust(16, b"\0"),
+        0,
+        0xFFFFFFFF,
+        0xFFFFFFFF,
+        0,
+        0,
+        0,
+        0,
+        inode,
+    )
+    return _nl(20, seq, body)
+
+
+def _err(seq: int, errno_: int) -> bytes:
+    return _nl(2, seq, struct.pack("=i", -errno_) + b"\0" * 16)
+
+
+def _scripted(
+    native: Native, replies: list[bytes], t: Tuple4
+) -> tuple[tuple[bool, str], tuple[bool, str]]:
+    """Both verdicts when the 'kernel' (the other end of a datagram pair) has queued `replies`
+    before the query with seq 5 is sent; nothing else will arrive."""
+    c_side, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    py_side, kernel2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with c_side, kernel, py_side, kernel2:
+        for r in replies:
+            kernel.send(r)
+            kernel2.send(r)
+        seq = ctypes.c_uint32(4)
+        c = native.owns(c_side.fileno(), seq, t, timeout_ms=100)
+        checker = ownership.OwnershipChecker()
+        py_side.settimeout(0.1)
+        checker._diag[(0, 0)] = ownership._Diag(py_side, 1, seq=4)
+        v = checker.owns((0, 0), t)
+        return c, (v.ok, v.reason)
+
+
+@pytest.mark.parametrize(
+    ("replies", "want"),
+    [
+        ([], (False, "sock_diag: timed out")),
+        ([_err(5, 0)], (False, "no such TCP connection in the process's network namespace")),
+        ([_err(5, 2)], (False, "no such TCP connection in the process's network namespace")),
+        ([_err(5, 13)], (False, "sock_diag: Permission denied")),
+        ([_nl(3, 5, b"")], (False, "no such TCP connection in the process's network namespace")),
+        ([_NLHDR.pack(8, 20, 0, 5, 0)], (False, "sock_diag: malformed netlink reply")),
+        # Late answers to an earlier query come first: skipped, whatever they say.
+        (
+            [_diag_reply(4, TUP, 1, 77), _err(5, 2)],
+            (False, "no such TCP connection in the process's network namespace"),
+        ),
+        ([_err(3, 13), _diag_reply(5, TUP, 1, 77)], (True, "ESTABLISHED")),
+        ([_diag_reply(4, TUP, 1, 77) + _diag_reply(5, TUP, 8, 77)], (True, "CLOSE_WAIT")),
+        # A listener on the local port, as the kernel may answer an exact query.
+        (
+            [_diag_reply(5, Tuple4.parse(f"0.0.0.0:{TUP.local.port}", "0.0.0.0:0"), 10, 5)],
+            (False, "no such TCP connection in the process's network namespace"),
+        ),
+        ([_diag_reply(5, TUP, 4, 77)], (True, "FIN_WAIT1")),
+        (
+            [_diag_reply(5, TUP, 5, 0)],
+            (False, "connection is FIN_WAIT2 but closed by its process (no inode)"),
+        ),
+        ([_diag_reply(5, TUP, 6, 0)], (False, "connection is TIME_WAIT")),
+        ([_diag_reply(5, TUP, 2, 77)], (False, "connection is SYN_SENT")),
+        ([_diag_reply(5, TUP, 10, 77)], (False, "connection is LISTEN")),
+        ([_diag_reply(5, TUP, 42, 77)], (False, "connection is 42")),
+        # A diag message too short to read, then the real answer.
+        ([_nl(20, 5, b"\0" * 8) + _diag_reply(5, TUP, 1, 9)], (True, "ESTABLISHED")),
+    ],
+)
+def test_reply_reading_agrees(native: Native, replies: list[bytes], want: tuple[bool, str]) -> None:
+    c, py = _scripted(native, replies, TUP)
+    assert c == py == want
+
+
+def test_owns_refuses_without_a_socket(native: Native) -> None:
+    seq = ctypes.c_uint32(0)
+    assert native.owns(-1, seq, TUP) == (False, "namespace not attached")
+
+
+def test_binding_from_a_socket(native: Native) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as c:
+        s, _ = listener.accept()
+        with s:
+            out = (ctypes.c_uint8 * 12)()
+            assert native.lib.sfp_binding(c.fileno(), 1, out) == 0
+            assert bytes(out) == underlay_binding(c.getsockname(), c.getpeername())
+            assert native.lib.sfp_binding(s.fileno(), 0, out) == 0
+            assert bytes(out) == underlay_binding(s.getpeername(), s.getsockname())
+    with socket.socket() as unconnected:
+        assert native.lib.sfp_binding(unconnected.fileno(), 1, out) == -107  # ENOTCONN
