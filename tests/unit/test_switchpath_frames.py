@@ -882,3 +882,19 @@ def test_binding_from_a_socket(native: Native) -> None:
             assert bytes(out) == underlay_binding(s.getpeername(), s.getsockname())
     with socket.socket() as unconnected:
         assert native.lib.sfp_binding(unconnected.fileno(), 1, out) == -107  # ENOTCONN
+
+
+@pytest.mark.parametrize("mac_byte", [0, 15, 16, 31])
+def test_every_mac_byte_counts(native: Native, replay: Any, mac_byte: int) -> None:
+    offer = auth.make_offer(KEY, 8, TUP, BINDING)
+    raw = bytearray(offer.pack())
+    raw[56 + mac_byte] ^= 0x80
+    assert (
+        checker_verdict(auth.OfferChecker(KEY, 60_000, 4), bytes(raw), BINDING, offer.timestamp_ms)
+        == "bad MAC"
+    )
+    assert replay(60_000, 4).check(KEY, bytes(raw), BINDING, offer.timestamp_ms) == "bad MAC"
+    answer = bytearray(auth.make_answer(KEY, offer, Status.OK, BINDING).pack())
+    answer[56 + mac_byte] ^= 0x01
+    why = "ANSWER MAC invalid (peer has another cluster key)"
+    assert native.answer_check(KEY, offer.pack(), bytes(answer), BINDING) == why
