@@ -1,5 +1,5 @@
 # The two commands of the quick start: `make demo` and `make test`. Both install what they need.
-.PHONY: setup demo test test-debug lint clean mutants
+.PHONY: setup demo test test-debug test-asan fuzz lint clean mutants
 
 setup:
 	./scripts/setup.sh
@@ -16,6 +16,29 @@ test-debug: setup lint
 	$(MAKE) -C preload DEBUG=1
 	SHUNTFLOW_LIBRARY=$(CURDIR)/preload/build/libshuntflow-debug.so .venv/bin/pytest -q
 
+# The router's native switch path built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (switchpath/Makefile, SANITIZE=1). First the C/Python agreement tests load it in-process, then
+# the tests run with every router they start loading it (SHUNTFLOW_SWITCHPATH) under the ASan
+# runtime, which only the routers get (SHUNTFLOW_ROUTER_PRELOAD, shuntflow.native.router_command).
+# A sanitizer report kills the router: its log has the report, the test fails. Narrow the second
+# run with PYTEST_ARGS="tests/unit/test_router_switch.py"; the first run is the one for tests that
+# load the switch path into pytest itself.
+ASAN_RUNTIME = $(shell gcc -print-file-name=libasan.so)
+ASAN_SWITCHPATH = $(CURDIR)/switchpath/build/libsfswitch-asan.so
+test-asan: setup lint
+	$(MAKE) -C switchpath SANITIZE=1
+	SHUNTFLOW_SWITCHPATH=$(ASAN_SWITCHPATH) LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0 \
+		.venv/bin/pytest -q -p no:cacheprovider tests/unit/test_switchpath_frames.py
+	SHUNTFLOW_SWITCHPATH=$(ASAN_SWITCHPATH) SHUNTFLOW_ROUTER_PRELOAD=$(ASAN_RUNTIME) \
+		.venv/bin/pytest -q --ignore=tests/unit/test_switchpath_frames.py $(PYTEST_ARGS)
+
+# The switch path's libFuzzer harnesses (switchpath/fuzz/), a million inputs each: any crash,
+# sanitizer report or failed harness check fails the run and keeps the input. A short run is part
+# of `make test` (tests/unit/test_switchpath_fuzz.py). Choose with FUZZERS="fuzz_libframe ...".
+FUZZ_RUNS ?= 1000000
+fuzz: setup
+	.venv/bin/python scripts/fuzz.py --runs $(FUZZ_RUNS) $(FUZZERS)
+
 # The mutation check (not part of `test`: one full suite per surviving mutant). Select mutants
 # with MUTANTS="byte-dropped ..." and pass pytest arguments with PYTEST_ARGS="-k torture".
 mutants: setup
@@ -27,4 +50,4 @@ lint:
 	.venv/bin/mypy
 
 clean:
-	rm -rf build .venv preload/build bpf/build src/*.egg-info
+	rm -rf build .venv preload/build bpf/build switchpath/build src/*.egg-info

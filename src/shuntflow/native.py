@@ -1,8 +1,10 @@
-"""Where the preload library lives and how an application process is configured to use it."""
+"""Where the preload library lives and how an application process is configured to use it;
+how a router process is started under a sanitizer runtime."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from shuntflow.wire import Mode
@@ -65,3 +67,23 @@ def app_environment(
     if agent_cpus:
         env["SHUNTFLOW_AGENT_CPUS"] = agent_cpus
     return env
+
+
+def router_command(argv: Sequence[str]) -> list[str]:
+    """A router's command line as it is to be started: unchanged, or, when
+    SHUNTFLOW_ROUTER_PRELOAD names a library (the AddressSanitizer runtime, for `make
+    test-asan`), run through `env` with that library in LD_PRELOAD and leak detection off
+    unless ASAN_OPTIONS says otherwise.
+
+    Why: a switch path built with AddressSanitizer (SHUNTFLOW_SWITCHPATH) can only be loaded
+    into a process whose first library is the ASan runtime, and Python is not linked with it.
+    Why through `env` in the command rather than the parent's environment: only the router is
+    to carry the runtime, not `ip netns exec` or the applications a test starts beside it; and
+    leak detection would report what the interpreter keeps until exit, not bugs."""
+    preload = os.environ.get("SHUNTFLOW_ROUTER_PRELOAD")
+    if not preload:
+        return list(argv)
+    inherited = os.environ.get("LD_PRELOAD")
+    env = [f"LD_PRELOAD={preload}:{inherited}" if inherited else f"LD_PRELOAD={preload}"]
+    env.append(f"ASAN_OPTIONS={os.environ.get('ASAN_OPTIONS') or 'detect_leaks=0'}")
+    return ["env", *env, *argv]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shuntflow.native import router_command
 from shuntflow.router.control import query
 from shuntflow.wire import MSG_SIZE, Endpoint, Mode, Msg, MsgType, Status, Tuple4, WireError
 
@@ -365,6 +366,7 @@ class RouterProcess:
             "--socket-guard" if owner_check else "--no-socket-guard",
             *extra,
         ]
+        cmd = router_command(cmd)
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.proc = subprocess.Popen(

@@ -20,6 +20,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from shuntflow.native import router_command
 from shuntflow.router.auth import write_cluster_key
 from shuntflow.testbed import nsutil
 from shuntflow.testbed.plan import (
@@ -352,25 +353,27 @@ class Builder:
                         ipr.fdb("add", ifindex=vx, lladdr=c.mac, dst=other.underlay_ip)
 
     def router_argv(self, h: Host) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "shuntflow.cli",
-            "router",
-            "--socket",
-            str(h.router_socket),
-            "--host-ip",
-            h.underlay_ip,
-            "--vxlan-dev",
-            h.vxlan_dev,
-            "--log-file",
-            str(h.router_log),
-            "--cluster-key",
-            str(cluster_key_path(self.prefix)),
-            "--metrics",
-            h.metrics_address,
-            *self.router_args,
-        ]
+        return router_command(
+            [
+                sys.executable,
+                "-m",
+                "shuntflow.cli",
+                "router",
+                "--socket",
+                str(h.router_socket),
+                "--host-ip",
+                h.underlay_ip,
+                "--vxlan-dev",
+                h.vxlan_dev,
+                "--log-file",
+                str(h.router_log),
+                "--cluster-key",
+                str(cluster_key_path(self.prefix)),
+                "--metrics",
+                h.metrics_address,
+                *self.router_args,
+            ]
+        )
 
     def start_routers(self) -> None:
         # One fresh key per testbed: its routers trust each other and no other testbed's.
