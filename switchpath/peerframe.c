@@ -13,8 +13,9 @@
  * Why the replay cache is a hash set plus a min-heap on expiry: every accepted nonce must be
  * remembered for as long as its timestamp would still pass the window check (timestamp + window),
  * no longer, and the lookup runs on every OFFER. The heap yields the next nonce to forget in
- * O(log n); the set answers "seen?" in O(1). Both grow by doubling up to max_nonces, so an idle
- * router does not hold the worst case in memory. When max_nonces are live a new OFFER is
+ * O(log n); the set answers "seen?" in O(1). Both grow by doubling as nonces arrive, the heap
+ * to max_nonces entries and the set to twice that many slots, so an idle router does not hold
+ * the worst case in memory. When max_nonces are live a new OFFER is
  * refused, never a live nonce evicted: evicting one would reopen it to replay.
  *
  * Only HMAC-SHA256 from libcrypto and its constant-time compare are used: no crypto of our own.
