@@ -18,7 +18,9 @@ IDLE, SWITCHES = 500, 200
 
 def test_router_load_tiny(make_testbed: MakeTestbed) -> None:
     tb: Testbed = make_testbed("fz2", hosts=2, containers=1, routers=True)
-    r = run(tb, Params(idle=IDLE, switches=SWITCHES, rate=200, switch_timeout=20))
+    r = run(
+        tb, Params(idle=IDLE, switches=SWITCHES, rate=200, switch_timeout=20, sample_every=50)
+    )
     assert r["idle_phase"]["idle"] == IDLE and not r["idle_phase"]["errors"]
     # every idle connection is tracked by the library at both ends, before and after the churn
     assert r["tracked_before"] == {1: IDLE, 2: IDLE}
@@ -41,3 +43,16 @@ def test_router_load_tiny(make_testbed: MakeTestbed) -> None:
         assert x["switch_req_res_us"]["count"] >= x["switches_initiated"]
     assert r["server"]["accepted"] == IDLE + SWITCHES
     assert r["server"]["closed"] >= SWITCHES  # the idle ones close as the client exits
+    # a footprint sample at the start, one per 50 connections seen switched, one at the end,
+    # each with both routers' RSS and fds read from /proc
+    samples = r["samples"]
+    assert [s["switched"] for s in samples] == [
+        0,
+        *range(50, switched + 1, 50),
+        switched,
+    ]
+    for s in samples:
+        for i in (1, 2):
+            assert s["routers"][i]["rss_kib"] > 0 and s["routers"][i]["fds"] > 0, s
+    assert set(r["footprint"]) == {1, 2}
+    assert r["footprint"][1]["reference_at_switches"] == 50  # the first sample past warm-up

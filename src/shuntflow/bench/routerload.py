@@ -1,7 +1,7 @@
 """The routers under load: many idle tracked connections and a steady churn of switches.
 
     python -m shuntflow.bench.routerload [--prefix fz1] [--idle 10000] [--rate 1000] \\
-        [--switches 30000] [--threshold 4] [--out FILE]
+        [--switches 30000] [--threshold 4] [--sample-every 1000] [--warmup N] [--out FILE]
 
 In testbed PREFIX (brought up with 2 hosts x 1 container if missing, and removed afterwards) the
 server of routerload_app runs in <prefix>-h2-c1 and the client in <prefix>-h1-c1, both in
@@ -12,6 +12,15 @@ the routers report, both routers' CPU (utime+stime from /proc over the churn) an
 done and failed (client and routers), and switch latency: the client's (threshold crossed -> its
 fd is a host socket, 1 ms polling), the routers' SWITCH_REQ -> SWITCH_RES, and the libraries'
 own `switch_time_us` when the routers report it.
+
+Footprint over the churn (`--sample-every N`): each time the client has seen another N
+connections switched, each router's RSS (VmRSS) and open fds are read from /proc, summed over
+the router's process and its descendants, so the samples mean the same whatever the router is
+built from; one more sample at the start of the churn and one after it. A router is called flat
+when its last sample is within FLAT_RSS_KIB (or FLAT_RSS_FRACTION, the larger) and FLAT_FDS of
+its first sample at or after `--warmup` switches (default a tenth of them): allocator arenas,
+caches and the peer pool settle during the warm-up; a leak of a few hundred bytes or one fd per
+switch shows as tens of MiB or thousands of fds by 100,000 switches.
 
 Why the namespaces get sysctls: 1,000 connections per second leave ~60,000 TIME_WAIT sockets per
 minute, more than one address pair's ephemeral ports; tcp_tw_reuse and the widest port range
@@ -36,6 +45,12 @@ from shuntflow.testbed import Testbed, build
 from shuntflow.testbed.plan import Host
 from shuntflow.wire import Mode
 
+# The bounds of "flat" (see the docstring): absolute, or relative to the reference sample's RSS,
+# whichever is larger; fds move with the switches in flight and the peer pool's refills (4 warm
+# connections per peer), so a few more at one sample than at another mean nothing.
+FLAT_RSS_KIB = 4096
+FLAT_RSS_FRACTION = 0.05
+FLAT_FDS = 16
 SYSCTLS = {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65000"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -49,6 +64,8 @@ class Params:
     port: int = 9100
     ports: int = 4
     switch_timeout: float = 5.0
+    sample_every: int = 0  # switches between footprint samples; 0: only before and after
+    warmup: int | None = None  # switches before the reference sample (None: switches // 10)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -79,6 +96,65 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc (PPid of each process)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def footprint(pid: int) -> dict[str, int]:
+    """RSS (KiB) and open fds of `pid` and its descendants; a process that exits meanwhile
+    counts for nothing."""
+    rss = fds = 0
+    for p in process_tree(pid):
+        try:
+            rss += memory_kib(p).get("VmRSS", 0)
+            fds += fd_count(p)
+        except OSError:
+            continue
+    return {"rss_kib": rss, "fds": fds}
+
+
+def flatness(samples: list[dict[str, Any]], warmup: int) -> dict[int, dict[str, Any]]:
+    """Per router: the first sample, the reference (first at or after `warmup` switches), the
+    last, the maxima, the growth from reference to last, and whether that is within the bounds."""
+    out: dict[int, dict[str, Any]] = {}
+    ref_sample = next((s for s in samples if s["switched"] >= warmup), samples[-1])
+    for i in samples[0]["routers"]:
+        first, ref, last = (s["routers"][i] for s in (samples[0], ref_sample, samples[-1]))
+        rss_growth = last["rss_kib"] - ref["rss_kib"]
+        fd_growth = last["fds"] - ref["fds"]
+        rss_bound = max(FLAT_RSS_KIB, round(FLAT_RSS_FRACTION * ref["rss_kib"]))
+        out[i] = {
+            "first": first,
+            "reference": ref,
+            "reference_at_switches": ref_sample["switched"],
+            "last": last,
+            "max_rss_kib": max(s["routers"][i]["rss_kib"] for s in samples),
+            "max_fds": max(s["routers"][i]["fds"] for s in samples),
+            "rss_growth_kib": rss_growth,
+            "fd_growth": fd_growth,
+            "rss_bound_kib": rss_bound,
+            "fd_bound": FLAT_FDS,
+            "flat": rss_growth <= rss_bound and fd_growth <= FLAT_FDS,
+        }
+    return out
 
 
 def _control(h: Host) -> Path:
@@ -160,6 +236,8 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
                 str(p.threshold),
                 "--switch-timeout",
                 str(p.switch_timeout),
+                "--progress-every",
+                str(p.sample_every),
             ],
             env=env(client_c),
             stdin=subprocess.PIPE,
@@ -175,10 +253,28 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         apps0 = {"client": thread_split(client.pid), "server": thread_split(server.pid)}
         mem0 = {i: memory_kib(pid) for i, pid in routers.items()}
         t0 = time.monotonic()
+
+        def sample(switched: int) -> dict[str, Any]:
+            return {
+                "switched": switched,
+                "t_s": round(time.monotonic() - t0, 3),
+                "routers": {i: footprint(pid) for i, pid in routers.items()},
+            }
+
+        samples = [sample(0)]
         client.stdin.write("go\n")
         client.stdin.flush()
-        result["churn"] = _line(client.stdout, client, "client")
+        while True:
+            msg = _line(client.stdout, client, "client")
+            if msg.get("phase") != "progress":
+                break
+            samples.append(sample(int(msg["switched"])))
+        result["churn"] = msg
         wall = time.monotonic() - t0
+        samples.append(sample(int(msg["switched"])))
+        result["samples"] = samples
+        warmup = p.switches // 10 if p.warmup is None else p.warmup
+        result["footprint"] = flatness(samples, warmup)
         cpu1 = {i: cpu_seconds(pid) for i, pid in routers.items()}
         apps1 = {"client": thread_split(client.pid), "server": thread_split(server.pid)}
         result["apps_cpu_percent"] = {
@@ -264,6 +360,16 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"    SWITCH_REQ->SWITCH_RES us (recent): {x['switch_req_res_us']}")
         if x["switch_time_us"] is not None:
             lines.append(f"    libraries' switch_time_us: {x['switch_time_us']}")
+    for i, f in r.get("footprint", {}).items():
+        lines.append(
+            f"  router h{i} footprint over {len(r['samples'])} samples: RSS KiB first "
+            f"{f['first']['rss_kib']}, at {f['reference_at_switches']} switches "
+            f"{f['reference']['rss_kib']}, last {f['last']['rss_kib']}, max {f['max_rss_kib']} "
+            f"(growth {f['rss_growth_kib']}, bound {f['rss_bound_kib']}); fds first "
+            f"{f['first']['fds']}, reference {f['reference']['fds']}, last {f['last']['fds']}, "
+            f"max {f['max_fds']} (growth {f['fd_growth']}, bound {f['fd_bound']}): "
+            + ("flat" if f["flat"] else "NOT FLAT")
+        )
     return "\n".join(lines)
 
 
@@ -276,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=int, default=Params.threshold)
     ap.add_argument("--port", type=int, default=Params.port)
     ap.add_argument("--switch-timeout", type=float, default=Params.switch_timeout)
+    ap.add_argument(
+        "--sample-every", type=int, default=Params.sample_every, help="switches per sample"
+    )
+    ap.add_argument("--warmup", type=int, help="switches before the reference sample")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     params = Params(
@@ -285,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         threshold=a.threshold,
         port=a.port,
         switch_timeout=a.switch_timeout,
+        sample_every=a.sample_every,
+        warmup=a.warmup,
     )
     made = not build.exists(a.prefix)
     tb = (
@@ -300,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(result))
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
-    return 0
+    return 0 if all(f["flat"] for f in result["footprint"].values()) else 1
 
 
 if __name__ == "__main__":

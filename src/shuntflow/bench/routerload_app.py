@@ -10,7 +10,9 @@ snapshots the routers meanwhile) and runs the churn: `--switches` new connection
 second, each exchanging one-byte pings until its data-syscall count crosses `--threshold`, then
 waiting until its fd is a host-namespace socket (SO_NETNS_COOKIE, polled every millisecond; the
 library's own interposers stay out of it), then saying bye; the server closes first so TIME_WAIT
-lands on its side. It prints `{"phase": "churn_done", ...}` and waits for one more stdin line
+lands on its side. With `--progress-every N` it prints `{"phase": "progress", "switched": K}`
+each time K, the connections seen switched so far, reaches a multiple of N (the driver samples
+the routers then). It prints `{"phase": "churn_done", ...}` and waits for one more stdin line
 before it closes the idle connections and exits.
 
 Why Python and one epoll loop per program: it is the load on the routers that is measured, and
@@ -306,6 +308,9 @@ class Client:
                 self.latencies.append(now - c.crossed_at)
                 self.stats.switched += 1
                 self.switched_at[_ports(c.sock)] = now
+                every = self.a.progress_every
+                if every and self.stats.switched % every == 0:
+                    emit({"phase": "progress", "switched": self.stats.switched})
             elif now - c.crossed_at > self.a.switch_timeout:
                 self.stats.timed_out += 1
                 self.stats.timed_out_reused += c.reused
@@ -408,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threshold", type=int, default=4)
     c.add_argument("--switch-timeout", type=float, default=5.0)
     c.add_argument("--max-inflight", type=int, default=4000)
+    c.add_argument("--progress-every", type=int, default=0, help="switches per progress line")
     args = ap.parse_args(argv)
     if args.role == "server":
         serve(args.ip, args.port, args.ports, args.nofile)
