@@ -18,9 +18,7 @@ IDLE, SWITCHES = 500, 200
 
 def test_router_load_tiny(make_testbed: MakeTestbed) -> None:
     tb: Testbed = make_testbed("fz2", hosts=2, containers=1, routers=True)
-    r = run(
-        tb, Params(idle=IDLE, switches=SWITCHES, rate=200, switch_timeout=20, sample_every=50)
-    )
+    r = run(tb, Params(idle=IDLE, switches=SWITCHES, rate=200, switch_timeout=20, sample_every=50))
     assert r["idle_phase"]["idle"] == IDLE and not r["idle_phase"]["errors"]
     # every idle connection is tracked by the library at both ends, before and after the churn
     assert r["tracked_before"] == {1: IDLE, 2: IDLE}
