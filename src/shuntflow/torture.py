@@ -15,6 +15,10 @@ whole unless the stream ends, and a FIONREAD whose count the next read must deli
 counts calls and bytes per entry point: all of them, those of connections that ended switched,
 and those made while the socket already was the host connection.
 
+`mesh` is both ends at once, for an all-to-all run: one process per container serves every peer's
+client and, once told `go` on stdin, opens one connection to every peer's server at once, all
+in one event loop (see shuntflow.bench.scale).
+
 Which path a connection ended on is read from the socket itself: SO_NETNS_COOKIE names the
 network namespace the socket was created in, so a connection that was switched reports the host
 namespace's cookie (--host-cookie), not the container's. A socket that reports neither, or whose
@@ -164,6 +168,7 @@ class ConnResult:
     received: int = 0
     expected: int = 0
     first_bad: int = -1
+    bad_bytes: int = 0  # bytes read that differ from the stream, or past its end, or missing
     error: str = ""
     cookie_error: str = ""
     waitall_short: int = 0  # MSG_WAITALL reads that returned short mid-stream
@@ -171,6 +176,7 @@ class ConnResult:
     done: bool = False
     started: float = field(default_factory=time.monotonic)
     endpoints: str = ""
+    peer: str = ""  # the other end's overlay address
     seconds: float = 0.0
     # per call name: calls, bytes, calls made on the host socket, their bytes
     io: dict[str, list[int]] = field(default_factory=lambda: {n: [0, 0, 0, 0] for n in CALLS})
@@ -251,13 +257,14 @@ class Side:
         end = self.got + len(data)
         if end > len(self.expect):
             self.fail_at(len(self.expect), f"{end - len(self.expect)} bytes past the end")
+            self.result.bad_bytes += end - max(len(self.expect), self.got)
             data = data[: max(0, len(self.expect) - self.got)]
             end = self.got + len(data)
-        if data != self.expect[self.got : end] and self.result.first_bad < 0:
-            for i, byte in enumerate(data):
-                if byte != self.expect[self.got + i]:
-                    self.fail_at(self.got + i, "mismatch")
-                    break
+        want = self.expect[self.got : end]
+        if data != want:
+            wrong = [i for i, (a, b) in enumerate(zip(data, want, strict=True)) if a != b]
+            self.result.bad_bytes += len(wrong)
+            self.fail_at(self.got + wrong[0], "mismatch")
         self.got = end
         self.result.received = end
 
@@ -455,6 +462,8 @@ class Side:
         except (OSError, ValueError) as exc:
             # Evidence that cannot be read proves nothing: the connection fails.
             self.result.cookie_error = self.result.cookie_error or repr(exc)
+        if self.got < len(self.expect):
+            self.result.bad_bytes += len(self.expect) - self.got
         if self.got != len(self.expect) and not self.result.error:
             self.result.error = (
                 f"short stream: {self.got} of {len(self.expect)} bytes (EOF: {self.last_read})"
@@ -655,6 +664,21 @@ def io_totals(results: list[ConnResult]) -> dict[str, dict[str, int]]:
 def summarize(
     role: str, results: list[ConnResult], started: float, expected_conns: int, seed: int | None
 ) -> int:
+    summary = summary_of(role, results, started, expected_conns, seed)
+    print(json.dumps(summary), flush=True)
+    return 0 if summary["bad"] == 0 and summary["missing"] == 0 else 1
+
+
+def summary_of(
+    role: str,
+    results: list[ConnResult],
+    started: float,
+    expected_conns: int,
+    seed: int | None,
+    per_conn: bool = True,
+) -> dict[str, Any]:
+    """The counts of one end's connections; `per_conn`: with a list per connection (else per
+    peer address: connections, switched, bytes)."""
     bad = [r for r in results if not r.ok]
     missing = expected_conns - len(results)
     io = io_totals(results)
@@ -673,14 +697,61 @@ def summarize(
         "host_sent": sum(io[n]["host_bytes"] for n in WRITE_CALLS),
         "host_received": sum(io[n]["host_bytes"] for n in READ_CALLS),
         "bytes": sum(r.sent + r.received for r in results),
+        "received": sum(r.received for r in results),
+        "bad_bytes": sum(r.bad_bytes for r in results),
         "seconds": round(time.monotonic() - started, 3),
         # Never connected (connect() itself failed), with their errors: these carry no byte.
         "unconnected": collections.Counter(r.error for r in bad if not r.endpoints),
-        "failures": [asdict(r) for r in bad[:20]],  # the first few, in full
-        "per_conn": {r.conn_id: [r.sent, r.received, r.switched, r.seconds] for r in results},
+        "failures": [asdict(r) for r in bad[: 20 if per_conn else 5]],  # the first few, in full
     }
-    print(json.dumps(summary), flush=True)
-    return 0 if not bad and missing == 0 else 1
+    if per_conn:
+        summary["per_conn"] = {
+            r.conn_id: [r.sent, r.received, r.switched, r.seconds] for r in results
+        }
+    else:
+        peers: dict[str, list[int]] = {}
+        for r in results:
+            p = peers.setdefault(r.peer, [0, 0, 0])
+            p[0] += 1
+            p[1] += r.switched
+            p[2] += r.sent + r.received
+        summary["per_peer"] = peers
+    return summary
+
+
+class BadHeader(Exception):
+    """A connection that does not start with the torture header: not one of ours."""
+
+
+def accepted(
+    conn: socket.socket,
+    args: argparse.Namespace,
+    cookies: Cookies,
+    results: list[ConnResult],
+    plan_for: Callable[[int, int, argparse.Namespace], Plan],
+) -> Side | None:
+    """The server end of an accepted connection, once its header is read (its result appended
+    to `results`); None if it ended or failed before."""
+    conn.settimeout(None)
+    try:
+        header = conn.recv(HEADER.size, socket.MSG_WAITALL)
+    except OSError as exc:  # reset before its header: a failed connection, id unknown
+        results.append(
+            ConnResult(-1, error=f"header: {exc!r}", done=True, endpoints=endpoints(conn))
+        )
+        conn.close()
+        return None
+    if len(header) != HEADER.size:
+        conn.close()
+        return None
+    magic, conn_id, seed, c2s, s2c = HEADER.unpack(header)
+    if magic != MAGIC:
+        conn.close()
+        raise BadHeader
+    result = ConnResult(conn_id, seed ^ 0x5EED, expected=c2s, endpoints=endpoints(conn))
+    results.append(result)
+    plan = plan_for(result.seed, conn_id, args)
+    return new_side(conn, result, stream(seed, 1, s2c), stream(seed, 0, c2s), plan, cookies, args)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -708,28 +779,13 @@ def serve(args: argparse.Namespace) -> int:
             conn, _ = listener.accept()
         except TimeoutError:
             continue
-        conn.settimeout(None)
         try:
-            header = conn.recv(HEADER.size, socket.MSG_WAITALL)
-        except OSError as exc:  # reset before its header: a failed connection, id unknown
-            results.append(
-                ConnResult(-1, error=f"header: {exc!r}", done=True, endpoints=endpoints(conn))
-            )
-            conn.close()
-            continue
-        if len(header) != HEADER.size:
-            conn.close()
-            continue
-        magic, conn_id, seed, c2s, s2c = HEADER.unpack(header)
-        if magic != MAGIC:
+            side = accepted(conn, args, cookies, results, make_plan)
+        except BadHeader:
             print(json.dumps({"role": "server", "error": "bad header"}), flush=True)
             return 1
-        result = ConnResult(conn_id, seed ^ 0x5EED, expected=c2s, endpoints=endpoints(conn))
-        results.append(result)
-        plan = make_plan(result.seed, conn_id, args)
-        side = new_side(
-            conn, result, stream(seed, 1, s2c), stream(seed, 0, c2s), plan, cookies, args
-        )
+        if side is None:
+            continue
         if loop is None:
             t = threading.Thread(target=run_blocking, args=(side,), daemon=True)
             t.start()
@@ -809,6 +865,108 @@ def client(args: argparse.Namespace) -> int:
     return summarize("client", results, started, args.connections, args.seed)
 
 
+def mesh_plan(seed: int, _conn_id: int, args: argparse.Namespace) -> Plan:
+    """Every connection alike: chunks up to --max-chunk with a chance of a pause after each, so
+    that it lives long enough to switch while thousands of others do too."""
+    return Plan(random.Random(seed), args.pause, args.max_chunk, pause_max=args.pause_max)
+
+
+def mesh(args: argparse.Namespace) -> int:
+    """Both ends of an all-to-all run in one process: accept one connection from every peer,
+    and on `go` (a stdin line) connect to every peer at once; one event loop for all of them."""
+    cookies = Cookies(own_netns_cookie(), args.host_cookie)
+    peers = [p for p in args.peers.split(",") if p]
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((args.bind, args.port))
+    listener.listen(1024)
+    print(json.dumps({"role": "mesh", "listening": args.port}), flush=True)
+    served: list[ConnResult] = []
+    opened: list[ConnResult] = []
+    loop = Loop(args.style)
+    # Peers may connect before our own `go`: the accept side runs from the start.
+    started = time.monotonic()
+    deadline = started + args.timeout
+    bad_header: list[bool] = []
+
+    def accept_all() -> None:
+        listener.settimeout(1.0)
+        while len(served) < len(peers) and time.monotonic() < deadline:
+            try:
+                conn, addr = listener.accept()
+            except TimeoutError:
+                continue
+            before = len(served)
+            try:
+                side = accepted(conn, args, cookies, served, mesh_plan)
+            except BadHeader:
+                bad_header.append(True)
+                continue
+            if len(served) > before:
+                served[-1].peer = addr[0]
+            if side is not None:
+                loop.add(side)
+
+    acceptor = threading.Thread(target=accept_all, daemon=True)
+    acceptor.start()
+    loop_thread = threading.Thread(
+        target=loop.run,
+        args=(
+            lambda: (
+                len(served) == len(opened) == len(peers) and all(r.done for r in served + opened)
+            ),
+            deadline,
+        ),
+        daemon=True,
+    )
+    loop_thread.start()
+    if sys.stdin.readline().strip() != "go":
+        print(json.dumps({"role": "mesh", "error": "no go on stdin"}), flush=True)
+        return 1
+    client_started = time.monotonic()
+    rng = random.Random(args.seed)
+    for conn_id, peer in enumerate(peers):
+        seed = rng.getrandbits(48)
+        c2s = rng.randint(args.min_bytes, args.max_bytes)
+        s2c = rng.randint(args.min_bytes, args.max_bytes)
+        result = ConnResult(conn_id, seed, expected=s2c, peer=peer)
+        opened.append(result)
+        try:
+            sock = socket.create_connection((peer, args.port), 30, (args.bind, 0))
+            sock.settimeout(None)
+            result.endpoints = endpoints(sock)
+            sock.sendall(HEADER.pack(MAGIC, conn_id, seed, c2s, s2c))
+        except OSError as exc:
+            result.error, result.done = f"connect: {exc!r}", True
+            continue
+        side = new_side(
+            sock,
+            result,
+            stream(seed, 0, c2s),
+            stream(seed, 1, s2c),
+            mesh_plan(seed, conn_id, args),
+            cookies,
+            args,
+        )
+        loop.add(side)
+    acceptor.join(max(0.0, deadline - time.monotonic()))
+    loop_thread.join(max(0.0, deadline - time.monotonic()))
+    listener.close()
+    for r in served + opened:
+        if not r.done:
+            r.error = r.error or "hung past the deadline"
+    server = summary_of("server", served, started, len(peers), None, per_conn=False)
+    client = summary_of("client", opened, client_started, len(peers), args.seed, per_conn=False)
+    print(
+        json.dumps(
+            {"role": "mesh", "bad_headers": len(bad_header), "server": server, "client": client}
+        ),
+        flush=True,
+    )
+    intact = all(x["bad"] == 0 and x["missing"] == 0 for x in (server, client))
+    return 0 if intact and not bad_header else 1
+
+
 def calls_arg(text: str) -> tuple[str, ...]:
     names = tuple(n for n in text.split(",") if n)
     unknown = [n for n in names if n not in CALLS]
@@ -820,7 +978,7 @@ def calls_arg(text: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shuntflow.torture", description=__doc__)
     sub = parser.add_subparsers(dest="role", required=True)
-    for name in ("server", "client"):
+    for name in ("server", "client", "mesh"):
         p = sub.add_parser(name)
         p.add_argument("--port", type=int, default=7700)
         p.add_argument("--connections", type=int, default=100)
@@ -847,9 +1005,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--concurrency", type=int, default=32)
     c.add_argument("--max-bytes", type=int, default=1 << 20)
     c.add_argument("--seed", type=int, default=1)
+    m = sub.choices["mesh"]
+    m.add_argument("--bind", required=True, help="this container's overlay address")
+    m.add_argument("--peers", required=True, help="comma-separated overlay addresses to connect to")
+    m.add_argument("--min-bytes", type=int, default=32 * 1024, help="per direction")
+    m.add_argument("--max-bytes", type=int, default=64 * 1024, help="per direction")
+    m.add_argument("--pause-max", type=float, default=0.02, help="longest pause, seconds")
+    m.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.role == "mesh" and args.style == "blocking":
+        parser.error("mesh runs one event loop: --style epoll, epoll-et or poll")
+    roles = {"server": serve, "client": client, "mesh": mesh}
     try:
-        return serve(args) if args.role == "server" else client(args)
+        return roles[args.role](args)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(f"torture: port {args.port} is in use", file=sys.stderr)

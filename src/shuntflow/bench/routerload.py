@@ -1,7 +1,8 @@
 """The routers under load: many idle tracked connections and a steady churn of switches.
 
     python -m shuntflow.bench.routerload [--prefix fz1] [--idle 10000] [--rate 1000] \\
-        [--switches 30000] [--threshold 4] [--sample-every 1000] [--warmup N] [--out FILE]
+        [--switches 30000] [--threshold 4] [--sample-every 1000] [--warmup N] \\
+        [--max-inflight N] [--until-switched] [--out FILE]
 
 In testbed PREFIX (brought up with 2 hosts x 1 container if missing, and removed afterwards) the
 server of routerload_app runs in <prefix>-h2-c1 and the client in <prefix>-h1-c1, both in
@@ -16,15 +17,14 @@ own `switch_time_us` when the routers report it.
 Footprint over the churn (`--sample-every N`): each time the client has seen another N
 connections switched, each router's RSS (VmRSS) and open fds are read from /proc, summed over
 the router's process and its descendants, so the samples mean the same whatever the router is
-built from; one more sample at the start of the churn and one after it. A router is called flat
-when its last sample is within FLAT_RSS_KIB (or FLAT_RSS_FRACTION, the larger) and FLAT_FDS of
-its first sample at or after `--warmup` switches (default a tenth of them): allocator arenas,
-caches and the peer pool settle during the warm-up; a leak of a few hundred bytes or one fd per
-switch shows as tens of MiB or thousands of fds by 100,000 switches.
-
-Why the namespaces get sysctls: 1,000 connections per second leave ~60,000 TIME_WAIT sockets per
-minute, more than one address pair's ephemeral ports; tcp_tw_reuse and the widest port range
-apply to this testbed's namespaces only.
+built from. Once `--warmup` connections have switched (default WARMUP_FRACTION of them) the
+client lets those in flight finish and waits while the routers are sampled at rest: the
+reference. The last sample is taken at rest too, after the churn. A router is called flat when
+its last sample is within FLAT_RSS_KIB (or FLAT_RSS_FRACTION, the larger) and FLAT_FDS of the
+reference: a leak of a few hundred bytes or one fd per switch would show as tens of MiB or
+thousands of fds by 100,000 switches. `--until-switched` makes `--switches` the number of
+connections seen switched, and `--max-inflight` small makes the churn a closed loop, so that
+the run drives that many switches whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ from shuntflow.wire import Mode
 # connections per peer), so a few more at one sample than at another mean nothing.
 FLAT_RSS_KIB = 4096
 FLAT_RSS_FRACTION = 0.05
-FLAT_FDS = 16
+FLAT_FDS = 8
+# The Python router keeps the last 16,384 samples of four timings (router/latency.py); the router
+# that initiates fewer switches fills them only after ~33,000. A run's warm-up covers that.
+WARMUP_FRACTION = 0.4
 SYSCTLS = {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65000"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -65,7 +68,9 @@ class Params:
     ports: int = 4
     switch_timeout: float = 5.0
     sample_every: int = 0  # switches between footprint samples; 0: only before and after
-    warmup: int | None = None  # switches before the reference sample (None: switches // 10)
+    warmup: int | None = None  # switches before the reference sample (None: WARMUP_FRACTION)
+    max_inflight: int = 4000  # churn connections open at once (a small one: a closed loop)
+    until_switched: bool = False  # `switches` counts connections switched, not started
 
 
 def cpu_seconds(pid: int) -> float:
@@ -131,11 +136,16 @@ def footprint(pid: int) -> dict[str, int]:
     return {"rss_kib": rss, "fds": fds}
 
 
-def flatness(samples: list[dict[str, Any]], warmup: int) -> dict[int, dict[str, Any]]:
-    """Per router: the first sample, the reference (first at or after `warmup` switches), the
-    last, the maxima, the growth from reference to last, and whether that is within the bounds."""
+def warmup_of(p: Params) -> int:
+    return max(1, round(p.switches * WARMUP_FRACTION) if p.warmup is None else p.warmup)
+
+
+def flatness(samples: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per router: the first sample, the reference (the first quiet one: the churn paused after
+    the warm-up, nothing in flight), the last (quiet too: after the churn), the maxima, the
+    growth from reference to last, and whether that is within the bounds."""
     out: dict[int, dict[str, Any]] = {}
-    ref_sample = next((s for s in samples if s["switched"] >= warmup), samples[-1])
+    ref_sample = next(s for s in samples if s.get("quiet"))
     for i in samples[0]["routers"]:
         first, ref, last = (s["routers"][i] for s in (samples[0], ref_sample, samples[-1]))
         rss_growth = last["rss_kib"] - ref["rss_kib"]
@@ -238,6 +248,11 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
                 str(p.switch_timeout),
                 "--progress-every",
                 str(p.sample_every),
+                "--max-inflight",
+                str(p.max_inflight),
+                "--quiet-at",
+                str(warmup_of(p)),
+                *(["--until-switched"] if p.until_switched else []),
             ],
             env=env(client_c),
             stdin=subprocess.PIPE,
@@ -266,15 +281,20 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         client.stdin.flush()
         while True:
             msg = _line(client.stdout, client, "client")
-            if msg.get("phase") != "progress":
+            if msg.get("phase") == "progress":
+                samples.append(sample(int(msg["switched"])))
+            elif msg.get("phase") == "quiet":
+                result["reference"] = sample(int(msg["switched"])) | {"quiet": True}
+                samples.append(result["reference"])
+                client.stdin.write("on\n")
+                client.stdin.flush()
+            else:
                 break
-            samples.append(sample(int(msg["switched"])))
         result["churn"] = msg
         wall = time.monotonic() - t0
-        samples.append(sample(int(msg["switched"])))
+        samples.append(sample(int(msg["switched"])) | {"quiet": True})
         result["samples"] = samples
-        warmup = p.switches // 10 if p.warmup is None else p.warmup
-        result["footprint"] = flatness(samples, warmup)
+        result["footprint"] = flatness(samples)
         cpu1 = {i: cpu_seconds(pid) for i, pid in routers.items()}
         apps1 = {"client": thread_split(client.pid), "server": thread_split(server.pid)}
         result["apps_cpu_percent"] = {
@@ -386,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sample-every", type=int, default=Params.sample_every, help="switches per sample"
     )
     ap.add_argument("--warmup", type=int, help="switches before the reference sample")
+    ap.add_argument("--max-inflight", type=int, default=Params.max_inflight)
+    ap.add_argument(
+        "--until-switched",
+        action="store_true",
+        help="--switches counts connections switched (the churn goes on until then)",
+    )
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     params = Params(
@@ -397,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         switch_timeout=a.switch_timeout,
         sample_every=a.sample_every,
         warmup=a.warmup,
+        max_inflight=a.max_inflight,
+        until_switched=a.until_switched,
     )
     made = not build.exists(a.prefix)
     tb = (

@@ -12,8 +12,11 @@ waiting until its fd is a host-namespace socket (SO_NETNS_COOKIE, polled every m
 library's own interposers stay out of it), then saying bye; the server closes first so TIME_WAIT
 lands on its side. With `--progress-every N` it prints `{"phase": "progress", "switched": K}`
 each time K, the connections seen switched so far, reaches a multiple of N (the driver samples
-the routers then). It prints `{"phase": "churn_done", ...}` and waits for one more stdin line
-before it closes the idle connections and exits.
+the routers then); with `--quiet-at K`, once K have switched it starts no more until those in
+flight are done, prints `{"phase": "quiet", ...}` and waits for a stdin line (the driver samples
+the routers at rest). `--until-switched` makes `--switches` the number of connections to see
+switched rather than to start. It prints `{"phase": "churn_done", ...}` and waits for one more
+stdin line before it closes the idle connections and exits.
 
 Why Python and one epoll loop per program: it is the load on the routers that is measured, and
 at 1,000 new connections per second a single loop spends well under a vCPU; threads would only add
@@ -319,14 +322,34 @@ class Client:
             del self.waiting[fd]
             self._bye(fd, c)
 
+    def _enough(self) -> bool:
+        target = int(self.a.switches)
+        return (self.stats.switched if self.a.until_switched else self.stats.started) >= target
+
     def run_churn(self) -> float:
-        start = time.monotonic()
+        start = paused = time.monotonic()
+        quiet_at = self.a.quiet_at
         while True:
             now = time.monotonic()
-            due = min(self.a.switches, int((now - start) * self.a.rate) + 1)
-            while self.stats.started < due and len(self.churn) < self.a.max_inflight:
+            due = int((now - start) * self.a.rate) + 1
+            draining = quiet_at and self.stats.switched >= quiet_at
+            while (
+                not draining
+                and not self._enough()
+                and self.stats.started < due
+                and len(self.churn) < self.a.max_inflight
+            ):
                 self._start_one()
-            if self.stats.started >= self.a.switches and not self.churn:
+            if draining and not self.churn:
+                # Nothing in flight: the driver samples the routers at rest, then says go on;
+                # the rate's clock skips the pause.
+                emit({"phase": "quiet", "switched": self.stats.switched})
+                paused = time.monotonic()
+                sys.stdin.readline()
+                start += time.monotonic() - paused
+                quiet_at = 0
+                continue
+            if self._enough() and not self.churn:
                 return time.monotonic() - start
             for fd, _ev in self.ep.poll(POLL_S):
                 self._on_event(fd)
@@ -414,6 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--switch-timeout", type=float, default=5.0)
     c.add_argument("--max-inflight", type=int, default=4000)
     c.add_argument("--progress-every", type=int, default=0, help="switches per progress line")
+    c.add_argument(
+        "--until-switched",
+        action="store_true",
+        help="--switches counts connections seen switched, not connections started",
+    )
+    c.add_argument(
+        "--quiet-at",
+        type=int,
+        default=0,
+        help="once this many switched: let those in flight finish, print a quiet line, wait for "
+        "a stdin line",
+    )
     args = ap.parse_args(argv)
     if args.role == "server":
         serve(args.ip, args.port, args.ports, args.nofile)
