@@ -1,4 +1,4 @@
-"""The one entry point: `shuntflow testbed|exec|router|status|bench|demo|container-args`.
+"""The one entry point: `shuntflow testbed|exec|router|status|bench|demo|scale|container-args`.
 
 Each part owns its commands (testbed/cli.py, router/cli.py, bench/cli.py); this file only
 assembles them, so the folder listing and `shuntflow --help` show the same architecture.
@@ -44,6 +44,7 @@ app.command("router")(router_cli.router_command)
 app.command("status")(router_cli.status_command)
 app.command("bench")(bench_cli.bench_command)
 app.command("demo")(bench_cli.demo_command)
+app.command("scale")(bench_cli.scale_command)
 app.command("container-args")(runtime_cli.container_args_command)
 
 

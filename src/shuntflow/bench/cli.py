@@ -370,3 +370,62 @@ def demo_command(
     _summary(outcome)
     sys.stdout.flush()
     raise typer.Exit(_exit_code(outcome))
+
+
+def scale_command(
+    hosts: str = typer.Option("8", "--hosts", metavar="N", help="Hosts of a testbed brought up."),
+    containers: str = typer.Option(
+        "8", "--containers", metavar="M", help="Containers per host of a testbed brought up."
+    ),
+    prefix: str = typer.Option(
+        DEFAULT_PREFIX,
+        "--prefix",
+        metavar="P",
+        help="Testbed to use: an existing one as it is, else one of N x M is brought up and "
+        "removed afterwards.",
+    ),
+    threshold: str = typer.Option("16", "--threshold", metavar="T", help="Library threshold."),
+    min_bytes: str = typer.Option(
+        str(32 * 1024), "--min-bytes", metavar="B", help="Shortest stream, per direction."
+    ),
+    max_bytes: str = typer.Option(
+        str(64 * 1024), "--max-bytes", metavar="B", help="Longest stream, per direction."
+    ),
+    style: str = typer.Option("epoll", "--style", metavar="epoll|epoll-et|poll"),
+    timeout: str = typer.Option("900", "--timeout", metavar="S", help="Hang bound, seconds."),
+    out: Annotated[
+        Path | None, typer.Option("--out", metavar="FILE", help="Write the report as JSON.")
+    ] = None,
+) -> None:
+    """All to all: every container connects to every container on another host at once, each
+    connection a checked stream that switches; bytes, bad bytes, switches, routers' RSS and fds."""
+    from shuntflow.bench import scale
+    from shuntflow.testbed.cli import parse_int
+    from shuntflow.testbed.plan import MAX_CONTAINERS, MAX_HOSTS
+
+    if os.geteuid() != 0:
+        fail("the scale run needs root (network namespaces); run it as root")
+    try:
+        validate_prefix(prefix)
+        n = parse_int("--hosts", hosts, MAX_HOSTS, minimum=2)
+        m = parse_int("--containers", containers, MAX_CONTAINERS)
+        if style not in scale.STYLES:
+            raise TestbedUsageError(f"--style must be one of {', '.join(scale.STYLES)}")
+        lo = parse_int("--min-bytes", min_bytes, 1 << 30)
+        params = scale.Params(
+            threshold=parse_int("--threshold", threshold, 2**31 - 1),
+            min_bytes=lo,
+            max_bytes=parse_int("--max-bytes", max_bytes, 1 << 30, minimum=lo),
+            style=style,
+            timeout=parse_int("--timeout", timeout, 86400),
+        )
+    except TestbedUsageError as e:
+        fail(str(e), 2)
+    try:
+        result = scale.run_on(prefix, n, m, params, out)
+    except (TestbedError, RuntimeError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    typer.echo(scale.summary(result))
+    raise typer.Exit(0 if result["passed"] else 1)
