@@ -403,8 +403,6 @@ def scale_command(
     from shuntflow.testbed.cli import parse_int
     from shuntflow.testbed.plan import MAX_CONTAINERS, MAX_HOSTS
 
-    if os.geteuid() != 0:
-        fail("the scale run needs root (network namespaces); run it as root")
     try:
         validate_prefix(prefix)
         n = parse_int("--hosts", hosts, MAX_HOSTS, minimum=2)
@@ -421,6 +419,8 @@ def scale_command(
         )
     except TestbedUsageError as e:
         fail(str(e), 2)
+    if os.geteuid() != 0:
+        fail("the scale run needs root (network namespaces); run it as root")
     try:
         result = scale.run_on(prefix, n, m, params, out)
     except (TestbedError, RuntimeError) as e:
