@@ -729,12 +729,14 @@ def accepted(
     cookies: Cookies,
     results: list[ConnResult],
     plan_for: Callable[[int, int, argparse.Namespace], Plan],
+    header_timeout: float | None = None,
 ) -> Side | None:
     """The server end of an accepted connection, once its header is read (its result appended
-    to `results`); None if it ended or failed before."""
-    conn.settimeout(None)
+    to `results`); None if it ended or failed before, or sent no header in `header_timeout`."""
+    conn.settimeout(header_timeout)
     try:
         header = conn.recv(HEADER.size, socket.MSG_WAITALL)
+        conn.settimeout(None)
     except OSError as exc:  # reset before its header: a failed connection, id unknown
         results.append(
             ConnResult(-1, error=f"header: {exc!r}", done=True, endpoints=endpoints(conn))
@@ -898,7 +900,8 @@ def mesh(args: argparse.Namespace) -> int:
                 continue
             before = len(served)
             try:
-                side = accepted(conn, args, cookies, served, mesh_plan)
+                # One peer that never sends its header must not hold up the others' accepts.
+                side = accepted(conn, args, cookies, served, mesh_plan, header_timeout=30)
             except BadHeader:
                 bad_header.append(True)
                 continue
@@ -925,30 +928,57 @@ def mesh(args: argparse.Namespace) -> int:
         return 1
     client_started = time.monotonic()
     rng = random.Random(args.seed)
+    # Every connect at once (non-blocking), each then sent its header and handed to the loop as
+    # it completes; the kernel's own SYN retries bound each one, the run's deadline all of them.
+    connecting: dict[int, tuple[socket.socket, ConnResult, int, int]] = {}
+    poller = select.poll()
     for conn_id, peer in enumerate(peers):
         seed = rng.getrandbits(48)
         c2s = rng.randint(args.min_bytes, args.max_bytes)
         s2c = rng.randint(args.min_bytes, args.max_bytes)
         result = ConnResult(conn_id, seed, expected=s2c, peer=peer)
         opened.append(result)
+        sock = socket.socket()
         try:
-            sock = socket.create_connection((peer, args.port), 30, (args.bind, 0))
-            sock.settimeout(None)
-            result.endpoints = endpoints(sock)
-            sock.sendall(HEADER.pack(MAGIC, conn_id, seed, c2s, s2c))
+            sock.bind((args.bind, 0))
+            sock.setblocking(False)
+            rc = sock.connect_ex((peer, args.port))
         except OSError as exc:
-            result.error, result.done = f"connect: {exc!r}", True
+            rc = exc.errno or errno.EIO
+        if rc not in (0, errno.EINPROGRESS):
+            result.error, result.done = f"connect: {os.strerror(rc)}", True
+            sock.close()
             continue
-        side = new_side(
-            sock,
-            result,
-            stream(seed, 0, c2s),
-            stream(seed, 1, s2c),
-            mesh_plan(seed, conn_id, args),
-            cookies,
-            args,
-        )
-        loop.add(side)
+        connecting[sock.fileno()] = (sock, result, c2s, s2c)
+        poller.register(sock.fileno(), select.POLLOUT)
+    while connecting and time.monotonic() < deadline:
+        for fd, _events in poller.poll(1000):
+            sock, result, c2s, s2c = connecting.pop(fd)
+            poller.unregister(fd)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            try:
+                if err:
+                    raise OSError(err, os.strerror(err))
+                sock.setblocking(True)
+                result.endpoints = endpoints(sock)
+                sock.sendall(HEADER.pack(MAGIC, result.conn_id, result.seed, c2s, s2c))
+            except OSError as exc:
+                result.error, result.done = f"connect: {exc!r}", True
+                sock.close()
+                continue
+            side = new_side(
+                sock,
+                result,
+                stream(result.seed, 0, c2s),
+                stream(result.seed, 1, s2c),
+                mesh_plan(result.seed, result.conn_id, args),
+                cookies,
+                args,
+            )
+            loop.add(side)
+    for sock, result, _c2s, _s2c in connecting.values():
+        result.error, result.done = "connect: not connected by the deadline", True
+        sock.close()
     acceptor.join(max(0.0, deadline - time.monotonic()))
     loop_thread.join(max(0.0, deadline - time.monotonic()))
     listener.close()
