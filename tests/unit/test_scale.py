@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import random
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from shuntflow import torture
 from shuntflow.bench import scale
 from shuntflow.cli import app
 from shuntflow.testbed import Testbed
@@ -97,3 +99,13 @@ def test_scale_options_are_checked(args: list[str], message: str) -> None:
     r = CliRunner().invoke(app, ["scale", *args])
     assert r.exit_code == 2, r.output
     assert message in r.output
+
+
+def test_torture_counts_bad_bytes() -> None:
+    """A wrong byte counts once, bytes past the stream's end each; the first bad offset stays."""
+    r = torture.ConnResult(0, expected=10)
+    plan = torture.Plan(random.Random(0), 0.0, 10)
+    side = torture.Side(None, r, b"", bytes(range(10)), plan, torture.Cookies(1))  # type: ignore[arg-type]
+    side.check(bytes([0, 1, 9, 3]))
+    side.check(bytes(range(4, 12)))
+    assert (r.bad_bytes, r.first_bad, r.received) == (3, 2, 10)

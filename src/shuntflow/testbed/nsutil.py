@@ -83,7 +83,8 @@ def create_netns(name: str, then: Callable[[], Any] | None = None) -> None:
 
     On a short-lived thread: unshare(CLONE_NEWNET) moves only that thread into a new namespace,
     which a bind mount under /run/netns keeps once the thread is gone. pyroute2's own `create`
-    forks a helper process for it, ~5 ms each, which is most of the time a large testbed takes.
+    forks a helper process for it (~7 ms each here, and as much again for each netlink socket
+    opened with netns=), which was most of the time a large testbed took.
     """
     if netns_exists(name):
         raise TestbedError(f"network namespace {name} already exists")
