@@ -50,10 +50,12 @@ VENV = Path("/tmp/sf-mutants-venv")
 ORIG_VENV = Path("/tmp/sf-mutants-venv-original")
 LOGS = Path("/tmp/sf-mutants-logs")
 
-# The suite's files, cheapest catchers first: unit tests (no testbed), then the byte-integrity
-# torture, transparency, fault injection and apps. Every other test file follows, sorted.
+# The suite's files, cheapest catchers first: unit tests (no testbed), the routers on loopback,
+# then the byte-integrity torture, transparency, fault injection and apps. Every other test file
+# follows, sorted.
 ORDER = (
     "tests/unit",
+    "tests/router",
     "tests/integration/test_torture.py",
     "tests/integration/test_transparency.py",
     "tests/integration/test_fault_injection.py",
@@ -401,9 +403,9 @@ def install(venv: Path, tree: Path, log: Path) -> bool:
 
 
 def test_files(tree: Path, mutant: Mutant | None = None) -> list[str]:
-    """ORDER first, then every other test file of the tree, sorted. The unit tests never load
-    the library, so for a mutant of the library alone they go last: they cannot catch it first,
-    but a survivor must still pass them."""
+    """ORDER first, then every other test file of the tree, sorted. The unit and router tests
+    never load the library, so for a mutant of the library alone they go last: they cannot catch
+    it first, but a survivor must still pass them."""
     ordered = [p for p in ORDER if (tree / p).exists()]
     covered = [tree / p for p in ordered]
     rest = sorted(
@@ -413,7 +415,8 @@ def test_files(tree: Path, mutant: Mutant | None = None) -> list[str]:
     )
     files = ordered + rest
     if mutant is not None and all(e.path.startswith("preload/") for e in mutant.edits):
-        files = [f for f in files if f != "tests/unit"] + ["tests/unit"]
+        library_free = ["tests/unit", "tests/router"]
+        files = [f for f in files if f not in library_free] + library_free
     return files
 
 

@@ -1,11 +1,10 @@
 """Overlay IP -> host IP from the kernel's VXLAN state (neighbour table + FDB, and Flannel-style
-routes via a gateway), in a throw-away namespace `rt-map1` with a device `rt-vx`; plus the
-static map. Needs root (network namespaces)."""
+routes via a gateway), in a throw-away namespace `rt-map1` with a device `rt-vx`. Needs root
+(network namespaces). The static map: tests/unit/test_router_static_map.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,9 +15,11 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from shuntflow.router.overlay_map import Kind, MapError, Resolver, StaticMap, read_vxlan_tables
+from shuntflow.router.overlay_map import Kind, Resolver, StaticMap, read_vxlan_tables
 from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
 from shuntflow.wire import Status, Tuple4
+
+pytestmark = pytest.mark.root
 
 NS = "rt-map1"
 DEV = "rt-vx"
@@ -103,7 +104,6 @@ def add_container(ipr: Any, idx: int) -> None:
     ipr.fdb("add", ifindex=idx, lladdr="02:42:c6:13:02:09", dst="198.18.0.2")
 
 
-@pytest.mark.root
 def test_read_tables(vxlan_ns: Any) -> None:
     tables = read_vxlan_tables(DEV, NS)
     assert tables.error is None
@@ -113,7 +113,6 @@ def test_read_tables(vxlan_ns: Any) -> None:
     assert read_vxlan_tables("rt-nodev", NS).error == "no device rt-nodev"
 
 
-@pytest.mark.root
 def test_resolver_netlink_and_static_fallback(vxlan_ns: Any, tmp_path: Path) -> None:
     ipr, idx = vxlan_ns
     static = StaticMap({"198.19.4.0/24": "198.18.0.4", "198.19.2.1": "198.18.0.99"})
@@ -158,7 +157,6 @@ def test_resolver_netlink_and_static_fallback(vxlan_ns: Any, tmp_path: Path) -> 
     asyncio.run(main())
 
 
-@pytest.mark.root
 def test_router_uses_vxlan_device(vxlan_ns: Any, tmp_path: Path) -> None:
     """A router inside the namespace with --vxlan-dev only (no map) resolves by netlink."""
     port = free_port(["127.0.0.1"])
@@ -175,24 +173,6 @@ def test_router_uses_vxlan_device(vxlan_ns: Any, tmp_path: Path) -> None:
         assert info["vxlan_dev"] == DEV and info["fdb"] >= 3 and info["neighbours"] >= 4
     finally:
         assert r.stop() == 0
-
-
-def test_static_map_parsing(tmp_path: Path) -> None:
-    m = StaticMap(
-        {"198.19.0.0/16": "198.18.0.9", "198.19.2.0/24": "198.18.0.2", "198.19.2.7": "198.18.0.7"}
-    )
-    assert m.lookup(IP("198.19.2.7")) == IP("198.18.0.7")  # longest prefix wins
-    assert m.lookup(IP("198.19.2.8")) == IP("198.18.0.2")
-    assert m.lookup(IP("198.19.5.1")) == IP("198.18.0.9")
-    assert m.lookup(IP("10.0.0.1")) is None
-    bad = tmp_path / "bad.json"
-    for content in ("[1, 2]", '{"198.19.2.1": 5}', "{not json", '{"x": "198.18.0.1"}'):
-        bad.write_text(content)
-        with pytest.raises(MapError):
-            StaticMap.load(bad)
-    good = tmp_path / "good.json"
-    good.write_text(json.dumps({"198.19.2.1": "198.18.0.2"}))
-    assert StaticMap.load(good).lookup(IP("198.19.2.1")) == IP("198.18.0.2")
 
 
 def test_no_namespace_left_behind() -> None:

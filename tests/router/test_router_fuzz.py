@@ -67,6 +67,8 @@ from .router_fuzz import (
     run_peer_inputs,
 )
 
+pytestmark = pytest.mark.router
+
 MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2"}
 # Short deadlines so slow inputs cost the test little; the logic is the same as with defaults.
 OFFER_READ_TIMEOUT_MS = 250

@@ -19,6 +19,8 @@ from shuntflow.wire import Msg, MsgType, Status, Tuple4
 
 from .test_router_switch import MAP, assert_pair, tup
 
+pytestmark = pytest.mark.router
+
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[RouterProcess, RouterProcess, Path, int]]:

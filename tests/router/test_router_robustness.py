@@ -21,6 +21,8 @@ import pytest
 from shuntflow.router.testing import TEST_KEY, FakeLibrary, RouterProcess, free_port
 from shuntflow.wire import MSG_MAGIC, PEER_MAGIC, Msg, MsgType, PeerMsg, Status, Tuple4
 
+pytestmark = pytest.mark.router
+
 MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2", "198.19.3.0/24": "127.0.0.3"}
 
 
@@ -366,7 +368,9 @@ def test_sockets_modes_and_clean_shutdown(tmp_path: os.PathLike[str]) -> None:
         assert stat.S_IMODE(r.control.stat().st_mode) == 0o600
         # A second router on the same socket refuses to start (exit 1, one line).
         args = ["--host-ip", "127.0.0.1", "--peer-port", str(free_port()), "--map", str(map_file)]
-        args += ["--cluster-key", str(r.key_file)]
+        # No socket guard, as RouterProcess starts the first: loading it needs root, and without
+        # root libbpf writes its own lines to stderr before the router's.
+        args += ["--cluster-key", str(r.key_file), "--no-socket-guard"]
         second = subprocess.run(
             [sys.executable, "-m", "shuntflow.router", "--socket", str(r.socket), *args],
             capture_output=True,

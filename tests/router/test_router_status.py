@@ -27,6 +27,8 @@ from shuntflow.router.testing import (
 from shuntflow.wire import Mode, Status, Tuple4
 from shuntflow.wire import Path as ConnPath
 
+pytestmark = pytest.mark.router
+
 MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2"}
 SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
 BASE = ["--socket", "{dir}/r.sock", "--host-ip", "127.0.0.1", "--map", "{map}"]

@@ -23,6 +23,8 @@ import pytest
 from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port, offer_bytes, recv_exact
 from shuntflow.wire import PEER_SIZE, MsgType, PeerMsg, Status, Tuple4
 
+pytestmark = pytest.mark.router
+
 MAP = {
     "198.19.1.0/24": "127.0.0.1",
     "198.19.2.0/24": "127.0.0.2",

@@ -1,10 +1,10 @@
 """The router's security pieces on their own: cluster key files, OFFER authentication (MAC,
 time window, replay cache), allow/deny policy rules, the sock_diag ownership check on real
-loopback connections, two routers with different keys on loopback, and the BPF socket guard."""
+loopback connections, and where the socket guard finds cgroup v2. (Two routers with different
+keys: tests/router/test_router_keys.py; the guard's programs: tests/integration.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -23,10 +23,10 @@ from shuntflow.router.auth import (
     now_ms,
     write_cluster_key,
 )
-from shuntflow.router.guard import GuardError, SocketGuard, cgroup2_root
+from shuntflow.router.guard import GuardError, cgroup2_root
 from shuntflow.router.ownership import OwnershipChecker
 from shuntflow.router.policy import Policy, PolicyError, Rule
-from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port, write_key_file
+from shuntflow.router.testing import write_key_file
 from shuntflow.wire import Status, Tuple4, underlay_binding
 
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -221,33 +221,6 @@ def test_ownership_of_real_connections() -> None:
     checker.close()
 
 
-def test_routers_with_different_keys_never_switch(tmp_path: Path) -> None:
-    map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps({"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2"}))
-    port = free_port()
-    a = RouterProcess(tmp_path / "a.sock", "127.0.0.1", port, ["--map", str(map_file)])
-    try:
-        b = RouterProcess(
-            tmp_path / "b.sock",
-            "127.0.0.2",
-            port,
-            ["--map", str(map_file)],
-            key_file=write_key_file(tmp_path / "b.key", b"another cluster's key, 32+ bytes!"),
-        )
-        try:
-            t = Tuple4.parse("198.19.1.1:30000", "198.19.2.1:80")
-            with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, owned={t.mirrored()}) as lb:
-                res = la.wait_result(la.request(t))
-                assert res.msg.status == Status.PEER_UNREACHABLE and res.sock is None
-                assert not lb.claims and not lb.host
-            assert "event=offer_rejected" in b.log() and 'reason="bad MAC"' in b.log()
-            assert b.status()["router"]["security"]["offers_rejected"] == 1
-        finally:
-            b.stop()
-    finally:
-        a.stop()
-
-
 # -- the socket guard -----------------------------------------------------------------------
 
 
@@ -265,27 +238,3 @@ def test_cgroup2_root_in_both_layouts() -> None:
     assert cgroup2_root(hybrid) == Path("/sys/fs/cgroup/unified")
     with pytest.raises(GuardError, match="no cgroup v2"):
         cgroup2_root("26 25 0:23 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root")
-def test_guard_refuses_marked_sockets_and_leaves_nothing() -> None:
-    """Two guards stack (two routers on one kernel); closing both detaches everything."""
-    first, second = SocketGuard(0x5F5F01), SocketGuard(0x5F5F01)
-    first.start()
-    second.start()
-    try:
-        first.close()  # the other router's programs still hold
-        with socket.socket() as s:
-            second.protect(s)
-            with pytest.raises(PermissionError):
-                s.bind(("127.0.0.1", 0))
-            with pytest.raises(PermissionError):
-                s.connect(("127.0.0.1", 9))
-        with socket.socket() as plain:  # an unmarked socket is none of its business
-            plain.bind(("127.0.0.1", 0))
-        assert second.counters()["refused_bind"] >= 2  # its self-test's and ours
-    finally:
-        second.close()
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x5F5F01)
-        s.bind(("127.0.0.1", 0))  # no program left attached
