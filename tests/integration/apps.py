@@ -1,4 +1,6 @@
-"""Running real servers and clients in testbed containers, and proving which path they took.
+"""Running real servers and clients in testbed containers, and proving which path they took:
+what the integration tests share (the torture pair, real overlay connections and the routers'
+logs too). Helpers shared between test files live here, never in a test file.
 
 The path is proved from the kernel, never from the project's own word (its counters or logs):
 - nftables counters in each host namespace's output hook count what the host sent on each path:
@@ -20,18 +22,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shuntflow import torture
 from shuntflow.native import app_environment
-from shuntflow.testbed import Container, Testbed
-from shuntflow.wire import Mode
+from shuntflow.testbed import Container, Testbed, nsutil
+from shuntflow.wire import Mode, Tuple4
 
 PEER_PORT = 4790
 MODES = ("overlay", "slim", "shuntflow")
@@ -412,3 +416,138 @@ def assert_path(
             f"{mode}: after the switch VXLAN carried {d} for {conns} connections (at most "
             f"{most} payload-free packets)"
         )
+
+
+# -- the torture pair (src/shuntflow/torture.py) ------------------------------------------
+
+
+def run_torture(
+    tb: Testbed,
+    mode: str,
+    style: str,
+    threshold: int,
+    connections: int,
+    port: int,
+    max_bytes: int = 256 * 1024,
+    concurrency: int = 16,
+    timeout: float = 120,
+    server_program: Sequence[str] = ("-m", "shuntflow.torture"),
+    server_log: Path | None = None,
+    calls: Sequence[str] = torture.CALLS,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The torture pair, client in <prefix>-h1-c1 and server in <prefix>-h2-c1, both in `mode`;
+    the server as `python <server_program> server ...` (a script that prepares the process, then
+    runs shuntflow.torture), its library logging to `server_log`; `calls`: the data calls the
+    pair picks from. Their two summaries."""
+    client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    cookie = {h.index: host_netns_cookie(h.netns) for h in tb.hosts}
+    common = [
+        "--port",
+        str(port),
+        "--connections",
+        str(connections),
+        "--style",
+        style,
+        "--timeout",
+        str(timeout),
+        "--calls",
+        ",".join(calls),
+    ]
+    server = tb.popen(
+        server_c,
+        [
+            sys.executable,
+            *server_program,
+            "server",
+            *common,
+            "--host-cookie",
+            str(cookie[server_c.host_index]),
+        ],
+        env=mode_env(tb, server_c, mode, threshold, log=server_log),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        first = server.stdout.readline()
+        assert first, server.communicate(timeout=10)[1][-2000:]
+        assert json.loads(first)["listening"] == port
+        client = tb.run(
+            client_c,
+            [
+                sys.executable,
+                "-m",
+                "shuntflow.torture",
+                "client",
+                *common,
+                "--host",
+                server_c.overlay_ip,
+                "--max-bytes",
+                str(max_bytes),
+                "--concurrency",
+                str(concurrency),
+                "--seed",
+                str(port),
+                "--host-cookie",
+                str(cookie[client_c.host_index]),
+            ],
+            env=mode_env(tb, client_c, mode, threshold),
+            timeout=timeout + 30,
+            capture_output=True,
+            text=True,
+        )
+        out, _ = server.communicate(timeout=timeout + 30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert client.stdout.strip(), client.stderr
+    return json.loads(client.stdout.strip().splitlines()[-1]), json.loads(
+        out.strip().splitlines()[-1]
+    )
+
+
+def host_netns_cookie(netns: str) -> int:
+    """SO_NETNS_COOKIE of a socket made in `netns`: what a switched connection's socket reports.
+    In-process (a thread enters the namespace): the tests that time a fault from before
+    run_torture must not wait for a probe process."""
+    return int(nsutil.in_netns(netns, torture.own_netns_cookie))
+
+
+def assert_intact(summary: dict[str, Any], connections: int) -> None:
+    assert summary["missing"] == 0, summary
+    assert summary["bad"] == 0, (
+        f"seed {summary.get('seed')}",
+        [
+            (f["conn_id"], f["seed"], f["endpoints"], f["error"], f["cookie_error"], f["first_bad"])
+            for f in summary["failures"]
+        ],
+    )
+    assert summary["ok"] == connections
+    assert summary["cookie_errors"] == 0
+
+
+# -- connections and router logs ---------------------------------------------------------
+
+
+def connect(client: Any, server: Any, port: int) -> tuple[socket.socket, socket.socket, Tuple4]:
+    """A real overlay connection client -> server:port, both ends inside their namespaces."""
+    listener = nsutil.in_netns(
+        server.netns, lambda: socket.create_server((server.overlay_ip, port), backlog=4)
+    )
+    with listener:
+        conn = nsutil.in_netns(
+            client.netns, lambda: socket.create_connection((server.overlay_ip, port), timeout=5)
+        )
+        accepted, _ = listener.accept()
+    t = Tuple4.parse("{}:{}".format(*conn.getsockname()), "{}:{}".format(*conn.getpeername()))
+    return conn, accepted, t
+
+
+def log_of(h: Any) -> list[str]:
+    return h.router_log.read_text().splitlines()
+
+
+def new_lines(h: Any, before: int) -> list[str]:
+    return log_of(h)[before:]

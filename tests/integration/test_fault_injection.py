@@ -46,9 +46,15 @@ from shuntflow.testbed import Testbed
 from shuntflow.testbed.build import rtnl
 from shuntflow.testbed.plan import host_uplink
 
-from .apps import PEER_PORT, install_path_counters, mode_env, read_path, start_script_server
+from .apps import (
+    PEER_PORT,
+    assert_intact,
+    install_path_counters,
+    mode_env,
+    read_path,
+    start_script_server,
+)
 from .conftest import MakeTestbed
-from .test_torture import assert_intact
 
 pytestmark = pytest.mark.root
 

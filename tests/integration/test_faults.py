@@ -13,7 +13,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .test_torture import assert_intact, run_torture
+from .apps import assert_intact, run_torture
 
 pytestmark = pytest.mark.root
 

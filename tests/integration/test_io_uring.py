@@ -19,8 +19,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import install_path_counters, read_path
-from .test_torture import assert_intact, run_torture
+from .apps import assert_intact, install_path_counters, read_path, run_torture
 
 pytestmark = pytest.mark.root
 

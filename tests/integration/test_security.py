@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -25,12 +24,19 @@ import pytest
 from shuntflow.router.control import query
 from shuntflow.router.testing import FakeLibrary
 from shuntflow.testbed import Testbed
-from shuntflow.testbed.nsutil import in_netns, pid_cmdline
+from shuntflow.testbed.nsutil import pid_cmdline
 from shuntflow.testbed.plan import cluster_key_path, host_uplink
 from shuntflow.wire import Tuple4
 
-from .apps import install_path_counters, read_path
-from .test_torture import assert_intact, run_torture
+from .apps import (
+    assert_intact,
+    connect,
+    install_path_counters,
+    log_of,
+    new_lines,
+    read_path,
+    run_torture,
+)
 
 pytestmark = pytest.mark.root
 
@@ -49,33 +55,11 @@ def status(h: Any) -> dict[str, Any]:
     return info
 
 
-def log_of(h: Any) -> list[str]:
-    return h.router_log.read_text().splitlines()
-
-
-def new_lines(h: Any, before: int) -> list[str]:
-    return log_of(h)[before:]
-
-
 def agent(tb: Testbed, where: Any, *args: str) -> dict[str, Any]:
     out = tb.run(where, [sys.executable, AGENT, *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr[-2000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
-
-
-def connect(client: Any, server: Any, port: int) -> tuple[socket.socket, socket.socket, Tuple4]:
-    """A real overlay connection client -> server:port, both ends inside their namespaces."""
-    listener = in_netns(
-        server.netns, lambda: socket.create_server((server.overlay_ip, port), backlog=4)
-    )
-    with listener:
-        conn = in_netns(
-            client.netns, lambda: socket.create_connection((server.overlay_ip, port), timeout=5)
-        )
-        accepted, _ = listener.accept()
-    t = Tuple4.parse("{}:{}".format(*conn.getsockname()), "{}:{}".format(*conn.getpeername()))
-    return conn, accepted, t
 
 
 def test_testbed_key_is_private_and_given_to_every_router(tb: Testbed) -> None:

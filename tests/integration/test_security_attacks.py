@@ -33,8 +33,7 @@ from shuntflow.testbed import Testbed
 from shuntflow.testbed.nsutil import in_netns
 from shuntflow.wire import Status, Tuple4
 
-from .test_security import connect, log_of, new_lines
-from .test_torture import assert_intact, run_torture
+from .apps import assert_intact, connect, log_of, new_lines, run_torture
 
 pytestmark = pytest.mark.root
 

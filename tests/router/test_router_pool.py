@@ -17,7 +17,7 @@ from shuntflow.router.latency import LatencyWindow, percentile
 from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
 from shuntflow.wire import Msg, MsgType, Status, Tuple4
 
-from .test_router_switch import MAP, assert_pair, tup
+from .support import MAP, assert_pair, tup
 
 pytestmark = pytest.mark.router
 

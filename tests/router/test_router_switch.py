@@ -2,8 +2,7 @@
 with fake libraries speaking SEQPACKET + SCM_RIGHTS: the switch itself, refusals, duplicates
 and crossing offers (invariant 5), and fd hygiene of the router processes.
 
-Overlay plan of the map: 198.19.1.0/24 lives on A, 198.19.2.0/24 and 198.19.0.0/24 on B,
-198.19.3.0/24 on a host 127.0.0.3 with no router.
+The overlay plan of the map: support.MAP.
 """
 
 from __future__ import annotations
@@ -23,14 +22,9 @@ import pytest
 from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port, offer_bytes, recv_exact
 from shuntflow.wire import PEER_SIZE, MsgType, PeerMsg, Status, Tuple4
 
-pytestmark = pytest.mark.router
+from .support import MAP, assert_pair, tup
 
-MAP = {
-    "198.19.1.0/24": "127.0.0.1",
-    "198.19.2.0/24": "127.0.0.2",
-    "198.19.0.0/24": "127.0.0.2",  # B's addresses below A's: B's end leads
-    "198.19.3.0/24": "127.0.0.3",
-}
+pytestmark = pytest.mark.router
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +47,6 @@ def routers(
     for r in (a, b):
         assert not r.socket.exists() and not r.control.exists(), "sockets left behind"
         assert "level=error" not in r.log(), r.log()
-
-
-def tup(i: int, local: str = "198.19.1.1", remote: str = "198.19.2.1:80") -> Tuple4:
-    return Tuple4.parse(f"{local}:{20000 + i}", remote)
-
-
-def assert_pair(x: socket.socket, y: socket.socket) -> None:
-    """x and y are the two ends of one TCP connection, and bytes flow both ways."""
-    assert x.getsockname() == y.getpeername()
-    assert x.getpeername() == y.getsockname()
-    x.settimeout(5)
-    y.settimeout(5)
-    x.sendall(b"ping from x")
-    assert y.recv(100) == b"ping from x"
-    y.sendall(b"pong from y")
-    assert x.recv(100) == b"pong from y"
 
 
 def test_switch_hands_both_ends_of_one_connection(
