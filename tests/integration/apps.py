@@ -34,7 +34,7 @@ from typing import Any
 
 from shuntflow import torture
 from shuntflow.native import app_environment
-from shuntflow.testbed import Container, Testbed, nsutil
+from shuntflow.testbed import Container, Host, Testbed
 from shuntflow.wire import Mode, Tuple4
 
 PEER_PORT = 4790
@@ -128,12 +128,9 @@ def mode_env(
     )
 
 
-def start_script_server(
-    tb: Testbed, c: Container, script: str, env: dict[str, str]
-) -> subprocess.Popen[str]:
+def start_script_server(c: Container, script: str, env: dict[str, str]) -> subprocess.Popen[str]:
     """`python -c script <c's overlay IP>` in container c, once it printed "listening"."""
-    proc = tb.popen(
-        c,
+    proc = c.popen(
         [sys.executable, "-c", script, c.overlay_ip],
         env=env,
         stdout=subprocess.PIPE,
@@ -149,11 +146,10 @@ def start_script_server(
 
 
 def run_script_client(
-    tb: Testbed, c: Container, script: str, server_ip: str, env: dict[str, str], timeout: float
+    c: Container, script: str, server_ip: str, env: dict[str, str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
     """`python -c script <server_ip>` in container c, output captured."""
-    return tb.run(
-        c,
+    return c.run(
         [sys.executable, "-c", script, server_ip],
         env=env,
         capture_output=True,
@@ -178,8 +174,8 @@ class Apps:
     def wait_listening(self, port: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = self.tb.run(
-                self.server_c, ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True
+            out = self.server_c.run(
+                ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True
             ).stdout
             if out.strip():
                 return
@@ -190,8 +186,7 @@ class Apps:
     def server(
         self, argv: list[str], mode: str | None, port: int, threshold: int = TEST_THRESHOLD
     ) -> Iterator[subprocess.Popen[str]]:
-        proc = self.tb.popen(
-            self.server_c,
+        proc = self.server_c.popen(
             argv,
             env=mode_env(self.tb, self.server_c, mode, threshold),
             stdout=subprocess.PIPE,
@@ -217,8 +212,7 @@ class Apps:
         timeout: float = 120.0,
         stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return self.tb.run(
-            self.client_c,
+        return self.client_c.run(
             argv,
             env=mode_env(self.tb, self.client_c, mode, threshold),
             timeout=timeout,
@@ -230,8 +224,7 @@ class Apps:
     def client_popen(
         self, argv: list[str], mode: str | None, threshold: int = TEST_THRESHOLD
     ) -> subprocess.Popen[str]:
-        return self.tb.popen(
-            self.client_c,
+        return self.client_c.popen(
             argv,
             env=mode_env(self.tb, self.client_c, mode, threshold),
             stdout=subprocess.PIPE,
@@ -247,8 +240,7 @@ class Apps:
         client writes and reads back its data, and its JSON result is returned with what the
         paths carried meanwhile. The result holds `payload`: the bytes the client wrote and read
         in the checked part."""
-        proc = self.tb.popen(
-            self.client_c,
+        proc = self.client_c.popen(
             [sys.executable, "-c", SWITCH_WAIT + script, self.server_ip, mode, *args],
             env=mode_env(self.tb, self.client_c, mode),
             stdin=subprocess.PIPE,
@@ -281,8 +273,7 @@ class Apps:
         connections wait in this router's accept queue for a moment."""
         host = self.tb.hosts[0]
         router = f"pid={int(host.router_pid_file.read_text())},"
-        out = self.tb.run(
-            host.netns,
+        out = host.run(
             [
                 "ss",
                 "-tnpH",
@@ -357,9 +348,8 @@ class PathBytes:
 def install_path_counters(tb: Testbed) -> None:
     """Adds (or resets) the `sf_path` nftables counters in every host namespace."""
     for h in tb.hosts:
-        tb.run(h.netns, ["nft", "delete", "table", "inet", "sf_path"], capture_output=True)
-        done = tb.run(
-            h.netns,
+        h.run(["nft", "delete", "table", "inet", "sf_path"], capture_output=True)
+        done = h.run(
             ["nft", "-f", "-"],
             input=path_table(tb.vxlan_port),
             capture_output=True,
@@ -371,8 +361,7 @@ def install_path_counters(tb: Testbed) -> None:
 def read_path(tb: Testbed) -> PathBytes:
     total = PathBytes()
     for h in tb.hosts:
-        out = tb.run(
-            h.netns,
+        out = h.run(
             ["nft", "-j", "list", "counters", "table", "inet", "sf_path"],
             capture_output=True,
             text=True,
@@ -440,7 +429,7 @@ def run_torture(
     runs shuntflow.torture), its library logging to `server_log`; `calls`: the data calls the
     pair picks from. Their two summaries."""
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
-    cookie = {h.index: host_netns_cookie(h.netns) for h in tb.hosts}
+    cookie = {h.index: host_netns_cookie(h) for h in tb.hosts}
     common = [
         "--port",
         str(port),
@@ -453,8 +442,7 @@ def run_torture(
         "--calls",
         ",".join(calls),
     ]
-    server = tb.popen(
-        server_c,
+    server = server_c.popen(
         [
             sys.executable,
             *server_program,
@@ -473,8 +461,7 @@ def run_torture(
         first = server.stdout.readline()
         assert first, server.communicate(timeout=10)[1][-2000:]
         assert json.loads(first)["listening"] == port
-        client = tb.run(
-            client_c,
+        client = client_c.run(
             [
                 sys.executable,
                 "-m",
@@ -508,11 +495,11 @@ def run_torture(
     )
 
 
-def host_netns_cookie(netns: str) -> int:
-    """SO_NETNS_COOKIE of a socket made in `netns`: what a switched connection's socket reports.
-    In-process (a thread enters the namespace): the tests that time a fault from before
-    run_torture must not wait for a probe process."""
-    return int(nsutil.in_netns(netns, torture.own_netns_cookie))
+def host_netns_cookie(host: Host) -> int:
+    """SO_NETNS_COOKIE of a socket made in `host`'s namespace: what a switched connection's
+    socket reports. In-process (a thread enters the namespace): the tests that time a fault from
+    before run_torture must not wait for a probe process."""
+    return int(host.in_netns(torture.own_netns_cookie))
 
 
 def assert_intact(summary: dict[str, Any], connections: int) -> None:
@@ -533,12 +520,10 @@ def assert_intact(summary: dict[str, Any], connections: int) -> None:
 
 def connect(client: Any, server: Any, port: int) -> tuple[socket.socket, socket.socket, Tuple4]:
     """A real overlay connection client -> server:port, both ends inside their namespaces."""
-    listener = nsutil.in_netns(
-        server.netns, lambda: socket.create_server((server.overlay_ip, port), backlog=4)
-    )
+    listener = server.in_netns(lambda: socket.create_server((server.overlay_ip, port), backlog=4))
     with listener:
-        conn = nsutil.in_netns(
-            client.netns, lambda: socket.create_connection((server.overlay_ip, port), timeout=5)
+        conn = client.in_netns(
+            lambda: socket.create_connection((server.overlay_ip, port), timeout=5)
         )
         accepted, _ = listener.accept()
     t = Tuple4.parse("{}:{}".format(*conn.getsockname()), "{}:{}".format(*conn.getpeername()))

@@ -177,8 +177,7 @@ class Pair:
 
     def start(self) -> Pair:
         server_c, client_c = self.tb.hosts[1].containers[0], self.tb.hosts[0].containers[0]
-        self.server = self.tb.popen(
-            server_c,
+        self.server = server_c.popen(
             [
                 sys.executable,
                 "-m",
@@ -193,8 +192,7 @@ class Pair:
         )
         assert self.server.stdout is not None
         assert json.loads(self.server.stdout.readline())["listening"] == self.port
-        self.client = self.tb.popen(
-            client_c,
+        self.client = client_c.popen(
             [
                 *self.client_prefix,
                 sys.executable,
@@ -478,9 +476,11 @@ def reset_host_connections(tb: Testbed, host: int, pid: int, held: bool) -> list
 
     Connections it holds on its own fd numbers are switched ones and are left alone."""
     base = private_base(pid)
-    out = tb.run(
-        tb.host(host), ["ss", "-tnpH", "state", "established"], capture_output=True, text=True
-    ).stdout
+    out = (
+        tb.host(host)
+        .run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True)
+        .stdout
+    )
     killed = []
     for line in out.splitlines():
         cols = line.split()  # Recv-Q Send-Q Local Peer users (no State with a state filter)
@@ -493,8 +493,7 @@ def reset_host_connections(tb: Testbed, host: int, pid: int, held: bool) -> list
         holders = USERS.findall(line)
         fds = [int(fd) for holder, fd in holders if int(holder) == pid]
         if (bool(fds) and min(fds) >= base) if held else not holders:
-            r = tb.run(
-                tb.host(host),
+            r = tb.host(host).run(
                 ["ss", "-K", "-tnH", "sport", "=", f":{lport}", "and", "dport", "=", f":{pport}"],
                 capture_output=True,
                 text=True,
@@ -513,9 +512,11 @@ def host_connections(tb: Testbed, host: int, pid: int) -> dict[Conn, bool]:
     whoever holds it, each with whether process `pid` holds it on an fd number of its own
     (below the library's private fds): switched, as the kernel shows it."""
     base = private_base(pid)
-    out = tb.run(
-        tb.host(host), ["ss", "-tnpH", "state", "established"], capture_output=True, text=True
-    ).stdout
+    out = (
+        tb.host(host)
+        .run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True)
+        .stdout
+    )
     found = {}
     for line in out.splitlines():
         cols = line.split()  # Recv-Q Send-Q Local Peer users
@@ -914,7 +915,6 @@ def test_close_before_the_peers_sync_loses_nothing(
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
     client_log = tmp_path / "client-lib.log"
     server = start_script_server(
-        tb,
         server_c,
         LATE_SYNC_SERVER.replace("ATTEMPTS", str(attempts)),
         mode_env(tb, server_c, "shuntflow", 1),
@@ -923,8 +923,7 @@ def test_close_before_the_peers_sync_loses_nothing(
         script = LATE_SYNC_CLIENT.replace("ATTEMPTS", str(attempts))
         script = script.replace("SERVER_PID", str(server.pid))
         env = mode_env(tb, client_c, "shuntflow", 1, log=client_log)
-        client = tb.popen(
-            client_c,
+        client = client_c.popen(
             [sys.executable, "-c", script, server_c.overlay_ip],
             env=env,
             stdout=subprocess.PIPE,
@@ -1029,17 +1028,14 @@ def test_swap_wakes_a_reader_whose_overlay_fin_is_lost(
     }
 }
 """
-    done = tb.run(client_c, ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    done = client_c.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     install_path_counters(tb)
     client_log = tmp_path / "client-lib.log"
-    server = start_script_server(
-        tb, server_c, LOST_FIN_SERVER, mode_env(tb, server_c, "shuntflow", 1)
-    )
+    server = start_script_server(server_c, LOST_FIN_SERVER, mode_env(tb, server_c, "shuntflow", 1))
     try:
         try:
-            client = tb.run(
-                client_c,
+            client = client_c.run(
                 [sys.executable, "-c", LOST_FIN_CLIENT, server_c.overlay_ip],
                 env=mode_env(tb, client_c, "shuntflow", 1, log=client_log),
                 capture_output=True,
@@ -1067,8 +1063,8 @@ def test_swap_wakes_a_reader_whose_overlay_fin_is_lost(
     path = read_path(tb)
     assert path.host_payload >= sent["bytes"] > path.overlay_payload, path
     # The case was hit: the server's overlay FIN was dropped on its way in.
-    listed = tb.run(
-        client_c, ["nft", "list", "table", "inet", "sf_fi9"], capture_output=True, text=True
+    listed = client_c.run(
+        ["nft", "list", "table", "inet", "sf_fi9"], capture_output=True, text=True
     ).stdout
     m = re.search(r"counter packets (\d+)", listed)
     assert m and int(m[1]) >= 1, listed
@@ -1092,17 +1088,20 @@ def drop_syncs(tb: Testbed, host: int, ports: str) -> None:
     }}
 }}
 """
-    done = tb.run(tb.host(host), ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    done = tb.host(host).run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
 def syncs_dropped(tb: Testbed, host: int) -> int:
-    listed = tb.run(
-        tb.host(host),
-        ["nft", "list", "table", "inet", "sf_drop_sync"],
-        capture_output=True,
-        text=True,
-    ).stdout
+    listed = (
+        tb.host(host)
+        .run(
+            ["nft", "list", "table", "inet", "sf_drop_sync"],
+            capture_output=True,
+            text=True,
+        )
+        .stdout
+    )
     m = re.search(r"counter packets (\d+)", listed)
     assert m, listed
     return int(m[1])
@@ -1125,10 +1124,9 @@ class ScriptPair:
     def start(self) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
         client_c, server_c = self.tb.hosts[0].containers[0], self.tb.hosts[1].containers[0]
         env = mode_env(self.tb, server_c, "shuntflow", 1, log=self.server_log)
-        server = start_script_server(self.tb, server_c, self.server_script, env)
+        server = start_script_server(server_c, self.server_script, env)
         self.procs.append(server)
-        client = self.tb.popen(
-            client_c,
+        client = client_c.popen(
             [sys.executable, "-c", self.client_script, server_c.overlay_ip],
             env=mode_env(self.tb, client_c, "shuntflow", 1, log=self.client_log),
             stdout=subprocess.PIPE,

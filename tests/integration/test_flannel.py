@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 
 from shuntflow.router.control import query
 from shuntflow.router.overlay_map import Kind, read_vxlan_tables
-from shuntflow.testbed import Testbed
+from shuntflow.testbed import Node, Testbed
 
 from .conftest import MakeTestbed
 
@@ -31,10 +30,8 @@ def flannel(make_testbed_module: MakeTestbed) -> Iterator[Testbed]:
     yield tb
 
 
-def _ip(ns: str, *args: str, tool: str = "ip") -> Any:
-    out = subprocess.run(
-        [tool, "-j", "-n", ns, *args], capture_output=True, text=True, check=True
-    ).stdout
+def _ip(node: Node, *args: str, tool: str = "ip") -> Any:
+    out = node.run([tool, "-j", *args], capture_output=True, text=True, check=True).stdout
     return json.loads(out) if out.strip() else []
 
 
@@ -43,42 +40,35 @@ def test_kernel_state_is_flannels(flannel: Testbed) -> None:
     dev = flannel.hosts[0].vxlan_dev
     for h in flannel.hosts:
         others = [o for o in flannel.hosts if o is not h]
-        (link,) = _ip(h.netns, "-d", "link", "show", dev)
+        (link,) = _ip(h, "-d", "link", "show", dev)
         vx = link["linkinfo"]["info_data"]
         assert (vx["id"], vx["port"], vx.get("learning", False)) == (1, 8472, False)
         assert "master" not in link  # routed, not bridged
         assert link["address"] == f"02:42:c6:13:{h.index:02x}:00"
-        addrs = [
-            (a["local"], a["prefixlen"]) for a in _ip(h.netns, "addr", "show", dev)[0]["addr_info"]
-        ]
+        addrs = [(a["local"], a["prefixlen"]) for a in _ip(h, "addr", "show", dev)[0]["addr_info"]]
         assert addrs == [(f"198.19.{h.index}.0", 32)]
         routes = {
             r["dst"]: (r.get("gateway"), "onlink" in r.get("flags", []))
-            for r in _ip(h.netns, "route", "show", "dev", dev)
+            for r in _ip(h, "route", "show", "dev", dev)
         }
         assert routes == {f"198.19.{o.index}.0/24": (f"198.19.{o.index}.0", True) for o in others}
-        neigh = {
-            n["dst"]: (n["lladdr"], n["state"]) for n in _ip(h.netns, "neigh", "show", "dev", dev)
-        }
+        neigh = {n["dst"]: (n["lladdr"], n["state"]) for n in _ip(h, "neigh", "show", "dev", dev)}
         assert neigh == {
             f"198.19.{o.index}.0": (f"02:42:c6:13:{o.index:02x}:00", ["PERMANENT"]) for o in others
         }
         fdb = {
             (e["mac"], e["dst"])
-            for e in _ip(h.netns, "fdb", "show", "dev", dev, tool="bridge")
+            for e in _ip(h, "fdb", "show", "dev", dev, tool="bridge")
             if "dst" in e
         }
         assert fdb == {(f"02:42:c6:13:{o.index:02x}:00", o.underlay_ip) for o in others}
         # Forwarding between the pod bridge and the VXLAN device.
-        forward = subprocess.run(
-            ["ip", "netns", "exec", h.netns, "sysctl", "-n", "net.ipv4.ip_forward"],
-            capture_output=True,
-            text=True,
-            check=True,
+        forward = h.run(
+            ["sysctl", "-n", "net.ipv4.ip_forward"], capture_output=True, text=True, check=True
         ).stdout.strip()
         assert forward == "1"
         for c in h.containers:
-            addr = _ip(c.netns, "addr", "show", "dev", f"{PREFIX}-eth0")[0]["addr_info"]
+            addr = _ip(c, "addr", "show", "dev", f"{PREFIX}-eth0")[0]["addr_info"]
             assert [(a["local"], a["prefixlen"]) for a in addr] == [(c.overlay_ip, 24)]
 
 
@@ -88,9 +78,7 @@ def test_every_pod_reaches_every_remote_pod(flannel: Testbed) -> None:
         for other in flannel.containers:
             if other.host_index == c.host_index:
                 continue
-            out = flannel.run(
-                c, ["ping", "-c1", "-W3", "-s", "1000", other.overlay_ip], capture_output=True
-            )
+            out = c.run(["ping", "-c1", "-W3", "-s", "1000", other.overlay_ip], capture_output=True)
             assert out.returncode == 0, (c.name, other.name, out.stdout)
     after = [sum(flannel.vxlan_counters(h.index)) for h in flannel.hosts]
     # 4 remote pods per pod, a 1 KB echo each way: every host's VXLAN device carried them.

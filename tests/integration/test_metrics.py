@@ -17,7 +17,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shuntflow.testbed import Host, Testbed
-from shuntflow.testbed.nsutil import in_netns
 
 from .apps import RESP_CLIENT, Apps, PathBytes, assert_path, mode_env, redis_server
 
@@ -56,7 +55,7 @@ def scrape(host: Host, url: str) -> Samples:
             return str(resp.read().decode())
 
     samples: Samples = {}
-    for family in text_string_to_metric_families(in_netns(host.netns, get)):
+    for family in text_string_to_metric_families(host.in_netns(get)):
         for s in family.samples:
             samples[(s.name, frozenset(s.labels.items()))] = s.value
     return samples
@@ -97,8 +96,7 @@ def test_counters_move_with_a_switch(testbed: Testbed, tmp_path: Path) -> None:
     values = [secrets.token_bytes(secrets.randbelow(2000) + 1) for _ in range(400)]
     with apps.server(server, "shuntflow", 6379):
         before = [scrape(h, u) for h, u in zip(testbed.hosts, urls, strict=True)]
-        client = testbed.popen(
-            apps.client_c,
+        client = apps.client_c.popen(
             [sys.executable, "-c", CLIENT, apps.server_ip],
             env=mode_env(testbed, apps.client_c, "shuntflow"),
             stdin=subprocess.PIPE,

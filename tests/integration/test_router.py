@@ -16,7 +16,6 @@ import pytest
 
 from shuntflow.router.control import query
 from shuntflow.router.testing import FakeLibrary
-from shuntflow.testbed.nsutil import in_netns
 from shuntflow.wire import Status, Tuple4
 
 from .apps import Apps, PathBytes, assert_path
@@ -33,12 +32,8 @@ def overlay_connection(
 ) -> tuple[socket.socket, socket.socket, socket.socket]:
     """A real TCP connection client -> server:port over the overlay, each socket made inside
     its container's namespace (by a thread that entered it): the ownership check finds it."""
-    listener = in_netns(
-        server.netns, lambda: socket.create_server((server.overlay_ip, port), backlog=4)
-    )
-    conn = in_netns(
-        client.netns, lambda: socket.create_connection((server.overlay_ip, port), timeout=5)
-    )
+    listener = server.in_netns(lambda: socket.create_server((server.overlay_ip, port), backlog=4))
+    conn = client.in_netns(lambda: socket.create_connection((server.overlay_ip, port), timeout=5))
     accepted, _ = listener.accept()
     return conn, accepted, listener
 

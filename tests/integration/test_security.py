@@ -23,7 +23,7 @@ import pytest
 
 from shuntflow.router.control import query
 from shuntflow.router.testing import FakeLibrary
-from shuntflow.testbed import Testbed
+from shuntflow.testbed import Node, Testbed
 from shuntflow.testbed.nsutil import pid_cmdline
 from shuntflow.testbed.plan import cluster_key_path, host_uplink
 from shuntflow.wire import Tuple4
@@ -55,8 +55,8 @@ def status(h: Any) -> dict[str, Any]:
     return info
 
 
-def agent(tb: Testbed, where: Any, *args: str) -> dict[str, Any]:
-    out = tb.run(where, [sys.executable, AGENT, *args], capture_output=True, text=True, timeout=30)
+def agent(where: Node, *args: str) -> dict[str, Any]:
+    out = where.run([sys.executable, AGENT, *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr[-2000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -80,10 +80,10 @@ def test_only_the_owner_gets_a_host_connection(tb: Testbed) -> None:
         before1, before2 = len(log_of(h1)), len(log_of(h2))
         st2 = status(h2)
         # (a) A process in c12 asks for c11's connection: c12's namespace does not hold it.
-        stolen = agent(tb, c12, "ask", str(h1.router_socket), str(t.local), str(t.remote))
+        stolen = agent(c12, "ask", str(h1.router_socket), str(t.local), str(t.remote))
         # (b) c11 asks for a connection to an address the overlay never connected.
         never = f"{c22.overlay_ip}:9"
-        made_up = agent(tb, c11, "ask", str(h1.router_socket), f"{c11.overlay_ip}:45678", never)
+        made_up = agent(c11, "ask", str(h1.router_socket), f"{c11.overlay_ip}:45678", never)
         assert stolen == {"status": "DENIED", "fds": 0}
         assert made_up == {"status": "DENIED", "fds": 0}
         lines = new_lines(h1, before1)
@@ -99,7 +99,7 @@ def test_only_the_owner_gets_a_host_connection(tb: Testbed) -> None:
         # The owner itself gets it (the check is not a blanket refusal): the claimer on h2
         # answers from c21's namespace, which holds the other end.
         with FakeLibrary(h2.router_socket, owned={t.mirrored()}, netns=c21.netns) as lb:
-            owner = agent(tb, c11, "ask", str(h1.router_socket), str(t.local), str(t.remote))
+            owner = agent(c11, "ask", str(h1.router_socket), str(t.local), str(t.remote))
             assert owner == {"status": "OK", "fds": 1}
             lb.wait_host([t.key()])
 
@@ -109,8 +109,7 @@ def test_forged_claim_is_denied(tb: Testbed) -> None:
     c11 = h1.containers[0]
     c21, c22 = h2.containers
     conn, accepted, t = connect(c11, c21, 8101)  # c21's end has no library: nobody claims it
-    forger = tb.popen(
-        c22,
+    forger = c22.popen(
         [sys.executable, AGENT, "claim", str(h2.router_socket), "4"],
         stdout=subprocess.PIPE,
         text=True,
@@ -119,7 +118,7 @@ def test_forged_claim_is_denied(tb: Testbed) -> None:
         assert forger.stdout is not None and forger.stdout.readline().strip() == "ready"
         before2 = len(log_of(h2))
         with conn, accepted:
-            asked = agent(tb, c11, "ask", str(h1.router_socket), str(t.local), str(t.remote))
+            asked = agent(c11, "ask", str(h1.router_socket), str(t.local), str(t.remote))
         out, _ = forger.communicate(timeout=15)
     finally:
         if forger.poll() is None:
@@ -141,16 +140,12 @@ def test_rogue_on_the_peer_port(tb: Testbed) -> None:
     c11 = h1.containers[0]
     c21 = h2.containers[0]
     foreign = "198.18.0.201"
-    subprocess.run(
-        ["ip", "-n", h1.netns, "addr", "add", f"{foreign}/16", "dev", host_uplink(PREFIX)],
-        check=True,
-    )
+    h1.run(["ip", "addr", "add", f"{foreign}/16", "dev", host_uplink(PREFIX)], check=True)
     t = Tuple4.parse(f"{c11.overlay_ip}:46000", f"{c21.overlay_ip}:8102")  # initiator's view
     with FakeLibrary(h2.router_socket, netns=c21.netns) as watcher:  # owns nothing: NOT_MINE
         before = len(log_of(h2))
         st = status(h2)
         res = agent(
-            tb,
             h1,
             "rogue",
             h2.underlay_ip,
@@ -221,8 +216,7 @@ def test_one_namespace_cannot_take_every_client_slot(make_testbed: Any, tmp_path
     sock = str(h1.router_socket)
 
     def hold_and_release(where: Any, n: int) -> dict[str, Any]:
-        out = tb.run(
-            where,
+        out = where.run(
             [sys.executable, AGENT, "hold", sock, str(n)],
             input="",
             capture_output=True,
@@ -234,8 +228,7 @@ def test_one_namespace_cannot_take_every_client_slot(make_testbed: Any, tmp_path
         return result
 
     before = len(log_of(h1))
-    holder = tb.popen(
-        first,
+    holder = first.popen(
         [sys.executable, AGENT, "hold", sock, "6"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

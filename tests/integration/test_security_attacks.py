@@ -29,8 +29,7 @@ import pytest
 import shuntflow
 from shuntflow.router.control import query
 from shuntflow.router.testing import FakeLibrary
-from shuntflow.testbed import Testbed
-from shuntflow.testbed.nsutil import in_netns
+from shuntflow.testbed import Node, Testbed
 from shuntflow.wire import Status, Tuple4
 
 from .apps import assert_intact, connect, log_of, new_lines, run_torture
@@ -77,8 +76,8 @@ def attacker_argv(args: Sequence[str], own_netns: bool = True) -> list[str]:
     return [*NOBODY, *unshare, *AGENT, *args]
 
 
-def attack(tb: Testbed, where: Any, *args: str, own_netns: bool = True) -> dict[str, Any]:
-    out = tb.run(where, attacker_argv(args, own_netns), capture_output=True, text=True, timeout=60)
+def attack(where: Node, *args: str, own_netns: bool = True) -> dict[str, Any]:
+    out = where.run(attacker_argv(args, own_netns), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -97,7 +96,7 @@ def test_copied_tuple_gets_no_host_connection(tb: Testbed) -> None:
         FakeLibrary(h2.router_socket, owned={t.mirrored()}, netns=server.netns) as peer_lib,
     ):
         before1, before2 = len(log_of(h1)), len(log_of(h2))
-        stolen = attack(tb, a, "copy-ask", str(h1.router_socket), str(t.local), str(t.remote))
+        stolen = attack(a, "copy-ask", str(h1.router_socket), str(t.local), str(t.remote))
         assert stolen == {"status": "channel refused", "fds": 0}, stolen
         assert not peer_lib.host and not peer_lib.claims
         lines = new_lines(h1, before1)
@@ -106,14 +105,14 @@ def test_copied_tuple_gets_no_host_connection(tb: Testbed) -> None:
         assert "attached to no overlay address" in refused[0], refused
         assert not [x for x in new_lines(h2, before2) if "event=switch_done" in x]
         # B itself still gets its connection.
-        own = agent_root(tb, b, "ask", str(h1.router_socket), str(t.local), str(t.remote))
+        own = agent_root(b, "ask", str(h1.router_socket), str(t.local), str(t.remote))
         assert own == {"status": "OK", "fds": 1}
         peer_lib.wait_host([t.key()])
 
 
-def agent_root(tb: Testbed, where: Any, *args: str) -> dict[str, Any]:
+def agent_root(where: Node, *args: str) -> dict[str, Any]:
     """The legitimate side: a process of the container itself (the testbed runs them as root)."""
-    out = tb.run(where, [*AGENT, *args], capture_output=True, text=True, timeout=30)
+    out = where.run([*AGENT, *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr[-2000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -127,8 +126,7 @@ def test_copied_claim_gets_nothing(tb: Testbed) -> None:
     server, thief_c = h2.containers
     conn, accepted, t = connect(client, server, 8201)
     before2 = len(log_of(h2))
-    thief = tb.popen(
-        thief_c,
+    thief = thief_c.popen(
         attacker_argv(["copy-claim", str(h2.router_socket), "6"]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -179,11 +177,9 @@ def test_handed_over_socket_cannot_become_another_connection(tb: Testbed) -> Non
     local = f"{c11.overlay_ip}:46100"
     remote = f"{server.overlay_ip}:8202"
     t = Tuple4.parse(local, remote)
-    listener = in_netns(
-        server.netns, lambda: socket.create_server((server.overlay_ip, 8202), backlog=4)
-    )
+    listener = server.in_netns(lambda: socket.create_server((server.overlay_ip, 8202), backlog=4))
     # A service on the host's loopback that no container should reach.
-    service = in_netns(h1.netns, lambda: socket.create_server(("127.0.0.1", 0), backlog=4))
+    service = h1.in_netns(lambda: socket.create_server(("127.0.0.1", 0), backlog=4))
     reached: list[str] = []
 
     def serve() -> None:
@@ -211,8 +207,7 @@ def test_handed_over_socket_cannot_become_another_connection(tb: Testbed) -> Non
         service,
         FakeLibrary(h2.router_socket, owned={t.mirrored()}, netns=server.netns) as peer_lib,
     ):
-        proc = tb.popen(
-            c11,
+        proc = c11.popen(
             attacker_argv(
                 [
                     "escape",
@@ -240,8 +235,8 @@ def test_handed_over_socket_cannot_become_another_connection(tb: Testbed) -> Non
                 port = int(got["listening"].rsplit(":", 1)[1])
                 for ip in ("127.0.0.1", h1.underlay_ip):
                     with contextlib.suppress(OSError):
-                        in_netns(
-                            h1.netns, lambda ip=ip: socket.create_connection((ip, port), timeout=1)
+                        h1.in_netns(
+                            lambda ip=ip: socket.create_connection((ip, port), timeout=1)
                         ).close()
                         heard.append(ip)
             proc.stdin.close()
@@ -284,8 +279,7 @@ def test_invented_reports_do_not_count(tb: Testbed) -> None:
     before = len(log_of(h1))
     times = status(h1)["switch_time_us"]
     with conn, accepted:
-        reporter = tb.popen(
-            c11,
+        reporter = c11.popen(
             attacker_argv(
                 ["report", str(h1.router_socket), str(t.local), str(t.remote), "2000", "8"],
                 own_netns=False,
@@ -317,8 +311,7 @@ def test_peer_port_flood_leaves_switches_working(tb: Testbed) -> None:
     while real connections switch. (After the guard, a container has no way to the peer port;
     this stands for what a handed-over socket gave it before, or for any host process.)"""
     h1, h2 = tb.hosts
-    flooder = tb.popen(
-        h1,
+    flooder = h1.popen(
         [*AGENT, "flood", h2.underlay_ip, "4790", "25", "1500", "300"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -367,8 +360,7 @@ def test_namespaces_buy_no_channels(make_testbed: Any, tmp_path: Path) -> None:
     first, second = h1.containers
     sock = str(h1.router_socket)
     before = len(log_of(h1))
-    holder = tb.popen(
-        first,
+    holder = first.popen(
         [*NOBODY, *AGENT, "spawn-hold", sock, "3", "4"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -377,8 +369,7 @@ def test_namespaces_buy_no_channels(make_testbed: Any, tmp_path: Path) -> None:
     try:
         assert holder.stdout is not None
         taken = json.loads(holder.stdout.readline())
-        out = tb.run(
-            second,
+        out = second.run(
             [*AGENT, "hold", sock, "1"],
             input="",
             capture_output=True,
@@ -388,8 +379,7 @@ def test_namespaces_buy_no_channels(make_testbed: Any, tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr[-2000:]
         other = json.loads(out.stdout.strip().splitlines()[-1])
         # The attacker's own container still has its slots.
-        own = tb.run(
-            first,
+        own = first.run(
             [*NOBODY, *AGENT, "hold", sock, "5"],
             input="",
             capture_output=True,

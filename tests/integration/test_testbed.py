@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from shuntflow.testbed import Testbed, TestbedError
+from shuntflow.testbed import Node, Testbed, TestbedError
 from shuntflow.testbed.build import Builder
 from shuntflow.testbed.nsutil import pid_alive
 
@@ -159,8 +159,8 @@ def owned() -> Iterator[Callable[[str], str]]:
             Testbed.down_prefix(prefix)
 
 
-def ping(tb: Testbed, ns: str, dst: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return tb.run(ns, ["ping", "-n", "-c1", "-W2", *extra, dst], capture_output=True, text=True)
+def ping(node: Node, dst: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return node.run(["ping", "-n", "-c1", "-W2", *extra, dst], capture_output=True, text=True)
 
 
 # -- traffic ------------------------------------------------------------------------------
@@ -170,8 +170,7 @@ def test_overlay_tcp_moves_bytes_intact_through_vxlan(testbed: Testbed) -> None:
     n = 4 << 20
     rx1, tx1 = testbed.vxlan_counters(1)
     rx2, tx2 = testbed.vxlan_counters(2)
-    server = testbed.popen(
-        "tt1-h2-c1",
+    server = testbed.container("tt1-h2-c1").popen(
         [sys.executable, "-c", SERVER, "198.19.2.1", "5001"],
         stdout=subprocess.PIPE,
         text=True,
@@ -179,8 +178,7 @@ def test_overlay_tcp_moves_bytes_intact_through_vxlan(testbed: Testbed) -> None:
     try:
         assert server.stdout is not None
         assert server.stdout.readline().strip() == "ready"
-        client = testbed.run(
-            "tt1-h1-c1",
+        client = testbed.container("tt1-h1-c1").run(
             [sys.executable, "-c", CLIENT, "198.19.2.1", "5001", str(n)],
             capture_output=True,
             text=True,
@@ -206,8 +204,7 @@ def test_overlay_tcp_moves_bytes_intact_through_vxlan(testbed: Testbed) -> None:
 def test_arp_for_remote_container_is_answered_by_local_vxlan_proxy(testbed: Testbed) -> None:
     rx2, _ = testbed.vxlan_counters(2)
     c = testbed.container("tt1-h1-c2")
-    r = testbed.run(
-        c,
+    r = c.run(
         [sys.executable, "-c", ARP_PROBE, "tt1-eth0", c.mac, c.overlay_ip, "198.19.2.2"],
         capture_output=True,
         text=True,
@@ -215,23 +212,27 @@ def test_arp_for_remote_container_is_answered_by_local_vxlan_proxy(testbed: Test
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "02:42:c6:13:02:02"
     assert testbed.vxlan_counters(2)[0] == rx2, "the ARP request crossed the tunnel"
-    assert ping(testbed, "tt1-h1-c2", "198.19.2.2").returncode == 0
+    assert ping(testbed.container("tt1-h1-c2"), "198.19.2.2").returncode == 0
 
 
 def test_container_cannot_reach_underlay(testbed: Testbed) -> None:
     for dst in ("198.18.0.1", "198.18.0.2"):
-        r = testbed.run("tt1-h1-c1", [sys.executable, "-c", CONNECT, dst], capture_output=True)
+        r = testbed.container("tt1-h1-c1").run(
+            [sys.executable, "-c", CONNECT, dst], capture_output=True
+        )
         assert r.stdout.decode().strip() == str(errno.ENETUNREACH)
-        assert ping(testbed, "tt1-h1-c1", dst).returncode != 0
-    routes = testbed.run("tt1-h2-c2", ["cat", "/proc/net/route"], capture_output=True, text=True)
+        assert ping(testbed.container("tt1-h1-c1"), dst).returncode != 0
+    routes = testbed.container("tt1-h2-c2").run(
+        ["cat", "/proc/net/route"], capture_output=True, text=True
+    )
     destinations = [line.split()[1] for line in routes.stdout.splitlines()[1:]]
     assert destinations == ["000013C6"]  # 198.19.0.0/16 only, no default route
 
 
 def test_overlay_mtu_is_1450_with_dont_fragment(testbed: Testbed) -> None:
-    ok = ping(testbed, "tt1-h1-c1", "198.19.2.1", "-M", "do", "-s", "1422")
+    ok = ping(testbed.container("tt1-h1-c1"), "198.19.2.1", "-M", "do", "-s", "1422")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    too_big = ping(testbed, "tt1-h1-c1", "198.19.2.1", "-M", "do", "-s", "1423")
+    too_big = ping(testbed.container("tt1-h1-c1"), "198.19.2.1", "-M", "do", "-s", "1423")
     assert too_big.returncode != 0
     devices = [(h.netns, h.vxlan_dev) for h in testbed.hosts]
     devices += [(h.netns, "tt1-br") for h in testbed.hosts]
@@ -243,20 +244,19 @@ def test_overlay_mtu_is_1450_with_dont_fragment(testbed: Testbed) -> None:
 
 
 def test_hosts_reach_each_other_on_the_underlay(testbed: Testbed) -> None:
-    assert ping(testbed, "tt1-h1", "198.18.0.2").returncode == 0
-    assert ping(testbed, "tt1-h2", "198.18.0.1").returncode == 0
+    assert ping(testbed.host("tt1-h1"), "198.18.0.2").returncode == 0
+    assert ping(testbed.host("tt1-h2"), "198.18.0.1").returncode == 0
 
 
 def test_ipv6_disabled_in_every_namespace(testbed: Testbed) -> None:
-    names = ["tt1-ul"] + [h.netns for h in testbed.hosts] + [c.netns for c in testbed.containers]
-    for ns in names:
-        r = testbed.run(
-            ns,
+    assert testbed.underlay.netns == "tt1-ul"
+    for node in [testbed.underlay, *testbed.hosts, *testbed.containers]:
+        r = node.run(
             ["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6", "/proc/net/if_inet6"],
             capture_output=True,
             text=True,
         )
-        assert r.stdout == "1\n", (ns, r.stdout)
+        assert r.stdout == "1\n", (node.netns, r.stdout)
 
 
 # -- teardown -----------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_down_removes_everything_and_twice_is_fine(owned: Callable[[str], str]) 
     try:
         assert root_links() == before  # every device was made inside a namespace
         assert {"tt3-ul", "tt3-h1", "tt3-h2", "tt3-h1-c1", "tt3-h2-c1"} <= netns_names()
-        sleeper = tb.popen("tt3-h1-c1", ["sleep", "60"])
+        sleeper = tb.container("tt3-h1-c1").popen(["sleep", "60"])
     finally:
         tb.down()
     assert leftovers("tt3") == []
@@ -336,12 +336,12 @@ def test_builder_steps_cover_the_whole_build() -> None:
 def test_two_prefixes_coexist(testbed: Testbed, make_testbed: MakeTestbed) -> None:
     other = make_testbed("tt2", hosts=2, containers=1)
     # Same overlay and underlay addresses in both: each testbed is its own world.
-    assert ping(other, "tt2-h1-c1", "198.19.2.1").returncode == 0
-    assert ping(testbed, "tt1-h1-c1", "198.19.2.1").returncode == 0
+    assert ping(other.container("tt2-h1-c1"), "198.19.2.1").returncode == 0
+    assert ping(testbed.container("tt1-h1-c1"), "198.19.2.1").returncode == 0
     other.down()
     assert leftovers("tt2") == []
     assert all(n in netns_names() for n in ["tt1-ul", "tt1-h1", "tt1-h2-c2"])
-    assert ping(testbed, "tt1-h1-c1", "198.19.2.2").returncode == 0
+    assert ping(testbed.container("tt1-h1-c1"), "198.19.2.2").returncode == 0
     assert Testbed.load("tt1").status()["complete"]
 
 
@@ -372,7 +372,7 @@ def test_cli_bad_arguments_give_one_clear_line(testbed: Testbed) -> None:
     assert "--mode" in one_error_line(cli("exec", "tt1-h1-c1", "--mode", "fast", "--", "true"))
     line = one_error_line(cli("testbed", "up", "--prefix", "tt1", "--no-routers"))
     assert "shuntflow testbed down --prefix tt1" in line
-    assert ping(testbed, "tt1-h1-c1", "198.19.2.1").returncode == 0  # refused, not harmed
+    assert ping(testbed.container("tt1-h1-c1"), "198.19.2.1").returncode == 0  # refused, not harmed
 
 
 def test_cli_up_status_down(owned: Callable[[str], str]) -> None:
@@ -422,7 +422,9 @@ def test_exec_cpu_pins(testbed: Testbed) -> None:
         assert r.stdout.decode().split() == ["Cpus_allowed_list:", "1"], r.stderr
     r = cli("exec", "tt1-h1-c1", "--cpu", "0,1", "--", *grep)
     assert r.stdout.decode().split() == ["Cpus_allowed_list:", "0-1"], r.stderr
-    assert testbed.run("tt1-h1-c1", grep, cpu=1, capture_output=True, text=True).stdout.split() == [
+    assert testbed.container("tt1-h1-c1").run(
+        grep, cpu=1, capture_output=True, text=True
+    ).stdout.split() == [
         "Cpus_allowed_list:",
         "1",
     ]
@@ -464,8 +466,7 @@ def test_exec_agent_cpus_pins_the_library_thread(testbed: Testbed, tmp_path: Pat
     log = tmp_path / "lib.log"
     env = {**os.environ, "SHUNTFLOW_LOG": str(log), "SHUNTFLOW_AGENT_CPUS": "zero"}
     # Set directly: the CLI would refuse the list before the library saw it.
-    r = testbed.run(
-        "tt1-h1-c1",
+    r = testbed.container("tt1-h1-c1").run(
         [sys.executable, "-c", AGENT_CPUS],
         cpu=1,
         env={**env, **_library_env(testbed)},
@@ -509,12 +510,16 @@ def test_exec_mode_sets_library_environment(testbed: Testbed) -> None:
 def test_api_lookup_errors(testbed: Testbed) -> None:
     with pytest.raises(TestbedError, match="tt1-h1-c1, tt1-h1-c2, tt1-h2-c1, tt1-h2-c2"):
         testbed.container("tt1-h3-c1")
-    with pytest.raises(TestbedError, match="not a namespace of testbed"):
-        testbed.run("tt2-h1-c1", ["true"])
+    with pytest.raises(
+        TestbedError, match="no host 'tt2-h1' in testbed 'tt1'; hosts: tt1-h1, tt1-h2"
+    ):
+        testbed.host("tt2-h1")
     c = testbed.container("tt1-h2-c1")
     assert (c.host_index, c.index, c.overlay_ip, c.mac) == (2, 1, "198.19.2.1", "02:42:c6:13:02:01")
     h = testbed.hosts[1]
     assert (h.netns, h.underlay_ip, h.vxlan_dev) == ("tt1-h2", "198.18.0.2", "tt1-vx")
+    assert c.host is h and (c.name, c.ip) == ("tt1-h2-c1", "198.19.2.1")
+    assert (h.name, h.ip) == ("tt1-h2", "198.18.0.2")
     assert h.router_socket == Path("/run/shuntflow/tt1/h2/router.sock")
 
 

@@ -54,7 +54,7 @@ def tcp_retransmits(tb: Testbed) -> int:
     total = 0
     for h in tb.hosts:
         for c in h.containers:
-            snmp = tb.run(c, ["cat", "/proc/net/snmp"], capture_output=True, text=True).stdout
+            snmp = c.run(["cat", "/proc/net/snmp"], capture_output=True, text=True).stdout
             names, values = [line.split() for line in snmp.splitlines() if line.startswith("Tcp:")]
             total += int(values[names.index("RetransSegs")])
     return total

@@ -130,11 +130,10 @@ def test_fd_keeps_its_options_flags_and_addresses_across_a_switch(
     client_c, server_c = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
     logs = {"server": tmp_path / "server.log", "client": tmp_path / "client.log"}
     server = start_script_server(
-        tb, server_c, SERVER, mode_env(tb, server_c, "shuntflow", threshold=4, log=logs["server"])
+        server_c, SERVER, mode_env(tb, server_c, "shuntflow", threshold=4, log=logs["server"])
     )
     try:
         client = run_script_client(
-            tb,
             client_c,
             CLIENT,
             server_c.overlay_ip,

@@ -10,17 +10,15 @@ from typer.testing import CliRunner
 from shuntflow.cli import app
 from shuntflow.testbed import plan
 from shuntflow.testbed.cli import ExecOptions, split_exec_args
+from shuntflow.testbed.nodes import host_from_dict, host_to_dict, plan_hosts
 from shuntflow.testbed.plan import (
     MAX_CONTAINERS,
     MAX_HOSTS,
     TestbedError,
     TestbedUsageError,
     container_prefix,
-    host_from_dict,
-    host_to_dict,
     is_testbed_netns,
     parse_cpu_list,
-    plan_hosts,
     validate_count,
     validate_prefix,
 )
@@ -66,6 +64,14 @@ def test_plan_addresses() -> None:
     assert (c.overlay_ip, c.mac) == ("198.19.2.1", "02:42:c6:13:02:01")
     assert plan_hosts("sf", 12, 11)[11].containers[10].mac == "02:42:c6:13:0c:0b"
     assert host_from_dict(host_to_dict(h1)) == h1
+    # Each container knows its host, also when read back from the state file.
+    back = host_from_dict(host_to_dict(h2))
+    assert all(c.host is h for h in (h1, h2, back) for c in h.containers)
+    assert (back.containers[0].host_index, back.containers[0].ip, back.ip) == (2, c.ip, h2.ip)
+    wrong = host_to_dict(h1)
+    wrong["containers"][0]["host_index"] = 2  # type: ignore[index]
+    with pytest.raises(ValueError, match="container sf-h1-c1 of host 2 under sf-h1"):
+        host_from_dict(wrong)
 
 
 def test_down_patterns_match_only_the_prefix() -> None:
@@ -134,9 +140,9 @@ def test_flannel_layout_addresses() -> None:
     assert plan.pod_gateway(3) == "198.19.3.254"
     # The VTEP's MAC is nobody else's: containers count from 1.
     assert plan.vtep_mac(3) == "02:42:c6:13:03:00"
-    macs = {c.mac for h in plan.plan_hosts("x", 3, plan.MAX_CONTAINERS) for c in h.containers}
+    macs = {c.mac for h in plan_hosts("x", 3, plan.MAX_CONTAINERS) for c in h.containers}
     assert plan.vtep_mac(3) not in macs
-    ips = {c.overlay_ip for h in plan.plan_hosts("x", 3, plan.MAX_CONTAINERS) for c in h.containers}
+    ips = {c.overlay_ip for h in plan_hosts("x", 3, plan.MAX_CONTAINERS) for c in h.containers}
     assert not ips & {plan.vtep_ip(3), plan.pod_gateway(3)}
 
 
@@ -147,7 +153,7 @@ def test_bad_layout(layout: str) -> None:
 
 
 def test_metrics_address_per_host() -> None:
-    (h,) = plan.plan_hosts("x", 1, 1)
+    (h,) = plan_hosts("x", 1, 1)
     assert h.metrics_url == "http://198.18.0.1:9477/metrics"
 
 

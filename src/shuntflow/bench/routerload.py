@@ -42,7 +42,7 @@ from typing import IO, Any
 from shuntflow.native import app_environment
 from shuntflow.router.control import query
 from shuntflow.testbed import Testbed, build
-from shuntflow.testbed.plan import Host
+from shuntflow.testbed.nodes import Host
 from shuntflow.wire import Mode
 
 # The bounds of "flat" (see the docstring): absolute, or relative to the reference sample's RSS,
@@ -196,9 +196,9 @@ def _line(stream: IO[str], proc: subprocess.Popen[str], what: str) -> dict[str, 
 
 
 def tune(tb: Testbed) -> None:
-    for ns in [h.netns for h in tb.hosts] + [c.netns for c in tb.containers]:
+    for node in [*tb.hosts, *tb.containers]:
         for key, value in SYSCTLS.items():
-            tb.run(ns, ["sysctl", "-q", "-w", f"{key}={value}"], check=True)
+            node.run(["sysctl", "-q", "-w", f"{key}={value}"], check=True)
 
 
 def run(tb: Testbed, p: Params) -> dict[str, Any]:
@@ -216,8 +216,7 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         )
 
     result: dict[str, Any] = {"params": p.__dict__, "prefix": tb.prefix}
-    server = tb.popen(
-        server_c,
+    server = server_c.popen(
         [*app, "server", "--ip", server_c.overlay_ip, *ports, "--nofile", nofile],
         env=env(server_c),
         stdout=subprocess.PIPE,
@@ -228,8 +227,7 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
     try:
         assert server.stdout is not None
         _line(server.stdout, server, "server")
-        client = tb.popen(
-            client_c,
+        client = client_c.popen(
             [
                 *app,
                 "client",

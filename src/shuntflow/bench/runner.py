@@ -26,7 +26,7 @@ from shuntflow.native import DEFAULT_THRESHOLD, LibraryMissing, app_environment
 from shuntflow.router import control
 from shuntflow.router.latency import percentile
 from shuntflow.testbed import Testbed
-from shuntflow.testbed.plan import Container, Host
+from shuntflow.testbed.nodes import Container, Host, Node
 
 SERVER_HOST, CLIENT_HOST = 2, 1
 # Each measurement listens on the next port of its workload's range: servers that do not set
@@ -38,7 +38,7 @@ CLIENT_GRACE_S = 8.0
 
 
 def clean_environment() -> None:
-    """Drop any library settings of our own: tb.popen adds the mode's environment to ours."""
+    """Drop any library settings of our own: popen adds the mode's environment to ours."""
     for key in [k for k in os.environ if k.startswith("SHUNTFLOW_") and k != "SHUNTFLOW_LIBRARY"]:
         del os.environ[key]
     preload = [p for p in os.environ.get("LD_PRELOAD", "").split() if "libshuntflow" not in p]
@@ -64,8 +64,14 @@ class Side:
     agent_cpus: set[int] | None = None
 
     @property
+    def node(self) -> Node:
+        """Where its programs run: the host's namespace in a host-network mode, else the
+        container's."""
+        return self.host if self.mode.host_net else self.container
+
+    @property
     def netns(self) -> str:
-        return self.host.netns if self.mode.host_net else self.container.netns
+        return self.node.netns
 
     @property
     def ip(self) -> str:
@@ -290,8 +296,7 @@ class Runner:
     def _spawn(
         self, side: Side, argv: list[str], log: IO[bytes]
     ) -> Iterator[subprocess.Popen[bytes]]:
-        proc = self.tb.popen(
-            side.netns,
+        proc = side.node.popen(
             argv,
             cpu=side.cpus,
             env=side.env(),
@@ -482,8 +487,7 @@ class Runner:
                 run = ClientRun(c, self.raw / f"{name}.out", self.raw / f"{name}.err")
                 out_f, err_f = run.out.open("wb"), run.err.open("wb")
                 files += [out_f, err_f]
-                run.proc = self.tb.popen(
-                    side.netns,
+                run.proc = side.node.popen(
                     c.argv,
                     cpu=side.cpus,
                     env=side.env(),

@@ -35,7 +35,7 @@ from typing import IO, Any
 from shuntflow import torture
 from shuntflow.bench.routerload import footprint
 from shuntflow.native import app_environment
-from shuntflow.testbed import Container, Testbed, build, nsutil
+from shuntflow.testbed import Container, Host, Testbed, build
 from shuntflow.wire import Mode
 
 STYLES = ("epoll", "epoll-et", "poll")
@@ -55,9 +55,10 @@ class Params:
     sample_s: float = 1.0  # between router footprint samples during the run
 
 
-def host_cookie(netns: str) -> int:
-    """SO_NETNS_COOKIE of a socket made in `netns`: what a switched connection reports."""
-    return int(nsutil.in_netns(netns, torture.own_netns_cookie))
+def host_cookie(h: Host) -> int:
+    """SO_NETNS_COOKIE of a socket made in host `h`'s namespace: what a switched connection
+    reports."""
+    return int(h.in_netns(torture.own_netns_cookie))
 
 
 def _router_pids(tb: Testbed) -> dict[int, int]:
@@ -117,7 +118,7 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
     """One all-to-all run on a testbed with routers; returns every figure of the report."""
     if len(tb.hosts) < 2:
         raise ValueError("an all-to-all run needs at least 2 hosts")
-    cookies = {h.index: host_cookie(h.netns) for h in tb.hosts}
+    cookies = {h.index: host_cookie(h) for h in tb.hosts}
     routers = _router_pids(tb)
     logs = tb.run_dir / "scale"
     logs.mkdir(exist_ok=True)
@@ -135,8 +136,7 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
                 Mode.SHUNTFLOW, router_socket=tb.host(c).router_socket, threshold=p.threshold
             )
             errs[c.name] = open(logs / f"{c.name}.err", "w")  # noqa: SIM115 (closed below)
-            procs[c.name] = tb.popen(
-                c,
+            procs[c.name] = c.popen(
                 mesh_argv(tb, c, p, cookies[c.host_index]),
                 env=env,
                 stdin=subprocess.PIPE,

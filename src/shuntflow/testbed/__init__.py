@@ -2,10 +2,13 @@
 
 from shuntflow.testbed import Testbed, TestbedError
 with Testbed.up(prefix="sf", hosts=2, containers=2) as tb:
-    tb.run("sf-h1-c1", ["ping", "-c1", "198.19.2.1"])
+    c1, c2 = tb.hosts[0].containers[0], tb.hosts[1].containers[0]
+    c1.run(["ping", "-c1", c2.ip])          # inside sf-h1-c1
+    c1.host.run(["ip", "-br", "addr"])      # inside sf-h1, c1's host
 """
 
-from shuntflow.testbed.plan import Container, Host, TestbedError
+from shuntflow.testbed.nodes import Container, Host, Node
+from shuntflow.testbed.plan import TestbedError
 from shuntflow.testbed.testbed import Testbed, list_testbeds
 
-__all__ = ["Container", "Host", "Testbed", "TestbedError", "list_testbeds"]
+__all__ = ["Container", "Host", "Node", "Testbed", "TestbedError", "list_testbeds"]

@@ -24,6 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from shuntflow.native import router_command
 from shuntflow.router.auth import write_cluster_key
 from shuntflow.testbed import nsutil
+from shuntflow.testbed.nodes import Container, Host, host_to_dict, plan_hosts
 from shuntflow.testbed.plan import (
     DEFAULT_LAYOUT,
     FLANNEL_PORT,
@@ -34,17 +35,13 @@ from shuntflow.testbed.plan import (
     PREFIX_LEN,
     VXLAN_PORT,
     VXLAN_VNI,
-    Container,
-    Host,
     TestbedError,
     cluster_key_path,
     container_if,
     container_port,
     host_bridge,
-    host_to_dict,
     host_uplink,
     is_testbed_netns,
-    plan_hosts,
     pod_gateway,
     pod_subnet,
     run_dir,
@@ -469,7 +466,7 @@ class Builder:
         # One fresh key per testbed: its routers trust each other and no other testbed's.
         write_cluster_key(cluster_key_path(self.prefix))
         for h in self.hosts:
-            proc = start_detached(h.netns, self.router_argv(h), h.router_log)
+            proc = start_detached(h, self.router_argv(h), h.router_log)
             self.router_procs[h.index] = proc
             h.router_pid_file.write_text(f"{proc.pid}\n")
             self.state["router_pids"][str(h.index)] = proc.pid
@@ -511,7 +508,7 @@ def restart_router(prefix: str, h: Host, state: dict[str, Any]) -> subprocess.Po
         router_args=state.get("router_args", ()),
         layout=state.get("layout", DEFAULT_LAYOUT),
     )
-    proc = start_detached(h.netns, builder.router_argv(h), h.router_log)
+    proc = start_detached(h, builder.router_argv(h), h.router_log)
     h.router_pid_file.write_text(f"{proc.pid}\n")
     state.setdefault("router_pids", {})[str(h.index)] = proc.pid
     write_state(prefix, state)
@@ -526,22 +523,17 @@ def restart_router(prefix: str, h: Host, state: dict[str, Any]) -> subprocess.Po
     return proc
 
 
-def start_detached(ns: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start `argv` in namespace `ns` in its own session, output appended to `log`."""
-    fd = nsutil.open_netns(ns)
-    try:
-        with open(log, "ab") as out:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-                close_fds=True,
-                preexec_fn=nsutil.make_preexec(fd, None),
-            )
-    finally:
-        os.close(fd)
+def start_detached(h: Host, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `argv` in host `h`'s namespace in its own session, output appended to `log`."""
+    with open(log, "ab") as out:
+        return h.popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -2,12 +2,12 @@
 
 Everything the builder, `down` and the CLI agree on lives here, so that `down` can find a
 half-built testbed from its names alone and the unit tests can check the plan without root.
+The hosts and containers these names and addresses make up: nodes.py.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PREFIX = "sf"
@@ -187,124 +187,6 @@ def container_prefix(name: str) -> str | None:
     """The prefix a container name implies (`sf-h1-c2` -> `sf`), None if it is not one."""
     m = CONTAINER_NAME_RE.match(name)
     return m.group(1) if m else None
-
-
-# -- the shape ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Container:
-    name: str
-    netns: str
-    host_index: int
-    index: int
-    overlay_ip: str
-    mac: str
-
-
-@dataclass(frozen=True)
-class Host:
-    index: int
-    netns: str
-    underlay_ip: str
-    router_socket: Path
-    containers: list[Container]
-    vxlan_dev: str
-
-    @property
-    def name(self) -> str:
-        return self.netns
-
-    @property
-    def run_dir(self) -> Path:
-        return self.router_socket.parent
-
-    @property
-    def metrics_address(self) -> str:
-        return f"{self.underlay_ip}:{METRICS_PORT}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.metrics_address}/metrics"
-
-    @property
-    def router_log(self) -> Path:
-        return self.run_dir / "router.log"
-
-    @property
-    def router_pid_file(self) -> Path:
-        return self.run_dir / "router.pid"
-
-
-def plan_hosts(prefix: str, hosts: int, containers: int) -> list[Host]:
-    result = []
-    for i in range(1, hosts + 1):
-        cs = [
-            Container(
-                name=container_netns(prefix, i, j),
-                netns=container_netns(prefix, i, j),
-                host_index=i,
-                index=j,
-                overlay_ip=overlay_ip(i, j),
-                mac=container_mac(i, j),
-            )
-            for j in range(1, containers + 1)
-        ]
-        result.append(
-            Host(
-                index=i,
-                netns=host_netns(prefix, i),
-                underlay_ip=underlay_ip(i),
-                router_socket=host_run_dir(prefix, i) / "router.sock",
-                containers=cs,
-                vxlan_dev=vxlan_dev(prefix),
-            )
-        )
-    return result
-
-
-def host_to_dict(h: Host) -> dict[str, object]:
-    return {
-        "index": h.index,
-        "netns": h.netns,
-        "underlay_ip": h.underlay_ip,
-        "router_socket": str(h.router_socket),
-        "vxlan_dev": h.vxlan_dev,
-        "containers": [
-            {
-                "name": c.name,
-                "netns": c.netns,
-                "host_index": c.host_index,
-                "index": c.index,
-                "overlay_ip": c.overlay_ip,
-                "mac": c.mac,
-            }
-            for c in h.containers
-        ],
-    }
-
-
-def host_from_dict(d: dict[str, object]) -> Host:
-    raw_containers = d["containers"]
-    assert isinstance(raw_containers, list)
-    return Host(
-        index=int(str(d["index"])),
-        netns=str(d["netns"]),
-        underlay_ip=str(d["underlay_ip"]),
-        router_socket=Path(str(d["router_socket"])),
-        vxlan_dev=str(d["vxlan_dev"]),
-        containers=[
-            Container(
-                name=str(c["name"]),
-                netns=str(c["netns"]),
-                host_index=int(c["host_index"]),
-                index=int(c["index"]),
-                overlay_ip=str(c["overlay_ip"]),
-                mac=str(c["mac"]),
-            )
-            for c in raw_containers
-        ],
-    )
 
 
 def parse_cpu_list(text: str) -> set[int]:

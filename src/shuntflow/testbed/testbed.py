@@ -1,15 +1,17 @@
-"""The Mininet-like API: `Testbed.up(...)`, `Testbed.load(prefix)`, `tb.popen(...)`, `tb.down()`."""
+"""The Mininet-like API: `Testbed.up(...)`, `Testbed.load(prefix)`, `tb.down()`; its hosts and
+containers run programs inside their namespaces: `tb.container("sf-h1-c1").popen([...])`."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from shuntflow.testbed import build, nsutil
+from shuntflow.testbed.nodes import Container, Host, Underlay, host_from_dict
 from shuntflow.testbed.plan import (
     DEFAULT_CONTAINERS,
     DEFAULT_HOSTS,
@@ -20,12 +22,8 @@ from shuntflow.testbed.plan import (
     MAX_HOSTS,
     RUN_ROOT,
     VXLAN_PORT,
-    Container,
-    Host,
     TestbedError,
     TestbedUsageError,
-    host_from_dict,
-    is_testbed_netns,
     run_dir,
     underlay_bridge,
     underlay_netns,
@@ -33,21 +31,6 @@ from shuntflow.testbed.plan import (
     validate_layout,
     validate_prefix,
 )
-
-Cpus = int | Iterable[int] | None
-NetnsRef = str | Host | Container
-
-
-def _cpu_set(cpu: Cpus) -> set[int] | None:
-    if cpu is None:
-        return None
-    cpus = {cpu} if isinstance(cpu, int) else {int(c) for c in cpu}
-    available = os.sched_getaffinity(0)
-    if not cpus or not cpus <= available:
-        raise TestbedUsageError(
-            f"cannot pin to CPU(s) {sorted(cpus)}: this process may use {sorted(available)}"
-        )
-    return cpus
 
 
 class Testbed:
@@ -183,8 +166,8 @@ class Testbed:
         return FLANNEL_PORT if self.layout == "flannel" else VXLAN_PORT
 
     @property
-    def underlay_netns(self) -> str:
-        return underlay_netns(self.prefix)
+    def underlay(self) -> Underlay:
+        return Underlay(underlay_netns(self.prefix), underlay_bridge(self.prefix))
 
     @property
     def run_dir(self) -> Path:
@@ -208,60 +191,6 @@ class Testbed:
         raise TestbedUsageError(
             f"no container {name!r} in testbed {self.prefix!r}; containers: {valid}"
         )
-
-    def _netns_name(self, ref: NetnsRef) -> str:
-        name = ref.netns if isinstance(ref, Host | Container) else ref
-        if not is_testbed_netns(self.prefix, name):
-            raise TestbedUsageError(f"{name!r} is not a namespace of testbed {self.prefix!r}")
-        return name
-
-    # -- running things inside --------------------------------------------------------
-
-    def _popen_kwargs(
-        self, fd: int, cpu: Cpus, env: dict[str, str] | None, kw: dict[str, Any]
-    ) -> dict[str, Any]:
-        kw = dict(kw)
-        kw["preexec_fn"] = nsutil.make_preexec(fd, _cpu_set(cpu), kw.pop("preexec_fn", None))
-        if env is not None:
-            kw["env"] = {**os.environ, **env}
-        return kw
-
-    def popen(
-        self,
-        netns: NetnsRef,
-        argv: Sequence[str],
-        cpu: Cpus = None,
-        env: dict[str, str] | None = None,
-        **popen_kwargs: Any,
-    ) -> subprocess.Popen[Any]:
-        """subprocess.Popen of `argv` inside namespace `netns`, optionally pinned to `cpu`.
-
-        `env` is added to (and overrides) this process's environment, so
-        `env=shuntflow.native.app_environment(...)` is enough to load the library.
-        """
-        fd = nsutil.open_netns(self._netns_name(netns))
-        try:
-            return subprocess.Popen(list(argv), **self._popen_kwargs(fd, cpu, env, popen_kwargs))
-        finally:
-            os.close(fd)
-
-    def run(
-        self,
-        netns: NetnsRef,
-        argv: Sequence[str],
-        cpu: Cpus = None,
-        env: dict[str, str] | None = None,
-        timeout: float | None = 60.0,
-        **run_kwargs: Any,
-    ) -> subprocess.CompletedProcess[Any]:
-        """subprocess.run of `argv` inside namespace `netns` (same keywords as subprocess.run)."""
-        fd = nsutil.open_netns(self._netns_name(netns))
-        try:
-            return subprocess.run(
-                list(argv), timeout=timeout, **self._popen_kwargs(fd, cpu, env, run_kwargs)
-            )
-        finally:
-            os.close(fd)
 
     # -- observation ------------------------------------------------------------------
 
