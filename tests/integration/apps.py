@@ -518,7 +518,9 @@ def assert_intact(summary: dict[str, Any], connections: int) -> None:
 # -- connections and router logs ---------------------------------------------------------
 
 
-def connect(client: Any, server: Any, port: int) -> tuple[socket.socket, socket.socket, Tuple4]:
+def connect(
+    client: Container, server: Container, port: int
+) -> tuple[socket.socket, socket.socket, Tuple4]:
     """A real overlay connection client -> server:port, both ends inside their namespaces."""
     listener = server.in_netns(lambda: socket.create_server((server.overlay_ip, port), backlog=4))
     with listener:
@@ -530,9 +532,9 @@ def connect(client: Any, server: Any, port: int) -> tuple[socket.socket, socket.
     return conn, accepted, t
 
 
-def log_of(h: Any) -> list[str]:
+def log_of(h: Host) -> list[str]:
     return h.router_log.read_text().splitlines()
 
 
-def new_lines(h: Any, before: int) -> list[str]:
+def new_lines(h: Host, before: int) -> list[str]:
     return log_of(h)[before:]
