@@ -19,6 +19,8 @@ import pytest
 from shuntflow.native import router_command
 from shuntflow.router.testing import RouterProcess, free_port
 
+pytestmark = pytest.mark.router
+
 ASAN_RUNTIME = subprocess.run(
     ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True
 ).stdout.strip()

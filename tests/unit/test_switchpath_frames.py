@@ -4,7 +4,8 @@ Each rule lives twice: in C (switchpath/peerframe.c, libframe.c, owner.c) and in
 with wire.py, library_channel.py, ownership.py). These tests load the C library with ctypes and
 put both halves to the same inputs: frames made on one side are checked on the other, byte for
 byte where the output is deterministic; refusals must agree, reasons included; the ownership
-check asks the kernel about the same live, closed and foreign sockets from both sides.
+check asks the kernel about the same live and closed sockets from both sides (in another
+namespace: tests/integration/test_switchpath_netns.py). The ctypes half: tests/switchpath.py.
 
 The library is built from switchpath/ by `make` (the test's fixture), or taken from
 SHUNTFLOW_SWITCHPATH when that is set (`make test-asan` runs these tests against the
@@ -15,18 +16,13 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import ctypes
-import ipaddress
 import os
 import socket
 import struct
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,10 +34,7 @@ from shuntflow.router.daemon import _valid_tuple
 from shuntflow.router.library_channel import LibraryClient
 from shuntflow.wire import (
     MSG_MAGIC,
-    MSG_SIZE,
     PEER_MAGIC,
-    PEER_SIZE,
-    Endpoint,
     Msg,
     MsgType,
     PeerMsg,
@@ -50,145 +43,22 @@ from shuntflow.wire import (
     WireError,
     underlay_binding,
 )
-from tests.integration.locks import prefix_lock
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..switchpath import (
+    Frame,
+    MsgBuf,
+    Native,
+    PythonOwner,
+    ctuple,
+    diag_socket,
+    load_native,
+    pytuple,
+    tup_of,
+)
+
 KEY = b"0123456789abcdef0123456789abcdef-cluster"
 BINDING = underlay_binding(("198.18.0.1", 40000), ("198.18.0.2", 7890))
 TUP = Tuple4.parse("10.244.1.5:43210", "10.244.2.7:6379")
-
-
-class CTuple(ctypes.Structure):
-    _fields_ = (
-        ("local_ip", ctypes.c_uint32),
-        ("remote_ip", ctypes.c_uint32),
-        ("local_port", ctypes.c_uint16),
-        ("remote_port", ctypes.c_uint16),
-    )
-
-
-def ctuple(t: Tuple4) -> CTuple:
-    """Network-order bytes, as struct sf_tuple holds them."""
-    raw = (
-        t.local.ip.packed
-        + t.remote.ip.packed
-        + t.local.port.to_bytes(2, "big")
-        + t.remote.port.to_bytes(2, "big")
-    )
-    return CTuple.from_buffer_copy(raw)
-
-
-def pytuple(c: CTuple) -> Tuple4:
-    raw = bytes(c)
-    return Tuple4(
-        Endpoint(ipaddress.IPv4Address(raw[0:4]), int.from_bytes(raw[8:10], "big")),
-        Endpoint(ipaddress.IPv4Address(raw[4:8]), int.from_bytes(raw[10:12], "big")),
-    )
-
-
-Frame = ctypes.c_char * PEER_SIZE
-MsgBuf = ctypes.c_char * MSG_SIZE
-_u8p = ctypes.c_char_p
-_void_p = ctypes.c_void_p
-
-
-class Native:
-    """The C functions, typed."""
-
-    def __init__(self, path: Path) -> None:
-        lib = ctypes.CDLL(str(path))
-        self.lib = lib
-        sig: dict[str, tuple[Any, list[Any]]] = {
-            "sfp_binding": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, _void_p]),
-            "sfp_offer_make": (
-                ctypes.c_int,
-                [_u8p, ctypes.c_size_t, ctypes.c_uint32, _void_p, _u8p, _void_p],
-            ),
-            "sfp_answer_make": (
-                None,
-                [_u8p, ctypes.c_size_t, _void_p, ctypes.c_uint16, _u8p, _void_p],
-            ),
-            "sfp_parse": (ctypes.c_char_p, [_u8p, ctypes.c_size_t, ctypes.c_uint16, _void_p]),
-            "sfp_answer_check": (ctypes.c_char_p, [_u8p, ctypes.c_size_t, _void_p, _void_p, _u8p]),
-            "sfp_replay_new": (_void_p, [ctypes.c_uint32, ctypes.c_uint32]),
-            "sfp_replay_free": (None, [_void_p]),
-            "sfp_replay_size": (ctypes.c_size_t, [_void_p]),
-            "sfp_offer_check": (
-                ctypes.c_char_p,
-                [
-                    _void_p,
-                    _u8p,
-                    ctypes.c_size_t,
-                    _void_p,
-                    _u8p,
-                    ctypes.c_uint64,
-                    _void_p,
-                    ctypes.c_size_t,
-                ],
-            ),
-            "sfp_now_ms": (ctypes.c_uint64, []),
-            "sfl_parse": (ctypes.c_char_p, [_u8p, ctypes.c_size_t, ctypes.c_int, _void_p]),
-            "sfl_valid_tuple": (ctypes.c_int, [_void_p]),
-            "sfl_tuple": (CTuple, [_void_p]),
-            "sfl_mirrored": (CTuple, [_void_p]),
-            "sfo_owns": (
-                ctypes.c_int,
-                [
-                    ctypes.c_int,
-                    ctypes.POINTER(ctypes.c_uint32),
-                    _void_p,
-                    ctypes.c_int,
-                    _void_p,
-                    ctypes.c_size_t,
-                ],
-            ),
-        }
-        for name, (restype, argtypes) in sig.items():
-            fn = getattr(lib, name)
-            fn.restype = restype
-            fn.argtypes = argtypes
-
-    # -- peer frames -----------------------------------------------------------------------
-
-    def offer_make(self, key: bytes, seq: int, t: Tuple4, binding: bytes) -> bytes:
-        out = Frame()
-        ct = ctuple(t)
-        assert self.lib.sfp_offer_make(key, len(key), seq, ctypes.byref(ct), binding, out) == 0
-        return out.raw
-
-    def answer_make(self, key: bytes, offer: bytes, status: int, binding: bytes) -> bytes:
-        out = Frame()
-        src = Frame.from_buffer_copy(offer)
-        self.lib.sfp_answer_make(key, len(key), src, status, binding, out)
-        return out.raw
-
-    def parse(self, data: bytes, want: MsgType) -> tuple[bytes | None, str | None]:
-        out = Frame()
-        why = self.lib.sfp_parse(data, len(data), int(want), out)
-        return (None, why.decode()) if why is not None else (out.raw, None)
-
-    def answer_check(self, key: bytes, offer: bytes, answer: bytes, binding: bytes) -> str | None:
-        why = self.lib.sfp_answer_check(
-            key, len(key), Frame.from_buffer_copy(offer), Frame.from_buffer_copy(answer), binding
-        )
-        return None if why is None else str(why.decode())
-
-    # -- library frames --------------------------------------------------------------------
-
-    def lib_parse(self, data: bytes, nfds: int) -> tuple[bytes | None, str | None]:
-        out = MsgBuf()
-        why = self.lib.sfl_parse(data, len(data), nfds, out)
-        return (None, why.decode()) if why is not None else (out.raw, None)
-
-    # -- ownership -------------------------------------------------------------------------
-
-    def owns(
-        self, fd: int, seq: ctypes.c_uint32, t: Tuple4, timeout_ms: int = 500
-    ) -> tuple[bool, str]:
-        why = ctypes.create_string_buffer(256)
-        ct = ctuple(t)
-        ok = self.lib.sfo_owns(fd, ctypes.byref(seq), ctypes.byref(ct), timeout_ms, why, 256)
-        return bool(ok), why.value.decode()
 
 
 class Replay:
@@ -215,11 +85,7 @@ class Replay:
 
 @pytest.fixture(scope="module")
 def native() -> Native:
-    given_path = os.environ.get("SHUNTFLOW_SWITCHPATH")
-    if given_path:
-        return Native(Path(given_path))
-    subprocess.run(["make", "-s", "-C", str(ROOT / "switchpath")], check=True)
-    return Native(ROOT / "switchpath" / "build" / "libsfswitch.so")
+    return load_native()
 
 
 @pytest.fixture
@@ -623,40 +489,6 @@ def test_valid_tuple_as_the_daemon_has_it(
 # -- ownership: the kernel asked from both sides ------------------------------------------
 
 
-@contextlib.contextmanager
-def diag_socket() -> Iterator[socket.socket]:
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
-    s.bind((0, 0))
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-class PythonOwner:
-    """ownership.OwnershipChecker attached to this process's own namespace, as the router
-    attaches a library channel (SO_PEERCRED of a connected AF_UNIX pair)."""
-
-    def __init__(self) -> None:
-        self.checker = ownership.OwnershipChecker()
-        self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.key, _pid = self.checker.attach(self.a)
-
-    def owns(self, t: Tuple4) -> tuple[bool, str]:
-        v = self.checker.owns(self.key, t)
-        return v.ok, v.reason
-
-    def close(self) -> None:
-        self.checker.close()
-        self.a.close()
-        self.b.close()
-
-
-def tup_of(sock: socket.socket) -> Tuple4:
-    (lh, lp), (rh, rp) = sock.getsockname(), sock.getpeername()
-    return Tuple4.parse(f"{lh}:{lp}", f"{rh}:{rp}")
-
-
 def _wait_state(owner: PythonOwner, t: Tuple4, reason_part: str) -> None:
     """The kernel moves a closed connection through its states on its own: wait for it."""
     for _ in range(200):
@@ -704,69 +536,6 @@ def test_owns_live_closed_and_listener(native: Native) -> None:
             for s in (client, server, listener):
                 s.close()
             owner.close()
-
-
-def _in_netns(name: str, fn: Any) -> Any:
-    """fn() run in a thread that entered namespace `name` (sockets it makes stay there)."""
-    box: list[Any] = []
-
-    def body() -> None:
-        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            ownership._setns(fd)
-        finally:
-            os.close(fd)
-        box.append(fn())
-
-    th = threading.Thread(target=body)
-    th.start()
-    th.join()
-    return box[0]
-
-
-@pytest.mark.root
-def test_owns_is_per_namespace(native: Native) -> None:
-    """A connection in another namespace is not ours, even with a tuple ours could have."""
-    name = "fr-owner"
-    with prefix_lock("fr"):
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        try:
-            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-
-            def make() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
-                d = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
-                d.bind((0, 0))
-                ls = socket.create_server(("127.0.0.1", 0))
-                c = socket.create_connection(ls.getsockname())
-                s, _ = ls.accept()
-                return d, ls, c, s
-
-            foreign_diag, ls, c, s = _in_netns(name, make)
-            seq = ctypes.c_uint32(0)
-            t = tup_of(c)
-            with diag_socket() as ours:
-                try:
-                    why = "no such TCP connection in the process's network namespace"
-                    assert native.owns(ours.fileno(), seq, t) == (False, why)
-                    owner = PythonOwner()
-                    try:
-                        assert owner.owns(t) == (False, why)
-                    finally:
-                        owner.close()
-                    assert native.owns(foreign_diag.fileno(), seq, t) == (True, "ESTABLISHED")
-                    # And the other way round: our live connection is not the namespace's.
-                    hl = socket.create_server(("127.0.0.1", 0))
-                    hc = socket.create_connection(hl.getsockname())
-                    hs, _ = hl.accept()
-                    with hl, hc, hs:
-                        assert native.owns(ours.fileno(), seq, tup_of(hc))[0]
-                        assert native.owns(foreign_diag.fileno(), seq, tup_of(hc)) == (False, why)
-                finally:
-                    for sock in (foreign_diag, ls, c, s):
-                        sock.close()
-        finally:
-            subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 # Scripted replies: the C reader and ownership._lookup fed the same netlink messages.
