@@ -13,7 +13,7 @@ from shuntflow import torture
 from shuntflow.bench import scale
 from shuntflow.cli import app
 from shuntflow.testbed import Testbed
-from shuntflow.testbed.plan import plan_hosts
+from shuntflow.testbed.nodes import plan_hosts
 
 
 def end(peers: dict[str, list[int]], switched: int) -> dict[str, Any]:
