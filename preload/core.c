@@ -336,6 +336,7 @@ static void reset_counters(struct sf_conn *c) {
     atomic_store(&c->tx, 0);
     atomic_store(&c->rx, 0);
     atomic_store(&c->host_bytes, 0);
+    atomic_store(&c->read_err, 0);
     c->next_trigger = 0;
     c->have_addrs = c->leader = c->via_connect = c->connect_reported = 0;
     c->app_shut_wr = c->commit_wanted = c->commit_finish_due = c->peer_synced = c->hop_len = 0;

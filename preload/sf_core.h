@@ -157,6 +157,10 @@ struct sf_conn {
     /* The data path (wrap_io.c) and the socket wrappers (wrap_sock.c). */
     _Atomic uint64_t tx, rx;      /* application bytes on the overlay */
     _Atomic uint64_t host_bytes;
+    /* A socket error a read took from the kernel but could not return with its bytes (a
+     * MSG_WAITALL read going on across the switch point, an event wrapper's peek): the kernel
+     * reports an error once and a dead socket then reads as EOF, so the next read returns it. */
+    _Atomic int read_err;
     uint8_t via_connect;
     uint8_t connect_reported;     /* slim, non-blocking connect: the next connect() returns 0 */
     uint8_t app_shut_wr;
@@ -302,6 +306,9 @@ void sf_rearm_locked(struct sf_conn *c);
 void sf_copy_sockopts_early(int from, int to, int with_bufs); /* when the host fd arrives */
 void sf_copy_sockopts_at_commit(int from, int to);
 int sf_sockopt_waits_for_commit(int level, int name); /* not mirrored before the commit */
+
+/* wrap_io.c */
+void sf_keep_read_err(struct sf_conn *c, int err); /* the next read returns it (c->read_err) */
 
 /* switchpoint.c */
 int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see switchpoint.c */

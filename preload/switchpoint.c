@@ -75,6 +75,17 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
     return result;
 }
 
+/* One byte of the overlay, peeked. A peek takes a pending socket error (a reset) as a read
+ * does, and the application, told the fd is readable, would then read a clean EOF: the error
+ * is kept for its next read instead. */
+static ssize_t peek_overlay(struct sf_conn *c) {
+    char byte;
+    ssize_t n = real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0)
+        sf_keep_read_err(c, errno);
+    return n;
+}
+
 /* An event loop was just told that fd c->fd is readable or hung up. While a switch is under way
  * that may be nothing but the overlay's FIN at the switch point, which the application must not
  * see: it would read EOF, or EAGAIN where it expected data. Settle it here: swap if this is the
@@ -89,10 +100,8 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
      * FIN, and c->mu is what the agent holds while it commits, which must not hold up an event
      * loop that has data. A phase change meanwhile (a swap: the host socket's other bits may
      * differ) takes the locked path. */
-    char byte;
     int phase = atomic_load(&c->phase);
-    if ((events & EPOLLIN) && real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0 &&
-        phase == atomic_load(&c->phase))
+    if ((events & EPOLLIN) && peek_overlay(c) > 0 && phase == atomic_load(&c->phase))
         return events & ~hangup;
     pthread_mutex_lock(&c->mu);
     phase = atomic_load(&c->phase);
@@ -105,7 +114,7 @@ uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted) {
         pthread_mutex_unlock(&c->mu);
         return events;
     }
-    ssize_t n = real.recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = peek_overlay(c);
     if (n != 0) {
         /* Overlay data still to read (or nothing at all): the hang-up is not the app's news. */
         pthread_mutex_unlock(&c->mu);

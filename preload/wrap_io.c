@@ -4,7 +4,9 @@
  * connection counts its data calls (the shuntflow threshold) and its bytes per path. During a
  * switch this file does the two things the handoff needs from application threads:
  *   - writes go to the host connection once this end has committed (S is fixed);
- *   - a 0-byte overlay read may be the switch point rather than EOF (sf_wait_handoff).
+ *   - a 0-byte overlay read may be the switch point rather than EOF (sf_wait_handoff);
+ *   - a socket error that a read takes from the kernel reaches the application: the kernel
+ *     reports it once, after which the dead socket reads as a clean EOF (invariant 1).
  * Writes hold c->wmu so the agent can fix S at a moment when no write is in flight. A call that
  * begins while its connection switches is also timed (window.c); the phase it loads anyway
  * says whether that can be the case. */
@@ -69,6 +71,14 @@ static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {
     }
     pthread_mutex_lock(&c->wmu);
     phase = atomic_load(&c->phase);
+    if (SF_UNLIKELY(phase == SF_P_BROKEN)) {
+        /* The stream was cut after S: this end's bytes since then died with the host
+         * connection. One more byte on the overlay, whose FIN may still wait for the SYNC's
+         * acknowledgement (fin.c), would land after S where the peer expects those. */
+        sf_wmu_unlock(c);
+        errno = ECONNRESET;
+        return -1;
+    }
     /* Read once: a swap in another thread clears it (after its dup3, so c->fd is then the host
      * socket, and it leaves the private number open while we hold c->wmu). */
     int host = __atomic_load_n(&c->host_fd, __ATOMIC_SEQ_CST);
@@ -113,6 +123,11 @@ static ssize_t mmsg_until_empty(struct io *op, ssize_t n) {
         if (op->mmsg[i].msg_len == 0)
             return i;
     return n;
+}
+
+void sf_keep_read_err(struct sf_conn *c, int err) {
+    if (err != 0 && err != EAGAIN && err != EWOULDBLOCK && err != EINTR)
+        atomic_store(&c->read_err, err);
 }
 
 /* `phase` is the one the caller loaded; every further round loads it again. */
@@ -244,7 +259,9 @@ static ssize_t io_write(struct sf_conn *c, struct io *op) {
     return n;
 }
 
-/* MSG_WAITALL stops at the overlay's FIN at the switch point; the rest comes from the host. */
+/* MSG_WAITALL stops at the overlay's FIN at the switch point; the rest comes from the host.
+ * Returns the bytes got so far if a further read fails, as the kernel's MSG_WAITALL does, and,
+ * as the kernel does, leaves the error for the next read: this read took it from the socket. */
 static ssize_t recv_waitall(struct sf_conn *c, struct io *op, ssize_t n) {
     size_t got = (size_t)n, total = op->len;
     char *base = op->buf;
@@ -253,6 +270,8 @@ static ssize_t recv_waitall(struct sf_conn *c, struct io *op, ssize_t n) {
         op->len = total - got;
         count_call(c);
         n = do_read(c, op, op->len, atomic_load_explicit(&c->phase, memory_order_acquire));
+        if (n < 0)
+            sf_keep_read_err(c, errno);
         if (n <= 0)
             break;
         got += (size_t)n;
@@ -263,6 +282,13 @@ static ssize_t recv_waitall(struct sf_conn *c, struct io *op, ssize_t n) {
 /* waitall: recv's MSG_WAITALL, which is one application call however many reads it takes. */
 static ssize_t io_read(struct sf_conn *c, struct io *op, size_t want, int waitall) {
     uint32_t trigger = count_call(c);
+    if (SF_UNLIKELY(atomic_load_explicit(&c->read_err, memory_order_relaxed) != 0)) {
+        int err = atomic_exchange(&c->read_err, 0);
+        if (err != 0) {
+            errno = err;
+            return -1;
+        }
+    }
     int phase = atomic_load_explicit(&c->phase, memory_order_acquire);
     struct sf_timed t;
     int timed = SF_UNLIKELY(sf_window_maybe_open(phase, trigger)) && sf_window_enter(c, &t);

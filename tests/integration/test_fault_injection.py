@@ -227,6 +227,8 @@ class Pair:
         summary: dict[str, Any] = json.loads(lines[-1])
         summary["exit"] = proc.returncode
         summary["stderr"] = err
+        # Whole, beside the libraries' logs: an assertion's message shows a failure truncated.
+        (self.tmp / f"{who}-summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -629,8 +631,6 @@ def test_client_killed_mid_switch(
     tb = make_testbed("fi4", hosts=2, containers=1, routers=True)
     # The server outlives the client: it reports what it saw until its deadline, which leaves
     # room for the longest wait of a cut handoff (5 s, sf_wait_handoff) after the kill.
-    # send and recv only, as the reset-in-handoff test: with every call style a read other than
-    # recv can end early or break a torture check at a dead handoff (CHANGELOG, Known issues).
     pair = Pair(
         tb,
         tmp_path,
@@ -639,7 +639,6 @@ def test_client_killed_mid_switch(
         concurrency=16,
         timeout=60,
         server_timeout=9,
-        calls=("recv", "send"),
     )
     pairs.append(pair.start())
     pid = pair.client_pid
@@ -789,10 +788,7 @@ def test_host_connection_reset_in_handoff_never_loses_silently(
     after S_peer for the end of the stream, while the rest of it had died with the host
     connection."""
     tb = make_testbed(f"fi6{side[0]}", hosts=2, containers=1, routers=True)
-    # send and recv only: with every call style the library still ends a stream early about one
-    # run in four here (a recvmsg read got a clean EOF 636 bytes into 63,496; recvmmsg returned
-    # empty messages mid-stream): an open bug of reads other than recv at a reset mid-handoff.
-    pair = Pair(tb, tmp_path, port, 1500, concurrency=16, calls=("recv", "send"))
+    pair = Pair(tb, tmp_path, port, 1500, concurrency=16)
     pairs.append(pair.start())
     wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 20, 30)
     killed = stop_and_reset(pair, side, held=True, want=8)
@@ -1385,3 +1381,67 @@ def test_close_while_the_fin_is_owed_leaves_no_epoll_registration(
     assert syncs_dropped(tb, 2) >= 1
     assert any("overlay FIN waits" in t for t in lines), lines
     assert seen == {"events": []}
+
+
+# ---- a read that spans the switch point, and a host connection that then dies ------------------
+
+# The first data call (threshold 1) starts the switch and blocks: recv(MSG_WAITALL) gets the
+# overlay's bytes up to its FIN at the switch point, then waits on the host connection for the
+# rest, which the test resets meanwhile.
+WAITALL_RESET_SERVER = """
+import json, socket, sys
+ls = socket.create_server((sys.argv[1], 7971))
+print("listening", flush=True)
+conn, _ = ls.accept()
+out = {"first": len(conn.recv(1 << 16, socket.MSG_WAITALL))}
+try:
+    out["then"] = len(conn.recv(1 << 16))
+except OSError as exc:
+    out["then"] = type(exc).__name__
+print(json.dumps(out), flush=True)
+"""
+
+WAITALL_RESET_CLIENT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 7971))
+s.sendall(b"x" * 1000)  # one call, before any commit: on the overlay, S = 1000
+time.sleep(60)  # open until the test is done (a close would end the host stream cleanly)
+"""
+
+
+def test_waitall_across_the_switch_point_keeps_the_hosts_reset(
+    make_testbed: MakeTestbed, tmp_path: Path
+) -> None:
+    """A recv(MSG_WAITALL) that began on the overlay goes on, past the switch point, on the host
+    connection; that connection is reset (`ss -K`) while the call waits there. The call returns
+    the bytes it has, as the kernel's MSG_WAITALL does, and the next read must report the
+    reset. The kernel reports a socket's error to one call only, after which the dead socket
+    reads as a clean EOF: the library used to take the error in the MSG_WAITALL call and drop
+    it, so the application read a silently shortened stream."""
+    tb = make_testbed("rf", hosts=2, containers=1, routers=True)
+    pair = ScriptPair(tb, tmp_path, WAITALL_RESET_SERVER, WAITALL_RESET_CLIENT)
+    try:
+        server, _client = pair.start()
+        wait_for(
+            "the server's swap",
+            lambda: any("switched to the host path" in x.text for x in lib_lines(pair.server_log)),
+            30,
+        )
+        # The host connection the server's application now holds on its own fd number.
+        switched = [c for c, own in host_connections(tb, 2, server.pid).items() if own]
+        assert len(switched) == 1, switched
+        (local, peer) = switched[0]
+        lport, pport = local.rsplit(":", 1)[1], peer.rsplit(":", 1)[1]
+        done = tb.run(
+            tb.host(2),
+            ["ss", "-K", "-tnH", "sport", "=", f":{lport}", "and", "dport", "=", f":{pport}"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and done.stdout.strip(), (done.stdout, done.stderr)
+        seen = json.loads(finish(server))
+    finally:
+        pair.stop()
+    # The overlay's bytes, then the reset: never a clean EOF (0) after a stream cut short.
+    assert seen == {"first": 1000, "then": "ConnectionAbortedError"}, seen
+    print(f"\nMSG_WAITALL across the switch point, host connection reset: {seen}")
