@@ -299,7 +299,7 @@ int sf_uses_io_uring(void);                /* 1: this process switches nothing a
 int sf_maybe_swap(struct sf_conn *c);      /* swap if the switch point is reached; 1 if HOST */
 int sf_swap_locked(struct sf_conn *c);     /* caller holds c->mu */
 void sf_wmu_unlock(struct sf_conn *c);     /* release c->wmu, closing a deferred host fd */
-void sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev);
+int sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev);
 void sf_epreg_drop_epfd(int epfd);
 void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
 void sf_rearm_locked(struct sf_conn *c);

@@ -97,7 +97,9 @@ void sf_copy_sockopts_early(int from, int to, int with_bufs) {
 
 /* ---- epoll registrations ------------------------------------------------------------------ */
 
-void sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev) {
+/* -1: no memory to record a new registration of a connection in the middle of a switch, whose
+ * swap would then lose it; the caller undoes it. */
+int sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev) {
     int i = 0;
     while (i < c->n_regs && c->regs[i].epfd != epfd)
         i++;
@@ -113,10 +115,13 @@ void sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_ev
                 int cap = c->cap_regs ? c->cap_regs * 2 : 2;
                 struct sf_epreg *grown = realloc(c->regs, (size_t)cap * sizeof *grown);
                 if (grown == NULL) {
-                    /* Cannot re-register it: never swap it. phase.h allows this from OVERLAY
-                     * only; mid-switch, a debug build stops here. */
-                    sf_set_phase(c, SF_P_PINNED);
-                    return;
+                    /* Cannot re-register it at a swap: on the overlay, never swap it; once
+                     * final, no swap is to come; mid-switch, which cannot be stopped from
+                     * here, the registration is refused instead (phase.h). */
+                    int phase = atomic_load(&c->phase);
+                    if (phase == SF_P_OVERLAY)
+                        sf_set_phase(c, SF_P_PINNED);
+                    return sf_phase_switching(phase) ? -1 : 0;
                 }
                 c->regs = grown;
                 c->cap_regs = cap;
@@ -132,6 +137,7 @@ void sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_ev
         if (ev->events & EPOLLONESHOT)
             atomic_fetch_add(&sf_oneshot_regs, 1);
     }
+    return 0;
 }
 
 struct epfd_arg {

@@ -45,8 +45,13 @@ SF_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
     pthread_mutex_lock(&c->mu);
     int rc = real.epoll_ctl(epfd, op, fd, ev);
     int err = errno;
-    if (rc == 0)
-        sf_epreg_record_locked(c, op, epfd, ev);
+    if (rc == 0 && sf_epreg_record_locked(c, op, epfd, ev) != 0 && op == EPOLL_CTL_ADD) {
+        /* Mid-switch with no memory to remember it for the swap: refused, as the kernel
+         * refuses one it has no memory for, rather than lost at the swap. */
+        real.epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
+        rc = -1;
+        err = ENOMEM;
+    }
     pthread_mutex_unlock(&c->mu);
     errno = err;
     return rc;
