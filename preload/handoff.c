@@ -133,6 +133,7 @@ static void commit_locked(struct sf_conn *c) {
             break_committed(c);
         return;
     }
+    c->sync_out = 1;
     if (c->app_shut_wr)
         real.shutdown(c->host_fd, SHUT_WR);
     else

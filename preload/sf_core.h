@@ -184,6 +184,7 @@ struct sf_conn {
     uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
     uint8_t commit_finish_due;    /* committed; the rest is done before c->mu is released */
     uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */
+    uint8_t sync_out;             /* this end's SYNC went out: its overlay stream ended at S */
     uint64_t peer_s;
     uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
 

@@ -71,10 +71,12 @@ static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {
     }
     pthread_mutex_lock(&c->wmu);
     phase = atomic_load(&c->phase);
-    if (SF_UNLIKELY(phase == SF_P_BROKEN)) {
-        /* The stream was cut after S: this end's bytes since then died with the host
+    if (SF_UNLIKELY(phase == SF_P_BROKEN) && c->sync_out) {
+        /* This end's stream was cut after S: its bytes since then died with the host
          * connection. One more byte on the overlay, whose FIN may still wait for the SYNC's
-         * acknowledgement (fin.c), would land after S where the peer expects those. */
+         * acknowledgement (fin.c), would land after S where the peer expects those. (A
+         * follower whose SYNC never left goes on writing on the overlay: its stream is
+         * whole there, and the leader reads it to its end.) */
         sf_wmu_unlock(c);
         errno = ECONNRESET;
         return -1;
