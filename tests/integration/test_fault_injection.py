@@ -17,7 +17,9 @@ and nftables counters of what crossed each path:
   the routers keep nothing of them;
 - the client at its fd limit: the library cannot get its private fds and stays on the overlay;
 - the leader closes (and exits) before the follower's SYNC is back: the follower still reads
-  every byte, then EOF.
+  every byte, then EOF;
+- a recv(MSG_WAITALL) spans the switch point and the host connection is reset while it waits
+  there: the call returns what it has, and the next read the reset, never a clean EOF.
 
 The client (198.19.1.1) is the handoff's leader in every test: its overlay address is lower.
 """
