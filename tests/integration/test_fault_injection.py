@@ -1434,8 +1434,7 @@ def test_waitall_across_the_switch_point_keeps_the_hosts_reset(
         assert len(switched) == 1, switched
         (local, peer) = switched[0]
         lport, pport = local.rsplit(":", 1)[1], peer.rsplit(":", 1)[1]
-        done = tb.run(
-            tb.host(2),
+        done = tb.host(2).run(
             ["ss", "-K", "-tnH", "sport", "=", f":{lport}", "and", "dport", "=", f":{pport}"],
             capture_output=True,
             text=True,
