@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -45,7 +46,7 @@ static void client_free(struct sfs *s, struct sfs_client *c)
     free(c->q);
     smap_free(&c->outstanding);
     smap_free(&c->handed);
-    free(c);
+    sfs_defer_free(s, c, &c->io);
 }
 
 void client_close(struct sfs *s, struct sfs_client *c, const char *reason, int violation)

@@ -84,10 +84,11 @@ void peer_free(struct sfs *s, struct sfs_peerconn *pc)
     if (pc->io.fd >= 0) {
         io_unwatch(s, &pc->io);
         close(pc->io.fd);
+        pc->io.fd = -1;
     }
     if (pc->incoming)
         s->incoming--;
-    free(pc);
+    sfs_defer_free(s, pc, &pc->io);
 }
 
 /* Shuts the oldest waiting connection (of `ip`, or of anyone if 0) with no byte pending that
@@ -118,6 +119,11 @@ static void incoming_timeout(struct sfs *s, struct sfs_timer *t)
     struct sfs_peerconn *pc = (struct sfs_peerconn *)((char *)t -
                                                       offsetof(struct sfs_peerconn, timer));
     char why[96];
+    if (pc->state == PC_OFFER_PARKED) { /* no refreshed map in time: decide on what we have */
+        pc->map_gen = UINT64_MAX;
+        switch_offer(s, pc);
+        return;
+    }
     if (pc->state == PC_IDLE)
         snprintf(why, sizeof(why), "idle for %gs without an OFFER",
                  s->cfg.peer_idle_timeout_ms / 1000.0);
@@ -202,11 +208,19 @@ void peers_map_updated(struct sfs *s)
             continue;
         struct sfs_peerconn *pc = (struct sfs_peerconn *)((char *)t -
                                                           offsetof(struct sfs_peerconn, timer));
-        if (pc->state == PC_ADMIT && pc->map_gen != s->map_gen)
+        if ((pc->state == PC_ADMIT || pc->state == PC_OFFER_PARKED) &&
+            pc->map_gen != s->map_gen)
             todo[n++] = pc;
     }
-    for (size_t i = 0; i < n; i++)
-        admit(s, todo[i]);
+    for (size_t i = 0; i < n; i++) {
+        if (todo[i]->state == PC_ADMIT) {
+            admit(s, todo[i]);
+        } else {
+            todo[i]->map_gen = UINT64_MAX;
+            timer_disarm(s, &todo[i]->timer);
+            switch_offer(s, todo[i]);
+        }
+    }
     free(todo);
 }
 

@@ -122,6 +122,7 @@ enum pc_state {
     PC_IDLE,       /* incoming: no byte yet */
     PC_READING,    /* incoming: part of the OFFER */
     PC_HELD,       /* incoming: OFFER taken, being decided; not read */
+    PC_OFFER_PARKED, /* incoming: OFFER taken, its sender's address waits for the map */
     PC_CONNECTING, /* outgoing */
     PC_POOLED,     /* outgoing, warm, idle */
     PC_OFFERED,    /* outgoing: OFFER sent, reading the ANSWER */
@@ -310,6 +311,9 @@ struct sfs {
     uint64_t map_gen;
     int map_asked;
     struct sfs_out *parked;
+    int map_dirty;
+    void **grave;
+    size_t ngrave, capgrave;
     char handoff_refusal[200]; /* non-empty: hand nothing out (guard wanted, not working) */
 
     /* counters Python reads */
@@ -325,5 +329,6 @@ struct sfs {
 #define FAIL_CLAIM 2
 
 void sfs_wakeup(struct sfs *s);
+void sfs_defer_free(struct sfs *s, void *p, struct sfs_io *io); /* at the end of the round */
 
 #endif

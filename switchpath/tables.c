@@ -9,6 +9,7 @@
  * map (switch.c, peers.c), as the Python router's resolver did. */
 #include <arpa/inet.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "sfs.h"
