@@ -1,9 +1,10 @@
 """Builds the C preload library and the router's BPF socket guard as part of every install, so
 nobody runs a compiler by hand.
 
-`pip install .` runs build_py, which runs `make -C preload` and `make -C bpf` and ships
-libshuntflow.so (and libshuntflow-musl.so, where musl-gcc is installed) and guard.bpf.o inside
-the package (shuntflow/_native/); shuntflow.native and shuntflow.router.guard find them there.
+`pip install .` runs build_py, which runs `make -C preload`, `make -C switchpath` and
+`make -C bpf` and ships libshuntflow.so (and libshuntflow-musl.so, where musl-gcc is installed),
+the router's switch path libsfswitch.so and guard.bpf.o inside the package (shuntflow/_native/);
+shuntflow.native, shuntflow.router.native and shuntflow.router.guard find them there.
 """
 
 import os
@@ -29,6 +30,9 @@ class BuildWithPreload(build_py):
             if built.exists():
                 shutil.copy2(built, target / name)
                 os.chmod(target / name, 0o755)
+        subprocess.run(["make", "-C", str(ROOT / "switchpath")], check=True)
+        shutil.copy2(ROOT / "switchpath" / "build" / "libsfswitch.so", target / "libsfswitch.so")
+        os.chmod(target / "libsfswitch.so", 0o755)
         subprocess.run(["make", "-C", str(ROOT / "bpf")], check=True)
         shutil.copy2(ROOT / "bpf" / "build" / "guard.bpf.o", target / "guard.bpf.o")
 

@@ -149,9 +149,12 @@ SFS_API void sfs_free(struct sfs *s)
     free(s);
 }
 
-/* An admitted channel after its HELLO: the fd is ours from now on (closed on failure too). */
+/* An admitted channel at its HELLO: the fd is ours from now on (closed on failure too), and its
+ * first frame is our HELLO_ACK (seq `hello_seq`): once the library has it, it may be asked to
+ * claim, so it must be ours before. */
 SFS_API int sfs_add_client(struct sfs *s, int fd, uint64_t id, uint32_t pid, uint32_t cred_pid,
-                           int64_t nsid, int diag_fd, const char *owner_error)
+                           int64_t nsid, int diag_fd, const char *owner_error,
+                           uint32_t hello_seq)
 {
     struct sfs_client *c = calloc(1, sizeof(*c));
     if (c == NULL) {
@@ -180,6 +183,10 @@ SFS_API int sfs_add_client(struct sfs *s, int fd, uint64_t id, uint32_t pid, uin
         close(fd);
         free(c);
         rc = -ENOMEM;
+    } else {
+        struct sf_msg ack = msg_for(SF_HELLO_ACK, SF_OK, hello_seq, NULL);
+        ack.arg = SF_PROTOCOL_VERSION;
+        client_send(s, c, &ack, -1);
     }
     sfs_wakeup(s);
     pthread_mutex_unlock(&s->lock);

@@ -47,6 +47,7 @@ from shuntflow.router.library_channel import (
 )
 from shuntflow.router.logfmt import get_logger
 from shuntflow.router.metrics import RouterMetrics
+from shuntflow.router import native
 from shuntflow.router.overlay_map import Kind, Resolver, StaticMap
 from shuntflow.router.ownership import OwnershipChecker
 from shuntflow.router.peer import PeerListener, send_answer, send_offer
@@ -206,6 +207,11 @@ class Router:
             cfg.max_clients_per_netns,
             self.attachments,
         )
+        # The native switch path (switchpath/) serves library frames and peer connections
+        # itself; the Python one is PeerListener, PeerPool and the handlers below.
+        self.native: native.SwitchPath | None = None
+        self._native_pushed: tuple[int, int] = (-1, -1)
+        self._native_listener: socket.socket | None = None
         self.peers = PeerListener(
             self.loop,
             cfg.host_ip,
@@ -282,8 +288,11 @@ class Router:
         # for the status at once.
         await self.control.start()
         try:
+            if self.cfg.switch_path == "native":
+                self._start_native()
+            else:
+                self.peers.start()
             self.libs.start()
-            self.peers.start()
             if self.metrics is not None:
                 try:
                     self.metrics.start()
@@ -293,6 +302,7 @@ class Router:
                     ) from None
         except BaseException:
             self.libs.close()
+            self._stop_native()
             await self.peers.close()
             await self.control.close()
             raise
@@ -338,6 +348,7 @@ class Router:
         if self._stopping:
             return
         self._stopping = True
+        self._stop_native()
         await self.pool.close()
         await self.peers.close()
         self.libs.close()
@@ -367,7 +378,8 @@ class Router:
             now = time.monotonic()
             for key in [k for k, exp in self._done.items() if exp <= now]:
                 del self._done[key]
-            self.pool.maintain()
+            if self.native is None:
+                self.pool.maintain()
             if self.attachments is not None:
                 self.attachments.refresh()
             self._log_guard_refusals()
@@ -375,6 +387,176 @@ class Router:
                 await self.resolver.refresh()
             except Exception:
                 log.error("overlay_map_refresh_failed", exc=True)
+            self._push_tables()
+
+    # -- the native switch path ------------------------------------------------------------
+
+    def _start_native(self) -> None:
+        listener = socket.socket(
+            socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.cfg.host_ip, self.cfg.peer_port))
+            listener.listen(1024)
+        except OSError as exc:
+            listener.close()
+            raise RouterSetupError(
+                f"cannot listen on {self.cfg.host_ip}:{self.cfg.peer_port}: {exc.strerror}"
+            ) from None
+        self._native_listener = listener
+        try:
+            sp = native.SwitchPath(
+                self.cfg, self.key, listener, map_refreshable=self.cfg.vxlan_dev is not None
+            )
+        except native.SwitchPathError as exc:
+            raise RouterSetupError(str(exc)) from None
+        self.native = sp
+        sp.set_policy(self.policy)
+        sp.set_peer_allow(self.peer_allow)
+        sp.set_handoff_refusal(self._handoff_refusal())
+        self._push_tables(force=True)
+        self.loop.add_reader(sp.events.fileno(), self._on_native_events)
+        try:
+            sp.start()
+        except native.SwitchPathError as exc:
+            raise RouterSetupError(str(exc)) from None
+
+    def _stop_native(self) -> None:
+        sp = self.native
+        if sp is None:
+            return
+        self.loop.remove_reader(sp.events.fileno())
+        sp.stop()
+        self._on_native_events()  # the clients it closed, and its last lines
+        sp.close()
+        self.native = None
+        if self._native_listener is not None:
+            self._native_listener.close()
+            self._native_listener = None
+
+    def _push_tables(self, force: bool = False) -> None:
+        """Hands the overlay map and the attachments to the native side when they changed."""
+        sp = self.native
+        if sp is None:
+            return
+        stamp = (
+            self.resolver.refreshes,
+            self.attachments.refreshes if self.attachments is not None else 0,
+        )
+        if not force and stamp == self._native_pushed:
+            return
+        self._native_pushed = stamp
+        entries: list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None, int, bool]] = []
+        hosts: set[ipaddress.IPv4Address] = set()
+        tables = self.resolver.tables
+        if self.cfg.vxlan_dev is not None:
+            for ip, mac in tables.neigh.items():
+                if mac in tables.fdb:
+                    dst = tables.fdb[mac]
+                    local = dst is None or dst == self.host_ip
+                    entries.append((ipaddress.IPv4Network(ip), dst, 0, local))
+            for net, gateway in tables.routes:
+                mac = tables.neigh.get(gateway)
+                if mac is not None and mac in tables.fdb:
+                    dst = tables.fdb[mac]
+                    entries.append((net, dst, 0, dst is None or dst == self.host_ip))
+            hosts.update(h for h in tables.fdb.values() if h is not None)
+        if self.resolver.static is not None:
+            for net, host in self.resolver.static.entries:
+                entries.append((net, host, 1, host == self.host_ip))
+                hosts.add(host)
+        sp.set_map(entries, hosts)
+        if self.attachments is not None:
+            sp.set_attachments(self.attachments.tables.owner)
+
+    async def _refresh_for_native(self) -> None:
+        """An address missed the map: re-read it if stale, and push it (the requests waiting
+        for it are decided on what comes, as resolver.resolve did)."""
+        try:
+            if self.cfg.vxlan_dev is not None:
+                age = time.monotonic() - self.resolver.tables.taken_at
+                if age >= self.resolver.min_refresh_interval:
+                    await self.resolver.refresh()
+            if self.attachments is not None:
+                self.attachments.refresh_if_stale()
+        except Exception:
+            log.error("overlay_map_refresh_failed", exc=True)
+        self._push_tables(force=True)
+
+    def on_hello(self, client: LibraryClient, seq: int) -> bool:
+        """Native: the channel is the switch path's from its HELLO on (it sends the ACK)."""
+        sp = self.native
+        if sp is None:
+            return False
+        diag = None
+        if self.owners is not None and client.ns_key is not None:
+            diag = self.owners.diag_fd(client.ns_key)
+        self._push_tables()
+        fd = client.hand_off()
+        if not sp.add_client(
+            fd, client.id, client.pid, client.cred_pid, client.nsid, diag, client.owner_error, seq
+        ):
+            client.close("router out of memory")
+        return True
+
+    def _on_native_events(self) -> None:
+        sp = self.native
+        if sp is None:
+            return
+        for ev in sp.read_events():
+            try:
+                self._native_event(ev)
+            except Exception:
+                log.error("native_event_error", exc=True, event=str(ev)[:200])
+
+    def _native_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.pop("t")
+        if kind == native.EV_LOG:
+            level, event = ev.pop("level"), ev.pop("event")
+            getattr(log, level)(event, **ev)
+            return
+        if kind == native.EV_MAP_MISS:
+            self._spawn(self._refresh_for_native())
+            return
+        client = self.libs.clients.get(int(ev["client"]))
+        if kind == native.EV_CLOSED:
+            if client is not None:
+                client.close(ev["reason"], violation=bool(ev["violation"]))
+            return
+        if client is None:
+            return
+        local, _, remote = str(ev["tuple"]).partition("->")
+        t = Tuple4.parse(local, remote)
+        msg = Msg(
+            MsgType.CONN_INFO, int(ev["status"]), int(ev["seq"]), tuple=t, arg=ev["arg"],
+            arg2=ev["arg2"],
+        )
+        if kind == native.EV_ROW:
+            wait = self.stats_waits.get(msg.seq)
+            if wait is None or wait.client_id != client.id or wait.done.done():
+                return
+            if not ev["ok"]:
+                wait.rejected += 1
+            else:
+                self._add_row(wait, client, msg)
+        elif kind == native.EV_STATS_END:
+            wait = self.stats_waits.get(msg.seq)
+            if wait is not None and wait.client_id == client.id and not wait.done.done():
+                wait.done.set_result((msg.arg, msg.arg2))
+        elif kind == native.EV_SWITCH_DONE:
+            if not ev["ok"]:
+                self._reject_report(
+                    client,
+                    1,
+                    frame="SWITCH_DONE",
+                    tuple=t,
+                    reason="no host connection was handed to this client for it",
+                )
+            else:
+                self._switch_done(client, msg)
+        elif kind == native.EV_SWITCH_CALLS:
+            self.on_switch_calls(client, msg)
 
     def _log_guard_refusals(self) -> None:
         """One line when the kernel refused something on a handed-over socket since the last."""
@@ -687,6 +869,9 @@ class Router:
         if not self._reports_own(client, msg.tuple, msg.status):
             wait.rejected += 1
             return
+        self._add_row(wait, client, msg)
+
+    def _add_row(self, wait: StatsWait, client: LibraryClient, msg: Msg) -> None:
         if len(wait.rows) < MAX_ROWS_PER_CLIENT:
             wait.rows.append(
                 {
@@ -733,6 +918,9 @@ class Router:
                 reason="no host connection was handed to this client for it",
             )
             return
+        self._switch_done(client, msg)
+
+    def _switch_done(self, client: LibraryClient, msg: Msg) -> None:
         if msg.arg2 == 1:
             self.switch_times.add(int(msg.arg))
             if self.metrics is not None:
@@ -906,20 +1094,28 @@ class Router:
 
     # -- status ----------------------------------------------------------------------------
 
-    async def _client_stats(self, client: LibraryClient) -> dict[str, Any]:
-        seq = self._next_seq()
+    async def _client_stats(
+        self, client: LibraryClient, counts: dict[str, list[int]] | None
+    ) -> dict[str, Any]:
+        seq = self.native.stats_request(client.id) if self.native else self._next_seq()
         wait = StatsWait(client.id, [], self.loop.create_future())
         self.stats_waits[seq] = wait
         result: tuple[int, int] | None = None
         try:
-            client.send(Msg(MsgType.STATS_REQ, Status.OK, seq))
-            result = await asyncio.wait_for(
-                asyncio.shield(wait.done), self.cfg.stats_timeout_ms / 1000
-            )
+            if self.native is None:
+                client.send(Msg(MsgType.STATS_REQ, Status.OK, seq))
+            if seq:
+                result = await asyncio.wait_for(
+                    asyncio.shield(wait.done), self.cfg.stats_timeout_ms / 1000
+                )
         except TimeoutError:
             result = None
         finally:
             self.stats_waits.pop(seq, None)
+            if self.native is not None and seq:
+                self.native.stats_forget(seq)
+        if counts is not None:  # the native side counts a channel's switches
+            client.switches_ok, client.switches_failed = counts.get(str(client.id), [0, 0])[:2]
         if wait.rejected:
             self._reject_report(
                 client,
@@ -950,9 +1146,42 @@ class Router:
     def switch_calls_since(self, index: int) -> dict[str, Any]:
         return {"next": self.switch_call_max.total, "samples": self.switch_call_max.since(index)}
 
+    def _native_counters(self) -> dict[str, Any] | None:
+        """The native side's counters, its figures folded into the router's own."""
+        if self.native is None:
+            return None
+        n = self.native.counters()
+        self.served_initiated = n["served_initiated"]
+        self.served_accepted = n["served_accepted"]
+        self.failures = collections.Counter(n["failures"])
+        self.handoffs_lost = n["handoffs_lost"]
+        self.backoff_refusals = n["backoff_refusals"]
+        self.owner_denials = n["owner_denials"]
+        samples, total = self.native.req_to_res(self.req_to_res.total)
+        for us in samples:
+            self.req_to_res.add(us)
+        self.req_to_res.total = total
+        return n
+
     async def status(self) -> dict[str, Any]:
+        n = self._native_counters()
         clients = self.libs.ready_clients()
-        processes = await asyncio.gather(*(self._client_stats(c) for c in clients))
+        counts = n["clients"] if n is not None else None
+        processes = await asyncio.gather(*(self._client_stats(c, counts) for c in clients))
+        if n is None:
+            pool = self.pool.describe()
+            backoffs = self.backoff.describe()
+            in_progress = len(self.in_progress)
+            dropped, rejected_peers = self.peers.dropped, self.peers.rejected_peers
+            rejected_offers, replay = self.peers.rejected_offers, len(self.peers.checker)
+            checks = self.owners.checks if self.owners else 0
+        else:
+            pool = {"hits": n["pool_hits"], "misses": n["pool_misses"], "idle": n["pool_idle"]}
+            backoffs = n["peer_backoffs"]
+            in_progress = n["in_progress"]
+            dropped, rejected_peers = n["peer_dropped"], n["peers_rejected"]
+            rejected_offers, replay = n["offers_rejected"], n["replay_cache"]
+            checks = n["owner_checks"] if self.owners else 0
         return {
             "router": {
                 "host_ip": self.cfg.host_ip,
@@ -972,18 +1201,18 @@ class Router:
                 "handoffs_lost": self.handoffs_lost,
                 "switch_req_res_us": self.req_to_res.summary(),
                 "backoff_refusals": self.backoff_refusals,
-                "peer_backoffs": self.backoff.describe(),
-                "in_progress": len(self.in_progress),
-                "peer_pool": self.pool.describe(),
+                "peer_backoffs": backoffs,
+                "in_progress": in_progress,
+                "peer_pool": pool,
                 "switch_time_us": self.switch_times.summary(),
                 "switch_call_max_us": self.switch_call_max.summary(),
                 "switch_calls_timed": self.switch_calls_timed,
                 "switch_call_max_failed_us": self.switch_call_max_failed.summary(),
                 "switch_calls_rejected": self.switch_calls_rejected,
-                "peer_connections_dropped": self.peers.dropped,
+                "peer_connections_dropped": dropped,
                 "security": {
                     "owner_check": self.owners is not None,
-                    "owner_checks": self.owners.checks if self.owners else 0,
+                    "owner_checks": checks,
                     "owner_denials": self.owner_denials,
                     "owner_namespaces": self.owners.namespaces() if self.owners else 0,
                     "attachments": self.attachments.describe() if self.attachments else None,
@@ -993,9 +1222,9 @@ class Router:
                         else {**self.guard.describe(), "error": self.guard_error}
                     ),
                     "reports_rejected": self.reports_rejected,
-                    "peers_rejected": self.peers.rejected_peers,
-                    "offers_rejected": self.peers.rejected_offers,
-                    "replay_cache": len(self.peers.checker),
+                    "peers_rejected": rejected_peers,
+                    "offers_rejected": rejected_offers,
+                    "replay_cache": replay,
                     "policy": self.policy.describe(),
                     "peer_allow": list(self.cfg.peer_allow) or "overlay-map hosts",
                 },
@@ -1004,6 +1233,7 @@ class Router:
                     "vxlan_dev": self.cfg.vxlan_dev,
                     "map": str(self.cfg.map_file) if self.cfg.map_file else None,
                     "claim_timeout_ms": self.cfg.claim_timeout_ms,
+                    "switch_path": self.cfg.switch_path,
                     "log_file": str(self.cfg.log_file) if self.cfg.log_file else None,
                 },
             },

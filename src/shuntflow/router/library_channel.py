@@ -67,6 +67,7 @@ class LibraryHandler(Protocol):
     def on_switch_done(self, client: LibraryClient, msg: Msg) -> None: ...
     def on_switch_calls(self, client: LibraryClient, msg: Msg) -> None: ...
     def on_client_closed(self, client: LibraryClient) -> None: ...
+    def on_hello(self, client: LibraryClient, seq: int) -> bool: ...
 
 
 def prepare_socket_path(path: Path, kind: socket.SocketKind) -> None:
@@ -120,6 +121,7 @@ class LibraryClient:
         self.owner_error = "ownership not established"  # why ns_key is None
         self.mode = 0
         self.ready = False  # HELLO received
+        self.native = False  # handed to the native switch path: its socket is not ours
         self.closed = False
         self.close_reason = ""
         self.connected_at = time.time()
@@ -193,7 +195,7 @@ class LibraryClient:
 
     def on_readable(self) -> None:
         for _ in range(READS_PER_WAKEUP):
-            if self.closed:
+            if self.closed or self.native:
                 return
             try:
                 data, anc, flags, _addr = self.sock.recvmsg(
@@ -258,7 +260,6 @@ class LibraryClient:
                 self._hello_deadline.cancel()
             self.pid = msg.pid
             self.mode = int(msg.arg)
-            self.send(Msg(MsgType.HELLO_ACK, Status.OK, msg.seq, arg=PROTOCOL_VERSION))
             log.info(
                 "client_hello",
                 client=self.id,
@@ -267,6 +268,10 @@ class LibraryClient:
                 uid=self.cred_uid,
                 mode=self.mode,
             )
+            # The native switch path takes the channel here and answers the HELLO itself:
+            # the library may be asked to claim as soon as it has its HELLO_ACK.
+            if not handler.on_hello(self, msg.seq):
+                self.send(Msg(MsgType.HELLO_ACK, Status.OK, msg.seq, arg=PROTOCOL_VERSION))
             return
         if not self.ready:
             raise ProtocolViolation(f"first frame must be HELLO, got {msg.type.name}")
@@ -285,24 +290,35 @@ class LibraryClient:
 
     # -- closing ---------------------------------------------------------------------------
 
+    def hand_off(self) -> int:
+        """Stop serving this channel here; the socket's fd, now the caller's."""
+        fd = self.sock.fileno()
+        self.loop.remove_reader(fd)
+        if self._writing:
+            self.loop.remove_writer(fd)
+            self._writing = False
+        self.native = True
+        return self.sock.detach()
+
     def close(self, reason: str, violation: bool = False) -> None:
         if self.closed:
             return
-        self.closed = True
-        self.close_reason = reason
         if self._hello_deadline is not None:
             self._hello_deadline.cancel()
-        fd = self.sock.fileno()
-        if fd >= 0:
-            self.loop.remove_reader(fd)
-            if self._writing:
-                self.loop.remove_writer(fd)
-        self._writing = False
-        self.sock.close()
-        while self._outq:
-            _data, fd_sock = self._outq.popleft()
-            if fd_sock is not None:
-                fd_sock.close()
+        if not self.native:  # a handed-off channel is closed by its new owner
+            fd = self.sock.fileno()
+            if fd >= 0:
+                self.loop.remove_reader(fd)
+                if self._writing:
+                    self.loop.remove_writer(fd)
+            self._writing = False
+            self.sock.close()
+            while self._outq:
+                _data, fd_sock = self._outq.popleft()
+                if fd_sock is not None:
+                    fd_sock.close()
+        self.closed = True
+        self.close_reason = reason
         self.server.clients.pop(self.id, None)
         self.server.forget_container_slot(self.nsid)
         if self.ns_key is not None and self.server.owners is not None:
@@ -447,7 +463,8 @@ class LibraryServer:
 
     def close(self) -> None:
         for client in list(self.clients.values()):
-            client.close("router shutting down")
+            if not client.native:  # those the native switch path closes itself
+                client.close("router shutting down")
         if self._sock is not None:
             self.loop.remove_reader(self._sock.fileno())
             self._sock.close()

@@ -186,6 +186,11 @@ class OwnershipChecker:
             entry.sock.close()
             del self._diag[key]
 
+    def diag_fd(self, key: NsKey) -> int | None:
+        """The sock_diag socket of namespace `key` (the native switch path queries it)."""
+        entry = self._diag.get(key)
+        return entry.sock.fileno() if entry is not None else None
+
     def namespaces(self) -> int:
         return len(self._diag)
 
