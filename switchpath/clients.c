@@ -203,8 +203,8 @@ static void forward(struct sfs *s, struct sfs_client *c, int type, const struct 
     ev_int(&e, "seq", m->seq);
     ev_int(&e, "status", m->status);
     ev_tuple(&e, "tuple", &t);
-    ev_int(&e, "arg", (int64_t)m->arg);
-    ev_int(&e, "arg2", (int64_t)m->arg2);
+    ev_uint(&e, "arg", m->arg);
+    ev_uint(&e, "arg2", m->arg2);
     ev_int(&e, "ok", verdict);
     ev_send(s, &e);
 }

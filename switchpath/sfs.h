@@ -243,6 +243,7 @@ struct ev {
 void ev_begin(struct ev *e, int type, const char *level, const char *event);
 void ev_str(struct ev *e, const char *k, const char *v);
 void ev_int(struct ev *e, const char *k, int64_t v);
+void ev_uint(struct ev *e, const char *k, uint64_t v);
 void ev_tuple(struct ev *e, const char *k, const struct sf_tuple *t);
 void ev_ip(struct ev *e, const char *k, uint32_t ip_net, int port_host);
 void ev_send(struct sfs *s, struct ev *e);

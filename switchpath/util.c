@@ -309,6 +309,14 @@ void ev_int(struct ev *e, const char *k, int64_t v)
     ev_raw(e, num, (size_t)n);
 }
 
+void ev_uint(struct ev *e, const char *k, uint64_t v)
+{
+    char num[32];
+    int n = snprintf(num, sizeof(num), "%llu", (unsigned long long)v);
+    ev_key(e, k);
+    ev_raw(e, num, (size_t)n);
+}
+
 void ev_tuple(struct ev *e, const char *k, const struct sf_tuple *t)
 {
     char buf[64];

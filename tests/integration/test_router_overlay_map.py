@@ -168,7 +168,7 @@ def test_router_uses_vxlan_device(vxlan_ns: Any, tmp_path: Path) -> None:
             # Remote by netlink; 198.18.0.2 is unreachable from this namespace.
             remote = Tuple4.parse("198.19.1.9:1001", "198.19.2.1:80")
             assert lib.wait_result(lib.request(remote)).msg.status == Status.PEER_UNREACHABLE
-            assert "peer=198.18.0.2" in r.log()
+            assert "peer=198.18.0.2" in r.wait_log("peer=198.18.0.2")
         info = r.status()["router"]["overlay_map"]
         assert info["vxlan_dev"] == DEV and info["fdb"] >= 3 and info["neighbours"] >= 4
     finally:

@@ -445,6 +445,16 @@ class RouterProcess:
         except FileNotFoundError:
             return ""
 
+    def wait_log(self, needle: str, timeout: float = 3.0) -> str:
+        """The log once it holds `needle`. The switch path reports to the router's Python
+        thread, which writes the line, so a line may trail the frame it is about."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            if needle in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.02)
+
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
