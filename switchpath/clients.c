@@ -307,10 +307,14 @@ static int read_one(struct sfs *s, struct sfs_client *c)
             client_close(s, c, "empty frame (0 bytes), expected 48", 1);
         return -1;
     }
-    size_t len = (mh.msg_flags & MSG_TRUNC) ? sizeof(buf) : (size_t)n;
+    /* exactly 49 bytes arrive whole; more are cut (MSG_TRUNC): "more than 48" */
+    size_t len = (mh.msg_flags & MSG_TRUNC) ? sizeof(buf) + 1 : (size_t)n;
     struct sf_msg m;
+    char reason[80];
     const char *bad = sfl_parse(buf, len, nfds, &m);
     if (bad != NULL) {
+        if (len >= 8)
+            bad = frame_reason(bad, buf, reason, sizeof(reason));
         client_close(s, c, bad, 1);
         return -1;
     }

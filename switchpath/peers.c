@@ -314,7 +314,8 @@ static void offer_read(struct sfs *s, struct sfs_peerconn *pc)
     }
     const char *bad = sfp_parse(pc->buf, pc->got, SF_OFFER, &pc->offer);
     if (bad != NULL) {
-        drop(s, pc, bad);
+        char reason[80];
+        drop(s, pc, frame_reason(bad, pc->buf, reason, sizeof(reason)));
         return;
     }
     struct sockaddr_in me;

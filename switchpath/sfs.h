@@ -247,6 +247,7 @@ void ev_uint(struct ev *e, const char *k, uint64_t v);
 void ev_tuple(struct ev *e, const char *k, const struct sf_tuple *t);
 void ev_ip(struct ev *e, const char *k, uint32_t ip_net, int port_host);
 void ev_send(struct sfs *s, struct ev *e);
+const char *frame_reason(const char *why, const uint8_t *buf, char *out, size_t len);
 void fmt_tuple(char *out, size_t len, const struct sf_tuple *t);
 
 /* ---- latency samples Python pulls (SWITCH_REQ received -> SWITCH_RES OK sent) ---- */

@@ -348,6 +348,22 @@ void ev_send(struct sfs *s, struct ev *e)
         s->events_dropped++;
 }
 
+/* The parsers' reasons are static strings; the figure wire.py's wording adds is ours to add. */
+const char *frame_reason(const char *why, const uint8_t *buf, char *out, size_t len)
+{
+    uint32_t magic;
+    uint16_t type;
+    memcpy(&magic, buf, sizeof(magic));
+    memcpy(&type, buf + 4, sizeof(type));
+    if (strcmp(why, "bad magic") == 0)
+        snprintf(out, len, "bad magic 0x%x", magic);
+    else if (strcmp(why, "unknown frame type") == 0)
+        snprintf(out, len, "unknown frame type %u", type);
+    else
+        return why;
+    return out;
+}
+
 void lat_add(struct latring *r, uint32_t us)
 {
     r->v[r->total % LAT_RING] = us;
