@@ -324,12 +324,15 @@ SFS_API void sfs_stats_forget(struct sfs *s, uint32_t seq)
     pthread_mutex_unlock(&s->lock);
 }
 
-/* Latency samples (µs) with a running index >= `since`, at most `max`; *total the next index. */
-SFS_API size_t sfs_req_to_res(struct sfs *s, uint64_t since, uint32_t *out, size_t max,
-                              uint64_t *total)
+/* Samples (µs) of window `which` (LAT_*) with a running index >= `since`, at most `max`;
+ * *total the next index. */
+SFS_API size_t sfs_samples(struct sfs *s, int which, uint64_t since, uint32_t *out, size_t max,
+                           uint64_t *total)
 {
+    if (which < 0 || which > LAT_CALL_MAX_FAILED)
+        return 0;
     pthread_mutex_lock(&s->lock);
-    const struct latring *r = &s->req_to_res;
+    const struct latring *r = &s->lat[which];
     uint64_t first = r->total > LAT_RING ? r->total - LAT_RING : 0;
     if (since < first)
         since = first;
@@ -339,6 +342,18 @@ SFS_API size_t sfs_req_to_res(struct sfs *s, uint64_t since, uint32_t *out, size
     *total = r->total;
     pthread_mutex_unlock(&s->lock);
     return n;
+}
+
+/* Where native log lines go (a dup of the router's log fd, ours to close) and from which
+ * level on (logging's numbers: 10 debug .. 40 error). */
+SFS_API void sfs_set_log(struct sfs *s, int fd, int threshold)
+{
+    pthread_mutex_lock(&s->lock);
+    if (log_fd >= 0)
+        close(log_fd);
+    log_fd = fd;
+    log_threshold = threshold;
+    pthread_mutex_unlock(&s->lock);
 }
 
 /* ---- status: one JSON object ---- */
@@ -371,14 +386,20 @@ SFS_API size_t sfs_status_json(struct sfs *s, char *buf, size_t len)
               "\"backoff_refusals\":%llu,\"owner_checks\":%llu,\"owner_denials\":%llu,"
               "\"peers_rejected\":%llu,\"offers_rejected\":%llu,\"peer_dropped\":%llu,"
               "\"pool_hits\":%llu,\"pool_misses\":%llu,\"events_dropped\":%llu,"
-              "\"in_progress\":%zu,\"replay_cache\":%zu,\"evictions\":%llu,\"failures\":{",
+              "\"in_progress\":%zu,\"replay_cache\":%zu,\"evictions\":%llu,"
+              "\"switch_times_claimed\":%llu,\"switch_calls_timed\":%llu,"
+              "\"switch_calls_rejected\":%llu,\"reports_rejected\":%llu,\"failures\":{",
               (unsigned long long)s->served_initiated, (unsigned long long)s->served_accepted,
               (unsigned long long)s->handoffs_lost, (unsigned long long)s->backoff_refusals,
               (unsigned long long)s->owner_checks, (unsigned long long)s->owner_denials,
               (unsigned long long)s->peers_rejected, (unsigned long long)s->offers_rejected,
               (unsigned long long)s->peer_dropped, (unsigned long long)s->pool_hits,
               (unsigned long long)s->pool_misses, (unsigned long long)s->events_dropped,
-              s->in_progress.count, sfp_replay_size(s->replay), (unsigned long long)s->evictions);
+              s->in_progress.count, sfp_replay_size(s->replay), (unsigned long long)s->evictions,
+              (unsigned long long)s->switch_times_claimed,
+              (unsigned long long)s->switch_calls_timed,
+              (unsigned long long)s->switch_calls_rejected,
+              (unsigned long long)s->reports_rejected);
     const char *sep = "";
     for (int k = 0; k < 3; k++)
         for (unsigned st = 0; st < 16; st++)

@@ -225,6 +225,77 @@ static void stats_frame(struct sfs *s, struct sfs_client *c, const struct sf_msg
     forward(s, c, EV_ROW, m, reports_own(s, c, &t, m->status));
 }
 
+/* A figure, not a request: a SWITCH_DONE for a tuple not handed to this client is left out of
+ * the figures (reports_rejected), and the client keeps its channel. */
+static void switch_done_report(struct sfs *s, struct sfs_client *c, const struct sf_msg *m)
+{
+    struct sf_tuple t = sfl_tuple(m);
+    struct tkey k = tuple_key(&t);
+    struct ev e;
+    if (s->cfg.owner_check && smap_get(&c->handed, k.raw) == NULL) {
+        s->reports_rejected++;
+        ev_begin(&e, EV_LOG, "warning", "report_rejected");
+        ev_int(&e, "client", (int64_t)c->id);
+        if (c->pid)
+            ev_int(&e, "pid", c->pid);
+        ev_str(&e, "frame", "SWITCH_DONE");
+        ev_tuple(&e, "tuple", &t);
+        ev_str(&e, "reason", "no host connection was handed to this client for it");
+        ev_send(s, &e);
+        return;
+    }
+    if (m->arg2 == 1)
+        lat_add(&s->lat[LAT_SWITCH_TIME], m->arg);
+    else
+        s->switch_times_claimed++;
+    ev_begin(&e, EV_LOG, "debug", "switch_done");
+    ev_int(&e, "client", (int64_t)c->id);
+    ev_tuple(&e, "tuple", &t);
+    ev_uint(&e, "us", m->arg);
+    ev_uint(&e, "own", m->arg2);
+    ev_send(s, &e);
+}
+
+/* The longest application call of one switch end; one the library could not have meant is
+ * logged and left out (the client stays). */
+static void switch_calls_report(struct sfs *s, struct sfs_client *c, const struct sf_msg *m)
+{
+    struct sf_tuple t = sfl_tuple(m);
+    char why[64];
+    const char *reason = NULL;
+    struct ev e;
+    if (m->status > SF_TIMEOUT) {
+        snprintf(why, sizeof(why), "unknown status %u", m->status);
+        reason = why;
+    } else if (!sfl_valid_tuple(&t)) {
+        reason = "invalid tuple";
+    } else if (m->arg > 0 && m->arg2 == 0) {
+        reason = "a longest call without any call timed";
+    }
+    if (reason != NULL) {
+        s->switch_calls_rejected++;
+        ev_begin(&e, EV_LOG, "warning", "switch_calls_rejected");
+        ev_int(&e, "client", (int64_t)c->id);
+        ev_tuple(&e, "tuple", &t);
+        ev_str(&e, "reason", reason);
+        ev_send(s, &e);
+        return;
+    }
+    if (m->status == SF_OK) {
+        lat_add(&s->lat[LAT_CALL_MAX], m->arg);
+        s->switch_calls_timed += m->arg2;
+    } else {
+        lat_add(&s->lat[LAT_CALL_MAX_FAILED], m->arg);
+    }
+    ev_begin(&e, EV_LOG, "debug", "switch_calls");
+    ev_int(&e, "client", (int64_t)c->id);
+    ev_tuple(&e, "tuple", &t);
+    ev_str(&e, "status", status_name(m->status));
+    ev_uint(&e, "max_us", m->arg);
+    ev_uint(&e, "calls", m->arg2);
+    ev_send(s, &e);
+}
+
 /* 0, or the reason the client is closed for. */
 static const char *dispatch(struct sfs *s, struct sfs_client *c, const struct sf_msg *m,
                             char *why, size_t len)
@@ -250,15 +321,11 @@ static const char *dispatch(struct sfs *s, struct sfs_client *c, const struct sf
         }
         stats_frame(s, c, m);
         return NULL;
-    case SF_SWITCH_DONE: {
-        struct sf_tuple t = sfl_tuple(m);
-        struct tkey k = tuple_key(&t);
-        forward(s, c, EV_SWITCH_DONE, m,
-                !s->cfg.owner_check || smap_get(&c->handed, k.raw) != NULL);
+    case SF_SWITCH_DONE:
+        switch_done_report(s, c, m);
         return NULL;
-    }
     case SF_SWITCH_CALLS:
-        forward(s, c, EV_SWITCH_CALLS, m, 1);
+        switch_calls_report(s, c, m);
         return NULL;
     default:
         return "frame type may not come from a library"; /* sfl_parse lets none through */

@@ -239,7 +239,10 @@ struct ev {
     char buf[EV_MAX];
     size_t len;
     int overflow;
+    int log;  /* EV_LOG: a key=value line written to the log, not a record for Python */
+    int skip; /* a log line below the level */
 };
+extern int log_fd, log_threshold;
 void ev_begin(struct ev *e, int type, const char *level, const char *event);
 void ev_str(struct ev *e, const char *k, const char *v);
 void ev_int(struct ev *e, const char *k, int64_t v);
@@ -251,12 +254,12 @@ const char *frame_reason(const char *why, const uint8_t *buf, char *out, size_t 
 void fmt_tuple(char *out, size_t len, const struct sf_tuple *t);
 
 /* ---- latency samples Python pulls (SWITCH_REQ received -> SWITCH_RES OK sent) ---- */
-#define LAT_RING 8192
+#define LAT_RING 16384
 struct latring {
     uint32_t v[LAT_RING];
     uint64_t total;
 };
-void lat_add(struct latring *r, uint32_t us);
+void lat_add(struct latring *r, uint64_t us);
 
 /* ---- the switch path ---- */
 struct pool_peer {
@@ -323,12 +326,16 @@ struct sfs {
     uint64_t owner_checks, owner_denials, reports_rejected, peers_rejected, offers_rejected;
     uint64_t peer_dropped, pool_hits, pool_misses, events_dropped, evictions;
     uint64_t failures[3][16]; /* plain, offer_, claim_ x status */
-    struct latring req_to_res;
+    uint64_t switch_times_claimed, switch_calls_timed, switch_calls_rejected;
+    /* SWITCH_REQ -> SWITCH_RES OK; libraries' SWITCH_DONE of initiating ends; SWITCH_CALLS'
+     * longest call of completed and of failed switches */
+    struct latring lat[4];
 };
 
 #define FAIL_PLAIN 0
 #define FAIL_OFFER 1
 #define FAIL_CLAIM 2
+enum { LAT_REQ_RES, LAT_SWITCH_TIME, LAT_CALL_MAX, LAT_CALL_MAX_FAILED };
 
 void sfs_wakeup(struct sfs *s);
 void sfs_defer_free(struct sfs *s, void *p, struct sfs_io *io); /* at the end of the round */

@@ -122,7 +122,7 @@ static int deliver(struct sfs *s, uint64_t client, uint32_t seq, const struct sf
         c->switches_ok++;
         client_handed(c, t);
         if (requested_at != 0)
-            lat_add(&s->req_to_res, (uint32_t)(now_us() - requested_at));
+            lat_add(&s->lat[LAT_REQ_RES], now_us() - requested_at);
         if (strcmp(how, "initiated") == 0)
             s->served_initiated++;
         else

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -33,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shuntflow.router import native
 from shuntflow.router.attachment import Attachments
 from shuntflow.router.auth import ClusterKeyError, OfferChecker, load_cluster_key
 from shuntflow.router.config import RouterConfig
@@ -45,9 +48,8 @@ from shuntflow.router.library_channel import (
     ProtocolViolation,
     RouterSetupError,
 )
-from shuntflow.router.logfmt import get_logger
+from shuntflow.router.logfmt import LOGGER_NAME, get_logger
 from shuntflow.router.metrics import RouterMetrics
-from shuntflow.router import native
 from shuntflow.router.overlay_map import Kind, Resolver, StaticMap
 from shuntflow.router.ownership import OwnershipChecker
 from shuntflow.router.peer import PeerListener, send_answer, send_offer
@@ -383,6 +385,7 @@ class Router:
             if self.attachments is not None:
                 self.attachments.refresh()
             self._log_guard_refusals()
+            self._pull_native()  # the metrics' switch-time histogram between scrapes
             try:
                 await self.resolver.refresh()
             except Exception:
@@ -412,6 +415,7 @@ class Router:
         except native.SwitchPathError as exc:
             raise RouterSetupError(str(exc)) from None
         self.native = sp
+        self._native_log()
         sp.set_policy(self.policy)
         sp.set_peer_allow(self.peer_allow)
         sp.set_handoff_refusal(self._handoff_refusal())
@@ -421,6 +425,39 @@ class Router:
             sp.start()
         except native.SwitchPathError as exc:
             raise RouterSetupError(str(exc)) from None
+
+    def _native_log(self) -> None:
+        """Per-switch lines are written by the native side itself, in this log's format, to the
+        same file: the router's Python does no work per switch."""
+        assert self.native is not None
+        logger = logging.getLogger(LOGGER_NAME)
+        fd = -1
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    stream.flush()
+                    fd = stream.fileno()
+                    break
+        self.native.set_log(fd, logger.getEffectiveLevel())
+
+    def _pull_native(self) -> None:
+        """The native side's latency samples into the router's windows (and the metrics)."""
+        sp = self.native
+        if sp is None:
+            return
+        for which, window in (
+            (native.REQ_RES, self.req_to_res),
+            (native.SWITCH_TIME, self.switch_times),
+            (native.CALL_MAX, self.switch_call_max),
+            (native.CALL_MAX_FAILED, self.switch_call_max_failed),
+        ):
+            samples, total = sp.samples(which, window.total)
+            for us in samples:
+                window.add(us)
+                if which == native.SWITCH_TIME and self.metrics is not None:
+                    self.metrics.switch_done(us)
+            window.total = total
 
     def _stop_native(self) -> None:
         sp = self.native
@@ -457,10 +494,10 @@ class Router:
                     local = dst is None or dst == self.host_ip
                     entries.append((ipaddress.IPv4Network(ip), dst, 0, local))
             for net, gateway in tables.routes:
-                mac = tables.neigh.get(gateway)
-                if mac is not None and mac in tables.fdb:
-                    dst = tables.fdb[mac]
-                    entries.append((net, dst, 0, dst is None or dst == self.host_ip))
+                gw_mac = tables.neigh.get(gateway)
+                if gw_mac is not None and gw_mac in tables.fdb:
+                    gw_dst = tables.fdb[gw_mac]
+                    entries.append((net, gw_dst, 0, gw_dst is None or gw_dst == self.host_ip))
             hosts.update(h for h in tables.fdb.values() if h is not None)
         if self.resolver.static is not None:
             for net, host in self.resolver.static.entries:
@@ -508,14 +545,10 @@ class Router:
             try:
                 self._native_event(ev)
             except Exception:
-                log.error("native_event_error", exc=True, event=str(ev)[:200])
+                log.error("native_event_error", exc=True, record=str(ev)[:200])
 
     def _native_event(self, ev: dict[str, Any]) -> None:
         kind = ev.pop("t")
-        if kind == native.EV_LOG:
-            level, event = ev.pop("level"), ev.pop("event")
-            getattr(log, level)(event, **ev)
-            return
         if kind == native.EV_MAP_MISS:
             self._spawn(self._refresh_for_native())
             return
@@ -529,34 +562,22 @@ class Router:
         local, _, remote = str(ev["tuple"]).partition("->")
         t = Tuple4.parse(local, remote)
         msg = Msg(
-            MsgType.CONN_INFO, int(ev["status"]), int(ev["seq"]), tuple=t, arg=ev["arg"],
+            MsgType.CONN_INFO,
+            int(ev["status"]),
+            int(ev["seq"]),
+            tuple=t,
+            arg=ev["arg"],
             arg2=ev["arg2"],
         )
-        if kind == native.EV_ROW:
-            wait = self.stats_waits.get(msg.seq)
-            if wait is None or wait.client_id != client.id or wait.done.done():
-                return
-            if not ev["ok"]:
-                wait.rejected += 1
-            else:
-                self._add_row(wait, client, msg)
-        elif kind == native.EV_STATS_END:
-            wait = self.stats_waits.get(msg.seq)
-            if wait is not None and wait.client_id == client.id and not wait.done.done():
-                wait.done.set_result((msg.arg, msg.arg2))
-        elif kind == native.EV_SWITCH_DONE:
-            if not ev["ok"]:
-                self._reject_report(
-                    client,
-                    1,
-                    frame="SWITCH_DONE",
-                    tuple=t,
-                    reason="no host connection was handed to this client for it",
-                )
-            else:
-                self._switch_done(client, msg)
-        elif kind == native.EV_SWITCH_CALLS:
-            self.on_switch_calls(client, msg)
+        wait = self.stats_waits.get(msg.seq)
+        if wait is None or wait.client_id != client.id or wait.done.done():
+            return  # late answer to a timed-out STATS_REQ
+        if kind == native.EV_STATS_END:
+            wait.done.set_result((msg.arg, msg.arg2))
+        elif not ev["ok"]:
+            wait.rejected += 1
+        else:
+            self._add_row(wait, client, msg)
 
     def _log_guard_refusals(self) -> None:
         """One line when the kernel refused something on a handed-over socket since the last."""
@@ -1141,9 +1162,11 @@ class Router:
         }
 
     def switch_times_since(self, index: int) -> dict[str, Any]:
+        self._pull_native()
         return {"next": self.switch_times.total, "samples": self.switch_times.since(index)}
 
     def switch_calls_since(self, index: int) -> dict[str, Any]:
+        self._pull_native()
         return {"next": self.switch_call_max.total, "samples": self.switch_call_max.since(index)}
 
     def _native_counters(self) -> dict[str, Any] | None:
@@ -1157,10 +1180,10 @@ class Router:
         self.handoffs_lost = n["handoffs_lost"]
         self.backoff_refusals = n["backoff_refusals"]
         self.owner_denials = n["owner_denials"]
-        samples, total = self.native.req_to_res(self.req_to_res.total)
-        for us in samples:
-            self.req_to_res.add(us)
-        self.req_to_res.total = total
+        self._pull_native()
+        self.switch_times_claimed = n["switch_times_claimed"]
+        self.switch_calls_timed = n["switch_calls_timed"]
+        self.switch_calls_rejected = n["switch_calls_rejected"]
         return n
 
     async def status(self) -> dict[str, Any]:
@@ -1221,7 +1244,8 @@ class Router:
                         if self.guard is None
                         else {**self.guard.describe(), "error": self.guard_error}
                     ),
-                    "reports_rejected": self.reports_rejected,
+                    "reports_rejected": self.reports_rejected
+                    + (n["reports_rejected"] if n is not None else 0),
                     "peers_rejected": rejected_peers,
                     "offers_rejected": rejected_offers,
                     "replay_cache": replay,

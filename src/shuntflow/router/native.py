@@ -26,8 +26,11 @@ KEY_MAX = 1024
 # How long a request whose address missed the overlay map waits for Python's refresh of it.
 MAP_WAIT_MS = 1000
 
-# Event types (switchpath/sfs.h).
-EV_LOG, EV_CLOSED, EV_MAP_MISS, EV_ROW, EV_STATS_END, EV_SWITCH_DONE, EV_SWITCH_CALLS = range(1, 8)
+# Records the native side sends Python (switchpath/sfs.h); its log lines it writes itself.
+EV_CLOSED, EV_MAP_MISS, EV_ROW, EV_STATS_END = 2, 3, 4, 5
+# Its latency windows (sfs.h LAT_*): SWITCH_REQ -> SWITCH_RES OK, the libraries' SWITCH_DONE of
+# initiating ends, SWITCH_CALLS' longest call of completed and of failed switches.
+REQ_RES, SWITCH_TIME, CALL_MAX, CALL_MAX_FAILED = range(4)
 
 
 class SwitchPathError(RuntimeError):
@@ -127,7 +130,12 @@ def _load() -> ctypes.CDLL:
         ("sfs_set_handoff_refusal", None, [vp, ctypes.c_char_p]),
         ("sfs_stats_req", u32, [vp, u64]),
         ("sfs_stats_forget", None, [vp, u32]),
-        ("sfs_req_to_res", sz, [vp, u64, ctypes.POINTER(u32), sz, ctypes.POINTER(u64)]),
+        (
+            "sfs_samples",
+            sz,
+            [vp, ctypes.c_int, u64, ctypes.POINTER(u32), sz, ctypes.POINTER(u64)],
+        ),
+        ("sfs_set_log", None, [vp, ctypes.c_int, ctypes.c_int]),
         ("sfs_status_json", sz, [vp, ctypes.c_char_p, sz]),
     ):
         fn = getattr(lib, name)
@@ -280,13 +288,17 @@ class SwitchPath:
     def stats_forget(self, seq: int) -> None:
         self._lib.sfs_stats_forget(self._h, seq)
 
-    def req_to_res(self, since: int) -> tuple[list[int], int]:
-        """SWITCH_REQ -> SWITCH_RES OK samples (µs) from running index `since`; the next index."""
-        size = 8192
+    def samples(self, which: int, since: int) -> tuple[list[int], int]:
+        """Window `which`'s samples (µs) from running index `since` on; the next index."""
+        size = 16384
         buf = (ctypes.c_uint32 * size)()
         total = ctypes.c_uint64(0)
-        n = self._lib.sfs_req_to_res(self._h, since, buf, size, ctypes.byref(total))
+        n = self._lib.sfs_samples(self._h, which, since, buf, size, ctypes.byref(total))
         return list(buf[:n]), int(total.value)
+
+    def set_log(self, fd: int, level: int) -> None:
+        """Native log lines go to `fd` (a dup is taken), from `level` (logging's numbers) on."""
+        self._lib.sfs_set_log(self._h, os.dup(fd) if fd >= 0 else -1, level)
 
     def counters(self) -> dict[str, Any]:
         size = 1 << 16
