@@ -127,13 +127,6 @@ def router_command(
             "and without it nothing is handed over).",
         ),
     ] = None,
-    switch_path: Annotated[
-        str | None,
-        typer.Option(
-            "--switch-path",
-            help="native (C, one thread: switchpath/) or python (asyncio) serves the switches.",
-        ),
-    ] = None,
 ) -> None:
     """Run the per-host router (in the host network namespace) until SIGTERM."""
     from shuntflow.router.daemon import run_router
@@ -159,7 +152,6 @@ def router_command(
                 "owner_check": owner_check,
                 "metrics": metrics,
                 "socket_guard": socket_guard,
-                "switch_path": switch_path,
             },
         )
         if cfg.map_file is not None:

@@ -48,8 +48,6 @@ class RouterConfig:
     # The kernel refuses connect/bind on handed-over sockets (guard.py); without it (off, or
     # failing to load) the router hands out nothing unless this is off.
     socket_guard: bool = True
-    # Who serves the switches: "native" (switchpath/, one C thread) or "python" (asyncio).
-    switch_path: str = "native"
     # Below: not on the CLI (TOML only); sane defaults for a real host.
     connect_timeout_ms: int = 1000
     answer_timeout_ms: int = 2000
@@ -105,8 +103,6 @@ class RouterConfig:
                 raise ConfigError(f"{f.name} must be positive")
             if f.name.startswith("max_") and value < 1:
                 raise ConfigError(f"{f.name} must be at least 1")
-        if self.switch_path not in ("native", "python"):
-            raise ConfigError(f"--switch-path {self.switch_path!r}: use native or python")
         if not 0 < self.guard_mark <= 0xFFFFFFFF:
             raise ConfigError(f"guard_mark {self.guard_mark:#x} must be 1..0xffffffff")
         if not 0 <= self.peer_pool_size <= 64:

@@ -1,17 +1,15 @@
-# The router's side of the library <-> router channel (docs/wire.md section 1).
+# The router's side of the library <-> router channel (docs/wire.md section 1), up to HELLO.
 #
 # One AF_UNIX SOCK_SEQPACKET listening socket; one persistent connection per application process.
-# Why raw sockets with loop.add_reader and recvmsg/sendmsg instead of asyncio streams: the router
-# hands host TCP sockets to libraries with SCM_RIGHTS, which only sendmsg can do, and SEQPACKET
-# keeps one frame per datagram, which streams would blur.
-# This module owns framing and hygiene, not meaning: it checks every datagram is one valid
-# 48-byte frame of a type a library may send (and HELLO first), closes a misbehaving client with
-# a logged reason while everyone else keeps being served, closes any fd a library tries to pass
-# us, queues outgoing frames when a client's socket buffer is full (bounded), closes a passed fd
-# once the kernel holds the client's copy, and drops a client that has not said HELLO within a
-# deadline (else idle connections could fill the client table for good). What frames mean is
-# the LibraryHandler's business (daemon.Router); it may raise ProtocolViolation to have the
-# client dropped.
+# Here: accepting a channel, establishing who is on the other end (SO_PEERCRED, its network
+# namespace, the container the overlay reaches there: ownership.py, attachment.py), admitting it
+# or not (at most max_clients, max_per_netns per container, attached containers only), and its
+# first frame, which must be a valid HELLO within a deadline (else idle connections could fill
+# the client table for good). At HELLO the channel goes to the native switch path
+# (daemon.Router.on_hello), which answers it and serves every later frame; the client record
+# stays here for status and for the bookkeeping when the switch path reports it closed.
+# Why raw recvmsg instead of asyncio streams: SEQPACKET keeps one frame per datagram, which
+# streams would blur, and a passed fd must be seen (and closed) to be refused.
 
 from __future__ import annotations
 
@@ -23,14 +21,14 @@ import socket
 import stat
 import struct
 import time
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 from typing import Protocol
 
 from shuntflow.router.attachment import Attachments
 from shuntflow.router.logfmt import ensure_dir, get_logger
 from shuntflow.router.ownership import NsKey, OwnerError, OwnershipChecker
-from shuntflow.wire import MSG_SIZE, PROTOCOL_VERSION, Msg, MsgType, Status, WireError
+from shuntflow.wire import MSG_SIZE, Msg, MsgType, WireError
 
 log = get_logger()
 
@@ -46,13 +44,7 @@ FROM_LIBRARY = frozenset(
         MsgType.SWITCH_CALLS,
     }
 )
-MAX_SEND_QUEUE = 4096
-READS_PER_WAKEUP = 64
 _UCRED = struct.Struct("3i")
-
-
-class ProtocolViolation(Exception):
-    """Raised by a handler: the client broke the protocol and is dropped with this reason."""
 
 
 class RouterSetupError(RuntimeError):
@@ -60,14 +52,8 @@ class RouterSetupError(RuntimeError):
 
 
 class LibraryHandler(Protocol):
-    def on_switch_req(self, client: LibraryClient, msg: Msg) -> None: ...
-    def on_claim_res(self, client: LibraryClient, msg: Msg) -> None: ...
-    def on_conn_info(self, client: LibraryClient, msg: Msg) -> None: ...
-    def on_stats_end(self, client: LibraryClient, msg: Msg) -> None: ...
-    def on_switch_done(self, client: LibraryClient, msg: Msg) -> None: ...
-    def on_switch_calls(self, client: LibraryClient, msg: Msg) -> None: ...
+    def on_hello(self, client: LibraryClient, seq: int) -> None: ...
     def on_client_closed(self, client: LibraryClient) -> None: ...
-    def on_hello(self, client: LibraryClient, seq: int) -> bool: ...
 
 
 def prepare_socket_path(path: Path, kind: socket.SocketKind) -> None:
@@ -115,9 +101,6 @@ class LibraryClient:
         # The id the router's namespace gives that namespace; the container it is, if a veth
         # of the overlay bridge leads there (attachment.py). None: attached nowhere.
         self.nsid: int | None = None
-        # Overlay tuples (keys) the router handed to this client: its reports of host-path
-        # connections count only for these.
-        self.handed: dict[tuple[object, object], None] = {}
         self.owner_error = "ownership not established"  # why ns_key is None
         self.mode = 0
         self.ready = False  # HELLO received
@@ -125,13 +108,6 @@ class LibraryClient:
         self.closed = False
         self.close_reason = ""
         self.connected_at = time.time()
-        self.outstanding: set[int] = set()  # SWITCH_REQ seqs being worked on
-        self.frames_in = 0
-        self.frames_out = 0
-        self.switches_ok = 0
-        self.switches_failed = 0
-        self._outq: deque[tuple[bytes, socket.socket | None]] = deque()
-        self._writing = False
         self._hello_deadline: asyncio.TimerHandle | None = None
         try:
             pid, uid, _gid = _UCRED.unpack(
@@ -144,97 +120,52 @@ class LibraryClient:
     def __repr__(self) -> str:
         return f"LibraryClient(id={self.id}, pid={self.pid or self.cred_pid})"
 
-    # -- sending ---------------------------------------------------------------------------
-
-    def send(self, msg: Msg, fd_sock: socket.socket | None = None) -> bool:
-        """Queue one frame (with fd_sock's fd attached). fd_sock is ours to close either way.
-
-        Returns False if the client is gone (fd_sock then closed at once)."""
-        if self.closed:
-            if fd_sock is not None:
-                fd_sock.close()
-            return False
-        self._outq.append((msg.pack(), fd_sock))
-        if len(self._outq) > MAX_SEND_QUEUE:
-            self.close("send queue overflow (client not reading)")
-            return False
-        if not self._writing:
-            self._flush()
-        return not self.closed
-
-    def _flush(self) -> None:
-        while self._outq and not self.closed:
-            data, fd_sock = self._outq[0]
-            try:
-                if fd_sock is not None:
-                    rights = array.array("i", [fd_sock.fileno()])
-                    self.sock.sendmsg(
-                        [data],
-                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
-                        socket.MSG_NOSIGNAL,
-                    )
-                else:
-                    self.sock.send(data, socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                if not self._writing:
-                    self.loop.add_writer(self.sock.fileno(), self._flush)
-                    self._writing = True
-                return
-            except OSError as exc:
-                self.close(f"send failed: {exc.strerror or exc}")
-                return
-            self._outq.popleft()
-            if fd_sock is not None:
-                fd_sock.close()  # the client holds its own copy now
-            self.frames_out += 1
-        if self._writing and not self.closed:
-            self.loop.remove_writer(self.sock.fileno())
-            self._writing = False
-
     # -- receiving -------------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        for _ in range(READS_PER_WAKEUP):
-            if self.closed or self.native:
-                return
-            try:
-                data, anc, flags, _addr = self.sock.recvmsg(
-                    MSG_SIZE + 1, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC
-                )
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.close(f"receive failed: {exc.strerror or exc}")
-                return
-            fds = _passed_fds(anc)
-            for fd in fds:
-                os.close(fd)
-            if fds:
-                self.close("library passed file descriptors to the router", violation=True)
-                return
-            if not data:
-                # SEQPACKET delivers an empty datagram as a 0-byte read too: only a hangup is
-                # the client leaving.
-                if self._peer_hung_up():
-                    self.close("disconnected")
-                else:
-                    self.close(f"empty frame (0 bytes), expected {MSG_SIZE}", violation=True)
-                return
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) != MSG_SIZE:
-                size = f"more than {MSG_SIZE}" if flags & socket.MSG_TRUNC else str(len(data))
-                self.close(f"frame is {size} bytes, expected {MSG_SIZE}", violation=True)
-                return
-            self.frames_in += 1
-            try:
-                msg = Msg.unpack(data)
-                self._dispatch(msg)
-            except (WireError, ProtocolViolation) as exc:
-                self.close(str(exc), violation=True)
-                return
-            except Exception:
-                log.error("client_handler_error", exc=True, client=self.id, pid=self.pid)
-                self.close("router internal error while handling a frame")
-                return
+        """The first frame (the channel is the switch path's once it was a HELLO)."""
+        if self.closed or self.native:
+            return
+        try:
+            self._read_first()
+        except Exception:
+            log.error("client_handler_error", exc=True, client=self.id, pid=self.pid)
+            self.close("router internal error while handling a frame")
+
+    def _read_first(self) -> None:
+        try:
+            data, anc, flags, _addr = self.sock.recvmsg(
+                MSG_SIZE + 1, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"receive failed: {exc.strerror or exc}")
+            return
+        fds = _passed_fds(anc)
+        for fd in fds:
+            os.close(fd)
+        if fds:
+            self.close("library passed file descriptors to the router", violation=True)
+            return
+        if not data:
+            # SEQPACKET delivers an empty datagram as a 0-byte read too: only a hangup is
+            # the client leaving.
+            if self._peer_hung_up():
+                self.close("disconnected")
+            else:
+                self.close(f"empty frame (0 bytes), expected {MSG_SIZE}", violation=True)
+            return
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) != MSG_SIZE:
+            size = f"more than {MSG_SIZE}" if flags & socket.MSG_TRUNC else str(len(data))
+            self.close(f"frame is {size} bytes, expected {MSG_SIZE}", violation=True)
+            return
+        try:
+            msg = Msg.unpack(data)
+        except WireError as exc:
+            self.close(str(exc), violation=True)
+            return
+        self._hello(msg)
 
     def _peer_hung_up(self) -> bool:
         p = select.poll()
@@ -248,55 +179,33 @@ class LibraryClient:
 
         self._hello_deadline = self.loop.call_later(seconds, expired)
 
-    def _dispatch(self, msg: Msg) -> None:
+    def _hello(self, msg: Msg) -> None:
         if msg.type not in FROM_LIBRARY:
-            raise ProtocolViolation(f"frame type {msg.type.name} may not come from a library")
-        handler = self.server.handler
-        if msg.type is MsgType.HELLO:
-            if self.ready:
-                raise ProtocolViolation("second HELLO on one channel")
-            self.ready = True
-            if self._hello_deadline is not None:
-                self._hello_deadline.cancel()
-            self.pid = msg.pid
-            self.mode = int(msg.arg)
-            log.info(
-                "client_hello",
-                client=self.id,
-                pid=self.pid,
-                cred_pid=self.cred_pid,
-                uid=self.cred_uid,
-                mode=self.mode,
-            )
-            # The native switch path takes the channel here and answers the HELLO itself:
-            # the library may be asked to claim as soon as it has its HELLO_ACK.
-            if not handler.on_hello(self, msg.seq):
-                self.send(Msg(MsgType.HELLO_ACK, Status.OK, msg.seq, arg=PROTOCOL_VERSION))
+            self.close(f"frame type {msg.type.name} may not come from a library", violation=True)
             return
-        if not self.ready:
-            raise ProtocolViolation(f"first frame must be HELLO, got {msg.type.name}")
-        if msg.type is MsgType.SWITCH_REQ:
-            handler.on_switch_req(self, msg)
-        elif msg.type is MsgType.CLAIM_RES:
-            handler.on_claim_res(self, msg)
-        elif msg.type is MsgType.CONN_INFO:
-            handler.on_conn_info(self, msg)
-        elif msg.type is MsgType.STATS_END:
-            handler.on_stats_end(self, msg)
-        elif msg.type is MsgType.SWITCH_DONE:
-            handler.on_switch_done(self, msg)
-        elif msg.type is MsgType.SWITCH_CALLS:
-            handler.on_switch_calls(self, msg)
+        if msg.type is not MsgType.HELLO:
+            self.close(f"first frame must be HELLO, got {msg.type.name}", violation=True)
+            return
+        self.ready = True
+        if self._hello_deadline is not None:
+            self._hello_deadline.cancel()
+        self.pid = msg.pid
+        self.mode = int(msg.arg)
+        log.info(
+            "client_hello",
+            client=self.id,
+            pid=self.pid,
+            cred_pid=self.cred_pid,
+            uid=self.cred_uid,
+            mode=self.mode,
+        )
+        self.server.handler.on_hello(self, msg.seq)
 
     # -- closing ---------------------------------------------------------------------------
 
     def hand_off(self) -> int:
         """Stop serving this channel here; the socket's fd, now the caller's."""
-        fd = self.sock.fileno()
-        self.loop.remove_reader(fd)
-        if self._writing:
-            self.loop.remove_writer(fd)
-            self._writing = False
+        self.loop.remove_reader(self.sock.fileno())
         self.native = True
         return self.sock.detach()
 
@@ -309,14 +218,7 @@ class LibraryClient:
             fd = self.sock.fileno()
             if fd >= 0:
                 self.loop.remove_reader(fd)
-                if self._writing:
-                    self.loop.remove_writer(fd)
-            self._writing = False
             self.sock.close()
-            while self._outq:
-                _data, fd_sock = self._outq.popleft()
-                if fd_sock is not None:
-                    fd_sock.close()
         self.closed = True
         self.close_reason = reason
         self.server.clients.pop(self.id, None)
