@@ -186,7 +186,8 @@ SFS_API int sfs_add_client(struct sfs *s, int fd, uint64_t id, uint32_t pid, uin
     } else {
         struct sf_msg ack = msg_for(SF_HELLO_ACK, SF_OK, hello_seq, NULL);
         ack.arg = SF_PROTOCOL_VERSION;
-        client_send(s, c, &ack, -1);
+        if (client_send(s, c, &ack, -1))
+            switch_client_added(s, c);
     }
     sfs_wakeup(s);
     pthread_mutex_unlock(&s->lock);

@@ -187,6 +187,7 @@ struct sfs_in {
     uint8_t *pending;   /* per asked client */
     size_t nasked;
     uint64_t winner; /* 0: none yet */
+    char nobody[80]; /* why, should no library be there to ask */
     struct sfs_timer timer;
 };
 void switch_request(struct sfs *s, struct sfs_client *c, const struct sf_msg *m);
@@ -194,6 +195,7 @@ const char *switch_claim_res(struct sfs *s, struct sfs_client *c, const struct s
                              char *why, size_t len);
 void client_handed(struct sfs_client *c, const struct sf_tuple *t);
 void switch_client_closed(struct sfs *s, uint64_t id);
+void switch_client_added(struct sfs *s, struct sfs_client *c);
 void switch_offer(struct sfs *s, struct sfs_peerconn *pc);
 void switch_offer_result(struct sfs *s, struct sfs_out *o, uint16_t status, const char *detail,
                          struct sfs_peerconn *pc);

@@ -516,7 +516,8 @@ static int pending_count(const struct sfs_in *in)
 
 static void check_claim(struct sfs *s, struct sfs_in *in)
 {
-    if (in->seq != 0 && (in->winner != 0 || pending_count(in) == 0))
+    /* nobody asked yet: waiting for a library of the container (claim()) */
+    if (in->seq != 0 && (in->winner != 0 || (in->nasked > 0 && pending_count(in) == 0)))
         claim_done(s, in);
 }
 
@@ -543,7 +544,9 @@ static void claim_done(struct sfs *s, struct sfs_in *in)
     if (in->winner == 0) {
         in->conn = NULL;
         refuse(s, pc, &in->t, FAIL_OFFER, SF_PEER_REFUSED,
-               pending_count(in) == 0 ? "all libraries said NOT_MINE" : "claim timed out");
+               in->nasked == 0             ? in->nobody
+               : pending_count(in) == 0 ? "all libraries said NOT_MINE"
+                                        : "claim timed out");
         in_free(s, in);
         return;
     }
@@ -615,16 +618,19 @@ static void claim(struct sfs *s, struct sfs_peerconn *pc, const struct sf_tuple 
     }
     in->nasked = n;
     if (n == 0) {
-        char why[96], ip[INET_ADDRSTRLEN];
+        char ip[INET_ADDRSTRLEN];
         inet_ntop(AF_INET, &t->local_ip, ip, sizeof(ip));
-        if (!s->cfg.owner_check)
-            snprintf(why, sizeof(why), "no library connected");
-        else if (owner < 0)
-            snprintf(why, sizeof(why), "no container attached at %s", ip);
-        else
-            snprintf(why, sizeof(why), "no library in the container at %s", ip);
-        refuse_claim(s, in, why);
-        return;
+        if (s->cfg.owner_check && owner < 0) {
+            snprintf(in->nobody, sizeof(in->nobody), "no container attached at %s", ip);
+            refuse_claim(s, in, in->nobody);
+            return;
+        }
+        /* A library connects its channel when its process first tracks a connection: the
+         * accepting end's may well be this very connection, its HELLO on the way. The claim
+         * waits for one (switch_client_added) as long as it would wait for an answer. */
+        snprintf(in->nobody, sizeof(in->nobody), "%s%s",
+                 s->cfg.owner_check ? "no library in the container at " : "no library connected",
+                 s->cfg.owner_check ? ip : "");
     }
     uint32_t seq = next_seq(s);
     uint8_t k[12];
@@ -771,6 +777,31 @@ const char *switch_claim_res(struct sfs *s, struct sfs_client *c, const struct s
     }
     check_claim(s, in);
     return NULL;
+}
+
+/* A library just said HELLO: the open claims for its container ask it too. */
+void switch_client_added(struct sfs *s, struct sfs_client *c)
+{
+    for (struct snode *n = s->claims.oldest; n != NULL; n = n->newer) {
+        struct sfs_in *in = n->val;
+        if (in->winner != 0 ||
+            (s->cfg.owner_check && (c->nsid < 0 || attach_owner(s, in->t.local_ip) != c->nsid)))
+            continue;
+        uint64_t *asked = realloc(in->asked, (in->nasked + 1) * sizeof(*asked));
+        if (asked == NULL)
+            continue;
+        in->asked = asked;
+        uint8_t *pending = realloc(in->pending, in->nasked + 1);
+        if (pending == NULL)
+            continue;
+        in->pending = pending;
+        in->asked[in->nasked] = c->id;
+        in->pending[in->nasked++] = 1;
+        struct sf_msg m = msg_for(SF_CLAIM_REQ, SF_OK, in->seq, &in->t);
+        /* a failed send closed the client, which may have ended claims: stop walking them */
+        if (!client_send(s, c, &m, -1) || c->closed)
+            return;
+    }
 }
 
 void switch_client_closed(struct sfs *s, uint64_t id)
