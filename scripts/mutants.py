@@ -175,14 +175,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "and the leader's request (not the follower's) waits for the other side's offer",
         (
             Edit(
-                "src/shuntflow/router/daemon.py",
-                "            and theirs.local_is_leader()\n",
-                "            and not theirs.local_is_leader()\n",
+                "switchpath/switch.c",
+                "        if (!o->answered && tuple_eq(&o->t, &t) && tuple_local_leads(&theirs)) {\n",
+                "        if (!o->answered && tuple_eq(&o->t, &t) && !tuple_local_leads(&theirs)) {\n",
             ),
             Edit(
-                "src/shuntflow/router/daemon.py",
-                "        if not t.local_is_leader() and await self._served_by_leader(e):\n",
-                "        if t.local_is_leader() and await self._served_by_leader(e):\n",
+                "switchpath/switch.c",
+                "    if (!tuple_local_leads(&o->t)) {\n",
+                "    if (tuple_local_leads(&o->t)) {\n",
             ),
         ),
     ),
@@ -192,11 +192,11 @@ MUTANTS: tuple[Mutant, ...] = (
         "grows) but ignores the verdict, so any process gets a host connection for any tuple",
         (
             Edit(
-                "src/shuntflow/router/daemon.py",
-                "        verdict = self.owners.owns(client.ns_key, t)\n",
-                "        verdict = self.owners.owns(client.ns_key, t)\n"
-                "        if verdict.ok or True:  # MUTANT: neither the verdict nor the address\n"
-                "            return None\n",
+                "switchpath/switch.c",
+                "    int ok = sfo_owns(c->diag_fd, &seq, t, 500, why, sizeof(why));\n",
+                "    int ok = sfo_owns(c->diag_fd, &seq, t, 500, why, sizeof(why));\n"
+                "    if (ok || 1) /* MUTANT: neither the verdict nor the address */\n"
+                "        return NULL;\n",
             ),
         ),
     ),
