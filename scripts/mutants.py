@@ -176,8 +176,10 @@ MUTANTS: tuple[Mutant, ...] = (
         (
             Edit(
                 "switchpath/switch.c",
-                "        if (!o->answered && tuple_eq(&o->t, &t) && tuple_local_leads(&theirs)) {\n",
-                "        if (!o->answered && tuple_eq(&o->t, &t) && !tuple_local_leads(&theirs)) {\n",
+                "        if (!o->answered && tuple_eq(&o->t, &t) && "
+                "tuple_local_leads(&theirs)) {\n",
+                "        if (!o->answered && tuple_eq(&o->t, &t) && "
+                "!tuple_local_leads(&theirs)) {\n",
             ),
             Edit(
                 "switchpath/switch.c",
