@@ -30,10 +30,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shuntflow.router import auth, ownership
-from shuntflow.router.daemon import _valid_tuple
-from shuntflow.router.library_channel import LibraryClient
+from shuntflow.router.library_channel import read_frame
 from shuntflow.wire import (
     MSG_MAGIC,
+    MSG_SIZE,
     PEER_MAGIC,
     Msg,
     MsgType,
@@ -363,57 +363,33 @@ def test_peer_parse_agrees_on_every_type_and_size(native: Native, want: MsgType)
 # -- library frames: the channel's rules ---------------------------------------------------
 
 
-class _Handler:
-    def __init__(self) -> None:
-        self.frames: list[Msg] = []
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("on_") and name != "on_client_closed":
-            return lambda _client, msg: self.frames.append(msg)
-        raise AttributeError(name)
-
-    def on_client_closed(self, client: LibraryClient) -> None:
-        pass
-
-
-class _Server:
-    """What LibraryClient needs of its server."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.handler = _Handler()
-        self.clients: dict[int, LibraryClient] = {}
-        self.owners = None
-
-    def forget_container_slot(self, nsid: int | None) -> None:
-        pass
-
-
 HELLO = Msg(MsgType.HELLO, Status.OK, 1, 4242, arg=2).pack()
 
 
 def python_channel_verdict(data: bytes, fds: int, loop: asyncio.AbstractEventLoop) -> str | None:
-    """Sends `data` (with `fds` fds) over a real SEQPACKET pair to library_channel's reader,
-    after a HELLO unless the datagram is one; None if the client is still served."""
+    """Sends `data` (with `fds` fds) over a real SEQPACKET pair and reads it as the router's
+    channel reads a datagram (library_channel.read_frame); None if it is a frame a library may
+    send."""
+    del loop  # the reader is a plain function now
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with ours:
-        theirs.setblocking(False)
-        client = LibraryClient(1, theirs, _Server(loop))  # type: ignore[arg-type]
-        is_hello = data[4:6] == struct.pack("<H", MsgType.HELLO)
-        if not is_hello:
-            ours.send(HELLO)
-            client.on_readable()
-            assert client.ready and not client.closed
+    with ours, theirs:
         if fds:
             with open(os.devnull, "rb") as f:
                 rights = array.array("i", [f.fileno()] * fds)
                 ours.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
         else:
             ours.send(data)
-        client.on_readable()
-        verdict = client.close_reason if client.closed else None
-        theirs.close()
-        return verdict
+        got, anc, flags, _ = theirs.recvmsg(MSG_SIZE + 1, socket.CMSG_SPACE(8 * 4))
+        passed = [
+            fd
+            for level, kind, payload in anc
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in array.array("i", payload[: len(payload) - len(payload) % 4])
+        ]
+        for fd in passed:
+            os.close(fd)
+        msg, why = read_frame(got, flags, len(passed))
+        return None if msg is not None else why
 
 
 @pytest.fixture(scope="module")
@@ -476,9 +452,20 @@ _ADDRS = st.sampled_from(["0.0.0.0", "10.0.0.1", "10.0.0.2", "255.255.255.255"])
 _PORTS = st.sampled_from([0, 1, 6379, 65535])
 
 
+def _valid_tuple(t: Tuple4) -> bool:
+    """docs/wire.md's valid tuple: ports non-zero, addresses specified, two different ends."""
+    return (
+        t.local.port != 0
+        and t.remote.port != 0
+        and not t.local.ip.is_unspecified
+        and not t.remote.ip.is_unspecified
+        and t.local != t.remote
+    )
+
+
 @settings(max_examples=300, deadline=None)
 @given(_ADDRS, _PORTS, _ADDRS, _PORTS)
-def test_valid_tuple_as_the_daemon_has_it(
+def test_valid_tuple_as_the_wire_says(
     native: Native, lip: str, lport: int, rip: str, rport: int
 ) -> None:
     t = Tuple4.parse(f"{lip}:{lport}", f"{rip}:{rport}")

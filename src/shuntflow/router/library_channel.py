@@ -77,6 +77,26 @@ def prepare_socket_path(path: Path, kind: socket.SocketKind) -> None:
     raise RouterSetupError(f"{path}: another router is already listening there")
 
 
+def read_frame(data: bytes, flags: int, nfds: int) -> tuple[Msg | None, str]:
+    """The frame in one datagram (recvmsg of MSG_SIZE + 1 bytes: `flags` its flags, `nfds`
+    the fds that came with it), or why it is none a library may send. The switch path's
+    sfl_parse applies the same rules to every later frame (tests check the two agree)."""
+    if nfds:
+        return None, "library passed file descriptors to the router"
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) != MSG_SIZE:
+        size = f"more than {MSG_SIZE}" if flags & socket.MSG_TRUNC else str(len(data))
+        if not data:
+            return None, f"empty frame (0 bytes), expected {MSG_SIZE}"
+        return None, f"frame is {size} bytes, expected {MSG_SIZE}"
+    try:
+        msg = Msg.unpack(data)
+    except WireError as exc:
+        return None, str(exc)
+    if msg.type not in FROM_LIBRARY:
+        return None, f"frame type {msg.type.name} may not come from a library"
+    return msg, ""
+
+
 def _passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -145,25 +165,14 @@ class LibraryClient:
         fds = _passed_fds(anc)
         for fd in fds:
             os.close(fd)
-        if fds:
-            self.close("library passed file descriptors to the router", violation=True)
+        # SEQPACKET delivers an empty datagram as a 0-byte read too: only a hangup is the
+        # client leaving.
+        if not data and not fds and self._peer_hung_up():
+            self.close("disconnected")
             return
-        if not data:
-            # SEQPACKET delivers an empty datagram as a 0-byte read too: only a hangup is
-            # the client leaving.
-            if self._peer_hung_up():
-                self.close("disconnected")
-            else:
-                self.close(f"empty frame (0 bytes), expected {MSG_SIZE}", violation=True)
-            return
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) != MSG_SIZE:
-            size = f"more than {MSG_SIZE}" if flags & socket.MSG_TRUNC else str(len(data))
-            self.close(f"frame is {size} bytes, expected {MSG_SIZE}", violation=True)
-            return
-        try:
-            msg = Msg.unpack(data)
-        except WireError as exc:
-            self.close(str(exc), violation=True)
+        msg, why = read_frame(data, flags, len(fds))
+        if msg is None:
+            self.close(why, violation=True)
             return
         self._hello(msg)
 
@@ -180,9 +189,6 @@ class LibraryClient:
         self._hello_deadline = self.loop.call_later(seconds, expired)
 
     def _hello(self, msg: Msg) -> None:
-        if msg.type not in FROM_LIBRARY:
-            self.close(f"frame type {msg.type.name} may not come from a library", violation=True)
-            return
         if msg.type is not MsgType.HELLO:
             self.close(f"first frame must be HELLO, got {msg.type.name}", violation=True)
             return
