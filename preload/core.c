@@ -28,12 +28,7 @@ static int log_fd = -1;
 static int private_base;
 static pthread_mutex_t init_mu = PTHREAD_MUTEX_INITIALIZER;
 
-/* Two-level table indexed by fd number: 1024 chunks of 1024 slots covers 1M fds, and a chunk is
- * only allocated once a fd in its range is tracked. */
-#define SF_CHUNK_BITS 10
-#define SF_CHUNK (1u << SF_CHUNK_BITS)
-#define SF_MAX_FD (SF_CHUNK * SF_CHUNK)
-static struct sf_conn *_Atomic table[SF_CHUNK];
+struct sf_conn *_Atomic sf_table[SF_CHUNK];
 static pthread_mutex_t table_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static void *resolve(const char *name) {
@@ -241,7 +236,7 @@ static void set_private_base(void) {
 static void atfork_child(void) {
     pthread_mutex_init(&table_mu, NULL);
     for (unsigned hi = 0; hi < SF_CHUNK; hi++) {
-        struct sf_conn *chunk = atomic_load(&table[hi]);
+        struct sf_conn *chunk = atomic_load(&sf_table[hi]);
         if (chunk == NULL)
             continue;
         for (unsigned i = 0; i < SF_CHUNK; i++) {
@@ -283,22 +278,14 @@ __attribute__((constructor(101))) static void sf_constructor(void) {
     sf_init();
 }
 
-struct sf_conn *sf_slot(int fd) {
-    if (SF_UNLIKELY((unsigned)fd >= SF_MAX_FD))
-        return NULL;
-    struct sf_conn *chunk = atomic_load_explicit(&table[(unsigned)fd >> SF_CHUNK_BITS],
-                                                 memory_order_acquire);
-    return chunk ? &chunk[(unsigned)fd & (SF_CHUNK - 1)] : NULL;
-}
-
 struct sf_conn *sf_slot_alloc(int fd) {
     if ((unsigned)fd >= SF_MAX_FD)
         return NULL;
     unsigned hi = (unsigned)fd >> SF_CHUNK_BITS;
-    struct sf_conn *chunk = atomic_load_explicit(&table[hi], memory_order_acquire);
+    struct sf_conn *chunk = atomic_load_explicit(&sf_table[hi], memory_order_acquire);
     if (chunk == NULL) {
         pthread_mutex_lock(&table_mu);
-        chunk = atomic_load(&table[hi]);
+        chunk = atomic_load(&sf_table[hi]);
         if (chunk == NULL) {
             chunk = calloc(SF_CHUNK, sizeof *chunk);
             if (chunk != NULL) {
@@ -311,7 +298,7 @@ struct sf_conn *sf_slot_alloc(int fd) {
                     chunk[i].host_fd = -1;
                     chunk[i].pending_close_host = -1;
                 }
-                atomic_store_explicit(&table[hi], chunk, memory_order_release);
+                atomic_store_explicit(&sf_table[hi], chunk, memory_order_release);
             }
         }
         pthread_mutex_unlock(&table_mu);
@@ -321,7 +308,7 @@ struct sf_conn *sf_slot_alloc(int fd) {
 
 void sf_for_each_conn(void (*fn)(struct sf_conn *, void *), void *arg) {
     for (unsigned hi = 0; hi < SF_CHUNK; hi++) {
-        struct sf_conn *chunk = atomic_load_explicit(&table[hi], memory_order_acquire);
+        struct sf_conn *chunk = atomic_load_explicit(&sf_table[hi], memory_order_acquire);
         if (chunk == NULL)
             continue;
         for (unsigned i = 0; i < SF_CHUNK; i++)
@@ -337,6 +324,8 @@ static void reset_counters(struct sf_conn *c) {
     atomic_store(&c->rx, 0);
     atomic_store(&c->host_bytes, 0);
     atomic_store(&c->read_err, 0);
+    atomic_store(&c->final_in, 0);
+    atomic_store(&c->final_out, 0);
     c->next_trigger = 0;
     c->have_addrs = c->leader = c->via_connect = c->connect_reported = 0;
     c->app_shut_wr = c->commit_wanted = c->commit_finish_due = c->peer_synced = c->hop_len = 0;

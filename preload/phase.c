@@ -12,6 +12,7 @@
 #include "sf_core.h"
 
 _Atomic int sf_in_transition;
+_Atomic uint64_t sf_busy_since_us;
 
 const char *sf_phase_name(int phase) {
     static const char *const names[SF_P_COUNT] = {
@@ -76,8 +77,12 @@ static inline void check_count(const struct sf_conn *c, int from, int to, int co
 
 static void count_transition(struct sf_conn *c, int from, int to) {
     int was = sf_phase_in_transition(from), is = sf_phase_in_transition(to);
-    if (is && !was)
+    if (is && !was) {
+        /* Before the count: whoever sees it above 0 sees this time too. */
+        if (atomic_load(&sf_in_transition) == 0)
+            atomic_store(&sf_busy_since_us, sf_now_us());
         atomic_fetch_add(&sf_in_transition, 1);
+    }
     else if (was && !is)
         check_count(c, from, to, atomic_fetch_sub(&sf_in_transition, 1) - 1);
 }

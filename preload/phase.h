@@ -41,6 +41,7 @@
 #define SF_PHASE_H
 
 #include <stdatomic.h>
+#include <stdint.h>
 
 enum sf_phase {
     SF_P_OVERLAY = 0,   /* on the overlay, counting */
@@ -58,6 +59,9 @@ struct sf_conn;
 /* Connections in REQUESTED, HANDSHAKE, COMMITTED or BROKEN: while it is 0, the event wrappers and
  * the agent's timers have nothing to look at. */
 extern _Atomic int sf_in_transition;
+/* When sf_in_transition last left 0 (sf_now_us): the event wrappers' bound for a wait that
+ * began before any switch was under way (wrap_event.c). */
+extern _Atomic uint64_t sf_busy_since_us;
 
 void sf_set_phase(struct sf_conn *c, int phase);   /* a transition above; caller holds c->mu */
 void sf_phase_reset(struct sf_conn *c, int phase); /* a new life: OVERLAY, PINNED or HOST */

@@ -345,8 +345,8 @@ static void report_conn(struct sf_conn *c, void *arg) {
                : phase == SF_P_PINNED ? SF_PATH_PINNED
                : phase >= SF_P_REQUESTED ? SF_PATH_SWITCHING
                                          : SF_PATH_OVERLAY;
-    m.arg = atomic_load(&c->tx) + atomic_load(&c->rx);
-    m.arg2 = atomic_load(&c->host_bytes);
+    m.arg = sf_overlay_bytes(c);
+    m.arg2 = sf_host_bytes(c);
     pthread_mutex_unlock(&c->mu);
     chan_send(&m);
 }

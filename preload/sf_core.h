@@ -60,6 +60,7 @@ typedef int sf_ioctl_req;
 #define SF_EXPORT __attribute__((visibility("default")))
 #define SF_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define SF_LIKELY(x) __builtin_expect(!!(x), 1)
+#define SF_NOINLINE __attribute__((noinline))
 
 /* The libc functions the wrappers stand in front of, resolved once with dlsym(RTLD_NEXT). */
 struct sf_real {
@@ -147,6 +148,17 @@ struct sf_conn {
     _Atomic uint32_t next_trigger; /* calls at which the next switch attempt starts */
     _Atomic uint32_t gen;         /* bumped when the fd number is closed and reused */
     int fd;
+    /* Bytes the fast path moved (wrap_io.c): only in a final phase, HOST or PINNED, so they
+     * belong to the path that phase names (sf_host_bytes, sf_overlay_bytes). One writer per
+     * direction in practice (the thread reading, the thread writing), so a plain load and store,
+     * no locked instruction: two threads calling the same direction at once may lose a count,
+     * never a byte. */
+    _Atomic uint64_t final_in, final_out;
+    /* A socket error a read took from the kernel but could not return with its bytes (a
+     * MSG_WAITALL read going on across the switch point, an event wrapper's peek): the kernel
+     * reports an error once and a dead socket then reads as EOF, so the next read returns it.
+     * Here, beside the phase: the fast path of a read looks at it too. */
+    _Atomic int read_err;
     pthread_mutex_t mu;           /* phase changes, host_fd, epoll records, the swap */
     pthread_mutex_t wmu;          /* held across each application write, and by the commit */
     pthread_cond_t cv;            /* phase left the handoff (swapped, aborted, broken) */
@@ -155,12 +167,8 @@ struct sf_conn {
     uint64_t phase_since_ms;      /* when the phase last changed (0 after a reset) */
 
     /* The data path (wrap_io.c) and the socket wrappers (wrap_sock.c). */
-    _Atomic uint64_t tx, rx;      /* application bytes on the overlay */
-    _Atomic uint64_t host_bytes;
-    /* A socket error a read took from the kernel but could not return with its bytes (a
-     * MSG_WAITALL read going on across the switch point, an event wrapper's peek): the kernel
-     * reports an error once and a dead socket then reads as EOF, so the next read returns it. */
-    _Atomic int read_err;
+    _Atomic uint64_t tx, rx;      /* application bytes on the overlay, before a final phase */
+    _Atomic uint64_t host_bytes;  /* and on the host connection, before the fast path took over */
     uint8_t via_connect;
     uint8_t connect_reported;     /* slim, non-blocking connect: the next connect() returns 0 */
     uint8_t app_shut_wr;
@@ -215,7 +223,20 @@ static inline void sf_ensure_init(void) {
     if (SF_UNLIKELY(!atomic_load_explicit(&sf_ready, memory_order_acquire)))
         sf_init();
 }
-struct sf_conn *sf_slot(int fd);           /* existing slot or NULL, never allocates */
+/* Two-level table indexed by fd number: 1024 chunks of 1024 slots covers 1M fds, and a chunk is
+ * only allocated once a fd in its range is tracked (core.c). */
+#define SF_CHUNK_BITS 10
+#define SF_CHUNK (1u << SF_CHUNK_BITS)
+#define SF_MAX_FD (SF_CHUNK * SF_CHUNK)
+extern struct sf_conn *_Atomic sf_table[SF_CHUNK];
+/* Existing slot or NULL, never allocates. Inline: every wrapper starts here. */
+static inline struct sf_conn *sf_slot(int fd) {
+    if (SF_UNLIKELY((unsigned)fd >= SF_MAX_FD))
+        return NULL;
+    struct sf_conn *chunk = atomic_load_explicit(&sf_table[(unsigned)fd >> SF_CHUNK_BITS],
+                                                 memory_order_acquire);
+    return chunk ? &chunk[(unsigned)fd & (SF_CHUNK - 1)] : NULL;
+}
 struct sf_conn *sf_slot_alloc(int fd);     /* slot for fd, allocated if needed (NULL if no memory) */
 void sf_slot_reset(struct sf_conn *c);     /* the fd number was closed */
 void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_connect);
@@ -234,6 +255,46 @@ void sf_for_each_conn(void (*fn)(struct sf_conn *, void *), void *arg);
 extern _Atomic int sf_oneshot_regs;
 extern _Atomic uint64_t sf_last_swap_ms;       /* when this process last swapped a connection */
 #define SF_RECENT_SWAP_MS 50
+
+/* The data path's fast path (invariant 7, docs/design.md): the fd is no connection of ours, or
+ * one in a final phase where the fd is the socket its bytes go through (HOST: swapped; PINNED:
+ * stays on the overlay). Then a data call is the real call and a counter, nothing else: no
+ * lock, no locked instruction, no clock read. Returns the connection whose counter to bump, or
+ * NULL with *slow set to the connection that needs the full path. */
+static inline struct sf_conn *sf_fast_conn(int fd, struct sf_conn **slow) {
+    struct sf_conn *c = sf_slot(fd);
+    *slow = NULL;
+    if (SF_LIKELY(c == NULL) ||
+        atomic_load_explicit(&c->kind, memory_order_relaxed) != SF_CONN)
+        return NULL;
+    int phase = atomic_load_explicit(&c->phase, memory_order_relaxed);
+    if (SF_LIKELY(phase == SF_P_HOST || phase == SF_P_PINNED))
+        return c;
+    *slow = c;
+    return NULL;
+}
+
+static inline void sf_count_final(_Atomic uint64_t *counter, ssize_t n) {
+    if (n > 0)
+        atomic_store_explicit(counter,
+                              atomic_load_explicit(counter, memory_order_relaxed) + (uint64_t)n,
+                              memory_order_relaxed);
+}
+
+/* Bytes per path so far (CONN_INFO, the close log); the fast path's count goes to the final
+ * phase's path. */
+static inline uint64_t sf_final_bytes(struct sf_conn *c) {
+    return atomic_load_explicit(&c->final_in, memory_order_relaxed) +
+           atomic_load_explicit(&c->final_out, memory_order_relaxed);
+}
+static inline uint64_t sf_overlay_bytes(struct sf_conn *c) {
+    uint64_t n = atomic_load(&c->tx) + atomic_load(&c->rx);
+    return atomic_load(&c->phase) == SF_P_PINNED ? n + sf_final_bytes(c) : n;
+}
+static inline uint64_t sf_host_bytes(struct sf_conn *c) {
+    uint64_t n = atomic_load(&c->host_bytes);
+    return atomic_load(&c->phase) == SF_P_HOST ? n + sf_final_bytes(c) : n;
+}
 
 static inline struct sf_conn *sf_tracked(int fd) {
     struct sf_conn *c = sf_slot(fd);

@@ -80,7 +80,9 @@ struct fix_arg {
     uint64_t now;
 };
 
-/* Events need a second look while a switch is under way, and just after one. */
+/* Events need a second look while a switch is under way, and just after one. Two loads
+ * otherwise: the clock is read only while a swap is recent, and the mark of the last swap is
+ * cleared once it is not, so a process whose switches are over reads no clock here at all. */
 static int events_need_fixing(uint64_t *now) {
     if (atomic_load_explicit(&sf_in_transition, memory_order_relaxed) > 0) {
         *now = sf_now_ms();
@@ -90,7 +92,11 @@ static int events_need_fixing(uint64_t *now) {
     if (SF_LIKELY(last == 0))
         return 0;
     *now = sf_now_ms();
-    return *now - last < SF_RECENT_SWAP_MS;
+    if (*now - last < SF_RECENT_SWAP_MS)
+        return 1;
+    /* Fails if another swap came meanwhile: its mark stays. */
+    atomic_compare_exchange_strong(&sf_last_swap_ms, &last, 0);
+    return 0;
 }
 
 static int just_swapped(struct sf_conn *c, uint64_t now) {
@@ -137,11 +143,28 @@ static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
 }
 
 /* A wait retried after its stale events were dropped keeps the caller's deadline: the retry
- * waits for what is left of the timeout, not for a fresh one. */
+ * waits for what is left of the timeout, not for a fresh one. That needs the time the wait
+ * began, but only a wait with a timeout that may be retried: one that begins while no switch is
+ * under way nor recent reads no clock (the common case, every wait of a process whose
+ * connections are switched or never switch). Should a switch begin during it and drop its
+ * events after all, the retry counts from that switch's start (sf_busy_since_us): later than
+ * the wait's own start, so the retry may end late by the part of the wait before it, never
+ * early. */
+static uint64_t wait_start(int has_timeout) {
+    if (!has_timeout || (atomic_load_explicit(&sf_in_transition, memory_order_relaxed) == 0 &&
+                         atomic_load_explicit(&sf_last_swap_ms, memory_order_relaxed) == 0))
+        return 0;
+    return sf_now_us();
+}
+
+static uint64_t retry_start(uint64_t start_us) {
+    return start_us != 0 ? start_us : atomic_load(&sf_busy_since_us);
+}
+
 static int left_ms(int timeout, uint64_t start_us) {
     if (timeout <= 0)
         return timeout;
-    uint64_t elapsed = (sf_now_us() - start_us) / 1000;
+    uint64_t elapsed = (sf_now_us() - retry_start(start_us)) / 1000;
     return elapsed >= (uint64_t)timeout ? 0 : timeout - (int)elapsed;
 }
 
@@ -150,7 +173,7 @@ static const struct timespec *left_ts(const struct timespec *ts, uint64_t start_
     if (ts == NULL)
         return NULL;
     uint64_t total = (uint64_t)ts->tv_sec * 1000000u + (uint64_t)ts->tv_nsec / 1000u;
-    uint64_t elapsed = sf_now_us() - start_us;
+    uint64_t elapsed = sf_now_us() - retry_start(start_us);
     uint64_t left = elapsed >= total ? 0 : total - elapsed;
     buf->tv_sec = (time_t)(left / 1000000u);
     buf->tv_nsec = (long)(left % 1000000u) * 1000;
@@ -158,15 +181,16 @@ static const struct timespec *left_ts(const struct timespec *ts, uint64_t start_
 }
 
 /* An event dropped above must not turn a wait with no timeout into a spurious timeout. */
-#define EPOLL_RETRY(call)                                                                         \
+/* `call` is the first wait, `again` a retry's (with what is left of the timeout). */
+#define EPOLL_RETRY(has_timeout, call, again)                                                     \
     do {                                                                                          \
         sf_ensure_init();                                                                         \
-        uint64_t start_ = sf_now_us();                                                            \
+        uint64_t start_ = wait_start(has_timeout);                                                \
         struct timespec left_;                                                                    \
         (void)left_;                                                                              \
-        for (;;) {                                                                                \
+        for (int retry_ = 0;; retry_ = 1) {                                                       \
             settle();                                                                             \
-            int n_ = (call);                                                                      \
+            int n_ = retry_ ? (again) : (call);                                                   \
             int fixed_ = after_epoll_wait(epfd, evs, n_);                                         \
             if (fixed_ != 0 || n_ == 0)                                                           \
                 return fixed_;                                                                    \
@@ -174,12 +198,14 @@ static const struct timespec *left_ts(const struct timespec *ts, uint64_t start_
     } while (0)
 
 SF_EXPORT int epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout) {
-    EPOLL_RETRY(real.epoll_wait(epfd, evs, max, left_ms(timeout, start_)));
+    EPOLL_RETRY(timeout > 0, real.epoll_wait(epfd, evs, max, timeout),
+                real.epoll_wait(epfd, evs, max, left_ms(timeout, start_)));
 }
 
 SF_EXPORT int epoll_pwait(int epfd, struct epoll_event *evs, int max, int timeout,
                           const sigset_t *mask) {
-    EPOLL_RETRY(real.epoll_pwait(epfd, evs, max, left_ms(timeout, start_), mask));
+    EPOLL_RETRY(timeout > 0, real.epoll_pwait(epfd, evs, max, timeout, mask),
+                real.epoll_pwait(epfd, evs, max, left_ms(timeout, start_), mask));
 }
 
 SF_EXPORT int epoll_pwait2(int epfd, struct epoll_event *evs, int max,
@@ -188,7 +214,8 @@ SF_EXPORT int epoll_pwait2(int epfd, struct epoll_event *evs, int max,
         errno = ENOSYS;
         return -1;
     }
-    EPOLL_RETRY(real.epoll_pwait2(epfd, evs, max, left_ts(timeout, start_, &left_), mask));
+    EPOLL_RETRY(timeout != NULL, real.epoll_pwait2(epfd, evs, max, timeout, mask),
+                real.epoll_pwait2(epfd, evs, max, left_ts(timeout, start_, &left_), mask));
 }
 
 /* poll's pollfd names the fd directly, so no lookup by epoll data is needed. */
@@ -212,15 +239,15 @@ static int after_poll(struct pollfd *fds, nfds_t nfds, int n) {
     return n;
 }
 
-#define POLL_RETRY(call)                                                                          \
+#define POLL_RETRY(has_timeout, call, again)                                                      \
     do {                                                                                          \
         sf_ensure_init();                                                                         \
-        uint64_t start_ = sf_now_us();                                                            \
+        uint64_t start_ = wait_start(has_timeout);                                                \
         struct timespec left_;                                                                    \
         (void)left_;                                                                              \
-        for (;;) {                                                                                \
+        for (int retry_ = 0;; retry_ = 1) {                                                       \
             settle();                                                                             \
-            int n_ = (call);                                                                      \
+            int n_ = retry_ ? (again) : (call);                                                   \
             int fixed_ = after_poll(fds, n, n_);                                                  \
             if (fixed_ != 0 || n_ == 0)                                                           \
                 return fixed_;                                                                    \
@@ -228,16 +255,19 @@ static int after_poll(struct pollfd *fds, nfds_t nfds, int n) {
     } while (0)
 
 SF_EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout) {
-    POLL_RETRY(real.poll(fds, n, left_ms(timeout, start_)));
+    POLL_RETRY(timeout > 0, real.poll(fds, n, timeout),
+               real.poll(fds, n, left_ms(timeout, start_)));
 }
 
 SF_EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen) {
-    POLL_RETRY(real.poll_chk(fds, n, left_ms(timeout, start_), fdslen));
+    POLL_RETRY(timeout > 0, real.poll_chk(fds, n, timeout, fdslen),
+               real.poll_chk(fds, n, left_ms(timeout, start_), fdslen));
 }
 
 SF_EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *timeout,
                     const sigset_t *mask) {
-    POLL_RETRY(real.ppoll(fds, n, left_ts(timeout, start_, &left_), mask));
+    POLL_RETRY(timeout != NULL, real.ppoll(fds, n, timeout, mask),
+               real.ppoll(fds, n, left_ts(timeout, start_, &left_), mask));
 }
 
 /* select's "readable" for a switching connection may be nothing but the overlay's FIN at the
@@ -283,18 +313,18 @@ static void restore_sets(const struct fdsets *in, fd_set *r, fd_set *w, fd_set *
 }
 
 /* select on Linux counts its timeval down itself; pselect's timeout is const. */
-#define SELECT_RETRY(call)                                                                        \
+#define SELECT_RETRY(has_timeout, call, again)                                                    \
     do {                                                                                          \
         sf_ensure_init();                                                                         \
-        uint64_t start_ = sf_now_us();                                                            \
+        uint64_t start_ = wait_start(has_timeout);                                                \
         struct timespec left_;                                                                    \
         (void)start_;                                                                             \
         (void)left_;                                                                              \
         struct fdsets in_;                                                                        \
         save_sets(&in_, r, w, e);                                                                 \
-        for (;;) {                                                                                \
+        for (int retry_ = 0;; retry_ = 1) {                                                       \
             settle();                                                                             \
-            int n_ = (call);                                                                      \
+            int n_ = retry_ ? (again) : (call);                                                   \
             int fixed_ = after_select(n, r, w, e, n_);                                            \
             if (fixed_ != 0 || n_ <= 0)                                                           \
                 return fixed_;                                                                    \
@@ -303,10 +333,11 @@ static void restore_sets(const struct fdsets *in, fd_set *r, fd_set *w, fd_set *
     } while (0)
 
 SF_EXPORT int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *timeout) {
-    SELECT_RETRY(real.select(n, r, w, e, timeout));
+    SELECT_RETRY(0, real.select(n, r, w, e, timeout), real.select(n, r, w, e, timeout));
 }
 
 SF_EXPORT int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *timeout,
                       const sigset_t *mask) {
-    SELECT_RETRY(real.pselect(n, r, w, e, left_ts(timeout, start_, &left_), mask));
+    SELECT_RETRY(timeout != NULL, real.pselect(n, r, w, e, timeout, mask),
+                 real.pselect(n, r, w, e, left_ts(timeout, start_, &left_), mask));
 }

@@ -1,8 +1,8 @@
 /* wrap_io.c -- the data path: every read and write entry point real programs use.
  *
- * Fast path: an fd that is not a tracked connection costs one table lookup. A tracked
- * connection counts its data calls (the shuntflow threshold) and its bytes per path. During a
- * switch this file does the two things the handoff needs from application threads:
+ * Fast path: an fd that is not a tracked connection costs one table lookup, a switched (or
+ * pinned) one that and a byte count (sf_fast_conn). A connection still on the overlay counts its
+ * data calls (the shuntflow threshold) and its bytes per path. During a switch this file does the two things the handoff needs from application threads:
  *   - writes go to the host connection once this end has committed (S is fixed);
  *   - a 0-byte overlay read may be the switch point rather than EOF (sf_wait_handoff);
  *   - a socket error that a read takes from the kernel reaches the application: the kernel
@@ -302,108 +302,65 @@ static ssize_t io_read(struct sf_conn *c, struct io *op, size_t want, int waital
     return n;
 }
 
-/* ---- exported wrappers ---------------------------------------------------------------------- */
+/* ---- the full path, one per call (kept out of the wrappers so their fast path needs no
+ * stack frame of its own) ----------------------------------------------------------------- */
 
-SF_EXPORT ssize_t read(int fd, void *buf, size_t len) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.read(fd, buf, len);
+static SF_NOINLINE ssize_t slow_read(struct sf_conn *c, void *buf, size_t len) {
     struct io op = {.call = call_read, .buf = buf, .len = len};
     return io_read(c, &op, len, 0);
 }
 
-SF_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.write(fd, buf, len);
+static SF_NOINLINE ssize_t slow_write(struct sf_conn *c, const void *buf, size_t len) {
     struct io op = {.call = call_write, .cbuf = buf, .len = len};
     return io_write(c, &op);
 }
 
-SF_EXPORT ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.readv(fd, iov, iovcnt);
+static SF_NOINLINE ssize_t slow_readv(struct sf_conn *c, const struct iovec *iov, int iovcnt) {
     struct io op = {.call = call_readv, .iov = iov, .iovcnt = iovcnt};
     return io_read(c, &op, iov_len(iov, iovcnt), 0);
 }
 
-SF_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.writev(fd, iov, iovcnt);
+static SF_NOINLINE ssize_t slow_writev(struct sf_conn *c, const struct iovec *iov, int iovcnt) {
     struct io op = {.call = call_writev, .iov = iov, .iovcnt = iovcnt};
     return io_write(c, &op);
 }
 
-SF_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.recv(fd, buf, len, flags);
+static SF_NOINLINE ssize_t slow_recv(struct sf_conn *c, void *buf, size_t len, int flags) {
     struct io op = {.call = call_recv, .buf = buf, .len = len, .flags = flags};
     return io_read(c, &op, len, flags & MSG_WAITALL);
 }
 
-SF_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.send(fd, buf, len, flags);
+static SF_NOINLINE ssize_t slow_send(struct sf_conn *c, const void *buf, size_t len, int flags) {
     struct io op = {.call = call_send, .cbuf = buf, .len = len, .flags = flags};
     return io_write(c, &op);
 }
 
-SF_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
-                           socklen_t *addrlen) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.recvfrom(fd, buf, len, flags, addr, addrlen);
+static SF_NOINLINE ssize_t slow_recvfrom(struct sf_conn *c, void *buf, size_t len, int flags,
+                                         struct sockaddr *addr, socklen_t *addrlen) {
     struct io op = {.call = call_recvfrom, .buf = buf, .len = len, .flags = flags, .addr = addr,
                     .addrlen = addrlen};
     return io_read(c, &op, len, flags & MSG_WAITALL);
 }
 
-SF_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
-                         const struct sockaddr *addr, socklen_t addrlen) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.sendto(fd, buf, len, flags, addr, addrlen);
+static SF_NOINLINE ssize_t slow_sendto(struct sf_conn *c, const void *buf, size_t len, int flags,
+                                       const struct sockaddr *addr, socklen_t addrlen) {
     struct io op = {.call = call_sendto, .cbuf = buf, .len = len, .flags = flags, .daddr = addr,
                     .daddrlen = addrlen};
     return io_write(c, &op);
 }
 
-SF_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.recvmsg(fd, msg, flags);
+static SF_NOINLINE ssize_t slow_recvmsg(struct sf_conn *c, struct msghdr *msg, int flags) {
     struct io op = {.call = call_recvmsg, .msg = msg, .flags = flags};
     return io_read(c, &op, iov_len(msg->msg_iov, (int)msg->msg_iovlen), 0);
 }
 
-SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.sendmsg(fd, msg, flags);
+static SF_NOINLINE ssize_t slow_sendmsg(struct sf_conn *c, const struct msghdr *msg, int flags) {
     struct io op = {.call = call_sendmsg, .cmsg = msg, .flags = flags};
     return io_write(c, &op);
 }
 
-SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags flags,
-                       struct timespec *timeout) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.recvmmsg(fd, vec, vlen, flags, timeout);
+static SF_NOINLINE int slow_recvmmsg(struct sf_conn *c, struct mmsghdr *vec, unsigned vlen,
+                                     sf_mmsg_flags flags, struct timespec *timeout) {
     struct io op = {.call = call_recvmmsg, .mmsg = vec, .vlen = vlen, .flags = flags,
                     .timeout = timeout};
     /* The first message's room: an empty first message with room is the end, or the switch
@@ -412,23 +369,167 @@ SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags
     return (int)io_read(c, &op, want, 0);
 }
 
-SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags flags) {
-    sf_ensure_init();
-    struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL)
-        return real.sendmmsg(fd, vec, vlen, flags);
+static SF_NOINLINE int slow_sendmmsg(struct sf_conn *c, struct mmsghdr *vec, unsigned vlen,
+                                     sf_mmsg_flags flags) {
     struct io op = {.call = call_sendmmsg, .mmsg = vec, .vlen = vlen, .flags = flags};
     return (int)io_write(c, &op);
 }
 
-static ssize_t sendfile_common(int out_fd, int in_fd, off_t *offset, size_t count, int use64) {
+/* ---- exported wrappers ---------------------------------------------------------------------- */
+
+/* Each starts with the fast path (sf_fast_conn): an fd that is no connection of ours is the real
+ * call; a connection in a final phase the real call and a byte count; only a connection that
+ * counts towards its switch, or is switching, takes the full path (io_read, io_write). */
+
+/* A peek moves no bytes. */
+static ssize_t final_read(struct sf_conn *f, ssize_t n, int flags) {
+    if (!(flags & MSG_PEEK))
+        sf_count_final(&f->final_in, n);
+    return n;
+}
+
+static ssize_t final_write(struct sf_conn *f, ssize_t n) {
+    sf_count_final(&f->final_out, n);
+    return n;
+}
+
+static ssize_t vec_bytes(const struct mmsghdr *vec, int n) {
+    ssize_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += vec[i].msg_len;
+    return total;
+}
+
+SF_EXPORT ssize_t read(int fd, void *buf, size_t len) {
     sf_ensure_init();
-    struct sf_conn *c = sf_tracked(out_fd);
-    if (c == NULL)
-        return (use64 ? real.sendfile64 : real.sendfile)(out_fd, in_fd, offset, count);
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.read(fd, buf, len) : final_read(f, real.read(fd, buf, len), 0);
+    return slow_read(c, buf, len);
+}
+
+SF_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.write(fd, buf, len) : final_write(f, real.write(fd, buf, len));
+    return slow_write(c, buf, len);
+}
+
+SF_EXPORT ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.readv(fd, iov, iovcnt)
+                         : final_read(f, real.readv(fd, iov, iovcnt), 0);
+    return slow_readv(c, iov, iovcnt);
+}
+
+SF_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.writev(fd, iov, iovcnt)
+                         : final_write(f, real.writev(fd, iov, iovcnt));
+    return slow_writev(c, iov, iovcnt);
+}
+
+SF_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.recv(fd, buf, len, flags)
+                         : final_read(f, real.recv(fd, buf, len, flags), flags);
+    return slow_recv(c, buf, len, flags);
+}
+
+SF_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.send(fd, buf, len, flags)
+                         : final_write(f, real.send(fd, buf, len, flags));
+    return slow_send(c, buf, len, flags);
+}
+
+SF_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
+                           socklen_t *addrlen) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.recvfrom(fd, buf, len, flags, addr, addrlen)
+                         : final_read(f, real.recvfrom(fd, buf, len, flags, addr, addrlen), flags);
+    return slow_recvfrom(c, buf, len, flags, addr, addrlen);
+}
+
+SF_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
+                         const struct sockaddr *addr, socklen_t addrlen) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.sendto(fd, buf, len, flags, addr, addrlen)
+                         : final_write(f, real.sendto(fd, buf, len, flags, addr, addrlen));
+    return slow_sendto(c, buf, len, flags, addr, addrlen);
+}
+
+SF_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.recvmsg(fd, msg, flags)
+                         : final_read(f, real.recvmsg(fd, msg, flags), flags);
+    return slow_recvmsg(c, msg, flags);
+}
+
+SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL))
+        return f == NULL ? real.sendmsg(fd, msg, flags)
+                         : final_write(f, real.sendmsg(fd, msg, flags));
+    return slow_sendmsg(c, msg, flags);
+}
+
+SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags flags,
+                       struct timespec *timeout) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL)) {
+        int n = real.recvmmsg(fd, vec, vlen, flags, timeout);
+        if (f != NULL && n > 0)
+            final_read(f, vec_bytes(vec, n), (int)flags);
+        return n;
+    }
+    return slow_recvmmsg(c, vec, vlen, flags, timeout);
+}
+
+SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags flags) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    if (SF_LIKELY(c == NULL)) {
+        int n = real.sendmmsg(fd, vec, vlen, flags);
+        if (f != NULL && n > 0)
+            final_write(f, vec_bytes(vec, n));
+        return n;
+    }
+    return slow_sendmmsg(c, vec, vlen, flags);
+}
+
+static SF_NOINLINE ssize_t slow_sendfile(struct sf_conn *c, int in_fd, off_t *offset, size_t count,
+                                         int use64) {
     struct io op = {.call = call_sendfile, .in_fd = in_fd, .offset = offset, .len = count,
                     .use64 = use64};
     return io_write(c, &op);
+}
+
+static ssize_t sendfile_common(int out_fd, int in_fd, off_t *offset, size_t count, int use64) {
+    sf_ensure_init();
+    struct sf_conn *c, *f = sf_fast_conn(out_fd, &c);
+    if (SF_LIKELY(c == NULL)) {
+        ssize_t n = (use64 ? real.sendfile64 : real.sendfile)(out_fd, in_fd, offset, count);
+        return f == NULL ? n : final_write(f, n);
+    }
+    return slow_sendfile(c, in_fd, offset, count, use64);
 }
 
 SF_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count) {
@@ -456,17 +557,18 @@ SF_EXPORT ssize_t splice(int fd_in, off_t *off_in, int fd_out, off_t *off_out, s
     return real.splice(fd_in, off_in, fd_out, off_out, len, flags);
 }
 
-/* Fortified variants: the bounds check stays glibc's, the call goes through our wrappers. */
+/* Fortified variants: the bounds check stays glibc's (it aborts the program), the call goes
+ * through our wrappers. */
 SF_EXPORT ssize_t __read_chk(int fd, void *buf, size_t len, size_t buflen) {
     sf_ensure_init();
-    if (len > buflen || sf_tracked(fd) == NULL)
+    if (SF_UNLIKELY(len > buflen))
         return real.read_chk(fd, buf, len, buflen);
     return read(fd, buf, len);
 }
 
 SF_EXPORT ssize_t __recv_chk(int fd, void *buf, size_t len, size_t buflen, int flags) {
     sf_ensure_init();
-    if (len > buflen || sf_tracked(fd) == NULL)
+    if (SF_UNLIKELY(len > buflen))
         return real.recv_chk(fd, buf, len, buflen, flags);
     return recv(fd, buf, len, flags);
 }
@@ -474,7 +576,7 @@ SF_EXPORT ssize_t __recv_chk(int fd, void *buf, size_t len, size_t buflen, int f
 SF_EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int flags,
                                  struct sockaddr *addr, socklen_t *addrlen) {
     sf_ensure_init();
-    if (len > buflen || sf_tracked(fd) == NULL)
+    if (SF_UNLIKELY(len > buflen))
         return real.recvfrom_chk(fd, buf, len, buflen, flags, addr, addrlen);
     return recvfrom(fd, buf, len, flags, addr, addrlen);
 }

@@ -152,11 +152,10 @@ static void forget_fd(int fd) {
     if (kind == SF_EPOLL)
         sf_epreg_drop_epfd(fd);
     if (kind == SF_CONN)
-        SF_LOG("fd %d (port %u->%u): closed in phase %d after %u data calls, overlay %llu/%llu "
-               "bytes out/in, host %llu bytes", fd, ntohs(c->local.sin_port),
+        SF_LOG("fd %d (port %u->%u): closed in phase %d after %u counted data calls, overlay "
+               "%llu bytes, host %llu bytes", fd, ntohs(c->local.sin_port),
                ntohs(c->remote.sin_port), atomic_load(&c->phase), atomic_load(&c->calls),
-               (unsigned long long)atomic_load(&c->tx), (unsigned long long)atomic_load(&c->rx),
-               (unsigned long long)atomic_load(&c->host_bytes));
+               (unsigned long long)sf_overlay_bytes(c), (unsigned long long)sf_host_bytes(c));
     pthread_mutex_lock(&c->mu);
     /* fin.c's copy keeps the overlay socket open past this close, and with it the epoll
      * registrations of this number, which would go on reporting a closed fd. */
