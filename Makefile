@@ -1,5 +1,5 @@
 # The two commands of the quick start: `make demo` and `make test`. Both install what they need.
-.PHONY: setup demo test test-debug test-asan fuzz lint clean mutants
+.PHONY: setup demo test test-debug test-asan fuzz lint clean mutants callcost
 
 setup:
 	./scripts/setup.sh
@@ -43,6 +43,13 @@ fuzz: setup
 # with MUTANTS="byte-dropped ..." and pass pytest arguments with PYTEST_ARGS="-k torture".
 mutants: setup
 	.venv/bin/python scripts/mutants.py $(MUTANTS) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
+
+# What a wrapped data call costs, with no library and in each configuration of it (TSC cycles;
+# docs/performance.md, "The library's own cost").
+callcost:
+	$(MAKE) -C preload
+	$(CC) -O2 -Wall -Wextra -pthread -o preload/build/callcost scripts/callcost.c
+	./scripts/callcost.sh preload/build/libshuntflow.so
 
 lint:
 	.venv/bin/ruff check src tests scripts

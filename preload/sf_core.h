@@ -264,8 +264,10 @@ extern _Atomic uint64_t sf_last_swap_ms;       /* when this process last swapped
 static inline struct sf_conn *sf_fast_conn(int fd, struct sf_conn **slow) {
     struct sf_conn *c = sf_slot(fd);
     *slow = NULL;
+    /* Acquire: a connection new on this number is seen with its first phase (sf_conn_start
+     * sets it before the kind), never with the last one of the number's previous life. */
     if (SF_LIKELY(c == NULL) ||
-        atomic_load_explicit(&c->kind, memory_order_relaxed) != SF_CONN)
+        atomic_load_explicit(&c->kind, memory_order_acquire) != SF_CONN)
         return NULL;
     int phase = atomic_load_explicit(&c->phase, memory_order_relaxed);
     if (SF_LIKELY(phase == SF_P_HOST || phase == SF_P_PINNED))

@@ -236,8 +236,10 @@ int sf_swap_locked(struct sf_conn *c) {
     /* From here writers use c->fd, which now is the host socket. One may be inside
      * write(host) right now (writes went there since the commit): the private number is closed
      * by whoever next releases c->wmu, and only after host_fd stopped naming it. */
-    sf_set_phase(c, SF_P_HOST);
+    /* The mark first: a wait that begins between the two must not find the process quiet
+     * (no switch in transition, none recent), which would spare it a look at its events. */
     atomic_store(&sf_last_swap_ms, sf_now_ms());
+    sf_set_phase(c, SF_P_HOST);
     __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
     c->pending_close_host = host;
     if (pthread_mutex_trylock(&c->wmu) == 0)
