@@ -80,10 +80,18 @@ struct fix_arg {
     uint64_t now;
 };
 
+/* No switch under way, none recent: the waits have nothing to fix. */
+static inline int quiet(void) {
+    return atomic_load_explicit(&sf_in_transition, memory_order_relaxed) == 0 &&
+           atomic_load_explicit(&sf_last_swap_ms, memory_order_relaxed) == 0;
+}
+
 /* Events need a second look while a switch is under way, and just after one. Two loads
  * otherwise: the clock is read only while a swap is recent, and the mark of the last swap is
  * cleared once it is not, so a process whose switches are over reads no clock here at all. */
 static int events_need_fixing(uint64_t *now) {
+    if (SF_LIKELY(quiet()))
+        return 0;
     if (atomic_load_explicit(&sf_in_transition, memory_order_relaxed) > 0) {
         *now = sf_now_ms();
         return 1;
@@ -125,10 +133,7 @@ static void fix_conn_events(struct sf_conn *c, void *arg) {
     }
 }
 
-/* Runs after every wait that returned events; costs nothing unless a switch is under way. */
-static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
-    if (n <= 0)
-        return n;
+static SF_NOINLINE int fix_epoll_events(int epfd, struct epoll_event *evs, int n) {
     int err = errno;
     uint64_t now = 0;
     if (SF_UNLIKELY(events_need_fixing(&now))) {
@@ -142,6 +147,15 @@ static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
     return n;
 }
 
+/* Runs after every wait that returned events; costs two loads unless a switch is under way or
+ * recent, or an EPOLLONESHOT registration is recorded. */
+static inline int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
+    if (n <= 0 || (SF_LIKELY(quiet()) &&
+                   atomic_load_explicit(&sf_oneshot_regs, memory_order_relaxed) == 0))
+        return n;
+    return fix_epoll_events(epfd, evs, n);
+}
+
 /* A wait retried after its stale events were dropped keeps the caller's deadline: the retry
  * waits for what is left of the timeout, not for a fresh one. That needs the time the wait
  * began, but only a wait with a timeout that may be retried: one that begins while no switch is
@@ -150,9 +164,8 @@ static int after_epoll_wait(int epfd, struct epoll_event *evs, int n) {
  * events after all, the retry counts from that switch's start (sf_busy_since_us): later than
  * the wait's own start, so the retry may end late by the part of the wait before it, never
  * early. */
-static uint64_t wait_start(int has_timeout) {
-    if (!has_timeout || (atomic_load_explicit(&sf_in_transition, memory_order_relaxed) == 0 &&
-                         atomic_load_explicit(&sf_last_swap_ms, memory_order_relaxed) == 0))
+static inline uint64_t wait_start(int has_timeout) {
+    if (!has_timeout || quiet())
         return 0;
     return sf_now_us();
 }
