@@ -28,16 +28,16 @@ SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-# SETs of random values on one connection, then "wrote"; it waits for a line on stdin before it
-# reads every value back (printing "same" and the GET phase's bytes) and closes, so the scrapes
-# see it open on the host path.
+# SETs of random values on one connection, then "wrote" and the bytes moved so far; it waits for
+# a line on stdin before it reads every value back (printing "same" and the GET phase's bytes)
+# and closes, so the scrapes see it open on the host path.
 CLIENT = (
     RESP_CLIENT
     + r"""
 values = [bytes.fromhex(x) for x in sys.stdin.readline().split()]
 for i, v in enumerate(values):
     assert call(b"SET", b"m%d" % i, v) == b"+OK\r\n"
-print("wrote", flush=True)
+print("wrote", payload, flush=True)
 sys.stdin.readline()
 payload = 0
 back = [call(b"GET", b"m%d" % i) for i in range(len(values))]
@@ -108,7 +108,9 @@ def test_counters_move_with_a_switch(testbed: Testbed, tmp_path: Path) -> None:
         try:
             client.stdin.write(" ".join(v.hex() for v in values) + "\n")
             client.stdin.flush()
-            assert client.stdout.readline() == "wrote\n"
+            wrote = client.stdout.readline().split()
+            assert wrote[0] == "wrote", wrote
+            set_payload = int(wrote[1])
             # The switch's SWITCH_DONE report reaches the router just after the switch.
             deadline = time.monotonic() + 10
             while True:
@@ -177,6 +179,14 @@ def test_counters_move_with_a_switch(testbed: Testbed, tmp_path: Path) -> None:
     # Both paths carried part of the SETs; which share each took depends on how soon the switch
     # completed (a loaded machine delays it), so only that both moved is asserted.
     assert host_bytes > 0 and overlay_bytes > 0, (host_bytes, overlay_bytes)
+    # Each end's library counted every byte its application moved once, on one path or the
+    # other: what the client sent and received so far, its SETs and their replies (the handoff's
+    # own frames are not the application's). After the swap those are the fast path's counts.
+    for h, s in zip(testbed.hosts, during, strict=True):
+        moved = value(s, "shuntflow_connection_bytes", path="host") + value(
+            s, "shuntflow_connection_bytes", path="overlay"
+        )
+        assert moved == set_payload, (h.netns, moved, set_payload)
     assert_path("shuntflow", PathBytes(), path, get_payload, conns=1)
     for s in during:
         for reason in ("switch_denied", "offer_rejected", "peer_rejected"):
