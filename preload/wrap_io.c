@@ -382,6 +382,17 @@ static SF_NOINLINE int slow_sendmmsg(struct sf_conn *c, struct mmsghdr *vec, uns
  * call; a connection in a final phase the real call and a byte count; only a connection that
  * counts towards its switch, or is switching, takes the full path (io_read, io_write). */
 
+/* A read also takes the full path while an error is kept for it (c->read_err): io_read
+ * returns that first. */
+static inline struct sf_conn *sf_fast_read_conn(int fd, struct sf_conn **slow) {
+    struct sf_conn *f = sf_fast_conn(fd, slow);
+    if (f != NULL && SF_UNLIKELY(atomic_load_explicit(&f->read_err, memory_order_relaxed) != 0)) {
+        *slow = f;
+        return NULL;
+    }
+    return f;
+}
+
 /* A peek moves no bytes. */
 static ssize_t final_read(struct sf_conn *f, ssize_t n, int flags) {
     if (!(flags & MSG_PEEK))
@@ -403,7 +414,7 @@ static ssize_t vec_bytes(const struct mmsghdr *vec, int n) {
 
 SF_EXPORT ssize_t read(int fd, void *buf, size_t len) {
     sf_ensure_init();
-    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    struct sf_conn *c, *f = sf_fast_read_conn(fd, &c);
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.read(fd, buf, len) : final_read(f, real.read(fd, buf, len), 0);
     return slow_read(c, buf, len);
@@ -419,7 +430,7 @@ SF_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
 
 SF_EXPORT ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
     sf_ensure_init();
-    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    struct sf_conn *c, *f = sf_fast_read_conn(fd, &c);
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.readv(fd, iov, iovcnt)
                          : final_read(f, real.readv(fd, iov, iovcnt), 0);
@@ -437,7 +448,7 @@ SF_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
 
 SF_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
     sf_ensure_init();
-    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    struct sf_conn *c, *f = sf_fast_read_conn(fd, &c);
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.recv(fd, buf, len, flags)
                          : final_read(f, real.recv(fd, buf, len, flags), flags);
@@ -456,7 +467,7 @@ SF_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
 SF_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
                            socklen_t *addrlen) {
     sf_ensure_init();
-    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    struct sf_conn *c, *f = sf_fast_read_conn(fd, &c);
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.recvfrom(fd, buf, len, flags, addr, addrlen)
                          : final_read(f, real.recvfrom(fd, buf, len, flags, addr, addrlen), flags);
@@ -475,7 +486,7 @@ SF_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
 
 SF_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     sf_ensure_init();
-    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    struct sf_conn *c, *f = sf_fast_read_conn(fd, &c);
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.recvmsg(fd, msg, flags)
                          : final_read(f, real.recvmsg(fd, msg, flags), flags);
@@ -494,7 +505,7 @@ SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
 SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags flags,
                        struct timespec *timeout) {
     sf_ensure_init();
-    struct sf_conn *c, *f = sf_fast_conn(fd, &c);
+    struct sf_conn *c, *f = sf_fast_read_conn(fd, &c);
     if (SF_LIKELY(c == NULL)) {
         int n = real.recvmmsg(fd, vec, vlen, flags, timeout);
         if (f != NULL && n > 0)
