@@ -3,7 +3,7 @@
  * Fast path: an fd that is not a tracked connection costs one table lookup, a switched (or
  * pinned) one that and a byte count (sf_fast_conn). A connection still on the overlay counts its
  * data calls (the shuntflow threshold) and its bytes per path. During a switch this file does
- * the two things the handoff needs from application threads:
+ * what the handoff needs from application threads:
  *   - writes go to the host connection once this end has committed (S is fixed);
  *   - a 0-byte overlay read may be the switch point rather than EOF (sf_wait_handoff);
  *   - a socket error that a read takes from the kernel reaches the application: the kernel
