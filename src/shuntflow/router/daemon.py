@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from shuntflow.router import native
@@ -40,26 +39,9 @@ from shuntflow.router.logfmt import LOGGER_NAME, get_logger
 from shuntflow.router.metrics import RouterMetrics
 from shuntflow.router.overlay_map import Resolver, StaticMap
 from shuntflow.router.ownership import OwnershipChecker
-from shuntflow.wire import Mode, Msg, MsgType, Path, Tuple4
+from shuntflow.router.stats import ProcessStats, router_status
 
 log = get_logger()
-
-MAX_ROWS_PER_CLIENT = 100_000
-
-
-@dataclass(eq=False)
-class StatsWait:
-    client_id: int
-    rows: list[dict[str, Any]]
-    done: asyncio.Future[tuple[int, int] | None]
-    rejected: int = 0
-
-
-def _enum_name(enum_type: type[Path] | type[Mode], value: int) -> str:
-    try:
-        return enum_type(value).name.lower()
-    except ValueError:
-        return f"unknown({value})"
 
 
 class Router:
@@ -107,7 +89,7 @@ class Router:
         self._native_listener: socket.socket | None = None
         self._counters: dict[str, Any] = {}  # the switch path's, as last read
         self.control = ControlServer(cfg.control_socket, self)
-        self.stats_waits: dict[int, StatsWait] = {}
+        self.stats = ProcessStats(self.loop, cfg.stats_timeout_ms / 1000)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
         self.switch_times = LatencyWindow()  # libraries' SWITCH_DONE of the initiating ends
@@ -119,7 +101,6 @@ class Router:
         self.switch_call_max = LatencyWindow()
         self.switch_call_max_failed = LatencyWindow()
         self.metrics = RouterMetrics(cfg.metrics, self.loop, self.status) if cfg.metrics else None
-        self.reports_rejected = 0  # CONN_INFO rows for tuples not the sender's
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -427,90 +408,12 @@ class Router:
             return
         if client is None:
             return
-        local, _, remote = str(ev["tuple"]).partition("->")
-        t = Tuple4.parse(local, remote)
-        msg = Msg(
-            MsgType.CONN_INFO,
-            int(ev["status"]),
-            int(ev["seq"]),
-            tuple=t,
-            arg=ev["arg"],
-            arg2=ev["arg2"],
-        )
-        wait = self.stats_waits.get(msg.seq)
-        if wait is None or wait.client_id != client.id or wait.done.done():
-            return  # late answer to a timed-out STATS_REQ
-        if kind == native.EV_STATS_END:
-            wait.done.set_result((msg.arg, msg.arg2))
-        elif not ev["ok"]:
-            wait.rejected += 1
-        else:
-            self._add_row(wait, client, msg)
-
-    def _add_row(self, wait: StatsWait, client: LibraryClient, msg: Msg) -> None:
-        if len(wait.rows) < MAX_ROWS_PER_CLIENT:
-            wait.rows.append(
-                {
-                    "pid": client.pid,
-                    "local": str(msg.tuple.local),
-                    "remote": str(msg.tuple.remote),
-                    "path": _enum_name(Path, msg.status),
-                    "overlay_bytes": msg.arg,
-                    "host_bytes": msg.arg2,
-                }
-            )
-
-    def _reject_report(self, client: LibraryClient, count: int, **fields: Any) -> None:
-        self.reports_rejected += count
-        log.warning("report_rejected", client=client.id, pid=client.pid, **fields)
+        self.stats.on_event(kind, client, ev)
 
     def on_client_closed(self, client: LibraryClient) -> None:
-        for wait in self.stats_waits.values():
-            if wait.client_id == client.id and not wait.done.done():
-                wait.done.set_result(None)
+        self.stats.client_closed(client)
 
     # -- status ----------------------------------------------------------------------------
-
-    async def _client_stats(self, client: LibraryClient) -> dict[str, Any]:
-        seq = self.native.stats_request(client.id) if self.native is not None else 0
-        wait = StatsWait(client.id, [], self.loop.create_future())
-        self.stats_waits[seq] = wait
-        result: tuple[int, int] | None = None
-        try:
-            if seq:
-                result = await asyncio.wait_for(
-                    asyncio.shield(wait.done), self.cfg.stats_timeout_ms / 1000
-                )
-        except TimeoutError:
-            result = None
-        finally:
-            self.stats_waits.pop(seq, None)
-            if self.native is not None and seq:
-                self.native.stats_forget(seq)
-        if wait.rejected:
-            self._reject_report(
-                client,
-                wait.rejected,
-                frame="CONN_INFO",
-                rows=wait.rejected,
-                reason="tuples the sender's container does not hold",
-            )
-        ok, failed = self._counters.get("clients", {}).get(str(client.id), [0, 0])[:2]
-        return {
-            "client": client.id,
-            "pid": client.pid,
-            "cred_pid": client.cred_pid,
-            "uid": client.cred_uid,
-            "mode": _enum_name(Mode, client.mode),
-            "connected_s": round(time.time() - client.connected_at, 3),
-            "complete": result is not None,
-            "switches_done": result[0] if result else None,
-            "switches_failed": result[1] if result else None,
-            "router_switches_ok": ok,
-            "router_switches_failed": failed,
-            "connections": wait.rows,
-            "rows_rejected": wait.rejected,
-        }
 
     def switch_times_since(self, index: int) -> dict[str, Any]:
         self._pull_native()
@@ -524,70 +427,12 @@ class Router:
         if self.native is not None:
             self._counters = self.native.counters()
             self._pull_native()
-        n = self._counters
         clients = self.libs.ready_clients()
-        processes = await asyncio.gather(*(self._client_stats(c) for c in clients))
-        served_initiated = n.get("served_initiated", 0)
-        served_accepted = n.get("served_accepted", 0)
+        processes = await asyncio.gather(
+            *(self.stats.collect(c, self.native, self._counters) for c in clients)
+        )
         return {
-            "router": {
-                "host_ip": self.cfg.host_ip,
-                "peer_port": self.cfg.peer_port,
-                "pid": os.getpid(),
-                "socket": str(self.cfg.socket),
-                "started_at": self.started_at,
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "clients": len(self.libs.clients),
-                "clients_ready": len(clients),
-                "clients_accepted": self.libs.accepted,
-                "clients_rejected": self.libs.rejected,
-                "switches_served": served_initiated + served_accepted,
-                "switches_initiated": served_initiated,
-                "switches_accepted": served_accepted,
-                "failures": dict(n.get("failures", {})),
-                "handoffs_lost": n.get("handoffs_lost", 0),
-                "switch_req_res_us": self.req_to_res.summary(),
-                "backoff_refusals": n.get("backoff_refusals", 0),
-                "peer_backoffs": n.get("peer_backoffs", {}),
-                "in_progress": n.get("in_progress", 0),
-                "peer_pool": {
-                    "hits": n.get("pool_hits", 0),
-                    "misses": n.get("pool_misses", 0),
-                    "idle": n.get("pool_idle", {}),
-                },
-                "switch_time_us": self.switch_times.summary(),
-                "switch_call_max_us": self.switch_call_max.summary(),
-                "switch_calls_timed": n.get("switch_calls_timed", 0),
-                "switch_call_max_failed_us": self.switch_call_max_failed.summary(),
-                "switch_calls_rejected": n.get("switch_calls_rejected", 0),
-                "peer_connections_dropped": n.get("peer_dropped", 0),
-                "native_events_dropped": n.get("events_dropped", 0),
-                "security": {
-                    "owner_check": self.owners is not None,
-                    "owner_checks": n.get("owner_checks", 0) if self.owners else 0,
-                    "owner_denials": n.get("owner_denials", 0),
-                    "owner_namespaces": self.owners.namespaces() if self.owners else 0,
-                    "attachments": self.attachments.describe() if self.attachments else None,
-                    "socket_guard": (
-                        None
-                        if self.guard is None
-                        else {**self.guard.describe(), "error": self.guard_error}
-                    ),
-                    "reports_rejected": self.reports_rejected + n.get("reports_rejected", 0),
-                    "peers_rejected": n.get("peers_rejected", 0),
-                    "offers_rejected": n.get("offers_rejected", 0),
-                    "replay_cache": n.get("replay_cache", 0),
-                    "policy": self.policy.describe(),
-                    "peer_allow": list(self.cfg.peer_allow) or "overlay-map hosts",
-                },
-                "overlay_map": self.resolver.describe(),
-                "config": {
-                    "vxlan_dev": self.cfg.vxlan_dev,
-                    "map": str(self.cfg.map_file) if self.cfg.map_file else None,
-                    "claim_timeout_ms": self.cfg.claim_timeout_ms,
-                    "log_file": str(self.cfg.log_file) if self.cfg.log_file else None,
-                },
-            },
+            "router": router_status(self, self._counters, len(clients)),
             "processes": list(processes),
         }
 
