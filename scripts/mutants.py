@@ -195,10 +195,10 @@ MUTANTS: tuple[Mutant, ...] = (
         (
             Edit(
                 "switchpath/switch.c",
-                "    int ok = sfo_owns(c->diag_fd, &seq, t, 500, why, sizeof(why));\n",
-                "    int ok = sfo_owns(c->diag_fd, &seq, t, 500, why, sizeof(why));\n"
-                "    if (ok || 1) /* MUTANT: neither the verdict nor the address */\n"
-                "        return NULL;\n",
+                "    if (!client_ns_holds(s, c, t, why, sizeof(why))) {\n",
+                "    client_ns_holds(s, c, t, why, sizeof(why));\n"
+                "    return NULL; /* MUTANT: neither the verdict nor the address */\n"
+                "    if (0) {\n",
             ),
         ),
     ),

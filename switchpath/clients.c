@@ -182,12 +182,21 @@ static int reports_own(struct sfs *s, struct sfs_client *c, const struct sf_tupl
     if (c->diag_fd < 0)
         return 0;
     char why[160];
+    return client_ns_holds(s, c, t, why, sizeof(why));
+}
+
+/* One sock_diag query in the client's namespace. The netlink sequence is kept per diag socket
+ * (several clients of one container share it), so a late answer to an earlier, timed-out query
+ * is told apart from this one's. */
+int client_ns_holds(struct sfs *s, struct sfs_client *c, const struct sf_tuple *t, char *why,
+                    size_t whylen)
+{
     uint8_t dk[12];
     smap_key_u64(dk, (uint64_t)c->diag_fd);
     struct snode *n = smap_put(&s->diag_seq, dk, NULL);
     uint32_t seq = n ? (uint32_t)n->aux : 0;
     s->owner_checks++;
-    int ok = sfo_owns(c->diag_fd, &seq, t, 500, why, sizeof(why));
+    int ok = sfo_owns(c->diag_fd, &seq, t, 500, why, whylen);
     if (n != NULL)
         n->aux = seq;
     return ok;

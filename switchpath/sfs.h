@@ -105,6 +105,9 @@ int client_send(struct sfs *s, struct sfs_client *c, const struct sf_msg *m, int
 void client_close(struct sfs *s, struct sfs_client *c, const char *reason, int violation);
 void client_readable(struct sfs *s, struct sfs_client *c);
 void client_writable(struct sfs *s, struct sfs_client *c);
+/* Does the client's network namespace hold `t` (sock_diag; `why` says why not)? */
+int client_ns_holds(struct sfs *s, struct sfs_client *c, const struct sf_tuple *t, char *why,
+                    size_t whylen);
 
 /* ---- tuples ---- */
 struct tkey {

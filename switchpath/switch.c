@@ -167,15 +167,7 @@ static const char *not_owner(struct sfs *s, struct sfs_client *c, const struct s
         return buf;
     }
     char why[160];
-    uint8_t dk[12];
-    smap_key_u64(dk, (uint64_t)c->diag_fd);
-    struct snode *n = smap_put(&s->diag_seq, dk, NULL);
-    uint32_t seq = n ? (uint32_t)n->aux : 0;
-    s->owner_checks++;
-    int ok = sfo_owns(c->diag_fd, &seq, t, 500, why, sizeof(why));
-    if (n != NULL)
-        n->aux = seq;
-    if (!ok) {
+    if (!client_ns_holds(s, c, t, why, sizeof(why))) {
         s->owner_denials++;
         snprintf(buf, len, "owner: %s", why);
         return buf;

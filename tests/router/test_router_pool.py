@@ -4,7 +4,6 @@ longest data calls during switches), against two real router processes on 127.0.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,22 +13,18 @@ import pytest
 
 from shuntflow.router.control import query
 from shuntflow.router.latency import LatencyWindow, percentile
-from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
+from shuntflow.router.testing import FakeLibrary, RouterProcess
 from shuntflow.wire import Msg, MsgType, Status, Tuple4
 
-from .support import MAP, assert_pair, tup
+from .support import assert_pair, start_pair, tup
 
 pytestmark = pytest.mark.router
 
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[RouterProcess, RouterProcess, Path, int]]:
-    map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps(MAP))
-    port = free_port()
-    a = RouterProcess(tmp_path / "a" / "router.sock", "127.0.0.1", port, ["--map", str(map_file)])
-    b = RouterProcess(tmp_path / "b" / "router.sock", "127.0.0.2", port, ["--map", str(map_file)])
-    yield a, b, map_file, port
+    a, b, port = start_pair(tmp_path)
+    yield a, b, tmp_path / "map.json", port
     for r in (a, b):
         r.stop()
         assert "level=error" not in r.log(), r.log()

@@ -21,6 +21,8 @@ import pytest
 from shuntflow.router.testing import TEST_KEY, FakeLibrary, RouterProcess, free_port
 from shuntflow.wire import MSG_MAGIC, PEER_MAGIC, Msg, MsgType, PeerMsg, Status, Tuple4
 
+from .support import start_pair
+
 pytestmark = pytest.mark.router
 
 MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2", "198.19.3.0/24": "127.0.0.3"}
@@ -30,16 +32,7 @@ MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2", "198.19.3.0/2
 def env(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RouterProcess, RouterProcess, int]]:
-    d = tmp_path_factory.mktemp("rt-robust")
-    map_file = d / "map.json"
-    map_file.write_text(json.dumps(MAP))
-    port = free_port()
-    a = RouterProcess(d / "a" / "router.sock", "127.0.0.1", port, ["--map", str(map_file)])
-    try:
-        b = RouterProcess(d / "b" / "router.sock", "127.0.0.2", port, ["--map", str(map_file)])
-    except BaseException:
-        a.stop()
-        raise
+    a, b, port = start_pair(tmp_path_factory.mktemp("rt-robust"), MAP)
     yield a, b, port
     b.stop()
     a.stop()

@@ -27,6 +27,8 @@ from shuntflow.router.testing import (
 from shuntflow.wire import Mode, Status, Tuple4
 from shuntflow.wire import Path as ConnPath
 
+from .support import start_pair
+
 pytestmark = pytest.mark.router
 
 MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2"}
@@ -36,17 +38,7 @@ BASE = ["--socket", "{dir}/r.sock", "--host-ip", "127.0.0.1", "--map", "{map}"]
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RouterProcess, RouterProcess]]:
-    d = tmp_path_factory.mktemp("rt-status")
-    (d / "map.json").write_text(json.dumps(MAP))
-    port = free_port()
-    a = RouterProcess(d / "h1" / "router.sock", "127.0.0.1", port, ["--map", str(d / "map.json")])
-    try:
-        b = RouterProcess(
-            d / "h2" / "router.sock", "127.0.0.2", port, ["--map", str(d / "map.json")]
-        )
-    except BaseException:
-        a.stop()
-        raise
+    a, b, _ = start_pair(tmp_path_factory.mktemp("rt-status"), MAP, names=("h1", "h2"))
     yield a, b
     b.stop()
     a.stop()

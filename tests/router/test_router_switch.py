@@ -7,7 +7,6 @@ The overlay plan of the map: support.MAP.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port, offer_bytes, recv_exact
+from shuntflow.router.testing import FakeLibrary, RouterProcess, offer_bytes, recv_exact
 from shuntflow.wire import PEER_SIZE, MsgType, PeerMsg, Status, Tuple4
 
-from .support import MAP, assert_pair, tup
+from .support import assert_pair, start_pair, tup
 
 pytestmark = pytest.mark.router
 
@@ -31,16 +30,7 @@ pytestmark = pytest.mark.router
 def routers(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RouterProcess, RouterProcess]]:
-    d = tmp_path_factory.mktemp("rt-switch")
-    map_file = d / "map.json"
-    map_file.write_text(json.dumps(MAP))
-    port = free_port()
-    a = RouterProcess(d / "a" / "router.sock", "127.0.0.1", port, ["--map", str(map_file)])
-    try:
-        b = RouterProcess(d / "b" / "router.sock", "127.0.0.2", port, ["--map", str(map_file)])
-    except BaseException:
-        a.stop()
-        raise
+    a, b, _ = start_pair(tmp_path_factory.mktemp("rt-switch"))
     yield a, b
     assert b.stop() == 0, b.log()
     assert a.stop() == 0, a.log()
@@ -275,18 +265,10 @@ def patient_routers(
     leader's request takes to arrive then decides nothing (the default is 5 ms, which a busy
     machine can miss between two requests). Their claim timeout is 10 s (250 ms by default),
     which a library answering a burst of claims on a loaded machine is sure to meet."""
-    map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps(MAP))
     config = tmp_path / "router.toml"
     config.write_text("follower-grace-ms = 30000\n")
-    extra = ["--map", str(map_file), "--config", str(config), "--claim-timeout-ms", "10000"]
-    port = free_port()
-    a = RouterProcess(tmp_path / "a" / "router.sock", "127.0.0.1", port, extra)
-    try:
-        b = RouterProcess(tmp_path / "b" / "router.sock", "127.0.0.2", port, extra)
-    except BaseException:
-        a.stop()
-        raise
+    extra = ["--config", str(config), "--claim-timeout-ms", "10000"]
+    a, b, _ = start_pair(tmp_path, args=extra)
     yield a, b
     assert b.stop() == 0, b.log()
     assert a.stop() == 0, a.log()
