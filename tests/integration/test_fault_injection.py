@@ -579,20 +579,35 @@ def stop_and_reset(pair: Pair, side: str, held: bool, want: int) -> list[Reset]:
     """Stop `side`, reset host connections in its handoffs, resume it; until `want` are reset."""
     assert pair.client is not None and pair.server is not None
     proc, host = (pair.client, 1) if side == "client" else (pair.server, 2)
+    peer_router = router_pid(pair.tb, 3 - host)
     resets: list[Reset] = []
     for _ in range(150):
         if len(resets) >= want or pair.client.poll() is not None:
             break
-        os.kill(proc.pid, signal.SIGSTOP)
+        # In flight to `proc` means its router answered a request after `proc` stopped. A
+        # request is answered within a fraction of a millisecond, so catching one by chance is
+        # rare: the peer router is held for a moment instead, and the offers made to it
+        # meanwhile are answered (and their host connections passed on) once `proc` is stopped.
+        peer_held = not held
+        if peer_held:
+            os.kill(peer_router, signal.SIGSTOP)
+            time.sleep(0.05)
         try:
-            if not held:
-                time.sleep(0.3)  # the routers finish the offers under way and pass them on
-            now = time.time()
-            resets += [
-                (now, a, b) for a, b in reset_host_connections(pair.tb, host, proc.pid, held)
-            ]
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                if peer_held:
+                    os.kill(peer_router, signal.SIGCONT)
+                    peer_held = False
+                    time.sleep(0.3)  # the routers finish the offers under way and pass them on
+                now = time.time()
+                resets += [
+                    (now, a, b) for a, b in reset_host_connections(pair.tb, host, proc.pid, held)
+                ]
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
         finally:
-            os.kill(proc.pid, signal.SIGCONT)
+            if peer_held:
+                os.kill(peer_router, signal.SIGCONT)
         time.sleep(0.03)
     return resets
 
