@@ -19,19 +19,6 @@
 
 void *sfs_loop(void *arg);
 
-struct sfs_rule_in {
-    uint32_t net, mask; /* host order */
-    uint16_t first, last;
-    int32_t deny;
-    char text[64];
-};
-
-struct sfs_map_in {
-    uint32_t net, mask; /* host order */
-    uint32_t host;      /* network order; 0: none */
-    int32_t tier, local;
-};
-
 SFS_API size_t sfs_config_size(void)
 {
     return sizeof(struct sfs_config);
@@ -194,16 +181,14 @@ SFS_API int sfs_add_client(struct sfs *s, int fd, uint64_t id, uint32_t pid, uin
     return rc;
 }
 
-SFS_API int sfs_set_policy(struct sfs *s, const struct sfs_rule_in *in, size_t n)
+SFS_API int sfs_set_policy(struct sfs *s, const struct rule *in, size_t n)
 {
     struct rule *r = calloc(n + 1, sizeof(*r));
     if (r == NULL)
         return -ENOMEM;
-    for (size_t i = 0; i < n; i++) {
-        r[i] = (struct rule){.net = in[i].net, .mask = in[i].mask, .first = in[i].first,
-                             .last = in[i].last, .deny = in[i].deny};
-        memcpy(r[i].text, in[i].text, sizeof(r[i].text) - 1); /* Python NUL-terminates */
-    }
+    memcpy(r, in, n * sizeof(*r));
+    for (size_t i = 0; i < n; i++)
+        r[i].text[sizeof(r[i].text) - 1] = '\0'; /* logged as a string */
     pthread_mutex_lock(&s->lock);
     free(s->rules);
     s->rules = r;
@@ -214,7 +199,7 @@ SFS_API int sfs_set_policy(struct sfs *s, const struct sfs_rule_in *in, size_t n
 
 /* The overlay map (netlink snapshot and static map) and the hosts it knows; requests waiting
  * for a refresh are decided on it. */
-SFS_API int sfs_set_map(struct sfs *s, const struct sfs_map_in *in, size_t n,
+SFS_API int sfs_set_map(struct sfs *s, const struct mapent *in, size_t n,
                         const uint32_t *hosts, size_t nhosts)
 {
     struct mapent *m = calloc(n + 1, sizeof(*m));
@@ -224,9 +209,7 @@ SFS_API int sfs_set_map(struct sfs *s, const struct sfs_map_in *in, size_t n,
         free(h);
         return -ENOMEM;
     }
-    for (size_t i = 0; i < n; i++)
-        m[i] = (struct mapent){.net = in[i].net, .mask = in[i].mask, .host = in[i].host,
-                               .tier = in[i].tier, .local = in[i].local};
+    memcpy(m, in, n * sizeof(*m));
     memcpy(h, hosts, nhosts * sizeof(*h));
     pthread_mutex_lock(&s->lock);
     free(s->map);

@@ -208,18 +208,18 @@ uint32_t next_seq(struct sfs *s);
 int seq_issued(const struct sfs *s, uint32_t seq);
 const char *status_name(unsigned status);
 
-/* ---- tables pushed from Python (tables.c) ---- */
+/* ---- tables pushed from Python (tables.c; native.py mirrors these structs) ---- */
 struct rule {
     uint32_t net, mask; /* host order */
     uint16_t first, last;
-    int deny;
+    int32_t deny;
     char text[64];
 };
 struct mapent {
     uint32_t net, mask; /* host order */
-    uint32_t host;      /* network order */
-    int tier;           /* 0 netlink, 1 static map: a tier-0 match wins */
-    int local;          /* the host is this one */
+    uint32_t host;      /* network order; 0: none */
+    int32_t tier;       /* 0 netlink, 1 static map: a tier-0 match wins */
+    int32_t local;      /* the host is this one */
 };
 enum { RES_UNKNOWN, RES_LOCAL, RES_REMOTE };
 int map_lookup(const struct sfs *s, uint32_t ip_net, uint32_t *host);

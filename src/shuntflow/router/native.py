@@ -68,6 +68,8 @@ class _Config(ctypes.Structure):
 
 
 class _Rule(ctypes.Structure):
+    """switchpath/sfs.h `struct rule`."""
+
     _fields_ = [
         ("net", ctypes.c_uint32),
         ("mask", ctypes.c_uint32),
@@ -79,6 +81,8 @@ class _Rule(ctypes.Structure):
 
 
 class _MapEntry(ctypes.Structure):
+    """switchpath/sfs.h `struct mapent`."""
+
     _fields_ = [
         ("net", ctypes.c_uint32),
         ("mask", ctypes.c_uint32),
