@@ -272,7 +272,6 @@ class Apps:
         do those no process holds yet: the peer's pool refills even in overlay mode, and its
         connections wait in this router's accept queue for a moment."""
         host = self.tb.hosts[0]
-        router = f"pid={int(host.router_pid_file.read_text())},"
         out = host.run(
             [
                 "ss",
@@ -285,10 +284,15 @@ class Apps:
             text=True,
         ).stdout
 
-        def application_holds(line: str) -> bool:
-            return any(owner != router for owner in re.findall(r"pid=\d+,", line))
+        return [line for line in out.splitlines() if self.application_pids([line])]
 
-        return [line for line in out.splitlines() if application_holds(line)]
+    def application_pids(self, lines: list[str]) -> set[int]:
+        """The processes other than the first host's router that hold the sockets of `ss -p`
+        lines. A handed-over socket is held by the router and the library at once for the moment
+        between the fd's arrival and the router's close of its copy."""
+        router = int(self.tb.hosts[0].router_pid_file.read_text())
+        owners = {int(pid) for line in lines for pid in re.findall(r"pid=(\d+),", line)}
+        return owners - {router}
 
 
 # Bytes around a TCP segment's payload in a packet as the output hook counts it (the IP packet).

@@ -7,7 +7,6 @@ sockets and the VXLAN counters, the data by values read back."""
 from __future__ import annotations
 
 import contextlib
-import re
 import secrets
 import subprocess
 import time
@@ -130,7 +129,7 @@ def test_redis_in_podman_containers(testbed: Testbed, rootfs: Path, server: int)
     holders: set[int] = set()
     while bench.poll() is None and not held:
         held = apps.host_connections()
-        holders = {int(p) for line in held for p in re.findall(r"pid=(\d+),", line)}
+        holders = apps.application_pids(held)
         # Whoever holds them is inside the client container (checked while it still runs).
         for pid in holders:
             with contextlib.suppress(FileNotFoundError):
