@@ -763,7 +763,8 @@ def serve(args: argparse.Namespace) -> int:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.bind, args.port))
     listener.listen(1024)
-    print(json.dumps({"role": "server", "listening": args.port}), flush=True)
+    # The port bound, which differs from --port 0.
+    print(json.dumps({"role": "server", "listening": listener.getsockname()[1]}), flush=True)
     results: list[ConnResult] = []
     threads: list[threading.Thread] = []
     loop = Loop(args.style) if args.style != "blocking" else None

@@ -4,6 +4,8 @@ output), the results table, and its options. Never timings."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -122,8 +124,52 @@ def test_iperf3_reader_counts_mebibytes() -> None:
         parse.iperf3(json.dumps({"start": {}, "end": {}, "error": "refused"}))
 
 
+def test_torture_reader_takes_the_clients_checked_bytes() -> None:
+    """On the torture pair's real output (loopback, no library): the bytes it moved are the
+    sum of what both ends say they sent, every one checked."""
+    torture = [sys.executable, "-m", "shuntflow.torture"]
+    server = subprocess.Popen(
+        [*torture, "server", "--bind", "127.0.0.1", "--port", "0", "--connections", "6"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["listening"]
+        out = subprocess.run(
+            [*torture, "client", "--host", "127.0.0.1", "--port", str(port),
+             "--connections", "6", "--max-bytes", "200000", "--seed", "7"],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+        served = json.loads(server.communicate(timeout=120)[0].splitlines()[-1])
+    finally:
+        server.kill()
+        server.wait()
+    r = parse.torture(out)
+    assert (r.unit, r.requests, r.errors) == ("conn", 6, 0)
+    assert r.extra["bad_bytes"] == 0 and served["bad"] == 0
+    assert r.extra["payload_bytes"] == served["bytes"] > 0
+    with pytest.raises(parse.ParseError, match="no summary"):
+        parse.torture('{"role": "server", "listening": 7600}\n')
+
+
+def test_vxlan_share_is_vxlan_bytes_over_the_payload() -> None:
+    rows = []
+    for rep, (overlay, switched) in enumerate([(1020, 500), (1030, 300), (1010, 400)]):
+        for mode, vx in (("overlay", overlay), ("shuntflow", switched)):
+            rows.append(Row("integrity", mode, rep, "same", case="c8", rps=40.0, unit="conn",
+                            vxlan_bytes=vx, extra={"payload_bytes": 1000.0}))  # fmt: skip
+    rows.append(Row("rr", "overlay", 0, "same", case="64B", avg_us=30, vxlan_bytes=99))
+    md = markdown({}, rows)
+    assert "| integrity c8 | overlay | 102.0% [101.0%-103.0%] |" in md
+    assert "| integrity c8 | shuntflow | 40.0% [30.0%-50.0%] |" in md
+    assert "| rr 64B | overlay |" not in md  # no payload reported: no share
+    assert "| mode | conn/s |" in md
+
+
 def test_readers_reject_output_without_a_report() -> None:
-    for reader in (parse.sockperf, parse.redis_benchmark, parse.wrk, parse.memaslap, parse.crr):
+    for reader in (parse.sockperf, parse.redis_benchmark, parse.wrk, parse.memaslap, parse.crr,
+                   parse.torture):  # fmt: skip
         with pytest.raises(parse.ParseError):
             reader("Connection refused\n")
 

@@ -35,12 +35,15 @@ RATIO_METRICS = ("rps", "avg_us", "p50_us", "p99_us", "p999_us", "cpu_us_per_req
 # first byte on the host path), then the median over repetitions like every other value.
 # switch_call_max_us: per run, the longest application data call any end made during a switch
 # (target, docs/performance.md: no longer than the overlay's p99.9); the report also takes its max.
+# vxlan_share: the client host's VXLAN bytes over the payload the client moved (workloads whose
+# client reports it: integrity), encapsulation included, so a little above the payload's share.
 VALUE_METRICS = (
     *RATIO_METRICS,
     "router_cpu_us_per_req",
     "switch_p50_us",
     "switch_p99_us",
     "switch_call_max_us",
+    "vxlan_share",
 )
 REFERENCES = ("overlay", "host")
 
@@ -90,6 +93,13 @@ class Row:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def vxlan_share(self) -> float | None:
+        payload = self.extra.get("payload_bytes")
+        if self.vxlan_bytes is None or not payload:
+            return None
+        return self.vxlan_bytes / payload
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -245,6 +245,32 @@ def crr(text: str) -> ClientResult:
     )
 
 
+# -- the torture client (integrity) ------------------------------------------------------
+
+
+def torture(text: str) -> ClientResult:
+    """The summary line `python -m shuntflow.torture client` prints: connections as the
+    requests, the bytes it moved and checked (both directions) as `payload_bytes`."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    try:
+        data = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError as e:
+        raise ParseError(f"torture client: its summary is not JSON: {e}") from None
+    if data.get("role") != "client":
+        raise ParseError("torture client printed no summary")
+    return ClientResult(
+        requests=int(data["connections"]),
+        seconds=float(data["seconds"]),
+        errors=int(data["bad"]) + int(data["missing"]),
+        unit="conn",
+        extra={
+            "payload_bytes": float(data["bytes"]),
+            "bad_bytes": float(data["bad_bytes"]),
+            "switched": float(data["switched"]),
+        },
+    )
+
+
 # -- merging (mix: two clients against one server) --------------------------------------
 
 

@@ -150,7 +150,7 @@ def _spread(per_rep: list[list[int]]) -> str:
 
 def workload_table(summaries: list[ModeSummary]) -> list[str]:
     unit = summaries[0].unit if summaries else "req"
-    rate = "MiB/s" if unit == "MiB" else "req/s"
+    rate = f"{unit}/s"
     lines = [HEADER.format(rate=rate, unit=unit), "|" + "---|" * 17]
     for m in summaries:
         if m.failed == m.reps:
@@ -197,7 +197,7 @@ def summary_table(s: dict[str, list[ModeSummary]]) -> list[str]:
             continue
         rate = ov.values["avg_us"] is None
         base = (
-            f"{_val(ov.values['rps'])} {'MiB' if ov.unit == 'MiB' else 'req'}/s"
+            f"{_val(ov.values['rps'])} {ov.unit}/s"
             if rate
             else f"{_val(ov.values['avg_us'])} / {_val(ov.values['p99_us'])}"
         )
@@ -246,6 +246,24 @@ def stall_table(s: dict[str, list[ModeSummary]]) -> list[str]:
     return lines
 
 
+def vxlan_table(s: dict[str, list[ModeSummary]]) -> list[str]:
+    """Per workload whose client reports its payload (integrity) and mode: the share of that
+    payload the client host's VXLAN device carried, median [min-max] over repetitions."""
+    lines = ["| workload | mode | VXLAN bytes / payload |", "|---|---|---|"]
+    for lbl, ms in s.items():
+        for m in ms:
+            share = m.values["vxlan_share"]
+            if share is not None:
+                lines.append(f"| {lbl} | {m.mode} | {_share(share)} |")
+    return lines
+
+
+def _share(s: Stat) -> str:
+    if s.n == 1:
+        return f"{s.median:.1%}"
+    return f"{s.median:.1%} [{s.low:.1%}-{s.high:.1%}]"
+
+
 def _short(s: Stat | None) -> str:
     return f"{s.median:.2f}" if s else "-"
 
@@ -292,6 +310,15 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
                 "",
             ]
             lines += stall
+        shares = vxlan_table(s)
+        if len(shares) > 2:
+            lines += [
+                "",
+                "The bytes still on the overlay: the client host's VXLAN device bytes (rx+tx, "
+                "encapsulation included) over the payload the client moved, both directions.",
+                "",
+            ]
+            lines += shares
     for lbl, summaries in s.items():
         lines += ["", f"## {lbl}", ""]
         lines += workload_table(summaries)

@@ -24,9 +24,11 @@ WORKLOADS = (
     "crr",
     "mix",
     "stream",
+    "integrity",
 )
 # --quick leaves out kv-memcached (memaslap gives no percentiles, so it adds little to a demo)
-# and stream (bandwidth, not the latency ShuntFlow is about); that keeps it under 3 minutes.
+# and stream and integrity (bandwidth and the bytes' path, not the latency ShuntFlow is about);
+# that keeps it under 3 minutes.
 QUICK_WORKLOADS = ("rr", "kv-redis", "web-keepalive", "web-short", "crr", "mix")
 PLACEMENTS = ("same", "split", "free")
 

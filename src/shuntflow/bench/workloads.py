@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +316,40 @@ def _stream_cases(t: Target, port: int) -> list[ClientCase]:
     return [ClientCase("single", [ClientSpec("single", argv, parse.iperf3)])]
 
 
+# -- integrity: the torture pair, every byte checked, and which path carried it ---------------
+
+# Streams of 0 to 400 KiB each way in chunks of up to 64 KiB, some with pauses: how many of their
+# bytes still cross VXLAN shows how soon a switch lands in a stream's life.
+INTEGRITY_MAX_BYTES = 400 * 1024
+INTEGRITY_CONNECTIONS_PER_S = 40
+
+
+def _torture_server(t: Target, port: int) -> list[str]:
+    # It serves until the bench stops it: a server that exits after its last connection would
+    # read as one that died during the run.
+    return [
+        sys.executable, "-m", "shuntflow.torture", "server",
+        "--bind", t.ip,
+        "--port", str(port),
+        "--connections", str(1 << 30),
+        "--timeout", str(24 * 3600),
+    ]  # fmt: skip
+
+
+def _integrity_cases(t: Target, port: int) -> list[ClientCase]:
+    conns = max(20, INTEGRITY_CONNECTIONS_PER_S * t.duration)
+    argv = [
+        sys.executable, "-m", "shuntflow.torture", "client",
+        "--host", t.ip,
+        "--port", str(port),
+        "--connections", str(conns),
+        "--concurrency", "8",
+        "--max-bytes", str(INTEGRITY_MAX_BYTES),
+        "--timeout", str(max(120, 20 * t.duration)),
+    ]  # fmt: skip
+    return [ClientCase("c8", [ClientSpec("c8", argv, parse.torture)])]
+
+
 WORKLOADS: dict[str, Workload] = {
     "kv-redis": Workload(
         "kv-redis", 6379, _redis_server, _redis_cases, ["redis-server", "redis-benchmark"]
@@ -348,6 +383,7 @@ WORKLOADS: dict[str, Workload] = {
         "mix", 8080, _nginx_server, _mix_cases, ["nginx", "wrk"], _nginx_prepare, nginx_conns_log
     ),
     "stream": Workload("stream", 5201, _iperf_server, _stream_cases, ["iperf3"]),
+    "integrity": Workload("integrity", 7600, _torture_server, _integrity_cases),
 }
 
 
