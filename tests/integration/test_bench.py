@@ -94,6 +94,32 @@ def test_tiny_run_writes_rows_table_and_plots(make_testbed: MakeTestbed, tmp_pat
     assert "bt1-h1-c1" in list_netns()
 
 
+@pytest.mark.timeout(180)
+def test_integrity_run_counts_the_checked_bytes_and_their_path(
+    make_testbed: MakeTestbed, tmp_path: Path
+) -> None:
+    make_testbed("bt4", routers=True)
+    p = bench(
+        "--prefix", "bt4", "--workload", "integrity", "--modes", "overlay,shuntflow@4",
+        "--repetitions", "1", "--duration", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows.keys() == {"overlay", "shuntflow@4"}
+    for r in rows.values():
+        assert r["error"] is None and r["client_errors"] == 0, r
+        assert r["requests"] == 40 and r["unit"] == "conn", r
+        assert r["extra"]["bad_bytes"] == 0 and r["extra"]["payload_bytes"] > 0, r
+    overlay, switched = rows["overlay"], rows["shuntflow@4"]
+    # On the overlay every byte crossed VXLAN; the same seeded streams switched, and those
+    # connections' bytes after their switch point crossed the host path instead.
+    assert overlay["vxlan_bytes"] >= overlay["extra"]["payload_bytes"], overlay
+    assert switched["extra"]["payload_bytes"] == overlay["extra"]["payload_bytes"]
+    assert switched["extra"]["switched"] >= 1 and switched["switches"] >= 1, switched
+    md = (tmp_path / "results.md").read_text()
+    assert "| integrity c8 | shuntflow@4 |" in md
+
+
 def _check_worker_connections(r: dict[str, Any]) -> None:
     """nginx's own count of the connections each worker served against what wrk opened.
 
