@@ -19,6 +19,8 @@ from shuntflow.router.overlay_map import Kind, Resolver, StaticMap, read_vxlan_t
 from shuntflow.router.testing import FakeLibrary, RouterProcess, free_port
 from shuntflow.wire import Status, Tuple4
 
+from .locks import prefix_lock
+
 pytestmark = pytest.mark.root
 
 NS = "rt-map1"
@@ -34,6 +36,11 @@ def _ns(*cmd: str) -> None:
 
 @pytest.fixture()
 def vxlan_ns() -> Iterator[Any]:
+    with prefix_lock(NS.split("-")[0]):  # another test run on this machine uses the same names
+        yield from _vxlan_ns()
+
+
+def _vxlan_ns() -> Iterator[Any]:
     subprocess.run(["ip", "netns", "del", NS], capture_output=True)  # leftovers of a crash
     _ns("netns", "add", NS)
     try:
