@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "shuntflow.cli"]
+# The installed console script, as a user runs it (it must exist beside this interpreter).
+SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
 
 
 def bench(

@@ -12,13 +12,12 @@ import json
 import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from shuntflow.router.control import query
 from shuntflow.testbed import Testbed
 
-SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
+from ..support import SHUNTFLOW
 
 
 def _copy(src: str, root: Path) -> None:

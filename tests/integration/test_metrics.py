@@ -18,13 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shuntflow.testbed import Host, Testbed
 
+from ..support import SHUNTFLOW
 from .apps import RESP_CLIENT, Apps, PathBytes, assert_path, mode_env, redis_server
 
 pytestmark = pytest.mark.root
 
 TESTBED_PREFIX = "dy1"
 TESTBED_ROUTERS = True
-SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

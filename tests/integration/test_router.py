@@ -18,13 +18,13 @@ from shuntflow.router.control import query
 from shuntflow.router.testing import FakeLibrary
 from shuntflow.wire import Status, Tuple4
 
+from ..support import SHUNTFLOW
 from .apps import Apps, PathBytes, assert_path
 
 pytestmark = pytest.mark.root
 
 TESTBED_PREFIX = "rt1"
 TESTBED_ROUTERS = True
-SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
 
 
 def overlay_connection(

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +26,12 @@ from shuntflow.router.testing import (
 from shuntflow.wire import Mode, Status, Tuple4
 from shuntflow.wire import Path as ConnPath
 
+from ..support import SHUNTFLOW
 from .support import start_pair
 
 pytestmark = pytest.mark.router
 
 MAP = {"198.19.1.0/24": "127.0.0.1", "198.19.2.0/24": "127.0.0.2"}
-SHUNTFLOW = str(Path(sys.executable).parent / "shuntflow")
 BASE = ["--socket", "{dir}/r.sock", "--host-ip", "127.0.0.1", "--map", "{map}"]
 
 
