@@ -2,7 +2,8 @@
  *
  * One agent per process, started at the first tracked connection (and again in a forked child,
  * lazily). Application threads only hand it work: a trigger goes on a queue and an eventfd wakes
- * the thread; a frame for the router goes on router.c's report queue. The thread then serves
+ * the thread, unless the triggering thread could send the SWITCH_REQ itself without waiting
+ * (router.c sf_router_request_now); a frame for the router goes on router.c's report queue. The thread then serves
  * what its epoll reports: the queue, the router channel (router.c), the handoff frames on each
  * new host connection (handoff.c), and on a tick the timers (handoff expiry, lingering host
  * sockets, owed FINs, io_uring). When a write is in flight at the moment the agent wants to
@@ -185,6 +186,11 @@ void sf_agent_trigger(struct sf_conn *c) {
     atomic_store(&c->initiated, 1);
     sf_window_open(c);
     sf_agent_ensure();
+    int saved = errno;
+    int asked = sf_router_request_now(c);
+    errno = saved;
+    if (asked)
+        return;
     int queued = 0;
     pthread_mutex_lock(&sf_agent_mu);
     if (ag.evfd >= 0 && ag.q_len < AG_QUEUE) {

@@ -31,6 +31,7 @@ void sf_retry_later_locked(struct sf_conn *c); /* the next trigger at twice the 
 int sf_router_open(void);            /* 0 if the channel is open (opened now if it may be) */
 int sf_router_connected(void);
 void sf_router_request(struct sf_conn *c); /* a trigger taken from the queue */
+int sf_router_request_now(struct sf_conn *c); /* the trigger's own thread asks: 1 if it did */
 void sf_router_on_readable(void);
 void sf_router_send_reports(void);
 void sf_router_report_switch_time(struct sf_conn *c);

@@ -1,11 +1,14 @@
 /* router.c -- the agent's channel to the router of its host (docs/wire.md section 1).
  *
- * One persistent SOCK_SEQPACKET connection per process, opened by the agent and used by the
- * agent thread alone: it asks for host connections (SWITCH_REQ), receives them with SCM_RIGHTS
- * (SWITCH_RES), answers peer routers' claims (CLAIM_REQ) and statistics requests, and sends the
- * figures other parts queue (SWITCH_DONE, SWITCH_CALLS: an application thread must never touch
- * the channel). A destination host that did not answer is left alone for a while (backoff), and
- * a router that is away only means that connections stay on the overlay until it is back. */
+ * One persistent SOCK_SEQPACKET connection per process, opened by the agent. The agent thread
+ * reads it alone: host connections (SWITCH_RES with SCM_RIGHTS), peer routers' claims
+ * (CLAIM_REQ), statistics requests; and it sends the answers and the figures other parts queue
+ * (SWITCH_DONE, SWITCH_CALLS). One frame alone may come from an application thread: the
+ * SWITCH_REQ of the connection whose threshold it crossed (sf_router_request_now), one
+ * non-blocking send of one datagram, so the switch starts without waking the agent; any doubt
+ * and the agent asks instead. A destination host that did not answer is left alone for a while
+ * (backoff), and a router that is away only means that connections stay on the overlay until it
+ * is back. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <string.h>
@@ -24,14 +27,15 @@ struct dest_backoff {
 };
 
 static struct {
-    int chan;                  /* the agent thread's alone */
+    int chan;                  /* set by the agent under sf_agent_mu; app threads read it under it */
     uint64_t chan_retry_ms, chan_step_ms;
-    uint32_t seq;
+    uint32_t seq;              /* the last SWITCH_REQ's; atomic: the agent and app threads ask */
     int warned_router;
     struct dest_backoff backoff[AG_BACKOFF_SLOTS];      /* under sf_agent_mu */
     struct sf_msg reports[AG_REPORT_QUEUE];             /* under sf_agent_mu: frames to send */
     unsigned reports_len;
     _Atomic uint64_t switches_done, switches_failed;
+    _Atomic uint64_t asked_by_app, asked_by_agent; /* SWITCH_REQs sent, by who sent them */
 } rt = {.chan = -1};
 
 int sf_router_connected(void) {
@@ -53,8 +57,14 @@ void sf_router_after_fork_child(void) {
 }
 
 void sf_router_private_moved(int from, int to) {
+    pthread_mutex_lock(&sf_agent_mu);
     if (rt.chan == from)
         rt.chan = to;
+    pthread_mutex_unlock(&sf_agent_mu);
+}
+
+static uint32_t next_seq(void) {
+    return __atomic_add_fetch(&rt.seq, 1, __ATOMIC_RELAXED);
 }
 
 /* ---- addresses and lookups ---------------------------------------------------------------- */
@@ -178,14 +188,22 @@ int sf_router_open(void) {
                    sf_cfg.router_path, strerror(err));
         return -1;
     }
-    rt.chan = sf_private_fd(fd);
+    fd = sf_private_fd(fd);
     rt.chan_step_ms = 0;
     rt.warned_router = 0;
-    sf_agent_watch(rt.chan, EPOLLIN, AG_TAG_CHAN);
+    /* HELLO first: an application thread may send a SWITCH_REQ as soon as the channel shows. */
     struct sf_msg hello = {.magic = SF_MSG_MAGIC, .type = SF_HELLO, .pid = (uint32_t)getpid(),
                            .arg = (uint64_t)sf_cfg.mode};
-    if (chan_send(&hello) != 0)
+    if (real.send(fd, &hello, sizeof hello, MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t)sizeof hello) {
+        real.close(fd);
+        sf_private_forget(fd);
+        rt.chan_retry_ms = now + 250;
         return -1;
+    }
+    pthread_mutex_lock(&sf_agent_mu);
+    rt.chan = fd;
+    pthread_mutex_unlock(&sf_agent_mu);
+    sf_agent_watch(fd, EPOLLIN, AG_TAG_CHAN);
     SF_LOG("router channel open: %s", sf_cfg.router_path);
     return 0;
 }
@@ -214,17 +232,64 @@ void sf_router_request(struct sf_conn *c) {
         sf_retry_later_locked(c);
         goto out;
     }
-    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_REQ, .seq = ++rt.seq};
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_REQ, .seq = next_seq()};
     fill_tuple(&m, c);
     sf_set_phase(c, SF_P_REQUESTED);
     c->outstanding = 1;
-    if (chan_send(&m) != 0)
+    if (chan_send(&m) != 0) {
         sf_handoff_abort_locked(c, SF_INTERNAL, 1);
-    else
-        SF_LOG("fd %d (port %u->%u): asked the router for a host connection (seq %u)", c->fd,
-               ntohs(c->local.sin_port), ntohs(c->remote.sin_port), m.seq);
+    } else {
+        atomic_fetch_add(&rt.asked_by_agent, 1);
+        SF_LOG("fd %d (port %u->%u): asked the router for a host connection (seq %u, by the "
+               "agent)", c->fd, ntohs(c->local.sin_port), ntohs(c->remote.sin_port), m.seq);
+    }
 out:
     pthread_mutex_unlock(&c->mu);
+}
+
+/* The application thread whose call reached the threshold sends the SWITCH_REQ itself, so the
+ * switch starts without an agent wake-up. Only when nothing is in doubt: its locks free at once
+ * (it never waits for one), the connection on the overlay with its addresses known, an overlay
+ * destination, no io_uring by a fresh look, the peer host not in backoff, the channel open in
+ * this process and the datagram taken whole without blocking (SOCK_SEQPACKET: one send is one
+ * frame, whatever other threads send at the same time). Otherwise it returns 0 and the agent
+ * takes the trigger as before (sf_router_request), which also handles every refusal. What the
+ * agent keeps doing: the answer (on_switch_res), the request's timeout (handoff.c expire, on its
+ * next tick: at most a second late, should the router never answer), backoff on failures, and
+ * the switch window, which the caller opened and which this request keeps open. errno is the
+ * caller's to keep. */
+int sf_router_request_now(struct sf_conn *c) {
+    if (pthread_mutex_trylock(&c->mu) != 0)
+        return 0;
+    int sent = 0;
+    uint64_t now = sf_now_ms();
+    if (atomic_load(&c->phase) != SF_P_OVERLAY || atomic_load(&c->kind) != SF_CONN ||
+        fill_addrs(c) != 0 || !sf_is_overlay_addr((struct sockaddr *)&c->remote) ||
+        sf_uring_maybe(now))
+        goto out;
+    if (pthread_mutex_trylock(&sf_agent_mu) != 0)
+        goto out;
+    struct sf_msg m = {.magic = SF_MSG_MAGIC, .type = SF_SWITCH_REQ};
+    if (rt.chan >= 0 && sf_agent_is_this_process() &&
+        !dest_blocked(c->remote.sin_addr.s_addr, now)) {
+        m.seq = next_seq();
+        fill_tuple(&m, c);
+        sent = real.send(rt.chan, &m, sizeof m, MSG_DONTWAIT | MSG_NOSIGNAL) == (ssize_t)sizeof m;
+    }
+    pthread_mutex_unlock(&sf_agent_mu);
+    if (!sent)
+        goto out;
+    /* Under c->mu still: the answer, read by the agent, finds the connection REQUESTED. */
+    c->attempted = 1;
+    sf_set_phase(c, SF_P_REQUESTED);
+    c->outstanding = 1;
+    atomic_fetch_add(&rt.asked_by_app, 1);
+    SF_LOG("fd %d (port %u->%u): asked the router for a host connection (seq %u, by the "
+           "application thread)", c->fd, ntohs(c->local.sin_port), ntohs(c->remote.sin_port),
+           m.seq);
+out:
+    pthread_mutex_unlock(&c->mu);
+    return sent;
 }
 
 /* ---- frames from the router --------------------------------------------------------------- */
@@ -372,10 +437,13 @@ static void abort_requests(struct sf_conn *c, void *arg) {
 
 static void chan_lost(void) {
     SF_LOG("router channel closed: connections stay on the overlay until it is back");
-    sf_agent_unwatch(rt.chan);
-    real.close(rt.chan);
-    sf_private_forget(rt.chan);
+    pthread_mutex_lock(&sf_agent_mu); /* no application thread sends on it from now on */
+    int chan = rt.chan;
     rt.chan = -1;
+    pthread_mutex_unlock(&sf_agent_mu);
+    sf_agent_unwatch(chan);
+    real.close(chan);
+    sf_private_forget(chan);
     rt.chan_retry_ms = sf_now_ms() + 250;
     sf_for_each_conn(abort_requests, NULL);
 }

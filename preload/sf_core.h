@@ -358,6 +358,7 @@ void sf_fins_at_exit(void);
 /* uring.c */
 void sf_uring_refresh(uint64_t now_ms);    /* rescan for a ring if the last look is stale */
 int sf_uses_io_uring(void);                /* 1: this process switches nothing any more */
+int sf_uring_maybe(uint64_t now_ms);       /* seen, or a scan is due: without reading /proc */
 
 /* swap.c */
 int sf_maybe_swap(struct sf_conn *c);      /* swap if the switch point is reached; 1 if HOST */

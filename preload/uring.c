@@ -79,6 +79,16 @@ void sf_uring_refresh(uint64_t now_ms) {
     atomic_store(&scan_period_ms, period > SF_URING_SCAN_MS ? period : SF_URING_SCAN_MS);
 }
 
+/* The application thread's question at its trigger, which must not read /proc: 1 if a ring was
+ * seen or the next scan is due (then the agent asks sf_uses_io_uring, as before), 0 if the last
+ * scan is fresh and found none. */
+int sf_uring_maybe(uint64_t now_ms) {
+    if (atomic_load_explicit(&uring_seen, memory_order_relaxed))
+        return 1;
+    uint64_t last = atomic_load(&last_scan_ms);
+    return last == 0 || now_ms - last >= atomic_load(&scan_period_ms);
+}
+
 int sf_uses_io_uring(void) {
     sf_uring_refresh(sf_now_ms());
     return atomic_load_explicit(&uring_seen, memory_order_relaxed);
