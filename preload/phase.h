@@ -46,7 +46,7 @@
 enum sf_phase {
     SF_P_OVERLAY = 0,   /* on the overlay, counting */
     SF_P_PINNED,        /* stays on the overlay for good (dup'd, inherited by fork, not switchable) */
-    SF_P_REQUESTED,     /* the agent asked the router (or accepted a claim), no host fd yet */
+    SF_P_REQUESTED,     /* the router was asked (or a claim accepted), no host fd yet */
     SF_P_HANDSHAKE,     /* holds the host connection, READY/SYNC exchange, nothing committed */
     SF_P_COMMITTED,     /* S fixed, writes go to the host connection, reading the overlay up to S_peer */
     SF_P_BROKEN,        /* committed, then the host connection died before the peer's SYNC */

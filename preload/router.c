@@ -12,6 +12,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -285,8 +286,8 @@ int sf_router_request_now(struct sf_conn *c) {
     c->outstanding = 1;
     atomic_fetch_add(&rt.asked_by_app, 1);
     SF_LOG("fd %d (port %u->%u): asked the router for a host connection (seq %u, by the "
-           "application thread)", c->fd, ntohs(c->local.sin_port), ntohs(c->remote.sin_port),
-           m.seq);
+           "application thread %ld)", c->fd, ntohs(c->local.sin_port), ntohs(c->remote.sin_port),
+           m.seq, (long)syscall(SYS_gettid));
 out:
     pthread_mutex_unlock(&c->mu);
     return sent;

@@ -178,7 +178,7 @@ struct sf_conn {
     struct sockaddr_in local, remote; /* overlay addresses, network order; valid when have_addrs */
     uint8_t have_addrs;
     uint8_t leader;               /* this end's (ip, port) is the lower one (docs/wire.md) */
-    uint8_t attempted;            /* the agent has looked at the last trigger (slim waits on it) */
+    uint8_t attempted;            /* the last trigger was acted on (slim waits on it) */
     uint16_t last_status;         /* why the last attempt failed (enum sf_status) */
     int outstanding;              /* router answers still expected while REQUESTED */
     _Atomic uint64_t decided_us;  /* when this switch was decided (threshold or claim) */

@@ -36,3 +36,6 @@ def test_router_absent(faultbed: Testbed, tmp_path: Path, monkeypatch: pytest.Mo
     warnings = [line for line in log.read_text().splitlines() if "unreachable" in line]
     # One warning per process, not one per connection.
     assert len(warnings) == 2, warnings
+    # No channel, no request: neither the application threads nor the agent sent one.
+    asked = [line for line in log.read_text().splitlines() if "asked the router" in line]
+    assert asked == [], asked[:5]

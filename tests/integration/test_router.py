@@ -6,6 +6,7 @@ between the host namespaces, and `shuntflow status --prefix` finds every router.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -168,3 +169,64 @@ def test_real_library_switches_through_the_routers(testbed: Any) -> None:
         out, _ = server.communicate(timeout=10)
         assert server.returncode == 0 and out.split() == ["listening", "switched"], out
     assert_path("shuntflow", PathBytes(), path, result["payload"], conns=1)
+
+
+# Two echoes (4 data calls: below the threshold), a pause in which the library's agent has long
+# opened its router channel (it does so when the process tracks its first connection), then
+# echoes on the main thread until the fd is a host-namespace socket.
+ASKING_CLIENT = r"""
+import json, socket, sys, threading, time
+SO_NETNS_COOKIE = 71
+def cookie(s):
+    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+s = socket.create_connection((sys.argv[1], 9000))
+def echo(m):
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        got += s.recv(65536)
+    assert got == m
+echo(b"a")
+echo(b"b")
+time.sleep(0.5)
+with socket.socket() as probe:
+    own = cookie(probe)
+deadline = time.monotonic() + 30
+i = 0
+while cookie(s) == own and time.monotonic() < deadline:
+    echo(b"%06d" % i)
+    i += 1
+    time.sleep(0.001)
+print(json.dumps({"tid": threading.get_native_id(), "switched": cookie(s) != own}))
+"""
+
+
+def test_the_application_thread_asks_the_router_itself(
+    testbed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data call that reaches the threshold sends the SWITCH_REQ from its own thread when
+    the router channel is up (no agent wake-up before the request): each library names the
+    thread that sent it, and in these single-threaded programs that is the main thread (its
+    thread id is the pid), not the agent."""
+    log = tmp_path / "lib.log"
+    monkeypatch.setenv("SHUNTFLOW_LOG", str(log))
+    apps = Apps(testbed)
+    with apps.server([sys.executable, "-c", SERVER], "shuntflow", 9000) as server:
+        done = apps.client([sys.executable, "-c", ASKING_CLIENT, apps.server_ip], "shuntflow")
+        assert done.returncode == 0, done.stderr[-2000:]
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        served, _ = server.communicate(timeout=10)
+    assert out["switched"] and served.split() == ["listening", "switched"], (out, served)
+    asks = [line for line in log.read_text().splitlines() if "asked the router" in line]
+    by_app: dict[int, list[int]] = {}
+    for line in asks:
+        m = re.search(r"shuntflow\[(\d+)\]: .*by the application thread (\d+)\)", line)
+        if m:
+            by_app.setdefault(int(m[1]), []).append(int(m[2]))
+    # The client asked, from the thread that printed its id; nothing was left to the agent.
+    assert out["tid"] in by_app, asks
+    assert by_app[out["tid"]] == [out["tid"]] * len(by_app[out["tid"]]), asks
+    client_asks = [x for x in asks if f"shuntflow[{out['tid']}]:" in x]
+    assert not [x for x in client_asks if "by the agent" in x], client_asks
+    # Every request an application thread sent came from that process's main thread.
+    assert all(tids == [pid] * len(tids) for pid, tids in by_app.items()), asks
