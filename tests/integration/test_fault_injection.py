@@ -891,6 +891,14 @@ for i in range(ATTEMPTS):
     s.connect((sys.argv[1], 7959))
     stop = threading.Timer(1.5, os.kill, (SERVER_PID, signal.SIGSTOP))
     stop.start()
+    # The switch must still be under way when the big write begins: the request leaves with
+    # the first call's own thread, and on a busy machine that thread may lose its CPU for the
+    # whole (millisecond) switch before its byte is written. The server, stopped for 0.1 s
+    # (within the router's 250 ms claim timeout) once it has accepted, answers the claim late.
+    time.sleep(0.2)
+    os.kill(SERVER_PID, signal.SIGSTOP)
+    resume = threading.Timer(0.1, os.kill, (SERVER_PID, signal.SIGCONT))
+    resume.start()
     try:
         s.send(b"x")  # threshold 1: this call starts the switch
         sent = 0
@@ -903,6 +911,7 @@ for i in range(ATTEMPTS):
             time.sleep(0.05)
     finally:
         stop.cancel()
+        resume.join()
         if not last:
             os.kill(SERVER_PID, signal.SIGCONT)
     h = hashlib.sha256(b"x" + big[:sent] + tail)

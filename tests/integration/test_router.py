@@ -6,10 +6,14 @@ between the host namespaces, and `shuntflow status --prefix` finds every router.
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ from shuntflow.router.testing import FakeLibrary
 from shuntflow.wire import Status, Tuple4
 
 from ..support import SHUNTFLOW
-from .apps import Apps, PathBytes, assert_path
+from .apps import Apps, PathBytes, assert_path, mode_env
 
 pytestmark = pytest.mark.root
 
@@ -230,3 +234,133 @@ def test_the_application_thread_asks_the_router_itself(
     assert not [x for x in client_asks if "by the agent" in x], client_asks
     # Every request an application thread sent came from that process's main thread.
     assert all(tids == [pid] * len(tids) for pid, tids in by_app.items()), asks
+
+
+ECHO_SERVER = r"""
+import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9002))
+s.listen(512)
+print("listening", flush=True)
+def serve(c):
+    with c:
+        while d := c.recv(65536):
+            c.sendall(d)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+# One connection opens the router channel; on "go", CONNS connections each cross the threshold
+# (argv[2]) with checked echoes, more requests than the channel's socket buffer holds (about
+# 280 frames of 48 bytes with the default 208 KiB); on "go", echoes on all of them until each
+# is a host-namespace socket (or 20 s), every reply checked.
+QUEUE_CLIENT = r"""
+import json, socket, sys, time
+SO_NETNS_COOKIE = 71
+CONNS = 320
+def cookie(s):
+    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+def echo(s, m):
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        got += s.recv(65536)
+    assert got == m, (got, m)
+first = socket.create_connection((sys.argv[1], 9002))
+echo(first, b"hello")
+time.sleep(0.5)
+print("ready", flush=True)
+assert sys.stdin.readline() == "go\n"
+conns = [socket.create_connection((sys.argv[1], 9002)) for _ in range(CONNS)]
+for i, s in enumerate(conns):
+    for j in range(int(sys.argv[2]) // 2 + 1):
+        echo(s, b"%d.%d" % (i, j))
+print("asked", flush=True)
+assert sys.stdin.readline() == "go\n"
+with socket.socket() as probe:
+    own = cookie(probe)
+deadline = time.monotonic() + 20
+n = 0
+while time.monotonic() < deadline and any(cookie(s) == own for s in conns):
+    for i, s in enumerate(conns):
+        echo(s, b"%d:%d" % (i, n))
+    n += 1
+    time.sleep(0.002)
+print(json.dumps({"switched": sum(cookie(s) != own for s in conns), "echoes": n}))
+"""
+
+
+def test_a_full_router_channel_falls_back_to_the_agent(
+    testbed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its router stopped, the channel takes only so many datagrams: the application
+    threads' non-blocking SWITCH_REQs that do not fit fall back to the agent, whose send finds
+    the channel full too and gives the attempt up (status INTERNAL, retried later). Nothing
+    blocks, every echo is intact, and once the router runs again the connections switch."""
+    log = tmp_path / "lib.log"
+    monkeypatch.setenv("SHUNTFLOW_LOG", str(log))
+    h1 = testbed.hosts[0]
+    router = int(h1.router_pid_file.read_text())
+    apps = Apps(testbed)
+
+    def client_lines(pid: int) -> list[str]:
+        return [x for x in log.read_text().splitlines() if f"shuntflow[{pid}]:" in x]
+
+    with apps.server([sys.executable, "-c", ECHO_SERVER], "shuntflow", 9002):
+        client = apps.client_c.popen(
+            [sys.executable, "-c", QUEUE_CLIENT, apps.server_ip, "16"],
+            env=mode_env(testbed, apps.client_c, "shuntflow", 16),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdin is not None and client.stdout is not None
+        try:
+            assert client.stdout.readline() == "ready\n"
+            opened = f"router channel open: {h1.router_socket}"
+            pid = next(
+                int(m[1])
+                for x in log.read_text().splitlines()
+                if x.endswith(opened) and (m := re.search(r"shuntflow\[(\d+)\]", x))
+            )
+            os.kill(router, signal.SIGSTOP)
+            try:
+                client.stdin.write("go\n")
+                client.stdin.flush()
+                # A blocking send would hang the client here, with its router stopped.
+                ready, _, _ = select.select([client.stdout], [], [], 60)
+                assert ready, "the client blocked while its router was stopped"
+                assert client.stdout.readline() == "asked\n"
+                # The agent tries each request the channel did not take, 100 ms apiece.
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and not any(
+                    "switch abandoned (status 7)" in x for x in client_lines(pid)
+                ):
+                    time.sleep(0.05)
+                lines = client_lines(pid)
+            finally:
+                os.kill(router, signal.SIGCONT)
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            out, err = client.communicate(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+    assert client.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    direct = [x for x in lines if "by the application thread" in x]
+    given_up = [x for x in lines if "switch abandoned (status 7)" in x]
+    # Some requests fit in the stopped router's queue, sent by the application threads; the
+    # others went to the agent, whose own send could not get through either.
+    assert direct and given_up, lines[-40:]
+    assert all(x.endswith(f"by the application thread {pid})") for x in direct), direct
+    # The router, running again, served what was queued and the retries: the connections
+    # switched, their echoes intact (checked by the client).
+    assert result["switched"] > 0, result
+    print(
+        f"\nrouter stopped: {len(direct)} requests sent by application threads, "
+        f"{len(given_up)} left to the agent and given up; then {result['switched']} of 320 switched"
+    )
