@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -167,6 +168,25 @@ def flatness(samples: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return out
 
 
+# The router's log lines of a refused switch (its key=value format, router/logfmt.py): the event,
+# then status= and detail= among the fields.
+REFUSAL_EVENTS = ("switch_failed", "offer_refused", "claim_denied")
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def refusals(log: bytes) -> dict[str, int]:
+    """Refusals in a stretch of a router's log, counted by "event status: detail"."""
+    out: dict[str, int] = {}
+    for line in log.decode(errors="replace").splitlines():
+        fields = dict(_FIELD.findall(line))
+        if fields.get("event") not in REFUSAL_EVENTS:
+            continue
+        detail = fields.get("detail", "").strip('"')
+        key = f"{fields['event']} {fields.get('status', '?')}: {detail}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def _control(h: Host) -> Path:
     return h.router_socket.with_name(h.router_socket.name + ".ctl")
 
@@ -262,6 +282,7 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         result["idle_phase"] = _line(client.stdout, client, "client")
         before = {i: _status(h)["router"] for i, h in enumerate(tb.hosts[:2], 1)}
         result["tracked_before"] = {i: _tracked(_status(h)) for i, h in enumerate(tb.hosts[:2], 1)}
+        log0 = {i: h.router_log.stat().st_size for i, h in enumerate(tb.hosts[:2], 1)}
         cpu0 = {i: cpu_seconds(pid) for i, pid in routers.items()}
         apps0 = {"client": thread_split(client.pid), "server": thread_split(server.pid)}
         mem0 = {i: memory_kib(pid) for i, pid in routers.items()}
@@ -304,6 +325,11 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
         }
         mem1 = {i: memory_kib(pid) for i, pid in routers.items()}
         after_status = {i: _status(h) for i, h in enumerate(tb.hosts[:2], 1)}
+        logged = {}
+        for i, h in enumerate(tb.hosts[:2], 1):
+            with open(h.router_log, "rb") as f:
+                f.seek(log0[i])
+                logged[i] = refusals(f.read())
         result["tracked_after"] = {i: _tracked(s) for i, s in after_status.items()}
         client.stdin.write("end\n")
         client.stdin.flush()
@@ -342,6 +368,7 @@ def run(tb: Testbed, p: Params) -> dict[str, Any]:
             "switches_initiated": info["switches_initiated"] - b["switches_initiated"],
             "switches_accepted": info["switches_accepted"] - b["switches_accepted"],
             "failures": failures,
+            "refusals_logged": logged[i],
             "handoffs_lost": info["handoffs_lost"] - b["handoffs_lost"],
             "switch_req_res_us": info.get("switch_req_res_us"),
             "switch_time_us": info.get("switch_time_us"),
@@ -359,7 +386,8 @@ def summary(r: dict[str, Any]) -> str:
         f"  client: switched {c['switched']}, stayed on the overlay (timeout) {c['timed_out']} "
         f"({c['timed_out_reused']} of them reused a 4-tuple switched < 10 s before; "
         f"{c['reused_tuples']} reuses in all), "
-        f"errors {c['errors']} {c['error_kinds'] or ''}, achieved {c['rate']}/s; "
+        f"errors {c['errors']} {c['error_kinds'] or ''}; started at {c['start_rate']}/s, "
+        f"switched {c['rate']}/s over the whole churn (its tail waits out the timeouts); "
         f"idle still open {c['idle_still_open']}",
         f"  CPU % of the applications' main threads and libraries' agents: {r['apps_cpu_percent']}",
         f"  client latency threshold->host fd (us; polled every "
@@ -375,6 +403,8 @@ def summary(r: dict[str, Any]) -> str:
             f"initiated {x['switches_initiated']} accepted {x['switches_accepted']}, "
             f"failures {x['failures']}, handoffs lost {x['handoffs_lost']}"
         )
+        for why, n in x["refusals_logged"].items():
+            lines.append(f"    logged {n} x {why}")
         lines.append(f"    SWITCH_REQ->SWITCH_RES us (recent): {x['switch_req_res_us']}")
         if x["switch_time_us"] is not None:
             lines.append(f"    libraries' switch_time_us: {x['switch_time_us']}")
