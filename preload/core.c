@@ -374,8 +374,10 @@ void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_conne
     sf_phase_reset(c, sf_cfg.mode == SF_MODE_OVERLAY ? SF_P_PINNED : SF_P_OVERLAY);
     atomic_store_explicit(&c->kind, SF_CONN, memory_order_release);
     pthread_mutex_unlock(&c->mu);
-    if (sf_cfg.mode != SF_MODE_OVERLAY)
+    if (sf_cfg.mode != SF_MODE_OVERLAY) {
+        sf_router_note_conn(c);
         sf_agent_ensure();
+    }
 }
 
 int sf_private_fd(int fd) {

@@ -11,6 +11,8 @@
  * is back. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
@@ -39,6 +41,8 @@ static struct {
     _Atomic uint64_t asked_by_app, asked_by_agent; /* SWITCH_REQs sent, by who sent them */
 } rt = {.chan = -1};
 
+static void ix_forget_all(void);
+
 int sf_router_connected(void) {
     return rt.chan >= 0;
 }
@@ -54,6 +58,7 @@ void sf_router_after_fork_child(void) {
     }
     rt.chan = -1;
     rt.reports_len = 0; /* the parent reports its own switches */
+    ix_forget_all();
     rt.chan_retry_ms = 0;
 }
 
@@ -87,30 +92,270 @@ static int fill_addrs(struct sf_conn *c) {
     return 0;
 }
 
-struct lookup {
-    const struct sf_msg *m;
-    struct sf_conn *found;
+/* ---- finding a connection by its tuple -------------------------------------------------- */
+
+/* The router names a connection by its tuple (SWITCH_RES, CLAIM_REQ). A walk of the fd table per
+ * frame cost the agent ~0.3 ms with 10,000 connections open and capped the switches a process
+ * could accept at a few thousand a second, so the agent keeps an index: tuple -> (fd, generation),
+ * open addressing, its own thread's alone. New connections reach it through a queue that
+ * sf_conn_start fills (one lock, no wake-up) and the agent drains before each lookup; a connect
+ * still in progress has no peer address yet and waits on a list until it has one. An entry is
+ * checked against its slot on every hit (kind, generation, tuple), so a closed or reused fd is
+ * never mistaken for the connection; stale entries are dropped when the table is rebuilt.
+ * Whenever the index may be incomplete (the queue overflowed, a fork, no memory) a miss falls
+ * back to the walk, which indexes everything it sees. */
+
+#define IX_FRESH 4096
+#define IX_MIN_CAP 1024u
+#define IX_EMPTY (-1)
+#define IX_GONE (-2)
+
+struct ix_ent {
+    uint8_t key[12];
+    int fd; /* IX_EMPTY, IX_GONE, or the fd */
+    uint32_t gen;
 };
 
-static void match_conn(struct sf_conn *c, void *arg) {
-    struct lookup *l = arg;
-    if (l->found || atomic_load(&c->kind) != SF_CONN)
+struct ix_ref {
+    int fd;
+    uint32_t gen;
+};
+
+static struct {
+    struct ix_ref ring[IX_FRESH]; /* under sf_agent_mu: connections started since the drain */
+    unsigned len;
+    int overflow;
+} fresh;
+
+static struct {
+    struct ix_ent *t;
+    size_t cap, used; /* used: live and gone slots */
+    struct ix_ref *pending; /* connects in progress: no peer address yet */
+    size_t npending, cappending;
+    int incomplete; /* a miss must walk the table */
+} ix = {.incomplete = 1};
+
+void sf_router_note_conn(struct sf_conn *c) {
+    uint32_t gen = atomic_load(&c->gen);
+    pthread_mutex_lock(&sf_agent_mu);
+    if (fresh.len < IX_FRESH) {
+        fresh.ring[fresh.len].fd = c->fd;
+        fresh.ring[fresh.len++].gen = gen;
+    } else {
+        fresh.overflow = 1;
+    }
+    pthread_mutex_unlock(&sf_agent_mu);
+}
+
+static void key_of_msg(uint8_t key[12], const struct sf_msg *m) {
+    memcpy(key, &m->local_ip, 4);
+    memcpy(key + 4, &m->remote_ip, 4);
+    memcpy(key + 8, &m->local_port, 2);
+    memcpy(key + 10, &m->remote_port, 2);
+}
+
+static void key_of_conn(uint8_t key[12], const struct sf_conn *c) {
+    memcpy(key, &c->local.sin_addr.s_addr, 4);
+    memcpy(key + 4, &c->remote.sin_addr.s_addr, 4);
+    memcpy(key + 8, &c->local.sin_port, 2);
+    memcpy(key + 10, &c->remote.sin_port, 2);
+}
+
+static size_t ix_hash(const uint8_t key[12]) {
+    uint64_t a, b = 0;
+    memcpy(&a, key, 8);
+    memcpy(&b, key + 8, 4);
+    uint64_t x = a ^ (b * 0x9e3779b97f4a7c15ull);
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return (size_t)x;
+}
+
+/* The connection an entry names, if its slot still holds it. */
+static struct sf_conn *ix_live(const struct ix_ent *e) {
+    struct sf_conn *c = sf_slot(e->fd);
+    if (c == NULL || atomic_load(&c->kind) != SF_CONN || atomic_load(&c->gen) != e->gen ||
+        !c->have_addrs)
+        return NULL;
+    uint8_t key[12];
+    key_of_conn(key, c);
+    return memcmp(key, e->key, 12) == 0 ? c : NULL;
+}
+
+static void ix_place(struct ix_ent *t, size_t cap, const struct ix_ent *e) {
+    size_t i = ix_hash(e->key) & (cap - 1);
+    while (t[i].fd != IX_EMPTY)
+        i = (i + 1) & (cap - 1);
+    t[i] = *e;
+}
+
+/* A table of at least 4x the live entries, the stale ones left out; -1 without memory. */
+static int ix_rebuild(void) {
+    size_t live = 0;
+    for (size_t i = 0; i < ix.cap; i++)
+        if (ix.t[i].fd >= 0 && ix_live(&ix.t[i]) != NULL)
+            live++;
+        else if (ix.t[i].fd >= 0)
+            ix.t[i].fd = IX_GONE;
+    size_t cap = IX_MIN_CAP;
+    while (cap < (live + 1) * 4)
+        cap *= 2;
+    struct ix_ent *t = malloc(cap * sizeof *t);
+    if (t == NULL)
+        return -1;
+    for (size_t i = 0; i < cap; i++)
+        t[i].fd = IX_EMPTY;
+    for (size_t i = 0; i < ix.cap; i++)
+        if (ix.t[i].fd >= 0)
+            ix_place(t, cap, &ix.t[i]);
+    free(ix.t);
+    ix.t = t;
+    ix.cap = cap;
+    ix.used = live;
+    return 0;
+}
+
+static void ix_put(struct sf_conn *c) {
+    struct ix_ent e = {.fd = c->fd, .gen = atomic_load(&c->gen)};
+    key_of_conn(e.key, c);
+    if ((ix.used + 1) * 2 > ix.cap && ix_rebuild() != 0) {
+        ix.incomplete = 1; /* this one is not in: misses walk */
         return;
+    }
+    size_t i = ix_hash(e.key) & (ix.cap - 1), slot = SIZE_MAX;
+    for (; ix.t[i].fd != IX_EMPTY; i = (i + 1) & (ix.cap - 1)) {
+        if (ix.t[i].fd >= 0 && memcmp(ix.t[i].key, e.key, 12) == 0) {
+            /* The tuple's new connection, the old one closed; or a dup of a connection on the
+             * host path, which answers as the original does: the lower fd, as a walk finds. */
+            if (ix.t[i].fd == e.fd || ix_live(&ix.t[i]) == NULL)
+                ix.t[i] = e;
+            return;
+        }
+        if (ix.t[i].fd == IX_GONE && slot == SIZE_MAX)
+            slot = i;
+    }
+    if (slot == SIZE_MAX) {
+        slot = i;
+        ix.used++;
+    }
+    ix.t[slot] = e;
+}
+
+static struct sf_conn *ix_get(const uint8_t key[12]) {
+    if (ix.t == NULL)
+        return NULL;
+    for (size_t i = ix_hash(key) & (ix.cap - 1); ix.t[i].fd != IX_EMPTY;
+         i = (i + 1) & (ix.cap - 1)) {
+        if (ix.t[i].fd < 0 || memcmp(ix.t[i].key, key, 12) != 0)
+            continue;
+        struct sf_conn *c = ix_live(&ix.t[i]);
+        if (c == NULL)
+            ix.t[i].fd = IX_GONE;
+        return c;
+    }
+    return NULL;
+}
+
+static void ix_pend(int fd, uint32_t gen) {
+    if (ix.npending == ix.cappending) {
+        size_t cap = ix.cappending ? ix.cappending * 2 : 64;
+        struct ix_ref *p = realloc(ix.pending, cap * sizeof *p);
+        if (p == NULL) {
+            ix.incomplete = 1;
+            return;
+        }
+        ix.pending = p;
+        ix.cappending = cap;
+    }
+    ix.pending[ix.npending].fd = fd;
+    ix.pending[ix.npending++].gen = gen;
+}
+
+/* Indexes the connection if its addresses can be had; 0 if it is not (yet) a connection. */
+static int ix_try(int fd, uint32_t gen, int *gone) {
+    struct sf_conn *c = sf_slot(fd);
+    *gone = c == NULL || atomic_load(&c->kind) != SF_CONN || atomic_load(&c->gen) != gen;
+    if (*gone)
+        return 0;
     if (!c->have_addrs) {
         pthread_mutex_lock(&c->mu);
         fill_addrs(c);
         pthread_mutex_unlock(&c->mu);
     }
-    if (c->have_addrs && c->local.sin_addr.s_addr == l->m->local_ip &&
-        c->remote.sin_addr.s_addr == l->m->remote_ip && c->local.sin_port == l->m->local_port &&
-        c->remote.sin_port == l->m->remote_port)
-        l->found = c;
+    if (!c->have_addrs)
+        return 0;
+    ix_put(c);
+    return 1;
+}
+
+static void ix_drain(void) {
+    static struct ix_ref batch[IX_FRESH];
+    pthread_mutex_lock(&sf_agent_mu);
+    unsigned n = fresh.len;
+    memcpy(batch, fresh.ring, n * sizeof batch[0]);
+    fresh.len = 0;
+    if (fresh.overflow)
+        ix.incomplete = 1;
+    fresh.overflow = 0;
+    pthread_mutex_unlock(&sf_agent_mu);
+    for (unsigned i = 0; i < n; i++) {
+        int gone;
+        if (!ix_try(batch[i].fd, batch[i].gen, &gone) && !gone)
+            ix_pend(batch[i].fd, batch[i].gen);
+    }
+}
+
+/* The connects that were in progress: those now connected are indexed, the closed dropped. */
+static void ix_retry_pending(void) {
+    size_t keep = 0;
+    for (size_t i = 0; i < ix.npending; i++) {
+        int gone;
+        if (!ix_try(ix.pending[i].fd, ix.pending[i].gen, &gone) && !gone)
+            ix.pending[keep++] = ix.pending[i];
+    }
+    ix.npending = keep;
+}
+
+static void ix_walk_one(struct sf_conn *c, void *arg) {
+    (void)arg;
+    if (atomic_load(&c->kind) != SF_CONN)
+        return;
+    int gone;
+    if (!ix_try(c->fd, atomic_load(&c->gen), &gone) && !gone)
+        ix_pend(c->fd, atomic_load(&c->gen));
 }
 
 static struct sf_conn *find_by_tuple(const struct sf_msg *m) {
-    struct lookup l = {m, NULL};
-    sf_for_each_conn(match_conn, &l);
-    return l.found;
+    uint8_t key[12];
+    key_of_msg(key, m);
+    ix_drain();
+    struct sf_conn *c = ix_get(key);
+    if (c != NULL)
+        return c;
+    if (ix.incomplete) {
+        ix.incomplete = 0; /* set again should the walk fail to index something */
+        ix.npending = 0;   /* the walk lists the connects still in progress again */
+        sf_for_each_conn(ix_walk_one, NULL);
+    } else if (ix.npending > 0) {
+        ix_retry_pending();
+    } else {
+        return NULL;
+    }
+    return ix_get(key);
+}
+
+static void ix_forget_all(void) {
+    free(ix.t);
+    free(ix.pending);
+    ix.t = NULL;
+    ix.pending = NULL;
+    ix.cap = ix.used = ix.npending = ix.cappending = 0;
+    ix.incomplete = 1;
+    fresh.len = 0;
+    fresh.overflow = 0;
 }
 
 static void fill_tuple(struct sf_msg *m, const struct sf_conn *c) {

@@ -308,6 +308,7 @@ static inline struct sf_conn *sf_tracked(int fd) {
 /* agent.c */
 void sf_agent_ensure(void);                /* start this process's agent thread once */
 void sf_agent_trigger(struct sf_conn *c);  /* never blocks */
+void sf_router_note_conn(struct sf_conn *c); /* a new connection, for the agent's tuple index */
 int sf_agent_switch_now(struct sf_conn *c);/* slim mode: trigger and wait; 0 if swapped */
 void sf_agent_after_fork_child(void);
 void sf_agent_private_moved(int from, int to);
