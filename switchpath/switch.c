@@ -345,7 +345,11 @@ void switch_request(struct sfs *s, struct sfs_client *c, const struct sf_msg *m)
         return;
     }
     if (c->outstanding.count >= (size_t)s->cfg.max_outstanding) {
-        fail(s, c->id, m->seq, &t, SF_DENIED, "too many outstanding requests");
+        /* Bounds what one library can make the router hold; a library asks once per
+         * connection, so it gets here only with that many of them waiting for an answer. */
+        snprintf(buf, sizeof(buf), "too many outstanding requests (max_outstanding %d)",
+                 s->cfg.max_outstanding);
+        fail(s, c->id, m->seq, &t, SF_DENIED, buf);
         return;
     }
     if (!sfl_valid_tuple(&t)) {
