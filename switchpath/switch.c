@@ -97,9 +97,29 @@ static void fail(struct sfs *s, uint64_t client, uint32_t seq, const struct sf_t
     ev_send(s, &e);
 }
 
+/* The host connection's two ends, this router's first, from the MAC'd binding of the peer
+ * connection it was (docs/wire.md section 2: initiator's address and port, then responder's),
+ * so the log line costs no getsockname/getpeername. */
+struct ends {
+    struct sockaddr_in local, remote;
+};
+
+static struct ends ends_of(const struct sfs_peerconn *pc)
+{
+    struct ends e = {{.sin_family = AF_INET}, {.sin_family = AF_INET}};
+    struct sockaddr_in *first = pc->incoming ? &e.remote : &e.local;
+    struct sockaddr_in *second = pc->incoming ? &e.local : &e.remote;
+    memcpy(&first->sin_addr.s_addr, pc->binding, 4);
+    memcpy(&first->sin_port, pc->binding + 4, 2);
+    memcpy(&second->sin_addr.s_addr, pc->binding + 6, 4);
+    memcpy(&second->sin_port, pc->binding + 10, 2);
+    return e;
+}
+
 /* SWITCH_RES OK with the host socket `fd`, which is closed here either way; 1 if handed. */
 static int deliver(struct sfs *s, uint64_t client, uint32_t seq, const struct sf_tuple *t,
-                   int fd, const char *how, uint32_t peer, uint64_t requested_at)
+                   int fd, const char *how, uint32_t peer, uint64_t requested_at,
+                   const struct ends *ends)
 {
     if (s->cfg.guard_on) {
         uint32_t mark = s->cfg.guard_mark;
@@ -111,10 +131,6 @@ static int deliver(struct sfs *s, uint64_t client, uint32_t seq, const struct sf
             return 0;
         }
     }
-    struct sockaddr_in a, b;
-    socklen_t al = sizeof(a), bl = sizeof(b);
-    int named = getsockname(fd, (struct sockaddr *)&a, &al) == 0 &&
-                getpeername(fd, (struct sockaddr *)&b, &bl) == 0;
     struct sfs_client *c = client_get(s, client);
     struct sf_msg m = msg_for(SF_SWITCH_RES, SF_OK, seq, t);
     struct ev e;
@@ -133,13 +149,8 @@ static int deliver(struct sfs *s, uint64_t client, uint32_t seq, const struct sf
         ev_int(&e, "seq", seq);
         ev_tuple(&e, "tuple", t);
         ev_ip(&e, "peer", peer, -1);
-        if (named) {
-            ev_ip(&e, "host_local", a.sin_addr.s_addr, ntohs(a.sin_port));
-            ev_ip(&e, "host_remote", b.sin_addr.s_addr, ntohs(b.sin_port));
-        } else {
-            ev_str(&e, "host_local", "?");
-            ev_str(&e, "host_remote", "?");
-        }
+        ev_ip(&e, "host_local", ends->local.sin_addr.s_addr, ntohs(ends->local.sin_port));
+        ev_ip(&e, "host_remote", ends->remote.sin_addr.s_addr, ntohs(ends->remote.sin_port));
         ev_send(s, &e);
         return 1;
     }
@@ -411,6 +422,7 @@ void switch_offer_result(struct sfs *s, struct sfs_out *o, uint16_t status, cons
     if (status == SF_OK) {
         int fd = pc->io.fd;
         pc->io.fd = -1;
+        struct ends ends = ends_of(pc);
         peer_free(s, pc);
         if (o->answered) { /* the leader's offer already served this request */
             close(fd);
@@ -424,7 +436,7 @@ void switch_offer_result(struct sfs *s, struct sfs_out *o, uint16_t status, cons
         }
         o->answered = 1;
         mark_done(s, &o->key);
-        deliver(s, o->client, o->seq, &o->t, fd, "initiated", o->peer, o->requested_at);
+        deliver(s, o->client, o->seq, &o->t, fd, "initiated", o->peer, o->requested_at, &ends);
         out_finish(s, o, -1, NULL);
         return;
     }
@@ -491,8 +503,10 @@ static void accept_for_request(struct sfs *s, struct sfs_peerconn *pc, struct sf
         int fd = pc->io.fd;
         pc->io.fd = -1;
         uint32_t src = pc->peer_ip;
+        struct ends ends = ends_of(pc);
         peer_free(s, pc);
-        deliver(s, o->client, o->seq, &o->t, fd, "accepted_leader", src, o->requested_at);
+        deliver(s, o->client, o->seq, &o->t, fd, "accepted_leader", src, o->requested_at,
+                &ends);
     }
     /* served: a request waiting for this (grace, DUPLICATE) is over; one whose own OFFER is
      * out waits for its answer (and closes an extra connection) */
@@ -567,10 +581,11 @@ static void claim_done(struct sfs *s, struct sfs_in *in)
     int fd = pc->io.fd;
     pc->io.fd = -1;
     uint32_t src = pc->peer_ip;
+    struct ends ends = ends_of(pc);
     struct sf_tuple t = in->t;
     uint64_t winner = in->winner;
     in_free(s, in);
-    deliver(s, winner, seq, &t, fd, "claimed", src, 0);
+    deliver(s, winner, seq, &t, fd, "claimed", src, 0, &ends);
 }
 
 static void refuse_claim(struct sfs *s, struct sfs_in *in, const char *why)
