@@ -38,6 +38,9 @@ def test_router_load_tiny(make_testbed: MakeTestbed) -> None:
     assert routers[1]["switches_accepted"] + routers[2]["switches_accepted"] == switched
     for x in routers.values():
         assert x["handoffs_lost"] == 0
+        # what a router refused, from its log: at most the crossing offers of one connection
+        # and the reused tuples, both DUPLICATE
+        assert all(" DUPLICATE: " in why for why in x["refusals_logged"]), x["refusals_logged"]
         assert x["switch_req_res_us"]["count"] >= x["switches_initiated"]
     assert r["server"]["accepted"] == IDLE + SWITCHES
     assert r["server"]["closed"] >= SWITCHES  # the idle ones close as the client exits

@@ -10,9 +10,10 @@ shuntflow mode with the real preload library and the testbed's real routers. The
 `--idle` idle connections while `--switches` new ones cross the threshold, get switched and close
 at `--rate` per second. Printed (and written to --out as JSON): the number of tracked connections
 the routers report, both routers' CPU (utime+stime from /proc over the churn) and RSS, switches
-done and failed (client and routers), and switch latency: the client's (threshold crossed -> its
-fd is a host socket, 1 ms polling), the routers' SWITCH_REQ -> SWITCH_RES, and the libraries'
-own `switch_time_us` when the routers report it.
+done and failed (client and routers; the refusals each router logged during the churn, by
+event, status and detail), the rate the client started connections at, and switch latency: the
+client's (threshold crossed -> its fd is a host socket, 1 ms polling), the routers' SWITCH_REQ
+-> SWITCH_RES, and the libraries' own `switch_time_us` when the routers report it.
 
 Footprint over the churn (`--sample-every N`): each time the client has seen another N
 connections switched, each router's RSS (VmRSS) and open fds are read from /proc, summed over
