@@ -82,21 +82,27 @@ static enum lookup lookup(int fd, uint32_t seq, const struct sf_tuple *t, int ti
         uint8_t bytes[DIAG_RECV_SIZE];
     } buf;
     int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    /* The kernel answers an exact-tuple request inside the send, so the reply is usually
+     * queued already: read first, and poll only when there is nothing yet. */
+    int readable = 1;
 
     for (;;) {
-        int64_t left = deadline - now_ms();
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        int r = poll(&p, 1, left > 0 ? (int)left : 0);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) {
-            verdict(0, why, whylen, "sock_diag: %s", strerror(errno));
-            return FAILED;
-        }
-        if (r == 0) {
-            verdict(0, why, whylen, "sock_diag: timed out");
-            return FAILED;
+        if (!readable) {
+            int64_t left = deadline - now_ms();
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            int r = poll(&p, 1, left > 0 ? (int)left : 0);
+            if (r < 0 && errno == EINTR) continue;
+            if (r < 0) {
+                verdict(0, why, whylen, "sock_diag: %s", strerror(errno));
+                return FAILED;
+            }
+            if (r == 0) {
+                verdict(0, why, whylen, "sock_diag: timed out");
+                return FAILED;
+            }
         }
         ssize_t n = recv(fd, buf.bytes, sizeof(buf.bytes), MSG_DONTWAIT);
+        readable = 0;
         if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
         if (n < 0) {
             verdict(0, why, whylen, "sock_diag: %s", strerror(errno));
