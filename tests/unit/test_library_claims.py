@@ -1,0 +1,129 @@
+"""The library finds the connection a router frame names (docs/design.md, "One agent thread per
+process"): a fake router on a Unix socket asks a real process under the library, by CLAIM_REQ,
+about connections it holds, has closed, and holds on reused fd numbers. Mine means CLAIM_RES OK,
+anything else NOT_MINE; a closed connection, or an old tuple whose fd number now carries
+another connection, must never be taken for a live one.
+
+The first claims come after more new connections than the agent's queue holds (the index then
+falls back to walking the fd table once); the later ones after a few new connections, which
+reach the index through the queue alone."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from shuntflow.native import app_environment
+from shuntflow.wire import Mode, Msg, MsgType, Status, Tuple4
+
+# 2 x PAIRS tracked connections (both ends are in the process) before the first claim: more
+# than the 4,096 new connections the agent's queue holds.
+PAIRS = 2500
+REUSED = 200
+
+CHILD = textwrap.dedent(
+    """
+    import json, socket, sys
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8192)
+    port = ls.getsockname()[1]
+    pairs = []
+
+    def open_pairs(n):
+        for _ in range(n):
+            c = socket.create_connection(("127.0.0.1", port))
+            s, _ = ls.accept()
+            pairs.append((c, s))
+
+    def views(c, s):
+        a, b = c.getsockname(), c.getpeername()
+        return [[f"{a[0]}:{a[1]}", f"{b[0]}:{b[1]}"], [f"{b[0]}:{b[1]}", f"{a[0]}:{a[1]}"]]
+
+    def report(**lists):
+        print(json.dumps(lists), flush=True)
+        sys.stdin.readline()
+
+    open_pairs(int(sys.argv[1]))
+    report(live=[v for c, s in pairs[:: 50] for v in views(c, s)])
+    # Close some, open as many (their fd numbers come back), and a few more.
+    n = int(sys.argv[2])
+    closed = [v for c, s in pairs[:n] for v in views(c, s)]
+    fds = sorted(x.fileno() for c, s in pairs[:n] for x in (c, s))
+    for c, s in pairs[:n]:
+        c.close()
+        s.close()
+    del pairs[:n]
+    open_pairs(n)
+    fresh = pairs[-n:]
+    reused = sorted(x.fileno() for c, s in fresh for x in (c, s))
+    report(closed=closed, fresh=[v for c, s in fresh for v in views(c, s)], same_fds=fds == reused)
+    """
+)
+
+
+def claim(chan: socket.socket, seq: int, local: str, remote: str) -> int:
+    t = Tuple4.parse(local, remote)
+    chan.send(Msg(MsgType.CLAIM_REQ, Status.OK, seq, tuple=t).pack())
+    while True:
+        m = Msg.unpack(chan.recv(64))
+        if m.type == MsgType.CLAIM_RES and m.seq == seq:
+            assert m.tuple == t, m
+            return m.status
+
+
+def test_claims_find_live_connections_only(tmp_path: Path) -> None:
+    path = tmp_path / "router.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(4)
+    listener.settimeout(30)
+    env = app_environment(
+        Mode.SHUNTFLOW, router_socket=path, threshold=1_000_000, overlay_cidr="127.0.0.0/8"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(PAIRS), str(REUSED)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        chan, _ = listener.accept()
+        chan.settimeout(30)
+        hello = Msg.unpack(chan.recv(64))
+        assert hello.type == MsgType.HELLO and hello.pid == child.pid
+        chan.send(Msg(MsgType.HELLO_ACK, Status.OK, hello.seq, arg=1).pack())
+        seq = 0x80000000
+
+        first = json.loads(child.stdout.readline())
+        for local, remote in first["live"]:
+            seq += 1
+            assert claim(chan, seq, local, remote) == Status.OK, (local, remote)
+        child.stdin.write("\n")
+        child.stdin.flush()
+
+        second = json.loads(child.stdout.readline())
+        assert second["same_fds"]  # the new connections took the closed ones' numbers
+        for local, remote in second["closed"]:
+            seq += 1
+            assert claim(chan, seq, local, remote) == Status.NOT_MINE, (local, remote)
+        for local, remote in second["fresh"]:
+            seq += 1
+            assert claim(chan, seq, local, remote) == Status.OK, (local, remote)
+        # a tuple nobody in the process holds
+        seq += 1
+        assert claim(chan, seq, "127.0.0.1:1", "127.0.0.2:2") == Status.NOT_MINE
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        listener.close()
