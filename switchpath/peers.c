@@ -318,12 +318,6 @@ static void offer_read(struct sfs *s, struct sfs_peerconn *pc)
         drop(s, pc, frame_reason(bad, pc->buf, reason, sizeof(reason)));
         return;
     }
-    struct sockaddr_in me;
-    socklen_t ml = sizeof(me);
-    if (getsockname(pc->io.fd, (struct sockaddr *)&me, &ml) < 0) {
-        drop(s, pc, "socket error: getsockname");
-        return;
-    }
     if (sfp_binding(pc->io.fd, 0, pc->binding) < 0) {
         drop(s, pc, "socket error: binding");
         return;
