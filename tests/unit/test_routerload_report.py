@@ -18,6 +18,7 @@ LOG = "\n".join(
         f"{T} event=claim_denied client=2 seq=7 tuple=198.19.2.1:9103->198.19.1.1:1"
         ' status=DENIED detail="owner: said \\"mine\\" = no"',
         f"{T} event=claim_res_late client=2 seq=9 ok=True answer=TIMEOUT",
+        f'{T} event=peer_dropped peer=198.18.0.1 reason="too many incoming offers"',
     ]
 ).encode()
 
@@ -27,6 +28,7 @@ def test_refusals_by_event_status_and_detail() -> None:
         "switch_failed DENIED: too many outstanding requests (max_outstanding 4096)": 2,
         "offer_refused PEER_REFUSED: claim timed out": 1,
         'claim_denied DENIED: owner: said \\"mine\\" = no': 1,
+        "peer_dropped ?: too many incoming offers": 1,
     }
     assert next(iter(refusals(LOG))).startswith("switch_failed DENIED")  # most frequent first
     assert refusals(b"") == {}

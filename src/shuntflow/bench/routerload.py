@@ -170,8 +170,9 @@ def flatness(samples: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 # The router's log lines of a refused switch (its key=value format, router/logfmt.py): the event,
-# then status= and detail= among the fields.
-REFUSAL_EVENTS = ("switch_failed", "offer_refused", "claim_denied")
+# then status= and detail= among the fields; a peer connection the router closed before reading
+# its OFFER (peer_dropped) has a reason= instead.
+REFUSAL_EVENTS = ("switch_failed", "offer_refused", "claim_denied", "peer_dropped")
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
@@ -182,7 +183,7 @@ def refusals(log: bytes) -> dict[str, int]:
         fields = dict(_FIELD.findall(line))
         if fields.get("event") not in REFUSAL_EVENTS:
             continue
-        detail = fields.get("detail", "").strip('"')
+        detail = fields.get("detail", fields.get("reason", "")).strip('"')
         key = f"{fields['event']} {fields.get('status', '?')}: {detail}"
         out[key] = out.get(key, 0) + 1
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
