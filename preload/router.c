@@ -95,15 +95,15 @@ static int fill_addrs(struct sf_conn *c) {
 /* ---- finding a connection by its tuple -------------------------------------------------- */
 
 /* The router names a connection by its tuple (SWITCH_RES, CLAIM_REQ). A walk of the fd table per
- * frame cost the agent ~0.3 ms with 10,000 connections open and capped the switches a process
- * could accept at a few thousand a second, so the agent keeps an index: tuple -> (fd, generation),
- * open addressing, its own thread's alone. New connections reach it through a queue that
- * sf_conn_start fills (one lock, no wake-up) and the agent drains before each lookup; a connect
- * still in progress has no peer address yet and waits on a list until it has one. An entry is
- * checked against its slot on every hit (kind, generation, tuple), so a closed or reused fd is
- * never mistaken for the connection; stale entries are dropped when the table is rebuilt.
- * Whenever the index may be incomplete (the queue overflowed, a fork, no memory) a miss falls
- * back to the walk, which indexes everything it sees. */
+ * frame took 61 % of the agent's CPU with 10,000 idle connections at 3,000 switches/s offered,
+ * and claims were answered past the router's timeout, so the agent keeps an index: tuple ->
+ * (fd, generation), open addressing, its own thread's alone. New connections reach it through a
+ * queue that sf_conn_start fills (one lock, no wake-up) and the agent drains before each
+ * lookup; a connect still in progress has no peer address yet and waits on a list until it has
+ * one. An entry is checked against its slot on every hit (kind, generation, tuple), so a closed
+ * or reused fd is never mistaken for the connection; stale entries are dropped when the table
+ * is rebuilt. Whenever the index may be incomplete (the queue overflowed, a fork, no memory) a
+ * miss falls back to the walk, which indexes everything it sees. */
 
 #define IX_FRESH 4096
 #define IX_MIN_CAP 1024u
