@@ -180,7 +180,7 @@ def refusals(log: bytes) -> dict[str, int]:
     """Refusals in a stretch of a router's log, counted by "event status: detail"."""
     out: dict[str, int] = {}
     for line in log.decode(errors="replace").splitlines():
-        fields = dict(_FIELD.findall(line))
+        fields: dict[str, str] = dict(_FIELD.findall(line))
         if fields.get("event") not in REFUSAL_EVENTS:
             continue
         detail = fields.get("detail", fields.get("reason", "")).strip('"')
