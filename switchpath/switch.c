@@ -357,10 +357,12 @@ void switch_request(struct sfs *s, struct sfs_client *c, const struct sf_msg *m)
     }
     if (c->outstanding.count >= (size_t)s->cfg.max_outstanding) {
         /* Bounds what one library can make the router hold; a library asks once per
-         * connection, so it gets here only with that many of them waiting for an answer. */
+         * connection, so it gets here only with that many of them waiting for an answer.
+         * INTERNAL, not DENIED: the library retries such a connection later, while a DENIED
+         * one stays on the overlay for good. */
         snprintf(buf, sizeof(buf), "too many outstanding requests (max_outstanding %d)",
                  s->cfg.max_outstanding);
-        fail(s, c->id, m->seq, &t, SF_DENIED, buf);
+        fail(s, c->id, m->seq, &t, SF_INTERNAL, buf);
         return;
     }
     if (!sfl_valid_tuple(&t)) {

@@ -271,8 +271,8 @@ CAP = 8
 
 
 def test_outstanding_cap_and_duplicate_seq(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A library has at most `max_outstanding` requests in the works: the next one is DENIED at
-    once, a seq still outstanding is BAD_MESSAGE, and answered requests free their slots.
+    """A library has at most `max_outstanding` requests in the works: the next one is refused
+    at once with INTERNAL (the library asks again later; DENIED would be final), a seq still outstanding is BAD_MESSAGE, and answered requests free their slots.
 
     B's library answers no claim until told, and both routers wait up to 10 s for it, so A's
     first CAP requests stay outstanding for the whole check (it takes milliseconds)."""
@@ -304,7 +304,7 @@ def test_outstanding_cap_and_duplicate_seq(tmp_path_factory: pytest.TempPathFact
                     la.request(t, seq=100 + i)
                 extra = Tuple4.parse("198.19.1.10:2000", "198.19.2.10:80")
                 over = la.wait_result(la.request(extra, seq=200))
-                assert over.msg.status == Status.DENIED and over.sock is None, over.msg
+                assert over.msg.status == Status.INTERNAL and over.sock is None, over.msg
                 # The seq of an outstanding request, again: refused as such (before the cap).
                 reused = Tuple4.parse("198.19.1.10:2001", "198.19.2.10:80")
                 la.request(reused, seq=100)

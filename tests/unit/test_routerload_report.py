@@ -10,9 +10,9 @@ LOG = "\n".join(
     [
         f"{T} event=switch_done how=initiated client=1 seq=1 tuple=198.19.1.1:1->198.19.2.1:9101",
         f"{T} event=switch_failed client=5 seq=11912 tuple=198.19.2.1:9103->198.19.1.1:28236"
-        ' status=DENIED detail="too many outstanding requests (max_outstanding 4096)"',
+        ' status=INTERNAL detail="too many outstanding requests (max_outstanding 4096)"',
         f"{T} event=switch_failed client=5 seq=11913 tuple=198.19.2.1:9103->198.19.1.1:28237"
-        ' status=DENIED detail="too many outstanding requests (max_outstanding 4096)"',
+        ' status=INTERNAL detail="too many outstanding requests (max_outstanding 4096)"',
         f"{T} event=offer_refused peer=198.18.0.1 tuple=198.19.2.1:9103->198.19.1.1:28236"
         ' status=PEER_REFUSED detail="claim timed out"',
         f"{T} event=claim_denied client=2 seq=7 tuple=198.19.2.1:9103->198.19.1.1:1"
@@ -25,10 +25,10 @@ LOG = "\n".join(
 
 def test_refusals_by_event_status_and_detail() -> None:
     assert refusals(LOG) == {
-        "switch_failed DENIED: too many outstanding requests (max_outstanding 4096)": 2,
+        "switch_failed INTERNAL: too many outstanding requests (max_outstanding 4096)": 2,
         "offer_refused PEER_REFUSED: claim timed out": 1,
         'claim_denied DENIED: owner: said \\"mine\\" = no': 1,
         "peer_dropped ?: too many incoming offers": 1,
     }
-    assert next(iter(refusals(LOG))).startswith("switch_failed DENIED")  # most frequent first
+    assert next(iter(refusals(LOG))).startswith("switch_failed INTERNAL")  # most frequent first
     assert refusals(b"") == {}

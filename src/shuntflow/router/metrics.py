@@ -115,7 +115,7 @@ def families(status: dict[str, Any]) -> list[Metric]:
     refusals = _counter(
         "refusals",
         "Requests the router turned down, by reason: switch_denied (a library's request: not "
-        "its connection, policy, or too many outstanding), claim_denied (a library claimed a "
+        "its connection, or policy), claim_denied (a library claimed a "
         "connection its namespace does not hold), offer_denied (a peer's offer: policy or "
         "address ownership), offer_rejected (bad MAC, stale or replayed offer), peer_rejected "
         "(a peer port connection from a source not allowed), client_rejected (a library channel "
