@@ -272,7 +272,8 @@ CAP = 8
 
 def test_outstanding_cap_and_duplicate_seq(tmp_path_factory: pytest.TempPathFactory) -> None:
     """A library has at most `max_outstanding` requests in the works: the next one is refused
-    at once with INTERNAL (the library asks again later; DENIED would be final), a seq still outstanding is BAD_MESSAGE, and answered requests free their slots.
+    at once with INTERNAL (the library asks again later; DENIED would be final), a seq still
+    outstanding is BAD_MESSAGE, and answered requests free their slots.
 
     B's library answers no claim until told, and both routers wait up to 10 s for it, so A's
     first CAP requests stay outstanding for the whole check (it takes milliseconds)."""
