@@ -68,9 +68,9 @@ void sf_agent_ensure(void) {
     if (SF_UNLIKELY(__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) != me)) {
         pthread_mutex_lock(&sf_agent_mu);
         if (ag.pid != me) {
-            /* Every fd the agent keeps is taken here, none later for a moment: an application
-             * at its fd limit sees EMFILE only where it would without the library, or once
-             * for a host connection (README, Limits). */
+            /* The fds the library keeps are taken here and at the agent's start (the router's
+             * channel), never anew for a moment later: at its fd limit, an application meets
+             * EMFILE only for the fds a switch takes (README, Limits). */
             int epfd = real.epoll_create1(EPOLL_CLOEXEC);
             int evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
             if (epfd < 0 || evfd < 0 || sf_uring_open() != 0) {
