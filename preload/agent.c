@@ -68,11 +68,16 @@ void sf_agent_ensure(void) {
     if (SF_UNLIKELY(__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) != me)) {
         pthread_mutex_lock(&sf_agent_mu);
         if (ag.pid != me) {
+            /* The fds the library keeps are taken here and at the agent's start (the router's
+             * channel), never anew for a moment later: at its fd limit, an application meets
+             * EMFILE only for the fds a switch takes (README, Limits). */
             int epfd = real.epoll_create1(EPOLL_CLOEXEC);
             int evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-            if (epfd < 0 || evfd < 0) {
+            if (epfd < 0 || evfd < 0 || sf_uring_open() != 0) {
+                int err = errno;
                 if (epfd >= 0) real.close(epfd);
                 if (evfd >= 0) real.close(evfd);
+                errno = err;
                 SF_LOG("agent: cannot create its fds (%s); staying on the overlay", strerror(errno));
                 pthread_mutex_unlock(&sf_agent_mu);
                 return;
@@ -96,6 +101,7 @@ void sf_agent_ensure(void) {
                 SF_LOG("agent: cannot start its thread (%s)", strerror(rc));
                 real.close(ag.epfd); sf_private_forget(ag.epfd);
                 real.close(ag.evfd); sf_private_forget(ag.evfd);
+                sf_uring_close();
                 ag.epfd = ag.evfd = -1;
             } else {
                 __atomic_store_n(&ag.pid, me, __ATOMIC_RELEASE);
@@ -118,6 +124,7 @@ void sf_agent_after_fork_child(void) {
     sf_router_after_fork_child();
     sf_linger_after_fork_child();
     sf_fins_after_fork_child();
+    sf_uring_after_fork_child();
     ag.pid = 0;
 }
 
@@ -142,6 +149,7 @@ void sf_agent_private_moved(int from, int to) {
     sf_router_private_moved(from, to);
     sf_linger_private_moved(from, to);
     sf_fins_private_moved(from, to);
+    sf_uring_private_moved(from, to);
     sf_for_each_conn(move_host_fd, &m);
 }
 

@@ -31,6 +31,7 @@ struct dest_backoff {
 
 static struct {
     int chan;                  /* set by the agent under sf_agent_mu; app threads read it under it */
+    int unconnected;           /* the agent's: a channel socket whose connect failed, kept */
     uint64_t chan_retry_ms, chan_step_ms;
     uint32_t seq;              /* the last SWITCH_REQ's; atomic: the agent and app threads ask */
     int warned_router;
@@ -39,7 +40,7 @@ static struct {
     unsigned reports_len;
     _Atomic uint64_t switches_done, switches_failed;
     _Atomic uint64_t asked_by_app, asked_by_agent; /* SWITCH_REQs sent, by who sent them */
-} rt = {.chan = -1};
+} rt = {.chan = -1, .unconnected = -1};
 
 static void ix_forget_all(void);
 
@@ -52,11 +53,13 @@ void sf_count_switch(int ok) {
 }
 
 void sf_router_after_fork_child(void) {
-    if (rt.chan >= 0) {
-        real.close(rt.chan);
-        sf_private_forget(rt.chan);
-    }
-    rt.chan = -1;
+    int mine[2] = {rt.chan, rt.unconnected};
+    for (int i = 0; i < 2; i++)
+        if (mine[i] >= 0) {
+            real.close(mine[i]);
+            sf_private_forget(mine[i]);
+        }
+    rt.chan = rt.unconnected = -1;
     rt.reports_len = 0; /* the parent reports its own switches */
     ix_forget_all();
     rt.chan_retry_ms = 0;
@@ -66,6 +69,8 @@ void sf_router_private_moved(int from, int to) {
     pthread_mutex_lock(&sf_agent_mu);
     if (rt.chan == from)
         rt.chan = to;
+    if (rt.unconnected == from)
+        rt.unconnected = to;
     pthread_mutex_unlock(&sf_agent_mu);
 }
 
@@ -420,12 +425,17 @@ int sf_router_open(void) {
     uint64_t now = sf_now_ms();
     if (now < rt.chan_retry_ms)
         return -1;
-    int fd = real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    /* A unix socket whose connect failed can connect again: kept between tries, it is one fd
+     * the library holds all along rather than one it takes for a moment every try, which an
+     * application at its fd limit would meet as EMFILE while the router is away. */
+    int fd = rt.unconnected;
+    if (fd < 0)
+        fd = sf_private_fd(real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     struct sockaddr_un sun = {.sun_family = AF_UNIX};
     memcpy(sun.sun_path, sf_cfg.router_path, sizeof sf_cfg.router_path);
     if (fd < 0 || real.connect(fd, (struct sockaddr *)&sun, sizeof sun) != 0) {
         int err = errno;
-        if (fd >= 0) real.close(fd);
+        rt.unconnected = fd;
         rt.chan_step_ms = rt.chan_step_ms ? rt.chan_step_ms * 2 : 250;
         if (rt.chan_step_ms > 10000) rt.chan_step_ms = 10000;
         rt.chan_retry_ms = now + rt.chan_step_ms;
@@ -434,7 +444,7 @@ int sf_router_open(void) {
                    sf_cfg.router_path, strerror(err));
         return -1;
     }
-    fd = sf_private_fd(fd);
+    rt.unconnected = -1;
     rt.chan_step_ms = 0;
     rt.warned_router = 0;
     /* HELLO first: an application thread may send a SWITCH_REQ as soon as the channel shows. */

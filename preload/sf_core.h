@@ -357,6 +357,10 @@ void sf_fins_after_fork_child(void);
 void sf_fins_at_exit(void);
 
 /* uring.c */
+int sf_uring_open(void);                   /* the agent's maps fd; -1 at the fd limit */
+void sf_uring_close(void);
+void sf_uring_after_fork_child(void);
+void sf_uring_private_moved(int from, int to);
 void sf_uring_refresh(uint64_t now_ms);    /* rescan for a ring if the last look is stale */
 int sf_uses_io_uring(void);                /* 1: this process switches nothing any more */
 int sf_uring_maybe(uint64_t now_ms);       /* seen, or a scan is due: without reading /proc */

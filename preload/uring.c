@@ -11,7 +11,12 @@
  * instead of through libc: the syscall() wrapper sees io_uring_setup when it goes through libc,
  * and otherwise the ring's mapping shows in /proc/self/maps ("anon_inode:[io_uring]"), which the
  * agent reads when it starts and then at most once per SF_URING_SCAN_MS (less often where reading
- * it is dear), and a switch decision too if that read is due. */
+ * it is dear), and a switch decision too if that read is due.
+ *
+ * The maps file is opened once, with the agent's other fds, and read again from offset 0 at each
+ * scan (the kernel regenerates it). Opened per scan, it took an fd for a moment once a second, and
+ * an application at its fd limit whose socket() or open() fell in that moment got EMFILE for an
+ * fd it never saw. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -34,10 +39,61 @@ static void note_uring(const char *how) {
         SF_LOG("io_uring in use (%s): this process switches no connection from now on", how);
 }
 
-static int maps_show_uring(void) {
+/* -1 where the agent has not started in this process or /proc is not there. maps_mu keeps one
+ * scan at a time (a trigger's and the agent's tick can meet) and the number from moving under
+ * one (sf_uring_private_moved). */
+static int maps_fd = -1;
+static pthread_mutex_t maps_mu = PTHREAD_MUTEX_INITIALIZER;
+
+int sf_uring_open(void) {
     int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE)
+            return -1;
+        /* No /proc in this container: the syscall() wrapper alone notices rings, as on an
+         * architecture it does not cover the other way round. */
+        SF_LOG("cannot read /proc/self/maps (%s): a ring set up without libc's syscall() goes "
+               "unnoticed", strerror(errno));
         return 0;
+    }
+    fd = sf_private_fd(fd);
+    pthread_mutex_lock(&maps_mu);
+    maps_fd = fd;
+    pthread_mutex_unlock(&maps_mu);
+    return 0;
+}
+
+void sf_uring_close(void) {
+    pthread_mutex_lock(&maps_mu);
+    if (maps_fd >= 0) {
+        real.close(maps_fd);
+        sf_private_forget(maps_fd);
+        maps_fd = -1;
+    }
+    pthread_mutex_unlock(&maps_mu);
+}
+
+/* The parent's fd reads the parent's maps (the file holds the address space of whoever opened
+ * it): the child's agent opens its own. */
+void sf_uring_after_fork_child(void) {
+    pthread_mutex_init(&maps_mu, NULL);
+    sf_uring_close();
+}
+
+void sf_uring_private_moved(int from, int to) {
+    pthread_mutex_lock(&maps_mu);
+    if (maps_fd == from)
+        maps_fd = to;
+    pthread_mutex_unlock(&maps_mu);
+}
+
+static int maps_show_uring(void) {
+    pthread_mutex_lock(&maps_mu);
+    int fd = maps_fd;
+    if (fd < 0) {
+        pthread_mutex_unlock(&maps_mu);
+        return 0;
+    }
     /* A line never exceeds PATH_MAX plus ~80 bytes; keep the tail of each buffer so a name
      * split across two reads is still found. */
     static const char needle[] = "anon_inode:[io_uring]";
@@ -45,10 +101,12 @@ static int maps_show_uring(void) {
     char buf[8192];
     size_t have = 0;
     int found = 0;
+    off_t at = 0;
     for (;;) {
-        ssize_t n = real.read(fd, buf + have, sizeof buf - 1 - have);
+        ssize_t n = pread(fd, buf + have, sizeof buf - 1 - have, at);
         if (n <= 0)
             break;
+        at += n;
         have += (size_t)n;
         buf[have] = '\0';
         if (strstr(buf, needle) != NULL) {
@@ -60,7 +118,7 @@ static int maps_show_uring(void) {
             have = keep;
         }
     }
-    real.close(fd);
+    pthread_mutex_unlock(&maps_mu);
     return found;
 }
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(iproute2 iputils-ping procps python3 python3-venv python3-dev gcc make
           redis-server redis-tools memcached libmemcached-tools nginx-light wrk sockperf iperf3
-          apache2-utils nftables systemd podman runc musl-tools
+          apache2-utils nftables strace systemd podman runc musl-tools
           clang libbpf-dev libbpf1 libssl-dev libclang-rt-14-dev)
 
 if [ "$(id -u)" -ne 0 ]; then

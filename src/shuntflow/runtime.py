@@ -9,6 +9,11 @@ host's library file nor the router's socket is there otherwise. The socket's dir
 rather than the socket itself, so a restarted router's new socket is seen at once. The output is
 one line of words without quoting, made for `$(...)`: a path that would need quoting (a space)
 or that the runtimes' `-v SRC:DST:ro` syntax cannot carry (a colon, a comma) is refused.
+
+The library appears in the container under a fixed name, whatever the host file is called (the
+installed build, a debug build, a file given with --library): /opt/shuntflow/lib/libshuntflow.so,
+or libshuntflow-musl.so beside it for the musl build, the same paths the Kubernetes init container
+fills. A container's LD_PRELOAD then never depends on how the host named its file.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from shuntflow.wire import Mode
 
 DEFAULT_SOCKET = Path("/run/shuntflow/router.sock")
 LIB_DIR = PurePosixPath("/opt/shuntflow/lib")  # where the library appears in the container
+LIB_IN = LIB_DIR / "libshuntflow.so"
+LIB_IN_MUSL = LIB_DIR / "libshuntflow-musl.so"
 SOCKET_DIR = PurePosixPath("/run/shuntflow")  # where the router's socket directory appears
 
 
@@ -46,10 +53,12 @@ def container_args(
     overlay: str = OVERLAY_CIDR,
     netns: str | None = None,
     log: str | None = None,
+    musl: bool = False,
 ) -> list[str]:
     """The `podman run` / `docker run` flags, one word each. `netns`: a named network namespace
-    (/run/netns/NAME) to join, as `--network ns:PATH` (podman; docker has no such mode)."""
-    lib = library if library is not None else library_path()
+    (/run/netns/NAME) to join, as `--network ns:PATH` (podman; docker has no such mode). `musl`:
+    the library (`library`, else the installed one) is the musl build."""
+    lib = library if library is not None else library_path(musl=musl)
     try:
         net = ipaddress.IPv4Network(overlay, strict=False)
     except ValueError:
@@ -58,7 +67,7 @@ def container_args(
         raise ArgsError(f"--threshold {threshold} must be at least 1")
     if not socket.is_absolute():
         raise ArgsError(f"--socket {socket}: give an absolute path")
-    lib_in = LIB_DIR / _plain("library", lib.name)
+    lib_in = LIB_IN_MUSL if musl else LIB_IN
     socket_in = SOCKET_DIR / _plain("--socket", socket.name)
     args: list[str] = []
     if netns is not None:
@@ -110,12 +119,18 @@ def container_args_command(
     musl: Annotated[
         bool,
         typer.Option(
-            "--musl", help="Mount the musl build (libshuntflow-musl.so), for Alpine-based images."
+            "--musl",
+            help="Mount the musl build (libshuntflow-musl.so), for Alpine-based images; with "
+            "--library, that file is a musl build.",
         ),
     ] = False,
     library: Annotated[
         Path | None,
-        typer.Option("--library", help="A library file to mount instead of the installed one."),
+        typer.Option(
+            "--library",
+            help="A library file to mount instead of the installed one (in the container it is "
+            "/opt/shuntflow/lib/libshuntflow.so, or libshuntflow-musl.so with --musl).",
+        ),
     ] = None,
     log: Annotated[
         str | None,
@@ -146,9 +161,7 @@ def container_args_command(
             except TestbedError as e:
                 raise ArgsError(str(e)) from None
             socket, netns = tb.host(c.host_index).router_socket, c.netns
-        if library is None and musl:
-            library = library_path(musl=True)
-        words = container_args(modes[mode], socket, library, threshold, overlay, netns, log)
+        words = container_args(modes[mode], socket, library, threshold, overlay, netns, log, musl)
     except (ArgsError, LibraryMissing) as e:
         typer.echo(f"shuntflow container-args: error: {e}", err=True)
         raise typer.Exit(2) from None

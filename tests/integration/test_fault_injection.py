@@ -735,8 +735,9 @@ sys.exit(torture.main(sys.argv[2:]))
         # agent that is not there (it waited out the 3 s request timeout, connection after
         # connection, past the torture's bound).
         (2, "slim", "no agent thread to switch it"),
-        # 1 for the connection, 3 for the agent: no room left for a host connection.
-        (4, "shuntflow", "without its fd"),
+        # 1 for the connection, 4 for the agent (epoll, eventfd, /proc/self/maps, the router's
+        # channel): no room left for a host connection.
+        (5, "shuntflow", "without its fd"),
     ],
 )
 def test_fd_limit_stays_on_overlay(

@@ -6,12 +6,17 @@ Every byte is checked by the torture pair; the connections must simply stay on t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shuntflow.native import app_environment
 from shuntflow.testbed import Testbed
+from shuntflow.wire import Mode
 
 from .apps import assert_intact, run_torture
 
@@ -39,3 +44,51 @@ def test_router_absent(faultbed: Testbed, tmp_path: Path, monkeypatch: pytest.Mo
     # No channel, no request: neither the application threads nor the agent sent one.
     asked = [line for line in log.read_text().splitlines() if "asked the router" in line]
     assert asked == [], asked[:5]
+
+
+# A tracked connection over loopback (the overlay here is 127.0.0.0/8), past the threshold, then
+# 2.6 s of the agent's ticks: router retries at 0.25, 0.75 and 1.75 s, io_uring scans each second.
+TRACKED_THEN_IDLE = """
+import socket, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+c = socket.create_connection(srv.getsockname())
+a, _ = srv.accept()
+for _ in range(4):
+    c.sendall(b"x")
+    a.recv(1)
+time.sleep(2.6)
+"""
+
+
+def test_the_library_takes_its_fds_once(tmp_path: Path) -> None:
+    """Every fd the library keeps is taken when its agent starts and kept: the io_uring scan
+    rereads one /proc/self/maps fd and the router's channel retries on one socket. Taken anew at
+    each scan or try, each was an fd held for a moment, and an application at its fd limit got
+    EMFILE from a socket() that fell in that moment (the fd-limit test in
+    test_fault_injection.py, now and then)."""
+    trace = tmp_path / "trace"
+    missing = tmp_path / "missing.sock"
+    env = {
+        **os.environ,
+        **app_environment(
+            Mode.SHUNTFLOW,
+            missing,
+            threshold=1,
+            overlay_cidr="127.0.0.0/8",
+            log=str(tmp_path / "lib.log"),
+        ),
+    }
+    argv = ["strace", "-f", "-qq", "-e", "trace=openat,socket,connect", "-o", str(trace)]
+    subprocess.run(
+        [*argv, sys.executable, "-c", TRACKED_THEN_IDLE], env=env, check=True, timeout=60
+    )
+    calls = trace.read_text().splitlines()
+    tries = [x for x in calls if "connect(" in x and str(missing) in x]
+    maps = [x for x in calls if '"/proc/self/maps"' in x]
+    channels = [x for x in calls if "socket(AF_UNIX, SOCK_SEQPACKET" in x]
+    assert len(tries) >= 3, f"the agent did not retry its router: {tries}"
+    assert "unreachable" in (tmp_path / "lib.log").read_text()
+    assert len(maps) == 1, maps
+    assert len(channels) == 1, channels

@@ -36,7 +36,7 @@ def test_flags_for_a_plain_host() -> None:
 
 
 def test_flags_with_everything(tmp_path: Path) -> None:
-    lib = tmp_path / "libshuntflow-musl.so"
+    lib = tmp_path / "my-musl-build.so"
     lib.write_bytes(b"")
     words = container_args(
         Mode.SLIM,
@@ -46,6 +46,7 @@ def test_flags_with_everything(tmp_path: Path) -> None:
         overlay="10.244.7.9/16",
         netns="x1-h2-c1",
         log="stderr",
+        musl=True,
     )
     assert words[:2] == ["--network", "ns:/run/netns/x1-h2-c1"]
     assert f"{lib}:/opt/shuntflow/lib/libshuntflow-musl.so:ro" in words
@@ -59,6 +60,21 @@ def test_flags_with_everything(tmp_path: Path) -> None:
         "SHUNTFLOW_OVERLAY=10.244.0.0/16",
         "SHUNTFLOW_LOG=stderr",
     ]
+
+
+def test_the_container_path_is_fixed_whatever_the_host_file_is_called(tmp_path: Path) -> None:
+    """A debug build or a renamed copy lands where the installed build does, so a container's
+    LD_PRELOAD never depends on the host's file name (docs/deploy.md)."""
+    lib = tmp_path / "libshuntflow-debug.so"
+    lib.write_bytes(b"")
+    for musl, inside in [(False, "libshuntflow.so"), (True, "libshuntflow-musl.so")]:
+        words = container_args(Mode.SHUNTFLOW, library=lib, musl=musl)
+        assert f"{lib.resolve()}:/opt/shuntflow/lib/{inside}:ro" in words
+        assert f"LD_PRELOAD=/opt/shuntflow/lib/{inside}" in words
+    r = CliRunner().invoke(app, ["container-args", "--library", str(lib), "--musl"])
+    assert r.exit_code == 0, r.output
+    assert f"--volume {lib.resolve()}:/opt/shuntflow/lib/libshuntflow-musl.so:ro " in r.output
+    assert "--env LD_PRELOAD=/opt/shuntflow/lib/libshuntflow-musl.so " in r.output
 
 
 @pytest.mark.parametrize(
