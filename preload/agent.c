@@ -311,7 +311,11 @@ static void *agent_main(void *arg) {
 /* Slim's switch at setup: the caller (connect or accept) waits until the host socket is in
  * place. Like Slim, a connect waits for the server application to accept: while the peer router
  * answers that nobody owns the other end yet, it asks again. The wait ends at the swap, or after
- * a bound, after which the switch carries on in the background as in shuntflow mode. */
+ * a bound, after which the switch carries on in the background as in shuntflow mode.
+ * The caller sends the request itself, as any triggering thread does (sf_agent_trigger), and
+ * sleeps on the phase word (sf_phase_wait) rather than on c->cv, so the end of the attempt
+ * wakes it once, not once for the condition and again for c->mu, which the agent still holds
+ * while it finishes the swap. */
 #define SLIM_ACCEPT_WAIT_MS 1000
 #define SLIM_RETRY_MS 2
 #define SLIM_COMMITTED_WAIT_MS 200
@@ -323,7 +327,6 @@ int sf_agent_switch_now(struct sf_conn *c) {
     c->attempted = 0;
     pthread_mutex_unlock(&c->mu);
     sf_agent_trigger(c);
-    pthread_mutex_lock(&c->mu);
     for (;;) {
         int phase = atomic_load(&c->phase);
         uint64_t now = sf_now_ms();
@@ -333,24 +336,34 @@ int sf_agent_switch_now(struct sf_conn *c) {
          * is busy writing (it gave up waiting for us), the drain finishes in the background. */
         if (phase == SF_P_COMMITTED && deadline > now + SLIM_COMMITTED_WAIT_MS)
             deadline = now + SLIM_COMMITTED_WAIT_MS;
-        if (phase == SF_P_OVERLAY && c->attempted) {
-            if (c->last_status != SF_PEER_REFUSED || now - start > SLIM_ACCEPT_WAIT_MS)
-                break;
-            /* The server has not accepted yet. Its own accept() usually starts the switch
-             * from its side first (a claim moves us on, and wakes this wait); ask again only
-             * if nothing happened meanwhile. */
-            sf_cv_wait_ms(c, SLIM_RETRY_MS);
-            if (atomic_load(&c->phase) != SF_P_OVERLAY)
-                continue;
-            c->attempted = 0;
-            pthread_mutex_unlock(&c->mu);
-            sf_agent_trigger(c);
-            pthread_mutex_lock(&c->mu);
+        if (phase != SF_P_OVERLAY) {
+            sf_phase_wait(c, phase, 20);
             continue;
         }
-        sf_cv_wait_ms(c, 20);
+        pthread_mutex_lock(&c->mu);
+        if (atomic_load(&c->phase) != SF_P_OVERLAY) {
+            pthread_mutex_unlock(&c->mu);
+            continue;
+        }
+        if (!c->attempted) {
+            sf_cv_wait_ms(c, 20); /* the agent has the trigger; sf_router_request wakes us */
+            pthread_mutex_unlock(&c->mu);
+            continue;
+        }
+        if (c->last_status != SF_PEER_REFUSED || now - start > SLIM_ACCEPT_WAIT_MS) {
+            pthread_mutex_unlock(&c->mu);
+            break;
+        }
+        /* The server has not accepted yet. Its own accept() usually starts the switch from its
+         * side first (a claim moves us on, and wakes this wait); ask again only if nothing
+         * happened meanwhile. */
+        sf_cv_wait_ms(c, SLIM_RETRY_MS);
+        int again = atomic_load(&c->phase) == SF_P_OVERLAY;
+        if (again)
+            c->attempted = 0;
+        pthread_mutex_unlock(&c->mu);
+        if (again)
+            sf_agent_trigger(c);
     }
-    int ok = atomic_load(&c->phase) == SF_P_HOST;
-    pthread_mutex_unlock(&c->mu);
-    return ok ? 0 : -1;
+    return atomic_load(&c->phase) == SF_P_HOST ? 0 : -1;
 }

@@ -330,7 +330,7 @@ static void reset_counters(struct sf_conn *c) {
     c->have_addrs = c->leader = c->via_connect = c->connect_reported = 0;
     c->app_shut_wr = c->commit_wanted = c->commit_finish_due = c->peer_synced = c->hop_len = 0;
     c->attempted = 0;
-    c->fin_owed = c->sync_out = 0;
+    c->fin_owed = c->sync_out = c->ack_owed = 0;
     c->suppressed = 0;
     c->outstanding = 0;
     c->peer_s = 0;

@@ -6,8 +6,12 @@
  * window learns how an attempt ended. A debug build (SF_DEBUG) also checks each change against
  * the table of allowed transitions and that the caller holds c->mu, and aborts with the fd and
  * both phases named: a wrong change is a bug to find in a test, not a state to run on in. */
+#include <limits.h>
+#include <linux/futex.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "sf_core.h"
 
@@ -94,7 +98,23 @@ void sf_set_phase(struct sf_conn *c, int phase) {
     atomic_store(&c->phase, phase);
     c->phase_since_ms = sf_now_ms();
     pthread_cond_broadcast(&c->cv);
+    if (atomic_load(&c->phase_waiters) > 0)
+        syscall(SYS_futex, (int *)&c->phase, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     sf_window_phase(c, old, phase);
+}
+
+/* A waiter on c->cv wakes holding nothing and then waits for c->mu, which the thread that
+ * changed the phase still holds (the swap goes on after it): two wake-ups, each across CPUs
+ * when the waiter is an application thread and the agent runs elsewhere. This waits on the
+ * phase word itself (a futex), so it needs no lock to learn the new phase. The count before the
+ * load, the phase before the count in sf_set_phase: a change is either seen here or woken. */
+void sf_phase_wait(struct sf_conn *c, int phase, long ms) {
+    atomic_fetch_add(&c->phase_waiters, 1);
+    if (atomic_load(&c->phase) == phase) {
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+        syscall(SYS_futex, (int *)&c->phase, FUTEX_WAIT_PRIVATE, phase, &ts, NULL, 0);
+    }
+    atomic_fetch_sub(&c->phase_waiters, 1);
 }
 
 /* No window to tell and nobody to wake: the window of a closed connection was closed with it

@@ -165,6 +165,7 @@ struct sf_conn {
 
     /* phase.c */
     uint64_t phase_since_ms;      /* when the phase last changed (0 after a reset) */
+    _Atomic int phase_waiters;    /* threads in sf_phase_wait, woken by every phase change */
 
     /* The data path (wrap_io.c) and the socket wrappers (wrap_sock.c). */
     _Atomic uint64_t tx, rx;      /* application bytes on the overlay, before a final phase */
@@ -193,6 +194,7 @@ struct sf_conn {
     uint8_t commit_finish_due;    /* committed; the rest is done before c->mu is released */
     uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */
     uint8_t sync_out;             /* this end's SYNC went out: its overlay stream ended at S */
+    uint8_t ack_owed;             /* slim: a frame's ACK waits for this end's SYNC to carry it */
     uint64_t peer_s;
     uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
 
@@ -323,6 +325,7 @@ void sf_handoff_commit(struct sf_conn *c); /* caller holds c->wmu */
 void sf_handoff_request_commit(struct sf_conn *c); /* commit now if no write is in flight */
 void sf_handoff_pump_locked(struct sf_conn *c);    /* caller holds c->mu */
 void sf_handoff_catch_up_locked(struct sf_conn *c); /* pump, and commit if due; holds c->mu */
+void sf_handoff_settle_ack_locked(struct sf_conn *c); /* an ACK the SYNC did not carry: now */
 
 /* linger.c */
 void sf_linger_conn_locked(struct sf_conn *c); /* caller holds c->mu */

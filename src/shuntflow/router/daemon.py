@@ -382,7 +382,15 @@ class Router:
         self._push_tables()
         fd = client.hand_off()
         if not sp.add_client(
-            fd, client.id, client.pid, client.cred_pid, client.nsid, diag, client.owner_error, seq
+            fd,
+            client.id,
+            client.pid,
+            client.cred_pid,
+            client.nsid,
+            diag,
+            client.owner_error,
+            seq,
+            client.mode,
         ):
             client.close("router out of memory")
 

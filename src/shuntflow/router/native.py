@@ -121,7 +121,18 @@ def _load() -> ctypes.CDLL:
         (
             "sfs_add_client",
             ctypes.c_int,
-            [vp, ctypes.c_int, u64, u32, u32, ctypes.c_int64, ctypes.c_int, ctypes.c_char_p, u32],
+            [
+                vp,
+                ctypes.c_int,
+                u64,
+                u32,
+                u32,
+                ctypes.c_int64,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                u32,
+                u32,
+            ],
         ),
         ("sfs_set_policy", ctypes.c_int, [vp, ctypes.POINTER(_Rule), sz]),
         (
@@ -227,9 +238,10 @@ class SwitchPath:
         diag_fd: int | None,
         owner_error: str,
         hello_seq: int,
+        mode: int = 0,
     ) -> bool:
         """Hands a library channel over at its HELLO (answered there with HELLO_ACK, seq
-        `hello_seq`); the fd is native's either way."""
+        `hello_seq`; `mode` is the HELLO's: 1 slim); the fd is native's either way."""
         rc = self._lib.sfs_add_client(
             self._h,
             fd,
@@ -240,6 +252,7 @@ class SwitchPath:
             -1 if diag_fd is None else diag_fd,
             owner_error.encode(errors="replace"),
             hello_seq & 0xFFFFFFFF,
+            mode & 0xFFFFFFFF,
         )
         return bool(rc == 0)
 
