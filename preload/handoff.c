@@ -99,8 +99,12 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
         }
         quickack_host(host_fd); /* the leader's SYNC, which its overlay FIN waits for */
     }
-    /* After the READY: the peer's commit waits for that frame, not for these. */
-    sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
+    /* After the READY: the peer's commit waits for that frame, not for these. A slim leader
+     * copies them after its SYNC instead (finish_commit_locked), while it waits for the
+     * follower's: the READY may be in already, and no application call can use the connection
+     * before the swap. */
+    if (sf_cfg.mode != SF_MODE_SLIM || !c->leader)
+        sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
 }
 
 /* ---- the commit --------------------------------------------------------------------------- */
@@ -134,6 +138,7 @@ static void commit_locked(struct sf_conn *c) {
         return;
     }
     c->sync_out = 1;
+    c->ack_owed = 0; /* the SYNC carried it */
     if (c->app_shut_wr)
         real.shutdown(c->host_fd, SHUT_WR);
     else
@@ -154,6 +159,8 @@ static void commit_locked(struct sf_conn *c) {
 static void finish_commit_locked(struct sf_conn *c) {
     if (c->commit_finish_due) {
         c->commit_finish_due = 0;
+        if (sf_cfg.mode == SF_MODE_SLIM && c->leader)
+            sf_copy_sockopts_early(c->fd, c->host_fd, c->buf_locked);
         sf_copy_sockopts_at_commit(c->fd, c->host_fd);
         sf_router_report_switch_time(c);
         sf_fin_after_sync(c);
@@ -213,16 +220,35 @@ static int read_hop(struct sf_conn *c, struct sf_hop *out) {
         return 0;
     c->hop_len = 0;
     memcpy(out, c->hop, sizeof *out);
-    /* ACK the frame now, not after the delayed-ACK timer: the sender's next small write with
-     * Nagle on (nginx's corked response once uncorked, with TCP_NODELAY off) is held back until
-     * its small, unacknowledged handoff frame is acknowledged, and our application, waiting for
-     * that response, sends nothing to carry the ACK. That cost 40 ms per switch. */
-    quickack_host(c->host_fd);
     if (out->magic != SF_HOP_MAGIC) {
         host_failed(c, "bad frame");
         return -1;
     }
     return 1;
+}
+
+/* ACK a frame now, not after the delayed-ACK timer: the sender's next small write with Nagle on
+ * (nginx's corked response once uncorked, with TCP_NODELAY off) is held back until its small,
+ * unacknowledged handoff frame is acknowledged, and our application, waiting for that
+ * response, sends nothing to carry the ACK. That cost 40 ms per switch.
+ * Except in slim mode for a frame this end answers with its own SYNC at once (the leader's
+ * answer to READY, the follower's to the leader's SYNC): the SYNC carries the ACK, where a
+ * separate one would be one more packet ahead of it on the path connect() and accept() wait
+ * on. Owed until then: if the commit does not follow at once after all (a write in flight,
+ * after slim's wait gave up), sf_handoff_settle_ack_locked sends it. */
+static void ack_frame(struct sf_conn *c, const struct sf_hop *hop, int phase) {
+    if (sf_cfg.mode == SF_MODE_SLIM && phase == SF_P_HANDSHAKE &&
+        ((hop->type == SF_HOP_READY && c->leader) || (hop->type == SF_HOP_SYNC && !c->leader)))
+        c->ack_owed = 1;
+    else
+        quickack_host(c->host_fd);
+}
+
+/* Caller holds c->mu. */
+void sf_handoff_settle_ack_locked(struct sf_conn *c) {
+    if (c->ack_owed && c->host_fd >= 0 && atomic_load(&c->phase) == SF_P_HANDSHAKE)
+        quickack_host(c->host_fd);
+    c->ack_owed = 0;
 }
 
 /* Apply the handoff frames already waiting on the host connection, never reading past the
@@ -234,6 +260,7 @@ void sf_handoff_pump_locked(struct sf_conn *c) {
         struct sf_hop hop;
         if (!sf_phase_in_handoff(phase) || read_hop(c, &hop) != 1)
             return;
+        ack_frame(c, &hop, phase);
         if (hop.type == SF_HOP_READY && c->leader && phase == SF_P_HANDSHAKE) {
             c->commit_wanted = 1;
         } else if (hop.type == SF_HOP_SYNC && (phase == SF_P_COMMITTED || !c->leader)) {
@@ -263,6 +290,7 @@ void sf_handoff_catch_up_locked(struct sf_conn *c) {
         sf_wmu_unlock(c);
         finish_commit_locked(c);
     }
+    sf_handoff_settle_ack_locked(c);
 }
 
 void sf_handoff_on_readable(uint64_t tag) {
@@ -278,6 +306,11 @@ void sf_handoff_on_readable(uint64_t tag) {
     pthread_mutex_unlock(&c->mu);
     if (want_commit)
         sf_handoff_request_commit(c);
+    if (sf_cfg.mode == SF_MODE_SLIM) {
+        pthread_mutex_lock(&c->mu);
+        sf_handoff_settle_ack_locked(c);
+        pthread_mutex_unlock(&c->mu);
+    }
     if (c->peer_synced)
         sf_maybe_swap(c);
 }
