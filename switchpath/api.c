@@ -141,7 +141,7 @@ SFS_API void sfs_free(struct sfs *s)
  * claim, so it must be ours before. */
 SFS_API int sfs_add_client(struct sfs *s, int fd, uint64_t id, uint32_t pid, uint32_t cred_pid,
                            int64_t nsid, int diag_fd, const char *owner_error,
-                           uint32_t hello_seq)
+                           uint32_t hello_seq, uint32_t mode)
 {
     struct sfs_client *c = calloc(1, sizeof(*c));
     if (c == NULL) {
@@ -154,6 +154,7 @@ SFS_API int sfs_add_client(struct sfs *s, int fd, uint64_t id, uint32_t pid, uin
     c->cred_pid = cred_pid;
     c->nsid = nsid;
     c->diag_fd = diag_fd;
+    c->slim = mode == SF_MODE_SLIM;
     snprintf(c->owner_error, sizeof(c->owner_error), "%s", owner_error ? owner_error : "");
     smap_init(&c->outstanding, 64);
     smap_init(&c->handed, 256);

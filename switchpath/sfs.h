@@ -99,6 +99,7 @@ struct sfs_client {
     struct smap handed;      /* tuple keys handed to it, oldest evicted */
     uint64_t switches_ok, switches_failed, frames_in, frames_out;
     int closed;
+    int slim; /* its HELLO said slim mode: it switches every connection it accepts */
 };
 struct sfs_client *client_get(struct sfs *s, uint64_t id);
 int client_send(struct sfs *s, struct sfs_client *c, const struct sf_msg *m, int fd);
@@ -190,6 +191,7 @@ struct sfs_in {
     uint8_t *pending;   /* per asked client */
     size_t nasked;
     uint64_t winner; /* 0: none yet */
+    uint32_t won_seq; /* the winner's own SWITCH_REQ, when that won the claim; else 0 */
     char nobody[80]; /* why, should no library be there to ask */
     struct sfs_timer timer;
 };
@@ -271,6 +273,7 @@ struct pool_peer {
     uint32_t peer;
     struct sfs_peerconn *head, *tail;
     size_t idle, filling;
+    size_t taken; /* switches that asked for a connection since the last refill */
     uint64_t last_use;
     struct sfs_timer refill;
 };

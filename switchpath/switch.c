@@ -345,6 +345,28 @@ void switch_map_updated(struct sfs *s)
     }
 }
 
+static void claim_done(struct sfs *s, struct sfs_in *in);
+
+/* A peer's OFFER for this tuple waits for its claim, and the library asking now passed the
+ * same checks a positive CLAIM_RES must (owner, attachment, policy: switch_request): it is the
+ * owner the claim looks for, so the claim is its, without waiting for its CLAIM_RES. In slim
+ * mode the OFFER usually comes before the accepting end's accept(), and so before its
+ * request. 1 if the request is served that way. */
+static int request_wins_claim(struct sfs *s, void *entry, struct sfs_client *c, uint32_t seq,
+                              const struct sf_tuple *t)
+{
+    struct sfs_in *in = entry;
+    if (in->kind != E_IN || in->seq == 0 || in->winner != 0 || !tuple_eq(&in->t, t))
+        return 0;
+    for (size_t i = 0; i < in->nasked; i++)
+        if (in->asked[i] == c->id)
+            in->pending[i] = 0; /* its CLAIM_RES, should one follow, comes late */
+    in->winner = c->id;
+    in->won_seq = seq;
+    claim_done(s, in);
+    return 1;
+}
+
 void switch_request(struct sfs *s, struct sfs_client *c, const struct sf_msg *m)
 {
     struct sf_tuple t = sfl_tuple(m);
@@ -379,7 +401,10 @@ void switch_request(struct sfs *s, struct sfs_client *c, const struct sf_msg *m)
         return;
     }
     struct tkey key = tuple_key(&t);
-    if (smap_get(&s->in_progress, key.raw) != NULL || recently_done(s, &key)) {
+    struct snode *busy = smap_get(&s->in_progress, key.raw);
+    if (busy != NULL && request_wins_claim(s, busy->val, c, m->seq, &t))
+        return;
+    if (busy != NULL || recently_done(s, &key)) {
         fail(s, c->id, m->seq, &t, SF_DUPLICATE, "tuple already being switched");
         return;
     }
@@ -516,8 +541,6 @@ static void accept_for_request(struct sfs *s, struct sfs_peerconn *pc, struct sf
         out_finish(s, o, -1, NULL);
 }
 
-static void claim_done(struct sfs *s, struct sfs_in *in);
-
 static int pending_count(const struct sfs_in *in)
 {
     int n = 0;
@@ -526,10 +549,24 @@ static int pending_count(const struct sfs_in *in)
     return n;
 }
 
+/* A slim library says NOT_MINE to a connection it has not accepted yet, and switches it as soon
+ * as it does: its SWITCH_REQ then wins the claim (switch_request). */
+static int asked_slim(struct sfs *s, const struct sfs_in *in)
+{
+    for (size_t i = 0; i < in->nasked; i++) {
+        struct sfs_client *c = client_get(s, in->asked[i]);
+        if (c != NULL && !c->closed && c->slim)
+            return 1;
+    }
+    return 0;
+}
+
 static void check_claim(struct sfs *s, struct sfs_in *in)
 {
-    /* nobody asked yet: waiting for a library of the container (claim()) */
-    if (in->seq != 0 && (in->winner != 0 || (in->nasked > 0 && pending_count(in) == 0)))
+    /* nobody asked yet: waiting for a library of the container (claim()); all said NOT_MINE
+     * but one of them is slim: waiting for its accept() (the claim's timeout bounds both) */
+    if (in->seq != 0 && (in->winner != 0 || (in->nasked > 0 && pending_count(in) == 0 &&
+                                             !asked_slim(s, in))))
         claim_done(s, in);
 }
 
@@ -550,7 +587,8 @@ static void claim_done(struct sfs *s, struct sfs_in *in)
         n->aux = in->winner ? SF_DUPLICATE : SF_TIMEOUT;
     while (s->finished.count > FINISHED_KEPT)
         smap_del(&s->finished, s->finished.oldest);
-    uint32_t seq = in->seq;
+    /* the winner's SWITCH_RES answers its own request if that won, else the claim */
+    uint32_t seq = in->won_seq != 0 ? in->won_seq : in->seq;
     in->seq = 0; /* no longer a claim: a close of a client asked changes nothing now */
     struct sfs_peerconn *pc = in->conn;
     if (in->winner == 0) {

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from shuntflow.router.testing import FakeLibrary, RouterProcess, offer_bytes, recv_exact
-from shuntflow.wire import PEER_SIZE, MsgType, PeerMsg, Status, Tuple4
+from shuntflow.wire import PEER_SIZE, Mode, MsgType, PeerMsg, Status, Tuple4
 
 from .support import assert_pair, start_pair, tup
 
@@ -134,6 +134,57 @@ def test_late_claim_gets_no_fd(routers: tuple[RouterProcess, RouterProcess]) -> 
         late = lb.wait_result(claim_seq, timeout=2)
         assert late.msg.status == Status.TIMEOUT and late.sock is None
         assert not lb.host
+
+
+def wait_claimed(lib: FakeLibrary, t: Tuple4) -> None:
+    deadline = time.monotonic() + 5
+    while not any(c.tuple == t for c in lib.claims):
+        assert time.monotonic() < deadline, f"no claim for {t}"
+        time.sleep(0.005)
+
+
+def test_own_request_wins_the_claim(routers: tuple[RouterProcess, RouterProcess]) -> None:
+    """The accepting end's own SWITCH_REQ, arriving while a peer's OFFER for the same connection
+    waits for its claim, takes that OFFER's connection at once: one host connection, each
+    library answered on its own request's seq, no CLAIM_RES needed."""
+    a, b = routers
+    t = tup(40)
+    with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, answer_claims=False) as lb:
+        first = la.request(t)
+        wait_claimed(lb, t.mirrored())
+        own = lb.request(t.mirrored())
+        mine = lb.wait_result(own)
+        assert mine.msg.status == Status.OK and mine.sock is not None, mine.msg
+        res = la.wait_result(first)
+        assert res.msg.status == Status.OK and res.sock is not None, res.msg
+        assert_pair(res.sock, mine.sock)
+        assert not la.extra_host and not lb.extra_host
+    assert any(
+        "event=switch_done how=claimed" in line and f"tuple={t.mirrored()} " in line
+        for line in b.log().splitlines()
+    ), b.log()[-2000:]
+
+
+def test_slim_library_not_mine_yet_holds_the_claim(
+    routers: tuple[RouterProcess, RouterProcess],
+) -> None:
+    """A slim library says NOT_MINE to a connection it has not accepted yet: the claim waits for
+    its accept-time request rather than refuse the OFFER (a shuntflow library's NOT_MINE is
+    refused at once: test_nobody_claims_is_peer_refused_fast)."""
+    a, b = routers
+    t = tup(41)
+    with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, mode=Mode.SLIM, owned=set()) as lb:
+        first = la.request(t)
+        wait_claimed(lb, t.mirrored())
+        time.sleep(0.05)  # its NOT_MINE is in; the claim's timeout (250 ms) is not
+        own = lb.request(t.mirrored())
+        mine = lb.wait_result(own)
+        assert mine.msg.status == Status.OK and mine.sock is not None, mine.msg
+        res = la.wait_result(first)
+        assert res.msg.status == Status.OK and res.sock is not None, res.msg
+        assert_pair(res.sock, mine.sock)
+    refused = [line for line in b.log().splitlines() if "event=offer_refused" in line]
+    assert not [line for line in refused if f"tuple={t.mirrored()} " in line], refused
 
 
 def test_no_library_on_peer_host(routers: tuple[RouterProcess, RouterProcess]) -> None:
