@@ -3,7 +3,10 @@
  *
  * A pooled connection carries one OFFER and then becomes the host connection, so the pool
  * refills shortly after each take (REFILL_DELAY: refilling at once would compete with the very
- * switch that took it). A connection is used only while younger than half the peer's idle
+ * switch that took it), to twice as many as were asked for since the last refill if that is
+ * more than peer_pool_size (up to POOL_BURST_MAX): a burst of switches, or slim mode's one per
+ * connection, would otherwise empty the pool before each refill and pay a TCP handshake to the
+ * peer router inside every switch after that. A connection is used only while younger than half the peer's idle
  * timeout, so we never race the peer closing an idle one; one the peer closed anyway before
  * answering is not the peer's failure (it may have restarted): the offer is made again on a
  * fresh connection. Only peers switched to recently keep a pool (KEEP_WARM).
@@ -23,6 +26,7 @@
 
 #define KEEP_WARM_US 60000000u
 #define REFILL_DELAY_US 5000u
+#define POOL_BURST_MAX 32u
 
 static struct sfs_peerconn *pc_of(struct sfs_timer *t)
 {
@@ -311,7 +315,12 @@ static struct pool_peer *pool_of(struct sfs *s, uint32_t peer, int create)
 
 static void refill(struct sfs *s, struct pool_peer *pp)
 {
-    while (pp->idle + pp->filling < (size_t)s->cfg.peer_pool_size) {
+    size_t want = (size_t)s->cfg.peer_pool_size;
+    size_t burst = 2 * pp->taken < POOL_BURST_MAX ? 2 * pp->taken : POOL_BURST_MAX;
+    if (want > 0 && burst > want)
+        want = burst;
+    pp->taken = 0;
+    while (pp->idle + pp->filling < want) {
         char why[96];
         int internal;
         struct sfs_peerconn *pc = connect_peer(s, pp->peer, why, sizeof(why), &internal);
@@ -336,6 +345,7 @@ void pool_take_or_connect(struct sfs *s, struct sfs_out *o)
         if (pp != NULL) {
             uint64_t now = now_us();
             pp->last_use = now;
+            pp->taken++;
             while (pp->head != NULL && found == NULL) {
                 struct sfs_peerconn *pc = pp->head;
                 pool_unlink(pp, pc);

@@ -74,6 +74,33 @@ def test_switches_use_warm_connections(
     assert b.status()["router"]["peer_connections_dropped"] == 0
 
 
+def test_pool_grows_for_a_burst(
+    pair: tuple[RouterProcess, RouterProcess, Path, int],
+) -> None:
+    """Ten switches at once empty a 4-connection pool; the refill then keeps twice as many as
+    were asked for since the last one, so a burst of that size finds them warm next time."""
+    a, b, _map, _port = pair
+    switch(a, b, tup(20))
+    wait_warm(a, "127.0.0.2")
+    burst = [tup(21 + i) for i in range(10)]
+    with (
+        FakeLibrary(a.socket) as la,
+        FakeLibrary(b.socket, owned={t.mirrored() for t in burst}) as lb,
+    ):
+        for seq in [la.request(t) for t in burst]:
+            assert la.wait_result(seq).msg.status == Status.OK
+        lb.wait_host([t.key() for t in burst])
+    deadline = time.monotonic() + 5
+    while True:
+        idle = pool(a)["idle"]
+        assert isinstance(idle, dict)
+        if idle.get("127.0.0.2", 0) >= 8:
+            break
+        assert time.monotonic() < deadline, pool(a)
+        time.sleep(0.02)
+    assert b.status()["router"]["peer_connections_dropped"] == 0
+
+
 def test_warm_connections_to_a_restarted_peer_are_not_a_failure(
     pair: tuple[RouterProcess, RouterProcess, Path, int],
 ) -> None:
