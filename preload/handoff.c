@@ -97,7 +97,10 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
             sf_handoff_abort_locked(c, SF_PEER_UNREACHABLE, 1);
             return;
         }
-        quickack_host(host_fd); /* the leader's SYNC, which its overlay FIN waits for */
+        /* The leader's SYNC, which its overlay FIN waits for. Not in slim mode: this end's own
+         * SYNC follows it at once and carries the ACK (ack_frame). */
+        if (sf_cfg.mode != SF_MODE_SLIM)
+            quickack_host(host_fd);
     }
     /* After the READY: the peer's commit waits for that frame, not for these. A slim leader
      * copies them after its SYNC instead (finish_commit_locked), while it waits for the

@@ -260,6 +260,7 @@ void peers_accept(struct sfs *s)
             close(fd);
             continue;
         }
+        peer_delay_acks(fd);
         pc->io = (struct sfs_io){.kind = IO_PEER, .fd = fd};
         pc->incoming = 1;
         pc->peer_ip = sa.sin_addr.s_addr;

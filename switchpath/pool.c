@@ -15,6 +15,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,18 @@ static struct sfs_peerconn *pc_of(struct sfs_timer *t)
 }
 
 static struct pool_peer *pool_of(struct sfs *s, uint32_t peer, int create);
+
+/* An established peer connection goes into delayed-ACK (ping-pong) mode before its first frame.
+ * The OFFER and the ANSWER answer each other, and so do the handoff frames the libraries then
+ * exchange on it (docs/wire.md section 3): each frame's ACK rides on the reply, where a fresh
+ * connection's quick-ACK mode would send it as a packet of its own, from inside the sender's
+ * send. The libraries put the connection back into quick-ACK mode at their commit (handoff.c),
+ * before any application byte. */
+void peer_delay_acks(int fd)
+{
+    int zero = 0;
+    setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &zero, sizeof(zero));
+}
 
 static void pool_unlink(struct pool_peer *pp, struct sfs_peerconn *pc)
 {
@@ -148,6 +161,8 @@ static void send_offer(struct sfs *s, struct sfs_peerconn *pc)
         switch_offer_result(s, o, SF_INTERNAL, "no randomness for the OFFER's nonce", NULL);
         return;
     }
+    if (!pc->from_pool)
+        peer_delay_acks(pc->io.fd); /* pooled ones were at refill_connected */
     pc->state = PC_OFFERED;
     pc->got = 0;
     timer_arm(s, &pc->timer, now_us() + (uint64_t)s->cfg.answer_timeout_ms * 1000);
@@ -231,6 +246,7 @@ static void refill_connected(struct sfs *s, struct sfs_peerconn *pc)
         return;
     }
     pp->filling--;
+    peer_delay_acks(pc->io.fd);
     pc->state = PC_POOLED;
     pc->since = now_us();
     io_unwatch(s, &pc->io);

@@ -159,6 +159,7 @@ void peers_map_updated(struct sfs *s);
 void pool_take_or_connect(struct sfs *s, struct sfs_out *o);
 void pool_forget(struct sfs *s, uint32_t peer);
 void pool_maintain(struct sfs *s);
+void peer_delay_acks(int fd);
 void pool_close_all(struct sfs *s);
 void outconn_event(struct sfs *s, struct sfs_peerconn *pc, uint32_t events);
 void peers_close_all(struct sfs *s);
