@@ -98,7 +98,7 @@ void sf_set_phase(struct sf_conn *c, int phase) {
     atomic_store(&c->phase, phase);
     c->phase_since_ms = sf_now_ms();
     pthread_cond_broadcast(&c->cv);
-    if (atomic_load(&c->phase_waiters) > 0)
+    if ((sf_phase_final(phase) || phase == SF_P_OVERLAY) && atomic_load(&c->phase_waiters) > 0)
         syscall(SYS_futex, (int *)&c->phase, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     sf_window_phase(c, old, phase);
 }
@@ -106,8 +106,10 @@ void sf_set_phase(struct sf_conn *c, int phase) {
 /* A waiter on c->cv wakes holding nothing and then waits for c->mu, which the thread that
  * changed the phase still holds (the swap goes on after it): two wake-ups, each across CPUs
  * when the waiter is an application thread and the agent runs elsewhere. This waits on the
- * phase word itself (a futex), so it needs no lock to learn the new phase. The count before the
- * load, the phase before the count in sf_set_phase: a change is either seen here or woken. */
+ * phase word itself (a futex), so it needs no lock to learn the new phase, and is woken only
+ * when the attempt ends (a final phase, or back to OVERLAY), not at each step of the handoff.
+ * The count before the load, the phase before the count in sf_set_phase: an end is either seen
+ * here or woken. */
 void sf_phase_wait(struct sf_conn *c, int phase, long ms) {
     atomic_fetch_add(&c->phase_waiters, 1);
     if (atomic_load(&c->phase) == phase) {

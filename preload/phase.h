@@ -64,7 +64,8 @@ extern _Atomic int sf_in_transition;
 extern _Atomic uint64_t sf_busy_since_us;
 
 void sf_set_phase(struct sf_conn *c, int phase);   /* a transition above; caller holds c->mu */
-/* Sleep while the phase is still `phase`, `ms` at most; not holding c->mu. */
+/* Sleep until the attempt under way ends (a final phase, or OVERLAY), `ms` at most, if the phase
+ * is still `phase`; not holding c->mu. */
 void sf_phase_wait(struct sf_conn *c, int phase, long ms);
 void sf_phase_reset(struct sf_conn *c, int phase); /* a new life: OVERLAY, PINNED or HOST */
 const char *sf_phase_name(int phase);
