@@ -404,7 +404,7 @@ void switch_request(struct sfs *s, struct sfs_client *c, const struct sf_msg *m)
     struct snode *busy = smap_get(&s->in_progress, key.raw);
     if (busy != NULL && request_wins_claim(s, busy->val, c, m->seq, &t))
         return;
-    if (busy != NULL || recently_done(s, &key)) {
+    if (busy != NULL || (recently_done(s, &key) && !c->slim)) {
         fail(s, c->id, m->seq, &t, SF_DUPLICATE, "tuple already being switched");
         return;
     }
@@ -551,6 +551,24 @@ static int pending_count(const struct sfs_in *in)
 
 /* A slim library says NOT_MINE to a connection it has not accepted yet, and switches it as soon
  * as it does: its SWITCH_REQ then wins the claim (switch_request). */
+/* A slim library asks for every connection it makes or accepts, as it does: its request for a
+ * tuple switched within the last second (the recently-switched table), or an OFFER for one to
+ * its container, is a new connection on a reused port, not that switch again (whose ends hold
+ * it on the host path and say NOT_MINE to a claim for it). Refused as DUPLICATE, both ends
+ * would wait for a result that never comes: slim's connect() for its 3 s. */
+static int slim_container(struct sfs *s, uint32_t local_ip)
+{
+    int64_t owner = s->cfg.owner_check ? attach_owner(s, local_ip) : -1;
+    if (s->cfg.owner_check && owner < 0)
+        return 0;
+    for (struct snode *n = s->clients.oldest; n != NULL; n = n->newer) {
+        struct sfs_client *c = n->val;
+        if (!c->closed && c->slim && (!s->cfg.owner_check || c->nsid == owner))
+            return 1;
+    }
+    return 0;
+}
+
 static int asked_slim(struct sfs *s, const struct sfs_in *in)
 {
     for (size_t i = 0; i < in->nasked; i++) {
@@ -754,7 +772,7 @@ void switch_offer(struct sfs *s, struct sfs_peerconn *pc)
             return;
         }
     }
-    if (n != NULL || recently_done(s, &key)) {
+    if (n != NULL || (recently_done(s, &key) && !slim_container(s, t.local_ip))) {
         refuse(s, pc, &t, FAIL_OFFER, SF_DUPLICATE, "tuple already being switched");
         return;
     }

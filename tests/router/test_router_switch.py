@@ -187,6 +187,33 @@ def test_slim_library_not_mine_yet_holds_the_claim(
     assert not [line for line in refused if f"tuple={t.mirrored()} " in line], refused
 
 
+def test_slim_port_reused_within_a_second_switches_again(
+    routers: tuple[RouterProcess, RouterProcess],
+) -> None:
+    """Slim libraries ask for every connection they make or accept: the same tuple again right
+    after its switch (a client port reused at a high connection rate) is a new connection, and
+    it is switched, not refused as a duplicate of the last one."""
+    a, b = routers
+    t = tup(42)
+    with (
+        FakeLibrary(a.socket, mode=Mode.SLIM) as la,
+        FakeLibrary(b.socket, mode=Mode.SLIM, owned={t.mirrored()}) as lb,
+    ):
+        first = la.wait_result(la.request(t))
+        assert first.msg.status == Status.OK and first.sock is not None, first.msg
+        lb.wait_host([t.key()])
+        again = la.request(t)  # well within the recently-switched table's second
+        deadline = time.monotonic() + 5
+        while sum(c.tuple == t.mirrored() for c in lb.claims) < 2:  # the new OFFER's claim
+            assert time.monotonic() < deadline, lb.claims
+            time.sleep(0.005)
+        own = lb.wait_result(lb.request(t.mirrored()))  # its accept-time request
+        assert own.msg.status == Status.OK and own.sock is not None, own.msg
+        res = la.wait_result(again)
+        assert res.msg.status == Status.OK and res.sock is not None, res.msg
+        assert_pair(res.sock, own.sock)
+
+
 def test_no_library_on_peer_host(routers: tuple[RouterProcess, RouterProcess]) -> None:
     a, _b = routers
     with FakeLibrary(a.socket) as la:
