@@ -549,8 +549,6 @@ static int pending_count(const struct sfs_in *in)
     return n;
 }
 
-/* A slim library says NOT_MINE to a connection it has not accepted yet, and switches it as soon
- * as it does: its SWITCH_REQ then wins the claim (switch_request). */
 /* A slim library asks for every connection it makes or accepts, as it does: its request for a
  * tuple switched within the last second (the recently-switched table), or an OFFER for one to
  * its container, is a new connection on a reused port, not that switch again (whose ends hold
@@ -569,6 +567,8 @@ static int slim_container(struct sfs *s, uint32_t local_ip)
     return 0;
 }
 
+/* A slim library says NOT_MINE to a connection it has not accepted yet, and switches it as soon
+ * as it does: its SWITCH_REQ then wins the claim (switch_request). */
 static int asked_slim(struct sfs *s, const struct sfs_in *in)
 {
     for (size_t i = 0; i < in->nasked; i++) {
