@@ -232,6 +232,19 @@ class Apps:
             text=True,
         )
 
+    def python_client(
+        self, script: str, mode: str | None, *args: str, threshold: int = TEST_THRESHOLD
+    ) -> subprocess.Popen[str]:
+        """`python -c script server_ip *args` in the client container, every stream a pipe."""
+        return self.client_c.popen(
+            [sys.executable, "-c", script, self.server_ip, *args],
+            env=mode_env(self.tb, self.client_c, mode, threshold),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def checked_phase(
         self, script: str, mode: str, *args: str, timeout: float = 120.0
     ) -> tuple[dict[str, Any], PathBytes]:
@@ -240,14 +253,7 @@ class Apps:
         client writes and reads back its data, and its JSON result is returned with what the
         paths carried meanwhile. The result holds `payload`: the bytes the client wrote and read
         in the checked part."""
-        proc = self.client_c.popen(
-            [sys.executable, "-c", SWITCH_WAIT + script, self.server_ip, mode, *args],
-            env=mode_env(self.tb, self.client_c, mode),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = self.python_client(SWITCH_WAIT + script, mode, mode, *args)
         try:
             assert proc.stdout is not None and proc.stdin is not None
             ready = proc.stdout.readline()

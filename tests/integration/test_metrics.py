@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shuntflow.testbed import Host, Testbed
 
 from ..support import SHUNTFLOW
-from .apps import RESP_CLIENT, Apps, PathBytes, assert_path, mode_env, redis_server
+from .apps import RESP_CLIENT, Apps, PathBytes, assert_path, redis_server
 
 pytestmark = pytest.mark.root
 
@@ -100,14 +99,7 @@ def test_counters_move_with_a_switch(testbed: Testbed, tmp_path: Path) -> None:
     values = [secrets.token_bytes(secrets.randbelow(2000) + 1) for _ in range(400)]
     with apps.server(server, "shuntflow", 6379):
         before = [scrape(h, u) for h, u in zip(testbed.hosts, urls, strict=True)]
-        client = apps.client_c.popen(
-            [sys.executable, "-c", CLIENT, apps.server_ip],
-            env=mode_env(testbed, apps.client_c, "shuntflow"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        client = apps.python_client(CLIENT, "shuntflow")
         assert client.stdin is not None and client.stdout is not None
         try:
             client.stdin.write(" ".join(v.hex() for v in values) + "\n")

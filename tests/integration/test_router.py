@@ -24,7 +24,7 @@ from shuntflow.router.testing import FakeLibrary
 from shuntflow.wire import Status, Tuple4
 
 from ..support import SHUNTFLOW
-from .apps import Apps, PathBytes, assert_path, mode_env
+from .apps import Apps, PathBytes, assert_path
 
 pytestmark = pytest.mark.root
 
@@ -308,14 +308,7 @@ def test_a_full_router_channel_falls_back_to_the_agent(
         return [x for x in log.read_text().splitlines() if f"shuntflow[{pid}]:" in x]
 
     with apps.server([sys.executable, "-c", ECHO_SERVER], "shuntflow", 9002):
-        client = apps.client_c.popen(
-            [sys.executable, "-c", QUEUE_CLIENT, apps.server_ip, "16"],
-            env=mode_env(testbed, apps.client_c, "shuntflow", 16),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        client = apps.python_client(QUEUE_CLIENT, "shuntflow", "16", threshold=16)
         assert client.stdin is not None and client.stdout is not None
         try:
             assert client.stdout.readline() == "ready\n"
