@@ -616,13 +616,16 @@ def test_host_connection_reset_before_commit_falls_back(
     make_testbed: MakeTestbed, tmp_path: Path, pairs: list[Pair]
 ) -> None:
     tb = make_testbed("fi3", hosts=2, containers=1, routers=True)
-    pair = Pair(tb, tmp_path, 7853, 600, concurrency=16)
+    # Catching a host connection in flight is chance (stop_and_reset): the pair runs long enough
+    # for many tries (with 600 connections one CI run ended before its first catch).
+    conns = 1500
+    pair = Pair(tb, tmp_path, 7853, conns, concurrency=16, timeout=120)
     pairs.append(pair.start())
     wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 20, 30)
     killed = stop_and_reset(pair, "client", held=False, want=3)
     client, server = pair.finish()
-    intact(client, 600)
-    intact(server, 600)
+    intact(client, conns)
+    intact(server, conns)
     assert killed, "no host connection was caught in the handoff"
     # The case hit: reset before the commit. Every connection stayed whole (intact above).
     # ECONNABORTED is what `ss -K` leaves on a socket: the client's library met our resets,
