@@ -601,6 +601,11 @@ def check_no_growth(e: Env, before: tuple[int, int, int, int]) -> None:
         f"{e.inputs} inputs"
     )
     assert (fds_a, fds_b) == before[:2], (e.a.fds(), e.b.fds())
+    if os.environ.get("SHUNTFLOW_ROUTER_PRELOAD"):
+        # Under the sanitizer runtime (make test-asan) freed blocks sit in ASan's quarantine
+        # (256 MiB by default), so RSS measures the quarantine, not the router; the fd check
+        # above and the normal suite's run of this check hold the bound.
+        return
     assert rss_a - before[2] <= RSS_GROWTH_KIB
     assert rss_b - before[3] <= RSS_GROWTH_KIB
 

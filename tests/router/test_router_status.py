@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from shuntflow.native import router_command
 from shuntflow.router.cli import find_routers
 from shuntflow.router.config import ConfigError, RouterConfig, build_config, load_toml
 from shuntflow.router.control import query
@@ -293,7 +294,7 @@ def test_toml_config(tmp_path: Path) -> None:
     # The real thing: a router started from the file alone.
     log = tmp_path / "router.log"
     proc = subprocess.Popen(
-        [SHUNTFLOW, "router", "--config", str(cfg_file), "--log-file", str(log)],
+        router_command([SHUNTFLOW, "router", "--config", str(cfg_file), "--log-file", str(log)]),
         stderr=subprocess.PIPE,
     )
     try:
