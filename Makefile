@@ -22,15 +22,17 @@ test-debug: setup lint
 # runtime, which only the routers get (SHUNTFLOW_ROUTER_PRELOAD, shuntflow.native.router_command).
 # A sanitizer report kills the router: its log has the report, the test fails. Narrow the second
 # run with PYTEST_ARGS="tests/unit/test_router_switch.py"; the first run is the one for tests that
-# load the switch path into pytest itself.
+# load the switch path into pytest itself (ASAN_IN_PROCESS).
 ASAN_RUNTIME = $(shell gcc -print-file-name=libasan.so)
 ASAN_SWITCHPATH = $(CURDIR)/switchpath/build/libsfswitch-asan.so
+# The tests that load the switch path into pytest itself (tests/switchpath.py).
+ASAN_IN_PROCESS = tests/unit/test_switchpath_frames.py tests/integration/test_switchpath_netns.py
 test-asan: setup lint
 	$(MAKE) -C switchpath SANITIZE=1
 	SHUNTFLOW_SWITCHPATH=$(ASAN_SWITCHPATH) LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0 \
-		.venv/bin/pytest -q -p no:cacheprovider tests/unit/test_switchpath_frames.py
+		.venv/bin/pytest -q -p no:cacheprovider $(ASAN_IN_PROCESS)
 	SHUNTFLOW_SWITCHPATH=$(ASAN_SWITCHPATH) SHUNTFLOW_ROUTER_PRELOAD=$(ASAN_RUNTIME) \
-		.venv/bin/pytest -q --ignore=tests/unit/test_switchpath_frames.py $(PYTEST_ARGS)
+		.venv/bin/pytest -q $(ASAN_IN_PROCESS:%=--ignore=%) $(PYTEST_ARGS)
 
 # The switch path's libFuzzer harnesses (switchpath/fuzz/), a million inputs each: any crash,
 # sanitizer report or failed harness check fails the run and keeps the input. A short run is part
