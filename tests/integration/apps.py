@@ -46,11 +46,24 @@ TEST_THRESHOLD = 16
 # its reply) until `sock` is a socket of another network namespace than this process's, i.e. the
 # library has put the host connection on its fd number (at once in slim mode; never waited for in
 # overlay mode), then says "ready" and waits for the test's "go".
-SWITCH_WAIT = r"""
-import json, os, socket, sys, time
+# The start of every Python program the tests run under the library: which namespace a socket
+# lives in (its SO_NETNS_COOKIE), and a checked echo.
+SCRIPT_PRELUDE = r"""
+import hashlib, json, os, socket, sys, threading, time
 SO_NETNS_COOKIE = 71
 def netns_cookie(s):
     return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+def echo(s, m):
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        got += s.recv(65536)
+    assert got == m, (got, m)
+"""
+
+SWITCH_WAIT = (
+    SCRIPT_PRELUDE
+    + r"""
 def wait_switched(s, ping):
     if sys.argv[2] != "overlay":
         with socket.socket() as probe:
@@ -65,6 +78,7 @@ def wait_switched(s, ping):
     if sys.stdin.readline() != "go\n":
         sys.exit("no go from the test")
 """
+)
 
 
 def redis_server(ip: str, exe: str = "redis-server") -> list[str]:

@@ -50,6 +50,7 @@ from shuntflow.testbed.plan import host_uplink
 
 from .apps import (
     PEER_PORT,
+    SCRIPT_PRELUDE,
     assert_intact,
     install_path_counters,
     mode_env,
@@ -992,19 +993,17 @@ def test_close_before_the_peers_sync_loses_nothing(
     print(f"\n{attempts} closes before the peer's SYNC, all kept, all intact")
 
 
-LOST_FIN_SERVER = """
-import hashlib, json, os, socket, sys, time
-SO_NETNS_COOKIE = 71
-def cookie(s):
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+LOST_FIN_SERVER = (
+    SCRIPT_PRELUDE
+    + """
 ls = socket.create_server((sys.argv[1], 7961))
 print("listening", flush=True)
 conn, _ = ls.accept()
 assert conn.recv(1) == b"x"
 # Its end swaps once the client's SYNC is in (the client meanwhile blocked in recv on the
 # overlay): from then on its fd is a host-namespace socket and the reply goes on the host path.
-own, deadline = cookie(ls), time.monotonic() + 15  # within the client's 20 s
-while cookie(conn) == own:
+own, deadline = netns_cookie(ls), time.monotonic() + 15  # within the client's 20 s
+while netns_cookie(conn) == own:
     if time.monotonic() > deadline:
         sys.exit("the server's end never switched")
     time.sleep(0.005)
@@ -1015,14 +1014,13 @@ conn.close()
 sha = hashlib.sha256(reply).hexdigest()
 print(json.dumps({"bytes": len(reply), "sha": sha, "rest": len(rest)}))
 """
+)
 
-LOST_FIN_CLIENT = """
-import hashlib, json, socket, sys
-SO_NETNS_COOKIE = 71
-def cookie(s):
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+LOST_FIN_CLIENT = (
+    SCRIPT_PRELUDE
+    + """
 s = socket.create_connection((sys.argv[1], 7961))
-own = cookie(s)
+own = netns_cookie(s)
 s.sendall(b"x")  # threshold 1: this call starts the switch
 buf = bytearray()
 while len(buf) < 256 * 1024:
@@ -1030,10 +1028,11 @@ while len(buf) < 256 * 1024:
     if not chunk:
         break
     buf += chunk
-switched = cookie(s) != own  # the fd is a socket of the host namespace now
+switched = netns_cookie(s) != own  # the fd is a socket of the host namespace now
 s.close()
 print(json.dumps({"bytes": len(buf), "sha": hashlib.sha256(buf).hexdigest(), "switched": switched}))
 """
+)
 
 
 def test_swap_wakes_a_reader_whose_overlay_fin_is_lost(

@@ -24,7 +24,7 @@ from shuntflow.router.testing import FakeLibrary
 from shuntflow.wire import Status, Tuple4
 
 from ..support import SHUNTFLOW
-from .apps import Apps, PathBytes, assert_path
+from .apps import SCRIPT_PRELUDE, Apps, PathBytes, assert_path
 
 pytestmark = pytest.mark.root
 
@@ -123,11 +123,9 @@ def test_routers_are_in_the_host_namespaces(testbed: Any) -> None:
         assert own == ns
 
 
-SERVER = r"""
-import socket
-SO_NETNS_COOKIE = 71
-def cookie(s):
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+SERVER = (
+    SCRIPT_PRELUDE
+    + r"""
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 9000))
@@ -139,24 +137,19 @@ while True:
     if not d:
         break
     c.sendall(d)
-print("switched" if cookie(c) != cookie(s) else "overlay", flush=True)
+print("switched" if netns_cookie(c) != netns_cookie(s) else "overlay", flush=True)
 """
+)
 
 # After SWITCH_WAIT (apps.py): waits until its fd is a host-namespace socket, then echoes 200
 # checked messages, all of them after the switch point.
 CLIENT = r"""
 s = socket.create_connection((sys.argv[1], 9000))
-def echo(m):
-    s.sendall(m)
-    got = b""
-    while len(got) < len(m):
-        got += s.recv(65536)
-    assert got == m
-wait_switched(s, lambda: echo(b"ping"))
+wait_switched(s, lambda: echo(s, b"ping"))
 payload = 0
 for i in range(200):
     m = (b"%06d" % i) * 100
-    echo(m)
+    echo(s, m)
     payload += 2 * len(m)
     time.sleep(0.002)
 print(json.dumps({"payload": payload}))
@@ -178,31 +171,24 @@ def test_real_library_switches_through_the_routers(testbed: Any) -> None:
 # Two echoes (4 data calls: below the threshold), a pause in which the library's agent has long
 # opened its router channel (it does so when the process tracks its first connection), then
 # echoes on the main thread until the fd is a host-namespace socket.
-ASKING_CLIENT = r"""
-import json, socket, sys, threading, time
-SO_NETNS_COOKIE = 71
-def cookie(s):
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+ASKING_CLIENT = (
+    SCRIPT_PRELUDE
+    + r"""
 s = socket.create_connection((sys.argv[1], 9000))
-def echo(m):
-    s.sendall(m)
-    got = b""
-    while len(got) < len(m):
-        got += s.recv(65536)
-    assert got == m
-echo(b"a")
-echo(b"b")
+echo(s, b"a")
+echo(s, b"b")
 time.sleep(0.5)
 with socket.socket() as probe:
-    own = cookie(probe)
+    own = netns_cookie(probe)
 deadline = time.monotonic() + 30
 i = 0
-while cookie(s) == own and time.monotonic() < deadline:
-    echo(b"%06d" % i)
+while netns_cookie(s) == own and time.monotonic() < deadline:
+    echo(s, b"%06d" % i)
     i += 1
     time.sleep(0.001)
-print(json.dumps({"tid": threading.get_native_id(), "switched": cookie(s) != own}))
+print(json.dumps({"tid": threading.get_native_id(), "switched": netns_cookie(s) != own}))
 """
+)
 
 
 def test_the_application_thread_asks_the_router_itself(
@@ -236,8 +222,9 @@ def test_the_application_thread_asks_the_router_itself(
     assert all(tids == [pid] * len(tids) for pid, tids in by_app.items()), asks
 
 
-ECHO_SERVER = r"""
-import socket, threading
+ECHO_SERVER = (
+    SCRIPT_PRELUDE
+    + r"""
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 9002))
@@ -250,23 +237,16 @@ def serve(c):
 while True:
     threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
 """
+)
 
 # One connection opens the router channel; on "go", CONNS connections each cross the threshold
 # (argv[2]) with checked echoes, more requests than the channel's socket buffer holds (about
 # 280 frames of 48 bytes with the default 208 KiB); on "go", echoes on all of them until each
 # is a host-namespace socket (or 20 s), every reply checked.
-QUEUE_CLIENT = r"""
-import json, socket, sys, time
-SO_NETNS_COOKIE = 71
+QUEUE_CLIENT = (
+    SCRIPT_PRELUDE
+    + r"""
 CONNS = 320
-def cookie(s):
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-def echo(s, m):
-    s.sendall(m)
-    got = b""
-    while len(got) < len(m):
-        got += s.recv(65536)
-    assert got == m, (got, m)
 first = socket.create_connection((sys.argv[1], 9002))
 echo(first, b"hello")
 time.sleep(0.5)
@@ -279,16 +259,17 @@ for i, s in enumerate(conns):
 print("asked", flush=True)
 assert sys.stdin.readline() == "go\n"
 with socket.socket() as probe:
-    own = cookie(probe)
+    own = netns_cookie(probe)
 deadline = time.monotonic() + 20
 n = 0
-while time.monotonic() < deadline and any(cookie(s) == own for s in conns):
+while time.monotonic() < deadline and any(netns_cookie(s) == own for s in conns):
     for i, s in enumerate(conns):
         echo(s, b"%d:%d" % (i, n))
     n += 1
     time.sleep(0.002)
-print(json.dumps({"switched": sum(cookie(s) != own for s in conns), "echoes": n}))
+print(json.dumps({"switched": sum(netns_cookie(s) != own for s in conns), "echoes": n}))
 """
+)
 
 
 def test_a_full_router_channel_falls_back_to_the_agent(

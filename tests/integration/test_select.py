@@ -19,7 +19,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import mode_env, run_script_client, start_script_server
+from .apps import SCRIPT_PRELUDE, mode_env, run_script_client, start_script_server
 from .conftest import MakeTestbed
 
 pytestmark = pytest.mark.root
@@ -64,13 +64,11 @@ print("served", rnd)
 
 # Rounds whose control connection switched count; one that fell back to the overlay (the
 # design's answer to a router or peer too slow under load) proved nothing and is run again.
-CLIENT = f"""
-import hashlib, os, socket, sys, time
-SO_NETNS_COOKIE = 71
-def cookie(s):
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+CLIENT = (
+    SCRIPT_PRELUDE
+    + f"""
 with socket.socket() as probe:
-    own = cookie(probe)
+    own = netns_cookie(probe)
 switched = fell_back = 0
 deadline = time.monotonic() + 50
 while switched < {ROUNDS}:
@@ -83,9 +81,9 @@ while switched < {ROUNDS}:
     # The swap puts a socket of the host namespace under the fd number: wait for it, so that
     # the server sits in select() all through its own end's switch.
     wait = time.monotonic() + 10
-    while cookie(c) == own and time.monotonic() < wait:
+    while netns_cookie(c) == own and time.monotonic() < wait:
         time.sleep(0.001)
-    if cookie(c) == own:
+    if netns_cookie(c) == own:
         fell_back += 1
     else:
         switched += 1
@@ -99,6 +97,7 @@ while switched < {ROUNDS}:
 socket.create_connection((sys.argv[1], {PORT})).sendall(b"done!")
 print("done", switched, fell_back)
 """
+)
 
 
 def test_select_never_reports_a_switch_point_as_readable(

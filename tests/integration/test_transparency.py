@@ -17,7 +17,7 @@ import pytest
 
 from shuntflow.testbed import Testbed
 
-from .apps import mode_env, run_script_client, start_script_server
+from .apps import SCRIPT_PRELUDE, mode_env, run_script_client, start_script_server
 from .conftest import MakeTestbed
 
 pytestmark = pytest.mark.root
@@ -27,13 +27,11 @@ ROUNDS = 40
 PORT = 7821
 
 # Shared by both ends: set the options, change two of them per message, read them all back.
-COMMON = """
-import fcntl, json, os, socket, struct, sys, time
-SO_NETNS_COOKIE = 71
+COMMON = (
+    SCRIPT_PRELUDE
+    + """
+import fcntl, struct
 T = socket.IPPROTO_TCP
-
-def cookie(s):
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
 def setup(s, nodelay, cloexec):
     s.setsockopt(T, socket.TCP_NODELAY, nodelay)
@@ -52,7 +50,7 @@ def change(s, i):
 
 def check(s, last, nodelay, cloexec, peer, cookie0):
     got = {
-        "fd_is_host_socket": cookie(s) != cookie0,
+        "fd_is_host_socket": netns_cookie(s) != cookie0,
         "peer": "%s:%d" % s.getpeername()[:2],
         "nodelay": s.getsockopt(T, socket.TCP_NODELAY),
         "keepalive": s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
@@ -73,6 +71,7 @@ def check(s, last, nodelay, cloexec, peer, cookie0):
     }
     return {k: (got[k], want[k]) for k in want if got[k] != want[k]}
 """
+)
 
 SERVER = (
     COMMON
@@ -82,7 +81,7 @@ print("listening", flush=True)
 report = []
 for n in range({CONNECTIONS}):
     c, addr = lst.accept()
-    cookie0 = cookie(c)
+    cookie0 = netns_cookie(c)
     setup(c, nodelay=0, cloexec=False)
     last = None
     while True:
@@ -103,7 +102,7 @@ CLIENT = (
 report = []
 for n in range({CONNECTIONS}):
     c = socket.create_connection((sys.argv[1], {PORT}))
-    cookie0, fd = cookie(c), c.fileno()
+    cookie0, fd = netns_cookie(c), c.fileno()
     setup(c, nodelay=1, cloexec=True)
     for i in range({ROUNDS}):
         change(c, i)
@@ -111,7 +110,7 @@ for n in range({CONNECTIONS}):
         assert c.recv(8, socket.MSG_WAITALL) == b"%08d" % i, (n, i)
     # The last rounds may still run on the overlay: wait for the swap before reading back.
     deadline = time.monotonic() + 3
-    while cookie(c) == cookie0 and time.monotonic() < deadline:
+    while netns_cookie(c) == cookie0 and time.monotonic() < deadline:
         time.sleep(0.002)
     assert c.fileno() == fd
     report.append(check(c, {ROUNDS} - 1, 1, True, "%s:{PORT}" % sys.argv[1], cookie0))
