@@ -190,6 +190,11 @@ static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committe
             /* Read once: once swapped, c->fd is the host socket and the private number stays
              * open while we hold c->wmu. */
             int host = __atomic_load_n(&c->host_fd, __ATOMIC_SEQ_CST);
+            if (host < 0 && atomic_load(&c->phase) != SF_P_HOST) {
+                /* The host connection is being dropped (BROKEN comes next): not the overlay. */
+                sched_yield();
+                continue;
+            }
             return send_rest(host >= 0 ? host : c->fd, iov, n, done, total, flags,
                              &c->host_bytes);
         }
