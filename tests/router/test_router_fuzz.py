@@ -542,8 +542,16 @@ def test_peer_slowloris(env: Env) -> None:
         else ln
         for ln in lines
     )
-    # at most MAX_INCOMING held at once: the rest of the idle ones were turned away at once
-    assert why["too many"] >= total - MAX_INCOMING, why
+    # At most MAX_INCOMING held at once: the rest of the idle ones were turned away at once,
+    # but for the slots whose holders could have been cut before the batch's last connect (a
+    # held connection is cut no sooner than its deadline after its connect; on a loaded machine
+    # the batch's connects can take longer than the read deadline).
+    last = max(o.sent_at_ms for o in outcomes)
+    freed = sum(
+        o.sent_at_ms + (OFFER_READ_TIMEOUT_MS if o.data else PEER_IDLE_TIMEOUT_MS) <= last
+        for o in outcomes
+    )
+    assert why["too many"] >= total - MAX_INCOMING - freed, (why, freed)
     assert why["idle"] >= MAX_INCOMING - 6, why
     assert why["too many"] + why["idle"] + why["slow"] == total, why
     env.switch_works()
