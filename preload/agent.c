@@ -325,6 +325,7 @@ int sf_agent_switch_now(struct sf_conn *c) {
     uint64_t deadline = start + AG_REQUEST_TIMEOUT_MS;
     pthread_mutex_lock(&c->mu);
     c->attempted = 0;
+    c->slim_waiting = 1; /* a leader may send its SYNC early (handoff.c) */
     pthread_mutex_unlock(&c->mu);
     sf_agent_trigger(c);
     for (;;) {
@@ -334,7 +335,8 @@ int sf_agent_switch_now(struct sf_conn *c) {
             break;
         /* Committed: only the peer's SYNC is missing. It normally follows at once; if the peer
          * is busy writing (it gave up waiting for us), the drain finishes in the background. */
-        if (phase == SF_P_COMMITTED && deadline > now + SLIM_COMMITTED_WAIT_MS)
+        if (phase == SF_P_COMMITTED && !c->early_sync &&
+            deadline > now + SLIM_COMMITTED_WAIT_MS)
             deadline = now + SLIM_COMMITTED_WAIT_MS;
         if (phase != SF_P_OVERLAY) {
             sf_phase_wait(c, phase, 20);
@@ -365,5 +367,8 @@ int sf_agent_switch_now(struct sf_conn *c) {
         if (again)
             sf_agent_trigger(c);
     }
+    pthread_mutex_lock(&c->mu);
+    c->slim_waiting = 0;
+    pthread_mutex_unlock(&c->mu);
     return atomic_load(&c->phase) == SF_P_HOST ? 0 : -1;
 }

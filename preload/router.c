@@ -599,6 +599,7 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
     }
     pthread_mutex_lock(&c->mu);
     int phase = atomic_load(&c->phase);
+    int began = 0;
     if (phase != SF_P_REQUESTED) {
         if (fd >= 0) {
             SF_LOG("fd %d: host connection arrived in phase %d; closed", c->fd, phase);
@@ -609,6 +610,7 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
         sf_handoff_abort_locked(c, SF_NO_ROUTE, 0);
     } else if (m->status == SF_OK && fd >= 0) {
         sf_handoff_begin_locked(c, sf_private_fd(fd));
+        began = 1;
     } else if (m->status == SF_DUPLICATE) {
         /* Another attempt for this connection is under way; its result will come. */
     } else if (--c->outstanding <= 0) {
@@ -620,7 +622,12 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
             dest_failed(c->remote.sin_addr.s_addr, 1);
         sf_handoff_abort_locked(c, m->status == SF_OK ? SF_INTERNAL : m->status, !final);
     }
+    uint32_t gen = atomic_load(&c->gen);
     pthread_mutex_unlock(&c->mu);
+    /* Slim: the peer's frame may be in already (a leader's early SYNC reaches the follower
+     * before its router's fd does): take it now, not after one more round of epoll. */
+    if (began && sf_cfg.mode == SF_MODE_SLIM)
+        sf_handoff_on_readable(((uint64_t)gen << 32) | (uint32_t)c->fd);
 }
 
 static void on_claim(const struct sf_msg *m) {
