@@ -78,6 +78,13 @@ static void break_committed(struct sf_conn *c) {
 
 /* ---- beginning ---------------------------------------------------------------------------- */
 
+/* The agent reads the handoff frames of this connection. Caller holds c->mu. */
+void sf_handoff_watch_locked(struct sf_conn *c) {
+    c->waiter_watches = 0;
+    sf_agent_watch(c->host_fd, EPOLLIN | EPOLLRDHUP,
+                   ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd);
+}
+
 static void early_sync_locked(struct sf_conn *c);
 
 /* Caller holds c->mu; the connection is REQUESTED and host_fd is the router's fd, private. */
@@ -91,8 +98,11 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
     c->hop_len = 0;
     c->peer_synced = 0;
     sf_set_phase(c, SF_P_HANDSHAKE);
-    sf_agent_watch(host_fd, EPOLLIN | EPOLLRDHUP,
-                   ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd);
+    /* A slim connect() or accept() waiting for this switch reads the frames itself (agent.c
+     * waiter_pump): the agent reacting to them too would only fight it for c->mu. */
+    c->waiter_watches = c->slim_waiting;
+    if (!c->waiter_watches)
+        sf_handoff_watch_locked(c);
     if (!c->leader) {
         struct sf_hop ready = {.magic = SF_HOP_MAGIC, .type = SF_HOP_READY};
         if (real.send(host_fd, &ready, sizeof ready, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof ready) {

@@ -196,6 +196,7 @@ struct sf_conn {
     uint8_t sync_out;             /* this end's SYNC went out: its overlay stream ended at S */
     uint8_t ack_owed;             /* slim: a frame's ACK waits for this end's SYNC to carry it */
     uint8_t slim_waiting;         /* slim: connect() or accept() waits for this switch */
+    uint8_t waiter_watches;       /* slim: that thread, not the agent, reads the handoff frames */
     uint8_t early_sync;           /* slim leader: SYNC out before the follower's READY */
     uint8_t fin_due;              /* slim leader: READY in, the commit's FIN not out yet */
     uint64_t early_host_mark;     /* host_bytes when the early SYNC left */
