@@ -399,7 +399,9 @@ static void expire(struct sf_conn *c, void *arg) {
         return;
     pthread_mutex_lock(&c->mu);
     phase = atomic_load(&c->phase);
-    uint64_t age = now - c->phase_since_ms;
+    /* `now` was read before this pass began: a phase set since (by an application thread, on
+     * another CPU) can be younger than it, and an unsigned age would wrap to "expired". */
+    uint64_t age = now > c->phase_since_ms ? now - c->phase_since_ms : 0;
     if (phase == SF_P_COMMITTED && c->fin_due) {
         /* READY in, but no follower's SYNC to bring the SYNC's ACK along: the FIN waits for
          * the ACK on fin.c's tick. */
