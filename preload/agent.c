@@ -264,6 +264,9 @@ static void pin_agent(void) {
 
 static int tick_ms(void) {
     int timeout = atomic_load(&sf_in_transition) > 0 || sf_lingering() > 0 ? 50 : 1000;
+    int reports = sf_router_reports_wait_ms();
+    if (reports > 0 && timeout > reports)
+        timeout = reports;
     if (sf_fins_owed() > 0)
         timeout = 1;
     if (!sf_router_connected() && timeout > 250)

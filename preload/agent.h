@@ -34,6 +34,7 @@ void sf_router_request(struct sf_conn *c); /* a trigger taken from the queue */
 int sf_router_request_now(struct sf_conn *c); /* the trigger's own thread asks: 1 if it did */
 void sf_router_on_readable(void);
 void sf_router_send_reports(void);
+int sf_router_reports_wait_ms(void);  /* the epoll bound while reports wait, 0 if none */
 void sf_router_report_switch_time(struct sf_conn *c);
 void sf_router_at_exit(void);
 void sf_router_after_fork_child(void);

@@ -38,6 +38,7 @@ static struct {
     struct dest_backoff backoff[AG_BACKOFF_SLOTS];      /* under sf_agent_mu */
     struct sf_msg reports[AG_REPORT_QUEUE];             /* under sf_agent_mu: frames to send */
     unsigned reports_len;
+    uint64_t reports_since_ms;                          /* when the oldest queued one was */
     _Atomic uint64_t switches_done, switches_failed;
     _Atomic uint64_t asked_by_app, asked_by_agent; /* SWITCH_REQs sent, by who sent them */
 } rt = {.chan = -1, .unconnected = -1};
@@ -743,11 +744,26 @@ void sf_router_on_readable(void) {
 /* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
  * switch window closes) arise where the switch happens to be, often on an application thread,
  * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
+/* Slim mode holds them while some switch is under way (most of the time at a connection rate
+ * that keeps one in flight): each frame wakes the router on the vCPU that switch needs, and
+ * reports are figures, not steps of a switch. They go together once no switch is under way, or
+ * at REPORT_HOLD_MS, or with the queue half full. Caller holds sf_agent_mu. */
+#define REPORT_HOLD_MS 50
+
+static int reports_held(uint64_t now) {
+    return sf_cfg.mode == SF_MODE_SLIM && atomic_load(&sf_in_transition) > 0 &&
+           rt.reports_len < AG_REPORT_QUEUE / 2 && now - rt.reports_since_ms < REPORT_HOLD_MS;
+}
+
 void sf_router_report(const struct sf_msg *m) {
     pthread_mutex_lock(&sf_agent_mu);
+    uint64_t now = sf_now_ms();
+    if (rt.reports_len == 0)
+        rt.reports_since_ms = now;
     if (rt.reports_len < AG_REPORT_QUEUE)
         rt.reports[rt.reports_len++] = *m;
-    sf_agent_kick_locked();
+    if (!reports_held(now))
+        sf_agent_kick_locked();
     pthread_mutex_unlock(&sf_agent_mu);
 }
 
@@ -771,8 +787,17 @@ static void send_reports_unlock(void) {
         chan_send(&batch[i]);
 }
 
+/* The agent's epoll bound while reports wait (0: none wait). */
+int sf_router_reports_wait_ms(void) {
+    return __atomic_load_n(&rt.reports_len, __ATOMIC_RELAXED) ? REPORT_HOLD_MS : 0;
+}
+
 void sf_router_send_reports(void) {
     pthread_mutex_lock(&sf_agent_mu);
+    if (rt.reports_len == 0 || reports_held(sf_now_ms())) {
+        pthread_mutex_unlock(&sf_agent_mu);
+        return;
+    }
     send_reports_unlock();
 }
 
