@@ -741,9 +741,6 @@ void sf_router_on_readable(void) {
 
 /* ---- reports: frames other parts queue for the router ------------------------------------- */
 
-/* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
- * switch window closes) arise where the switch happens to be, often on an application thread,
- * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
 /* Slim mode holds them while some switch is under way (most of the time at a connection rate
  * that keeps one in flight): each frame wakes the router on the vCPU that switch needs, and
  * reports are figures, not steps of a switch. They go together once no switch is under way, or
@@ -755,6 +752,9 @@ static int reports_held(uint64_t now) {
            rt.reports_len < AG_REPORT_QUEUE / 2 && now - rt.reports_since_ms < REPORT_HOLD_MS;
 }
 
+/* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
+ * switch window closes) arise where the switch happens to be, often on an application thread,
+ * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
 void sf_router_report(const struct sf_msg *m) {
     pthread_mutex_lock(&sf_agent_mu);
     uint64_t now = sf_now_ms();
