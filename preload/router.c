@@ -741,7 +741,7 @@ void sf_router_on_readable(void) {
 
 /* ---- reports: frames other parts queue for the router ------------------------------------- */
 
-/* Slim mode holds them while some switch is under way (most of the time at a connection rate
+/* Slim mode holds the reports while a switch is under way (most of the time at a connection rate
  * that keeps one in flight): each frame wakes the router on the vCPU that switch needs, and
  * reports are figures, not steps of a switch. They go together once no switch is under way, or
  * at REPORT_HOLD_MS, or with the queue half full. Caller holds sf_agent_mu. */
