@@ -11,6 +11,7 @@
  * the connection on the overlay (fail-open). Slim mode's blocking switch is here too: it is a
  * trigger and a wait. */
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -263,6 +264,9 @@ static void pin_agent(void) {
 
 static int tick_ms(void) {
     int timeout = atomic_load(&sf_in_transition) > 0 || sf_lingering() > 0 ? 50 : 1000;
+    int reports = sf_router_reports_wait_ms();
+    if (reports > 0 && timeout > reports)
+        timeout = reports;
     if (sf_fins_owed() > 0)
         timeout = 1;
     if (!sf_router_connected() && timeout > 250)
@@ -320,11 +324,35 @@ static void *agent_main(void *arg) {
 #define SLIM_RETRY_MS 2
 #define SLIM_COMMITTED_WAIT_MS 200
 
+/* The handoff's frames wake the waiting thread as well as the agent: it runs the step they call
+ * for itself (under c->mu, as a reader at the switch point does), rather than wait for the
+ * agent, which shares its CPU with the routers, to run it and then wake it. Until the peer's
+ * SYNC only: what follows it on the host connection is the peer application's. 0 if there is
+ * no host connection to watch. The poll's bound covers a frame the agent took between our look
+ * at the phase and the poll (no wake-up then: the phase word is not polled). The agent does not
+ * watch the connection meanwhile (sf_handoff_begin_locked), and takes over should this thread
+ * stop waiting first. */
+static int waiter_pump(struct sf_conn *c, int phase) {
+    if (phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED)
+        return 0;
+    /* Without c->mu: the agent that woke us still holds it, finishing the step that set the
+     * phase. A number read as it changes is only polled, and checked under c->mu after. */
+    int host = __atomic_load_n(&c->host_fd, __ATOMIC_ACQUIRE);
+    if (host < 0 || __atomic_load_n(&c->peer_synced, __ATOMIC_RELAXED))
+        return 0;
+    uint64_t tag = ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd;
+    struct pollfd p = {.fd = host, .events = POLLIN | POLLRDHUP};
+    if (real.poll(&p, 1, 2) > 0)
+        sf_handoff_on_readable(tag);
+    return 1;
+}
+
 int sf_agent_switch_now(struct sf_conn *c) {
     uint64_t start = sf_now_ms();
     uint64_t deadline = start + AG_REQUEST_TIMEOUT_MS;
     pthread_mutex_lock(&c->mu);
     c->attempted = 0;
+    c->slim_waiting = 1; /* a leader may send its SYNC early (handoff.c) */
     pthread_mutex_unlock(&c->mu);
     sf_agent_trigger(c);
     for (;;) {
@@ -334,10 +362,12 @@ int sf_agent_switch_now(struct sf_conn *c) {
             break;
         /* Committed: only the peer's SYNC is missing. It normally follows at once; if the peer
          * is busy writing (it gave up waiting for us), the drain finishes in the background. */
-        if (phase == SF_P_COMMITTED && deadline > now + SLIM_COMMITTED_WAIT_MS)
+        if (phase == SF_P_COMMITTED && !c->early_sync &&
+            deadline > now + SLIM_COMMITTED_WAIT_MS)
             deadline = now + SLIM_COMMITTED_WAIT_MS;
         if (phase != SF_P_OVERLAY) {
-            sf_phase_wait(c, phase, 20);
+            if (!waiter_pump(c, phase))
+                sf_phase_wait(c, phase, 20);
             continue;
         }
         pthread_mutex_lock(&c->mu);
@@ -365,5 +395,13 @@ int sf_agent_switch_now(struct sf_conn *c) {
         if (again)
             sf_agent_trigger(c);
     }
+    pthread_mutex_lock(&c->mu);
+    c->slim_waiting = 0;
+    /* Given up with the handoff under way: the agent reads its frames from now on. */
+    if (c->waiter_watches && c->host_fd >= 0 && !c->peer_synced &&
+        sf_phase_in_handoff(atomic_load(&c->phase)))
+        sf_handoff_watch_locked(c);
+    c->waiter_watches = 0;
+    pthread_mutex_unlock(&c->mu);
     return atomic_load(&c->phase) == SF_P_HOST ? 0 : -1;
 }

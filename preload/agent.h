@@ -34,6 +34,7 @@ void sf_router_request(struct sf_conn *c); /* a trigger taken from the queue */
 int sf_router_request_now(struct sf_conn *c); /* the trigger's own thread asks: 1 if it did */
 void sf_router_on_readable(void);
 void sf_router_send_reports(void);
+int sf_router_reports_wait_ms(void);  /* the epoll bound while reports wait, 0 if none */
 void sf_router_report_switch_time(struct sf_conn *c);
 void sf_router_at_exit(void);
 void sf_router_after_fork_child(void);
@@ -43,6 +44,7 @@ void sf_router_private_moved(int from, int to);
 void sf_handoff_begin_locked(struct sf_conn *c, int host_fd);
 void sf_handoff_abort_locked(struct sf_conn *c, int status, int retry);
 void sf_handoff_on_readable(uint64_t tag);
+void sf_handoff_watch_locked(struct sf_conn *c);
 void sf_handoff_expire_all(uint64_t now);
 
 /* linger.c */

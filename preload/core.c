@@ -331,6 +331,8 @@ static void reset_counters(struct sf_conn *c) {
     c->app_shut_wr = c->commit_wanted = c->commit_finish_due = c->peer_synced = c->hop_len = 0;
     c->attempted = 0;
     c->fin_owed = c->sync_out = c->ack_owed = 0;
+    c->slim_waiting = c->waiter_watches = c->early_sync = c->fin_due = 0;
+    c->early_host_mark = 0;
     c->suppressed = 0;
     c->outstanding = 0;
     c->peer_s = 0;

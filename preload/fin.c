@@ -116,6 +116,14 @@ void sf_fin_after_sync(struct sf_conn *c) {
     real.shutdown(c->fd, SHUT_WR);
 }
 
+/* A slim leader's FIN once the READY is in, if that costs no wait: 1 if it went out. */
+int sf_fin_if_acked(struct sf_conn *c) {
+    if (c->sync_acked_mark != 0 && !sync_acked(c->host_fd, c->sync_acked_mark))
+        return 0;
+    real.shutdown(c->fd, SHUT_WR);
+    return 1;
+}
+
 unsigned sf_fins_owed(void) {
     return atomic_load(&fins.n);
 }

@@ -78,6 +78,15 @@ static void break_committed(struct sf_conn *c) {
 
 /* ---- beginning ---------------------------------------------------------------------------- */
 
+/* The agent reads the handoff frames of this connection. Caller holds c->mu. */
+void sf_handoff_watch_locked(struct sf_conn *c) {
+    c->waiter_watches = 0;
+    sf_agent_watch(c->host_fd, EPOLLIN | EPOLLRDHUP,
+                   ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd);
+}
+
+static void early_sync_locked(struct sf_conn *c);
+
 /* Caller holds c->mu; the connection is REQUESTED and host_fd is the router's fd, private. */
 void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
     /* The handoff frames are tiny and each waits for the other's: with Nagle on, a frame
@@ -89,8 +98,11 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
     c->hop_len = 0;
     c->peer_synced = 0;
     sf_set_phase(c, SF_P_HANDSHAKE);
-    sf_agent_watch(host_fd, EPOLLIN | EPOLLRDHUP,
-                   ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd);
+    /* A slim connect() or accept() waiting for this switch reads the frames itself (agent.c
+     * waiter_pump): the agent reacting to them too would only fight it for c->mu. */
+    c->waiter_watches = c->slim_waiting;
+    if (!c->waiter_watches)
+        sf_handoff_watch_locked(c);
     if (!c->leader) {
         struct sf_hop ready = {.magic = SF_HOP_MAGIC, .type = SF_HOP_READY};
         if (real.send(host_fd, &ready, sizeof ready, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof ready) {
@@ -108,6 +120,8 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
      * before the swap. */
     if (sf_cfg.mode != SF_MODE_SLIM || !c->leader)
         sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
+    else if (c->slim_waiting)
+        early_sync_locked(c);
 }
 
 /* ---- the commit --------------------------------------------------------------------------- */
@@ -166,8 +180,48 @@ static void finish_commit_locked(struct sf_conn *c) {
             sf_copy_sockopts_early(c->fd, c->host_fd, c->buf_locked);
         sf_copy_sockopts_at_commit(c->fd, c->host_fd);
         sf_router_report_switch_time(c);
-        sf_fin_after_sync(c);
+        if (!c->early_sync)
+            sf_fin_after_sync(c);
     }
+}
+
+/* Slim mode, the leader, its connect() or accept() waiting for this switch: its application
+ * cannot write before the swap, so its SYNC goes out with the host connection's arrival, not a
+ * trip later on the follower's READY, and the follower commits as soon as it holds the
+ * connection (docs/wire.md section 3). What the READY still guards is the overlay's FIN, which
+ * waits for it: should the host connection end before a READY, the follower never had it (it
+ * sends READY before reading a frame, so before it could see the SYNC), and nothing went on the
+ * host path, so this end goes back to the overlay (host_failed). Caller holds c->mu. */
+static void early_sync_locked(struct sf_conn *c) {
+    if (pthread_mutex_trylock(&c->wmu) != 0)
+        return; /* another thread of the application writes: READY first, as usual */
+    c->commit_wanted = 1;
+    c->early_sync = 1;
+    c->early_host_mark = atomic_load(&c->host_bytes);
+    commit_locked(c);
+    sf_wmu_unlock(c);
+    if (atomic_load(&c->phase) == SF_P_COMMITTED)
+        finish_commit_locked(c);
+    else
+        c->early_sync = 0; /* the SYNC did not leave: aborted, on the overlay */
+}
+
+/* The host connection ended before the READY of an early SYNC (caller holds c->mu). */
+static void undo_early_sync(struct sf_conn *c) {
+    c->early_sync = 0;
+    if (pthread_mutex_trylock(&c->wmu) == 0) {
+        if (atomic_load(&c->host_bytes) == c->early_host_mark) {
+            c->sync_out = 0;
+            sf_set_phase(c, SF_P_HANDSHAKE);
+            sf_handoff_abort_locked(c, SF_PEER_UNREACHABLE, 1);
+            sf_wmu_unlock(c);
+            return;
+        }
+        sf_wmu_unlock(c);
+    }
+    /* The slim wait gave up and the application wrote on the host path meanwhile. */
+    break_committed(c);
+    sf_count_switch(0);
 }
 
 /* Caller holds c->wmu but not c->mu. The caller swaps, if due, once it has released c->wmu:
@@ -201,6 +255,8 @@ static void host_failed(struct sf_conn *c, const char *why) {
            c->leader ? "leader" : "follower", why);
     if (phase == SF_P_HANDSHAKE) {
         sf_handoff_abort_locked(c, SF_PEER_UNREACHABLE, 1);
+    } else if (phase == SF_P_COMMITTED && c->early_sync) {
+        undo_early_sync(c);
     } else if (phase == SF_P_COMMITTED && !c->peer_synced) {
         break_committed(c);
         sf_count_switch(0);
@@ -240,6 +296,10 @@ static int read_hop(struct sf_conn *c, struct sf_hop *out) {
  * on. Owed until then: if the commit does not follow at once after all (a write in flight,
  * after slim's wait gave up), sf_handoff_settle_ack_locked sends it. */
 static void ack_frame(struct sf_conn *c, const struct sf_hop *hop, int phase) {
+    /* The READY after an early SYNC: nobody waits for its ACK, the follower's SYNC right behind
+     * it gets one (and carries this one along). */
+    if (hop->type == SF_HOP_READY && c->early_sync)
+        return;
     if (sf_cfg.mode == SF_MODE_SLIM && phase == SF_P_HANDSHAKE &&
         ((hop->type == SF_HOP_READY && c->leader) || (hop->type == SF_HOP_SYNC && !c->leader)))
         c->ack_owed = 1;
@@ -264,11 +324,21 @@ void sf_handoff_pump_locked(struct sf_conn *c) {
         if (!sf_phase_in_handoff(phase) || read_hop(c, &hop) != 1)
             return;
         ack_frame(c, &hop, phase);
-        if (hop.type == SF_HOP_READY && c->leader && phase == SF_P_HANDSHAKE) {
+        if (hop.type == SF_HOP_READY && c->leader && phase == SF_P_COMMITTED && c->early_sync) {
+            /* The follower holds the connection: the FIN may go, at once if the SYNC is
+             * acknowledged, else with the follower's SYNC, which acknowledges it. */
+            c->early_sync = 0;
+            c->fin_due = !sf_fin_if_acked(c);
+        } else if (hop.type == SF_HOP_READY && c->leader && phase == SF_P_HANDSHAKE) {
             c->commit_wanted = 1;
-        } else if (hop.type == SF_HOP_SYNC && (phase == SF_P_COMMITTED || !c->leader)) {
+        } else if (hop.type == SF_HOP_SYNC && !c->early_sync &&
+                   (phase == SF_P_COMMITTED || !c->leader)) {
             c->peer_s = hop.seq;
             c->peer_synced = 1;
+            if (c->fin_due) {
+                c->fin_due = 0;
+                sf_fin_after_sync(c);
+            }
             sf_agent_unwatch(c->host_fd);
             if (phase == SF_P_HANDSHAKE)
                 c->commit_wanted = 1;
@@ -325,12 +395,19 @@ static void expire(struct sf_conn *c, void *arg) {
     if (atomic_load(&c->kind) != SF_CONN)
         return;
     int phase = atomic_load(&c->phase);
-    if (phase != SF_P_REQUESTED && phase != SF_P_HANDSHAKE)
+    if (phase != SF_P_REQUESTED && phase != SF_P_HANDSHAKE && phase != SF_P_COMMITTED)
         return;
     pthread_mutex_lock(&c->mu);
     phase = atomic_load(&c->phase);
-    uint64_t age = now - c->phase_since_ms;
-    if (phase == SF_P_REQUESTED && age > AG_REQUEST_TIMEOUT_MS) {
+    /* `now` was read before this pass began: a phase set since (by an application thread, on
+     * another CPU) can be younger than it, and an unsigned age would wrap to "expired". */
+    uint64_t age = now > c->phase_since_ms ? now - c->phase_since_ms : 0;
+    if (phase == SF_P_COMMITTED && c->fin_due) {
+        /* READY in, but no follower's SYNC to bring the SYNC's ACK along: the FIN waits for
+         * the ACK on fin.c's tick. */
+        c->fin_due = 0;
+        sf_fin_after_sync(c);
+    } else if (phase == SF_P_REQUESTED && age > AG_REQUEST_TIMEOUT_MS) {
         sf_handoff_abort_locked(c, SF_TIMEOUT, 1);
     } else if (phase == SF_P_HANDSHAKE && c->leader && !c->commit_wanted &&
                age > AG_READY_TIMEOUT_MS) {

@@ -98,7 +98,9 @@ void sf_set_phase(struct sf_conn *c, int phase) {
     atomic_store(&c->phase, phase);
     c->phase_since_ms = sf_now_ms();
     pthread_cond_broadcast(&c->cv);
-    if ((sf_phase_final(phase) || phase == SF_P_OVERLAY) && atomic_load(&c->phase_waiters) > 0)
+    if ((sf_phase_final(phase) || phase == SF_P_OVERLAY ||
+         (old == SF_P_REQUESTED && phase == SF_P_HANDSHAKE)) &&
+        atomic_load(&c->phase_waiters) > 0)
         syscall(SYS_futex, (int *)&c->phase, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     sf_window_phase(c, old, phase);
 }
@@ -107,7 +109,8 @@ void sf_set_phase(struct sf_conn *c, int phase) {
  * changed the phase still holds (the swap goes on after it): two wake-ups, each across CPUs
  * when the waiter is an application thread and the agent runs elsewhere. This waits on the
  * phase word itself (a futex), so it needs no lock to learn the new phase, and is woken only
- * when the attempt ends (a final phase, or back to OVERLAY), not at each step of the handoff.
+ * when the host connection arrives (it then watches that itself: agent.c waiter_pump) and when
+ * the attempt ends (a final phase, or back to OVERLAY), not at each step of the handoff.
  * The count before the load, the phase before the count in sf_set_phase: an end is either seen
  * here or woken. */
 void sf_phase_wait(struct sf_conn *c, int phase, long ms) {

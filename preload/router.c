@@ -38,6 +38,7 @@ static struct {
     struct dest_backoff backoff[AG_BACKOFF_SLOTS];      /* under sf_agent_mu */
     struct sf_msg reports[AG_REPORT_QUEUE];             /* under sf_agent_mu: frames to send */
     unsigned reports_len;
+    uint64_t reports_since_ms;                          /* when the oldest queued one was */
     _Atomic uint64_t switches_done, switches_failed;
     _Atomic uint64_t asked_by_app, asked_by_agent; /* SWITCH_REQs sent, by who sent them */
 } rt = {.chan = -1, .unconnected = -1};
@@ -599,6 +600,7 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
     }
     pthread_mutex_lock(&c->mu);
     int phase = atomic_load(&c->phase);
+    int began = 0;
     if (phase != SF_P_REQUESTED) {
         if (fd >= 0) {
             SF_LOG("fd %d: host connection arrived in phase %d; closed", c->fd, phase);
@@ -609,6 +611,7 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
         sf_handoff_abort_locked(c, SF_NO_ROUTE, 0);
     } else if (m->status == SF_OK && fd >= 0) {
         sf_handoff_begin_locked(c, sf_private_fd(fd));
+        began = 1;
     } else if (m->status == SF_DUPLICATE) {
         /* Another attempt for this connection is under way; its result will come. */
     } else if (--c->outstanding <= 0) {
@@ -620,7 +623,12 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
             dest_failed(c->remote.sin_addr.s_addr, 1);
         sf_handoff_abort_locked(c, m->status == SF_OK ? SF_INTERNAL : m->status, !final);
     }
+    uint32_t gen = atomic_load(&c->gen);
     pthread_mutex_unlock(&c->mu);
+    /* Slim: the peer's frame may be in already (a leader's early SYNC reaches the follower
+     * before its router's fd does): take it now, not after one more round of epoll. */
+    if (began && sf_cfg.mode == SF_MODE_SLIM)
+        sf_handoff_on_readable(((uint64_t)gen << 32) | (uint32_t)c->fd);
 }
 
 static void on_claim(const struct sf_msg *m) {
@@ -733,14 +741,29 @@ void sf_router_on_readable(void) {
 
 /* ---- reports: frames other parts queue for the router ------------------------------------- */
 
+/* Slim mode holds the reports while a switch is under way (most of the time at a connection rate
+ * that keeps one in flight): each frame wakes the router on the vCPU that switch needs, and
+ * reports are figures, not steps of a switch. They go together once no switch is under way, or
+ * at REPORT_HOLD_MS, or with the queue half full. Caller holds sf_agent_mu. */
+#define REPORT_HOLD_MS 50
+
+static int reports_held(uint64_t now) {
+    return sf_cfg.mode == SF_MODE_SLIM && atomic_load(&sf_in_transition) > 0 &&
+           rt.reports_len < AG_REPORT_QUEUE / 2 && now - rt.reports_since_ms < REPORT_HOLD_MS;
+}
+
 /* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
  * switch window closes) arise where the switch happens to be, often on an application thread,
  * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
 void sf_router_report(const struct sf_msg *m) {
     pthread_mutex_lock(&sf_agent_mu);
+    uint64_t now = sf_now_ms();
+    if (rt.reports_len == 0)
+        rt.reports_since_ms = now;
     if (rt.reports_len < AG_REPORT_QUEUE)
         rt.reports[rt.reports_len++] = *m;
-    sf_agent_kick_locked();
+    if (!reports_held(now))
+        sf_agent_kick_locked();
     pthread_mutex_unlock(&sf_agent_mu);
 }
 
@@ -764,8 +787,17 @@ static void send_reports_unlock(void) {
         chan_send(&batch[i]);
 }
 
+/* The agent's epoll bound while reports wait (0: none wait). */
+int sf_router_reports_wait_ms(void) {
+    return __atomic_load_n(&rt.reports_len, __ATOMIC_RELAXED) ? REPORT_HOLD_MS : 0;
+}
+
 void sf_router_send_reports(void) {
     pthread_mutex_lock(&sf_agent_mu);
+    if (rt.reports_len == 0 || reports_held(sf_now_ms())) {
+        pthread_mutex_unlock(&sf_agent_mu);
+        return;
+    }
     send_reports_unlock();
 }
 

@@ -195,6 +195,11 @@ struct sf_conn {
     uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */
     uint8_t sync_out;             /* this end's SYNC went out: its overlay stream ended at S */
     uint8_t ack_owed;             /* slim: a frame's ACK waits for this end's SYNC to carry it */
+    uint8_t slim_waiting;         /* slim: connect() or accept() waits for this switch */
+    uint8_t waiter_watches;       /* slim: that thread, not the agent, reads the handoff frames */
+    uint8_t early_sync;           /* slim leader: SYNC out before the follower's READY */
+    uint8_t fin_due;              /* slim leader: READY in, the commit's FIN not out yet */
+    uint64_t early_host_mark;     /* host_bytes when the early SYNC left */
     uint64_t peer_s;
     uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
 
@@ -353,6 +358,7 @@ void sf_window_after_fork_child(struct sf_conn *c);
 /* fin.c */
 uint64_t sf_fin_mark(int host, size_t frame); /* before a SYNC of `frame` bytes is sent */
 void sf_fin_after_sync(struct sf_conn *c);     /* the commit's FIN; caller holds c->mu */
+int sf_fin_if_acked(struct sf_conn *c);         /* the FIN only if the SYNC is acknowledged */
 unsigned sf_fins_owed(void);
 void sf_fins_poll(uint64_t now);               /* the agent's tick while some are owed */
 void sf_fins_private_moved(int from, int to);
