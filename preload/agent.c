@@ -30,6 +30,14 @@ static struct {
 
 static void *agent_main(void *arg);
 
+static __thread int on_agent;
+
+/* The agent sends the queued reports and settles owed FINs at the end of every round of its loop,
+ * so work it queues itself needs no wake-up: an eventfd write, and one more round for nothing. */
+int sf_agent_is_self(void) {
+    return on_agent;
+}
+
 int sf_agent_started(void) {
     return ag.epfd >= 0;
 }
@@ -273,6 +281,7 @@ static int tick_ms(void) {
 static void *agent_main(void *arg) {
     (void)arg;
     pid_t me = getpid();
+    on_agent = 1;
     pin_agent();
     uint64_t last_tick = sf_now_ms();
     /* A ring made before the first connection is known before any claim is answered. */
@@ -292,16 +301,17 @@ static void *agent_main(void *arg) {
         }
         uint64_t now = sf_now_ms();
         sf_router_open(); /* if it is closed and its retry is due */
-        sf_router_send_reports();
         sf_uring_refresh(now);
         if (sf_lingering() > 0)
             sf_linger_poll(now);
-        if (sf_fins_owed() > 0)
-            sf_fins_poll(now);
         if (now - last_tick >= 50 && atomic_load(&sf_in_transition) > 0) {
             last_tick = now;
             sf_handoff_expire_all(now);
         }
+        /* Last: whatever this round queued itself (sf_agent_is_self) goes out now. */
+        if (sf_fins_owed() > 0)
+            sf_fins_poll(now);
+        sf_router_send_reports();
     }
     return NULL;
 }

@@ -348,5 +348,5 @@ static void expire(struct sf_conn *c, void *arg) {
 
 /* The agent's tick while any connection is in transition. */
 void sf_handoff_expire_all(uint64_t now) {
-    sf_for_each_conn(expire, &now);
+    sf_for_each_switching(expire, &now);
 }

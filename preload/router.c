@@ -740,7 +740,8 @@ void sf_router_report(const struct sf_msg *m) {
     pthread_mutex_lock(&sf_agent_mu);
     if (rt.reports_len < AG_REPORT_QUEUE)
         rt.reports[rt.reports_len++] = *m;
-    sf_agent_kick_locked();
+    if (!sf_agent_is_self())
+        sf_agent_kick_locked();
     pthread_mutex_unlock(&sf_agent_mu);
 }
 

@@ -201,6 +201,8 @@ struct sf_conn {
     /* The swap and what it carries over (swap.c, switchpoint.c). */
     int pending_close_host;       /* a writer held c->wmu when host_fd went: it closes it */
     uint8_t suppressed;           /* an epoll event of this fd was held back during a switch */
+    uint32_t listed;              /* phase.c: gen + 1 of this slot's entry in the list of switching
+                                   * connections, 0 if none; under that list's lock */
     struct sf_epreg *regs;
     int n_regs, cap_regs;
 
@@ -315,6 +317,7 @@ int sf_agent_switch_now(struct sf_conn *c);/* slim mode: trigger and wait; 0 if 
 void sf_agent_after_fork_child(void);
 void sf_agent_private_moved(int from, int to);
 void sf_agent_wake(void);                  /* the agent looks at its work again */
+int sf_agent_is_self(void);                /* the calling thread is this process's agent */
 
 /* router.c */
 void sf_router_report(const struct sf_msg *m); /* queue a frame for the router; never blocks */
