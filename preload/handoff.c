@@ -102,11 +102,12 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
         if (sf_cfg.mode != SF_MODE_SLIM)
             quickack_host(host_fd);
     }
-    /* After the READY: the peer's commit waits for that frame, not for these. A slim leader
-     * copies them after its SYNC instead (finish_commit_locked), while it waits for the
-     * follower's: the READY may be in already, and no application call can use the connection
-     * before the swap. */
-    if (sf_cfg.mode != SF_MODE_SLIM || !c->leader)
+    /* After the READY: the peer's commit waits for that frame, not for these. A leader copies
+     * them after its SYNC instead (finish_commit_locked), while it waits for the follower's:
+     * the READY is often in already (the follower's fd may come first), and its commit should
+     * not wait for some twenty syscalls. The host connection is not the application's before
+     * the swap, and setsockopt mirrors changes onto it meanwhile. */
+    if (!c->leader)
         sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
 }
 
@@ -162,7 +163,7 @@ static void commit_locked(struct sf_conn *c) {
 static void finish_commit_locked(struct sf_conn *c) {
     if (c->commit_finish_due) {
         c->commit_finish_due = 0;
-        if (sf_cfg.mode == SF_MODE_SLIM && c->leader)
+        if (c->leader)
             sf_copy_sockopts_early(c->fd, c->host_fd, c->buf_locked);
         sf_copy_sockopts_at_commit(c->fd, c->host_fd);
         sf_router_report_switch_time(c);

@@ -597,6 +597,7 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
         if (fd >= 0) real.close(fd);
         return;
     }
+    int begun = 0;
     pthread_mutex_lock(&c->mu);
     int phase = atomic_load(&c->phase);
     if (phase != SF_P_REQUESTED) {
@@ -609,6 +610,9 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
         sf_handoff_abort_locked(c, SF_NO_ROUTE, 0);
     } else if (m->status == SF_OK && fd >= 0) {
         sf_handoff_begin_locked(c, sf_private_fd(fd));
+        /* The follower's READY may be in already: its fd often comes first. Read it now rather
+         * than after another round of the agent's loop. */
+        begun = c->leader && atomic_load(&c->phase) == SF_P_HANDSHAKE;
     } else if (m->status == SF_DUPLICATE) {
         /* Another attempt for this connection is under way; its result will come. */
     } else if (--c->outstanding <= 0) {
@@ -620,7 +624,10 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
             dest_failed(c->remote.sin_addr.s_addr, 1);
         sf_handoff_abort_locked(c, m->status == SF_OK ? SF_INTERNAL : m->status, !final);
     }
+    uint64_t tag = ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd;
     pthread_mutex_unlock(&c->mu);
+    if (begun)
+        sf_handoff_on_readable(tag);
 }
 
 static void on_claim(const struct sf_msg *m) {
