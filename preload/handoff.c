@@ -103,12 +103,21 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
             quickack_host(host_fd);
     }
     /* After the READY: the peer's commit waits for that frame, not for these. A leader copies
-     * them after its SYNC instead (finish_commit_locked), while it waits for the follower's:
-     * the READY is often in already (the follower's fd may come first), and its commit should
-     * not wait for some twenty syscalls. The host connection is not the application's before
-     * the swap, and setsockopt mirrors changes onto it meanwhile. */
+     * them once it has looked for the follower's READY (sf_handoff_copy_opts_locked), which is
+     * often in already (the follower's fd may come first): its commit should not wait for some
+     * twenty syscalls. The host connection is not the application's before the swap, and
+     * setsockopt mirrors changes onto it meanwhile. */
+    c->opts_copied = 0;
     if (!c->leader)
-        sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
+        sf_handoff_copy_opts_locked(c);
+}
+
+/* Caller holds c->mu. Once per attempt, before the swap (finish_commit_locked at the latest). */
+void sf_handoff_copy_opts_locked(struct sf_conn *c) {
+    if (c->opts_copied || c->host_fd < 0 || !sf_phase_in_handoff(atomic_load(&c->phase)))
+        return;
+    c->opts_copied = 1;
+    sf_copy_sockopts_early(c->fd, c->host_fd, c->buf_locked);
 }
 
 /* ---- the commit --------------------------------------------------------------------------- */
@@ -163,8 +172,7 @@ static void commit_locked(struct sf_conn *c) {
 static void finish_commit_locked(struct sf_conn *c) {
     if (c->commit_finish_due) {
         c->commit_finish_due = 0;
-        if (c->leader)
-            sf_copy_sockopts_early(c->fd, c->host_fd, c->buf_locked);
+        sf_handoff_copy_opts_locked(c);
         sf_copy_sockopts_at_commit(c->fd, c->host_fd);
         sf_router_report_switch_time(c);
         sf_fin_after_sync(c);

@@ -626,8 +626,15 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
     }
     uint64_t tag = ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd;
     pthread_mutex_unlock(&c->mu);
-    if (begun)
+    if (begun) {
         sf_handoff_on_readable(tag);
+        /* Committed by now if the READY was in (the commit copied them after its SYNC), else
+         * waiting for it, or for a writer to commit: the agent copies them meanwhile. */
+        pthread_mutex_lock(&c->mu);
+        if (atomic_load(&c->gen) == (uint32_t)(tag >> 32))
+            sf_handoff_copy_opts_locked(c);
+        pthread_mutex_unlock(&c->mu);
+    }
 }
 
 static void on_claim(const struct sf_msg *m) {

@@ -195,6 +195,7 @@ struct sf_conn {
     uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */
     uint8_t sync_out;             /* this end's SYNC went out: its overlay stream ended at S */
     uint8_t ack_owed;             /* slim: a frame's ACK waits for this end's SYNC to carry it */
+    uint8_t opts_copied;          /* the early socket options are on the host connection */
     uint64_t peer_s;
     uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
 
