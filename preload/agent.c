@@ -31,6 +31,17 @@ static struct {
 static void *agent_main(void *arg);
 
 static __thread int on_agent;
+static _Atomic uint64_t wakes_by_ms; /* when the agent's current wait ends at the latest */
+
+/* A report queued by an application thread (the switch time at its commit, the switch window's
+ * calls when its last call returns) waits for the agent's next round if that comes within
+ * `lag_ms`: the eventfd write that would wake it sooner is a wake-up across CPUs on the
+ * application's own call. While a switch is under way the agent's rounds are 50 ms apart at
+ * most (tick_ms). */
+int sf_agent_awake_within(uint64_t lag_ms) {
+    uint64_t by = atomic_load(&wakes_by_ms), now = sf_now_ms();
+    return on_agent || (by > now && by <= now + lag_ms);
+}
 
 /* The agent sends the queued reports and settles owed FINs at the end of every round of its loop,
  * so work it queues itself needs no wake-up: an eventfd write, and one more round for nothing. */
@@ -290,7 +301,9 @@ static void *agent_main(void *arg) {
     sf_router_open();
     while (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == me || ag.pid == 0) {
         struct epoll_event evs[64];
-        int n = real.epoll_wait(ag.epfd, evs, 64, tick_ms());
+        int timeout = tick_ms();
+        atomic_store(&wakes_by_ms, sf_now_ms() + (uint64_t)timeout);
+        int n = real.epoll_wait(ag.epfd, evs, 64, timeout);
         for (int i = 0; i < n; i++) {
             if (evs[i].data.u64 == AG_TAG_EVENT)
                 drain_queue();

@@ -22,6 +22,7 @@
 
 #define AG_BACKOFF_SLOTS 64
 #define AG_REPORT_QUEUE 512 /* two frames per switch end: SWITCH_DONE, SWITCH_CALLS */
+#define AG_REPORT_LAG_MS 60 /* a report may wait that long for the agent's next round */
 
 struct dest_backoff {
     uint32_t ip;
@@ -749,12 +750,13 @@ void sf_router_on_readable(void) {
 
 /* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
  * switch window closes) arise where the switch happens to be, often on an application thread,
- * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
+ * which must not touch the channel: it queues the frame for the agent, which sends it at the end
+ * of its round. It is woken for it only if that round is not due soon or the queue fills up. */
 void sf_router_report(const struct sf_msg *m) {
     pthread_mutex_lock(&sf_agent_mu);
     if (rt.reports_len < AG_REPORT_QUEUE)
         rt.reports[rt.reports_len++] = *m;
-    if (!sf_agent_is_self())
+    if (rt.reports_len >= AG_REPORT_QUEUE / 4 || !sf_agent_awake_within(AG_REPORT_LAG_MS))
         sf_agent_kick_locked();
     pthread_mutex_unlock(&sf_agent_mu);
 }

@@ -319,6 +319,7 @@ void sf_agent_after_fork_child(void);
 void sf_agent_private_moved(int from, int to);
 void sf_agent_wake(void);                  /* the agent looks at its work again */
 int sf_agent_is_self(void);                /* the calling thread is this process's agent */
+int sf_agent_awake_within(uint64_t lag_ms); /* the agent's next round comes that soon */
 
 /* router.c */
 void sf_router_report(const struct sf_msg *m); /* queue a frame for the router; never blocks */
