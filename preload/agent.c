@@ -43,8 +43,9 @@ int sf_agent_awake_within(uint64_t lag_ms) {
     return on_agent || (by > now && by <= now + lag_ms);
 }
 
-/* The agent sends the queued reports and settles owed FINs at the end of every round of its loop,
- * so work it queues itself needs no wake-up: an eventfd write, and one more round for nothing. */
+/* The agent settles owed FINs at the end of every round of its loop and sends the queued reports
+ * before its next wait, so work it queues itself needs no wake-up: an eventfd write, and one
+ * more round for nothing. */
 int sf_agent_is_self(void) {
     return on_agent;
 }
@@ -303,6 +304,9 @@ static void *agent_main(void *arg) {
         struct epoll_event evs[64];
         int timeout = tick_ms();
         atomic_store(&wakes_by_ms, sf_now_ms() + (uint64_t)timeout);
+        /* After the deadline is known: a report queued from here on either sees it or, if the
+         * wait is long, wakes it (sf_router_report). Before it, what the last round queued. */
+        sf_router_send_reports();
         int n = real.epoll_wait(ag.epfd, evs, 64, timeout);
         for (int i = 0; i < n; i++) {
             if (evs[i].data.u64 == AG_TAG_EVENT)
@@ -321,10 +325,9 @@ static void *agent_main(void *arg) {
             last_tick = now;
             sf_handoff_expire_all(now);
         }
-        /* Last: whatever this round queued itself (sf_agent_is_self) goes out now. */
+        /* Last, so that FINs this round owed go out now (sf_agent_is_self). */
         if (sf_fins_owed() > 0)
             sf_fins_poll(now);
-        sf_router_send_reports();
     }
     return NULL;
 }
