@@ -243,14 +243,18 @@ static int read_hop(struct sf_conn *c, struct sf_hop *out) {
  * (nginx's corked response once uncorked, with TCP_NODELAY off) is held back until its small,
  * unacknowledged handoff frame is acknowledged, and our application, waiting for that
  * response, sends nothing to carry the ACK. That cost 40 ms per switch.
- * Except in slim mode for a frame this end answers with its own SYNC at once (the leader's
- * answer to READY, the follower's to the leader's SYNC): the SYNC carries the ACK, where a
- * separate one would be one more packet ahead of it on the path connect() and accept() wait
- * on. Owed until then: if the commit does not follow at once after all (a write in flight,
- * after slim's wait gave up), sf_handoff_settle_ack_locked sends it. */
+ * Except for a frame this end answers with its own SYNC at once: the leader's answer to READY,
+ * and in slim mode the follower's to the leader's SYNC. The SYNC carries the ACK, where a
+ * separate one would be one more packet ahead of it, sent inline through the host path, on the
+ * way to the leader's commit (and to slim's connect() and accept()). Owed until then: if the
+ * commit does not follow at once after all (a write in flight, after slim's wait gave up),
+ * sf_handoff_settle_ack_locked sends it. (A shuntflow follower armed quick ACKs when it sent
+ * its READY, so the kernel has acknowledged the leader's SYNC on arrival, for the leader's
+ * overlay FIN.) */
 static void ack_frame(struct sf_conn *c, const struct sf_hop *hop, int phase) {
-    if (sf_cfg.mode == SF_MODE_SLIM && phase == SF_P_HANDSHAKE &&
-        ((hop->type == SF_HOP_READY && c->leader) || (hop->type == SF_HOP_SYNC && !c->leader)))
+    if (phase == SF_P_HANDSHAKE &&
+        ((hop->type == SF_HOP_READY && c->leader) ||
+         (sf_cfg.mode == SF_MODE_SLIM && hop->type == SF_HOP_SYNC && !c->leader)))
         c->ack_owed = 1;
     else
         quickack_host(c->host_fd);
@@ -318,7 +322,7 @@ void sf_handoff_on_readable(uint64_t tag) {
     pthread_mutex_unlock(&c->mu);
     if (want_commit)
         sf_handoff_request_commit(c);
-    if (sf_cfg.mode == SF_MODE_SLIM) {
+    if (c->ack_owed) {
         pthread_mutex_lock(&c->mu);
         sf_handoff_settle_ack_locked(c);
         pthread_mutex_unlock(&c->mu);
