@@ -31,6 +31,26 @@ static struct {
 
 static void *agent_main(void *arg);
 
+static __thread int on_agent;
+static _Atomic uint64_t wakes_by_ms; /* when the agent's current wait ends at the latest */
+
+/* A report queued by an application thread (the switch time at its commit, the switch window's
+ * calls when its last call returns) waits for the agent's next round if that comes within
+ * `lag_ms`: the eventfd write that would wake it sooner is a wake-up across CPUs on the
+ * application's own call. While a switch is under way the agent's rounds are 50 ms apart at
+ * most (tick_ms). */
+int sf_agent_awake_within(uint64_t lag_ms) {
+    uint64_t by = atomic_load(&wakes_by_ms), now = sf_now_ms();
+    return on_agent || (by > now && by <= now + lag_ms);
+}
+
+/* The agent settles owed FINs at the end of every round of its loop and sends the queued reports
+ * before its next wait, so work it queues itself needs no wake-up: an eventfd write, and one
+ * more round for nothing. */
+int sf_agent_is_self(void) {
+    return on_agent;
+}
+
 int sf_agent_started(void) {
     return ag.epfd >= 0;
 }
@@ -277,6 +297,7 @@ static int tick_ms(void) {
 static void *agent_main(void *arg) {
     (void)arg;
     pid_t me = getpid();
+    on_agent = 1;
     pin_agent();
     uint64_t last_tick = sf_now_ms();
     /* A ring made before the first connection is known before any claim is answered. */
@@ -285,7 +306,12 @@ static void *agent_main(void *arg) {
     sf_router_open();
     while (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == me || ag.pid == 0) {
         struct epoll_event evs[64];
-        int n = real.epoll_wait(ag.epfd, evs, 64, tick_ms());
+        int timeout = tick_ms();
+        atomic_store(&wakes_by_ms, sf_now_ms() + (uint64_t)timeout);
+        /* After the deadline is known: a report queued from here on either sees it or, if the
+         * wait is long, wakes it (sf_router_report). Before it, what the last round queued. */
+        sf_router_send_reports();
+        int n = real.epoll_wait(ag.epfd, evs, 64, timeout);
         for (int i = 0; i < n; i++) {
             if (evs[i].data.u64 == AG_TAG_EVENT)
                 drain_queue();
@@ -296,16 +322,16 @@ static void *agent_main(void *arg) {
         }
         uint64_t now = sf_now_ms();
         sf_router_open(); /* if it is closed and its retry is due */
-        sf_router_send_reports();
         sf_uring_refresh(now);
         if (sf_lingering() > 0)
             sf_linger_poll(now);
-        if (sf_fins_owed() > 0)
-            sf_fins_poll(now);
         if (now - last_tick >= 50 && atomic_load(&sf_in_transition) > 0) {
             last_tick = now;
             sf_handoff_expire_all(now);
         }
+        /* Last, so that FINs this round owed go out now (sf_agent_is_self). */
+        if (sf_fins_owed() > 0)
+            sf_fins_poll(now);
     }
     return NULL;
 }

@@ -256,6 +256,7 @@ static void atfork_child(void) {
                 sf_phase_reset(c, SF_P_PINNED);
         }
     }
+    sf_switching_after_fork_child();
     sf_agent_after_fork_child();
 }
 

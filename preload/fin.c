@@ -108,7 +108,8 @@ void sf_fin_after_sync(struct sf_conn *c) {
         if (owe(c->fd, c->host_fd, mark) == 0) {
             c->fin_owed = 1;
             SF_LOG("fd %d: overlay FIN waits for the peer to acknowledge the SYNC", c->fd);
-            sf_agent_wake();
+            if (!sf_agent_is_self())
+                sf_agent_wake();
             return;
         }
         /* No fd or no room to keep it: the FIN goes now, as it did before this file. */

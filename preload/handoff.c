@@ -114,14 +114,25 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
         if (sf_cfg.mode != SF_MODE_SLIM)
             quickack_host(host_fd);
     }
-    /* After the READY: the peer's commit waits for that frame, not for these. A slim leader
-     * copies them after its SYNC instead (finish_commit_locked), while it waits for the
-     * follower's: the READY may be in already, and no application call can use the connection
-     * before the swap. */
-    if (sf_cfg.mode != SF_MODE_SLIM || !c->leader)
-        sf_copy_sockopts_early(c->fd, host_fd, c->buf_locked);
-    else if (c->slim_waiting)
+    /* After the READY: the peer's commit waits for that frame, not for these. A leader copies
+     * them once it has looked for the follower's READY (sf_handoff_copy_opts_locked), which is
+     * often in already (the follower's fd may come first): its commit should not wait for some
+     * twenty syscalls. The host connection is not the application's before the swap, and
+     * setsockopt mirrors changes onto it meanwhile. A slim leader whose connect() or accept()
+     * waits sends its SYNC now, and copies them after it. */
+    c->opts_copied = 0;
+    if (!c->leader)
+        sf_handoff_copy_opts_locked(c);
+    else if (sf_cfg.mode == SF_MODE_SLIM && c->slim_waiting)
         early_sync_locked(c);
+}
+
+/* Caller holds c->mu. Once per attempt, before the swap (finish_commit_locked at the latest). */
+void sf_handoff_copy_opts_locked(struct sf_conn *c) {
+    if (c->opts_copied || c->host_fd < 0 || !sf_phase_in_handoff(atomic_load(&c->phase)))
+        return;
+    c->opts_copied = 1;
+    sf_copy_sockopts_early(c->fd, c->host_fd, c->buf_locked);
 }
 
 /* ---- the commit --------------------------------------------------------------------------- */
@@ -176,8 +187,7 @@ static void commit_locked(struct sf_conn *c) {
 static void finish_commit_locked(struct sf_conn *c) {
     if (c->commit_finish_due) {
         c->commit_finish_due = 0;
-        if (sf_cfg.mode == SF_MODE_SLIM && c->leader)
-            sf_copy_sockopts_early(c->fd, c->host_fd, c->buf_locked);
+        sf_handoff_copy_opts_locked(c);
         sf_copy_sockopts_at_commit(c->fd, c->host_fd);
         sf_router_report_switch_time(c);
         if (!c->early_sync)
@@ -290,18 +300,22 @@ static int read_hop(struct sf_conn *c, struct sf_hop *out) {
  * (nginx's corked response once uncorked, with TCP_NODELAY off) is held back until its small,
  * unacknowledged handoff frame is acknowledged, and our application, waiting for that
  * response, sends nothing to carry the ACK. That cost 40 ms per switch.
- * Except in slim mode for a frame this end answers with its own SYNC at once (the leader's
- * answer to READY, the follower's to the leader's SYNC): the SYNC carries the ACK, where a
- * separate one would be one more packet ahead of it on the path connect() and accept() wait
- * on. Owed until then: if the commit does not follow at once after all (a write in flight,
- * after slim's wait gave up), sf_handoff_settle_ack_locked sends it. */
+ * Except for a frame this end answers with its own SYNC at once: the leader's answer to READY,
+ * and in slim mode the follower's to the leader's SYNC. The SYNC carries the ACK, where a
+ * separate one would be one more packet ahead of it, sent inline through the host path, on the
+ * way to the leader's commit (and to slim's connect() and accept()). Owed until then: if the
+ * commit does not follow at once after all (a write in flight, after slim's wait gave up),
+ * sf_handoff_settle_ack_locked sends it. (A shuntflow follower armed quick ACKs when it sent
+ * its READY, so the kernel has acknowledged the leader's SYNC on arrival, for the leader's
+ * overlay FIN.) */
 static void ack_frame(struct sf_conn *c, const struct sf_hop *hop, int phase) {
     /* The READY after an early SYNC: nobody waits for its ACK, the follower's SYNC right behind
      * it gets one (and carries this one along). */
     if (hop->type == SF_HOP_READY && c->early_sync)
         return;
-    if (sf_cfg.mode == SF_MODE_SLIM && phase == SF_P_HANDSHAKE &&
-        ((hop->type == SF_HOP_READY && c->leader) || (hop->type == SF_HOP_SYNC && !c->leader)))
+    if (phase == SF_P_HANDSHAKE &&
+        ((hop->type == SF_HOP_READY && c->leader) ||
+         (sf_cfg.mode == SF_MODE_SLIM && hop->type == SF_HOP_SYNC && !c->leader)))
         c->ack_owed = 1;
     else
         quickack_host(c->host_fd);
@@ -379,7 +393,7 @@ void sf_handoff_on_readable(uint64_t tag) {
     pthread_mutex_unlock(&c->mu);
     if (want_commit)
         sf_handoff_request_commit(c);
-    if (sf_cfg.mode == SF_MODE_SLIM) {
+    if (c->ack_owed) {
         pthread_mutex_lock(&c->mu);
         sf_handoff_settle_ack_locked(c);
         pthread_mutex_unlock(&c->mu);
@@ -425,5 +439,5 @@ static void expire(struct sf_conn *c, void *arg) {
 
 /* The agent's tick while any connection is in transition. */
 void sf_handoff_expire_all(uint64_t now) {
-    sf_for_each_conn(expire, &now);
+    sf_for_each_switching(expire, &now);
 }

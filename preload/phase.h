@@ -69,6 +69,11 @@ void sf_set_phase(struct sf_conn *c, int phase);   /* a transition above; caller
 void sf_phase_wait(struct sf_conn *c, int phase, long ms);
 void sf_phase_reset(struct sf_conn *c, int phase); /* a new life: OVERLAY, PINNED or HOST */
 const char *sf_phase_name(int phase);
+/* Calls fn for every connection that is in transition or was swapped less than
+ * SF_RECENT_SWAP_MS ago (and maybe a few more): the event wrappers' and the agent's walks, which
+ * need no other connection, without a look at every slot of the fd table. */
+void sf_for_each_switching(void (*fn)(struct sf_conn *, void *), void *arg);
+void sf_switching_after_fork_child(void);
 
 /* Counted in sf_in_transition: between the decision to switch and the swap, BROKEN included. */
 static inline int sf_phase_in_transition(int phase) {

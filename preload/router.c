@@ -22,6 +22,7 @@
 
 #define AG_BACKOFF_SLOTS 64
 #define AG_REPORT_QUEUE 512 /* two frames per switch end: SWITCH_DONE, SWITCH_CALLS */
+#define AG_REPORT_LAG_MS 60 /* a report may wait that long for the agent's next round */
 
 struct dest_backoff {
     uint32_t ip;
@@ -611,7 +612,11 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
         sf_handoff_abort_locked(c, SF_NO_ROUTE, 0);
     } else if (m->status == SF_OK && fd >= 0) {
         sf_handoff_begin_locked(c, sf_private_fd(fd));
-        began = 1;
+        /* The peer's frame may be in already: the follower's READY (its fd often comes first),
+         * or in slim mode a leader's early SYNC (it reaches the follower before its router's fd
+         * does). Read it now rather than after another round of the agent's loop. */
+        began = sf_cfg.mode == SF_MODE_SLIM ||
+                (c->leader && atomic_load(&c->phase) == SF_P_HANDSHAKE);
     } else if (m->status == SF_DUPLICATE) {
         /* Another attempt for this connection is under way; its result will come. */
     } else if (--c->outstanding <= 0) {
@@ -623,12 +628,17 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
             dest_failed(c->remote.sin_addr.s_addr, 1);
         sf_handoff_abort_locked(c, m->status == SF_OK ? SF_INTERNAL : m->status, !final);
     }
-    uint32_t gen = atomic_load(&c->gen);
+    uint64_t tag = ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd;
     pthread_mutex_unlock(&c->mu);
-    /* Slim: the peer's frame may be in already (a leader's early SYNC reaches the follower
-     * before its router's fd does): take it now, not after one more round of epoll. */
-    if (began && sf_cfg.mode == SF_MODE_SLIM)
-        sf_handoff_on_readable(((uint64_t)gen << 32) | (uint32_t)c->fd);
+    if (began) {
+        sf_handoff_on_readable(tag);
+        /* Committed by now if the READY was in (the commit copied them after its SYNC), else
+         * waiting for it, or for a writer to commit: the agent copies them meanwhile. */
+        pthread_mutex_lock(&c->mu);
+        if (atomic_load(&c->gen) == (uint32_t)(tag >> 32))
+            sf_handoff_copy_opts_locked(c);
+        pthread_mutex_unlock(&c->mu);
+    }
 }
 
 static void on_claim(const struct sf_msg *m) {
@@ -754,7 +764,8 @@ static int reports_held(uint64_t now) {
 
 /* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
  * switch window closes) arise where the switch happens to be, often on an application thread,
- * which must not touch the channel: it queues the frame and wakes the agent, which sends it. */
+ * which must not touch the channel: it queues the frame for the agent, which sends it at the end
+ * of its round. It is woken for it only if that round is not due soon or the queue fills up. */
 void sf_router_report(const struct sf_msg *m) {
     pthread_mutex_lock(&sf_agent_mu);
     uint64_t now = sf_now_ms();
@@ -762,7 +773,8 @@ void sf_router_report(const struct sf_msg *m) {
         rt.reports_since_ms = now;
     if (rt.reports_len < AG_REPORT_QUEUE)
         rt.reports[rt.reports_len++] = *m;
-    if (!reports_held(now))
+    if (!reports_held(now) &&
+        (rt.reports_len >= AG_REPORT_QUEUE / 4 || !sf_agent_awake_within(AG_REPORT_LAG_MS)))
         sf_agent_kick_locked();
     pthread_mutex_unlock(&sf_agent_mu);
 }

@@ -200,12 +200,15 @@ struct sf_conn {
     uint8_t early_sync;           /* slim leader: SYNC out before the follower's READY */
     uint8_t fin_due;              /* slim leader: READY in, the commit's FIN not out yet */
     uint64_t early_host_mark;     /* host_bytes when the early SYNC left */
+    uint8_t opts_copied;          /* the early socket options are on the host connection */
     uint64_t peer_s;
     uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
 
     /* The swap and what it carries over (swap.c, switchpoint.c). */
     int pending_close_host;       /* a writer held c->wmu when host_fd went: it closes it */
     uint8_t suppressed;           /* an epoll event of this fd was held back during a switch */
+    uint32_t listed;              /* phase.c: gen + 1 of this slot's entry in the list of switching
+                                   * connections, 0 if none; under that list's lock */
     struct sf_epreg *regs;
     int n_regs, cap_regs;
 
@@ -320,6 +323,8 @@ int sf_agent_switch_now(struct sf_conn *c);/* slim mode: trigger and wait; 0 if 
 void sf_agent_after_fork_child(void);
 void sf_agent_private_moved(int from, int to);
 void sf_agent_wake(void);                  /* the agent looks at its work again */
+int sf_agent_is_self(void);                /* the calling thread is this process's agent */
+int sf_agent_awake_within(uint64_t lag_ms); /* the agent's next round comes that soon */
 
 /* router.c */
 void sf_router_report(const struct sf_msg *m); /* queue a frame for the router; never blocks */

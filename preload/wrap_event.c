@@ -68,7 +68,7 @@ static void settle_one(struct sf_conn *c, void *arg) {
 static void settle(void) {
     if (SF_UNLIKELY(atomic_load_explicit(&sf_in_transition, memory_order_relaxed) > 0)) {
         int err = errno;
-        sf_for_each_conn(settle_one, NULL);
+        sf_for_each_switching(settle_one, NULL);
         errno = err;
     }
 }
@@ -138,7 +138,7 @@ static SF_NOINLINE int fix_epoll_events(int epfd, struct epoll_event *evs, int n
     uint64_t now = 0;
     if (SF_UNLIKELY(events_need_fixing(&now))) {
         struct fix_arg a = {epfd, evs, n, now};
-        sf_for_each_conn(fix_conn_events, &a);
+        sf_for_each_switching(fix_conn_events, &a);
         n = a.n;
     }
     if (SF_UNLIKELY(atomic_load_explicit(&sf_oneshot_regs, memory_order_relaxed) > 0))
