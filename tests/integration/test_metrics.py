@@ -124,6 +124,10 @@ def test_counters_move_with_a_switch(testbed: Testbed, tmp_path: Path) -> None:
             assert pinged[0] == "pinged", pinged
             set_payload = int(pinged[1])
             during = [scrape(h, u) for h, u in zip(testbed.hosts, urls, strict=True)]
+            # The other end's report may have come in since the wait above saw the first one.
+            timed = total(during, "shuntflow_switch_duration_seconds_count") - total(
+                before, "shuntflow_switch_duration_seconds_count"
+            )
             held = apps.host_connections()
             # Both ends are on the host path now (checked below): the GET phase must cross it
             # whole, and the overlay carry no more than the retired sockets' FINs.
