@@ -35,12 +35,39 @@ SF_EXPORT int epoll_create1(int flags) {
     return fd;
 }
 
+/* The records serve a swap still to come, and the event fixes of the first moments after one
+ * (fix_conn_events). A PINNED connection has neither; a HOST one only while a swap is recent.
+ * Past that, nothing reads them again until the fd number is closed: drop them once, then the
+ * call is the real one (an event loop that changes its interest at every request, as redis
+ * does, pays no lock for it on a switched connection). BROKEN keeps them: a FIN still owed
+ * takes them off at the close (forget_fd). */
+static inline int records_retired(int phase) {
+    return phase == SF_P_PINNED ||
+           (phase == SF_P_HOST &&
+            atomic_load_explicit(&sf_last_swap_ms, memory_order_relaxed) == 0);
+}
+
+static SF_NOINLINE void drop_records(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_regs; i++)
+        if (c->regs[i].events & EPOLLONESHOT)
+            atomic_fetch_sub(&sf_oneshot_regs, 1);
+    c->n_regs = 0;
+    pthread_mutex_unlock(&c->mu);
+}
+
 SF_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
     sf_ensure_init();
     struct sf_conn *c = sf_slot(fd);
-    int kind = c ? atomic_load_explicit(&c->kind, memory_order_relaxed) : SF_NONE;
+    int kind = c ? atomic_load_explicit(&c->kind, memory_order_acquire) : SF_NONE;
     if (kind != SF_SOCK && kind != SF_CONN)
         return real.epoll_ctl(epfd, op, fd, ev);
+    if (kind == SF_CONN &&
+        records_retired(atomic_load_explicit(&c->phase, memory_order_relaxed))) {
+        if (SF_UNLIKELY(c->n_regs != 0))
+            drop_records(c);
+        return real.epoll_ctl(epfd, op, fd, ev);
+    }
     /* Under c->mu so a swap never runs between the kernel's change and our record of it. */
     pthread_mutex_lock(&c->mu);
     int rc = real.epoll_ctl(epfd, op, fd, ev);
