@@ -399,8 +399,12 @@ int sf_private_fd(int fd) {
         real.close(fd);
     }
     struct sf_conn *c = sf_slot_alloc(moved);
-    if (c != NULL)
+    if (c != NULL) {
+        /* A connection closed behind the library's back (a raw close) may have held this number:
+         * its queued work must not match whatever the number names after us. */
+        atomic_fetch_add(&c->gen, 1);
         atomic_store(&c->kind, SF_PRIVATE);
+    }
     return moved;
 }
 
@@ -422,8 +426,10 @@ void sf_private_move(int fd) {
     if (moved < 0)
         return;
     struct sf_conn *c = sf_slot_alloc(moved);
-    if (c != NULL)
+    if (c != NULL) {
+        atomic_fetch_add(&c->gen, 1);
         atomic_store(&c->kind, SF_PRIVATE);
+    }
     if (log_fd == fd)
         log_fd = moved;
     sf_agent_private_moved(fd, moved);

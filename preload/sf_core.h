@@ -249,6 +249,12 @@ static inline struct sf_conn *sf_slot(int fd) {
 }
 struct sf_conn *sf_slot_alloc(int fd);     /* slot for fd, allocated if needed (NULL if no memory) */
 void sf_slot_reset(struct sf_conn *c);     /* the fd number was closed */
+/* Nothing of an earlier life is left that sf_slot_reset would clear and sf_conn_start does not
+ * (SF_NONE is only ever entered by a reset, or from SF_PRIVATE, whose number bumps gen). */
+static inline int sf_slot_clean(struct sf_conn *c) {
+    return atomic_load_explicit(&c->kind, memory_order_acquire) == SF_NONE && c->n_regs == 0 &&
+           !c->buf_locked && !__atomic_load_n(&c->win_open, __ATOMIC_RELAXED);
+}
 void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_connect);
 int sf_is_overlay_addr(const struct sockaddr *sa);
 int sf_private_fd(int fd);                 /* move fd to the private high range (CLOEXEC) */

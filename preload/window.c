@@ -50,7 +50,7 @@ void sf_window_open(struct sf_conn *c) {
         flush = 1;
     }
     c->win_id++;
-    c->win_open = 1;
+    __atomic_store_n(&c->win_open, 1, __ATOMIC_RELAXED);
     c->win_inflight = 0;
     c->win_calls = 0;
     c->win_max_us = 0;
@@ -62,9 +62,14 @@ void sf_window_open(struct sf_conn *c) {
 void sf_window_close(struct sf_conn *c, int status) {
     struct sf_msg m;
     int now = 0;
+    /* Every close and new socket comes here; most never had a window. One opening right now
+     * races with this close as it would with the locked check (the application is closing an
+     * fd another of its threads is using). */
+    if (!__atomic_load_n(&c->win_open, __ATOMIC_RELAXED))
+        return;
     pthread_mutex_lock(&c->tmu);
     if (c->win_open) {
-        c->win_open = 0;
+        __atomic_store_n(&c->win_open, 0, __ATOMIC_RELAXED);
         /* Without its addresses (closed before it was ever connected) there is nothing to name
          * the connection by, and the router never heard of it either. */
         if (c->have_addrs) {
@@ -145,7 +150,7 @@ void sf_window_leave(struct sf_conn *c, const struct sf_timed *t) {
 /* Only the forking thread lives on in the child, and the parent reports its own switches. */
 void sf_window_after_fork_child(struct sf_conn *c) {
     pthread_mutex_init(&c->tmu, NULL);
-    c->win_open = 0;
+    __atomic_store_n(&c->win_open, 0, __ATOMIC_RELAXED);
     c->win_report = 0;
     c->win_inflight = 0;
 }

@@ -24,7 +24,11 @@ SF_EXPORT int socket(int domain, int type, int protocol) {
     int fd = real.socket(domain, type, protocol);
     if (fd >= 0 && sf_cfg.enabled && is_tcp4(domain, type)) {
         struct sf_conn *c = sf_slot_alloc(fd);
-        if (c != NULL) {
+        if (c != NULL && sf_slot_clean(c)) {
+            /* The close of the number's last life reset it (a connect() resets its counters
+             * once more): only the kind is news. */
+            atomic_store_explicit(&c->kind, SF_SOCK, memory_order_release);
+        } else if (c != NULL) {
             pthread_mutex_lock(&c->mu);
             sf_slot_reset(c);
             atomic_store(&c->kind, SF_SOCK);
@@ -108,11 +112,17 @@ static int track_accepted(int lfd, int fd, struct sockaddr *addr, socklen_t *add
     if (c == NULL)
         return fd;
     struct sf_conn *l = sf_slot(lfd);
-    pthread_mutex_lock(&c->mu);
-    sf_slot_reset(c);
-    atomic_store(&c->kind, SF_SOCK);
-    c->buf_locked = l != NULL && l->buf_locked;
-    pthread_mutex_unlock(&c->mu);
+    uint8_t buf_locked = l != NULL && l->buf_locked;
+    if (sf_slot_clean(c)) {
+        c->buf_locked = buf_locked; /* nobody else looks at a slot of kind SF_NONE */
+        atomic_store_explicit(&c->kind, SF_SOCK, memory_order_release);
+    } else {
+        pthread_mutex_lock(&c->mu);
+        sf_slot_reset(c);
+        atomic_store(&c->kind, SF_SOCK);
+        c->buf_locked = buf_locked;
+        pthread_mutex_unlock(&c->mu);
+    }
     if (known != NULL && !sf_is_overlay_addr(known))
         return fd;
     sf_conn_start(c, known, 0);
