@@ -61,6 +61,187 @@ static ssize_t finish_host_write(struct sf_conn *c, ssize_t n, struct io *op) {
     return n;
 }
 
+/* ---- a blocking write the commit can land in ------------------------------------------------
+ *
+ * A commit needs a moment with no write in flight, and a blocking write of a large buffer holds
+ * c->wmu for as long as the overlay takes to drain it into the socket: the commit waited for it,
+ * and every byte of that write crossed the overlay, though most were not even in the socket yet
+ * when the commit was wanted. So while a switch is under way a blocking write goes out in pieces:
+ * what the overlay socket takes now (MSG_DONTWAIT), then, while it is full, a wait for room in
+ * short ticks, between which a commit that became due is made by this writer. S is then the
+ * bytes the overlay took, and the rest of the call goes on the host connection, as the next
+ * write would. The application sees one write that returns when all of it is taken, as before;
+ * it waits only where the plain call would have waited (the overlay socket full), never for the
+ * router or the peer. Calls whose bytes are not a plain buffer list (sendfile, sendmmsg, a
+ * sendmsg with control data) and sockets with a send timeout keep the plain call. */
+
+#define SPLIT_IOV_MAX 64
+#define SPLIT_TICK_NS 100000L /* how soon a commit made due is seen while the overlay is full */
+#define SPLIT_IDLE_TICK_NS 1000000L
+#define SPLIT_NO (-2)
+
+static int fd_nonblocking(int fd, int flags);
+
+static size_t iov_len(const struct iovec *iov, int n) {
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += iov[i].iov_len;
+    return total;
+}
+
+/* The call's bytes as a buffer list: 0 for calls that cannot be split. */
+static int write_iov(const struct io *op, struct iovec *one, const struct iovec **iov, int *n) {
+    if (op->mmsg != NULL)
+        return 0;
+    if (op->cmsg != NULL) {
+        if (op->cmsg->msg_controllen != 0 || op->cmsg->msg_iovlen > SPLIT_IOV_MAX)
+            return 0;
+        *iov = op->cmsg->msg_iov;
+        *n = (int)op->cmsg->msg_iovlen;
+        return 1;
+    }
+    if (op->iov != NULL) {
+        if (op->iovcnt < 0 || op->iovcnt > SPLIT_IOV_MAX)
+            return 0;
+        *iov = op->iov;
+        *n = op->iovcnt;
+        return 1;
+    }
+    if (op->cbuf == NULL) /* sendfile */
+        return 0;
+    one->iov_base = (void *)op->cbuf;
+    one->iov_len = op->len;
+    *iov = one;
+    *n = 1;
+    return 1;
+}
+
+/* One sendmsg of the list's bytes from offset `done` on. On a connected TCP socket write, send,
+ * sendto and writev are this call (sendto's address is ignored there). */
+static ssize_t send_from(int fd, const struct iovec *iov, int n, size_t done, int flags) {
+    struct iovec rest[SPLIT_IOV_MAX];
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        size_t len = iov[i].iov_len;
+        if (done >= len) {
+            done -= len;
+            continue;
+        }
+        rest[k].iov_base = (char *)iov[i].iov_base + done;
+        rest[k].iov_len = len - done;
+        done = 0;
+        k++;
+    }
+    struct msghdr m = {.msg_iov = rest, .msg_iovlen = (size_t)k};
+    return real.sendmsg(fd, &m, flags);
+}
+
+/* The rest of a split write with plain blocking calls on `fd`, counted in *counter. */
+static ssize_t send_rest(int fd, const struct iovec *iov, int n, size_t done, size_t total,
+                         int flags, _Atomic uint64_t *counter) {
+    while (done < total) {
+        ssize_t m = send_from(fd, iov, n, done, flags);
+        if (m <= 0)
+            return done > 0 ? (ssize_t)done : m; /* as an interrupted or failed send returns */
+        atomic_fetch_add_explicit(counter, (uint64_t)m, memory_order_relaxed);
+        done += (size_t)m;
+    }
+    return (ssize_t)done;
+}
+
+static int has_sndtimeo(int fd) {
+    struct timeval tv = {0, 0};
+    socklen_t len = sizeof tv;
+    return real.getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &len) == 0 &&
+           (tv.tv_sec != 0 || tv.tv_usec != 0);
+}
+
+/* Still on the overlay, where a commit may yet come. A write that began before the decision
+ * counts too: the decision is often another thread's call (a reader's) made while this write
+ * waits for room, and the commit would wait for that write. */
+static int commit_may_come(int phase) {
+    return phase == SF_P_OVERLAY || phase == SF_P_REQUESTED || phase == SF_P_HANDSHAKE;
+}
+
+/* How long a writer waiting for room sleeps before it looks for a commit again: short once a
+ * switch is decided, longer before (a decision moves it to the short one at the next look). */
+static long split_tick_ns(struct sf_conn *c, int phase) {
+    int decided = phase != SF_P_OVERLAY ||
+                  atomic_load_explicit(&c->next_trigger, memory_order_relaxed) == UINT32_MAX;
+    return decided ? SPLIT_TICK_NS : SPLIT_IDLE_TICK_NS;
+}
+
+/* Caller holds c->wmu and saw commit_may_come. Returns SPLIT_NO if the plain call must be made
+ * (nothing was sent), else the call's result with every byte counted; *committed if this writer
+ * made the commit. */
+static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committed) {
+    struct iovec one;
+    const struct iovec *iov;
+    int n;
+    if (!write_iov(op, &one, &iov, &n))
+        return SPLIT_NO;
+    size_t total = iov_len(iov, n), done = 0;
+    if (total == 0)
+        return SPLIT_NO;
+    int flags = op->flags, checked = 0;
+    for (;;) {
+        int phase = atomic_load(&c->phase);
+        if (phase == SF_P_COMMITTED || phase == SF_P_HOST) {
+            /* Read once: once swapped, c->fd is the host socket and the private number stays
+             * open while we hold c->wmu. */
+            int host = __atomic_load_n(&c->host_fd, __ATOMIC_SEQ_CST);
+            if (host < 0 && atomic_load(&c->phase) != SF_P_HOST) {
+                /* The host connection is being dropped (BROKEN comes next): not the overlay. */
+                sched_yield();
+                continue;
+            }
+            return send_rest(host >= 0 ? host : c->fd, iov, n, done, total, flags,
+                             &c->host_bytes);
+        }
+        if (phase == SF_P_BROKEN && c->sync_out) {
+            if (done > 0)
+                return (ssize_t)done;
+            errno = ECONNRESET;
+            return -1;
+        }
+        if (!commit_may_come(phase))
+            return send_rest(c->fd, iov, n, done, total, flags, &c->tx);
+        ssize_t m = send_from(c->fd, iov, n, done, flags | MSG_DONTWAIT);
+        if (m > 0) {
+            atomic_fetch_add_explicit(&c->tx, (uint64_t)m, memory_order_relaxed);
+            done += (size_t)m;
+            if (done == total)
+                return (ssize_t)done;
+            continue;
+        }
+        if (m < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return done > 0 ? (ssize_t)done : -1;
+        if (!checked) {
+            /* The overlay is full: what the plain call would do now depends on the socket. */
+            checked = 1;
+            if (fd_nonblocking(c->fd, flags)) {
+                if (done > 0)
+                    return (ssize_t)done;
+                errno = EAGAIN;
+                return -1;
+            }
+            if (has_sndtimeo(c->fd))
+                return send_rest(c->fd, iov, n, done, total, flags, &c->tx);
+        }
+        if (c->commit_wanted) {
+            sf_handoff_commit(c);
+            *committed = 1;
+            continue;
+        }
+        struct pollfd p = {.fd = c->fd, .events = POLLOUT};
+        struct timespec tick = {0, split_tick_ns(c, phase)};
+        /* A signal ends a blocking send that took bytes with their count; with none taken the
+         * wait goes on, as a restarted send would. */
+        if (real.ppoll(&p, 1, &tick, NULL) < 0 && errno == EINTR && done > 0)
+            return (ssize_t)done;
+    }
+}
+
 static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {
     if (phase == SF_P_HOST)
         return finish_host_write(c, op->call(op, c->fd), op);
@@ -86,12 +267,17 @@ static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {
      * socket, and it leaves the private number open while we hold c->wmu). */
     int host = __atomic_load_n(&c->host_fd, __ATOMIC_SEQ_CST);
     int to_host = phase == SF_P_COMMITTED && host >= 0;
-    ssize_t n = op->call(op, to_host ? host : c->fd);
-    int err = errno;
-    if (n > 0)
-        atomic_fetch_add_explicit(to_host || phase == SF_P_HOST ? &c->host_bytes : &c->tx,
-                                  (uint64_t)op->bytes, memory_order_relaxed);
     int committed = 0;
+    ssize_t n = commit_may_come(phase) ? split_write(c, op, &committed) : SPLIT_NO;
+    if (n == SPLIT_NO) {
+        n = op->call(op, to_host ? host : c->fd);
+        int call_err = errno;
+        if (n > 0)
+            atomic_fetch_add_explicit(to_host || phase == SF_P_HOST ? &c->host_bytes : &c->tx,
+                                      (uint64_t)op->bytes, memory_order_relaxed);
+        errno = call_err;
+    }
+    int err = errno;
     if (c->commit_wanted) {
         sf_handoff_commit(c);
         committed = 1;
@@ -201,13 +387,6 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
             return end;
         }
     }
-}
-
-static size_t iov_len(const struct iovec *iov, int n) {
-    size_t total = 0;
-    for (int i = 0; i < n; i++)
-        total += iov[i].iov_len;
-    return total;
 }
 
 static ssize_t set_bytes(struct io *op, ssize_t n) {

@@ -28,8 +28,11 @@ from .apps import (
     assert_intact,
     assert_path,
     install_path_counters,
+    mode_env,
     read_path,
+    run_script_client,
     run_torture,
+    start_script_server,
 )
 
 pytestmark = pytest.mark.root
@@ -194,6 +197,70 @@ def switch_times_reported(tb: Testbed) -> int:
         if info["count"]:
             assert 0 < info["p50"] <= info["p99"] <= info["max"], info
     return total
+
+
+# One end of a one-way stream: it reads everything and prints the bytes' count and SHA-256.
+SINK_SERVER = r"""
+import hashlib, socket, sys
+ls = socket.create_server((sys.argv[1], 7720))
+print("listening", flush=True)
+conn, _ = ls.accept()
+h, n = hashlib.sha256(), 0
+while data := conn.recv(1 << 16):
+    h.update(data)
+    n += len(data)
+print(n, h.hexdigest(), flush=True)
+"""
+
+# Three small writes, then the whole stream in one blocking sendall (of a view: no copy first): at
+# threshold 4 the switch is decided as that call begins, and the call runs for as long as the
+# overlay takes to drain it.
+BULK_CLIENT = r"""
+import hashlib, random, socket, sys
+size = int(sys.argv[2])
+s = socket.create_connection((sys.argv[1], 7720))
+data = random.Random(7).randbytes(size)
+for i in range(3):
+    s.send(data[i : i + 1])
+s.sendall(memoryview(data)[3:])
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+print(size, hashlib.sha256(data).hexdigest(), flush=True)
+"""
+
+
+def test_commit_lands_inside_a_blocking_write(testbed: Testbed) -> None:
+    """A blocking write in flight when the switch is decided does not hold the commit back
+    until it returns: the commit lands inside it, and the rest of that one call crosses the host
+    path. Were the commit to wait for the call, all of its 128 MiB would cross VXLAN."""
+    size = 128 << 20
+    server_c, client_c = testbed.hosts[1].containers[0], testbed.hosts[0].containers[0]
+    install_path_counters(testbed)
+    before = read_path(testbed)
+    # The reading end never asks itself (its threshold is out of reach): it is claimed for the
+    # writer's request, so the switch starts with the write, never before it.
+    server = start_script_server(
+        server_c, SINK_SERVER, mode_env(testbed, server_c, "shuntflow", threshold=1 << 30)
+    )
+    try:
+        client = run_script_client(
+            client_c,
+            BULK_CLIENT.replace("sys.argv[2]", str(size)),
+            server_c.overlay_ip,
+            mode_env(testbed, client_c, "shuntflow", threshold=4),
+            timeout=120,
+        )
+        got, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    assert client.returncode == 0, client.stderr[-2000:]
+    assert got.split() == client.stdout.split(), (got, client.stdout)
+    d = read_path(testbed) - before
+    assert d.overlay_payload + d.host_payload >= size, d
+    # The overlay took what the socket held and what the switch's few milliseconds let through.
+    assert d.overlay_payload < size // 2, f"VXLAN carried {d.overlay_payload} of {size} bytes"
+    assert d.host_payload > size // 2, d
 
 
 def test_torture_slim(testbed: Testbed) -> None:
