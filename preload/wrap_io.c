@@ -171,6 +171,27 @@ static long split_tick_ns(struct sf_conn *c, int phase) {
     return decided ? SPLIT_TICK_NS : SPLIT_IDLE_TICK_NS;
 }
 
+/* The host connection's number for a writer that holds c->wmu and is in no call on a host
+ * number. A number dropped while c->wmu is held is left for its holder to close, and a second
+ * one dropped meanwhile is closed at once, on the promise that the holder never loaded it. A
+ * split write outlives attempts (one ends while it waits for room, the next begins and this
+ * writer commits it), so it would load the second number while the first was pending, and
+ * another thread's drop closed it under its send: the number came back as the router channel's
+ * new socket (ENOTCONN). So the pending number, which this writer is not in, is closed before
+ * the load, under c->mu, which every drop holds: then a drop of the loaded number is deferred. */
+static int writer_host_fd(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    int pending = c->pending_close_host;
+    if (pending >= 0) {
+        c->pending_close_host = -1;
+        real.close(pending);
+        sf_private_forget(pending);
+    }
+    int host = c->host_fd;
+    pthread_mutex_unlock(&c->mu);
+    return host;
+}
+
 /* Caller holds c->wmu and saw commit_may_come. Returns SPLIT_NO if the plain call must be made
  * (nothing was sent), else the call's result with every byte counted; *committed if this writer
  * made the commit. */
@@ -189,12 +210,9 @@ static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committe
         if (phase == SF_P_COMMITTED || phase == SF_P_HOST) {
             /* Read once: once swapped, c->fd is the host socket and the private number stays
              * open while we hold c->wmu. */
-            int host = __atomic_load_n(&c->host_fd, __ATOMIC_SEQ_CST);
-            if (host < 0 && atomic_load(&c->phase) != SF_P_HOST) {
-                /* The host connection is being dropped (BROKEN comes next): not the overlay. */
-                sched_yield();
-                continue;
-            }
+            int host = writer_host_fd(c);
+            if (host < 0 && atomic_load(&c->phase) != SF_P_HOST)
+                continue; /* the host connection was dropped, under c->mu with BROKEN */
             return send_rest(host >= 0 ? host : c->fd, iov, n, done, total, flags,
                              &c->host_bytes);
         }
@@ -265,8 +283,8 @@ static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {
     }
     /* Read once: a swap in another thread clears it (after its dup3, so c->fd is then the host
      * socket, and it leaves the private number open while we hold c->wmu). */
-    int host = __atomic_load_n(&c->host_fd, __ATOMIC_SEQ_CST);
-    int to_host = phase == SF_P_COMMITTED && host >= 0;
+    int host = phase == SF_P_COMMITTED ? writer_host_fd(c) : -1;
+    int to_host = host >= 0;
     int committed = 0;
     ssize_t n = commit_may_come(phase) ? split_write(c, op, &committed) : SPLIT_NO;
     if (n == SPLIT_NO) {

@@ -2,8 +2,8 @@
  * checked on arrival. Built by the tests with musl-gcc (and gcc), run under the preload library,
  * so that a switch in the middle of the stream is checked byte for byte in both directions.
  *
- *   streamcheck server IP PORT BYTES   prints "listening", serves one connection
- *   streamcheck client IP PORT BYTES
+ *   streamcheck server IP PORT BYTES [hold]   prints "listening", serves one connection
+ *   streamcheck client IP PORT BYTES [hold]
  *
  * Each end first writes the HEAD bytes of its stream one byte per call, enough calls to cross
  * the library's threshold, then reads what comes until its socket is a socket of another network
@@ -11,6 +11,9 @@
  * streams must cross the host path, which the tests check in the kernel's counters. Then it
  * writes the rest in chunks of varying size (alternating write() and send(), so both wrappers are
  * on the path), shuts down writing, and reads until EOF, comparing with the peer's generator.
+ * With "hold", once switched it says "switched" on stderr and waits for a line (or EOF) on stdin
+ * before the rest: the test looks at the host connection while it is sure to be open, where a
+ * poll of a stream that crosses the host path in a fraction of a second could miss it.
  * Output: "ok sent=N received=N" and exit 0, or "MISMATCH ..." / "ERROR ..." and exit 1. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -114,7 +117,7 @@ static int head_until_switched(int fd, struct gen *out, struct gen *in, uint64_t
     return 0;
 }
 
-static int run(int fd, unsigned long long bytes, int is_client, uint64_t own) {
+static int run(int fd, unsigned long long bytes, int is_client, uint64_t own, int hold) {
     struct gen out = {.state = is_client ? 0x5eed0001ULL : 0x5eed0002ULL, .used = 8};
     struct gen in = {.state = is_client ? 0x5eed0002ULL : 0x5eed0001ULL, .used = 8};
     uint64_t sizes = is_client ? 77 : 78;
@@ -132,6 +135,13 @@ static int run(int fd, unsigned long long bytes, int is_client, uint64_t own) {
     }
     if (head_until_switched(fd, &out, &in, own, &sent, &received) != 0)
         return 1;
+    if (hold) {
+        char line;
+        fprintf(stderr, "switched\n");
+        fflush(stderr);
+        while (read(0, &line, 1) == 1 && line != '\n')
+            ;
+    }
     while (!eof || !shut) {
         if (woff == wlen && sent < bytes) {
             size_t n = 1 + (size_t)(xorshift(&sizes) % sizeof wbuf);
@@ -184,8 +194,9 @@ static int run(int fd, unsigned long long bytes, int is_client, uint64_t own) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5 || (strcmp(argv[1], "server") != 0 && strcmp(argv[1], "client") != 0)) {
-        fprintf(stderr, "usage: streamcheck server|client IP PORT BYTES\n");
+    int hold = argc == 6 && strcmp(argv[5], "hold") == 0;
+    if ((argc != 5 && !hold) || (strcmp(argv[1], "server") != 0 && strcmp(argv[1], "client") != 0)) {
+        fprintf(stderr, "usage: streamcheck server|client IP PORT BYTES [hold]\n");
         return 2;
     }
     int is_client = strcmp(argv[1], "client") == 0;
@@ -215,7 +226,7 @@ int main(int argc, char **argv) {
         close(fd);
         fd = c;
     }
-    int rc = run(fd, bytes, is_client, own);
+    int rc = run(fd, bytes, is_client, own, hold);
     close(fd);
     fflush(stdout);
     return rc;

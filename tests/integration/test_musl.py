@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,6 +113,7 @@ def test_musl_client_and_server_switch_and_keep_every_byte(
         [
             *podman_run(),
             "--rm",
+            "-i",
             *container_args(client_c.name, "--musl", "--threshold", "16"),
             "--rootfs",
             str(rootfs),
@@ -122,16 +122,20 @@ def test_musl_client_and_server_switch_and_keep_every_byte(
             apps.server_ip,
             PORT,
             str(BYTES),
+            "hold",
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    held: list[str] = []
-    while client.poll() is None and not held:
-        held = apps.host_connections()
-        time.sleep(0.05)
-    out, err = client.communicate(timeout=180)
+    # The client says when its socket is the host connection, and waits for us to look: the
+    # rest of the stream crosses the host path in a fraction of a second, which a poll missed.
+    assert client.stderr is not None
+    switched = client.stderr.readline()
+    held = apps.host_connections() if switched == "switched\n" else []
+    out, err = client.communicate(input="\n", timeout=180)
+    err = switched + err
     assert client.returncode == 0 and out == f"ok sent={BYTES} received={BYTES}\n", out + err
     subprocess.run(["podman", "wait", SERVER_NAME], capture_output=True, timeout=60)
     logs = subprocess.run(
