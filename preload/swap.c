@@ -23,13 +23,19 @@
 /* Every holder of c->wmu releases it here: a swap that ran while a write was in flight left the
  * host connection's private number for the writer to close. */
 void sf_wmu_unlock(struct sf_conn *c) {
-    int fd = c->pending_close_host;
+    int fd = __atomic_load_n(&c->pending_close_host, __ATOMIC_SEQ_CST);
     if (fd >= 0) {
-        c->pending_close_host = -1;
+        __atomic_store_n(&c->pending_close_host, -1, __ATOMIC_SEQ_CST);
         real.close(fd);
         sf_private_forget(fd);
     }
     pthread_mutex_unlock(&c->wmu);
+    /* A number left pending after our look, whose leaver's trylock met our hold, would wait for
+     * the next holder; meanwhile drop_host_fd takes it for a holder's and closes the next number
+     * dropped at once, which may be that holder's. */
+    if (__atomic_load_n(&c->pending_close_host, __ATOMIC_SEQ_CST) >= 0 &&
+        pthread_mutex_trylock(&c->wmu) == 0)
+        sf_wmu_unlock(c);
 }
 
 /* ---- socket options: read from the old socket, set on the new one ------------------------- */
