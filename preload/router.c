@@ -593,6 +593,19 @@ static int recv_frame(struct sf_msg *m, int *fd) {
     return RECV_OK;
 }
 
+/* Caller holds c->mu, which find_by_tuple did not: between the lookup and the lock the
+ * application may have closed the fd and opened its next connection on the same number, and
+ * that one may be REQUESTED too. It must not take the closed one's host connection (its peer
+ * is the closed connection's peer, whose SYNC names another stream). */
+static int still_names(const struct sf_conn *c, const struct sf_msg *m) {
+    if (atomic_load(&c->kind) != SF_CONN || !c->have_addrs)
+        return 0;
+    uint8_t want[12], have[12];
+    key_of_msg(want, m);
+    key_of_conn(have, c);
+    return memcmp(want, have, 12) == 0;
+}
+
 static void on_switch_res(const struct sf_msg *m, int fd) {
     struct sf_conn *c = find_by_tuple(m);
     if (c == NULL) {
@@ -600,6 +613,13 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
         return;
     }
     pthread_mutex_lock(&c->mu);
+    if (!still_names(c, m)) {
+        pthread_mutex_unlock(&c->mu);
+        SF_LOG("fd %d: host connection arrived for the connection the fd held before; closed",
+               c->fd);
+        if (fd >= 0) real.close(fd);
+        return;
+    }
     int phase = atomic_load(&c->phase);
     int began = 0;
     if (phase != SF_P_REQUESTED) {
@@ -648,7 +668,7 @@ static void on_claim(const struct sf_msg *m) {
     struct sf_conn *c = sf_cfg.mode == SF_MODE_OVERLAY ? NULL : find_by_tuple(m);
     if (c != NULL) {
         pthread_mutex_lock(&c->mu);
-        int phase = atomic_load(&c->phase);
+        int phase = still_names(c, m) ? atomic_load(&c->phase) : SF_P_PINNED;
         if (phase == SF_P_OVERLAY && sf_uses_io_uring()) {
             sf_set_phase(c, SF_P_PINNED);
         } else if (phase == SF_P_OVERLAY) {
