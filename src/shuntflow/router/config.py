@@ -57,9 +57,8 @@ class RouterConfig:
     hello_timeout_ms: int = 2000
     duplicate_wait_ms: int = 1000
     # The follower end's request waits this long for the leader's crossing offer before making
-    # its own: one offer per switch instead of two. Short, because the leader may not want the
-    # switch yet (its threshold still ahead), and the follower's bytes cross VXLAN meanwhile.
-    follower_grace_ms: int = 1
+    # its own (daemon.Router._outgoing): one offer per switch instead of two.
+    follower_grace_ms: int = 5
     stats_timeout_ms: int = 500
     max_clients: int = 4096
     max_clients_per_netns: int = 1024  # library channels from one container's namespace
