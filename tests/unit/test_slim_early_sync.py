@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from shuntflow.native import app_environment
+from shuntflow.router.testing import recv_exact
 from shuntflow.wire import HOP_SIZE, Hop, HopType, Mode, Msg, MsgType, Status, Tuple4
 
 CHILD = textwrap.dedent(
@@ -49,16 +50,6 @@ CHILD = textwrap.dedent(
     c.close()
     """
 )
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        b = s.recv(n - len(out))
-        if not b:
-            break
-        out += b
-    return out
 
 
 @dataclass
@@ -164,13 +155,13 @@ def slim_switch(tmp_path: Path) -> Iterator[Slim]:
 
 def test_no_ready_goes_back_to_the_overlay(tmp_path: Path) -> None:
     with slim_switch(tmp_path) as sw:
-        sync = Hop.unpack(recv_exact(sw.host, HOP_SIZE))
+        sync = Hop.unpack(recv_exact(sw.host, HOP_SIZE, 10))
         assert sync.type == HopType.SYNC and sync.seq == 0, sync  # before any READY
         sw.no_overlay_fin()
         sw.answer_later_requests()
         sw.host.close()  # the follower never had it: no READY, then EOF
         assert sw.line()["connected"] == sw.request.tuple.local.port
-        assert recv_exact(sw.overlay, 4) == b"ping"  # on the overlay, first byte to last
+        assert recv_exact(sw.overlay, 4, 10) == b"ping"  # on the overlay, first byte to last
         sw.overlay.sendall(b"pong")
         assert sw.line() == {"got": "pong"}
         assert sw.overlay.recv(1) == b""  # then the client's close, not before
@@ -178,14 +169,14 @@ def test_no_ready_goes_back_to_the_overlay(tmp_path: Path) -> None:
 
 def test_ready_releases_the_overlay_fin(tmp_path: Path) -> None:
     with slim_switch(tmp_path) as sw:
-        sync = Hop.unpack(recv_exact(sw.host, HOP_SIZE))
+        sync = Hop.unpack(recv_exact(sw.host, HOP_SIZE, 10))
         assert sync.type == HopType.SYNC and sync.seq == 0, sync
         sw.no_overlay_fin()  # the FIN waits for the READY
         sw.host.sendall(Hop(HopType.READY, 0, 0).pack() + Hop(HopType.SYNC, 0, 0).pack())
         assert sw.overlay.recv(1) == b""  # the client's overlay stream ends at S = 0
         sw.overlay.shutdown(socket.SHUT_WR)  # ours too: the switch point
         sw.line()  # connect() returned
-        assert recv_exact(sw.host, 4) == b"ping"  # on the host connection
+        assert recv_exact(sw.host, 4, 10) == b"ping"  # on the host connection
         sw.host.sendall(b"pong")
         assert sw.line() == {"got": "pong"}
         assert sw.host.recv(1) == b""
