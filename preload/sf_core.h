@@ -389,6 +389,7 @@ int sf_uring_maybe(uint64_t now_ms);       /* seen, or a scan is due: without re
 int sf_maybe_swap(struct sf_conn *c);      /* swap if the switch point is reached; 1 if HOST */
 int sf_swap_locked(struct sf_conn *c);     /* caller holds c->mu */
 void sf_wmu_unlock(struct sf_conn *c);     /* release c->wmu, closing a deferred host fd */
+void sf_close_pending_host(struct sf_conn *c); /* close the host fd left for the wmu holder */
 int sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev);
 void sf_epreg_drop_epfd(int epfd);
 void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);

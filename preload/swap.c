@@ -20,15 +20,19 @@
 
 #include "sf_core.h"
 
-/* Every holder of c->wmu releases it here: a swap that ran while a write was in flight left the
- * host connection's private number for the writer to close. */
-void sf_wmu_unlock(struct sf_conn *c) {
-    int fd = __atomic_load_n(&c->pending_close_host, __ATOMIC_SEQ_CST);
+/* The host connection's private number a swap or a drop left for the holder of c->wmu. */
+void sf_close_pending_host(struct sf_conn *c) {
+    int fd = __atomic_exchange_n(&c->pending_close_host, -1, __ATOMIC_SEQ_CST);
     if (fd >= 0) {
-        __atomic_store_n(&c->pending_close_host, -1, __ATOMIC_SEQ_CST);
         real.close(fd);
         sf_private_forget(fd);
     }
+}
+
+/* Every holder of c->wmu releases it here: a swap that ran while a write was in flight left the
+ * host connection's private number for the writer to close. */
+void sf_wmu_unlock(struct sf_conn *c) {
+    sf_close_pending_host(c);
     pthread_mutex_unlock(&c->wmu);
     /* A number left pending after our look, whose leaver's trylock met our hold, would wait for
      * the next holder; meanwhile drop_host_fd takes it for a holder's and closes the next number

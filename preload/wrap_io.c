@@ -181,12 +181,7 @@ static long split_tick_ns(struct sf_conn *c, int phase) {
  * the load, under c->mu, which every drop holds: then a drop of the loaded number is deferred. */
 static int writer_host_fd(struct sf_conn *c) {
     pthread_mutex_lock(&c->mu);
-    int pending = c->pending_close_host;
-    if (pending >= 0) {
-        c->pending_close_host = -1;
-        real.close(pending);
-        sf_private_forget(pending);
-    }
+    sf_close_pending_host(c);
     int host = c->host_fd;
     pthread_mutex_unlock(&c->mu);
     return host;
