@@ -136,8 +136,7 @@ static int still_worth_a_look(const struct sw_ref *r, uint64_t now) {
         return 0;
     }
     int phase = atomic_load(&c->phase);
-    if (sf_phase_in_transition(phase) ||
-        (phase == SF_P_HOST && now - c->phase_since_ms < SF_RECENT_SWAP_MS))
+    if (sf_phase_in_transition(phase) || sf_swapped_recently(c, now))
         return 1;
     c->listed = 0;
     return 0;
@@ -196,8 +195,9 @@ void sf_set_phase(struct sf_conn *c, int phase) {
     int old = atomic_load(&c->phase);
     check_transition(c, old, phase);
     count_transition(c, old, phase);
-    atomic_store(&c->phase, phase);
+    /* Stamped first: whoever sees the new phase sees its stamp, not the old phase's. */
     c->phase_since_ms = sf_now_ms();
+    atomic_store(&c->phase, phase);
     /* After the store: a walk in between would find it not in transition and drop it. */
     if (sf_phase_in_transition(phase) && !sf_phase_in_transition(old))
         list_add(c);

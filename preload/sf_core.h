@@ -272,6 +272,16 @@ extern _Atomic int sf_oneshot_regs;
 extern _Atomic uint64_t sf_last_swap_ms;       /* when this process last swapped a connection */
 #define SF_RECENT_SWAP_MS 50
 
+/* A stamp of sf_now_ms() less than SF_RECENT_SWAP_MS before now. A stamp another thread took
+ * after this one read now is recent too, not an age wrapped around to "long ago". */
+static inline int sf_recent_ms(uint64_t stamp, uint64_t now) {
+    return stamp >= now || now - stamp < SF_RECENT_SWAP_MS;
+}
+
+static inline int sf_swapped_recently(const struct sf_conn *c, uint64_t now) {
+    return atomic_load(&c->phase) == SF_P_HOST && sf_recent_ms(c->phase_since_ms, now);
+}
+
 /* The data path's fast path (invariant 7, docs/design.md): the fd is no connection of ours, or
  * one in a final phase where the fd is the socket its bytes go through (HOST: swapped; PINNED:
  * stays on the overlay). Then a data call is the real call and a counter, nothing else: no

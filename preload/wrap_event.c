@@ -127,21 +127,17 @@ static int events_need_fixing(uint64_t *now) {
     if (SF_LIKELY(last == 0))
         return 0;
     *now = sf_now_ms();
-    if (*now - last < SF_RECENT_SWAP_MS)
+    if (sf_recent_ms(last, *now))
         return 1;
     /* Fails if another swap came meanwhile: its mark stays. */
     atomic_compare_exchange_strong(&sf_last_swap_ms, &last, 0);
     return 0;
 }
 
-static int just_swapped(struct sf_conn *c, uint64_t now) {
-    return atomic_load(&c->phase) == SF_P_HOST && now - c->phase_since_ms < SF_RECENT_SWAP_MS;
-}
-
 static void fix_conn_events(struct sf_conn *c, void *arg) {
     struct fix_arg *a = arg;
     int phase = atomic_load(&c->phase);
-    int recent = just_swapped(c, a->now);
+    int recent = sf_swapped_recently(c, a->now);
     if (atomic_load(&c->kind) != SF_CONN || (!sf_phase_in_handoff(phase) && !recent))
         return;
     for (int i = 0; i < c->n_regs; i++) {
@@ -268,7 +264,7 @@ static int after_poll(struct pollfd *fds, nfds_t nfds, int n) {
         struct sf_conn *c = fds[i].revents ? sf_tracked(fds[i].fd) : NULL;
         if (c == NULL)
             continue;
-        uint32_t ev = just_swapped(c, now)
+        uint32_t ev = sf_swapped_recently(c, now)
                           ? sf_recheck_ready(c, (uint16_t)fds[i].revents, (uint16_t)fds[i].events)
                           : sf_settle_ready(c, (uint16_t)fds[i].revents, (uint16_t)fds[i].events);
         fds[i].revents = (short)ev;
@@ -328,7 +324,7 @@ static int after_select(int n, fd_set *r, fd_set *w, fd_set *e, int ret) {
         struct sf_conn *c = FD_ISSET(fd, r) ? sf_tracked(fd) : NULL;
         if (c == NULL)
             continue;
-        uint32_t ev = just_swapped(c, now) ? sf_recheck_ready(c, EPOLLIN, EPOLLIN)
+        uint32_t ev = sf_swapped_recently(c, now) ? sf_recheck_ready(c, EPOLLIN, EPOLLIN)
                                            : sf_settle_ready(c, EPOLLIN, EPOLLIN);
         if (ev & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR))
             continue;
