@@ -67,20 +67,47 @@ static ssize_t finish_host_write(struct sf_conn *c, ssize_t n, struct io *op) {
  * c->wmu for as long as the overlay takes to drain it into the socket: the commit waited for it,
  * and every byte of that write crossed the overlay, though most were not even in the socket yet
  * when the commit was wanted. So while a switch is under way a blocking write goes out in pieces:
- * what the overlay socket takes now (MSG_DONTWAIT), then, while it is full, a wait for room in
- * short ticks, between which a commit that became due is made by this writer. S is then the
- * bytes the overlay took, and the rest of the call goes on the host connection, as the next
- * write would. The application sees one write that returns when all of it is taken, as before;
- * it waits only where the plain call would have waited (the overlay socket full), never for the
- * router or the peer. Calls whose bytes are not a plain buffer list (sendfile, sendmmsg, a
- * sendmsg with control data) and sockets with a send timeout keep the plain call. */
+ * what the overlay socket takes now, then, while it is full, a wait for room in short ticks,
+ * between which a commit that became due is made by this writer. S is then the bytes the overlay
+ * took, and the rest of the call goes on the host connection, as the next write would. The
+ * application sees one call that returns when all of it is taken, as before; it waits only where
+ * the plain call would have waited (the overlay socket full), never for the router or the peer.
+ *
+ * "What the socket takes now" is a MSG_DONTWAIT send for a buffer list; sendfile has no such
+ * flag (and O_NONBLOCK would reach other threads' calls on the socket), so its piece is a count
+ * the send buffer has room for (SO_MEMINFO), which the kernel takes without waiting. sendmmsg
+ * is split message by message. A message with control data or over 64 buffers, and sockets
+ * with a send timeout, keep the plain call. */
 
 #define SPLIT_IOV_MAX 64
 #define SPLIT_TICK_NS 100000L /* how soon a commit made due is seen while the overlay is full */
 #define SPLIT_IDLE_TICK_NS 1000000L
 #define SPLIT_NO (-2)
+#define SPLIT_MAX_RW 0x7ffff000L /* what one sendfile moves at most (the kernel's MAX_RW_COUNT) */
+#define SPLIT_MMSG_MAX 1024      /* the messages one sendmmsg sends at most (UIO_MAXIOV) */
+#ifndef SO_MEMINFO
+#define SO_MEMINFO 55
+#endif
+/* struct sk_meminfo's words (linux/sock_diag.h) */
+#define MEMINFO_SNDBUF 3
+#define MEMINFO_WMEM_QUEUED 5
+#define MEMINFO_WORDS 9
 
 static int fd_nonblocking(int fd, int flags);
+static ssize_t call_sendfile(struct io *op, int fd);
+
+/* The bytes of one split call: a buffer list (iov), or a file range (sendfile from in_fd at
+ * *offset, or at its file position if offset is NULL; each piece moves either on, as the plain
+ * call would). */
+struct wsrc {
+    const struct iovec *iov;
+    int n;
+    int flags;
+    int in_fd;
+    off_t *offset;
+    int use64;
+    size_t total;
+};
 
 static size_t iov_len(const struct iovec *iov, int n) {
     size_t total = 0;
@@ -89,30 +116,14 @@ static size_t iov_len(const struct iovec *iov, int n) {
     return total;
 }
 
-/* The call's bytes as a buffer list: 0 for calls that cannot be split. */
-static int write_iov(const struct io *op, struct iovec *one, const struct iovec **iov, int *n) {
-    if (op->mmsg != NULL)
+/* A buffer list as a source: 0 if it cannot be split. */
+static int iov_src(struct wsrc *s, const struct iovec *iov, size_t n, int flags) {
+    if (n > SPLIT_IOV_MAX)
         return 0;
-    if (op->cmsg != NULL) {
-        if (op->cmsg->msg_controllen != 0 || op->cmsg->msg_iovlen > SPLIT_IOV_MAX)
-            return 0;
-        *iov = op->cmsg->msg_iov;
-        *n = (int)op->cmsg->msg_iovlen;
-        return 1;
-    }
-    if (op->iov != NULL) {
-        if (op->iovcnt < 0 || op->iovcnt > SPLIT_IOV_MAX)
-            return 0;
-        *iov = op->iov;
-        *n = op->iovcnt;
-        return 1;
-    }
-    if (op->cbuf == NULL) /* sendfile */
-        return 0;
-    one->iov_base = (void *)op->cbuf;
-    one->iov_len = op->len;
-    *iov = one;
-    *n = 1;
+    s->iov = iov;
+    s->n = (int)n;
+    s->flags = flags;
+    s->total = iov_len(iov, s->n);
     return 1;
 }
 
@@ -136,15 +147,52 @@ static ssize_t send_from(int fd, const struct iovec *iov, int n, size_t done, in
     return real.sendmsg(fd, &m, flags);
 }
 
-/* The rest of a split write with plain blocking calls on `fd`, counted in *counter. */
-static ssize_t send_rest(int fd, const struct iovec *iov, int n, size_t done, size_t total,
-                         int flags, _Atomic uint64_t *counter) {
-    while (done < total) {
-        ssize_t m = send_from(fd, iov, n, done, flags);
+static ssize_t file_send(const struct wsrc *s, int fd, size_t count) {
+    return (s->use64 ? real.sendfile64 : real.sendfile)(fd, s->in_fd, s->offset, count);
+}
+
+/* Bytes the socket's send buffer takes before a send waits (the kernel waits once what it has
+ * queued reaches the buffer's size); -1 if the kernel does not say. */
+static long send_room(int fd) {
+    uint32_t mem[MEMINFO_WORDS];
+    socklen_t len = sizeof mem;
+    if (real.getsockopt(fd, SOL_SOCKET, SO_MEMINFO, mem, &len) != 0 ||
+        len < (MEMINFO_WMEM_QUEUED + 1) * sizeof mem[0])
+        return -1;
+    long room = (long)mem[MEMINFO_SNDBUF] - (long)mem[MEMINFO_WMEM_QUEUED];
+    return room > 0 ? room : 0;
+}
+
+/* One piece from `done` on that does not wait for room, of at most *asked bytes (set to what
+ * was asked for): EAGAIN if the socket has none. */
+static ssize_t send_nowait(const struct wsrc *s, int fd, size_t done, size_t *asked) {
+    *asked = s->total - done;
+    if (s->iov != NULL)
+        return send_from(fd, s->iov, s->n, done, s->flags | MSG_DONTWAIT);
+    long room = send_room(fd);
+    if (room == 0) {
+        errno = EAGAIN;
+        return -1;
+    }
+    /* A margin for the buffers' own overhead, which the kernel counts against the room too. */
+    if (room > 0 && (size_t)(room - room / 8) < *asked)
+        *asked = (size_t)(room - room / 8);
+    return file_send(s, fd, *asked);
+}
+
+/* The rest of a split call from `done` on with plain blocking calls on `fd`, counted in
+ * *counter. */
+static ssize_t send_rest(int fd, const struct wsrc *s, size_t done, _Atomic uint64_t *counter) {
+    while (done < s->total) {
+        size_t want = s->total - done;
+        ssize_t m = s->iov != NULL ? send_from(fd, s->iov, s->n, done, s->flags)
+                                   : file_send(s, fd, want);
         if (m <= 0)
             return done > 0 ? (ssize_t)done : m; /* as an interrupted or failed send returns */
         atomic_fetch_add_explicit(counter, (uint64_t)m, memory_order_relaxed);
         done += (size_t)m;
+        if (s->iov == NULL && (size_t)m < want)
+            break; /* the file ended (or a signal came): the plain sendfile returns short too */
     }
     return (ssize_t)done;
 }
@@ -187,19 +235,12 @@ static int writer_host_fd(struct sf_conn *c) {
     return host;
 }
 
-/* Caller holds c->wmu and saw commit_may_come. Returns SPLIT_NO if the plain call must be made
- * (nothing was sent), else the call's result with every byte counted; *committed if this writer
- * made the commit. */
-static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committed) {
-    struct iovec one;
-    const struct iovec *iov;
-    int n;
-    if (!write_iov(op, &one, &iov, &n))
-        return SPLIT_NO;
-    size_t total = iov_len(iov, n), done = 0;
-    if (total == 0)
-        return SPLIT_NO;
-    int flags = op->flags, checked = 0;
+/* Caller holds c->wmu and saw commit_may_come. Returns the bytes of `s` sent, as the plain call
+ * would (-1 with errno if none), every byte counted; *committed if this writer made the
+ * commit. */
+static ssize_t split_src(struct sf_conn *c, const struct wsrc *s, int *committed) {
+    size_t done = 0;
+    int checked = 0;
     for (;;) {
         int phase = atomic_load(&c->phase);
         if (phase == SF_P_COMMITTED || phase == SF_P_HOST) {
@@ -208,8 +249,7 @@ static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committe
             int host = writer_host_fd(c);
             if (host < 0 && atomic_load(&c->phase) != SF_P_HOST)
                 continue; /* the host connection was dropped, under c->mu with BROKEN */
-            return send_rest(host >= 0 ? host : c->fd, iov, n, done, total, flags,
-                             &c->host_bytes);
+            return send_rest(host >= 0 ? host : c->fd, s, done, &c->host_bytes);
         }
         if (phase == SF_P_BROKEN && c->sync_out) {
             if (done > 0)
@@ -218,28 +258,31 @@ static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committe
             return -1;
         }
         if (!commit_may_come(phase))
-            return send_rest(c->fd, iov, n, done, total, flags, &c->tx);
-        ssize_t m = send_from(c->fd, iov, n, done, flags | MSG_DONTWAIT);
+            return send_rest(c->fd, s, done, &c->tx);
+        size_t asked;
+        ssize_t m = send_nowait(s, c->fd, done, &asked);
         if (m > 0) {
             atomic_fetch_add_explicit(&c->tx, (uint64_t)m, memory_order_relaxed);
             done += (size_t)m;
-            if (done == total)
-                return (ssize_t)done;
+            if (done == s->total || (s->iov == NULL && (size_t)m < asked))
+                return (ssize_t)done; /* all of it, or the file ended */
             continue;
         }
+        if (m == 0 && s->iov == NULL)
+            return (ssize_t)done; /* sendfile at the file's end */
         if (m < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
             return done > 0 ? (ssize_t)done : -1;
         if (!checked) {
             /* The overlay is full: what the plain call would do now depends on the socket. */
             checked = 1;
-            if (fd_nonblocking(c->fd, flags)) {
+            if (fd_nonblocking(c->fd, s->flags)) {
                 if (done > 0)
                     return (ssize_t)done;
                 errno = EAGAIN;
                 return -1;
             }
             if (has_sndtimeo(c->fd))
-                return send_rest(c->fd, iov, n, done, total, flags, &c->tx);
+                return send_rest(c->fd, s, done, &c->tx);
         }
         if (c->commit_wanted) {
             sf_handoff_commit(c);
@@ -253,6 +296,63 @@ static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committe
         if (real.ppoll(&p, 1, &tick, NULL) < 0 && errno == EINTR && done > 0)
             return (ssize_t)done;
     }
+}
+
+/* sendmmsg, message by message, as the kernel sends them: a message sent in part (a signal, a
+ * non-blocking socket's full buffer) or one that fails ends the call, which returns the
+ * messages sent, or -1 if the first failed. */
+static ssize_t split_mmsg(struct sf_conn *c, const struct io *op, int *committed) {
+    unsigned vlen = op->vlen < SPLIT_MMSG_MAX ? op->vlen : SPLIT_MMSG_MAX;
+    struct wsrc s = {.in_fd = -1};
+    for (unsigned i = 0; i < vlen; i++)
+        if (op->mmsg[i].msg_hdr.msg_controllen != 0 ||
+            !iov_src(&s, op->mmsg[i].msg_hdr.msg_iov, op->mmsg[i].msg_hdr.msg_iovlen, op->flags))
+            return SPLIT_NO;
+    if (vlen == 0)
+        return SPLIT_NO;
+    for (unsigned i = 0; i < vlen; i++) {
+        struct msghdr *h = &op->mmsg[i].msg_hdr;
+        iov_src(&s, h->msg_iov, h->msg_iovlen, op->flags);
+        ssize_t m = s.total > 0 ? split_src(c, &s, committed) : 0;
+        if (m < 0)
+            return i > 0 ? (ssize_t)i : -1;
+        op->mmsg[i].msg_len = (unsigned)m;
+        if ((size_t)m < s.total)
+            return (ssize_t)i + 1;
+    }
+    return (ssize_t)vlen;
+}
+
+/* Caller holds c->wmu and saw commit_may_come. Returns SPLIT_NO if the plain call must be made
+ * (nothing was sent), else the call's result with every byte counted; *committed if this writer
+ * made the commit. */
+static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committed) {
+    if (op->mmsg != NULL)
+        return split_mmsg(c, op, committed);
+    struct wsrc s = {.in_fd = -1};
+    struct iovec one;
+    if (op->call == call_sendfile) {
+        if (send_room(c->fd) < 0)
+            return SPLIT_NO;
+        s.in_fd = op->in_fd;
+        s.offset = op->offset;
+        s.use64 = op->use64;
+        s.total = op->len < (size_t)SPLIT_MAX_RW ? op->len : (size_t)SPLIT_MAX_RW;
+    } else if (op->cmsg != NULL) {
+        if (op->cmsg->msg_controllen != 0 ||
+            !iov_src(&s, op->cmsg->msg_iov, op->cmsg->msg_iovlen, op->flags))
+            return SPLIT_NO;
+    } else if (op->iov != NULL) {
+        if (op->iovcnt < 0 || !iov_src(&s, op->iov, (size_t)op->iovcnt, op->flags))
+            return SPLIT_NO;
+    } else {
+        one.iov_base = (void *)op->cbuf;
+        one.iov_len = op->len;
+        iov_src(&s, &one, 1, op->flags);
+    }
+    if (s.total == 0)
+        return SPLIT_NO;
+    return split_src(c, &s, committed);
 }
 
 static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {

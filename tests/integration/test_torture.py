@@ -212,27 +212,61 @@ while data := conn.recv(1 << 16):
 print(n, h.hexdigest(), flush=True)
 """
 
-# Three small writes, then the whole stream in one blocking sendall (of a view: no copy first): at
-# threshold 4 the switch is decided as that call begins, and the call runs for as long as the
-# overlay takes to drain it.
+# Three small writes, then the whole stream in one blocking call (SEND): at threshold 4 the switch
+# is decided as that call begins, and the call runs for as long as the overlay takes to drain it.
 BULK_CLIENT = r"""
-import hashlib, random, socket, sys
+import ctypes, hashlib, os, random, socket, sys, tempfile
+from shuntflow.torture import _mmsg_vector, _sendmmsg
 size = int(sys.argv[2])
 s = socket.create_connection((sys.argv[1], 7720))
 data = random.Random(7).randbytes(size)
 for i in range(3):
     s.send(data[i : i + 1])
-s.sendall(memoryview(data)[3:])
+SEND
 s.shutdown(socket.SHUT_WR)
 s.recv(1)
 print(size, hashlib.sha256(data).hexdigest(), flush=True)
 """
 
+# Each is one call for the whole rest of the stream (a view, a file, or buffers: no copy first),
+# which a plain blocking call returns only once all of it is taken.
+BULK_SENDS = {
+    "sendall": "s.sendall(memoryview(data)[3:])",
+    # From the file's offset given with the call (the kernel moves the caller's offset on).
+    "sendfile": """
+f = tempfile.TemporaryFile()
+f.write(data)
+f.flush()
+n = os.sendfile(s.fileno(), f.fileno(), 3, size - 3)
+assert n == size - 3, n
+""",
+    # From the file's position, which the call must move on by exactly what it sent.
+    "sendfile-pos": """
+f = tempfile.TemporaryFile()
+f.write(data)
+f.seek(3)
+n = os.sendfile(s.fileno(), f.fileno(), None, size)
+assert n == size - 3 and f.tell() == size, (n, f.tell())
+""",
+    # Eight messages of two buffers each: all of them sent, each whole.
+    "sendmmsg": """
+base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+cuts = [3 + (size - 3) * i // 16 for i in range(17)]
+msgs = [[(base + cuts[i], cuts[i + 1] - cuts[i]) for i in (j, j + 1)] for j in range(0, 16, 2)]
+vec, keep = _mmsg_vector(msgs)
+n = _sendmmsg(s.fileno(), vec, len(msgs), 0)
+lens = [int(vec[i].msg_len) for i in range(len(msgs))]
+assert n == 8 and lens == [cuts[j + 2] - cuts[j] for j in range(0, 16, 2)], (n, lens)
+""",
+}
 
-def test_commit_lands_inside_a_blocking_write(testbed: Testbed) -> None:
+
+@pytest.mark.parametrize("call", list(BULK_SENDS))
+def test_commit_lands_inside_a_blocking_write(testbed: Testbed, call: str) -> None:
     """A blocking write in flight when the switch is decided does not hold the commit back
     until it returns: the commit lands inside it, and the rest of that one call crosses the host
-    path. Were the commit to wait for the call, all of its 128 MiB would cross VXLAN."""
+    path. Were the commit to wait for the call, all of its 128 MiB would cross VXLAN. The same
+    for sendfile (from an offset, or the file's position) and sendmmsg."""
     size = 128 << 20
     server_c, client_c = testbed.hosts[1].containers[0], testbed.hosts[0].containers[0]
     install_path_counters(testbed)
@@ -243,9 +277,10 @@ def test_commit_lands_inside_a_blocking_write(testbed: Testbed) -> None:
         server_c, SINK_SERVER, mode_env(testbed, server_c, "shuntflow", threshold=1 << 30)
     )
     try:
+        script = BULK_CLIENT.replace("sys.argv[2]", str(size)).replace("SEND", BULK_SENDS[call])
         client = run_script_client(
             client_c,
-            BULK_CLIENT.replace("sys.argv[2]", str(size)),
+            script,
             server_c.overlay_ip,
             mode_env(testbed, client_c, "shuntflow", threshold=4),
             timeout=120,
@@ -261,6 +296,9 @@ def test_commit_lands_inside_a_blocking_write(testbed: Testbed) -> None:
     # The overlay took what the socket held and what the switch's few milliseconds let through.
     assert d.overlay_payload < size // 2, f"VXLAN carried {d.overlay_payload} of {size} bytes"
     assert d.host_payload > size // 2, d
+    print(
+        f"\n{call}: VXLAN carried {d.overlay_payload} of {size} bytes, the host path {d.host_payload}"
+    )
 
 
 def test_torture_slim(testbed: Testbed) -> None:
