@@ -49,6 +49,7 @@ SFS_API struct sfs *sfs_new(const struct sfs_config *cfg, int listen_fd)
     smap_init(&s->clients, 1024);
     smap_init(&s->in_progress, 4096);
     smap_init(&s->done, 4096);
+    smap_init(&s->refused, 1024);
     smap_init(&s->claims, 1024);
     smap_init(&s->finished, 4096);
     smap_init(&s->stats, 256);
@@ -108,6 +109,7 @@ SFS_API void sfs_free(struct sfs *s)
     smap_free(&s->clients);
     smap_free(&s->in_progress);
     smap_free(&s->done);
+    smap_free(&s->refused);
     smap_free(&s->claims);
     smap_free(&s->finished);
     smap_free(&s->stats);

@@ -202,6 +202,20 @@ int client_ns_holds(struct sfs *s, struct sfs_client *c, const struct sf_tuple *
     return ok;
 }
 
+/* The same, asking whether the tuple waits in a listener's queue (sfo_unaccepted). */
+int client_ns_unaccepted(struct sfs *s, struct sfs_client *c, const struct sf_tuple *t)
+{
+    uint8_t dk[12];
+    smap_key_u64(dk, (uint64_t)c->diag_fd);
+    struct snode *n = smap_put(&s->diag_seq, dk, NULL);
+    uint32_t seq = n ? (uint32_t)n->aux : 0;
+    s->owner_checks++;
+    int yes = sfo_unaccepted(c->diag_fd, &seq, t, 500);
+    if (n != NULL)
+        n->aux = seq;
+    return yes;
+}
+
 static void forward(struct sfs *s, struct sfs_client *c, int type, const struct sf_msg *m,
                     int verdict)
 {

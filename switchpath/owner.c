@@ -146,16 +146,17 @@ static enum lookup lookup(int fd, uint32_t seq, const struct sf_tuple *t, int ti
     }
 }
 
-SF_API int sfo_owns(int diag_fd, uint32_t *seq, const struct sf_tuple *t, int timeout_ms,
-                    char *why, size_t whylen) {
+/* One exact-tuple query: FOUND with *state and *inode, NONE, or FAILED with the reason. */
+static enum lookup query(int diag_fd, uint32_t *seq, const struct sf_tuple *t, int timeout_ms,
+                         int *state, uint32_t *inode, char *why, size_t whylen) {
     struct {
         struct nlmsghdr h;
         struct inet_diag_req_v2 r;
     } req;
-    int state = 0;
-    uint32_t inode = 0;
-
-    if (diag_fd < 0) return verdict(0, why, whylen, "namespace not attached");
+    if (diag_fd < 0) {
+        verdict(0, why, whylen, "namespace not attached");
+        return FAILED;
+    }
     *seq += 1; /* wraps at 2^32, as ownership.py masks it */
     memset(&req, 0, sizeof(req));
     req.h.nlmsg_len = sizeof(req);
@@ -175,9 +176,17 @@ SF_API int sfo_owns(int diag_fd, uint32_t *seq, const struct sf_tuple *t, int ti
         ssize_t n = send(diag_fd, &req, sizeof(req), MSG_NOSIGNAL);
         if (n == (ssize_t)sizeof(req)) break;
         if (n < 0 && errno == EINTR) continue;
-        return verdict(0, why, whylen, "sock_diag: %s", n < 0 ? strerror(errno) : "short send");
+        verdict(0, why, whylen, "sock_diag: %s", n < 0 ? strerror(errno) : "short send");
+        return FAILED;
     }
-    switch (lookup(diag_fd, *seq, t, timeout_ms, &state, &inode, why, whylen)) {
+    return lookup(diag_fd, *seq, t, timeout_ms, state, inode, why, whylen);
+}
+
+SF_API int sfo_owns(int diag_fd, uint32_t *seq, const struct sf_tuple *t, int timeout_ms,
+                    char *why, size_t whylen) {
+    int state = 0;
+    uint32_t inode = 0;
+    switch (query(diag_fd, seq, t, timeout_ms, &state, &inode, why, whylen)) {
     case FAILED:
         return 0;
     case NONE:
@@ -199,4 +208,15 @@ SF_API int sfo_owns(int diag_fd, uint32_t *seq, const struct sf_tuple *t, int ti
         return verdict(0, why, whylen, "connection is %s but closed by its process (no inode)",
                        name);
     return verdict(1, why, whylen, "%s", name);
+}
+
+/* A connection the kernel established that no process has accepted yet: in the listener's
+ * queue a socket has no file, so no inode (a process-closed one has left ESTABLISHED and
+ * CLOSE_WAIT by then). */
+SF_API int sfo_unaccepted(int diag_fd, uint32_t *seq, const struct sf_tuple *t, int timeout_ms) {
+    int state = 0;
+    uint32_t inode = 1;
+    char why[8];
+    return query(diag_fd, seq, t, timeout_ms, &state, &inode, why, sizeof(why)) == FOUND &&
+           (state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT) && inode == 0;
 }

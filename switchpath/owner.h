@@ -19,4 +19,8 @@
 int sfo_owns(int diag_fd, uint32_t *seq, const struct sf_tuple *t, int timeout_ms, char *why,
              size_t whylen);
 
+/* 1: the namespace of `diag_fd` holds `t` established, in a listener's queue: not accepted by
+ * any process yet. 0 otherwise, also on a timeout or an error. */
+int sfo_unaccepted(int diag_fd, uint32_t *seq, const struct sf_tuple *t, int timeout_ms);
+
 #endif

@@ -109,6 +109,7 @@ void client_writable(struct sfs *s, struct sfs_client *c);
 /* Does the client's network namespace hold `t` (sock_diag; `why` says why not)? */
 int client_ns_holds(struct sfs *s, struct sfs_client *c, const struct sf_tuple *t, char *why,
                     size_t whylen);
+int client_ns_unaccepted(struct sfs *s, struct sfs_client *c, const struct sf_tuple *t);
 
 /* ---- tuples ---- */
 struct tkey {
@@ -195,6 +196,8 @@ struct sfs_in {
     uint32_t won_seq; /* the winner's own SWITCH_REQ, when that won the claim; else 0 */
     char nobody[80]; /* why, should no library be there to ask */
     struct sfs_timer timer;
+    struct sfs_timer reask; /* the connection is not accepted yet: ask again then */
+    uint32_t reask_us;
 };
 void switch_request(struct sfs *s, struct sfs_client *c, const struct sf_msg *m);
 const char *switch_claim_res(struct sfs *s, struct sfs_client *c, const struct sf_msg *m,
@@ -236,6 +239,8 @@ double backoff_failure(struct sfs *s, uint32_t peer, uint16_t status);
 void backoff_success(struct sfs *s, uint32_t peer);
 int recently_done(struct sfs *s, const struct tkey *k);
 void mark_done(struct sfs *s, const struct tkey *k);
+int recently_refused(struct sfs *s, const struct tkey *k);
+void mark_refused(struct sfs *s, const struct tkey *k);
 void done_expire(struct sfs *s);
 void map_request_refresh(struct sfs *s);
 
@@ -300,6 +305,7 @@ struct sfs {
     struct smap clients;     /* id -> struct sfs_client */
     struct smap in_progress; /* tkey -> struct sfs_out / struct sfs_in */
     struct smap done;        /* tkey -> expiry (aux, µs) */
+    struct smap refused;     /* tkey -> expiry (aux, µs): OFFERs no library here took */
     struct smap claims;      /* seq -> struct sfs_in */
     struct smap finished;    /* seq -> status (aux), the last FINISHED_KEPT */
     struct smap stats;       /* seq -> client id (aux) */

@@ -5,12 +5,13 @@
  *   SWITCH_REQ -> owner, attachment, policy -> resolve peer host -> (follower: grace) -> OFFER
  *       -> ANSWER -> SWITCH_RES + fd (marked)
  *   OFFER (authentic: peers.c) -> sender owns its overlay address, policy -> CLAIM_REQ to the
- *       libraries of the container attached at our end -> first CLAIM_RES OK whose namespace
- *       holds the tuple -> ANSWER OK -> SWITCH_RES + fd
+ *       libraries of the container attached at our end (again while the connection waits in a
+ *       listener's queue) -> first CLAIM_RES OK whose namespace holds the tuple -> ANSWER OK
+ *       -> SWITCH_RES + fd
  *   crossing offers: a router holding its own unanswered request for the mirrored tuple
  *       accepts the leader's OFFER (and serves its library with it) and answers the follower's
- *       DUPLICATE; a follower's request waits follower_grace_ms for the leader's OFFER first,
- *       so a switch both ends want costs one OFFER. An initiator answered DUPLICATE waits
+ *       DUPLICATE; a follower's request waits follower_grace_ms for the leader's OFFER first
+ *       (unless we refused that OFFER already), so a switch both ends want costs one OFFER. An initiator answered DUPLICATE waits
  *       duplicate_wait_ms for the peer's own OFFER to serve it.
  * Every failure before the handoff is a non-OK status and no fd: the library stays on the
  * overlay. Host-level failures put the peer host in backoff. Same rules as the Python router
@@ -320,9 +321,12 @@ static void out_step(struct sfs *s, struct sfs_out *o)
         out_finish(s, o, SF_PEER_UNREACHABLE, why);
         return;
     }
-    if (!tuple_local_leads(&o->t)) {
+    if (!tuple_local_leads(&o->t) && !recently_refused(s, &o->key)) {
         /* Both ends of a busy connection cross the threshold within a round trip or so: give
-         * the leader's OFFER a moment to come, so a switch costs one offer, not two. */
+         * the leader's OFFER a moment to come, so a switch costs one offer, not two. Not when
+         * the leader's OFFER came and no library here took it (it came before the accept): the
+         * leader asks again only after twice its calls, and the wait held the follower's
+         * bytes on the overlay for nothing. */
         o->state = O_GRACE;
         timer_arm(s, &o->timer, now_us() + (uint64_t)s->cfg.follower_grace_ms * 1000);
         return;
@@ -511,6 +515,7 @@ static void in_free(struct sfs *s, struct sfs_in *in)
             smap_del(&s->claims, n);
     }
     timer_disarm(s, &in->timer);
+    timer_disarm(s, &in->reask);
     if (in->conn != NULL)
         peer_free(s, in->conn);
     free(in->asked);
@@ -579,13 +584,66 @@ static int asked_slim(struct sfs *s, const struct sfs_in *in)
     return 0;
 }
 
+static void check_claim(struct sfs *s, struct sfs_in *in);
+
+#define REASK_FIRST_US 500u
+#define REASK_MAX_US 8000u
+
+/* All said NOT_MINE, and the connection waits in the listener's queue of their container: no
+ * process holds it yet, so no library could know it. The application accepts it in a moment
+ * (the OFFER often outruns the accept: the connecting end reached its threshold first), and a
+ * claim asked again then is taken. Refused instead, the initiator would ask again only after
+ * twice its calls, and its bytes crossed the overlay meanwhile. */
+static int not_accepted_yet(struct sfs *s, struct sfs_in *in)
+{
+    if (!s->cfg.owner_check)
+        return 0;
+    for (size_t i = 0; i < in->nasked; i++) {
+        struct sfs_client *c = client_get(s, in->asked[i]);
+        if (c != NULL && !c->closed && c->diag_fd >= 0)
+            return client_ns_unaccepted(s, c, &in->t);
+    }
+    return 0;
+}
+
+static void reask_claim(struct sfs *s, struct sfs_timer *t)
+{
+    struct sfs_in *in = (struct sfs_in *)((char *)t - offsetof(struct sfs_in, reask));
+    if (in->seq == 0 || in->winner != 0)
+        return;
+    uint32_t seq = in->seq;
+    struct sf_msg m = msg_for(SF_CLAIM_REQ, SF_OK, seq, &in->t);
+    in->seq = 0; /* as in claim(): a send may close a client, which must not end this claim */
+    for (size_t i = 0; i < in->nasked; i++) {
+        struct sfs_client *c = client_get(s, in->asked[i]);
+        in->pending[i] = c != NULL && !c->closed;
+        if (in->pending[i])
+            client_send(s, c, &m, -1);
+    }
+    for (size_t i = 0; i < in->nasked; i++)
+        if (client_get(s, in->asked[i]) == NULL)
+            in->pending[i] = 0;
+    in->seq = seq;
+    check_claim(s, in);
+}
+
 static void check_claim(struct sfs *s, struct sfs_in *in)
 {
     /* nobody asked yet: waiting for a library of the container (claim()); all said NOT_MINE
      * but one of them is slim: waiting for its accept() (the claim's timeout bounds both) */
-    if (in->seq != 0 && (in->winner != 0 || (in->nasked > 0 && pending_count(in) == 0 &&
-                                             !asked_slim(s, in))))
-        claim_done(s, in);
+    if (in->seq == 0)
+        return;
+    if (in->winner == 0 && (in->nasked == 0 || pending_count(in) > 0 || asked_slim(s, in)))
+        return;
+    if (in->winner == 0 && not_accepted_yet(s, in)) {
+        /* Asked again soon, then less often, until the claim's timeout ends it. */
+        in->reask_us = in->reask_us == 0 ? REASK_FIRST_US
+                       : in->reask_us < REASK_MAX_US ? in->reask_us * 2
+                                                      : REASK_MAX_US;
+        timer_arm(s, &in->reask, now_us() + in->reask_us);
+        return;
+    }
+    claim_done(s, in);
 }
 
 static void claim_timeout(struct sfs *s, struct sfs_timer *t)
@@ -611,6 +669,7 @@ static void claim_done(struct sfs *s, struct sfs_in *in)
     struct sfs_peerconn *pc = in->conn;
     if (in->winner == 0) {
         in->conn = NULL;
+        mark_refused(s, &in->key);
         refuse(s, pc, &in->t, FAIL_OFFER, SF_PEER_REFUSED,
                in->nasked == 0             ? in->nobody
                : pending_count(in) == 0 ? "all libraries said NOT_MINE"
@@ -668,6 +727,7 @@ static void claim(struct sfs *s, struct sfs_peerconn *pc, const struct sf_tuple 
     in->t = *t;
     in->conn = pc;
     timer_init(&in->timer, claim_timeout);
+    timer_init(&in->reask, reask_claim);
     /* Only the container the overlay reaches at our end's address hears of it: the others
      * could copy the tuple and say "mine", and would learn who talks to whom. */
     int64_t owner = s->cfg.owner_check ? attach_owner(s, t->local_ip) : -1;

@@ -15,6 +15,9 @@
 #include "sfs.h"
 
 #define DONE_TTL_US 1000000u /* daemon.py's DONE_TTL: see there for why 1 s */
+/* A refused leader asks again only after twice its calls, or not at all if its connection ends:
+ * a follower asking within this time offers at once (switch.c out_step). */
+#define REFUSED_TTL_US 1000000u
 
 static int rule_matches_end(const struct rule *r, uint32_t ip_net, uint16_t port_net)
 {
@@ -169,32 +172,59 @@ void backoff_success(struct sfs *s, uint32_t peer)
     }
 }
 
-/* ---- recently switched: a crossing offer that lands just after ours completed ---- */
+/* ---- recently switched: a crossing offer that lands just after ours completed; recently
+ * refused: a leader's OFFER that no library here took ---- */
+
+static int recent(const struct smap *m, const struct tkey *k)
+{
+    struct snode *n = smap_get(m, k->raw);
+    return n != NULL && n->aux > now_us();
+}
+
+static void mark(struct smap *m, const struct tkey *k, uint64_t ttl_us)
+{
+    struct snode *n = smap_put(m, k->raw, NULL);
+    if (n != NULL) {
+        n->aux = now_us() + ttl_us;
+        /* keep the insertion order the expiry order: re-put moves nothing, so re-add */
+        if (n != m->newest) {
+            smap_del(m, n);
+            n = smap_put(m, k->raw, NULL);
+            if (n != NULL)
+                n->aux = now_us() + ttl_us;
+        }
+    }
+}
+
+static void expire(struct smap *m, uint64_t now)
+{
+    while (m->oldest != NULL && m->oldest->aux <= now)
+        smap_del(m, m->oldest);
+}
 
 int recently_done(struct sfs *s, const struct tkey *k)
 {
-    struct snode *n = smap_get(&s->done, k->raw);
-    return n != NULL && n->aux > now_us();
+    return recent(&s->done, k);
 }
 
 void mark_done(struct sfs *s, const struct tkey *k)
 {
-    struct snode *n = smap_put(&s->done, k->raw, NULL);
-    if (n != NULL) {
-        n->aux = now_us() + DONE_TTL_US;
-        /* keep the insertion order the expiry order: re-put moves nothing, so re-add */
-        if (n != s->done.newest) {
-            smap_del(&s->done, n);
-            n = smap_put(&s->done, k->raw, NULL);
-            if (n != NULL)
-                n->aux = now_us() + DONE_TTL_US;
-        }
-    }
+    mark(&s->done, k, DONE_TTL_US);
+}
+
+int recently_refused(struct sfs *s, const struct tkey *k)
+{
+    return recent(&s->refused, k);
+}
+
+void mark_refused(struct sfs *s, const struct tkey *k)
+{
+    mark(&s->refused, k, REFUSED_TTL_US);
 }
 
 void done_expire(struct sfs *s)
 {
     uint64_t now = now_us();
-    while (s->done.oldest != NULL && s->done.oldest->aux <= now)
-        smap_del(&s->done, s->done.oldest);
+    expire(&s->done, now);
+    expire(&s->refused, now);
 }

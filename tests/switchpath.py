@@ -109,6 +109,10 @@ class Native:
                     ctypes.c_size_t,
                 ],
             ),
+            "sfo_unaccepted": (
+                ctypes.c_int,
+                [ctypes.c_int, ctypes.POINTER(ctypes.c_uint32), _void_p, ctypes.c_int],
+            ),
         }
         for name, (restype, argtypes) in sig.items():
             fn = getattr(lib, name)
@@ -156,6 +160,10 @@ class Native:
         ct = ctuple(t)
         ok = self.lib.sfo_owns(fd, ctypes.byref(seq), ctypes.byref(ct), timeout_ms, why, 256)
         return bool(ok), why.value.decode()
+
+    def unaccepted(self, fd: int, seq: ctypes.c_uint32, t: Tuple4, timeout_ms: int = 500) -> bool:
+        ct = ctuple(t)
+        return bool(self.lib.sfo_unaccepted(fd, ctypes.byref(seq), ctypes.byref(ct), timeout_ms))
 
 
 def load_native() -> Native:

@@ -90,6 +90,37 @@ def test_switch_crosses_the_underlay(testbed: Any) -> None:
         assert la.wait_result(la.request(spoof)).msg.status == Status.DENIED
 
 
+def test_claim_asked_again_once_accepted(testbed: Any) -> None:
+    """The OFFER reaches the accepting end while its connection waits in the listener's queue,
+    so no library there can know it (the connecting end reached its threshold first): the
+    claim is asked again until the application accepts it, and taken then. Refused instead,
+    the connecting end would ask again only after twice its calls."""
+    h1, h2 = testbed.hosts
+    c11, c21 = h1.containers[0], h2.containers[0]
+    listener = c21.in_netns(lambda: socket.create_server((c21.overlay_ip, 8082), backlog=4))
+    conn = c11.in_netns(lambda: socket.create_connection((c21.overlay_ip, 8082), timeout=5))
+    t = Tuple4.parse("{}:{}".format(*conn.getsockname()), "{}:{}".format(*conn.getpeername()))
+    with (
+        conn,
+        listener,
+        FakeLibrary(h1.router_socket, netns=c11.netns) as la,
+        FakeLibrary(h2.router_socket, netns=c21.netns) as lb,
+    ):
+        seq = la.request(t)
+        deadline = time.monotonic() + 5
+        while not lb.claims:  # asked, and said NOT_MINE: it holds no such connection yet
+            assert time.monotonic() < deadline, la.results
+            time.sleep(0.001)
+        accepted, _ = listener.accept()
+        with accepted:
+            lb.owned.add(t.mirrored())
+            res = la.wait_result(seq)
+            assert res.msg.status == Status.OK, Status(res.msg.status).name
+            lb.wait_host([t.key()])
+            assert len(lb.claims) >= 2, lb.claims
+            assert all(c.seq == lb.claims[0].seq for c in lb.claims)  # one claim, asked again
+
+
 def test_status_over_the_testbed(testbed: Any) -> None:
     h1, h2 = testbed.hosts
     # From a container of each host: a namespace attached to no overlay address gets no channel.

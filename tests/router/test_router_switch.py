@@ -390,6 +390,33 @@ def test_both_ends_asking_costs_one_offer(
         assert refused == {k: n for k, n in before[r]["failures"].items() if k.startswith("offer_")}
 
 
+def test_follower_after_a_refused_leader_offers_at_once(
+    patient_routers: tuple[RouterProcess, RouterProcess],
+) -> None:
+    """The leader's offer reached the follower's host before the follower's library held the
+    connection (not accepted yet), and was refused; the leader asks again only after twice its
+    calls. The follower's request that follows is not held for the leader's offer (30 s here):
+    its router offers at once, and the leader's library takes the claim."""
+    a, b = patient_routers
+    t = tup(3100)  # A's end (198.19.1.1) leads
+    assert t.local_is_leader()
+    with (
+        FakeLibrary(a.socket, owned={t}) as la,
+        FakeLibrary(b.socket) as lb,  # owns nothing yet: says NOT_MINE to the claim
+    ):
+        sa = la.request(t)
+        res = la.wait_result(sa)
+        assert res.msg.status == Status.PEER_REFUSED and res.sock is None, res.msg
+        lb.owned.add(t.mirrored())  # accepted now
+        sb = lb.request(t.mirrored())
+        res = lb.wait_result(sb)  # 5 s, not the 30 s grace
+        assert res.msg.status == Status.OK, res.msg
+        la.wait_host([t.key()])
+        assert_pair(la.host[t.key()], lb.host[t.key()])
+        wait_in_progress(a, 0)
+        wait_in_progress(b, 0)
+
+
 def wait_in_progress(r: RouterProcess, n: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while r.status()["router"]["in_progress"] != n:

@@ -525,6 +525,32 @@ def test_owns_live_closed_and_listener(native: Native) -> None:
             owner.close()
 
 
+def test_unaccepted_until_the_accept(native: Native) -> None:
+    """The router asks a claim again while its connection waits in the listener's queue: only
+    then, not for an accepted one, a closed one, or a tuple nobody has."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    seq = ctypes.c_uint32(0)
+    with diag_socket() as d:
+        try:
+            theirs = tup_of(client).mirrored()  # the accepting end's view
+            assert native.unaccepted(d.fileno(), seq, theirs)
+            assert not native.unaccepted(d.fileno(), seq, tup_of(client))  # held: an inode
+            lport = listener.getsockname()[1]
+            nobody = Tuple4.parse(f"127.0.0.1:{lport}", "127.0.0.1:9")
+            assert not native.unaccepted(d.fileno(), seq, nobody)
+            server, _ = listener.accept()
+            with server:
+                assert tup_of(server) == theirs
+                assert not native.unaccepted(d.fileno(), seq, theirs)
+                server.close()
+                assert not native.unaccepted(d.fileno(), seq, theirs)  # closed by its process
+            assert seq.value == 5  # one netlink sequence number per query
+        finally:
+            client.close()
+            listener.close()
+
+
 # Scripted replies: the C reader and ownership._lookup fed the same netlink messages.
 
 _NLHDR = struct.Struct("=IHHII")
