@@ -296,9 +296,7 @@ def test_commit_lands_inside_a_blocking_write(testbed: Testbed, call: str) -> No
     # The overlay took what the socket held and what the switch's few milliseconds let through.
     assert d.overlay_payload < size // 2, f"VXLAN carried {d.overlay_payload} of {size} bytes"
     assert d.host_payload > size // 2, d
-    print(
-        f"\n{call}: VXLAN carried {d.overlay_payload} of {size} bytes, the host path {d.host_payload}"
-    )
+    print(f"\n{call}: VXLAN carried {d.overlay_payload} of {size} bytes, host {d.host_payload}")
 
 
 def test_torture_slim(testbed: Testbed) -> None:
