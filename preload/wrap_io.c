@@ -164,7 +164,9 @@ static long send_room(int fd) {
 }
 
 /* One piece from `done` on that does not wait for room, of at most *asked bytes (set to what
- * was asked for): EAGAIN if the socket has none. */
+ * was asked for): EAGAIN if the socket has none. (Should the kernel not say how much room
+ * there is, a sendfile piece is the rest of the call, as the plain call would send it.) One
+ * getsockopt before each sendfile piece: a socket with room takes the whole call in one. */
 static ssize_t send_nowait(const struct wsrc *s, int fd, size_t done, size_t *asked) {
     *asked = s->total - done;
     if (s->iov != NULL)
@@ -332,8 +334,6 @@ static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committe
     struct wsrc s = {.in_fd = -1};
     struct iovec one;
     if (op->call == call_sendfile) {
-        if (send_room(c->fd) < 0)
-            return SPLIT_NO;
         s.in_fd = op->in_fd;
         s.offset = op->offset;
         s.use64 = op->use64;
