@@ -116,9 +116,10 @@ static size_t iov_len(const struct iovec *iov, int n) {
     return total;
 }
 
-/* A buffer list as a source: 0 if it cannot be split. */
+/* A buffer list as a source: 0 if it cannot be split (a list the kernel would refuse with
+ * EFAULT gets the plain call, which says so). */
 static int iov_src(struct wsrc *s, const struct iovec *iov, size_t n, int flags) {
-    if (n > SPLIT_IOV_MAX)
+    if (n > SPLIT_IOV_MAX || (iov == NULL && n > 0))
         return 0;
     s->iov = iov;
     s->n = (int)n;
