@@ -84,6 +84,9 @@ static ssize_t finish_host_write(struct sf_conn *c, ssize_t n, struct io *op) {
 #define SPLIT_IDLE_TICK_NS 1000000L
 #define SPLIT_NO (-2)
 #define SPLIT_MAX_RW 0x7ffff000L /* what one sendfile moves at most (the kernel's MAX_RW_COUNT) */
+/* A sendfile of at most this much keeps the plain call: its piece would cost a getsockopt more,
+ * and the commit waits for it at most until the socket has that much room again. */
+#define SPLIT_FILE_MIN 65536
 #define SPLIT_MMSG_MAX 1024      /* the messages one sendmmsg sends at most (UIO_MAXIOV) */
 #ifndef SO_MEMINFO
 #define SO_MEMINFO 55
@@ -335,6 +338,8 @@ static ssize_t split_write(struct sf_conn *c, const struct io *op, int *committe
     struct wsrc s = {.in_fd = -1};
     struct iovec one;
     if (op->call == call_sendfile) {
+        if (op->len <= SPLIT_FILE_MIN)
+            return SPLIT_NO;
         s.in_fd = op->in_fd;
         s.offset = op->offset;
         s.use64 = op->use64;
