@@ -59,6 +59,10 @@ SFS_API struct sfs *sfs_new(const struct sfs_config *cfg, int listen_fd)
     smap_init(&s->idle_per_peer, 64);
     s->wake_io = (struct sfs_io){.kind = IO_WAKE, .fd = s->wake_r};
     s->listen_io = (struct sfs_io){.kind = IO_LISTENER, .fd = listen_fd};
+    socklen_t sl = sizeof(s->listen_addr);
+    if (getsockname(listen_fd, (struct sockaddr *)&s->listen_addr, &sl) < 0 ||
+        s->listen_addr.sin_family != AF_INET)
+        memset(&s->listen_addr, 0, sizeof(s->listen_addr));
     io_watch(s, &s->wake_io, EPOLLIN);
     io_watch(s, &s->listen_io, EPOLLIN);
     return s;
@@ -336,6 +340,7 @@ SFS_API size_t sfs_samples(struct sfs *s, int which, uint64_t since, uint32_t *o
 SFS_API void sfs_set_log(struct sfs *s, int fd, int threshold)
 {
     pthread_mutex_lock(&s->lock);
+    log_flush(s);
     if (log_fd >= 0)
         close(log_fd);
     log_fd = fd;

@@ -141,9 +141,12 @@ void *sfs_loop(void *arg)
         pthread_mutex_unlock(&s->lock);
         int n = epoll_wait(s->epfd, evs, MAX_EVENTS, timeout);
         pthread_mutex_lock(&s->lock);
+        s->log_batching = 1;
         for (int i = 0; i < n; i++)
             dispatch(s, &evs[i]);
         end_of_round(s);
+        log_flush(s);
+        s->log_batching = 0; /* Python's calls between rounds log at once */
     }
     timer_disarm(s, &s->tick);
     pthread_mutex_unlock(&s->lock);

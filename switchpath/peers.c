@@ -266,6 +266,10 @@ void peers_accept(struct sfs *s)
         pc->peer_ip = sa.sin_addr.s_addr;
         pc->peer_port = ntohs(sa.sin_port);
         pc->state = PC_NEW;
+        if (s->listen_addr.sin_addr.s_addr != INADDR_ANY) {
+            binding_put(pc->binding, &sa, &s->listen_addr);
+            pc->bound = 1;
+        }
         timer_init(&pc->timer, incoming_timeout);
         s->incoming++;
         admit(s, pc);
@@ -319,7 +323,7 @@ static void offer_read(struct sfs *s, struct sfs_peerconn *pc)
         drop(s, pc, frame_reason(bad, pc->buf, reason, sizeof(reason)));
         return;
     }
-    if (sfp_binding(pc->io.fd, 0, pc->binding) < 0) {
+    if (!pc->bound && sfp_binding(pc->io.fd, 0, pc->binding) < 0) {
         drop(s, pc, "socket error: binding");
         return;
     }

@@ -6,10 +6,13 @@
  * switch that took it), to twice as many as were asked for since the last refill if that is
  * more than peer_pool_size (up to POOL_BURST_MAX): a burst of switches, or slim mode's one per
  * connection, would otherwise empty the pool before each refill and pay a TCP handshake to the
- * peer router inside every switch after that. A connection is used only while younger than half the peer's idle
- * timeout, so we never race the peer closing an idle one; one the peer closed anyway before
- * answering is not the peer's failure (it may have restarted): the offer is made again on a
- * fresh connection. Only peers switched to recently keep a pool (KEEP_WARM).
+ * peer router inside every switch after that; a few connects a round (REFILL_STEP), so a refill
+ * does not hold up the switches of the burst that asked for it. A connection is used only while
+ * younger than half the peer's idle timeout, so we never race the peer closing an idle one; a
+ * pooled one is watched for reading (the peer sends nothing before our OFFER: an event is its
+ * close, and it is dropped); one the peer closed anyway before answering is not the peer's
+ * failure (it may have restarted): the offer is made again on a fresh connection. Only peers
+ * switched to recently keep a pool (KEEP_WARM).
  * The source address is --host-ip (IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect, no
  * ephemeral port exhaustion from bind-before-connect); the responder checks it against its map. */
 #include <arpa/inet.h>
@@ -28,6 +31,7 @@
 #define KEEP_WARM_US 60000000u
 #define REFILL_DELAY_US 5000u
 #define POOL_BURST_MAX 32u
+#define REFILL_STEP 4u
 
 static struct sfs_peerconn *pc_of(struct sfs_timer *t)
 {
@@ -137,13 +141,38 @@ static struct sfs_peerconn *connect_peer(struct sfs *s, uint32_t peer, char *why
     return pc;
 }
 
+/* The MAC'd binding (docs/wire.md section 2): initiator's address and port, then responder's. */
+void binding_put(uint8_t out[SFP_BINDING_SIZE], const struct sockaddr_in *initiator,
+                 const struct sockaddr_in *responder)
+{
+    memcpy(out, &initiator->sin_addr.s_addr, 4);
+    memcpy(out + 4, &initiator->sin_port, 2);
+    memcpy(out + 6, &responder->sin_addr.s_addr, 4);
+    memcpy(out + 10, &responder->sin_port, 2);
+}
+
+/* An outgoing connection's binding once it is connected: the far end is the one we connected
+ * to, so only our port (chosen at connect) needs asking for. */
+static int outgoing_binding(struct sfs_peerconn *pc)
+{
+    struct sockaddr_in self, peer = {.sin_family = AF_INET};
+    socklen_t sl = sizeof(self);
+    if (getsockname(pc->io.fd, (struct sockaddr *)&self, &sl) < 0 || self.sin_family != AF_INET)
+        return -1;
+    peer.sin_addr.s_addr = pc->peer_ip;
+    peer.sin_port = htons(pc->peer_port);
+    binding_put(pc->binding, &self, &peer);
+    pc->bound = 1;
+    return 0;
+}
+
 /* ---- the exchange ---- */
 
 static void send_offer(struct sfs *s, struct sfs_peerconn *pc)
 {
     struct sfs_out *o = pc->out;
     char why[96];
-    if (sfp_binding(pc->io.fd, 1, pc->binding) < 0) {
+    if (!pc->bound && outgoing_binding(pc) < 0) {
         int pooled = pc->from_pool;
         o->conn = NULL;
         peer_free(s, pc);
@@ -246,10 +275,17 @@ static void refill_connected(struct sfs *s, struct sfs_peerconn *pc)
         return;
     }
     pp->filling--;
+    if (outgoing_binding(pc) < 0) {
+        peer_free(s, pc);
+        return;
+    }
     peer_delay_acks(pc->io.fd);
     pc->state = PC_POOLED;
     pc->since = now_us();
-    io_unwatch(s, &pc->io);
+    /* Watched for reading from now on: the peer sends nothing before our OFFER, so an event
+     * while pooled is its close (dropped here, not found dead at the next switch), and the
+     * OFFER's ANSWER needs no second epoll_ctl. */
+    io_watch(s, &pc->io, EPOLLIN);
     /* used only while younger than half the peer's idle timeout */
     timer_arm(s, &pc->timer, pc->since + (uint64_t)s->cfg.peer_idle_timeout_ms * 500);
     pc->prev = pp->tail;
@@ -263,6 +299,7 @@ static void refill_connected(struct sfs *s, struct sfs_peerconn *pc)
 }
 
 static void refill(struct sfs *s, struct pool_peer *pp);
+static void refill_step(struct sfs *s, struct pool_peer *pp);
 
 void outconn_event(struct sfs *s, struct sfs_peerconn *pc, uint32_t events)
 {
@@ -298,8 +335,16 @@ void outconn_event(struct sfs *s, struct sfs_peerconn *pc, uint32_t events)
         switch_offer_result(s, o, SF_PEER_UNREACHABLE, why, NULL);
         return;
     }
-    if (pc->state == PC_OFFERED)
+    if (pc->state == PC_OFFERED) {
         read_answer(s, pc);
+        return;
+    }
+    if (pc->state == PC_POOLED) {
+        struct pool_peer *pp = pool_of(s, pc->peer_ip, 0);
+        if (pp != NULL)
+            pool_unlink(pp, pc);
+        peer_free(s, pc);
+    }
 }
 
 /* ---- the pool ---- */
@@ -307,7 +352,10 @@ void outconn_event(struct sfs *s, struct sfs_peerconn *pc, uint32_t events)
 static void refill_fire(struct sfs *s, struct sfs_timer *t)
 {
     struct pool_peer *pp = (struct pool_peer *)((char *)t - offsetof(struct pool_peer, refill));
-    refill(s, pp);
+    if (pp->want > 0) /* a refill under way: its next step, taken as asked then */
+        refill_step(s, pp);
+    else
+        refill(s, pp);
 }
 
 static struct pool_peer *pool_of(struct sfs *s, uint32_t peer, int create)
@@ -336,7 +384,20 @@ static void refill(struct sfs *s, struct pool_peer *pp)
     if (want > 0 && burst > want)
         want = burst;
     pp->taken = 0;
-    while (pp->idle + pp->filling < want) {
+    pp->want = want;
+    refill_step(s, pp);
+}
+
+/* At most REFILL_STEP connects a round: each runs the peer's handshake inline (tens of µs on a
+ * shared VM), and 32 at once held up the switches of the burst that asked for them by a third of
+ * a millisecond. The rest follow in the next rounds, after the events that came meanwhile. */
+static void refill_step(struct sfs *s, struct pool_peer *pp)
+{
+    for (unsigned i = 0; pp->idle + pp->filling < pp->want; i++) {
+        if (i == REFILL_STEP) {
+            timer_arm(s, &pp->refill, now_us());
+            return;
+        }
         char why[96];
         int internal;
         struct sfs_peerconn *pc = connect_peer(s, pp->peer, why, sizeof(why), &internal);
@@ -344,13 +405,9 @@ static void refill(struct sfs *s, struct pool_peer *pp)
             return;
         pp->filling++;
     }
-}
-
-static int alive(int fd)
-{
-    char b;
-    ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-    return n < 0 && errno == EAGAIN; /* EOF, an error or bytes the peer never should have sent */
+    pp->want = 0;
+    if (pp->taken > 0) /* switches took from it meanwhile */
+        timer_arm(s, &pp->refill, now_us() + REFILL_DELAY_US);
 }
 
 void pool_take_or_connect(struct sfs *s, struct sfs_out *o)
@@ -365,8 +422,9 @@ void pool_take_or_connect(struct sfs *s, struct sfs_out *o)
             while (pp->head != NULL && found == NULL) {
                 struct sfs_peerconn *pc = pp->head;
                 pool_unlink(pp, pc);
-                if (now - pc->since < (uint64_t)s->cfg.peer_idle_timeout_ms * 500 &&
-                    alive(pc->io.fd))
+                /* one the peer closed is dropped at its event (outconn_event); should its
+                 * event still be in this round's batch, the OFFER goes again on a fresh one */
+                if (now - pc->since < (uint64_t)s->cfg.peer_idle_timeout_ms * 500)
                     found = pc;
                 else
                     peer_free(s, pc);
@@ -409,6 +467,7 @@ void pool_forget(struct sfs *s, uint32_t peer)
         peer_free(s, pc);
     }
     pp->last_use = 0;
+    pp->want = 0;
     timer_disarm(s, &pp->refill);
 }
 

@@ -14,6 +14,7 @@
 #ifndef SF_SFS_H
 #define SF_SFS_H
 
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -148,6 +149,7 @@ struct sfs_peerconn {
     size_t got;
     struct sf_peer_msg offer; /* outgoing: ours; incoming: theirs */
     uint8_t binding[SFP_BINDING_SIZE];
+    int bound; /* binding is filled (from accept's and the listener's addresses, or at connect) */
     struct sfs_out *out; /* outgoing: the request it offers for */
     char evicted[160];   /* incoming: why it was shut before its OFFER */
     uint64_t map_gen;    /* PC_ADMIT: the map generation it missed in */
@@ -158,6 +160,8 @@ void peer_free(struct sfs *s, struct sfs_peerconn *pc);
 int peer_send_answer(struct sfs *s, struct sfs_peerconn *pc, uint16_t status);
 void peers_map_updated(struct sfs *s);
 void pool_take_or_connect(struct sfs *s, struct sfs_out *o);
+void binding_put(uint8_t out[SFP_BINDING_SIZE], const struct sockaddr_in *initiator,
+                 const struct sockaddr_in *responder);
 void pool_forget(struct sfs *s, uint32_t peer);
 void pool_maintain(struct sfs *s);
 void peer_delay_acks(int fd);
@@ -246,6 +250,7 @@ void map_request_refresh(struct sfs *s);
 
 /* ---- events to Python: one JSON object per datagram (util.c) ---- */
 #define EV_MAX 2048
+#define LOG_BATCH (16 * EV_MAX)
 enum { EV_LOG = 1, EV_CLOSED, EV_MAP_MISS, EV_ROW, EV_STATS_END, EV_SWITCH_DONE,
        EV_SWITCH_CALLS };
 struct ev {
@@ -263,6 +268,7 @@ void ev_uint(struct ev *e, const char *k, uint64_t v);
 void ev_tuple(struct ev *e, const char *k, const struct sf_tuple *t);
 void ev_ip(struct ev *e, const char *k, uint32_t ip_net, int port_host);
 void ev_send(struct sfs *s, struct ev *e);
+void log_flush(struct sfs *s);
 const char *frame_reason(const char *why, const uint8_t *buf, char *out, size_t len);
 void fmt_tuple(char *out, size_t len, const struct sf_tuple *t);
 
@@ -280,6 +286,7 @@ struct pool_peer {
     struct sfs_peerconn *head, *tail;
     size_t idle, filling;
     size_t taken; /* switches that asked for a connection since the last refill */
+    size_t want;  /* the refill under way fills up to this many (0: none under way) */
     uint64_t last_use;
     struct sfs_timer refill;
 };
@@ -315,6 +322,8 @@ struct sfs {
     struct smap idle_per_peer; /* source -> count (aux) */
     struct sfs_peerconn *wait_head, *wait_tail; /* incoming conns with no byte yet */
     size_t incoming;          /* incoming connections alive */
+    struct sockaddr_in listen_addr; /* the listener's, if bound to one address: an incoming
+                                     * connection's local end without a getsockname */
     uint32_t seq;
     int seq_wrapped;
 
@@ -335,6 +344,10 @@ struct sfs {
     void **grave;
     size_t ngrave, capgrave;
     char handoff_refusal[200]; /* non-empty: hand nothing out (guard wanted, not working) */
+    /* The loop's log lines of one round, written at its end in one write (log_flush) */
+    int log_batching;
+    size_t loglen, loglines;
+    char logbuf[LOG_BATCH];
 
     /* counters Python reads */
     uint64_t served_initiated, served_accepted, handoffs_lost, backoff_refusals;
