@@ -21,6 +21,7 @@
 
 #define MAX_SEND_QUEUE 4096
 #define READS_PER_WAKEUP 64
+#define READ_BATCH 16
 #define MAX_HANDED 65536
 
 struct sfs_client *client_get(struct sfs *s, uint64_t id)
@@ -355,28 +356,11 @@ static const char *dispatch(struct sfs *s, struct sfs_client *c, const struct sf
     }
 }
 
-/* One datagram; 0 to go on reading, -1 if the client is gone or there is nothing more. */
-static int read_one(struct sfs *s, struct sfs_client *c)
+/* The fds a datagram carried are never ours to keep: closed; how many there were. */
+static int drop_fds(struct msghdr *mh)
 {
-    uint8_t buf[sizeof(struct sf_msg) + 1];
-    union {
-        char b[CMSG_SPACE(8 * sizeof(int))];
-        struct cmsghdr align;
-    } u;
-    struct iovec iov = {.iov_base = buf, .iov_len = sizeof(buf)};
-    struct msghdr mh = {
-        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b, .msg_controllen = sizeof(u.b)};
-    ssize_t n = recvmsg(c->io.fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EINTR)
-            return -1;
-        char why[96];
-        snprintf(why, sizeof(why), "receive failed: %s", strerror(errno));
-        client_close(s, c, why, 0);
-        return -1;
-    }
     int nfds = 0;
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(mh); cm; cm = CMSG_NXTHDR(mh, cm)) {
         if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
             continue;
         size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -387,8 +371,16 @@ static int read_one(struct sfs *s, struct sfs_client *c)
             nfds++;
         }
     }
-    if (mh.msg_flags & MSG_CTRUNC)
+    if (mh->msg_flags & MSG_CTRUNC)
         nfds += 1; /* fds the kernel dropped for us still were fds */
+    return nfds;
+}
+
+/* One datagram of `n` bytes; -1 if the client is gone. */
+static int handle_one(struct sfs *s, struct sfs_client *c, const uint8_t *buf, size_t n,
+                      struct msghdr *mh)
+{
+    int nfds = drop_fds(mh);
     if (n == 0 && nfds == 0) {
         /* SEQPACKET delivers an empty datagram as a 0-byte read too: only a hangup is leaving */
         if (hung_up(c->io.fd))
@@ -398,7 +390,7 @@ static int read_one(struct sfs *s, struct sfs_client *c)
         return -1;
     }
     /* exactly 49 bytes arrive whole; more are cut (MSG_TRUNC): "more than 48" */
-    size_t len = (mh.msg_flags & MSG_TRUNC) ? sizeof(buf) + 1 : (size_t)n;
+    size_t len = (mh->msg_flags & MSG_TRUNC) ? sizeof(struct sf_msg) + 2 : n;
     struct sf_msg m;
     char reason[80];
     const char *bad = sfl_parse(buf, len, nfds, &m);
@@ -418,11 +410,45 @@ static int read_one(struct sfs *s, struct sfs_client *c)
     return c->closed ? -1 : 0;
 }
 
+/* Up to READ_BATCH datagrams per recvmmsg: a wake-up with one frame in costs one call, not a
+ * second one to learn there is no more (fewer than asked for means the queue was empty). */
 void client_readable(struct sfs *s, struct sfs_client *c)
 {
-    for (int i = 0; i < READS_PER_WAKEUP; i++)
-        if (read_one(s, c) < 0)
+    struct mmsghdr mv[READ_BATCH];
+    struct iovec iov[READ_BATCH];
+    uint8_t buf[READ_BATCH][sizeof(struct sf_msg) + 1];
+    union {
+        char b[CMSG_SPACE(8 * sizeof(int))];
+        struct cmsghdr align;
+    } u[READ_BATCH];
+    for (int done = 0; done < READS_PER_WAKEUP; done += READ_BATCH) {
+        for (int i = 0; i < READ_BATCH; i++) {
+            iov[i] = (struct iovec){.iov_base = buf[i], .iov_len = sizeof(buf[i])};
+            mv[i] = (struct mmsghdr){.msg_hdr = {.msg_iov = &iov[i],
+                                                 .msg_iovlen = 1,
+                                                 .msg_control = u[i].b,
+                                                 .msg_controllen = sizeof(u[i].b)}};
+        }
+        int n = recvmmsg(c->io.fd, mv, READ_BATCH, MSG_CMSG_CLOEXEC | MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return;
+            char why[96];
+            snprintf(why, sizeof(why), "receive failed: %s", strerror(errno));
+            client_close(s, c, why, 0);
             return;
+        }
+        int i = 0;
+        while (i < n && handle_one(s, c, buf[i], mv[i].msg_len, &mv[i].msg_hdr) == 0)
+            i++;
+        if (i < n) { /* the client is gone: what else came is dropped, fds closed */
+            while (++i < n)
+                drop_fds(&mv[i].msg_hdr);
+            return;
+        }
+        if (n < READ_BATCH)
+            return;
+    }
 }
 
 /* Remembers `t` as handed to `c`: its host-path reports of it count. */
