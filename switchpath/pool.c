@@ -304,9 +304,11 @@ static void refill_step(struct sfs *s, struct pool_peer *pp);
 void outconn_event(struct sfs *s, struct sfs_peerconn *pc, uint32_t events)
 {
     if (pc->state == PC_CONNECTING) {
+        /* a failed connect always reports EPOLLERR: only then is its error worth a call */
         int err = 0;
         socklen_t el = sizeof(err);
-        if (getsockopt(pc->io.fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0)
+        if ((events & (EPOLLERR | EPOLLHUP)) &&
+            getsockopt(pc->io.fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0)
             err = errno;
         if (err == 0 && !(events & (EPOLLERR | EPOLLHUP))) {
             if (pc->out != NULL)
