@@ -183,8 +183,8 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
             Edit(
                 "switchpath/switch.c",
-                "    if (!tuple_local_leads(&o->t)) {\n",
-                "    if (tuple_local_leads(&o->t)) {\n",
+                "    if (!tuple_local_leads(&o->t) && !recently_refused(s, &o->key)) {\n",
+                "    if (tuple_local_leads(&o->t) && !recently_refused(s, &o->key)) {\n",
             ),
         ),
     ),
