@@ -1,15 +1,16 @@
 /* agent.c -- the background thread that moves connections, so the application never waits.
  *
- * One agent per process, started at the first tracked connection (and again in a forked child,
- * lazily). Application threads only hand it work: a trigger goes on a queue and an eventfd wakes
- * the thread, unless the triggering thread could send the SWITCH_REQ itself without waiting
- * (router.c sf_router_request_now); a frame for the router goes on router.c's report queue. The thread then serves
- * what its epoll reports: the queue, the router channel (router.c), the handoff frames on each
- * new host connection (handoff.c), and on a tick the timers (handoff expiry, lingering host
- * sockets, owed FINs, io_uring). When a write is in flight at the moment the agent wants to
- * commit, the writer finishes that commit itself (handoff.c). Any failure before a commit leaves
- * the connection on the overlay (fail-open). Slim mode's blocking switch is here too: it is a
- * trigger and a wait. */
+ * One agent per process, started when a connection first needs it: at its SF_AGENT_CALL-th data
+ * call or its trigger (slim: at connect() or accept()), and again in a forked child. Until then
+ * the process has no thread of ours. Application threads only hand it work: a trigger goes on a
+ * queue and an eventfd wakes the thread, unless the triggering thread could send the SWITCH_REQ
+ * itself without waiting (router.c sf_router_request_now); a frame for the router goes on
+ * router.c's report queue. The thread then serves what its epoll reports: the queue, the router
+ * channel (router.c), the handoff frames on each new host connection (handoff.c), and on a tick
+ * the timers (handoff expiry, lingering host sockets, owed FINs, io_uring). When a write is in
+ * flight at the moment the agent wants to commit, the writer finishes that commit itself
+ * (handoff.c). Any failure before a commit leaves the connection on the overlay (fail-open).
+ * Slim mode's blocking switch is here too: it is a trigger and a wait. */
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
@@ -24,8 +25,8 @@ pthread_mutex_t sf_agent_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static struct {
     pid_t pid;                 /* process that started this agent; a fork child has another */
-    /* 1 once this process's agent runs; cleared in a fork child (atfork), so asking costs every
-     * new connection a load, not a getpid() (a system call, ~0.4 us on a VM). */
+    /* 1 once this process's agent runs; cleared in a fork child (atfork), so asking costs a
+     * load, not a getpid() (a system call, ~0.4 us on a VM). */
     _Atomic int running;
     int epfd, evfd;
     struct { int fd; uint32_t gen; } queue[AG_QUEUE];
@@ -131,11 +132,17 @@ void sf_agent_ensure(void) {
                 ag.epfd = ag.evfd = -1;
             } else {
                 __atomic_store_n(&ag.pid, me, __ATOMIC_RELEASE);
-                atomic_store_explicit(&ag.running, 1, memory_order_release);
+                /* Sequentially consistent: against sf_conn_start's store of the kind and load
+                 * of this flag (a connection that saw 0 is found by the index's walk). */
+                atomic_store(&ag.running, 1);
             }
         }
         pthread_mutex_unlock(&sf_agent_mu);
     }
+}
+
+int sf_agent_running(void) {
+    return atomic_load(&ag.running);
 }
 
 void sf_agent_after_fork_child(void) {

@@ -45,6 +45,11 @@ struct io {
 /* Returns the trigger it compared with: UINT32_MAX once a switch is decided and under way. */
 static uint32_t count_call(struct sf_conn *c) {
     uint32_t n = atomic_fetch_add_explicit(&c->calls, 1, memory_order_relaxed) + 1;
+    if (SF_UNLIKELY(n == sf_cfg.agent_call)) {
+        int saved = errno;
+        sf_agent_ensure();
+        errno = saved;
+    }
     uint32_t trigger = atomic_load_explicit(&c->next_trigger, memory_order_relaxed);
     if (SF_UNLIKELY(n >= trigger) && sf_cfg.mode == SF_MODE_SHUNTFLOW &&
         atomic_load_explicit(&c->phase, memory_order_relaxed) == SF_P_OVERLAY) {
