@@ -6,6 +6,7 @@ Every byte is checked by the torture pair; the connections must simply stay on t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,63 @@ for _ in range(4):
     a.recv(1)
 time.sleep(2.6)
 """
+
+
+# One-request connections over loopback (the overlay here), then one that goes on: the threads
+# of the process (the kernel's list) after each.
+SHORT_THEN_LONG = """
+import json, os, socket
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(8)
+def threads():
+    return len(os.listdir("/proc/self/task"))
+seen = []
+for _ in range(20):
+    c = socket.create_connection(srv.getsockname())
+    a, _ = srv.accept()
+    c.sendall(b"GET")
+    a.recv(3)
+    a.sendall(b"200")
+    a.close()
+    assert c.recv(3) == b"200" and c.recv(3) == b""
+    c.close()
+seen.append(threads())
+c = socket.create_connection(srv.getsockname())
+a, _ = srv.accept()
+for _ in range(4):  # 8 data calls at each end
+    c.sendall(b"x")
+    a.recv(1)
+    a.sendall(b"y")
+    c.recv(1)
+seen.append(threads())
+print(json.dumps(seen))
+"""
+
+
+def test_the_agent_starts_only_when_a_connection_goes_on(tmp_path: Path) -> None:
+    """A process whose connections make a few data calls each (one request) never starts the
+    agent thread: a multi-threaded process pays in every fd system call (the kernel's file
+    reference, glibc's cancellation bracket). A connection's 8th data call starts it."""
+    env = {
+        **os.environ,
+        **app_environment(
+            Mode.SHUNTFLOW,
+            tmp_path / "missing.sock",
+            threshold=64,
+            overlay_cidr="127.0.0.0/8",
+            log=str(tmp_path / "lib.log"),
+        ),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", SHORT_THEN_LONG], env=env, check=True, timeout=60,
+        capture_output=True, text=True,
+    )
+    assert json.loads(out.stdout) == [1, 2], out.stdout
+    log = (tmp_path / "lib.log").read_text()
+    # 20 connections at each end were tracked, the agent tried the router once it ran.
+    assert log.count("closed in phase") >= 40, log[-2000:]
+    assert "unreachable" in log
 
 
 def test_the_library_takes_its_fds_once(tmp_path: Path) -> None:
