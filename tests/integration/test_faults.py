@@ -110,8 +110,12 @@ def test_the_agent_starts_only_when_a_connection_goes_on(tmp_path: Path) -> None
         ),
     }
     out = subprocess.run(
-        [sys.executable, "-c", SHORT_THEN_LONG], env=env, check=True, timeout=60,
-        capture_output=True, text=True,
+        [sys.executable, "-c", SHORT_THEN_LONG],
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
     )
     assert json.loads(out.stdout) == [1, 2], out.stdout
     log = (tmp_path / "lib.log").read_text()
