@@ -121,7 +121,7 @@ void sf_agent_ensure(void) {
             pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
             pthread_attr_setstacksize(&attr, 256 * 1024);
             pthread_t tid;
-            int rc = pthread_create(&tid, &attr, agent_main, NULL);
+            int rc = real.pthread_create(&tid, &attr, agent_main, NULL);
             pthread_attr_destroy(&attr);
             pthread_sigmask(SIG_SETMASK, &old, NULL);
             if (rc != 0) {
@@ -143,6 +143,41 @@ void sf_agent_ensure(void) {
 
 int sf_agent_running(void) {
     return atomic_load(&ag.running);
+}
+
+/* glibc's flag, 0 once the process has made a second thread (never set back); musl has none,
+ * and a process under it starts its agent with its first connection. */
+extern char __libc_single_threaded __attribute__((weak));
+
+static _Atomic int conn_seen; /* shuntflow mode: a connection was tracked in this process */
+
+/* A connection began while no agent runs. Shuntflow mode starts the agent now if the process is
+ * multi-threaded already, else at a connection's SF_AGENT_CALL-th data call or at the process's
+ * next thread (pthread_create below); slim mode at the trigger its connect or accept makes. */
+void sf_agent_conn_started(void) {
+    if (sf_cfg.mode != SF_MODE_SHUNTFLOW)
+        return;
+    if (!atomic_load_explicit(&conn_seen, memory_order_relaxed))
+        atomic_store(&conn_seen, 1);
+    if (&__libc_single_threaded == NULL || !__libc_single_threaded)
+        sf_agent_ensure();
+}
+
+/* A process holding a connection that makes a second thread is multi-threaded from now on, agent
+ * or not: the agent starts now, so that a claim for a connection that makes no call (a server
+ * thread that accepts, hands the connection to a new thread and does not read it yet) finds this
+ * process's channel. */
+SF_EXPORT int pthread_create(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *),
+                             void *arg) {
+    sf_ensure_init();
+    int rc = real.pthread_create(tid, attr, fn, arg);
+    if (rc == 0 && SF_UNLIKELY(atomic_load_explicit(&conn_seen, memory_order_relaxed)) &&
+        !sf_agent_running()) {
+        int saved = errno;
+        sf_agent_ensure();
+        errno = saved;
+    }
+    return rc;
 }
 
 void sf_agent_after_fork_child(void) {

@@ -50,7 +50,7 @@ static void resolve_real(void) {
     R(epoll_create, "epoll_create"); R(epoll_create1, "epoll_create1"); R(epoll_ctl, "epoll_ctl");
     R(epoll_wait, "epoll_wait"); R(epoll_pwait, "epoll_pwait"); R(epoll_pwait2, "epoll_pwait2");
     R(poll, "poll"); R(poll_chk, "__poll_chk"); R(ppoll, "ppoll"); R(select, "select");
-    R(pselect, "pselect");
+    R(pselect, "pselect"); R(pthread_create, "pthread_create");
 #undef R
     if (real.fcntl64 == NULL)
         real.fcntl64 = real.fcntl;
@@ -390,9 +390,12 @@ void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_conne
      * kind (agent.c sf_agent_ensure). */
     atomic_store(&c->kind, SF_CONN);
     pthread_mutex_unlock(&c->mu);
-    /* The agent starts later (SF_AGENT_CALL; slim: sf_agent_switch_now). */
-    if (sf_cfg.mode != SF_MODE_OVERLAY && sf_agent_running())
+    if (sf_cfg.mode == SF_MODE_OVERLAY)
+        return;
+    if (sf_agent_running())
         sf_router_note_conn(c);
+    else
+        sf_agent_conn_started();
 }
 
 int sf_private_fd(int fd) {
