@@ -1,8 +1,9 @@
 /* agent.c -- the background thread that moves connections, so the application never waits.
  *
- * One agent per process, started when a connection first needs it: at its SF_AGENT_CALL-th data
- * call or its trigger (slim: at connect() or accept()), and again in a forked child. Until then
- * the process has no thread of ours. Application threads only hand it work: a trigger goes on a
+ * One agent per process, started with the first connection in a process that is multi-threaded
+ * already, else when a connection first needs it: at its SF_AGENT_CALL-th data call or its
+ * trigger (slim: at connect() or accept()), or at the application's next thread; again in a
+ * forked child. Until then a single-threaded process stays so. Application threads only hand it work: a trigger goes on a
  * queue and an eventfd wakes the thread, unless the triggering thread could send the SWITCH_REQ
  * itself without waiting (router.c sf_router_request_now); a frame for the router goes on
  * router.c's report queue. The thread then serves what its epoll reports: the queue, the router
