@@ -3,15 +3,15 @@
  * One agent per process, started with the first connection in a process that is multi-threaded
  * already, else when a connection first needs it: at its SF_AGENT_CALL-th data call or its
  * trigger (slim: at connect() or accept()), or at the application's next thread; again in a
- * forked child. Until then a single-threaded process stays so. Application threads only hand it work: a trigger goes on a
- * queue and an eventfd wakes the thread, unless the triggering thread could send the SWITCH_REQ
- * itself without waiting (router.c sf_router_request_now); a frame for the router goes on
- * router.c's report queue. The thread then serves what its epoll reports: the queue, the router
- * channel (router.c), the handoff frames on each new host connection (handoff.c), and on a tick
- * the timers (handoff expiry, lingering host sockets, owed FINs, io_uring). When a write is in
- * flight at the moment the agent wants to commit, the writer finishes that commit itself
- * (handoff.c). Any failure before a commit leaves the connection on the overlay (fail-open).
- * Slim mode's blocking switch is here too: it is a trigger and a wait. */
+ * forked child. Until then a single-threaded process stays so. Application threads only hand it
+ * work: a trigger goes on a queue and an eventfd wakes the thread, unless the triggering thread
+ * could send the SWITCH_REQ itself without waiting (router.c sf_router_request_now); a frame for
+ * the router goes on router.c's report queue. The thread then serves what its epoll reports: the
+ * queue, the router channel (router.c), the handoff frames on each new host connection
+ * (handoff.c), and on a tick the timers (handoff expiry, lingering host sockets, owed FINs,
+ * io_uring). When a write is in flight at the moment the agent wants to commit, the writer
+ * finishes that commit itself (handoff.c). Any failure before a commit leaves the connection on
+ * the overlay (fail-open). Slim mode's blocking switch is here too: it is a trigger and a wait. */
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
