@@ -1,15 +1,17 @@
 /* agent.c -- the background thread that moves connections, so the application never waits.
  *
- * One agent per process, started at the first tracked connection (and again in a forked child,
- * lazily). Application threads only hand it work: a trigger goes on a queue and an eventfd wakes
- * the thread, unless the triggering thread could send the SWITCH_REQ itself without waiting
- * (router.c sf_router_request_now); a frame for the router goes on router.c's report queue. The thread then serves
- * what its epoll reports: the queue, the router channel (router.c), the handoff frames on each
- * new host connection (handoff.c), and on a tick the timers (handoff expiry, lingering host
- * sockets, owed FINs, io_uring). When a write is in flight at the moment the agent wants to
- * commit, the writer finishes that commit itself (handoff.c). Any failure before a commit leaves
- * the connection on the overlay (fail-open). Slim mode's blocking switch is here too: it is a
- * trigger and a wait. */
+ * One agent per process, started with the first connection in a process that is multi-threaded
+ * already, else when a connection first needs it: at its SF_AGENT_CALL-th data call or its
+ * trigger (slim: at connect() or accept()), or at the application's next thread; again in a
+ * forked child. Until then a single-threaded process stays so. Application threads only hand it
+ * work: a trigger goes on a queue and an eventfd wakes the thread, unless the triggering thread
+ * could send the SWITCH_REQ itself without waiting (router.c sf_router_request_now); a frame for
+ * the router goes on router.c's report queue. The thread then serves what its epoll reports: the
+ * queue, the router channel (router.c), the handoff frames on each new host connection
+ * (handoff.c), and on a tick the timers (handoff expiry, lingering host sockets, owed FINs,
+ * io_uring). When a write is in flight at the moment the agent wants to commit, the writer
+ * finishes that commit itself (handoff.c). Any failure before a commit leaves the connection on
+ * the overlay (fail-open). Slim mode's blocking switch is here too: it is a trigger and a wait. */
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
@@ -24,8 +26,8 @@ pthread_mutex_t sf_agent_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static struct {
     pid_t pid;                 /* process that started this agent; a fork child has another */
-    /* 1 once this process's agent runs; cleared in a fork child (atfork), so asking costs every
-     * new connection a load, not a getpid() (a system call, ~0.4 us on a VM). */
+    /* 1 once this process's agent runs; cleared in a fork child (atfork), so asking costs a
+     * load, not a getpid() (a system call, ~0.4 us on a VM). */
     _Atomic int running;
     int epfd, evfd;
     struct { int fd; uint32_t gen; } queue[AG_QUEUE];
@@ -120,7 +122,7 @@ void sf_agent_ensure(void) {
             pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
             pthread_attr_setstacksize(&attr, 256 * 1024);
             pthread_t tid;
-            int rc = pthread_create(&tid, &attr, agent_main, NULL);
+            int rc = real.pthread_create(&tid, &attr, agent_main, NULL);
             pthread_attr_destroy(&attr);
             pthread_sigmask(SIG_SETMASK, &old, NULL);
             if (rc != 0) {
@@ -131,11 +133,52 @@ void sf_agent_ensure(void) {
                 ag.epfd = ag.evfd = -1;
             } else {
                 __atomic_store_n(&ag.pid, me, __ATOMIC_RELEASE);
-                atomic_store_explicit(&ag.running, 1, memory_order_release);
+                /* Sequentially consistent: against sf_conn_start's store of the kind and load
+                 * of this flag (a connection that saw 0 is found by the index's walk). */
+                atomic_store(&ag.running, 1);
             }
         }
         pthread_mutex_unlock(&sf_agent_mu);
     }
+}
+
+int sf_agent_running(void) {
+    return atomic_load(&ag.running);
+}
+
+/* glibc's flag, 0 once the process has made a second thread (never set back); musl has none,
+ * and a process under it starts its agent with its first connection. */
+extern char __libc_single_threaded __attribute__((weak));
+
+static _Atomic int conn_seen; /* shuntflow mode: a connection was tracked in this process */
+
+/* A connection began while no agent runs. Shuntflow mode starts the agent now if the process is
+ * multi-threaded already, else at a connection's SF_AGENT_CALL-th data call or at the process's
+ * next thread (pthread_create below); slim mode at the trigger its connect or accept makes. */
+void sf_agent_conn_started(void) {
+    if (sf_cfg.mode != SF_MODE_SHUNTFLOW)
+        return;
+    if (!atomic_load_explicit(&conn_seen, memory_order_relaxed))
+        atomic_store(&conn_seen, 1);
+    if (&__libc_single_threaded == NULL || !__libc_single_threaded)
+        sf_agent_ensure();
+}
+
+/* A process holding a connection that makes a second thread is multi-threaded from now on, agent
+ * or not: the agent starts now, so that a claim for a connection that makes no call (a server
+ * thread that accepts, hands the connection to a new thread and does not read it yet) finds this
+ * process's channel. */
+SF_EXPORT int pthread_create(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *),
+                             void *arg) {
+    sf_ensure_init();
+    int rc = real.pthread_create(tid, attr, fn, arg);
+    if (rc == 0 && SF_UNLIKELY(atomic_load_explicit(&conn_seen, memory_order_relaxed)) &&
+        !sf_agent_running()) {
+        int saved = errno;
+        sf_agent_ensure();
+        errno = saved;
+    }
+    return rc;
 }
 
 void sf_agent_after_fork_child(void) {

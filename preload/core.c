@@ -50,7 +50,7 @@ static void resolve_real(void) {
     R(epoll_create, "epoll_create"); R(epoll_create1, "epoll_create1"); R(epoll_ctl, "epoll_ctl");
     R(epoll_wait, "epoll_wait"); R(epoll_pwait, "epoll_pwait"); R(epoll_pwait2, "epoll_pwait2");
     R(poll, "poll"); R(poll_chk, "__poll_chk"); R(ppoll, "ppoll"); R(select, "select");
-    R(pselect, "pselect");
+    R(pselect, "pselect"); R(pthread_create, "pthread_create");
 #undef R
     if (real.fcntl64 == NULL)
         real.fcntl64 = real.fcntl;
@@ -216,6 +216,11 @@ static void read_config(void) {
     }
     if (!sf_cfg.enabled)
         SF_LOG("SHUNTFLOW_OVERLAY names no network: the library only passes calls through");
+    /* Shuntflow mode starts the agent at a connection's SF_AGENT_CALL-th data call, or at its
+     * threshold if that comes first: a process whose connections never get that far (one
+     * request each) stays single-threaded (agent.c). Slim starts it at connect()/accept(). */
+    if (sf_cfg.mode == SF_MODE_SHUNTFLOW)
+        sf_cfg.agent_call = sf_cfg.threshold < SF_AGENT_CALL ? sf_cfg.threshold : SF_AGENT_CALL;
 }
 
 static void set_private_base(void) {
@@ -379,12 +384,18 @@ void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_conne
     if (peer != NULL && peer->sa_family == AF_INET)
         memcpy(&c->remote, peer, sizeof c->remote);
     sf_phase_reset(c, sf_cfg.mode == SF_MODE_OVERLAY ? SF_P_PINNED : SF_P_OVERLAY);
-    atomic_store_explicit(&c->kind, SF_CONN, memory_order_release);
+    /* Sequentially consistent, as the agent's start and its walk of the table are: a connection
+     * that finds no agent running here is not queued for the agent's index, and the index of an
+     * agent that starts after it is incomplete, so its first miss walks the table and meets this
+     * kind (agent.c sf_agent_ensure). */
+    atomic_store(&c->kind, SF_CONN);
     pthread_mutex_unlock(&c->mu);
-    if (sf_cfg.mode != SF_MODE_OVERLAY) {
+    if (sf_cfg.mode == SF_MODE_OVERLAY)
+        return;
+    if (sf_agent_running())
         sf_router_note_conn(c);
-        sf_agent_ensure();
-    }
+    else
+        sf_agent_conn_started();
 }
 
 int sf_private_fd(int fd) {

@@ -113,12 +113,25 @@ struct sf_real {
     int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
     int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
     int (*pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+    int (*pthread_create)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
 };
 extern struct sf_real real;
+
+/* In a single-threaded process, the connection's data call that starts the agent (or its
+ * threshold, if lower). The agent thread makes the process multi-threaded, and then the kernel
+ * takes a reference on the file in every fd system call and glibc brackets every blocking one
+ * for cancellation: a one-request connection (3-4 data calls at each end) never needs the
+ * agent, and is spared that. A process that has a thread of its own already pays that, so its
+ * agent starts with its first connection, as does the agent of one that makes its second thread
+ * once it holds a connection (agent.c pthread_create). A peer's claim comes at the peer's
+ * threshold, by when this end has normally made this many calls; the router holds a claim for
+ * the claim timeout until this process's channel says HELLO. */
+#define SF_AGENT_CALL 8
 
 struct sf_config {
     int mode;                /* enum sf_mode */
     uint32_t threshold;      /* data syscalls before a switch (shuntflow mode) */
+    uint32_t agent_call;     /* the data call of a connection that starts the agent; 0: never */
     char router_path[108];   /* sun_path of the router's socket; empty = no router */
     struct { uint32_t net, mask; } overlay[8]; /* network order */
     int n_overlay;
@@ -333,6 +346,8 @@ static inline struct sf_conn *sf_tracked(int fd) {
 
 /* agent.c */
 void sf_agent_ensure(void);                /* start this process's agent thread once */
+int sf_agent_running(void);                /* this process's agent runs */
+void sf_agent_conn_started(void);          /* a connection began: start the agent now? */
 void sf_agent_trigger(struct sf_conn *c);  /* never blocks */
 void sf_router_note_conn(struct sf_conn *c); /* a new connection, for the agent's tuple index */
 int sf_agent_switch_now(struct sf_conn *c);/* slim mode: trigger and wait; 0 if swapped */

@@ -45,6 +45,11 @@ struct io {
 /* Returns the trigger it compared with: UINT32_MAX once a switch is decided and under way. */
 static uint32_t count_call(struct sf_conn *c) {
     uint32_t n = atomic_fetch_add_explicit(&c->calls, 1, memory_order_relaxed) + 1;
+    if (SF_UNLIKELY(n == sf_cfg.agent_call)) {
+        int saved = errno;
+        sf_agent_ensure();
+        errno = saved;
+    }
     uint32_t trigger = atomic_load_explicit(&c->next_trigger, memory_order_relaxed);
     if (SF_UNLIKELY(n >= trigger) && sf_cfg.mode == SF_MODE_SHUNTFLOW &&
         atomic_load_explicit(&c->phase, memory_order_relaxed) == SF_P_OVERLAY) {
@@ -131,9 +136,13 @@ static int iov_src(struct wsrc *s, const struct iovec *iov, size_t n, int flags)
     return 1;
 }
 
-/* One sendmsg of the list's bytes from offset `done` on. On a connected TCP socket write, send,
- * sendto and writev are this call (sendto's address is ignored there). */
+/* One send of the list's bytes from offset `done` on. On a connected TCP socket write, send,
+ * sendto and writev are this call (sendto's address is ignored there). One buffer (every write
+ * and send) goes out with send: the kernel's sendmsg first copies in the message header and the
+ * buffer list. */
 static ssize_t send_from(int fd, const struct iovec *iov, int n, size_t done, int flags) {
+    if (n == 1 && done < iov[0].iov_len)
+        return real.send(fd, (const char *)iov[0].iov_base + done, iov[0].iov_len - done, flags);
     struct iovec rest[SPLIT_IOV_MAX];
     int k = 0;
     for (int i = 0; i < n; i++) {

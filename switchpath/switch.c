@@ -754,7 +754,8 @@ static void claim(struct sfs *s, struct sfs_peerconn *pc, const struct sf_tuple 
             refuse_claim(s, in, in->nobody);
             return;
         }
-        /* A library connects its channel when its process first tracks a connection: the
+        /* A library connects its channel when its agent starts (with its process's first
+         * connection, or in a single-threaded process at a connection's 8th data call): the
          * accepting end's may well be this very connection, its HELLO on the way. The claim
          * waits for one (switch_client_added) as long as it would wait for an answer. */
         snprintf(in->nobody, sizeof(in->nobody), "%s%s",

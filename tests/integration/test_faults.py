@@ -6,6 +6,7 @@ Every byte is checked by the torture pair; the connections must simply stay on t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,88 @@ for _ in range(4):
     a.recv(1)
 time.sleep(2.6)
 """
+
+
+# One-request connections over loopback (the overlay here), then one that goes on, or a thread
+# of the application's own made while a connection is open: the threads of the process (the
+# kernel's list) after each. With argv[1] "threaded" the application makes a thread before its
+# first connection. The application's threads wait until the end: a thread that ends may linger
+# in the list for a moment after its join.
+AGENT_START = """
+import json, os, socket, sys, threading
+done = threading.Event()
+if sys.argv[1] == "threaded":
+    threading.Thread(target=done.wait).start()
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(8)
+def threads():
+    return len(os.listdir("/proc/self/task"))
+seen = []
+for _ in range(20):
+    c = socket.create_connection(srv.getsockname())
+    a, _ = srv.accept()
+    c.sendall(b"GET")
+    a.recv(3)
+    a.sendall(b"200")
+    a.close()
+    assert c.recv(3) == b"200" and c.recv(3) == b""
+    c.close()
+seen.append(threads())
+if sys.argv[1] == "long":
+    c = socket.create_connection(srv.getsockname())
+    a, _ = srv.accept()
+    for _ in range(4):  # 8 data calls at each end
+        c.sendall(b"x")
+        a.recv(1)
+        a.sendall(b"y")
+        c.recv(1)
+    seen.append(threads())
+if sys.argv[1] == "thread":
+    c = socket.create_connection(srv.getsockname())
+    a, _ = srv.accept()
+    threading.Thread(target=done.wait).start()
+    seen.append(threads())
+done.set()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "threads"), [("long", [1, 2]), ("thread", [1, 3]), ("threaded", [3])]
+)
+def test_the_agent_starts_when_a_connection_needs_it(
+    tmp_path: Path, how: str, threads: list[int]
+) -> None:
+    """A single-threaded process whose connections make a few data calls each (one request)
+    never starts the agent thread: a multi-threaded process pays in every fd system call (the
+    kernel's file reference, glibc's cancellation bracket). A connection's 8th data call starts
+    it, and so does a thread the application makes while it holds a connection (a claim for that
+    connection may come before it makes any call). A process that is multi-threaded already
+    starts it with its first connection."""
+    env = {
+        **os.environ,
+        **app_environment(
+            Mode.SHUNTFLOW,
+            tmp_path / "missing.sock",
+            threshold=64,
+            overlay_cidr="127.0.0.0/8",
+            log=str(tmp_path / "lib.log"),
+        ),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", AGENT_START, how],
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    assert json.loads(out.stdout) == threads, out.stdout
+    log = (tmp_path / "lib.log").read_text()
+    # 20 connections at each end were tracked, the agent tried the router once it ran.
+    assert log.count("closed in phase") >= 40, log[-2000:]
+    assert "unreachable" in log
 
 
 def test_the_library_takes_its_fds_once(tmp_path: Path) -> None:

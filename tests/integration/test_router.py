@@ -270,7 +270,8 @@ while True:
 """
 )
 
-# One connection opens the router channel; on "go", CONNS connections each cross the threshold
+# One connection starts the agent (at its 8th data call: 4 echoes) and so opens the router channel,
+# without reaching the threshold itself; on "go", CONNS connections each cross the threshold
 # (argv[2]) with checked echoes, more requests than the channel's socket buffer holds (about
 # 280 frames of 48 bytes with the default 208 KiB); on "go", echoes on all of them until each
 # is a host-namespace socket (or 20 s), every reply checked.
@@ -279,7 +280,8 @@ QUEUE_CLIENT = (
     + r"""
 CONNS = 320
 first = socket.create_connection((sys.argv[1], 9002))
-echo(first, b"hello")
+for _ in range(4):
+    echo(first, b"hello")
 time.sleep(0.5)
 print("ready", flush=True)
 assert sys.stdin.readline() == "go\n"

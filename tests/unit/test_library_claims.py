@@ -4,9 +4,11 @@ about connections it holds, has closed, and holds on reused fd numbers. Mine mea
 anything else NOT_MINE; a closed connection, or an old tuple whose fd number now carries
 another connection, must never be taken for a live one.
 
-The first claims come after more new connections than the agent's queue holds (the index then
-falls back to walking the fd table once); the later ones after a few new connections, which
-reach the index through the queue alone."""
+The process starts its agent (and with it the channel) at a connection's 8th data call. The first
+claims name connections opened before that, which never reached the agent's queue, and more new
+connections than the queue holds opened after it: the index falls back to walking the fd table
+once. The later claims come after a few new connections, which reach the index through the queue
+alone."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from pathlib import Path
 from shuntflow.native import app_environment
 from shuntflow.wire import Mode, Msg, MsgType, Status, Tuple4
 
-# 2 x PAIRS tracked connections (both ends are in the process) before the first claim: more
-# than the 4,096 new connections the agent's queue holds.
+# 2 x EARLY tracked connections (both ends are in the process) before the agent starts, 2 x PAIRS
+# after it and before the first claim: more than the 4,096 new connections its queue holds.
+EARLY = 100
 PAIRS = 2500
 REUSED = 200
 
@@ -48,6 +51,13 @@ CHILD = textwrap.dedent(
         print(json.dumps(lists), flush=True)
         sys.stdin.readline()
 
+    open_pairs(int(sys.argv[3]))
+    c, s = pairs[0]
+    for _ in range(4):  # 8 data calls at each end start the agent
+        c.sendall(b"x")
+        s.recv(1)
+        s.sendall(b"y")
+        c.recv(1)
     open_pairs(int(sys.argv[1]))
     report(live=[v for c, s in pairs[:: 50] for v in views(c, s)])
     # Close some, open as many (their fd numbers come back), and a few more.
@@ -86,7 +96,7 @@ def test_claims_find_live_connections_only(tmp_path: Path) -> None:
         Mode.SHUNTFLOW, router_socket=path, threshold=1_000_000, overlay_cidr="127.0.0.0/8"
     )
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(PAIRS), str(REUSED)],
+        [sys.executable, "-c", CHILD, str(PAIRS), str(REUSED), str(EARLY)],
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
