@@ -209,6 +209,10 @@ static void move_host_fd(struct sf_conn *c, void *arg) {
         c->host_fd = m->to;
     if (c->pending_close_host == m->from)
         c->pending_close_host = m->to;
+    int from = m->from;
+    atomic_compare_exchange_strong(&c->rd_host, &from, m->to);
+    from = m->from;
+    atomic_compare_exchange_strong(&c->rd_close, &from, m->to);
 }
 
 void sf_agent_private_moved(int from, int to) {

@@ -257,6 +257,8 @@ static void atfork_child(void) {
                 sf_private_forget(c->host_fd);
                 c->host_fd = -1;
             }
+            atomic_store(&c->rd_users, 0); /* the readers were other threads */
+            sf_rd_host_drop(c);
             if (atomic_load(&c->phase) != SF_P_HOST)
                 sf_phase_reset(c, SF_P_PINNED);
         }
@@ -303,6 +305,8 @@ struct sf_conn *sf_slot_alloc(int fd) {
                     chunk[i].fd = (int)((hi << SF_CHUNK_BITS) | i);
                     chunk[i].host_fd = -1;
                     chunk[i].pending_close_host = -1;
+                    chunk[i].rd_host = -1;
+                    chunk[i].rd_close = -1;
                 }
                 atomic_store_explicit(&sf_table[hi], chunk, memory_order_release);
             }

@@ -38,6 +38,7 @@ static void quickack_host(int host) {
  * c->wmu. Closing it here instead would let the writer hit EBADF, or write application bytes
  * into whatever connection the number names next. */
 static void drop_host_fd(struct sf_conn *c) {
+    sf_rd_host_drop(c);
     int host = c->host_fd;
     if (host < 0)
         return;
@@ -50,7 +51,7 @@ static void drop_host_fd(struct sf_conn *c) {
         sf_private_forget(host);
         return;
     }
-    c->pending_close_host = host;
+    __atomic_store_n(&c->pending_close_host, host, __ATOMIC_SEQ_CST);
     if (pthread_mutex_trylock(&c->wmu) == 0)
         sf_wmu_unlock(c);
 }
@@ -348,7 +349,15 @@ void sf_handoff_pump_locked(struct sf_conn *c) {
         } else if (hop.type == SF_HOP_SYNC && !c->early_sync &&
                    (phase == SF_P_COMMITTED || !c->leader)) {
             c->peer_s = hop.seq;
-            c->peer_synced = 1;
+            sf_rd_host_open_locked(c);
+            __atomic_store_n(&c->peer_synced, 1, __ATOMIC_RELEASE);
+            /* Every overlay byte read: the peer's next ones are on the host connection. A
+             * reader asleep on the overlay would wait for the peer's FIN or the swap, however
+             * late the commit that comes before them: end the overlay's read side now (its
+             * stream is complete), which wakes it onto the host connection (wrap_io.c
+             * do_read), and event loops with it (sf_settle_ready). */
+            if (atomic_load(&c->rx) == c->peer_s && atomic_load(&c->rd_host) >= 0)
+                real.shutdown(c->fd, SHUT_RD);
             if (c->fin_due) {
                 c->fin_due = 0;
                 sf_fin_after_sync(c);
@@ -421,6 +430,8 @@ static void expire(struct sf_conn *c, void *arg) {
          * the ACK on fin.c's tick. */
         c->fin_due = 0;
         sf_fin_after_sync(c);
+    } else if (sf_at_switch_point(c)) {
+        sf_swap_locked(c); /* an application thread's sf_try_swap found c->mu taken */
     } else if (phase == SF_P_REQUESTED && age > AG_REQUEST_TIMEOUT_MS) {
         sf_handoff_abort_locked(c, SF_TIMEOUT, 1);
     } else if (phase == SF_P_HANDSHAKE && c->leader && !c->commit_wanted &&

@@ -216,6 +216,12 @@ struct sf_conn {
     uint8_t opts_copied;          /* the early socket options are on the host connection */
     uint64_t peer_s;
     uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
+    /* Readers past the peer's S before the swap (switchpoint.c sf_read_past_s): a private
+     * number of the host connection of their own, so that no read waits for c->mu, and the
+     * number is closed only once no reader can be about to use it. */
+    _Atomic int rd_host;          /* -1 until the peer's SYNC is in, and after the swap */
+    _Atomic int rd_users;         /* readers between their load of rd_host and their call's end */
+    _Atomic int rd_close;         /* a number rd_host named, closed by its last reader */
 
     /* The swap and what it carries over (swap.c, switchpoint.c). */
     int pending_close_host;       /* a writer held c->wmu when host_fd went: it closes it */
@@ -412,6 +418,7 @@ int sf_uring_maybe(uint64_t now_ms);       /* seen, or a scan is due: without re
 
 /* swap.c */
 int sf_maybe_swap(struct sf_conn *c);      /* swap if the switch point is reached; 1 if HOST */
+void sf_try_swap(struct sf_conn *c);       /* the same if c->mu is free, else leave it */
 int sf_swap_locked(struct sf_conn *c);     /* caller holds c->mu */
 void sf_wmu_unlock(struct sf_conn *c);     /* release c->wmu, closing a deferred host fd */
 void sf_close_pending_host(struct sf_conn *c); /* close the host fd left for the wmu holder */
@@ -428,6 +435,16 @@ void sf_keep_read_err(struct sf_conn *c, int err); /* the next read returns it (
 
 /* switchpoint.c */
 int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see switchpoint.c */
+/* Past the peer's S before the swap: the next bytes are the host connection's. */
+static inline int sf_past_peer_s(struct sf_conn *c, int phase) {
+    return sf_phase_in_handoff(phase) && __atomic_load_n(&c->peer_synced, __ATOMIC_ACQUIRE) &&
+           atomic_load(&c->rx) == c->peer_s &&
+           atomic_load_explicit(&c->rd_host, memory_order_relaxed) >= 0;
+}
+void sf_rd_host_open_locked(struct sf_conn *c);  /* the peer's SYNC is in; caller holds c->mu */
+void sf_rd_host_drop(struct sf_conn *c);          /* swapped, broken or closed */
+int sf_rd_host_get(struct sf_conn *c);            /* a reader's number, or -1; then _put */
+void sf_rd_host_put(struct sf_conn *c);
 enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
 uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
 uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);

@@ -251,7 +251,8 @@ int sf_swap_locked(struct sf_conn *c) {
     atomic_store(&sf_last_swap_ms, sf_now_ms());
     sf_set_phase(c, SF_P_HOST);
     __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
-    c->pending_close_host = host;
+    __atomic_store_n(&c->pending_close_host, host, __ATOMIC_SEQ_CST);
+    sf_rd_host_drop(c); /* readers now find the host socket on c->fd */
     if (pthread_mutex_trylock(&c->wmu) == 0)
         sf_wmu_unlock(c);
     sf_count_switch(1);
@@ -268,6 +269,18 @@ int sf_maybe_swap(struct sf_conn *c) {
     int host = atomic_load(&c->phase) == SF_P_HOST;
     pthread_mutex_unlock(&c->mu);
     return host;
+}
+
+/* sf_maybe_swap for an application thread past the peer's S, which reads on without the swap
+ * (sf_past_peer_s) and so has no need to wait for c->mu: its holder swaps once done (the agent
+ * after a commit or the frames it pumped, a writer after its commit, a reader at the overlay's
+ * end), and the agent's tick catches any other (handoff.c expire). */
+void sf_try_swap(struct sf_conn *c) {
+    if (pthread_mutex_trylock(&c->mu) != 0)
+        return;
+    if (sf_at_switch_point(c))
+        sf_swap_locked(c);
+    pthread_mutex_unlock(&c->mu);
 }
 
 /* A switch ended without a swap after an event of this fd was held back: ask epoll to look at

@@ -9,6 +9,7 @@
  * it met: the switch point (swapped: read the host socket), the peer's real EOF, a reset, or not
  * known yet. Just after a swap, events are checked against the host socket too. */
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 
 #include "sf_core.h"
@@ -17,6 +18,67 @@
 static uint32_t host_readiness(struct sf_conn *c, uint32_t wanted) {
     struct pollfd p = {.fd = c->fd, .events = (short)(wanted & (EPOLLIN | EPOLLOUT | EPOLLRDHUP))};
     return real.poll(&p, 1, 0) == 1 ? (uint32_t)(unsigned short)p.revents : 0;
+}
+
+/* ---- readers past the peer's S ---------------------------------------------------------------
+ *
+ * Once the peer's SYNC is in and every overlay byte up to its S is read, the peer's next bytes
+ * are on the host connection, whatever this end's own commit and swap are up to. A reader then
+ * reads the host connection at once rather than wait for them: they run under c->mu, mostly on
+ * the agent, which shares its CPU with the routers, and took 100-280 µs there (the commit's
+ * SYNC and its overlay FIN each run the whole network path inline). The reader uses a private
+ * number of its own (rd_host) rather than host_fd, whose number a commit that fails, a swap or
+ * a close may give up at any moment; rd_host's number is closed only by the last reader that
+ * may have loaded it. */
+
+/* Caller holds c->mu; the peer's SYNC was just read. */
+void sf_rd_host_open_locked(struct sf_conn *c) {
+    if (c->host_fd < 0 || atomic_load(&c->rd_host) >= 0)
+        return;
+    /* The reader's call is the application's: a non-blocking socket must not block on it. The
+     * commit makes the same change; until then the handoff frames use MSG_DONTWAIT anyway. */
+    int fl = real.fcntl(c->fd, F_GETFL);
+    int hfl = real.fcntl(c->host_fd, F_GETFL);
+    if (fl < 0 || hfl < 0 ||
+        real.fcntl(c->host_fd, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK)) < 0)
+        return;
+    int fd = sf_private_fd(real.dup(c->host_fd));
+    if (fd >= 0)
+        atomic_store(&c->rd_host, fd);
+}
+
+static void close_rd(int fd) {
+    if (fd >= 0) {
+        real.close(fd);
+        sf_private_forget(fd);
+    }
+}
+
+/* Readers that loaded the number before this are still counted in rd_users: the last of them
+ * closes it (sf_rd_host_put); a reader that loads it after sees -1. */
+void sf_rd_host_drop(struct sf_conn *c) {
+    int fd = atomic_exchange(&c->rd_host, -1);
+    if (fd < 0)
+        return;
+    /* One still pending belongs to an earlier connection on this fd number, whose reader has
+     * been inside its call since before that connection was closed: past its load, so the
+     * number can go. */
+    close_rd(atomic_exchange(&c->rd_close, fd));
+    if (atomic_load(&c->rd_users) == 0)
+        close_rd(atomic_exchange(&c->rd_close, -1));
+}
+
+int sf_rd_host_get(struct sf_conn *c) {
+    atomic_fetch_add(&c->rd_users, 1);
+    int fd = atomic_load(&c->rd_host);
+    if (fd < 0)
+        sf_rd_host_put(c);
+    return fd;
+}
+
+void sf_rd_host_put(struct sf_conn *c) {
+    if (atomic_fetch_sub(&c->rd_users, 1) == 1)
+        close_rd(atomic_exchange(&c->rd_close, -1));
 }
 
 /* A read on the overlay returned 0 while a switch is under way. Decide whether that is the

@@ -243,9 +243,15 @@ static long split_tick_ns(struct sf_conn *c, int phase) {
  * new socket (ENOTCONN). So the pending number, which this writer is not in, is closed before
  * the load, under c->mu, which every drop holds: then a drop of the loaded number is deferred. */
 static int writer_host_fd(struct sf_conn *c) {
+    /* Nothing pending after the load: a drop of the loaded number, from now on, leaves it to
+     * us, the holder of c->wmu. c->mu would wait for whatever the agent does under it (the
+     * rest of a commit, a swap), which a writer right after a commit met nearly every time. */
+    int host = __atomic_load_n(&c->host_fd, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&c->pending_close_host, __ATOMIC_SEQ_CST) < 0)
+        return host;
     pthread_mutex_lock(&c->mu);
     sf_close_pending_host(c);
-    int host = c->host_fd;
+    host = c->host_fd;
     pthread_mutex_unlock(&c->mu);
     return host;
 }
@@ -447,6 +453,26 @@ void sf_keep_read_err(struct sf_conn *c, int err) {
         atomic_store(&c->read_err, err);
 }
 
+#define PAST_S_NO (-2)
+
+/* Every overlay byte up to the peer's S is read and its SYNC is in, but this end has not
+ * swapped yet: read the host connection, without waiting for the commit and the swap
+ * (switchpoint.c, "readers past the peer's S"). The host socket's O_NONBLOCK is the overlay's
+ * (mirrored while in the handoff). PAST_S_NO if the readers' number is gone (swapped, broken,
+ * closed): the caller looks again. */
+static ssize_t read_past_s(struct sf_conn *c, struct io *op) {
+    int host = sf_rd_host_get(c);
+    if (host < 0)
+        return PAST_S_NO;
+    ssize_t n = op->call(op, host);
+    int err = errno;
+    sf_rd_host_put(c);
+    if (n > 0 && !(op->flags & MSG_PEEK))
+        atomic_fetch_add_explicit(&c->host_bytes, (uint64_t)op->bytes, memory_order_relaxed);
+    errno = err;
+    return n;
+}
+
 /* `phase` is the one the caller loaded; every further round loads it again. */
 static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase) {
     int peek = op->flags & MSG_PEEK;
@@ -458,8 +484,14 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
                                           memory_order_relaxed);
             return n;
         }
-        /* The switch point needs c->mu, which the agent may hold for long in a burst: check
-         * without it first (a stale answer either way only costs the locked check below). */
+        if (sf_past_peer_s(c, phase)) {
+            ssize_t n = read_past_s(c, op);
+            if (n != PAST_S_NO)
+                return n;
+        }
+        /* Without the readers' number, the switch point needs c->mu, which the agent may hold
+         * for long in a burst: check without it first (a stale answer either way only costs
+         * the locked check below). */
         if (phase == SF_P_COMMITTED && __atomic_load_n(&c->peer_synced, __ATOMIC_ACQUIRE) &&
             atomic_load(&c->rx) == c->peer_s && sf_maybe_swap(c))
             continue;
@@ -480,7 +512,7 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
                                           (uint64_t)op->bytes, memory_order_relaxed);
             if (!from_host && !peek && c->peer_synced &&
                 atomic_load(&c->phase) == SF_P_COMMITTED)
-                sf_maybe_swap(c);
+                sf_try_swap(c);
             errno = err;
             return n;
         }
@@ -501,6 +533,8 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
             errno = ECONNRESET;
             return -1;
         }
+        if (sf_past_peer_s(c, phase))
+            continue; /* the overlay's read side was ended at the peer's S: read the host */
         /* Maybe the switch point: decided under c->mu, so an in-flight commit is seen whole. */
         switch (sf_wait_handoff(c, fd_nonblocking(c->fd, op->flags))) {
         case SF_WAIT_SWAPPED:

@@ -179,6 +179,7 @@ static void forget_fd(int fd) {
     if (c->host_fd >= 0) {
         sf_handoff_pump_locked(c);
     }
+    sf_rd_host_drop(c);
     sf_linger_conn_locked(c); /* the peer's SYNC may still come */
     if (c->host_fd >= 0 && c->pending_close_host >= 0) {
         /* An earlier number is already pending: c->wmu has been held since, so its holder
@@ -186,7 +187,7 @@ static void forget_fd(int fd) {
         real.close(c->host_fd);
         sf_private_forget(c->host_fd);
     } else if (c->host_fd >= 0) {
-        c->pending_close_host = c->host_fd;
+        __atomic_store_n(&c->pending_close_host, c->host_fd, __ATOMIC_SEQ_CST);
         if (pthread_mutex_trylock(&c->wmu) == 0)
             sf_wmu_unlock(c);
     }
