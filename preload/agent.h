@@ -45,7 +45,6 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd);
 void sf_handoff_abort_locked(struct sf_conn *c, int status, int retry);
 void sf_handoff_on_readable(uint64_t tag);
 void sf_handoff_watch_locked(struct sf_conn *c);
-void sf_handoff_copy_opts_locked(struct sf_conn *c); /* the early socket options, once */
 void sf_handoff_expire_all(uint64_t now);
 
 /* linger.c */

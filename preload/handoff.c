@@ -128,7 +128,7 @@ void sf_handoff_begin_locked(struct sf_conn *c, int host_fd) {
         early_sync_locked(c);
 }
 
-/* Caller holds c->mu. Once per attempt, before the swap (finish_commit_locked at the latest). */
+/* Caller holds c->mu. Once per attempt, before the swap (sf_swap_locked at the latest). */
 void sf_handoff_copy_opts_locked(struct sf_conn *c) {
     if (c->opts_copied || c->host_fd < 0 || !sf_phase_in_handoff(atomic_load(&c->phase)))
         return;
@@ -183,12 +183,15 @@ static void commit_locked(struct sf_conn *c) {
  * writer waiting (1.5 ms seen in kv-redis c20).
  *   - The options held back for the handoff frames (TCP_NODELAY, TCP_CORK, SO_LINGER) take the
  *     application's values; writes in between only miss a cork's batching.
- *   - The overlay's FIN right after S tells the peer's readers where the overlay stream ends;
- *     the shutdown runs it through the whole overlay path (~40 µs here). */
+ *   - The early options, if nobody copied them yet, only on the agent: an application thread
+ *     that commits leaves their some twenty syscalls to the swap, which the agent nearly always
+ *     makes (sf_swap_locked copies them if still due).
+ *   - The overlay's FIN right after S, handed to the agent (fin.c). */
 static void finish_commit_locked(struct sf_conn *c) {
     if (c->commit_finish_due) {
         c->commit_finish_due = 0;
-        sf_handoff_copy_opts_locked(c);
+        if (sf_agent_is_self())
+            sf_handoff_copy_opts_locked(c);
         sf_copy_sockopts_at_commit(c->fd, c->host_fd);
         sf_router_report_switch_time(c);
         if (!c->early_sync)
@@ -358,6 +361,7 @@ void sf_handoff_pump_locked(struct sf_conn *c) {
              * do_read), and event loops with it (sf_settle_ready). */
             if (atomic_load(&c->rx) == c->peer_s && atomic_load(&c->rd_host) >= 0)
                 real.shutdown(c->fd, SHUT_RD);
+            sf_rd_host_wake(c);
             if (c->fin_due) {
                 c->fin_due = 0;
                 sf_fin_after_sync(c);

@@ -653,9 +653,10 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
     if (began) {
         sf_handoff_on_readable(tag);
         /* Committed by now if the READY was in (the commit copied them after its SYNC), else
-         * waiting for it, or for a writer to commit: the agent copies them meanwhile. */
+         * waiting for it: the agent copies them meanwhile. Not while a writer is to commit
+         * (its write was in flight): it would wait here for c->mu; the swap copies them. */
         pthread_mutex_lock(&c->mu);
-        if (atomic_load(&c->gen) == (uint32_t)(tag >> 32))
+        if (atomic_load(&c->gen) == (uint32_t)(tag >> 32) && !c->commit_wanted)
             sf_handoff_copy_opts_locked(c);
         pthread_mutex_unlock(&c->mu);
     }

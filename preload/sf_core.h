@@ -373,6 +373,7 @@ void sf_handoff_request_commit(struct sf_conn *c); /* commit now if no write is 
 void sf_handoff_pump_locked(struct sf_conn *c);    /* caller holds c->mu */
 void sf_handoff_catch_up_locked(struct sf_conn *c); /* pump, and commit if due; holds c->mu */
 void sf_handoff_settle_ack_locked(struct sf_conn *c); /* an ACK the SYNC did not carry: now */
+void sf_handoff_copy_opts_locked(struct sf_conn *c); /* the early socket options, once */
 
 /* linger.c */
 void sf_linger_conn_locked(struct sf_conn *c); /* caller holds c->mu */
@@ -445,6 +446,7 @@ void sf_rd_host_open_locked(struct sf_conn *c);  /* the peer's SYNC is in; calle
 void sf_rd_host_drop(struct sf_conn *c);          /* swapped, broken or closed */
 int sf_rd_host_get(struct sf_conn *c);            /* a reader's number, or -1; then _put */
 void sf_rd_host_put(struct sf_conn *c);
+void sf_rd_host_wake(struct sf_conn *c);          /* after the SYNC: readers waiting for it */
 enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
 uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
 uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);

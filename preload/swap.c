@@ -211,9 +211,10 @@ int sf_swap_locked(struct sf_conn *c) {
     int flflags = real.fcntl(fd, F_GETFL);
     if (fdflags < 0 || flflags < 0)
         return -1;
-    /* No copy of the socket options here: the commit copied them onto the host socket, and
-     * setsockopt mirrors every later change to it (wrap_sock.c). A second copy cost ~30 µs of
-     * the application's own call that met the switch point. */
+    /* The socket options are on the host socket already, copied by the agent once it held the
+     * connection, and setsockopt mirrors every later change (wrap_sock.c); unless an
+     * application thread committed before the agent could copy them. */
+    sf_handoff_copy_opts_locked(c);
     /* The overlay socket is about to close. With SO_LINGER {1,0} that close would reset it, and
      * a reset throws away overlay bytes the peer may not have read yet. */
     struct linger off = {0, 0};

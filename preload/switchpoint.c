@@ -10,7 +10,12 @@
  * known yet. Just after a swap, events are checked against the host socket too. */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "sf_core.h"
 
@@ -81,6 +86,35 @@ void sf_rd_host_put(struct sf_conn *c) {
         close_rd(atomic_exchange(&c->rd_close, -1));
 }
 
+/* The peer's SYNC is in (sf_handoff_pump_locked, after peer_synced): wake the readers that
+ * wait for it in wait_for_sync. Once per switch, so no count of waiters. */
+void sf_rd_host_wake(struct sf_conn *c) {
+    syscall(SYS_futex, (int *)&c->rd_host, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* A reader met the overlay's end while the peer may have committed. c->mu is the agent's for
+ * as long as it reads the peer's SYNC, commits and swaps, and on a vCPU shared with the routers
+ * that was 100-280 µs of lock wait; the reader needs only the SYNC, after which it reads the
+ * host connection (do_read). So, while c->mu is taken and no readers' number exists yet, it
+ * sleeps on that number (the SYNC's arrival stores it and wakes it), looking again every
+ * 100 µs for anything else that ends the wait. 1: read on (past S, or swapped); 0: the caller
+ * holds c->mu. */
+static int wait_for_sync(struct sf_conn *c) {
+    for (;;) {
+        if (pthread_mutex_trylock(&c->mu) == 0)
+            return 0;
+        int phase = atomic_load(&c->phase);
+        if (phase == SF_P_HOST || sf_past_peer_s(c, phase))
+            return 1;
+        if (atomic_load(&c->rd_host) >= 0 || !sf_phase_in_handoff(phase))
+            break;
+        struct timespec tick = {0, 100000};
+        syscall(SYS_futex, (int *)&c->rd_host, FUTEX_WAIT_PRIVATE, -1, &tick, NULL, 0);
+    }
+    pthread_mutex_lock(&c->mu);
+    return 0;
+}
+
 /* A read on the overlay returned 0 while a switch is under way. Decide whether that is the
  * switch point (swap, the caller reads again), the peer's real EOF, or not yet known.
  *
@@ -91,7 +125,8 @@ void sf_rd_host_put(struct sf_conn *c) {
 int sf_wait_handoff(struct sf_conn *c, int nonblock) {
     uint64_t deadline = sf_now_ms() + (nonblock ? 500 : 5000);
     int result = SF_WAIT_EOF;
-    pthread_mutex_lock(&c->mu);
+    if (wait_for_sync(c))
+        return SF_WAIT_SWAPPED; /* the caller reads again: the host socket, one way or other */
     for (;;) {
         int phase = atomic_load(&c->phase);
         if (phase == SF_P_HOST) {
