@@ -12,12 +12,12 @@
  * reset instead of the FIN: this end's stream was cut, and the peer reads just that.
  *
  * The FIN itself is the agent's: the commit hands it private copies of both sockets, and the
- * agent sends the FIN at the end of its round (woken for it when the commit was an application
- * thread's), or, while the SYNC is not acknowledged yet, settles them on a 1 ms tick. Sent
- * inline, the shutdown ran the whole overlay path, the peer's side included (27-110 µs on the
- * test VM), inside the committing application call, or under c->mu on the agent, where the
- * application's threads met it. Nobody waits for it any more: the peer's readers learn where
- * the overlay stream ends from the SYNC, whose arrival ends their overlay reads (handoff.c
+ * agent sends the FIN once it released c->mu (its own commit) or in its next round (woken for
+ * it when the commit was an application thread's), or, while the SYNC is not acknowledged yet,
+ * settles them on a 1 ms tick. Sent inline, the shutdown ran the whole overlay path, the
+ * peer's side included (27-110 µs on the test VM), inside the committing application call, or
+ * under c->mu on the agent, where the application's threads met it. The peer's readers do not
+ * depend on it alone: the SYNC's arrival ends their overlay reads too (handoff.c
  * sf_handoff_pump_locked). The acknowledgement is usually in by the time the SYNC's send
  * returns (the peer quick-ACKs handoff frames, and on one machine the whole path runs inside the
  * send). */

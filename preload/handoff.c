@@ -257,6 +257,10 @@ void sf_handoff_request_commit(struct sf_conn *c) {
         sf_wmu_unlock(c);
         finish_commit_locked(c);
         pthread_mutex_unlock(&c->mu);
+        /* The FIN at once, c->mu released: it is also what wakes the peer's reader when the
+         * peer's agent is slow to read the SYNC (then the reader reads it itself). */
+        if (sf_agent_is_self() && sf_fins_owed() > 0)
+            sf_fins_poll(sf_now_ms());
         sf_maybe_swap(c);
     }
 }
