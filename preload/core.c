@@ -257,8 +257,7 @@ static void atfork_child(void) {
                 sf_private_forget(c->host_fd);
                 c->host_fd = -1;
             }
-            atomic_store(&c->rd_users, 0); /* the readers were other threads */
-            sf_rd_host_drop(c);
+            sf_rd_host_after_fork_child(c);
             if (atomic_load(&c->phase) != SF_P_HOST)
                 sf_phase_reset(c, SF_P_PINNED);
         }

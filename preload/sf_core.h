@@ -216,9 +216,9 @@ struct sf_conn {
     uint8_t opts_copied;          /* the early socket options are on the host connection */
     uint64_t peer_s;
     uint64_t sync_acked_mark;     /* fin.c: the host bytes acknowledged once our SYNC is */
-    /* Readers past the peer's S before the swap (switchpoint.c sf_read_past_s): a private
-     * number of the host connection of their own, so that no read waits for c->mu, and the
-     * number is closed only once no reader can be about to use it. */
+    /* Readers past the peer's S before the swap (wrap_io.c read_past_s, switchpoint.c): a
+     * private number of the host connection of their own, so that no read waits for c->mu,
+     * and the number is closed only once no reader can be about to use it. */
     _Atomic int rd_host;          /* -1 until the peer's SYNC is in, and after the swap */
     _Atomic int rd_users;         /* readers between their load of rd_host and their call's end */
     _Atomic int rd_close;         /* a number rd_host named, closed by its last reader */
@@ -447,6 +447,7 @@ void sf_rd_host_drop(struct sf_conn *c);          /* swapped, broken or closed *
 int sf_rd_host_get(struct sf_conn *c);            /* a reader's number, or -1; then _put */
 void sf_rd_host_put(struct sf_conn *c);
 void sf_rd_host_wake(struct sf_conn *c);          /* after the SYNC: readers waiting for it */
+void sf_rd_host_after_fork_child(struct sf_conn *c);
 enum { SF_WAIT_SWAPPED = 0, SF_WAIT_EOF, SF_WAIT_AGAIN, SF_WAIT_RESET };
 uint32_t sf_settle_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);
 uint32_t sf_recheck_ready(struct sf_conn *c, uint32_t events, uint32_t wanted);

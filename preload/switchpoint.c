@@ -86,6 +86,13 @@ void sf_rd_host_put(struct sf_conn *c) {
         close_rd(atomic_exchange(&c->rd_close, -1));
 }
 
+/* Only the forking thread lives on in the child: no reader is left to close them. */
+void sf_rd_host_after_fork_child(struct sf_conn *c) {
+    atomic_store(&c->rd_users, 0);
+    close_rd(atomic_exchange(&c->rd_host, -1));
+    close_rd(atomic_exchange(&c->rd_close, -1));
+}
+
 /* The peer's SYNC is in (sf_handoff_pump_locked, after peer_synced): wake the readers that
  * wait for it in wait_for_sync. Once per switch, so no count of waiters. */
 void sf_rd_host_wake(struct sf_conn *c) {
