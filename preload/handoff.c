@@ -238,11 +238,23 @@ static void undo_early_sync(struct sf_conn *c) {
     sf_count_switch(0);
 }
 
-/* Caller holds c->wmu but not c->mu. The caller swaps, if due, once it has released c->wmu:
- * the swap closes the host fd's private number only when no writer holds c->wmu. */
+/* Caller holds c->wmu but not c->mu: the commit alone. The writer sends its bytes on the host
+ * connection first (a split write's rest: the peer's reader waits for them) and then calls
+ * sf_handoff_finish, once it has released c->wmu; so does the swap, should it come between. The
+ * caller swaps, if due, once it has released c->wmu: the swap closes the host fd's private
+ * number only when no writer holds c->wmu. */
 void sf_handoff_commit(struct sf_conn *c) {
     pthread_mutex_lock(&c->mu);
     commit_locked(c);
+    pthread_mutex_unlock(&c->mu);
+}
+
+void sf_handoff_finish_locked(struct sf_conn *c) {
+    finish_commit_locked(c);
+}
+
+void sf_handoff_finish(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
     finish_commit_locked(c);
     pthread_mutex_unlock(&c->mu);
 }

@@ -368,7 +368,9 @@ void sf_router_report(const struct sf_msg *m); /* queue a frame for the router; 
 void sf_count_switch(int ok);              /* for the router's statistics */
 
 /* handoff.c */
-void sf_handoff_commit(struct sf_conn *c); /* caller holds c->wmu */
+void sf_handoff_commit(struct sf_conn *c); /* caller holds c->wmu; then sf_handoff_finish */
+void sf_handoff_finish(struct sf_conn *c); /* the rest of a commit (options, FIN), if due */
+void sf_handoff_finish_locked(struct sf_conn *c); /* the same, caller holds c->mu */
 void sf_handoff_request_commit(struct sf_conn *c); /* commit now if no write is in flight */
 void sf_handoff_pump_locked(struct sf_conn *c);    /* caller holds c->mu */
 void sf_handoff_catch_up_locked(struct sf_conn *c); /* pump, and commit if due; holds c->mu */

@@ -211,6 +211,8 @@ int sf_swap_locked(struct sf_conn *c) {
     int flflags = real.fcntl(fd, F_GETFL);
     if (fdflags < 0 || flflags < 0)
         return -1;
+    /* A writer's commit whose rest is still to come (its FIN, while c->fd names the overlay). */
+    sf_handoff_finish_locked(c);
     /* The socket options are on the host socket already, copied by the agent once it held the
      * connection, and setsockopt mirrors every later change (wrap_sock.c); unless an
      * application thread committed before the agent could copy them. */

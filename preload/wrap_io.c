@@ -417,6 +417,8 @@ static ssize_t do_write(struct sf_conn *c, struct io *op, int phase) {
         committed = 1;
     }
     sf_wmu_unlock(c);
+    if (committed)
+        sf_handoff_finish(c);
     /* The agent may have asked between our check and the unlock; its trylock failed then. */
     if (SF_UNLIKELY(c->commit_wanted))
         sf_handoff_request_commit(c);
