@@ -422,6 +422,21 @@ int sf_private_fd(int fd) {
     return moved;
 }
 
+/* A private duplicate of fd, made in the high range at once: a dup() would take the lowest free
+ * number for a moment, which an application at its fd limit may be about to need. -1 if the
+ * high range has no room. */
+int sf_private_dup(int fd) {
+    int d = real.fcntl(fd, F_DUPFD_CLOEXEC, private_base);
+    if (d < 0)
+        return -1;
+    struct sf_conn *c = sf_slot_alloc(d);
+    if (c != NULL) {
+        atomic_fetch_add(&c->gen, 1);
+        atomic_store(&c->kind, SF_PRIVATE);
+    }
+    return d;
+}
+
 int sf_is_private(int fd) {
     struct sf_conn *c = sf_slot(fd);
     return c != NULL && atomic_load_explicit(&c->kind, memory_order_relaxed) == SF_PRIVATE;

@@ -87,8 +87,8 @@ static void reset_socket(int fd) {
 }
 
 static int owe(int overlay, int host, uint64_t mark) {
-    int ov = sf_private_fd(real.dup(overlay));
-    int h = sf_private_fd(real.dup(host));
+    int ov = sf_private_dup(overlay);
+    int h = sf_private_dup(host);
     int kept = -1;
     pthread_mutex_lock(&fins.mu);
     if (ov >= 0 && h >= 0 && fins.n < FIN_MAX) {

@@ -277,6 +277,7 @@ static inline int sf_slot_clean(struct sf_conn *c) {
 void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_connect);
 int sf_is_overlay_addr(const struct sockaddr *sa);
 int sf_private_fd(int fd);                 /* move fd to the private high range (CLOEXEC) */
+int sf_private_dup(int fd);                /* a duplicate there, or -1 */
 int sf_is_private(int fd);
 void sf_private_forget(int fd);
 void sf_private_move(int fd);             /* the app wants this number: move ours away */

@@ -47,7 +47,7 @@ void sf_rd_host_open_locked(struct sf_conn *c) {
     if (fl < 0 || hfl < 0 ||
         real.fcntl(c->host_fd, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK)) < 0)
         return;
-    int fd = sf_private_fd(real.dup(c->host_fd));
+    int fd = sf_private_dup(c->host_fd);
     if (fd >= 0)
         atomic_store(&c->rd_host, fd);
 }
