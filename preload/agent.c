@@ -1,8 +1,8 @@
 /* agent.c -- the background thread that moves connections, so the application never waits.
  *
  * One agent per process, started with the first connection in a process that is multi-threaded
- * already, else when a connection first needs it: at its SF_AGENT_CALL-th data call or its
- * trigger (slim: at connect() or accept()), or at the application's next thread; again in a
+ * already, else when a connection first needs it: at its sf_cfg.agent_call-th data call, before
+ * its trigger (slim: at connect() or accept()), or at the application's next thread; again in a
  * forked child. Until then a single-threaded process stays so. Application threads only hand it
  * work: a trigger goes on a queue and an eventfd wakes the thread, unless the triggering thread
  * could send the SWITCH_REQ itself without waiting (router.c sf_router_request_now); a frame for
@@ -153,14 +153,15 @@ extern char __libc_single_threaded __attribute__((weak));
 static _Atomic int conn_seen; /* shuntflow mode: a connection was tracked in this process */
 
 /* A connection began while no agent runs. Shuntflow mode starts the agent now if the process is
- * multi-threaded already, else at a connection's SF_AGENT_CALL-th data call or at the process's
- * next thread (pthread_create below); slim mode at the trigger its connect or accept makes. */
+ * multi-threaded already or its threshold is 1, else at a connection's sf_cfg.agent_call-th
+ * data call or at the process's next thread (pthread_create below); slim mode at the trigger
+ * its connect or accept makes. */
 void sf_agent_conn_started(void) {
     if (sf_cfg.mode != SF_MODE_SHUNTFLOW)
         return;
     if (!atomic_load_explicit(&conn_seen, memory_order_relaxed))
         atomic_store(&conn_seen, 1);
-    if (&__libc_single_threaded == NULL || !__libc_single_threaded)
+    if (&__libc_single_threaded == NULL || !__libc_single_threaded || sf_cfg.agent_call == 0)
         sf_agent_ensure();
 }
 

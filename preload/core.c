@@ -216,11 +216,16 @@ static void read_config(void) {
     }
     if (!sf_cfg.enabled)
         SF_LOG("SHUNTFLOW_OVERLAY names no network: the library only passes calls through");
-    /* Shuntflow mode starts the agent at a connection's SF_AGENT_CALL-th data call, or at its
-     * threshold if that comes first: a process whose connections never get that far (one
-     * request each) stays single-threaded (agent.c). Slim starts it at connect()/accept(). */
+    /* Shuntflow mode starts the agent at a connection's SF_AGENT_CALL-th data call, or halfway
+     * to its threshold if that comes first: a process whose connections never get that far (one
+     * request each) stays single-threaded (agent.c). Never at the threshold itself: the start
+     * (a thread, its fds) would lengthen the call that begins the switch, and the switch would
+     * wait for the channel. A threshold of 1 starts it with the connection, as slim mode's
+     * connect()/accept() does. */
     if (sf_cfg.mode == SF_MODE_SHUNTFLOW)
-        sf_cfg.agent_call = sf_cfg.threshold < SF_AGENT_CALL ? sf_cfg.threshold : SF_AGENT_CALL;
+        sf_cfg.agent_call = sf_cfg.threshold <= 1               ? 0
+                            : sf_cfg.threshold / 2 < SF_AGENT_CALL ? sf_cfg.threshold / 2
+                                                                   : SF_AGENT_CALL;
 }
 
 static void set_private_base(void) {

@@ -117,8 +117,8 @@ struct sf_real {
 };
 extern struct sf_real real;
 
-/* In a single-threaded process, the connection's data call that starts the agent (or its
- * threshold, if lower). The agent thread makes the process multi-threaded, and then the kernel
+/* In a single-threaded process, the connection's data call that starts the agent (or the one
+ * halfway to its threshold, if lower). The agent thread makes the process multi-threaded, and then the kernel
  * takes a reference on the file in every fd system call and glibc brackets every blocking one
  * for cancellation: a one-request connection (3-4 data calls at each end) never needs the
  * agent, and is spared that. A process that has a thread of its own already pays that, so its
@@ -131,7 +131,7 @@ extern struct sf_real real;
 struct sf_config {
     int mode;                /* enum sf_mode */
     uint32_t threshold;      /* data syscalls before a switch (shuntflow mode) */
-    uint32_t agent_call;     /* the data call of a connection that starts the agent; 0: never */
+    uint32_t agent_call;     /* the data call of a connection that starts the agent; 0: its start */
     char router_path[108];   /* sun_path of the router's socket; empty = no router */
     struct { uint32_t net, mask; } overlay[8]; /* network order */
     int n_overlay;
