@@ -64,9 +64,10 @@ int sf_agent_is_this_process(void) {
     return __atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == getpid();
 }
 
-void sf_agent_watch(int fd, uint32_t events, uint64_t tag) {
+/* 0 if watched; -1 before the agent's start (no epoll yet) or on failure. */
+int sf_agent_watch(int fd, uint32_t events, uint64_t tag) {
     struct epoll_event ev = {.events = events, .data.u64 = tag};
-    real.epoll_ctl(ag.epfd, EPOLL_CTL_ADD, fd, &ev);
+    return ag.epfd >= 0 ? real.epoll_ctl(ag.epfd, EPOLL_CTL_ADD, fd, &ev) : -1;
 }
 
 void sf_agent_unwatch(int fd) {
@@ -163,6 +164,11 @@ void sf_agent_conn_started(void) {
         atomic_store(&conn_seen, 1);
     if (&__libc_single_threaded == NULL || !__libc_single_threaded || sf_cfg.agent_call == 0)
         sf_agent_ensure();
+    else
+        /* No thread yet, but the channel: the router admits it (a pass through its Python side,
+         * about a millisecond) long before this process's first switch, which would otherwise
+         * wait for it; a peer's claim waits in it until the agent starts. */
+        sf_router_open();
 }
 
 /* A process holding a connection that makes a second thread is multi-threaded from now on, agent

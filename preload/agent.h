@@ -22,7 +22,7 @@
 extern pthread_mutex_t sf_agent_mu; /* the queue, the agent's fds, backoff, reports, lingering */
 int sf_agent_started(void);          /* its epoll exists; ask under sf_agent_mu */
 int sf_agent_is_this_process(void);  /* started by this process, not inherited across fork */
-void sf_agent_watch(int fd, uint32_t events, uint64_t tag);
+int sf_agent_watch(int fd, uint32_t events, uint64_t tag);
 void sf_agent_unwatch(int fd);
 void sf_agent_kick_locked(void);     /* wake the agent; caller holds sf_agent_mu */
 void sf_retry_later_locked(struct sf_conn *c); /* the next trigger at twice the calls so far */

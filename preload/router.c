@@ -36,6 +36,7 @@ static struct {
     uint64_t chan_retry_ms, chan_step_ms;
     uint32_t seq;              /* the last SWITCH_REQ's; atomic: the agent and app threads ask */
     int warned_router;
+    int chan_watched;          /* in the agent's epoll (not before the agent runs) */
     struct dest_backoff backoff[AG_BACKOFF_SLOTS];      /* under sf_agent_mu */
     struct sf_msg reports[AG_REPORT_QUEUE];             /* under sf_agent_mu: frames to send */
     unsigned reports_len;
@@ -62,6 +63,7 @@ void sf_router_after_fork_child(void) {
             sf_private_forget(mine[i]);
         }
     rt.chan = rt.unconnected = -1;
+    rt.chan_watched = 0;
     rt.reports_len = 0; /* the parent reports its own switches */
     ix_forget_all();
     rt.chan_retry_ms = 0;
@@ -422,8 +424,12 @@ static int chan_send(const struct sf_msg *m) {
 }
 
 int sf_router_open(void) {
-    if (rt.chan >= 0)
+    if (rt.chan >= 0) {
+        /* Opened by the application thread before the agent started: the agent watches it. */
+        if (!rt.chan_watched && sf_agent_watch(rt.chan, EPOLLIN, AG_TAG_CHAN) == 0)
+            rt.chan_watched = 1;
         return 0;
+    }
     uint64_t now = sf_now_ms();
     if (now < rt.chan_retry_ms)
         return -1;
@@ -461,7 +467,7 @@ int sf_router_open(void) {
     pthread_mutex_lock(&sf_agent_mu);
     rt.chan = fd;
     pthread_mutex_unlock(&sf_agent_mu);
-    sf_agent_watch(fd, EPOLLIN, AG_TAG_CHAN);
+    rt.chan_watched = sf_agent_watch(fd, EPOLLIN, AG_TAG_CHAN) == 0;
     SF_LOG("router channel open: %s", sf_cfg.router_path);
     return 0;
 }
@@ -735,6 +741,7 @@ static void chan_lost(void) {
     pthread_mutex_lock(&sf_agent_mu); /* no application thread sends on it from now on */
     int chan = rt.chan;
     rt.chan = -1;
+    rt.chan_watched = 0;
     pthread_mutex_unlock(&sf_agent_mu);
     sf_agent_unwatch(chan);
     real.close(chan);
