@@ -139,7 +139,7 @@ void sf_handoff_copy_opts_locked(struct sf_conn *c) {
 /* ---- the commit --------------------------------------------------------------------------- */
 
 /* Fix S and move writes to the host connection. Caller holds c->wmu (so no write is in flight)
- * and c->mu, and calls finish_commit_locked after. */
+ * and c->mu, and calls sf_handoff_finish_locked after. */
 static void commit_locked(struct sf_conn *c) {
     int wanted = c->commit_wanted;
     c->commit_wanted = 0;
@@ -187,7 +187,7 @@ static void commit_locked(struct sf_conn *c) {
  *     that commits leaves their some twenty syscalls to the swap, which the agent nearly always
  *     makes (sf_swap_locked copies them if still due).
  *   - The overlay's FIN right after S, handed to the agent (fin.c). */
-static void finish_commit_locked(struct sf_conn *c) {
+void sf_handoff_finish_locked(struct sf_conn *c) {
     if (c->commit_finish_due) {
         c->commit_finish_due = 0;
         if (sf_agent_is_self())
@@ -215,7 +215,7 @@ static void early_sync_locked(struct sf_conn *c) {
     commit_locked(c);
     sf_wmu_unlock(c);
     if (atomic_load(&c->phase) == SF_P_COMMITTED)
-        finish_commit_locked(c);
+        sf_handoff_finish_locked(c);
     else
         c->early_sync = 0; /* the SYNC did not leave: aborted, on the overlay */
 }
@@ -249,13 +249,9 @@ void sf_handoff_commit(struct sf_conn *c) {
     pthread_mutex_unlock(&c->mu);
 }
 
-void sf_handoff_finish_locked(struct sf_conn *c) {
-    finish_commit_locked(c);
-}
-
 void sf_handoff_finish(struct sf_conn *c) {
     pthread_mutex_lock(&c->mu);
-    finish_commit_locked(c);
+    sf_handoff_finish_locked(c);
     pthread_mutex_unlock(&c->mu);
 }
 
@@ -267,7 +263,7 @@ void sf_handoff_request_commit(struct sf_conn *c) {
         pthread_mutex_lock(&c->mu);
         commit_locked(c);
         sf_wmu_unlock(c);
-        finish_commit_locked(c);
+        sf_handoff_finish_locked(c);
         pthread_mutex_unlock(&c->mu);
         /* The FIN at once, c->mu released: it is also what wakes the peer's reader when the
          * peer's agent is slow to read the SYNC (then the reader reads it itself). */
@@ -404,7 +400,7 @@ void sf_handoff_catch_up_locked(struct sf_conn *c) {
     if (c->commit_wanted && pthread_mutex_trylock(&c->wmu) == 0) {
         commit_locked(c);
         sf_wmu_unlock(c);
-        finish_commit_locked(c);
+        sf_handoff_finish_locked(c);
     }
     sf_handoff_settle_ack_locked(c);
 }
