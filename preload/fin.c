@@ -80,8 +80,9 @@ static int sync_acked(int host, uint64_t mark) {
     return host_acked(host, &acked, &state) == 0 && acked >= mark;
 }
 
-/* connect(AF_UNSPEC) disconnects a TCP socket with a reset to the peer, and needs no close. */
-static void reset_socket(int fd) {
+/* connect(AF_UNSPEC) disconnects a TCP socket with a reset to the peer, and needs no close. It
+ * resets the socket itself, whatever other numbers (fin.c's copy) still name it. */
+void sf_reset_socket(int fd) {
     struct sockaddr unspec = {.sa_family = AF_UNSPEC};
     real.connect(fd, &unspec, sizeof unspec);
 }
@@ -152,7 +153,7 @@ static int settle(struct owed_fin *f, uint64_t now) {
         return 0;
     SF_LOG("overlay fd %d: reset; the host connection %s before the peer had this end's SYNC",
            f->overlay, known && state != TCP_CLOSE ? "stalled" : "died");
-    reset_socket(f->overlay);
+    sf_reset_socket(f->overlay);
     return 1;
 }
 

@@ -410,6 +410,7 @@ void sf_fins_poll(uint64_t now);               /* the agent's tick while some ar
 void sf_fins_private_moved(int from, int to);
 void sf_fins_after_fork_child(void);
 void sf_fins_at_exit(void);
+void sf_reset_socket(int fd);                  /* a reset to the peer, without a close */
 
 /* uring.c */
 int sf_uring_open(void);                   /* the agent's maps fd; -1 at the fd limit */
@@ -439,6 +440,18 @@ void sf_keep_read_err(struct sf_conn *c, int err); /* the next read returns it (
 
 /* switchpoint.c */
 int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see switchpoint.c */
+/* A BROKEN connection whose stream lost bytes with the host connection: the peer's after its S
+ * (its SYNC came), or this end's written since its own S (before the peer's SYNC, the host path
+ * carries only those). Its reads end with ECONNRESET rather than the overlay's FIN, and its
+ * close resets the overlay rather than end it with a FIN, as over a TCP connection that lost
+ * bytes: an application that reacts to the error by closing must not look, to its peer, like
+ * one that ended the stream (that peer's own bytes since S are lost too). Otherwise nothing is
+ * lost: the overlay's FIN is the peer's real end. */
+static inline int sf_broken_lost(struct sf_conn *c) {
+    return atomic_load(&c->phase) == SF_P_BROKEN &&
+           (__atomic_load_n(&c->peer_synced, __ATOMIC_ACQUIRE) ||
+            atomic_load_explicit(&c->host_bytes, memory_order_relaxed) > 0);
+}
 /* Past the peer's S before the swap: the next bytes are the host connection's. */
 static inline int sf_past_peer_s(struct sf_conn *c, int phase) {
     return sf_phase_in_handoff(phase) && __atomic_load_n(&c->peer_synced, __ATOMIC_ACQUIRE) &&

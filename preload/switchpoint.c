@@ -150,9 +150,9 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
         phase = atomic_load(&c->phase);
         if (!sf_peer_may_have_committed(c)) {
             /* BROKEN too: the peer dropped the host connection before it committed, so its
-             * overlay stream, FIN included, is complete. Unless its SYNC reached us: then it
-             * had committed, and the rest of its stream died with the host connection. */
-            result = phase == SF_P_BROKEN && c->peer_synced ? SF_WAIT_RESET : SF_WAIT_EOF;
+             * overlay stream, FIN included, is complete. Unless bytes died with the host
+             * connection (its SYNC reached us, or we wrote since our S): a reset then. */
+            result = sf_broken_lost(c) ? SF_WAIT_RESET : SF_WAIT_EOF;
             break;
         }
         if (sf_now_ms() > deadline) {

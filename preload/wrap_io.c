@@ -528,9 +528,9 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
         if (phase < SF_P_REQUESTED)
             return end;
         if (phase == SF_P_BROKEN) {
-            /* The peer's SYNC said the rest of its stream follows on the host connection, which
-             * died: this end of the overlay is not the stream's end, it is a reset. */
-            if (!c->peer_synced)
+            /* Bytes of the stream died with the host connection (sf_broken_lost): this end of
+             * the overlay is not the stream's end, it is a reset. */
+            if (!sf_broken_lost(c))
                 return end;
             errno = ECONNRESET;
             return -1;

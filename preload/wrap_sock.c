@@ -180,6 +180,11 @@ static void forget_fd(int fd) {
         sf_handoff_pump_locked(c);
     }
     sf_rd_host_drop(c);
+    if (kind == SF_CONN && sf_broken_lost(c)) {
+        SF_LOG("fd %d: closed after bytes were lost with the host connection: overlay reset",
+               fd);
+        sf_reset_socket(fd);
+    }
     sf_linger_conn_locked(c); /* the peer's SYNC may still come */
     if (c->host_fd >= 0 && c->pending_close_host >= 0) {
         /* An earlier number is already pending: c->wmu has been held since, so its holder

@@ -808,7 +808,8 @@ def test_host_connection_reset_in_handoff_never_loses_silently(
     On the server's side (the follower) this used to end in a quiet EOF: a follower that had
     read the leader's SYNC but could not send its own went BROKEN and took the overlay's FIN
     after S_peer for the end of the stream, while the rest of it had died with the host
-    connection."""
+    connection. And the leader, whose bytes written since its S had died too, took the FIN of
+    the follower's close (its application had been told of the reset) for the end."""
     tb = make_testbed(f"fi6{side[0]}", hosts=2, containers=1, routers=True)
     pair = Pair(tb, tmp_path, port, 1500, concurrency=16)
     pairs.append(pair.start())
