@@ -440,6 +440,7 @@ void sf_keep_read_err(struct sf_conn *c, int err); /* the next read returns it (
 
 /* switchpoint.c */
 int sf_wait_handoff(struct sf_conn *c, int nonblock); /* see switchpoint.c */
+int sf_host_end_before_swap(struct sf_conn *c, int nonblock); /* the same, for a read past S */
 /* A BROKEN connection whose stream lost bytes with the host connection: the peer's after its S
  * (its SYNC came), or this end's written since its own S (before the peer's SYNC, the host path
  * carries only those). Its reads end with ECONNRESET rather than the overlay's FIN, and its

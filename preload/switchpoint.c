@@ -122,6 +122,8 @@ static int wait_for_sync(struct sf_conn *c) {
     return 0;
 }
 
+static int settle_end_locked(struct sf_conn *c, int nonblock);
+
 /* A read on the overlay returned 0 while a switch is under way. Decide whether that is the
  * switch point (swap, the caller reads again), the peer's real EOF, or not yet known.
  *
@@ -130,10 +132,25 @@ static int wait_for_sync(struct sf_conn *c) {
  * than wait for the agent. Returning EAGAIN instead would break programs that take a readable
  * socket's EAGAIN for an error (wrk does), so even a non-blocking caller waits here, briefly. */
 int sf_wait_handoff(struct sf_conn *c, int nonblock) {
-    uint64_t deadline = sf_now_ms() + (nonblock ? 500 : 5000);
-    int result = SF_WAIT_EOF;
     if (wait_for_sync(c))
         return SF_WAIT_SWAPPED; /* the caller reads again: the host socket, one way or other */
+    return settle_end_locked(c, nonblock);
+}
+
+/* A reader past the peer's S met the host connection's end before this end swapped. That is the
+ * peer's real end only if the connection is whole: a host connection that died reads as EOF too
+ * once another call took its error, such as the commit's SYNC, which failed and is about to
+ * make the connection BROKEN. Decided as at the overlay's end, under c->mu, so that a commit in
+ * flight is seen whole. */
+int sf_host_end_before_swap(struct sf_conn *c, int nonblock) {
+    pthread_mutex_lock(&c->mu);
+    return settle_end_locked(c, nonblock);
+}
+
+/* Caller holds c->mu, which this releases. */
+static int settle_end_locked(struct sf_conn *c, int nonblock) {
+    uint64_t deadline = sf_now_ms() + (nonblock ? 500 : 5000);
+    int result = SF_WAIT_EOF;
     for (;;) {
         int phase = atomic_load(&c->phase);
         if (phase == SF_P_HOST) {
@@ -172,7 +189,7 @@ int sf_wait_handoff(struct sf_conn *c, int nonblock) {
             sf_cv_wait_ms(c, 1);
         }
     }
-    SF_LOG("fd %d: overlay EOF in phase %d: %d (rx %llu, S_peer %llu%s)", c->fd,
+    SF_LOG("fd %d: stream's end met in phase %d: %d (rx %llu, S_peer %llu%s)", c->fd,
            atomic_load(&c->phase), result, (unsigned long long)atomic_load(&c->rx),
            (unsigned long long)c->peer_s, c->peer_synced ? "" : " unknown");
     pthread_mutex_unlock(&c->mu);

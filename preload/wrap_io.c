@@ -475,6 +475,26 @@ static ssize_t read_past_s(struct sf_conn *c, struct io *op) {
     return n;
 }
 
+/* A read met the end of the stream, settled by sf_wait_handoff or sf_host_end_before_swap: 1 to
+ * read again (swapped), else 0 with the call's result in *ret (`end` if it is the stream's). */
+static int settled_end(int wait, ssize_t end, ssize_t *ret) {
+    switch (wait) {
+    case SF_WAIT_SWAPPED:
+        return 1;
+    case SF_WAIT_AGAIN:
+        errno = EAGAIN;
+        *ret = -1;
+        return 0;
+    case SF_WAIT_RESET:
+        errno = ECONNRESET;
+        *ret = -1;
+        return 0;
+    default:
+        *ret = end;
+        return 0;
+    }
+}
+
 /* `phase` is the one the caller loaded; every further round loads it again. */
 static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase) {
     int peek = op->flags & MSG_PEEK;
@@ -488,8 +508,15 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
         }
         if (sf_past_peer_s(c, phase)) {
             ssize_t n = read_past_s(c, op);
-            if (n != PAST_S_NO)
+            if (n != PAST_S_NO && (want == 0 || (n != 0 && !mmsg_at_end(op, n))))
                 return n;
+            if (n != PAST_S_NO) {
+                ssize_t ret;
+                if (!settled_end(sf_host_end_before_swap(c, fd_nonblocking(c->fd, op->flags)), n,
+                                 &ret))
+                    return ret;
+                continue;
+            }
         }
         /* Without the readers' number, the switch point needs c->mu, which the agent may hold
          * for long in a burst: check without it first (a stale answer either way only costs
@@ -538,18 +565,9 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
         if (sf_past_peer_s(c, phase))
             continue; /* the overlay's read side was ended at the peer's S: read the host */
         /* Maybe the switch point: decided under c->mu, so an in-flight commit is seen whole. */
-        switch (sf_wait_handoff(c, fd_nonblocking(c->fd, op->flags))) {
-        case SF_WAIT_SWAPPED:
-            continue;
-        case SF_WAIT_AGAIN:
-            errno = EAGAIN;
-            return -1;
-        case SF_WAIT_RESET:
-            errno = ECONNRESET;
-            return -1;
-        default:
-            return end;
-        }
+        ssize_t ret;
+        if (!settled_end(sf_wait_handoff(c, fd_nonblocking(c->fd, op->flags)), end, &ret))
+            return ret;
     }
 }
 
