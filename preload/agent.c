@@ -365,6 +365,7 @@ static void *agent_main(void *arg) {
     sf_uring_refresh(last_tick);
     /* Open the channel now so that peers' claims reach this process even before it triggers. */
     sf_router_open();
+    sf_router_index_all();
     while (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == me || ag.pid == 0) {
         struct epoll_event evs[64];
         int timeout = tick_ms();

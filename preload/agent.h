@@ -29,6 +29,7 @@ void sf_retry_later_locked(struct sf_conn *c); /* the next trigger at twice the 
 
 /* router.c */
 int sf_router_open(void);            /* 0 if the channel is open (opened now if it may be) */
+void sf_router_index_all(void);      /* the agent's start: index the connections made before it */
 int sf_router_connected(void);
 void sf_router_request(struct sf_conn *c); /* a trigger taken from the queue */
 int sf_router_request_now(struct sf_conn *c); /* the trigger's own thread asks: 1 if it did */

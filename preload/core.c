@@ -394,7 +394,7 @@ void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_conne
     sf_phase_reset(c, sf_cfg.mode == SF_MODE_OVERLAY ? SF_P_PINNED : SF_P_OVERLAY);
     /* Sequentially consistent, as the agent's start and its walk of the table are: a connection
      * that finds no agent running here is not queued for the agent's index, and the index of an
-     * agent that starts after it is incomplete, so its first miss walks the table and meets this
+     * agent that starts after it is incomplete, so its walk of the table at its start meets this
      * kind (agent.c sf_agent_ensure). */
     atomic_store(&c->kind, SF_CONN);
     pthread_mutex_unlock(&c->mu);
