@@ -147,10 +147,6 @@ int sf_agent_running(void) {
     return atomic_load(&ag.running);
 }
 
-/* glibc's flag, 0 once the process has made a second thread (never set back); musl has none,
- * and a process under it starts its agent with its first connection. */
-extern char __libc_single_threaded __attribute__((weak));
-
 static _Atomic int conn_seen; /* shuntflow mode: a connection was tracked in this process */
 
 /* A connection began while no agent runs. Shuntflow mode starts the agent now if the process is
@@ -162,7 +158,8 @@ void sf_agent_conn_started(void) {
         return;
     if (!atomic_load_explicit(&conn_seen, memory_order_relaxed))
         atomic_store(&conn_seen, 1);
-    if (&__libc_single_threaded == NULL || !__libc_single_threaded || sf_cfg.agent_call == 0)
+    /* Under musl (no flag) a process starts its agent with its first connection. */
+    if (!sf_sole_thread() || sf_cfg.agent_call == 0)
         sf_agent_ensure();
     else
         /* No thread yet, but the channel: the router admits it (a pass through its Python side,

@@ -335,8 +335,8 @@ void sf_for_each_conn(void (*fn)(struct sf_conn *, void *), void *arg) {
  * either holds c->mu too, or first loads c->kind with acquire, which the caller stores after
  * them with release (or under c->mu); a sequentially consistent store is a locked exchange on
  * x86, and these ran three times per connection. */
-static void reset_counters(struct sf_conn *c) {
-    sf_phase_reset(c, SF_P_OVERLAY);
+static void reset_counters(struct sf_conn *c, int phase) {
+    sf_phase_reset(c, phase);
     atomic_store_explicit(&c->calls, 0, memory_order_relaxed);
     atomic_store_explicit(&c->tx, 0, memory_order_relaxed);
     atomic_store_explicit(&c->rx, 0, memory_order_relaxed);
@@ -362,14 +362,21 @@ void sf_slot_reset(struct sf_conn *c) {
     /* Closed mid-switch: the window ends with the connection (reported while the addresses
      * are still known). */
     sf_window_close(c, SF_INTERNAL);
-    reset_counters(c);
+    reset_counters(c, SF_P_OVERLAY);
     for (int i = 0; i < c->n_regs; i++)
         if (c->regs[i].events & EPOLLONESHOT)
             atomic_fetch_sub(&sf_oneshot_regs, 1);
     c->n_regs = 0;
     c->buf_locked = 0;
-    atomic_store(&c->kind, SF_NONE);
-    atomic_fetch_add(&c->gen, 1);
+    if (sf_sole_thread()) {
+        /* No reader of either without c->mu but this thread: plain stores, not locked ones. */
+        atomic_store_explicit(&c->kind, SF_NONE, memory_order_release);
+        atomic_store_explicit(&c->gen, atomic_load_explicit(&c->gen, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+    } else {
+        atomic_store(&c->kind, SF_NONE);
+        atomic_fetch_add(&c->gen, 1);
+    }
 }
 
 int sf_is_overlay_addr(const struct sockaddr *sa) {
@@ -385,19 +392,25 @@ int sf_is_overlay_addr(const struct sockaddr *sa) {
 /* fd c->fd now carries an overlay connection: start counting. Epoll registrations made while it
  * was an unconnected socket are kept. peer may be NULL (then it is learned lazily). */
 void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_connect) {
-    pthread_mutex_lock(&c->mu);
-    reset_counters(c);
+    /* The process's only thread: nobody else can hold c->mu, nor walk the table. */
+    int sole = sf_sole_thread();
+    if (!sole)
+        pthread_mutex_lock(&c->mu);
+    reset_counters(c, sf_cfg.mode == SF_MODE_OVERLAY ? SF_P_PINNED : SF_P_OVERLAY);
     c->via_connect = (uint8_t)via_connect;
     c->next_trigger = sf_cfg.threshold;
     if (peer != NULL && peer->sa_family == AF_INET)
         memcpy(&c->remote, peer, sizeof c->remote);
-    sf_phase_reset(c, sf_cfg.mode == SF_MODE_OVERLAY ? SF_P_PINNED : SF_P_OVERLAY);
     /* Sequentially consistent, as the agent's start and its walk of the table are: a connection
      * that finds no agent running here is not queued for the agent's index, and the index of an
      * agent that starts after it is incomplete, so its walk of the table at its start meets this
-     * kind (agent.c sf_agent_ensure). */
-    atomic_store(&c->kind, SF_CONN);
-    pthread_mutex_unlock(&c->mu);
+     * kind (agent.c sf_agent_ensure). An agent this thread starts later sees it anyway. */
+    if (sole) {
+        atomic_store_explicit(&c->kind, SF_CONN, memory_order_release);
+    } else {
+        atomic_store(&c->kind, SF_CONN);
+        pthread_mutex_unlock(&c->mu);
+    }
     if (sf_cfg.mode == SF_MODE_OVERLAY)
         return;
     if (sf_agent_running())

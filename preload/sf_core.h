@@ -344,6 +344,28 @@ static inline uint64_t sf_host_bytes(struct sf_conn *c) {
     return atomic_load(&c->phase) == SF_P_HOST ? n + sf_final_bytes(c) : n;
 }
 
+/* glibc's flag: 1 while the process has one thread; pthread_create clears it before the new
+ * thread exists and nothing sets it back. musl exports none (then: never sole). */
+extern char __libc_single_threaded __attribute__((weak));
+
+/* The calling thread is the process's only one. Then no agent runs (it is a thread), no other
+ * thread can hold a connection's lock or be in a call on it, and no switch is under way, nor
+ * can one be decided, committed or swapped except by this thread's own calls: a connection's
+ * locks guard nothing. Whoever reads it after a call that may start the agent (count_call)
+ * reads it again. */
+static inline int sf_sole_thread(void) {
+    return &__libc_single_threaded != NULL && __libc_single_threaded;
+}
+
+/* A counter only this thread writes while it is the sole one: a plain add, not a locked one. */
+static inline void sf_count_add(_Atomic uint64_t *counter, uint64_t n, int sole) {
+    if (sole)
+        atomic_store_explicit(counter, atomic_load_explicit(counter, memory_order_relaxed) + n,
+                              memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(counter, n, memory_order_relaxed);
+}
+
 static inline struct sf_conn *sf_tracked(int fd) {
     struct sf_conn *c = sf_slot(fd);
     if (c == NULL || atomic_load_explicit(&c->kind, memory_order_relaxed) != SF_CONN)

@@ -68,8 +68,11 @@ SF_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
             drop_records(c);
         return real.epoll_ctl(epfd, op, fd, ev);
     }
-    /* Under c->mu so a swap never runs between the kernel's change and our record of it. */
-    pthread_mutex_lock(&c->mu);
+    /* Under c->mu so a swap never runs between the kernel's change and our record of it (in a
+     * process of one thread, no swap can). */
+    int sole = sf_sole_thread();
+    if (!sole)
+        pthread_mutex_lock(&c->mu);
     int rc = real.epoll_ctl(epfd, op, fd, ev);
     int err = errno;
     if (rc == 0 && sf_epreg_record_locked(c, op, epfd, ev) != 0 && op == EPOLL_CTL_ADD) {
@@ -79,7 +82,8 @@ SF_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
         rc = -1;
         err = ENOMEM;
     }
-    pthread_mutex_unlock(&c->mu);
+    if (!sole)
+        pthread_mutex_unlock(&c->mu);
     errno = err;
     return rc;
 }

@@ -166,7 +166,11 @@ static void forget_fd(int fd) {
                "%llu bytes, host %llu bytes", fd, ntohs(c->local.sin_port),
                ntohs(c->remote.sin_port), atomic_load(&c->phase), atomic_load(&c->calls),
                (unsigned long long)sf_overlay_bytes(c), (unsigned long long)sf_host_bytes(c));
-    pthread_mutex_lock(&c->mu);
+    /* The process's only thread: nobody else can hold c->mu, and no switch left a host
+     * connection, a readers' number or an owed FIN behind (they take the agent, a thread). */
+    int sole = sf_sole_thread();
+    if (!sole)
+        pthread_mutex_lock(&c->mu);
     /* fin.c's copy keeps the overlay socket open past this close, and with it the epoll
      * registrations of this number, which would go on reporting a closed fd. */
     if (kind == SF_CONN && c->fin_owed && atomic_load(&c->phase) != SF_P_HOST)
@@ -179,7 +183,9 @@ static void forget_fd(int fd) {
     if (c->host_fd >= 0) {
         sf_handoff_pump_locked(c);
     }
-    sf_rd_host_drop(c);
+    /* Set only under c->mu, which we hold: no exchange (a locked instruction) for none. */
+    if (atomic_load_explicit(&c->rd_host, memory_order_relaxed) >= 0)
+        sf_rd_host_drop(c);
     if (kind == SF_CONN && sf_broken_lost(c)) {
         SF_LOG("fd %d: closed after bytes were lost with the host connection: overlay reset",
                fd);
@@ -198,7 +204,8 @@ static void forget_fd(int fd) {
     }
     c->host_fd = -1;
     sf_slot_reset(c);
-    pthread_mutex_unlock(&c->mu);
+    if (!sole)
+        pthread_mutex_unlock(&c->mu);
 }
 
 SF_EXPORT int close(int fd) {
@@ -324,7 +331,9 @@ static int host_fd_if_committed(struct sf_conn *c) {
  * host connection, change it there too. Returns the locked connection, or NULL. */
 static struct sf_conn *lock_for_flags(int fd) {
     struct sf_conn *c = sf_tracked(fd);
-    if (c == NULL || sf_phase_final(atomic_load(&c->phase)))
+    /* In a process of one thread no switch is under way: no host connection to change too, no
+     * swap to lock out. */
+    if (c == NULL || sf_phase_final(atomic_load(&c->phase)) || sf_sole_thread())
         return NULL;
     pthread_mutex_lock(&c->mu);
     return c;
