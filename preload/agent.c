@@ -161,10 +161,11 @@ void sf_agent_conn_started(void) {
     /* Under musl (no flag) a process starts its agent with its first connection. */
     if (!sf_sole_thread() || sf_cfg.agent_call == 0)
         sf_agent_ensure();
-    else
+    else if (!sf_router_connected())
         /* No thread yet, but the channel: the router admits it (a pass through its Python side,
          * about a millisecond) long before this process's first switch, which would otherwise
-         * wait for it; a peer's claim waits in it until the agent starts. */
+         * wait for it; a peer's claim waits in it until the agent starts (which then watches
+         * it). Open already, it needs nothing more until then. */
         sf_router_open();
 }
 

@@ -764,6 +764,35 @@ static inline struct sf_conn *sf_fast_read_conn(int fd, struct sf_conn **slow) {
     return f;
 }
 
+/* A connection on the overlay in a process of one thread (no agent, so no switch under way or
+ * decided), whose call is neither the one that starts the agent nor its trigger, and which holds
+ * no kept read error: the call is counted here, and then it is the real call and a byte count
+ * (quiet_read, quiet_write). The full path would make the same call after looking at all that
+ * again; a one-request connection makes nothing but such calls. */
+static inline int quiet_call(struct sf_conn *c, int reading) {
+    if (atomic_load_explicit(&c->phase, memory_order_relaxed) != SF_P_OVERLAY ||
+        !sf_sole_thread() ||
+        (reading && atomic_load_explicit(&c->read_err, memory_order_relaxed) != 0))
+        return 0;
+    uint32_t n = atomic_load_explicit(&c->calls, memory_order_relaxed) + 1;
+    if (n == sf_cfg.agent_call || n >= atomic_load_explicit(&c->next_trigger, memory_order_relaxed))
+        return 0;
+    atomic_store_explicit(&c->calls, n, memory_order_relaxed);
+    return 1;
+}
+
+static ssize_t quiet_read(struct sf_conn *c, ssize_t n, int flags) {
+    if (n > 0 && !(flags & MSG_PEEK))
+        sf_count_add(&c->rx, (uint64_t)n, 1);
+    return n;
+}
+
+static ssize_t quiet_write(struct sf_conn *c, ssize_t n) {
+    if (n > 0)
+        sf_count_add(&c->tx, (uint64_t)n, 1);
+    return n;
+}
+
 /* A peek moves no bytes. */
 static ssize_t final_read(struct sf_conn *f, ssize_t n, int flags) {
     if (!(flags & MSG_PEEK))
@@ -788,6 +817,8 @@ SF_EXPORT ssize_t read(int fd, void *buf, size_t len) {
     struct sf_conn *c, *f = sf_fast_read_conn(fd, &c);
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.read(fd, buf, len) : final_read(f, real.read(fd, buf, len), 0);
+    if (quiet_call(c, 1))
+        return quiet_read(c, real.read(fd, buf, len), 0);
     return slow_read(c, buf, len);
 }
 
@@ -796,6 +827,8 @@ SF_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
     struct sf_conn *c, *f = sf_fast_conn(fd, &c);
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.write(fd, buf, len) : final_write(f, real.write(fd, buf, len));
+    if (quiet_call(c, 0))
+        return quiet_write(c, real.write(fd, buf, len));
     return slow_write(c, buf, len);
 }
 
@@ -805,6 +838,8 @@ SF_EXPORT ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.readv(fd, iov, iovcnt)
                          : final_read(f, real.readv(fd, iov, iovcnt), 0);
+    if (quiet_call(c, 1))
+        return quiet_read(c, real.readv(fd, iov, iovcnt), 0);
     return slow_readv(c, iov, iovcnt);
 }
 
@@ -814,6 +849,8 @@ SF_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.writev(fd, iov, iovcnt)
                          : final_write(f, real.writev(fd, iov, iovcnt));
+    if (quiet_call(c, 0))
+        return quiet_write(c, real.writev(fd, iov, iovcnt));
     return slow_writev(c, iov, iovcnt);
 }
 
@@ -823,6 +860,8 @@ SF_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.recv(fd, buf, len, flags)
                          : final_read(f, real.recv(fd, buf, len, flags), flags);
+    if (quiet_call(c, 1))
+        return quiet_read(c, real.recv(fd, buf, len, flags), flags);
     return slow_recv(c, buf, len, flags);
 }
 
@@ -832,6 +871,8 @@ SF_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.send(fd, buf, len, flags)
                          : final_write(f, real.send(fd, buf, len, flags));
+    if (quiet_call(c, 0))
+        return quiet_write(c, real.send(fd, buf, len, flags));
     return slow_send(c, buf, len, flags);
 }
 
@@ -842,6 +883,8 @@ SF_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sock
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.recvfrom(fd, buf, len, flags, addr, addrlen)
                          : final_read(f, real.recvfrom(fd, buf, len, flags, addr, addrlen), flags);
+    if (quiet_call(c, 1))
+        return quiet_read(c, real.recvfrom(fd, buf, len, flags, addr, addrlen), flags);
     return slow_recvfrom(c, buf, len, flags, addr, addrlen);
 }
 
@@ -852,6 +895,8 @@ SF_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.sendto(fd, buf, len, flags, addr, addrlen)
                          : final_write(f, real.sendto(fd, buf, len, flags, addr, addrlen));
+    if (quiet_call(c, 0))
+        return quiet_write(c, real.sendto(fd, buf, len, flags, addr, addrlen));
     return slow_sendto(c, buf, len, flags, addr, addrlen);
 }
 
@@ -861,6 +906,8 @@ SF_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.recvmsg(fd, msg, flags)
                          : final_read(f, real.recvmsg(fd, msg, flags), flags);
+    if (quiet_call(c, 1))
+        return quiet_read(c, real.recvmsg(fd, msg, flags), flags);
     return slow_recvmsg(c, msg, flags);
 }
 
@@ -870,6 +917,8 @@ SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.sendmsg(fd, msg, flags)
                          : final_write(f, real.sendmsg(fd, msg, flags));
+    if (quiet_call(c, 0))
+        return quiet_write(c, real.sendmsg(fd, msg, flags));
     return slow_sendmsg(c, msg, flags);
 }
 
@@ -912,6 +961,9 @@ static ssize_t sendfile_common(int out_fd, int in_fd, off_t *offset, size_t coun
         ssize_t n = (use64 ? real.sendfile64 : real.sendfile)(out_fd, in_fd, offset, count);
         return f == NULL ? n : final_write(f, n);
     }
+    if (quiet_call(c, 0))
+        return quiet_write(c, (use64 ? real.sendfile64 : real.sendfile)(out_fd, in_fd, offset,
+                                                                         count));
     return slow_sendfile(c, in_fd, offset, count, use64);
 }
 

@@ -23,7 +23,9 @@ SF_EXPORT int socket(int domain, int type, int protocol) {
     sf_ensure_init();
     int fd = real.socket(domain, type, protocol);
     if (fd >= 0 && sf_cfg.enabled && is_tcp4(domain, type)) {
-        struct sf_conn *c = sf_slot_alloc(fd);
+        struct sf_conn *c = sf_slot(fd);
+        if (SF_UNLIKELY(c == NULL))
+            c = sf_slot_alloc(fd);
         if (c != NULL && sf_slot_clean(c)) {
             /* The close of the number's last life reset it (a connect() resets its counters
              * once more): only the kind is news. */
@@ -108,8 +110,8 @@ static int track_accepted(int lfd, int fd, struct sockaddr *addr, socklen_t *add
         if (real.getpeername(fd, (struct sockaddr *)&peer, &pl) == 0)
             known = (struct sockaddr *)&peer;
     }
-    struct sf_conn *c = sf_slot_alloc(fd);
-    if (c == NULL)
+    struct sf_conn *c = sf_slot(fd);
+    if (SF_UNLIKELY(c == NULL) && (c = sf_slot_alloc(fd)) == NULL)
         return fd;
     struct sf_conn *l = sf_slot(lfd);
     uint8_t buf_locked = l != NULL && l->buf_locked;
