@@ -398,7 +398,7 @@ void sf_conn_start(struct sf_conn *c, const struct sockaddr *peer, int via_conne
         pthread_mutex_lock(&c->mu);
     reset_counters(c, sf_cfg.mode == SF_MODE_OVERLAY ? SF_P_PINNED : SF_P_OVERLAY);
     c->via_connect = (uint8_t)via_connect;
-    c->next_trigger = sf_cfg.threshold;
+    atomic_store_explicit(&c->next_trigger, sf_cfg.threshold, memory_order_relaxed);
     if (peer != NULL && peer->sa_family == AF_INET)
         memcpy(&c->remote, peer, sizeof c->remote);
     /* Sequentially consistent, as the agent's start and its walk of the table are: a connection
