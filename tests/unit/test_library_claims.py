@@ -4,23 +4,22 @@ about connections it holds, has closed, and holds on reused fd numbers. Mine mea
 anything else NOT_MINE; a closed connection, or an old tuple whose fd number now carries
 another connection, must never be taken for a live one.
 
-The process starts its agent (and with it the channel) at a connection's 8th data call. The first
-claims name connections opened before that, which never reached the agent's queue, and more new
-connections than the queue holds opened after it: the index falls back to walking the fd table
-once. The later claims come after a few new connections, which reach the index through the queue
-alone."""
+The process opens its channel with its first connection and starts its agent at a connection's
+8th data call. The first claims name connections opened before that, which never reached the
+agent's queue (the agent walks the fd table for them at its start), and more new connections
+than the queue holds opened after it: the index falls back to walking the fd table once. The
+later claims come after a few new connections, which reach the index through the queue alone."""
 
 from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from shuntflow.native import app_environment
-from shuntflow.wire import Mode, Msg, MsgType, Status, Tuple4
+from shuntflow.wire import Msg, MsgType, Status, Tuple4
+
+from .fakerouter import library_child
 
 # 2 x EARLY tracked connections (both ends are in the process) before the agent starts, 2 x PAIRS
 # after it and before the first claim: more than the 4,096 new connections its queue holds.
@@ -87,28 +86,10 @@ def claim(chan: socket.socket, seq: int, local: str, remote: str) -> int:
 
 
 def test_claims_find_live_connections_only(tmp_path: Path) -> None:
-    path = tmp_path / "router.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(path))
-    listener.listen(4)
-    listener.settimeout(30)
-    env = app_environment(
-        Mode.SHUNTFLOW, router_socket=path, threshold=1_000_000, overlay_cidr="127.0.0.0/8"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(PAIRS), str(REUSED), str(EARLY)],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    try:
-        chan, _ = listener.accept()
-        chan.settimeout(30)
-        hello = Msg.unpack(chan.recv(64))
-        assert hello.type == MsgType.HELLO and hello.pid == child.pid
-        chan.send(Msg(MsgType.HELLO_ACK, Status.OK, hello.seq, arg=1).pack())
+    with library_child(
+        tmp_path, CHILD, [str(PAIRS), str(REUSED), str(EARLY)], threshold=1_000_000
+    ) as (child, chan):
+        assert child.stdin is not None and child.stdout is not None
         seq = 0x80000000
 
         first = json.loads(child.stdout.readline())
@@ -132,8 +113,3 @@ def test_claims_find_live_connections_only(tmp_path: Path) -> None:
         child.stdin.write("\n")
         child.stdin.flush()
         assert child.wait(30) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        listener.close()

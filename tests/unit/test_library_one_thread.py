@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from shuntflow.native import app_environment
-from shuntflow.wire import Mode, Msg, MsgType, Status, Tuple4
+from shuntflow.wire import Msg, MsgType, Status, Tuple4
+
+from .fakerouter import library_child
 
 SHORT = 20
 THRESHOLD = 16
@@ -85,36 +82,12 @@ CLOSED = re.compile(
 
 
 def test_one_thread_counts_everything_and_still_switches(tmp_path: Path) -> None:
-    path = tmp_path / "router.sock"
     log = tmp_path / "lib.log"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(path))
-    listener.listen(4)
-    listener.settimeout(30)
-    env = app_environment(
-        Mode.SHUNTFLOW,
-        router_socket=path,
-        threshold=THRESHOLD,
-        overlay_cidr="127.0.0.0/8",
-        log=str(log),
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(SHORT), str(ROUNDS)],
-        env={**os.environ, **env},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdin is not None and child.stdout is not None
     asked: list[Tuple4] = []
-    try:
-        # The channel opens with the process's first connection, before any agent.
-        chan, _ = listener.accept()
-        chan.settimeout(30)
-        hello = Msg.unpack(chan.recv(64))
-        assert hello.type == MsgType.HELLO and hello.pid == child.pid
-        chan.send(Msg(MsgType.HELLO_ACK, Status.OK, hello.seq, arg=1).pack())
-
+    with library_child(
+        tmp_path, CHILD, [str(SHORT), str(ROUNDS)], threshold=THRESHOLD, log=log
+    ) as (child, chan):
+        assert child.stdin is not None and child.stdout is not None
         report = json.loads(child.stdout.readline())
         # Both ends of the long connection reach the threshold: a request from each, which the
         # router refuses (they stay on the overlay and retry later, at twice the calls).
@@ -127,11 +100,6 @@ def test_one_thread_counts_everything_and_still_switches(tmp_path: Path) -> None
         child.stdin.write("\n")
         child.stdin.flush()
         assert child.wait(30) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        listener.close()
 
     # No agent for the one-request connections; the long one's 8th data call started it.
     assert report["threads_before"] == 1, report

@@ -1,0 +1,56 @@
+"""A stand-in router for the library's tests that need no testbed: a SOCK_SEQPACKET listener on a
+Unix socket, and a Python child under the library pointed at it. The child's router channel is
+accepted and greeted (HELLO, HELLO_ACK); the test then speaks the wire on it as a router would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from shuntflow.native import app_environment
+from shuntflow.wire import Mode, Msg, MsgType, Status
+
+
+@contextmanager
+def library_child(
+    tmp_path: Path, code: str, args: list[str], threshold: int, log: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[str], socket.socket]]:
+    """Run `python -c code args` under the library (overlay 127.0.0.0/8), yield it with its
+    greeted channel; the child is killed if still running on the way out."""
+    path = tmp_path / "router.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(4)
+    listener.settimeout(30)
+    env = app_environment(
+        Mode.SHUNTFLOW,
+        router_socket=path,
+        threshold=threshold,
+        overlay_cidr="127.0.0.0/8",
+        log=None if log is None else str(log),
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The channel opens with the process's first connection, before any agent.
+        chan, _ = listener.accept()
+        chan.settimeout(30)
+        hello = Msg.unpack(chan.recv(64))
+        assert hello.type == MsgType.HELLO and hello.pid == child.pid
+        chan.send(Msg(MsgType.HELLO_ACK, Status.OK, hello.seq, arg=1).pack())
+        yield child, chan
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        listener.close()
