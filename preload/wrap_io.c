@@ -518,12 +518,12 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
         }
         if (sf_past_peer_s(c, phase)) {
             ssize_t n = read_past_s(c, op);
-            if (n != PAST_S_NO && (want == 0 || (n != 0 && !mmsg_at_end(op, n))))
-                return n;
             if (n != PAST_S_NO) {
+                if (want == 0 || (n != 0 && !mmsg_at_end(op, n)))
+                    return n;
                 ssize_t ret;
-                if (!settled_end(sf_host_end_before_swap(c, fd_nonblocking(c->fd, op->flags)), n,
-                                 &ret))
+                int wait = sf_host_end_before_swap(c, fd_nonblocking(c->fd, op->flags));
+                if (!settled_end(wait, n, &ret))
                     return ret;
                 continue;
             }
