@@ -74,6 +74,14 @@ void sf_agent_unwatch(int fd) {
     real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, fd, NULL);
 }
 
+/* A watched fd got a new number (sf_private_move): epoll keys a watch by file and number, so the
+ * old one would go on reporting under a number the application now owns, and no unwatch by the
+ * new number could end it. Called while `from` is still ours. */
+void sf_agent_rewatch(int from, int to, uint32_t events, uint64_t tag) {
+    if (ag.epfd >= 0 && real.epoll_ctl(ag.epfd, EPOLL_CTL_DEL, from, NULL) == 0)
+        sf_agent_watch(to, events, tag);
+}
+
 void sf_agent_kick_locked(void) {
     if (ag.evfd >= 0) {
         uint64_t one = 1;
@@ -208,24 +216,34 @@ struct moved {
     int from, to;
 };
 
+/* host_fd and pending_close_host are c->mu's: the agent may be handing the connection over
+ * while an application thread's dup2 moves the number. */
 static void move_host_fd(struct sf_conn *c, void *arg) {
     struct moved *m = arg;
-    if (c->host_fd == m->from)
+    if (atomic_load(&c->kind) != SF_CONN)
+        return;
+    pthread_mutex_lock(&c->mu);
+    if (c->host_fd == m->from) {
         c->host_fd = m->to;
+        sf_agent_rewatch(m->from, m->to, SF_HANDOFF_WATCH, sf_handoff_tag(c));
+    }
     if (c->pending_close_host == m->from)
         c->pending_close_host = m->to;
     int from = m->from;
     atomic_compare_exchange_strong(&c->rd_host, &from, m->to);
     from = m->from;
     atomic_compare_exchange_strong(&c->rd_close, &from, m->to);
+    pthread_mutex_unlock(&c->mu);
 }
 
 void sf_agent_private_moved(int from, int to) {
     struct moved m = {from, to};
-    int *mine[2] = {&ag.epfd, &ag.evfd};
-    for (int i = 0; i < 2; i++)
-        if (*mine[i] == from)
-            *mine[i] = to;
+    if (ag.epfd == from)
+        ag.epfd = to;
+    if (ag.evfd == from) {
+        ag.evfd = to;
+        sf_agent_rewatch(from, to, EPOLLIN, AG_TAG_EVENT);
+    }
     sf_router_private_moved(from, to);
     sf_linger_private_moved(from, to);
     sf_fins_private_moved(from, to);

@@ -11,12 +11,19 @@
 #ifndef SF_AGENT_H
 #define SF_AGENT_H
 
+#include <sys/epoll.h>
+
 #include "sf_core.h"
 
 #define AG_REQUEST_TIMEOUT_MS 3000
 /* Tags of the agent's epoll; any other tag is a host connection's (generation << 32 | fd). */
 #define AG_TAG_EVENT 0xFFFFFFFFFFFFFFFEull
 #define AG_TAG_CHAN 0xFFFFFFFFFFFFFFFDull
+/* How a host connection is watched while its handoff frames may come. */
+#define SF_HANDOFF_WATCH (EPOLLIN | EPOLLRDHUP)
+static inline uint64_t sf_handoff_tag(struct sf_conn *c) {
+    return ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd;
+}
 
 /* agent.c */
 extern pthread_mutex_t sf_agent_mu; /* the queue, the agent's fds, backoff, reports, lingering */
@@ -24,6 +31,7 @@ int sf_agent_started(void);          /* its epoll exists; ask under sf_agent_mu 
 int sf_agent_is_this_process(void);  /* started by this process, not inherited across fork */
 int sf_agent_watch(int fd, uint32_t events, uint64_t tag);
 void sf_agent_unwatch(int fd);
+void sf_agent_rewatch(int from, int to, uint32_t events, uint64_t tag); /* a watched fd moved */
 void sf_agent_kick_locked(void);     /* wake the agent; caller holds sf_agent_mu */
 void sf_retry_later_locked(struct sf_conn *c); /* the next trigger at twice the calls so far */
 

@@ -82,8 +82,7 @@ static void break_committed(struct sf_conn *c) {
 /* The agent reads the handoff frames of this connection. Caller holds c->mu. */
 void sf_handoff_watch_locked(struct sf_conn *c) {
     c->waiter_watches = 0;
-    sf_agent_watch(c->host_fd, EPOLLIN | EPOLLRDHUP,
-                   ((uint64_t)atomic_load(&c->gen) << 32) | (uint32_t)c->fd);
+    sf_agent_watch(c->host_fd, SF_HANDOFF_WATCH, sf_handoff_tag(c));
 }
 
 static void early_sync_locked(struct sf_conn *c);

@@ -71,8 +71,11 @@ void sf_router_after_fork_child(void) {
 
 void sf_router_private_moved(int from, int to) {
     pthread_mutex_lock(&sf_agent_mu);
-    if (rt.chan == from)
+    if (rt.chan == from) {
         rt.chan = to;
+        if (rt.chan_watched)
+            sf_agent_rewatch(from, to, EPOLLIN, AG_TAG_CHAN);
+    }
     if (rt.unconnected == from)
         rt.unconnected = to;
     pthread_mutex_unlock(&sf_agent_mu);

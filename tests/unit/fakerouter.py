@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shuntflow.native import app_environment
-from shuntflow.wire import Mode, Msg, MsgType, Status
+from shuntflow.wire import Mode, Msg, MsgType, Status, Tuple4
 
 
 @contextmanager
@@ -54,3 +54,15 @@ def library_child(
             child.kill()
             child.wait()
         listener.close()
+
+
+def claim(chan: socket.socket, seq: int, local: str, remote: str) -> int:
+    """Ask the library, as its router would, whether the connection (local, remote) is its own:
+    the CLAIM_RES status."""
+    t = Tuple4.parse(local, remote)
+    chan.send(Msg(MsgType.CLAIM_REQ, Status.OK, seq, tuple=t).pack())
+    while True:
+        m = Msg.unpack(chan.recv(64))
+        if m.type == MsgType.CLAIM_RES and m.seq == seq:
+            assert m.tuple == t, m
+            return m.status

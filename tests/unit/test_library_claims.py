@@ -13,13 +13,12 @@ later claims come after a few new connections, which reach the index through the
 from __future__ import annotations
 
 import json
-import socket
 import textwrap
 from pathlib import Path
 
-from shuntflow.wire import Msg, MsgType, Status, Tuple4
+from shuntflow.wire import Status
 
-from .fakerouter import library_child
+from .fakerouter import claim, library_child
 
 # 2 x EARLY tracked connections (both ends are in the process) before the agent starts, 2 x PAIRS
 # after it and before the first claim: more than the 4,096 new connections its queue holds.
@@ -73,16 +72,6 @@ CHILD = textwrap.dedent(
     report(closed=closed, fresh=[v for c, s in fresh for v in views(c, s)], same_fds=fds == reused)
     """
 )
-
-
-def claim(chan: socket.socket, seq: int, local: str, remote: str) -> int:
-    t = Tuple4.parse(local, remote)
-    chan.send(Msg(MsgType.CLAIM_REQ, Status.OK, seq, tuple=t).pack())
-    while True:
-        m = Msg.unpack(chan.recv(64))
-        if m.type == MsgType.CLAIM_RES and m.seq == seq:
-            assert m.tuple == t, m
-            return m.status
 
 
 def test_claims_find_live_connections_only(tmp_path: Path) -> None:
