@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from shuntflow.bench import parse
-from shuntflow.bench.metrics import Row, summarise
+from shuntflow.bench.metrics import Row, Stat, median_ci_ranks, stat, summarise
 from shuntflow.bench.report import markdown
 from shuntflow.bench.runner import Runner
 from shuntflow.bench.spec import BenchConfig, BenchUsageError, mode_spec, parse_modes
@@ -245,6 +245,32 @@ def test_ratios_are_taken_within_each_repetition() -> None:
     ratio = sf.ratios["overlay"]["avg_us"]
     assert ratio is not None and (ratio.median, ratio.low, ratio.high) == (0.5, 0.5, 0.5)
     assert sf.ratios["host"]["avg_us"] is None
+
+
+def test_median_interval_comes_from_order_statistics() -> None:
+    # Known distribution-free 95 % ranks: none for 5 values, the extremes for 6, then e.g.
+    # (4, 12) of 15 and (14, 27) of 40.
+    assert [median_ci_ranks(n) for n in (5, 6, 10, 15, 40)] == [
+        None,
+        (1, 6),
+        (2, 9),
+        (4, 12),
+        (14, 27),
+    ]
+    st = stat([float(x) for x in (9, 3, 15, 1, 7, 12, 5, 2, 14, 8, 4, 11, 6, 13, 10)])
+    assert st is not None and (st.median, st.ci) == (8.0, (4.0, 12.0))
+    assert stat([1.0, 2.0, 3.0]) == Stat(2.0, 1.0, 3.0, 3, None)
+
+
+def test_interval_table_only_with_enough_repetitions() -> None:
+    rows = []
+    for rep in range(15):
+        rows.append(Row("crr", "overlay", rep, "same", avg_us=200, cpu_us_per_req=50))
+        # 1.000, 1.002, ... 1.028: median 1.014, interval [1.006-1.022]
+        rows.append(Row("crr", "shuntflow", rep, "same", avg_us=200 * (1 + rep / 500)))
+    md = markdown({}, rows)
+    assert "| crr | shuntflow | 15 | 1.014 [1.006-1.022] | - | - | - |" in md
+    assert "confidence interval" not in markdown({}, [r for r in rows if r.repetition < 5])
 
 
 def test_summary_compares_the_longest_call_in_a_switch_with_overlay_p999() -> None:

@@ -7,6 +7,7 @@ reproduces within a few percent on the test machine (docs/performance.md, Method
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -122,16 +123,37 @@ class Stat:
     low: float
     high: float
     n: int
+    # The median's 95 % confidence interval, None below 6 values (order statistics, below).
+    ci: tuple[float, float] | None = None
 
-    def to_json(self) -> dict[str, float | int]:
-        return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
+        if self.ci is not None:
+            d["ci95"] = list(self.ci)
+        return d
+
+
+def median_ci_ranks(n: int, level: float = 0.95) -> tuple[int, int] | None:
+    """1-based ranks (k, n + 1 - k) of the sorted values that bound the median with at least
+    `level` confidence, whatever the distribution: the median lies below the k-th value only
+    if fewer than k of n values fall below it, a Binomial(n, 1/2) tail. None if even the
+    extremes fall short (n < 6 at 95 %)."""
+    tail, k, cum = (1 - level) / 2, 0, 0.0
+    while True:
+        cum += math.comb(n, k) / 2**n  # P(fewer than k + 1 values below the median)
+        if cum > tail:
+            break
+        k += 1
+    return (k, n + 1 - k) if k >= 1 else None
 
 
 def stat(values: list[float]) -> Stat | None:
-    vals = [v for v in values if v is not None]
+    vals = sorted(v for v in values if v is not None)
     if not vals:
         return None
-    return Stat(statistics.median(vals), min(vals), max(vals), len(vals))
+    ranks = median_ci_ranks(len(vals))
+    ci = (vals[ranks[0] - 1], vals[ranks[1] - 1]) if ranks else None
+    return Stat(statistics.median(vals), vals[0], vals[-1], len(vals), ci)
 
 
 @dataclass

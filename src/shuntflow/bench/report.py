@@ -258,6 +258,32 @@ def vxlan_table(s: dict[str, list[ModeSummary]]) -> list[str]:
     return lines
 
 
+def _ci(s: Stat | None) -> str:
+    if s is None or s.ci is None:
+        return "-"
+    return f"{s.median:.3f} [{s.ci[0]:.3f}-{s.ci[1]:.3f}]"
+
+
+def interval_table(s: dict[str, list[ModeSummary]]) -> list[str]:
+    """Per workload and mode, the per-repetition ratios to overlay with the median's 95 %
+    confidence interval: what a bound such as "<= 1.02x overlay" needs to be judged. Only
+    where there are enough repetitions for one (6)."""
+    lines = [
+        "| workload | mode | n | avg vs overlay | p50 vs overlay | CPU per request vs overlay "
+        "| rate vs overlay |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for lbl, ms in s.items():
+        for m in ms:
+            r = m.ratios["overlay"]
+            if m.mode == "overlay" or not any(x is not None and x.ci for x in r.values()):
+                continue
+            n = max(x.n for x in r.values() if x is not None)
+            cells = [_ci(r[k]) for k in ("avg_us", "p50_us", "cpu_us_per_req", "rps")]
+            lines.append(f"| {lbl} | {m.mode} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _share(s: Stat) -> str:
     if s.n == 1:
         return f"{s.median:.1%}"
@@ -310,6 +336,17 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
                 "",
             ]
             lines += stall
+        intervals = interval_table(s)
+        if len(intervals) > 2:
+            lines += [
+                "",
+                "Per-repetition ratios to overlay: median [95 % confidence interval of the "
+                "median, from order statistics, whatever the distribution]. A bound such as "
+                "1.02 is met when the interval lies below it, missed when it lies above it, and "
+                "not resolved by this run when the interval contains it.",
+                "",
+            ]
+            lines += intervals
         shares = vxlan_table(s)
         if len(shares) > 2:
             lines += [
