@@ -1,6 +1,7 @@
 """A stand-in router for the library's tests that need no testbed: a SOCK_SEQPACKET listener on a
 Unix socket, and a Python child under the library pointed at it. The child's router channel is
-accepted and greeted (HELLO, HELLO_ACK); the test then speaks the wire on it as a router would."""
+accepted and greeted (HELLO, HELLO_ACK); the test then speaks the wire on it as a router would,
+down to handing the child a host connection whose other end the test holds."""
 
 from __future__ import annotations
 
@@ -16,17 +17,60 @@ from shuntflow.native import app_environment
 from shuntflow.wire import Mode, Msg, MsgType, Status, Tuple4
 
 
+def router_listener(tmp_path: Path) -> tuple[socket.socket, Path]:
+    """The stand-in router's listener, and the path a library is pointed at."""
+    path = tmp_path / "router.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(4)
+    listener.settimeout(30)
+    return listener, path
+
+
+def tcp_listener(ip: str) -> socket.socket:
+    """A plain listener (no library) on an ephemeral port."""
+    s = socket.create_server((ip, 0), backlog=16)
+    s.settimeout(30)
+    return s
+
+
+def greet(listener: socket.socket, pid: int) -> tuple[socket.socket, Msg]:
+    """Accept the channel of process `pid` (it opens with the process's first connection) and
+    answer its HELLO: the channel, and the HELLO."""
+    chan, _ = listener.accept()
+    chan.settimeout(30)
+    hello = Msg.unpack(chan.recv(64))
+    assert hello.type == MsgType.HELLO and hello.pid == pid, hello
+    chan.send(Msg(MsgType.HELLO_ACK, Status.OK, hello.seq, arg=1).pack())
+    return chan, hello
+
+
+def next_request(chan: socket.socket) -> Msg:
+    """The library's next SWITCH_REQ; anything sent before it is passed over."""
+    while (m := Msg.unpack(chan.recv(64))).type != MsgType.SWITCH_REQ:
+        pass
+    return m
+
+
+def hand_over(chan: socket.socket, hosts: socket.socket, req: Msg) -> socket.socket:
+    """Answer `req` with a host connection to `hosts`, as a router does: the library gets one
+    end with its SWITCH_RES, the test the other (returned)."""
+    lib_end = socket.create_connection(hosts.getsockname())
+    host, _ = hosts.accept()
+    host.settimeout(10)
+    res = Msg(MsgType.SWITCH_RES, Status.OK, req.seq, tuple=req.tuple)
+    socket.send_fds(chan, [res.pack()], [lib_end.fileno()])
+    lib_end.close()  # the library holds its own copy now
+    return host
+
+
 @contextmanager
 def library_child(
     tmp_path: Path, code: str, args: list[str], threshold: int, log: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], socket.socket]]:
     """Run `python -c code args` under the library (overlay 127.0.0.0/8), yield it with its
     greeted channel; the child is killed if still running on the way out."""
-    path = tmp_path / "router.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(path))
-    listener.listen(4)
-    listener.settimeout(30)
+    listener, path = router_listener(tmp_path)
     env = app_environment(
         Mode.SHUNTFLOW,
         router_socket=path,
@@ -42,12 +86,7 @@ def library_child(
         text=True,
     )
     try:
-        # The channel opens with the process's first connection, before any agent.
-        chan, _ = listener.accept()
-        chan.settimeout(30)
-        hello = Msg.unpack(chan.recv(64))
-        assert hello.type == MsgType.HELLO and hello.pid == child.pid
-        chan.send(Msg(MsgType.HELLO_ACK, Status.OK, hello.seq, arg=1).pack())
+        chan, _ = greet(listener, child.pid)
         yield child, chan
     finally:
         if child.poll() is None:

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from shuntflow.native import app_environment
 from shuntflow.router.testing import recv_exact
-from shuntflow.wire import HOP_SIZE, Hop, HopType, Mode, Msg, MsgType, Status, Tuple4
+from shuntflow.wire import HOP_SIZE, Hop, HopType, Mode, Status, Tuple4
 
-from .fakerouter import claim
+from .fakerouter import claim, greet, hand_over, next_request, router_listener, tcp_listener
 
 THRESHOLD = 16
 LIMIT = 1024  # the process's fd limit: the library's own numbers start 128 below it
@@ -86,18 +86,8 @@ def limit_fds() -> None:
 
 
 def test_dup2_onto_the_librarys_fds_mid_switch(tmp_path: Path) -> None:
-    path = tmp_path / "router.sock"
-    router = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    router.bind(str(path))
-    router.listen(4)
-    router.settimeout(30)
-    server = socket.socket()
-    server.bind(("127.0.0.2", 0))
-    server.listen(4)
-    server.settimeout(30)
-    hosts = socket.socket()
-    hosts.bind(("127.0.0.1", 0))
-    hosts.listen(4)
+    router, path = router_listener(tmp_path)
+    server, hosts = tcp_listener("127.0.0.2"), tcp_listener("127.0.0.1")
     env = app_environment(
         Mode.SHUNTFLOW,
         router_socket=path,
@@ -116,30 +106,20 @@ def test_dup2_onto_the_librarys_fds_mid_switch(tmp_path: Path) -> None:
     opened: list[socket.socket] = [router, server, hosts]
     assert child.stdin is not None and child.stdout is not None
     try:
-        chan, _ = router.accept()
+        chan, _ = greet(router, child.pid)
         opened.append(chan)
-        chan.settimeout(30)
-        hello = Msg.unpack(chan.recv(64))
-        assert hello.type == MsgType.HELLO and hello.pid == child.pid, hello
-        chan.send(Msg(MsgType.HELLO_ACK, Status.OK, hello.seq, arg=1).pack())
         overlay, _ = server.accept()
         idle_overlay, _ = server.accept()
         opened += [overlay, idle_overlay]
         overlay.settimeout(10)
-        while (req := Msg.unpack(chan.recv(64))).type != MsgType.SWITCH_REQ:
-            pass
+        req = next_request(chan)
         ports = json.loads(child.stdout.readline())
         remote = f"127.0.0.2:{server.getsockname()[1]}"
         local, idle = f"127.0.0.1:{ports['port']}", f"127.0.0.1:{ports['idle']}"
         assert req.tuple == Tuple4.parse(local, remote) and req.tuple.local_is_leader(), req
 
-        lib_end = socket.create_connection(hosts.getsockname())
-        host, _ = hosts.accept()
+        host = hand_over(chan, hosts, req)
         opened.append(host)
-        host.settimeout(10)
-        res = Msg(MsgType.SWITCH_RES, Status.OK, req.seq, tuple=req.tuple)
-        socket.send_fds(chan, [res.pack()], [lib_end.fileno()])
-        lib_end.close()
         overlay.sendall(b"hello")  # the follower's bytes before its switch point
         host.sendall(Hop(HopType.READY).pack())
         sent = b"".join(b"m%02d" % i for i in range(20))

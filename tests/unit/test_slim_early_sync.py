@@ -32,6 +32,8 @@ from shuntflow.native import app_environment
 from shuntflow.router.testing import recv_exact
 from shuntflow.wire import HOP_SIZE, Hop, HopType, Mode, Msg, MsgType, Status, Tuple4
 
+from .fakerouter import greet, hand_over, next_request, router_listener, tcp_listener
+
 CHILD = textwrap.dedent(
     """
     import json, socket, sys
@@ -98,18 +100,8 @@ class Slim:
 @contextmanager
 def slim_switch(tmp_path: Path) -> Iterator[Slim]:
     """The client's connect() under way, its SWITCH_REQ answered with a host connection."""
-    path = tmp_path / "router.sock"
-    router = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    router.bind(str(path))
-    router.listen(4)
-    router.settimeout(30)
-    server = socket.socket()
-    server.bind(("127.0.0.2", 0))
-    server.listen(4)
-    server.settimeout(30)
-    hosts = socket.socket()
-    hosts.bind(("127.0.0.1", 0))
-    hosts.listen(4)
+    router, path = router_listener(tmp_path)
+    server, hosts = tcp_listener("127.0.0.2"), tcp_listener("127.0.0.1")
     env = app_environment(Mode.SLIM, router_socket=path, overlay_cidr="127.0.0.0/8")
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(server.getsockname()[1])],
@@ -119,30 +111,19 @@ def slim_switch(tmp_path: Path) -> Iterator[Slim]:
     )
     opened: list[socket.socket] = [router, server, hosts]
     try:
-        chan, _ = router.accept()
+        chan, hello = greet(router, child.pid)
         opened.append(chan)
-        chan.settimeout(30)
-        hello = Msg.unpack(chan.recv(64))
-        assert hello.type == MsgType.HELLO and hello.arg == Mode.SLIM, hello
-        chan.send(Msg(MsgType.HELLO_ACK, Status.OK, hello.seq, arg=1).pack())
+        assert hello.arg == Mode.SLIM, hello
         overlay, _ = server.accept()
         opened.append(overlay)
         overlay.settimeout(10)
-        while True:
-            req = Msg.unpack(chan.recv(64))
-            if req.type == MsgType.SWITCH_REQ:
-                break
+        req = next_request(chan)
         want = Tuple4.parse(
             f"127.0.0.1:{overlay.getpeername()[1]}", f"127.0.0.2:{server.getsockname()[1]}"
         )
         assert req.tuple == want and req.tuple.local_is_leader(), req
-        lib_end = socket.create_connection(hosts.getsockname())
-        host, _ = hosts.accept()
+        host = hand_over(chan, hosts, req)
         opened.append(host)
-        host.settimeout(10)
-        res = Msg(MsgType.SWITCH_RES, Status.OK, req.seq, tuple=req.tuple)
-        socket.send_fds(chan, [res.pack()], [lib_end.fileno()])
-        lib_end.close()  # the library holds its own copy now
         yield Slim(chan, overlay, host, child, req)
         assert child.wait(30) == 0
     finally:
