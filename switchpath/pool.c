@@ -2,12 +2,17 @@
  * connected sockets so that a switch does not wait for a TCP handshake and the peer's accept.
  *
  * A pooled connection carries one OFFER and then becomes the host connection, so the pool
- * refills shortly after each take (REFILL_DELAY: refilling at once would compete with the very
- * switch that took it), to twice as many as were asked for since the last refill if that is
- * more than peer_pool_size (up to POOL_BURST_MAX): a burst of switches, or slim mode's one per
- * connection, would otherwise empty the pool before each refill and pay a TCP handshake to the
- * peer router inside every switch after that; a few connects a round (REFILL_STEP), so a refill
- * does not hold up the switches of the burst that asked for it. A connection is used only while
+ * refills shortly after the takes stop (REFILL_DELAY after the last one the pool served:
+ * refilling at once, or in the middle of a burst, would compete with the very switches that
+ * took them; once a take finds the pool empty the refill is no longer put off), to twice as
+ * many as were asked for since the last refill if that is more than peer_pool_size (up to
+ * POOL_BURST_MAX): a burst of switches, or slim mode's one per connection, would otherwise
+ * empty the pool before each refill and pay a TCP handshake to the peer router inside every
+ * switch after that. The largest burst seen within KEEP_WARM stays the pool's size until then
+ * (the periodic refill replaces aged connections up to it): the next burst of that size finds
+ * its connections warm instead of connecting for most of its switches, each then waiting for
+ * the handshake, the peer's accept and one more wake-up of both routers. A few connects a
+ * round (REFILL_STEP), so a refill does not hold up switches still under way. A connection is used only while
  * younger than half the peer's idle timeout, so we never race the peer closing an idle one; a
  * pooled one is watched for reading (the peer sends nothing before our OFFER: an event is its
  * close, and it is dropped); one the peer closed anyway before answering is not the peer's
@@ -381,8 +386,15 @@ static struct pool_peer *pool_of(struct sfs *s, uint32_t peer, int create)
 
 static void refill(struct sfs *s, struct pool_peer *pp)
 {
+    uint64_t now = now_us();
+    if (pp->taken >= pp->peak || now - pp->peak_at > KEEP_WARM_US) {
+        pp->peak = pp->taken;
+        pp->peak_at = now;
+    }
     size_t want = (size_t)s->cfg.peer_pool_size;
-    size_t burst = 2 * pp->taken < POOL_BURST_MAX ? 2 * pp->taken : POOL_BURST_MAX;
+    size_t burst = 2 * pp->taken > pp->peak ? 2 * pp->taken : pp->peak;
+    if (burst > POOL_BURST_MAX)
+        burst = POOL_BURST_MAX;
     if (want > 0 && burst > want)
         want = burst;
     pp->taken = 0;
@@ -435,7 +447,9 @@ void pool_take_or_connect(struct sfs *s, struct sfs_out *o)
                 s->pool_hits++;
             else
                 s->pool_misses++;
-            if (pp->refill.idx < 0)
+            /* put off while the pool serves the takes (a burst under way), not once it ran
+             * dry, nor a refill's next step */
+            if (pp->refill.idx < 0 || (found != NULL && pp->want == 0))
                 timer_arm(s, &pp->refill, now + REFILL_DELAY_US);
         }
     }
@@ -480,6 +494,8 @@ void pool_maintain(struct sfs *s)
     for (struct snode *n = s->pool.oldest, *next; n != NULL; n = next) {
         next = n->newer;
         struct pool_peer *pp = n->val;
+        if (pp->refill.idx >= 0) /* a refill is due or under way anyway */
+            continue;
         if (pp->last_use != 0 && now - pp->last_use < KEEP_WARM_US)
             refill(s, pp);
         else if (pp->idle == 0 && pp->filling == 0) {
