@@ -101,6 +101,44 @@ def test_pool_grows_for_a_burst(
     assert b.status()["router"]["peer_connections_dropped"] == 0
 
 
+def test_pool_stays_warm_for_the_last_burst(
+    pair: tuple[RouterProcess, RouterProcess, Path, int],
+) -> None:
+    """After a burst the pool is refilled to the burst's size again after every later take, not
+    drawn down to peer_pool_size by single switches: the next burst of that size finds every
+    connection it needs warm."""
+    a, b, _map, _port = pair
+    switch(a, b, tup(40))
+    wait_warm(a, "127.0.0.2")
+
+    def burst(first: int) -> None:
+        ts = [tup(first + i) for i in range(10)]
+        with (
+            FakeLibrary(a.socket) as la,
+            FakeLibrary(b.socket, owned={t.mirrored() for t in ts}) as lb,
+        ):
+            for seq in [la.request(t) for t in ts]:
+                assert la.wait_result(seq).msg.status == Status.OK
+            lb.wait_host([t.key() for t in ts])
+
+    burst(41)
+    for i in range(14):  # single switches take more than the 2x refill left over the burst
+        idle = pool(a)["idle"]
+        assert isinstance(idle, dict)
+        deadline = time.monotonic() + 5
+        while idle.get("127.0.0.2", 0) < 10:
+            assert time.monotonic() < deadline, pool(a)
+            time.sleep(0.02)
+            idle = pool(a)["idle"]
+            assert isinstance(idle, dict)
+        switch(a, b, tup(60 + i))
+    wait_warm(a, "127.0.0.2", 10)
+    misses = pool(a)["misses"]
+    burst(80)
+    assert pool(a)["misses"] == misses, pool(a)
+    assert b.status()["router"]["peer_connections_dropped"] == 0
+
+
 def test_warm_connections_to_a_restarted_peer_are_not_a_failure(
     pair: tuple[RouterProcess, RouterProcess, Path, int],
 ) -> None:
