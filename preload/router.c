@@ -800,15 +800,16 @@ void sf_router_on_readable(void) {
 
 /* ---- reports: frames other parts queue for the router ------------------------------------- */
 
-/* Slim mode holds the reports while a switch is under way (most of the time at a connection rate
- * that keeps one in flight): each frame wakes the router on the vCPU that switch needs, and
- * reports are figures, not steps of a switch. They go together once no switch is under way, or
- * at REPORT_HOLD_MS, or with the queue half full. Caller holds sf_agent_mu. */
+/* The reports are held while a switch of this process is under way (in slim mode most of the
+ * time at a connection rate that keeps one in flight; in a burst of switches, until the burst's
+ * last one is done): each frame wakes the router on the vCPU the switches need, and reports are
+ * figures, not steps of a switch. They go together once no switch is under way, or at
+ * REPORT_HOLD_MS, or with the queue half full. Caller holds sf_agent_mu. */
 #define REPORT_HOLD_MS 50
 
 static int reports_held(uint64_t now) {
-    return sf_cfg.mode == SF_MODE_SLIM && atomic_load(&sf_in_transition) > 0 &&
-           rt.reports_len < AG_REPORT_QUEUE / 2 && now - rt.reports_since_ms < REPORT_HOLD_MS;
+    return atomic_load(&sf_in_transition) > 0 && rt.reports_len < AG_REPORT_QUEUE / 2 &&
+           now - rt.reports_since_ms < REPORT_HOLD_MS;
 }
 
 /* The figures the router keeps about switches (SWITCH_DONE at a commit, SWITCH_CALLS when a
