@@ -104,9 +104,9 @@ def test_pool_grows_for_a_burst(
 def test_pool_stays_warm_for_the_last_burst(
     pair: tuple[RouterProcess, RouterProcess, Path, int],
 ) -> None:
-    """After a burst the pool is refilled to the burst's size again after every later take, not
-    drawn down to peer_pool_size by single switches: the next burst of that size finds every
-    connection it needs warm."""
+    """After a burst, single switches do not draw the pool down to peer_pool_size: it is
+    refilled to at least the burst's size, and the next burst of that size finds every
+    connection it needs warm (the base build left 9 of 10)."""
     a, b, _map, _port = pair
     switch(a, b, tup(40))
     wait_warm(a, "127.0.0.2")
@@ -121,18 +121,21 @@ def test_pool_stays_warm_for_the_last_burst(
                 assert la.wait_result(seq).msg.status == Status.OK
             lb.wait_host([t.key() for t in ts])
 
-    burst(41)
-    for i in range(14):  # single switches take more than the 2x refill left over the burst
-        idle = pool(a)["idle"]
-        assert isinstance(idle, dict)
+    def wait_at_least(n: int) -> None:
         deadline = time.monotonic() + 5
-        while idle.get("127.0.0.2", 0) < 10:
-            assert time.monotonic() < deadline, pool(a)
-            time.sleep(0.02)
+        while True:
             idle = pool(a)["idle"]
             assert isinstance(idle, dict)
+            if idle.get("127.0.0.2", 0) >= n:
+                return
+            assert time.monotonic() < deadline, pool(a)
+            time.sleep(0.02)
+
+    burst(41)
+    for i in range(14):  # single switches take more than the 2x refill left over the burst
+        wait_at_least(10)
         switch(a, b, tup(60 + i))
-    wait_warm(a, "127.0.0.2", 10)
+    wait_at_least(10)
     misses = pool(a)["misses"]
     burst(80)
     assert pool(a)["misses"] == misses, pool(a)
