@@ -4,20 +4,21 @@
  * A pooled connection carries one OFFER and then becomes the host connection, so the pool
  * refills shortly after the takes stop (REFILL_DELAY after the last one the pool served:
  * refilling at once, or in the middle of a burst, would compete with the very switches that
- * took them; once a take finds the pool empty the refill is no longer put off), to twice as
- * many as were asked for since the last refill if that is more than peer_pool_size (up to
- * POOL_BURST_MAX): a burst of switches, or slim mode's one per connection, would otherwise
- * empty the pool before each refill and pay a TCP handshake to the peer router inside every
- * switch after that. The largest burst seen within KEEP_WARM stays the pool's size until then
- * (the periodic refill replaces aged connections up to it): the next burst of that size finds
- * its connections warm instead of connecting for most of its switches, each then waiting for
- * the handshake, the peer's accept and one more wake-up of both routers. A few connects a
- * round (REFILL_STEP), so a refill does not hold up switches still under way. A connection is used only while
- * younger than half the peer's idle timeout, so we never race the peer closing an idle one; a
- * pooled one is watched for reading (the peer sends nothing before our OFFER: an event is its
- * close, and it is dropped); one the peer closed anyway before answering is not the peer's
- * failure (it may have restarted): the offer is made again on a fresh connection. Only peers
- * switched to recently keep a pool (KEEP_WARM).
+ * took them; once the pool is down to half what it was filled to, the refill is no longer put
+ * off, so a steady stream of switches does not find it empty), to twice as many as were asked
+ * for since the last refill if that is more than peer_pool_size (up to POOL_BURST_MAX): a burst
+ * of switches, or slim mode's one per connection, would otherwise empty the pool before each
+ * refill and pay a TCP handshake to the peer router inside every switch after that. The
+ * largest burst seen within KEEP_WARM stays the pool's size until then (the periodic refill
+ * replaces aged connections up to it): the next burst of that size finds its connections warm
+ * instead of connecting for most of its switches, each then waiting for the handshake, the
+ * peer's accept and one more wake-up of both routers. A few connects a round (REFILL_STEP), so
+ * a refill does not hold up switches still under way. A connection is used only while younger
+ * than half the peer's idle timeout, so we never race the peer closing an idle one; a pooled
+ * one is watched for reading (the peer sends nothing before our OFFER: an event is its close,
+ * and it is dropped); one the peer closed anyway before answering is not the peer's failure
+ * (it may have restarted): the offer is made again on a fresh connection. Only peers switched
+ * to recently keep a pool (KEEP_WARM).
  * The source address is --host-ip (IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect, no
  * ephemeral port exhaustion from bind-before-connect); the responder checks it against its map. */
 #include <arpa/inet.h>
@@ -399,6 +400,7 @@ static void refill(struct sfs *s, struct pool_peer *pp)
         want = burst;
     pp->taken = 0;
     pp->want = want;
+    pp->target = want;
     refill_step(s, pp);
 }
 
@@ -447,9 +449,10 @@ void pool_take_or_connect(struct sfs *s, struct sfs_out *o)
                 s->pool_hits++;
             else
                 s->pool_misses++;
-            /* put off while the pool serves the takes (a burst under way), not once it ran
-             * dry, nor a refill's next step */
-            if (pp->refill.idx < 0 || (found != NULL && pp->want == 0))
+            /* put off while the pool serves the takes (a burst under way) with half of it
+             * left, not a refill's next step */
+            if (pp->refill.idx < 0 ||
+                (found != NULL && pp->want == 0 && 2 * pp->idle >= pp->target))
                 timer_arm(s, &pp->refill, now + REFILL_DELAY_US);
         }
     }

@@ -287,6 +287,7 @@ struct pool_peer {
     size_t idle, filling;
     size_t taken; /* switches that asked for a connection since the last refill */
     size_t want;  /* the refill under way fills up to this many (0: none under way) */
+    size_t target; /* what the last refill filled up to */
     size_t peak;  /* the most taken between two refills (one burst), within KEEP_WARM */
     uint64_t peak_at;
     uint64_t last_use;
