@@ -61,8 +61,8 @@ static int host_acked(int host, uint64_t *acked, uint8_t *state) {
     return 0;
 }
 
-/* Called right before a frame of `frame` bytes is sent on `host` (no other writer: the caller
- * holds c->wmu). The bytes still unacknowledged (SIOCOUTQ) are read before those acknowledged,
+/* Called right before a frame of `frame` bytes is sent on `host`, or right after with `frame`
+ * 0 (no other writer: the caller holds c->wmu). The bytes still unacknowledged (SIOCOUTQ) are read before those acknowledged,
  * so an ACK in between makes the mark late, never early. 0: unknown (the FIN then goes out at
  * once, as it did before this file). */
 uint64_t sf_fin_mark(int host, size_t frame) {

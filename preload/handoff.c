@@ -132,7 +132,7 @@ void sf_handoff_copy_opts_locked(struct sf_conn *c) {
     if (c->opts_copied || c->host_fd < 0 || !sf_phase_in_handoff(atomic_load(&c->phase)))
         return;
     c->opts_copied = 1;
-    sf_copy_sockopts_early(c->fd, c->host_fd, c->buf_locked);
+    sf_copy_sockopts_early(c, c->fd, c->host_fd);
 }
 
 /* ---- the commit --------------------------------------------------------------------------- */
@@ -146,12 +146,11 @@ static void commit_locked(struct sf_conn *c) {
         return;
     int fl = real.fcntl(c->fd, F_GETFL);
     int hfl = real.fcntl(c->host_fd, F_GETFL);
-    if (fl >= 0 && hfl >= 0)
+    if (fl >= 0 && hfl >= 0 && (hfl & O_NONBLOCK) != (fl & O_NONBLOCK))
         real.fcntl(c->host_fd, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK));
     struct sf_hop sync = {.magic = SF_HOP_MAGIC, .type = SF_HOP_SYNC,
                           .flags = c->app_shut_wr ? SF_HOP_F_SHUT_WR : 0,
                           .seq = atomic_load(&c->tx)};
-    c->sync_acked_mark = sf_fin_mark(c->host_fd, sizeof sync);
     /* COMMITTED before the SYNC leaves: a reader that sees the peer's answering FIN must find
      * this phase (it decides under c->mu, which we hold). */
     sf_set_phase(c, SF_P_COMMITTED);
@@ -165,6 +164,10 @@ static void commit_locked(struct sf_conn *c) {
             break_committed(c);
         return;
     }
+    /* Taken after the send, not before, so that the SYNC goes out two system calls earlier:
+     * the bytes acknowledged plus those still unacknowledged are the same sum either side of
+     * it, the SYNC counted in the second. */
+    c->sync_acked_mark = sf_fin_mark(c->host_fd, 0);
     c->sync_out = 1;
     c->ack_owed = 0; /* the SYNC carried it */
     if (c->app_shut_wr)
@@ -191,7 +194,7 @@ void sf_handoff_finish_locked(struct sf_conn *c) {
         c->commit_finish_due = 0;
         if (sf_agent_is_self())
             sf_handoff_copy_opts_locked(c);
-        sf_copy_sockopts_at_commit(c->fd, c->host_fd);
+        sf_copy_sockopts_at_commit(c, c->fd, c->host_fd);
         sf_router_report_switch_time(c);
         if (!c->early_sync)
             sf_fin_after_sync(c);

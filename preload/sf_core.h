@@ -187,6 +187,10 @@ struct sf_conn {
     uint8_t connect_reported;     /* slim, non-blocking connect: the next connect() returns 0 */
     uint8_t app_shut_wr;
     uint8_t buf_locked;           /* the app set SO_SNDBUF/SO_RCVBUF: carry them over */
+    /* The copied options (swap.c) set through this library on this socket or its listener, and
+     * the sf_opts_epoch they were seen in: another epoch means some may have been set unseen. */
+    _Atomic uint16_t opts_set;
+    _Atomic uint32_t opts_epoch;
 
     /* The request (agent.c, router.c). */
     struct sockaddr_in local, remote; /* overlay addresses, network order; valid when have_addrs */
@@ -453,8 +457,12 @@ int sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_eve
 void sf_epreg_drop_epfd(int epfd);
 void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
 void sf_rearm_locked(struct sf_conn *c);
-void sf_copy_sockopts_early(int from, int to, int with_bufs); /* when the host fd arrives */
-void sf_copy_sockopts_at_commit(int from, int to);
+void sf_copy_sockopts_early(struct sf_conn *c, int from, int to); /* when the host fd arrives */
+void sf_copy_sockopts_at_commit(struct sf_conn *c, int from, int to);
+unsigned sf_sockopt_bit(int level, int name);  /* the option's bit in opts_set, 0 if not copied */
+void sf_sockopts_track(struct sf_conn *c, uint16_t set); /* a new socket: what was set so far */
+void sf_sockopts_passed(const struct msghdr *msg); /* sockets sent away by SCM_RIGHTS */
+extern _Atomic uint32_t sf_opts_epoch;     /* bumped at every fork */
 int sf_sockopt_waits_for_commit(int level, int name); /* not mirrored before the commit */
 
 /* wrap_io.c */

@@ -44,26 +44,111 @@ void sf_wmu_unlock(struct sf_conn *c) {
 
 /* ---- socket options: read from the old socket, set on the new one ------------------------- */
 
-struct sockopt_id {
+/* The options a host connection takes over from the overlay socket, copied as soon as the host
+ * connection arrives (off the application's path; the commit, which an application thread may
+ * be waiting for, then copies only the last three). From then on setsockopt mirrors the
+ * application's changes onto the host connection (wrap_sock.c). Not TCP_QUICKACK: it reads back
+ * the kernel's transient ping-pong state, and setting it from a busy connection would pin
+ * delayed ACKs on the new one. */
+enum {
+    OPT_KEEPALIVE, OPT_KEEPIDLE, OPT_KEEPINTVL, OPT_KEEPCNT, OPT_USER_TIMEOUT, OPT_TOS,
+    OPT_PRIORITY, OPT_RCVTIMEO, OPT_SNDTIMEO, OPT_CONGESTION, OPT_NODELAY, OPT_CORK, OPT_LINGER,
+    OPT_N
+};
+static const struct {
     int level, name;
+    socklen_t size;
+} opts[OPT_N] = {
+    [OPT_KEEPALIVE] = {SOL_SOCKET, SO_KEEPALIVE, sizeof(int)},
+    [OPT_KEEPIDLE] = {IPPROTO_TCP, TCP_KEEPIDLE, sizeof(int)},
+    [OPT_KEEPINTVL] = {IPPROTO_TCP, TCP_KEEPINTVL, sizeof(int)},
+    [OPT_KEEPCNT] = {IPPROTO_TCP, TCP_KEEPCNT, sizeof(int)},
+    [OPT_USER_TIMEOUT] = {IPPROTO_TCP, TCP_USER_TIMEOUT, sizeof(int)},
+    [OPT_TOS] = {IPPROTO_IP, IP_TOS, sizeof(int)},
+    [OPT_PRIORITY] = {SOL_SOCKET, SO_PRIORITY, sizeof(int)},
+    [OPT_RCVTIMEO] = {SOL_SOCKET, SO_RCVTIMEO, sizeof(struct timeval)},
+    [OPT_SNDTIMEO] = {SOL_SOCKET, SO_SNDTIMEO, sizeof(struct timeval)},
+    [OPT_CONGESTION] = {IPPROTO_TCP, TCP_CONGESTION, 16},
+    [OPT_NODELAY] = {IPPROTO_TCP, TCP_NODELAY, sizeof(int)},
+    [OPT_CORK] = {IPPROTO_TCP, TCP_CORK, sizeof(int)},
+    [OPT_LINGER] = {SOL_SOCKET, SO_LINGER, sizeof(struct linger)},
 };
+#define OPT(i) (1u << (i))
+#define OPTS_ALL (OPT(OPT_N) - 1)
+/* Which of them an overlay socket can hold at other than the kernel's built-in value without a
+ * setsockopt the library saw: the keepalive times and the congestion control default to the
+ * network namespace's sysctls (the overlay's and the host connection's differ in general), and
+ * the congestion control may come from the route too; these are always copied. IP_TOS of an
+ * accepted socket may be the client's, reflected (net.ipv4.tcp_reflect_tos): read, and copied
+ * if not 0. Every other one has its built-in value until something sets it, on the socket or on
+ * the listener it was accepted from (an accepted socket inherits the listener's); the setsockopt
+ * wrapper records those in opts_set. The host connection the router passes has the built-in
+ * values of all of them (the switch path sets none of these), so an option nobody set needs no
+ * copy: a lone switch spends its first fd's work on the handful of system calls that matter,
+ * where reading and writing all thirteen cost some twenty-six of them, on the critical path
+ * whenever the switch's processes share a CPU. Where the record may miss a change (the socket
+ * or its listener existed at a fork, went to another process by SCM_RIGHTS, or the listener
+ * came from before the library), all are copied. */
+#define OPTS_NETNS (OPT(OPT_KEEPIDLE) | OPT(OPT_KEEPINTVL) | OPT(OPT_KEEPCNT) | OPT(OPT_CONGESTION))
 
-/* Copied as soon as the host connection arrives, off the application's path: the commit, which
- * an application thread may be waiting for, then copies only the few below. From then on
- * setsockopt mirrors the application's changes onto the host connection (wrap_sock.c). */
-static const struct sockopt_id early_opts[] = {
-    {SOL_SOCKET, SO_KEEPALIVE},     {IPPROTO_TCP, TCP_KEEPIDLE}, {IPPROTO_TCP, TCP_KEEPINTVL},
-    {IPPROTO_TCP, TCP_KEEPCNT},     {IPPROTO_TCP, TCP_USER_TIMEOUT}, {IPPROTO_IP, IP_TOS},
-    {SOL_SOCKET, SO_PRIORITY},
-};
-/* Not TCP_QUICKACK: it reads back the kernel's transient ping-pong state, and setting it from a
- * busy connection would pin delayed ACKs on the new one. */
+_Atomic uint32_t sf_opts_epoch = 1;
 
-static void copy_opt(int from, int to, int level, int name, size_t size) {
+unsigned sf_sockopt_bit(int level, int name) {
+    for (int i = 0; i < OPT_N; i++)
+        if (opts[i].level == level && opts[i].name == name)
+            return OPT(i);
+    return 0;
+}
+
+void sf_sockopts_track(struct sf_conn *c, uint16_t set) {
+    atomic_store(&c->opts_set, set);
+    atomic_store(&c->opts_epoch, atomic_load(&sf_opts_epoch));
+}
+
+void sf_sockopts_passed(const struct msghdr *msg) {
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(msg); cm; cm = CMSG_NXTHDR((struct msghdr *)msg, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+            continue;
+        int n = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < n; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(cm) + (size_t)i * sizeof fd, sizeof fd);
+            struct sf_conn *c = sf_slot(fd);
+            if (c != NULL)
+                atomic_store(&c->opts_epoch, 0); /* never a current epoch */
+        }
+    }
+}
+
+/* The options of c that may differ between its overlay socket and a new host connection. */
+static unsigned opts_recorded(struct sf_conn *c) {
+    return atomic_load(&c->opts_epoch) == atomic_load(&sf_opts_epoch)
+               ? atomic_load(&c->opts_set) | OPTS_NETNS
+               : OPTS_ALL;
+}
+
+static unsigned opts_to_copy(struct sf_conn *c, int from) {
+    unsigned m = opts_recorded(c);
+    if (!(m & OPT(OPT_TOS)) && !c->via_connect) {
+        int tos = 0;
+        socklen_t len = sizeof tos;
+        if (real.getsockopt(from, IPPROTO_IP, IP_TOS, &tos, &len) != 0 || tos != 0)
+            m |= OPT(OPT_TOS);
+    }
+    /* Setting IP_TOS sets the priority too on some kernels: both, in this order. */
+    if (m & (OPT(OPT_TOS) | OPT(OPT_PRIORITY)))
+        m |= OPT(OPT_TOS) | OPT(OPT_PRIORITY);
+    return m;
+}
+
+static void copy_opt(int from, int to, int i) {
     char val[64];
-    socklen_t len = (socklen_t)size;
-    if (real.getsockopt(from, level, name, val, &len) == 0)
-        real.setsockopt(to, level, name, val, len);
+    socklen_t len = opts[i].size;
+    if (real.getsockopt(from, opts[i].level, opts[i].name, val, &len) != 0)
+        return;
+    if (i == OPT_CONGESTION)
+        len = (socklen_t)strnlen(val, len);
+    real.setsockopt(to, opts[i].level, opts[i].name, val, len);
 }
 
 int sf_sockopt_waits_for_commit(int level, int name) {
@@ -73,26 +158,30 @@ int sf_sockopt_waits_for_commit(int level, int name) {
 
 /* Until the commit the host connection carries the handoff frames, which the application's
  * TCP_CORK would hold back and its Nagle delay, and the agent may still close it on an abort,
- * which a lingering close would turn into a wait. */
-void sf_copy_sockopts_at_commit(int from, int to) {
-    copy_opt(from, to, IPPROTO_TCP, TCP_NODELAY, sizeof(int));
-    copy_opt(from, to, IPPROTO_TCP, TCP_CORK, sizeof(int));
-    copy_opt(from, to, SOL_SOCKET, SO_LINGER, sizeof(struct linger));
+ * which a lingering close would turn into a wait. TCP_NODELAY is on on the host connection for
+ * the frames (handoff.c): off again if the overlay socket has it off. */
+void sf_copy_sockopts_at_commit(struct sf_conn *c, int from, int to) {
+    unsigned m = opts_recorded(c);
+    if (m & OPT(OPT_NODELAY)) {
+        copy_opt(from, to, OPT_NODELAY);
+    } else {
+        int zero = 0;
+        real.setsockopt(to, IPPROTO_TCP, TCP_NODELAY, &zero, sizeof zero);
+    }
+    for (int i = OPT_CORK; i <= OPT_LINGER; i++)
+        if (m & OPT(i))
+            copy_opt(from, to, i);
 }
 
-void sf_copy_sockopts_early(int from, int to, int with_bufs) {
-    for (size_t i = 0; i < sizeof early_opts / sizeof early_opts[0]; i++)
-        copy_opt(from, to, early_opts[i].level, early_opts[i].name, sizeof(int));
-    copy_opt(from, to, SOL_SOCKET, SO_RCVTIMEO, sizeof(struct timeval));
-    copy_opt(from, to, SOL_SOCKET, SO_SNDTIMEO, sizeof(struct timeval));
-    char cc[16];
-    socklen_t len = sizeof cc;
-    if (real.getsockopt(from, IPPROTO_TCP, TCP_CONGESTION, cc, &len) == 0)
-        real.setsockopt(to, IPPROTO_TCP, TCP_CONGESTION, cc, (socklen_t)strnlen(cc, len));
+void sf_copy_sockopts_early(struct sf_conn *c, int from, int to) {
+    unsigned m = opts_to_copy(c, from);
+    for (int i = 0; i <= OPT_CONGESTION; i++)
+        if (m & OPT(i))
+            copy_opt(from, to, i);
     /* Buffer sizes only when the application fixed them: setting one turns off the kernel's
      * autotuning, which would cost a default socket its throughput. The kernel reports twice
      * the value that was set. */
-    if (with_bufs) {
+    if (c->buf_locked) {
         int names[2] = {SO_SNDBUF, SO_RCVBUF};
         for (int i = 0; i < 2; i++) {
             int v;

@@ -913,6 +913,8 @@ SF_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
 
 SF_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     sf_ensure_init();
+    if (SF_UNLIKELY(msg != NULL && msg->msg_controllen != 0))
+        sf_sockopts_passed(msg);
     struct sf_conn *c, *f = sf_fast_conn(fd, &c);
     if (SF_LIKELY(c == NULL))
         return f == NULL ? real.sendmsg(fd, msg, flags)
@@ -937,6 +939,9 @@ SF_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags
 
 SF_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned vlen, sf_mmsg_flags flags) {
     sf_ensure_init();
+    for (unsigned i = 0; i < vlen; i++)
+        if (SF_UNLIKELY(vec[i].msg_hdr.msg_controllen != 0))
+            sf_sockopts_passed(&vec[i].msg_hdr);
     struct sf_conn *c, *f = sf_fast_conn(fd, &c);
     if (SF_LIKELY(c == NULL)) {
         int n = real.sendmmsg(fd, vec, vlen, flags);

@@ -29,10 +29,12 @@ SF_EXPORT int socket(int domain, int type, int protocol) {
         if (c != NULL && sf_slot_clean(c)) {
             /* The close of the number's last life reset it (a connect() resets its counters
              * once more): only the kind is news. */
+            sf_sockopts_track(c, 0);
             atomic_store_explicit(&c->kind, SF_SOCK, memory_order_release);
         } else if (c != NULL) {
             pthread_mutex_lock(&c->mu);
             sf_slot_reset(c);
+            sf_sockopts_track(c, 0);
             atomic_store(&c->kind, SF_SOCK);
             pthread_mutex_unlock(&c->mu);
         }
@@ -91,10 +93,13 @@ static int listener_is_tcp4(int fd) {
     len = sizeof type;
     if (real.getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || !is_tcp4(domain, type))
         return 0;
-    /* A listener inherited from before the library was loaded: remember it. */
+    /* A listener inherited from before the library was loaded, or received from another
+     * process: remember it, its options unknown. */
     l = sf_slot_alloc(fd);
-    if (l != NULL)
+    if (l != NULL) {
+        atomic_store(&l->opts_epoch, 0);
         atomic_store(&l->kind, SF_SOCK);
+    }
     return 1;
 }
 
@@ -115,12 +120,18 @@ static int track_accepted(int lfd, int fd, struct sockaddr *addr, socklen_t *add
         return fd;
     struct sf_conn *l = sf_slot(lfd);
     uint8_t buf_locked = l != NULL && l->buf_locked;
+    /* An accepted socket starts with its listener's options. */
+    uint16_t opts = l != NULL && atomic_load(&l->opts_epoch) == atomic_load(&sf_opts_epoch)
+                        ? atomic_load(&l->opts_set)
+                        : UINT16_MAX;
     if (sf_slot_clean(c)) {
         c->buf_locked = buf_locked; /* nobody else looks at a slot of kind SF_NONE */
+        sf_sockopts_track(c, opts);
         atomic_store_explicit(&c->kind, SF_SOCK, memory_order_release);
     } else {
         pthread_mutex_lock(&c->mu);
         sf_slot_reset(c);
+        sf_sockopts_track(c, opts);
         atomic_store(&c->kind, SF_SOCK);
         c->buf_locked = buf_locked;
         pthread_mutex_unlock(&c->mu);
@@ -423,10 +434,14 @@ SF_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t
             real.setsockopt(host, level, name, val, len);
         pthread_mutex_unlock(&c->mu);
     }
-    struct sf_conn *s = rc == 0 ? sf_slot(fd) : NULL;
+    /* Recorded even if it failed: it may have changed something all the same. */
+    unsigned bit = sf_sockopt_bit(level, name);
+    int buf = level == SOL_SOCKET && (name == SO_SNDBUF || name == SO_RCVBUF);
+    struct sf_conn *s = bit || (buf && rc == 0) ? sf_slot(fd) : NULL;
     int kind = s ? atomic_load(&s->kind) : SF_NONE;
-    if ((kind == SF_SOCK || kind == SF_CONN) && level == SOL_SOCKET &&
-        (name == SO_SNDBUF || name == SO_RCVBUF))
+    if ((kind == SF_SOCK || kind == SF_CONN) && bit)
+        atomic_fetch_or(&s->opts_set, (uint16_t)bit);
+    if ((kind == SF_SOCK || kind == SF_CONN) && buf && rc == 0)
         s->buf_locked = 1;
     errno = err;
     return rc;
