@@ -381,6 +381,11 @@ static void *agent_main(void *arg) {
     sf_uring_refresh(last_tick);
     /* Open the channel now so that peers' claims reach this process even before it triggers. */
     sf_router_open();
+    /* A trigger queued while this thread was starting (at a low threshold the switch comes a
+     * call or two after the agent's start, before its first look for a ring, so the
+     * application thread could not send it) goes out before the walk of the fd table: the
+     * walk is for the answer, which comes hundreds of µs later. */
+    drain_queue();
     sf_router_index_all();
     while (__atomic_load_n(&ag.pid, __ATOMIC_ACQUIRE) == me || ag.pid == 0) {
         struct epoll_event evs[64];

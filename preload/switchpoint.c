@@ -41,12 +41,18 @@ void sf_rd_host_open_locked(struct sf_conn *c) {
     if (c->host_fd < 0 || atomic_load(&c->rd_host) >= 0)
         return;
     /* The reader's call is the application's: a non-blocking socket must not block on it. The
-     * commit makes the same change; until then the handoff frames use MSG_DONTWAIT anyway. */
-    int fl = real.fcntl(c->fd, F_GETFL);
-    int hfl = real.fcntl(c->host_fd, F_GETFL);
-    if (fl < 0 || hfl < 0 ||
-        real.fcntl(c->host_fd, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK)) < 0)
-        return;
+     * commit makes the same change (so once committed, with the fcntl wrapper mirroring every
+     * later one, the host connection has it already); until then the handoff frames use
+     * MSG_DONTWAIT anyway. */
+    if (atomic_load(&c->phase) != SF_P_COMMITTED) {
+        int fl = real.fcntl(c->fd, F_GETFL);
+        int hfl = real.fcntl(c->host_fd, F_GETFL);
+        if (fl < 0 || hfl < 0)
+            return;
+        if ((hfl & O_NONBLOCK) != (fl & O_NONBLOCK) &&
+            real.fcntl(c->host_fd, F_SETFL, (hfl & ~O_NONBLOCK) | (fl & O_NONBLOCK)) < 0)
+            return;
+    }
     int fd = sf_private_dup(c->host_fd);
     if (fd >= 0)
         atomic_store(&c->rd_host, fd);
