@@ -139,12 +139,18 @@ void sf_uring_refresh(uint64_t now_ms) {
 
 /* The application thread's question at its trigger, which must not read /proc: 1 if a ring was
  * seen or the next scan is due (then the agent asks sf_uses_io_uring, as before), 0 if the last
- * scan is fresh and found none. */
+ * scan is fresh and found none. Also 0 before the first scan if the agent runs: it makes that
+ * scan first thing, before it reads any answer, and looks again before it takes a host
+ * connection (router.c on_switch_res), so a request sent now commits nothing in a process with
+ * a ring. At a low threshold the trigger comes a call or two after the agent's start, and
+ * leaving the request to the agent made it wait for the thread's start and that scan. */
 int sf_uring_maybe(uint64_t now_ms) {
     if (atomic_load_explicit(&uring_seen, memory_order_relaxed))
         return 1;
     uint64_t last = atomic_load(&last_scan_ms);
-    return last == 0 || now_ms - last >= atomic_load(&scan_period_ms);
+    if (last == 0)
+        return !sf_agent_running();
+    return now_ms - last >= atomic_load(&scan_period_ms);
 }
 
 int sf_uses_io_uring(void) {
