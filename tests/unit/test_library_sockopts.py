@@ -195,8 +195,9 @@ def test_switched_sockets_keep_their_options(tmp_path: Path) -> None:
 
     assert set(report["after"]) == set(cases), ("not all switched", report["after"].keys())
     for name in cases:
-        for end, before, after in zip(("client", "server"), report["before"][name],
-                                      report["after"][name], strict=True):
+        for end, before, after in zip(
+            ("client", "server"), report["before"][name], report["after"][name], strict=True
+        ):
             assert before == after, (name, end, before, after)
     # The cases are real: the namespace's defaults are not the root's, and what was set shows.
     plain = report["before"]["plain"][0]
