@@ -100,9 +100,10 @@ unsigned sf_sockopt_bit(int level, int name) {
     return 0;
 }
 
+/* Before the slot's kind is published (a release store, which orders these for its readers). */
 void sf_sockopts_track(struct sf_conn *c, uint16_t set) {
-    atomic_store(&c->opts_set, set);
-    atomic_store(&c->opts_epoch, atomic_load(&sf_opts_epoch));
+    atomic_store_explicit(&c->opts_set, set, memory_order_relaxed);
+    atomic_store_explicit(&c->opts_epoch, atomic_load(&sf_opts_epoch), memory_order_relaxed);
 }
 
 void sf_sockopts_passed(const struct msghdr *msg) {

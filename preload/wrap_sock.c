@@ -439,8 +439,14 @@ SF_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t
     int buf = level == SOL_SOCKET && (name == SO_SNDBUF || name == SO_RCVBUF);
     struct sf_conn *s = bit || (buf && rc == 0) ? sf_slot(fd) : NULL;
     int kind = s ? atomic_load(&s->kind) : SF_NONE;
-    if ((kind == SF_SOCK || kind == SF_CONN) && bit)
-        atomic_fetch_or(&s->opts_set, (uint16_t)bit);
+    if ((kind == SF_SOCK || kind == SF_CONN) && bit) {
+        if (sf_sole_thread()) /* nobody else can set one: no locked instruction */
+            atomic_store_explicit(&s->opts_set,
+                                  atomic_load_explicit(&s->opts_set, memory_order_relaxed) | bit,
+                                  memory_order_relaxed);
+        else
+            atomic_fetch_or(&s->opts_set, (uint16_t)bit);
+    }
     if ((kind == SF_SOCK || kind == SF_CONN) && buf && rc == 0)
         s->buf_locked = 1;
     errno = err;
