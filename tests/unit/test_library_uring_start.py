@@ -18,9 +18,9 @@ import socket
 import textwrap
 from pathlib import Path
 
-from shuntflow.wire import Msg, MsgType, Status
+from shuntflow.wire import Msg, MsgType
 
-from .fakerouter import library_child
+from .fakerouter import hand_over, library_child, tcp_listener
 
 CHILD = textwrap.dedent(
     """
@@ -64,9 +64,7 @@ def run_once(tmp_path: Path) -> tuple[list[socket.socket], str]:
     those connections and the library's log, having checked the process's bytes."""
     tmp_path.mkdir()
     log = tmp_path / "lib.log"
-    host_listener = socket.socket()
-    host_listener.bind(("127.0.0.1", 0))
-    host_listener.listen(64)
+    host_listener = tcp_listener("127.0.0.1")
     kept: list[socket.socket] = []
     with library_child(tmp_path, CHILD, [], threshold=4, log=log) as (child, chan):
         assert child.stdout is not None
@@ -81,12 +79,7 @@ def run_once(tmp_path: Path) -> tuple[list[socket.socket], str]:
             m = Msg.unpack(data)
             if m.type != MsgType.SWITCH_REQ:
                 continue
-            ours = socket.create_connection(host_listener.getsockname())
-            theirs, _ = host_listener.accept()
-            res = Msg(MsgType.SWITCH_RES, Status.OK, m.seq, tuple=m.tuple)
-            socket.send_fds(chan, [res.pack()], [theirs.fileno()])
-            theirs.close()
-            kept.append(ours)
+            kept.append(hand_over(chan, host_listener, m))
         report = json.loads(child.stdout.readline())
         assert child.wait(30) == 0
     host_listener.close()
@@ -106,7 +99,6 @@ def test_a_ring_made_before_the_agent_looked_still_pins(tmp_path: Path) -> None:
         kept, text = run_once(tmp_path / str(attempt))
         # Every host connection handed over was closed unused: EOF, no frame.
         for s in kept:
-            s.settimeout(5)
             assert s.recv(64) == b"", "the library sent a handoff frame on a host connection"
             s.close()
         assert "io_uring in use (its ring is mapped)" in text, text[-2000:]
