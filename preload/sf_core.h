@@ -462,6 +462,7 @@ void sf_copy_sockopts_at_commit(struct sf_conn *c, int from, int to);
 unsigned sf_sockopt_bit(int level, int name);  /* the option's bit in opts_set, 0 if not copied */
 void sf_sockopts_track(struct sf_conn *c, uint16_t set); /* a new socket: what was set so far */
 void sf_sockopts_passed(const struct msghdr *msg); /* sockets sent away by SCM_RIGHTS */
+void sf_sockopts_unknown(int fd);          /* fd's options may have changed unseen */
 extern _Atomic uint32_t sf_opts_epoch;     /* bumped at every fork */
 int sf_sockopt_waits_for_commit(int level, int name); /* not mirrored before the commit */
 

@@ -106,6 +106,12 @@ void sf_sockopts_track(struct sf_conn *c, uint16_t set) {
     atomic_store_explicit(&c->opts_epoch, atomic_load(&sf_opts_epoch), memory_order_relaxed);
 }
 
+void sf_sockopts_unknown(int fd) {
+    struct sf_conn *c = sf_slot(fd);
+    if (c != NULL)
+        atomic_store(&c->opts_epoch, 0); /* never a current epoch */
+}
+
 void sf_sockopts_passed(const struct msghdr *msg) {
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(msg); cm; cm = CMSG_NXTHDR((struct msghdr *)msg, cm)) {
         if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
@@ -114,9 +120,7 @@ void sf_sockopts_passed(const struct msghdr *msg) {
         for (int i = 0; i < n; i++) {
             int fd;
             memcpy(&fd, CMSG_DATA(cm) + (size_t)i * sizeof fd, sizeof fd);
-            struct sf_conn *c = sf_slot(fd);
-            if (c != NULL)
-                atomic_store(&c->opts_epoch, 0); /* never a current epoch */
+            sf_sockopts_unknown(fd);
         }
     }
 }

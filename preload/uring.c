@@ -202,6 +202,9 @@ SF_EXPORT long syscall(long number, ...) {
         a[i] = va_arg(ap, long);
     va_end(ap);
     long rc = raw_syscall(number, a[0], a[1], a[2], a[3], a[4], a[5]);
+    /* Past the setsockopt wrapper: the socket's record of its options no longer holds. */
+    if (SF_UNLIKELY(number == SYS_setsockopt))
+        sf_sockopts_unknown((int)a[0]);
     if (SF_UNLIKELY(number == SYS_io_uring_setup) && rc >= 0) {
         int err = errno;
         note_uring("io_uring_setup");

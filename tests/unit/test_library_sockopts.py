@@ -110,6 +110,15 @@ CHILD = textwrap.dedent(
     other.detach()
     os.close(fds[0])
     cases["passed"] = (c, s)
+    # Set by a raw setsockopt through syscall(), past the setsockopt wrapper.
+    c, s = pair(early)
+    val = ctypes.c_int(0x68)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    sys_setsockopt = {"x86_64": 54, "aarch64": 208}[os.uname().machine]
+    assert libc.syscall(ctypes.c_long(sys_setsockopt), ctypes.c_long(c.fileno()), ctypes.c_long(IP),
+                        ctypes.c_long(socket.IP_TOS), ctypes.byref(val), ctypes.c_long(4)) == 0
+    cases["raw"] = (c, s)
 
     plain = listener()
     # Nothing set anywhere: the namespace's defaults only.
@@ -207,4 +216,5 @@ def test_switched_sockets_keep_their_options(tmp_path: Path) -> None:
     assert report["before"]["forked"][0]["user_timeout"] == (7777).to_bytes(4, "little").hex()
     assert report["before"]["listener_forked"][1]["keepalive"] == (1).to_bytes(4, "little").hex()
     assert report["before"]["passed"][0]["tos"] == (0x48).to_bytes(4, "little").hex()
+    assert report["before"]["raw"][0]["tos"] == (0x68).to_bytes(4, "little").hex()
     assert report["before"]["set"][1]["congestion"] != plain["congestion"]
