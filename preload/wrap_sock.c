@@ -416,6 +416,22 @@ SF_EXPORT int ioctl(int fd, sf_ioctl_req request, ...) {
 
 SF_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
     sf_ensure_init();
+    /* The option is recorded first, and even if the call fails (it may have changed something
+     * all the same): the copy made when the host connection arrives (swap.c, under c->mu)
+     * then either sees the bit and reads the value, or came before this call's lock, and the
+     * call mirrors the change onto the host connection below. */
+    unsigned bit = sf_sockopt_bit(level, name);
+    int buf = level == SOL_SOCKET && (name == SO_SNDBUF || name == SO_RCVBUF);
+    struct sf_conn *s = bit || buf ? sf_slot(fd) : NULL;
+    int kind = s ? atomic_load(&s->kind) : SF_NONE;
+    if ((kind == SF_SOCK || kind == SF_CONN) && bit) {
+        if (sf_sole_thread()) /* nobody else can set one: no locked instruction */
+            atomic_store_explicit(&s->opts_set,
+                                  atomic_load_explicit(&s->opts_set, memory_order_relaxed) | bit,
+                                  memory_order_relaxed);
+        else
+            atomic_fetch_or(&s->opts_set, (uint16_t)bit);
+    }
     /* Like the flags: a change must not fall between the commit's or the swap's copy of the
      * options and their switch of socket, or the host connection keeps the old value (a
      * TCP_CORK left on stalls every later response). */
@@ -434,20 +450,7 @@ SF_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t
             real.setsockopt(host, level, name, val, len);
         pthread_mutex_unlock(&c->mu);
     }
-    /* Recorded even if it failed: it may have changed something all the same. */
-    unsigned bit = sf_sockopt_bit(level, name);
-    int buf = level == SOL_SOCKET && (name == SO_SNDBUF || name == SO_RCVBUF);
-    struct sf_conn *s = bit || (buf && rc == 0) ? sf_slot(fd) : NULL;
-    int kind = s ? atomic_load(&s->kind) : SF_NONE;
-    if ((kind == SF_SOCK || kind == SF_CONN) && bit) {
-        if (sf_sole_thread()) /* nobody else can set one: no locked instruction */
-            atomic_store_explicit(&s->opts_set,
-                                  atomic_load_explicit(&s->opts_set, memory_order_relaxed) | bit,
-                                  memory_order_relaxed);
-        else
-            atomic_fetch_or(&s->opts_set, (uint16_t)bit);
-    }
-    if ((kind == SF_SOCK || kind == SF_CONN) && buf && rc == 0)
+    if (buf && rc == 0 && (kind == SF_SOCK || kind == SF_CONN))
         s->buf_locked = 1;
     errno = err;
     return rc;
