@@ -46,6 +46,28 @@ def wait_warm(r: RouterProcess, peer: str, n: int = 4) -> None:
     raise AssertionError(f"pool to {peer} never warmed: {pool(r)}")
 
 
+def wait_idle_at_least(r: RouterProcess, peer: str, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while True:
+        idle = pool(r)["idle"]
+        assert isinstance(idle, dict)
+        if idle.get(peer, 0) >= n:
+            return
+        assert time.monotonic() < deadline, pool(r)
+        time.sleep(0.02)
+
+
+def burst(a: RouterProcess, b: RouterProcess, ts: list[Tuple4]) -> None:
+    """All of `ts` asked for at once from A, each claimed at B."""
+    with (
+        FakeLibrary(a.socket) as la,
+        FakeLibrary(b.socket, owned={t.mirrored() for t in ts}) as lb,
+    ):
+        for seq in [la.request(t) for t in ts]:
+            assert la.wait_result(seq).msg.status == Status.OK
+        lb.wait_host([t.key() for t in ts])
+
+
 def switch(a: RouterProcess, b: RouterProcess, t: Tuple4) -> None:
     with FakeLibrary(a.socket) as la, FakeLibrary(b.socket, owned={t.mirrored()}) as lb:
         res = la.wait_result(la.request(t))
@@ -82,22 +104,8 @@ def test_pool_grows_for_a_burst(
     a, b, _map, _port = pair
     switch(a, b, tup(20))
     wait_warm(a, "127.0.0.2")
-    burst = [tup(21 + i) for i in range(10)]
-    with (
-        FakeLibrary(a.socket) as la,
-        FakeLibrary(b.socket, owned={t.mirrored() for t in burst}) as lb,
-    ):
-        for seq in [la.request(t) for t in burst]:
-            assert la.wait_result(seq).msg.status == Status.OK
-        lb.wait_host([t.key() for t in burst])
-    deadline = time.monotonic() + 5
-    while True:
-        idle = pool(a)["idle"]
-        assert isinstance(idle, dict)
-        if idle.get("127.0.0.2", 0) >= 8:
-            break
-        assert time.monotonic() < deadline, pool(a)
-        time.sleep(0.02)
+    burst(a, b, [tup(21 + i) for i in range(10)])
+    wait_idle_at_least(a, "127.0.0.2", 8)
     assert b.status()["router"]["peer_connections_dropped"] == 0
 
 
@@ -110,34 +118,13 @@ def test_pool_stays_warm_for_the_last_burst(
     a, b, _map, _port = pair
     switch(a, b, tup(40))
     wait_warm(a, "127.0.0.2")
-
-    def burst(first: int) -> None:
-        ts = [tup(first + i) for i in range(10)]
-        with (
-            FakeLibrary(a.socket) as la,
-            FakeLibrary(b.socket, owned={t.mirrored() for t in ts}) as lb,
-        ):
-            for seq in [la.request(t) for t in ts]:
-                assert la.wait_result(seq).msg.status == Status.OK
-            lb.wait_host([t.key() for t in ts])
-
-    def wait_at_least(n: int) -> None:
-        deadline = time.monotonic() + 5
-        while True:
-            idle = pool(a)["idle"]
-            assert isinstance(idle, dict)
-            if idle.get("127.0.0.2", 0) >= n:
-                return
-            assert time.monotonic() < deadline, pool(a)
-            time.sleep(0.02)
-
-    burst(41)
+    burst(a, b, [tup(41 + i) for i in range(10)])
     for i in range(14):  # single switches take more than the 2x refill left over the burst
-        wait_at_least(10)
+        wait_idle_at_least(a, "127.0.0.2", 10)
         switch(a, b, tup(60 + i))
-    wait_at_least(10)
+    wait_idle_at_least(a, "127.0.0.2", 10)
     misses = pool(a)["misses"]
-    burst(80)
+    burst(a, b, [tup(80 + i) for i in range(10)])
     assert pool(a)["misses"] == misses, pool(a)
     assert b.status()["router"]["peer_connections_dropped"] == 0
 
