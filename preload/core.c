@@ -240,12 +240,6 @@ static void set_private_base(void) {
     private_base = cur > 256 ? (int)cur - 128 : (int)cur / 2;
 }
 
-/* Parent and child share every socket open now, and neither's setsockopt wrapper sees the
- * other's changes: what either recorded of their options no longer holds (swap.c). */
-static void atfork_prepare(void) {
-    atomic_fetch_add(&sf_opts_epoch, 1);
-}
-
 /* Only the forking thread survives in the child, so any lock another thread held is gone for
  * good: re-create every lock. Inherited connections stay on the overlay in the child (the parent
  * owns their switch); connections the parent already switched stay switched. */
@@ -284,7 +278,7 @@ void sf_init(void) {
         set_private_base();
         open_log();
         read_config();
-        pthread_atfork(atfork_prepare, NULL, atfork_child);
+        pthread_atfork(sf_sockopts_forked, NULL, atfork_child);
         atomic_store_explicit(&sf_ready, 1, memory_order_release);
         SF_LOG("loaded: mode=%d threshold=%u router=%s overlays=%d", sf_cfg.mode,
                sf_cfg.threshold, sf_cfg.router_path, sf_cfg.n_overlay);

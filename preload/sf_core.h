@@ -188,7 +188,7 @@ struct sf_conn {
     uint8_t app_shut_wr;
     uint8_t buf_locked;           /* the app set SO_SNDBUF/SO_RCVBUF: carry them over */
     /* The copied options (swap.c) set through this library on this socket or its listener, and
-     * the sf_opts_epoch they were seen in: another epoch means some may have been set unseen. */
+     * the fork epoch they were seen in (swap.c): another epoch means some may have been set unseen. */
     _Atomic uint16_t opts_set;
     _Atomic uint32_t opts_epoch;
 
@@ -463,7 +463,8 @@ unsigned sf_sockopt_bit(int level, int name);  /* the option's bit in opts_set, 
 void sf_sockopts_track(struct sf_conn *c, uint16_t set); /* a new socket: what was set so far */
 void sf_sockopts_passed(const struct msghdr *msg); /* sockets sent away by SCM_RIGHTS */
 void sf_sockopts_unknown(int fd);          /* fd's options may have changed unseen */
-extern _Atomic uint32_t sf_opts_epoch;     /* bumped at every fork */
+void sf_sockopts_forked(void);             /* every socket's record is stale now */
+uint16_t sf_sockopts_inherited(struct sf_conn *listener); /* an accepted socket's start */
 int sf_sockopt_waits_for_commit(int level, int name); /* not mirrored before the commit */
 
 /* wrap_io.c */

@@ -91,7 +91,18 @@ static const struct {
  * came from before the library), all are copied. */
 #define OPTS_NETNS (OPT(OPT_KEEPIDLE) | OPT(OPT_KEEPINTVL) | OPT(OPT_KEEPCNT) | OPT(OPT_CONGESTION))
 
-_Atomic uint32_t sf_opts_epoch = 1;
+/* Bumped at every fork: parent and child share every socket open then, and neither's
+ * setsockopt wrapper sees the other's changes. */
+static _Atomic uint32_t opts_epoch = 1;
+
+void sf_sockopts_forked(void) {
+    atomic_fetch_add(&opts_epoch, 1);
+}
+
+/* The record of c's options holds: made in this epoch, never marked unknown since. */
+static int opts_known(struct sf_conn *c) {
+    return atomic_load(&c->opts_epoch) == atomic_load(&opts_epoch);
+}
 
 unsigned sf_sockopt_bit(int level, int name) {
     for (int i = 0; i < OPT_N; i++)
@@ -103,7 +114,12 @@ unsigned sf_sockopt_bit(int level, int name) {
 /* Before the slot's kind is published (a release store, which orders these for its readers). */
 void sf_sockopts_track(struct sf_conn *c, uint16_t set) {
     atomic_store_explicit(&c->opts_set, set, memory_order_relaxed);
-    atomic_store_explicit(&c->opts_epoch, atomic_load(&sf_opts_epoch), memory_order_relaxed);
+    atomic_store_explicit(&c->opts_epoch, atomic_load(&opts_epoch), memory_order_relaxed);
+}
+
+uint16_t sf_sockopts_inherited(struct sf_conn *listener) {
+    return listener != NULL && opts_known(listener) ? atomic_load(&listener->opts_set)
+                                                    : UINT16_MAX;
 }
 
 void sf_sockopts_unknown(int fd) {
@@ -127,9 +143,7 @@ void sf_sockopts_passed(const struct msghdr *msg) {
 
 /* The options of c that may differ between its overlay socket and a new host connection. */
 static unsigned opts_recorded(struct sf_conn *c) {
-    return atomic_load(&c->opts_epoch) == atomic_load(&sf_opts_epoch)
-               ? atomic_load(&c->opts_set) | OPTS_NETNS
-               : OPTS_ALL;
+    return opts_known(c) ? atomic_load(&c->opts_set) | OPTS_NETNS : OPTS_ALL;
 }
 
 static unsigned opts_to_copy(struct sf_conn *c, int from) {

@@ -97,7 +97,7 @@ static int listener_is_tcp4(int fd) {
      * process: remember it, its options unknown. */
     l = sf_slot_alloc(fd);
     if (l != NULL) {
-        atomic_store(&l->opts_epoch, 0);
+        sf_sockopts_unknown(fd);
         atomic_store(&l->kind, SF_SOCK);
     }
     return 1;
@@ -120,10 +120,7 @@ static int track_accepted(int lfd, int fd, struct sockaddr *addr, socklen_t *add
         return fd;
     struct sf_conn *l = sf_slot(lfd);
     uint8_t buf_locked = l != NULL && l->buf_locked;
-    /* An accepted socket starts with its listener's options. */
-    uint16_t opts = l != NULL && atomic_load(&l->opts_epoch) == atomic_load(&sf_opts_epoch)
-                        ? atomic_load(&l->opts_set)
-                        : UINT16_MAX;
+    uint16_t opts = sf_sockopts_inherited(l); /* an accepted socket starts with its listener's */
     if (sf_slot_clean(c)) {
         c->buf_locked = buf_locked; /* nobody else looks at a slot of kind SF_NONE */
         sf_sockopts_track(c, opts);
