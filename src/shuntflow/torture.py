@@ -156,6 +156,15 @@ def endpoints(sock: socket.socket) -> str:
         return "?"
 
 
+def local_endpoint(sock: socket.socket, port: int) -> str:
+    """`endpoints` of a socket whose connect failed: its local port, if bound, and `port`."""
+    try:
+        local = sock.getsockname()[1]
+    except OSError:
+        return ""
+    return f"{local}->{port}" if local else ""
+
+
 def stream(seed: int, direction: int, size: int) -> bytes:
     return random.Random(seed * 2 + direction).randbytes(size)
 
@@ -702,7 +711,7 @@ def summary_of(
         "bad_bytes": sum(r.bad_bytes for r in results),
         "seconds": round(time.monotonic() - started, 3),
         # Never connected (connect() itself failed), with their errors: these carry no byte.
-        "unconnected": collections.Counter(r.error for r in bad if not r.endpoints),
+        "unconnected": collections.Counter(r.error for r in bad if r.error.startswith("connect:")),
         "failures": [asdict(r) for r in bad[: 20 if per_conn else 5]],  # the first few, in full
     }
     if per_conn:
@@ -832,11 +841,20 @@ def client(args: argparse.Namespace) -> int:
         seed = rng.getrandbits(48)
         c2s, s2c = sizes_for(rng, args.max_bytes), sizes_for(rng, args.max_bytes)
         result = ConnResult(conn_id, seed, expected=s2c)
+        sock = None
         try:
-            source = (args.source, 0) if args.source else None
-            sock = socket.create_connection((args.host, args.port), 10, source)
+            sock = socket.socket()
+            if args.source:
+                sock.bind((args.source, 0))
+            sock.settimeout(10)
+            sock.connect((args.host, args.port))
         except OSError as exc:
             result.error, result.done = f"connect: {exc}", True
+            if sock is not None:
+                # The local port, if it got one, names the connection: its peer may have
+                # accepted it, and the library switched it, before the connect's result was read.
+                result.endpoints = local_endpoint(sock, args.port)
+                sock.close()
             results.append(result)
             continue
         sock.settimeout(None)
