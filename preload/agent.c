@@ -136,8 +136,8 @@ void sf_agent_ensure(void) {
             pthread_sigmask(SIG_SETMASK, &old, NULL);
             if (rc != 0) {
                 SF_LOG("agent: cannot start its thread (%s)", strerror(rc));
-                real.close(ag.epfd); sf_private_forget(ag.epfd);
-                real.close(ag.evfd); sf_private_forget(ag.evfd);
+                sf_private_close(ag.epfd);
+                sf_private_close(ag.evfd);
                 sf_uring_close();
                 ag.epfd = ag.evfd = -1;
             } else {
@@ -198,10 +198,8 @@ void sf_agent_after_fork_child(void) {
     pthread_mutex_init(&sf_agent_mu, NULL);
     int fds[2] = {ag.epfd, ag.evfd};
     for (int i = 0; i < 2; i++)
-        if (fds[i] >= 0) {
-            real.close(fds[i]);
-            sf_private_forget(fds[i]);
-        }
+        if (fds[i] >= 0)
+            sf_private_close(fds[i]);
     ag.epfd = ag.evfd = -1;
     ag.q_len = ag.q_head = 0;
     sf_router_after_fork_child();

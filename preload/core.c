@@ -258,8 +258,7 @@ static void atfork_child(void) {
             if (atomic_load(&c->kind) != SF_CONN)
                 continue;
             if (c->host_fd >= 0) {
-                real.close(c->host_fd);
-                sf_private_forget(c->host_fd);
+                sf_private_close(c->host_fd);
                 c->host_fd = -1;
             }
             sf_rd_host_after_fork_child(c);
@@ -461,10 +460,17 @@ int sf_is_private(int fd) {
     return c != NULL && atomic_load_explicit(&c->kind, memory_order_relaxed) == SF_PRIVATE;
 }
 
-void sf_private_forget(int fd) {
+static void private_forget(int fd) {
     struct sf_conn *c = sf_slot(fd);
     if (c != NULL && atomic_load(&c->kind) == SF_PRIVATE)
         atomic_store(&c->kind, SF_NONE);
+}
+
+/* Forgotten first: once closed, the number may at once be another thread's private dup, whose
+ * mark a late forget would wipe out. */
+void sf_private_close(int fd) {
+    private_forget(fd);
+    real.close(fd);
 }
 
 /* The application asked for fd number `fd`, which holds one of ours (dup2 onto it): give ours a
@@ -481,5 +487,5 @@ void sf_private_move(int fd) {
     if (log_fd == fd)
         log_fd = moved;
     sf_agent_private_moved(fd, moved);
-    sf_private_forget(fd);
+    private_forget(fd);
 }

@@ -61,17 +61,27 @@ static int host_acked(int host, uint64_t *acked, uint8_t *state) {
     return 0;
 }
 
-/* Called right before a frame of `frame` bytes is sent on `host`, or right after with `frame`
- * 0 (no other writer: the caller holds c->wmu). The bytes still unacknowledged (SIOCOUTQ) are read before those acknowledged,
- * so an ACK in between makes the mark late, never early. 0: unknown (the FIN then goes out at
- * once, as it did before this file). */
-uint64_t sf_fin_mark(int host, size_t frame) {
-    int outq;
-    uint64_t acked;
-    uint8_t state;
-    if (real.ioctl(host, SIOCOUTQ, &outq) != 0 || outq < 0 || host_acked(host, &acked, &state) != 0)
-        return 0;
-    return acked + (uint64_t)outq + frame;
+/* Called right after the SYNC went out on `host` (no other writer: the caller holds c->wmu): the
+ * count of bytes acknowledged once everything sent so far, the SYNC last, is. That is the bytes
+ * acknowledged plus those not yet (SIOCOUTQ), which must be read as of one moment: an ACK
+ * between the two reads counts its bytes twice, and the SYNC's own ACK, which the peer sends at
+ * once, often lands there. Such a mark waits for bytes that never come once both ends have
+ * closed their side, and the closed connection then reads as dead (settle), for a reset that
+ * throws away what the overlay still held for this end. So the acknowledged count is read on
+ * both sides of SIOCOUTQ until it is the same. 0: unknown (the FIN then goes out at once, as it
+ * did before this file). */
+uint64_t sf_fin_mark(int host) {
+    for (int tries = 0; tries < 4; tries++) {
+        uint64_t before, after;
+        uint8_t state;
+        int outq;
+        if (host_acked(host, &before, &state) != 0 || real.ioctl(host, SIOCOUTQ, &outq) != 0 ||
+            outq < 0 || host_acked(host, &after, &state) != 0)
+            return 0;
+        if (before == after)
+            return after + (uint64_t)outq;
+    }
+    return 0;
 }
 
 static int sync_acked(int host, uint64_t mark) {
@@ -102,8 +112,7 @@ static int owe(int overlay, int host, uint64_t mark) {
         int fds[2] = {ov, h};
         for (int i = 0; i < 2; i++)
             if (fds[i] >= 0) {
-                real.close(fds[i]);
-                sf_private_forget(fds[i]);
+                sf_private_close(fds[i]);
             }
     }
     return kept;
@@ -160,10 +169,8 @@ static int settle(struct owed_fin *f, uint64_t now) {
 static void forget(unsigned i) {
     struct owed_fin *f = &fins.owed[i];
     int fds[2] = {f->overlay, f->host};
-    for (int k = 0; k < 2; k++) {
-        real.close(fds[k]);
-        sf_private_forget(fds[k]);
-    }
+    for (int k = 0; k < 2; k++)
+        sf_private_close(fds[k]);
     *f = fins.owed[atomic_load(&fins.n) - 1];
     atomic_fetch_sub(&fins.n, 1);
 }

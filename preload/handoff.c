@@ -47,8 +47,7 @@ static void drop_host_fd(struct sf_conn *c) {
     if (c->pending_close_host >= 0) {
         /* c->wmu has been held since an earlier number was left pending: its holder loaded
          * that one, never this one. */
-        real.close(host);
-        sf_private_forget(host);
+        sf_private_close(host);
         return;
     }
     __atomic_store_n(&c->pending_close_host, host, __ATOMIC_SEQ_CST);
@@ -164,10 +163,8 @@ static void commit_locked(struct sf_conn *c) {
             break_committed(c);
         return;
     }
-    /* Taken after the send, not before, so that the SYNC goes out two system calls earlier:
-     * the bytes acknowledged plus those still unacknowledged are the same sum either side of
-     * it, the SYNC counted in the second. */
-    c->sync_acked_mark = sf_fin_mark(c->host_fd, 0);
+    /* Taken after the send, not before, so that the SYNC goes out a few system calls earlier. */
+    c->sync_acked_mark = sf_fin_mark(c->host_fd);
     c->sync_out = 1;
     c->ack_owed = 0; /* the SYNC carried it */
     if (c->app_shut_wr)

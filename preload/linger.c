@@ -100,8 +100,7 @@ static void close_lingering_done(uint64_t now) {
     for (unsigned i = 0; i < lg.n;) {
         struct lingering *l = &lg.kept[i];
         if (linger_done(l, now)) {
-            real.close(l->fd);
-            sf_private_forget(l->fd);
+            sf_private_close(l->fd);
             *l = lg.kept[--lg.n];
         } else {
             i++;
@@ -126,8 +125,7 @@ void sf_linger_private_moved(int from, int to) {
 
 void sf_linger_after_fork_child(void) {
     for (unsigned i = 0; i < lg.n; i++) {
-        real.close(lg.kept[i].fd); /* the parent drains them */
-        sf_private_forget(lg.kept[i].fd);
+        sf_private_close(lg.kept[i].fd); /* the parent drains them */
     }
     lg.n = 0;
 }

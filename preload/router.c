@@ -58,10 +58,8 @@ void sf_count_switch(int ok) {
 void sf_router_after_fork_child(void) {
     int mine[2] = {rt.chan, rt.unconnected};
     for (int i = 0; i < 2; i++)
-        if (mine[i] >= 0) {
-            real.close(mine[i]);
-            sf_private_forget(mine[i]);
-        }
+        if (mine[i] >= 0)
+            sf_private_close(mine[i]);
     rt.chan = rt.unconnected = -1;
     rt.chan_watched = 0;
     rt.reports_len = 0; /* the parent reports its own switches */
@@ -480,8 +478,7 @@ int sf_router_open(void) {
     struct sf_msg hello = {.magic = SF_MSG_MAGIC, .type = SF_HELLO, .pid = (uint32_t)getpid(),
                            .arg = (uint64_t)sf_cfg.mode};
     if (real.send(fd, &hello, sizeof hello, MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t)sizeof hello) {
-        real.close(fd);
-        sf_private_forget(fd);
+        sf_private_close(fd);
         rt.chan_retry_ms = now + 250;
         return -1;
     }
@@ -765,8 +762,7 @@ static void chan_lost(void) {
     rt.chan_watched = 0;
     pthread_mutex_unlock(&sf_agent_mu);
     sf_agent_unwatch(chan);
-    real.close(chan);
-    sf_private_forget(chan);
+    sf_private_close(chan);
     rt.chan_retry_ms = sf_now_ms() + 250;
     sf_for_each_conn(abort_requests, NULL);
 }

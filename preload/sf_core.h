@@ -283,7 +283,7 @@ int sf_is_overlay_addr(const struct sockaddr *sa);
 int sf_private_fd(int fd);                 /* move fd to the private high range (CLOEXEC) */
 int sf_private_dup(int fd);                /* a duplicate there, or -1 */
 int sf_is_private(int fd);
-void sf_private_forget(int fd);
+void sf_private_close(int fd);             /* close one of them */
 void sf_private_move(int fd);             /* the app wants this number: move ours away */
 uint64_t sf_now_ms(void);
 void sf_cv_wait_ms(struct sf_conn *c, long ms); /* caller holds c->mu */
@@ -428,7 +428,7 @@ void sf_window_leave(struct sf_conn *c, const struct sf_timed *t);
 void sf_window_after_fork_child(struct sf_conn *c);
 
 /* fin.c */
-uint64_t sf_fin_mark(int host, size_t frame); /* before a SYNC of `frame` bytes is sent */
+uint64_t sf_fin_mark(int host);             /* right after the SYNC is sent */
 void sf_fin_after_sync(struct sf_conn *c);     /* the commit's FIN; caller holds c->mu */
 int sf_fin_if_acked(struct sf_conn *c);         /* the FIN only if the SYNC is acknowledged */
 unsigned sf_fins_owed(void);

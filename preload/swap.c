@@ -24,8 +24,7 @@
 void sf_close_pending_host(struct sf_conn *c) {
     int fd = __atomic_exchange_n(&c->pending_close_host, -1, __ATOMIC_SEQ_CST);
     if (fd >= 0) {
-        real.close(fd);
-        sf_private_forget(fd);
+        sf_private_close(fd);
     }
 }
 

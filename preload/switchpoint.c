@@ -59,10 +59,8 @@ void sf_rd_host_open_locked(struct sf_conn *c) {
 }
 
 static void close_rd(int fd) {
-    if (fd >= 0) {
-        real.close(fd);
-        sf_private_forget(fd);
-    }
+    if (fd >= 0)
+        sf_private_close(fd);
 }
 
 /* Readers that loaded the number before this are still counted in rd_users: the last of them

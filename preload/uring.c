@@ -66,8 +66,7 @@ int sf_uring_open(void) {
 void sf_uring_close(void) {
     pthread_mutex_lock(&maps_mu);
     if (maps_fd >= 0) {
-        real.close(maps_fd);
-        sf_private_forget(maps_fd);
+        sf_private_close(maps_fd);
         maps_fd = -1;
     }
     pthread_mutex_unlock(&maps_mu);

@@ -505,6 +505,20 @@ static int settled_end(int wait, ssize_t end, ssize_t *ret) {
     }
 }
 
+/* A read of the overlay socket failed (`err`) after its stream was read to the peer's S, and the
+ * fd was swapped or can be read past S meanwhile. A reader asleep in the overlay socket when the
+ * swap came is woken by the swap's shutdown, but on a busy CPU it may run only after a reset of
+ * the overlay reached it too (the peer resets its overlay rather than send the FIN when it
+ * cannot tell that its SYNC arrived, fin.c): that reset ends a stream already complete, and the
+ * rest is on the host connection. */
+static int overlay_done_before(struct sf_conn *c, uint64_t rx_before, int err) {
+    if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR ||
+        !__atomic_load_n(&c->peer_synced, __ATOMIC_ACQUIRE) || rx_before != c->peer_s)
+        return 0;
+    int phase = atomic_load(&c->phase);
+    return phase == SF_P_HOST || sf_past_peer_s(c, phase);
+}
+
 /* `phase` is the one the caller loaded; every further round loads it again. */
 static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase) {
     int peek = op->flags & MSG_PEEK;
@@ -555,6 +569,8 @@ static ssize_t do_read(struct sf_conn *c, struct io *op, size_t want, int phase)
             errno = err;
             return n;
         }
+        if (n < 0 && overlay_done_before(c, rx_before, err))
+            continue;
         if (n < 0 || want == 0) {
             errno = err;
             return n < 0 ? n : end;

@@ -205,8 +205,7 @@ static void forget_fd(int fd) {
     if (c->host_fd >= 0 && c->pending_close_host >= 0) {
         /* An earlier number is already pending: c->wmu has been held since, so its holder
          * loaded that one, never this one (as in drop_host_fd). Overwriting would leak it. */
-        real.close(c->host_fd);
-        sf_private_forget(c->host_fd);
+        sf_private_close(c->host_fd);
     } else if (c->host_fd >= 0) {
         __atomic_store_n(&c->pending_close_host, c->host_fd, __ATOMIC_SEQ_CST);
         if (pthread_mutex_trylock(&c->wmu) == 0)
