@@ -34,9 +34,9 @@ static void quickack_host(int host) {
 
 /* Caller holds c->mu. Once committed, application writers use host_fd under c->wmu only, so a
  * writer may be inside write(host_fd) right now (a host connection that fails while committed
- * goes BROKEN from under it): as at the swap, the number is closed by whoever next releases
- * c->wmu. Closing it here instead would let the writer hit EBADF, or write application bytes
- * into whatever connection the number names next. */
+ * goes BROKEN from under it): as at the swap, the number is left for whoever next releases
+ * c->wmu (sf_release_host_fd). Closing it here instead would let the writer hit EBADF, or write
+ * application bytes into whatever connection the number names next. */
 static void drop_host_fd(struct sf_conn *c) {
     sf_rd_host_drop(c);
     int host = c->host_fd;
@@ -44,15 +44,7 @@ static void drop_host_fd(struct sf_conn *c) {
         return;
     sf_agent_unwatch(host);
     __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
-    if (c->pending_close_host >= 0) {
-        /* c->wmu has been held since an earlier number was left pending: its holder loaded
-         * that one, never this one. */
-        sf_private_close(host);
-        return;
-    }
-    __atomic_store_n(&c->pending_close_host, host, __ATOMIC_SEQ_CST);
-    if (pthread_mutex_trylock(&c->wmu) == 0)
-        sf_wmu_unlock(c);
+    sf_release_host_fd(c, host);
 }
 
 /* Before any commit: the connection simply stays on the overlay. Caller holds c->mu. */

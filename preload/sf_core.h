@@ -453,6 +453,7 @@ void sf_try_swap(struct sf_conn *c);       /* the same if c->mu is free, else le
 int sf_swap_locked(struct sf_conn *c);     /* caller holds c->mu */
 void sf_wmu_unlock(struct sf_conn *c);     /* release c->wmu, closing a deferred host fd */
 void sf_close_pending_host(struct sf_conn *c); /* close the host fd left for the wmu holder */
+void sf_release_host_fd(struct sf_conn *c, int host); /* host_fd gave it up; caller holds c->mu */
 int sf_epreg_record_locked(struct sf_conn *c, int op, int epfd, struct epoll_event *ev);
 void sf_epreg_drop_epfd(int epfd);
 void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);

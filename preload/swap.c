@@ -28,6 +28,21 @@ void sf_close_pending_host(struct sf_conn *c) {
     }
 }
 
+/* The host connection's private number, which host_fd no longer names (caller holds c->mu). A
+ * writer holding c->wmu may be inside a call on it, so it is closed by whoever next releases
+ * c->wmu; at once if an earlier number is still pending, for c->wmu has then been held since,
+ * and its holder loaded that one, never this one (writer_host_fd closes a pending number before
+ * it loads host_fd). Overwriting the pending one would leak it. */
+void sf_release_host_fd(struct sf_conn *c, int host) {
+    if (__atomic_load_n(&c->pending_close_host, __ATOMIC_SEQ_CST) >= 0) {
+        sf_private_close(host);
+        return;
+    }
+    __atomic_store_n(&c->pending_close_host, host, __ATOMIC_SEQ_CST);
+    if (pthread_mutex_trylock(&c->wmu) == 0)
+        sf_wmu_unlock(c);
+}
+
 /* Every holder of c->wmu releases it here: a swap that ran while a write was in flight left the
  * host connection's private number for the writer to close. */
 void sf_wmu_unlock(struct sf_conn *c) {
@@ -354,17 +369,14 @@ int sf_swap_locked(struct sf_conn *c) {
         real.epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev);
     }
     /* From here writers use c->fd, which now is the host socket. One may be inside
-     * write(host) right now (writes went there since the commit): the private number is closed
-     * by whoever next releases c->wmu, and only after host_fd stopped naming it. */
+     * write(host) right now (writes went there since the commit): sf_release_host_fd. */
     /* The mark first: a wait that begins between the two must not find the process quiet
      * (no switch in transition, none recent), which would spare it a look at its events. */
     atomic_store(&sf_last_swap_ms, sf_now_ms());
     sf_set_phase(c, SF_P_HOST);
     __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&c->pending_close_host, host, __ATOMIC_SEQ_CST);
     sf_rd_host_drop(c); /* readers now find the host socket on c->fd */
-    if (pthread_mutex_trylock(&c->wmu) == 0)
-        sf_wmu_unlock(c);
+    sf_release_host_fd(c, host);
     sf_count_switch(1);
     SF_LOG("fd %d: switched to the host path (S=%llu, S_peer=%llu, in transition %d)", fd,
            (unsigned long long)atomic_load(&c->tx), (unsigned long long)c->peer_s,

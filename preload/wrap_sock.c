@@ -202,16 +202,11 @@ static void forget_fd(int fd) {
         sf_reset_socket(fd);
     }
     sf_linger_conn_locked(c); /* the peer's SYNC may still come */
-    if (c->host_fd >= 0 && c->pending_close_host >= 0) {
-        /* An earlier number is already pending: c->wmu has been held since, so its holder
-         * loaded that one, never this one (as in drop_host_fd). Overwriting would leak it. */
-        sf_private_close(c->host_fd);
-    } else if (c->host_fd >= 0) {
-        __atomic_store_n(&c->pending_close_host, c->host_fd, __ATOMIC_SEQ_CST);
-        if (pthread_mutex_trylock(&c->wmu) == 0)
-            sf_wmu_unlock(c);
+    int host = c->host_fd;
+    if (host >= 0) {
+        __atomic_store_n(&c->host_fd, -1, __ATOMIC_SEQ_CST);
+        sf_release_host_fd(c, host);
     }
-    c->host_fd = -1;
     sf_slot_reset(c);
     if (!sole)
         pthread_mutex_unlock(&c->mu);
