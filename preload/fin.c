@@ -111,9 +111,8 @@ static int owe(int overlay, int host, uint64_t mark) {
     if (kept != 0) {
         int fds[2] = {ov, h};
         for (int i = 0; i < 2; i++)
-            if (fds[i] >= 0) {
+            if (fds[i] >= 0)
                 sf_private_close(fds[i]);
-            }
     }
     return kept;
 }

@@ -23,9 +23,8 @@
 /* The host connection's private number a swap or a drop left for the holder of c->wmu. */
 void sf_close_pending_host(struct sf_conn *c) {
     int fd = __atomic_exchange_n(&c->pending_close_host, -1, __ATOMIC_SEQ_CST);
-    if (fd >= 0) {
+    if (fd >= 0)
         sf_private_close(fd);
-    }
 }
 
 /* The host connection's private number, which host_fd no longer names (caller holds c->mu). A
