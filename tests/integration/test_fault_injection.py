@@ -582,7 +582,8 @@ def stop_and_reset(pair: Pair, side: str, held: bool, want: int) -> list[Reset]:
     proc, host = (pair.client, 1) if side == "client" else (pair.server, 2)
     peer_router = router_pid(pair.tb, 3 - host)
     resets: list[Reset] = []
-    for _ in range(150):
+    # Rounds until `want` or the client's end: a round catches a handoff now and then only.
+    for _ in range(600):
         if len(resets) >= want or pair.client.poll() is not None:
             break
         # In flight to `proc` means its router answered a request after `proc` stopped. A
