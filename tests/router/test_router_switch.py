@@ -255,17 +255,6 @@ def test_second_request_for_same_tuple_is_duplicate(
         assert len(la.host) == 1 and not la.extra_host and not lb.extra_host
 
 
-def fds_but_control(r: RouterProcess) -> int:
-    """The router's fd count without control connections: the one `pooled()` just used may not
-    be closed yet (the router's control thread, on a loaded machine, closes it a moment after
-    its reply), and was counted as a leaked fd."""
-    return sum(
-        1
-        for what in r.fds().values()
-        if not (what.startswith("unix ") and what.endswith(".ctl") and " st=03 " in what)
-    )
-
-
 def own_fds(
     a: RouterProcess, b: RouterProcess, target: tuple[int, int] | None = None
 ) -> tuple[int, int]:
@@ -277,7 +266,7 @@ def own_fds(
     last = None
     while True:
         pooled = a.pooled() + b.pooled()
-        now = (fds_but_control(a) - pooled, fds_but_control(b) - pooled)
+        now = (a.fd_count() - pooled, b.fd_count() - pooled)
         if now == target or (target is None and now == last) or time.monotonic() > deadline:
             return now
         last = now
