@@ -163,6 +163,10 @@ static int parse_cpu_list(const char *text, cpu_set_t *set) {
     return CPU_COUNT(set) > 0;
 }
 
+/* The retry after a failed attempt comes at twice the calls made (agent.c), which must not wrap
+ * the 32-bit count. src/shuntflow/native.py's MAX_THRESHOLD says the same to the CLI. */
+#define THRESHOLD_MAX 1000000000L
+
 static void read_config(void) {
     const char *mode = getenv("SHUNTFLOW_MODE");
     sf_cfg.mode = SF_MODE_SHUNTFLOW;
@@ -179,8 +183,9 @@ static void read_config(void) {
     if (th != NULL && *th) {
         char *end;
         long v = strtol(th, &end, 10);
-        if (*end != 0 || v < 1 || v > 1000000000)
-            SF_LOG("SHUNTFLOW_THRESHOLD=%s is not a number >= 1; using %u", th, sf_cfg.threshold);
+        if (*end != 0 || v < 1 || v > THRESHOLD_MAX)
+            SF_LOG("SHUNTFLOW_THRESHOLD=%s is not a whole number from 1 to %ld; using %u", th,
+                   THRESHOLD_MAX, sf_cfg.threshold);
         else
             sf_cfg.threshold = (uint32_t)v;
     }

@@ -89,7 +89,13 @@ static ssize_t finish_host_write(struct sf_conn *c, ssize_t n, struct io *op) {
  * flag (and O_NONBLOCK would reach other threads' calls on the socket), so its piece is a count
  * the send buffer has room for (SO_MEMINFO), which the kernel takes without waiting. sendmmsg
  * is split message by message. A message with control data or over 64 buffers, and sockets
- * with a send timeout, keep the plain call. */
+ * with a send timeout, keep the plain call.
+ *
+ * On the overlay with no switch under way, each piece the socket takes after a wait for room
+ * counts as a data call, as it would for a writer that polls: so a failed attempt (a peer that
+ * had not accepted yet, say) is retried at twice the calls, as for any connection, and not only
+ * once this one call has returned. A connection stuck behind a full overlay is the one most
+ * worth moving. */
 
 #define SPLIT_IOV_MAX 64
 #define SPLIT_TICK_NS 100000L /* how soon a commit made due is seen while the overlay is full */
@@ -268,7 +274,7 @@ static int writer_host_fd(struct sf_conn *c) {
  * commit. */
 static ssize_t split_src(struct sf_conn *c, const struct wsrc *s, int *committed) {
     size_t done = 0;
-    int checked = 0;
+    int checked = 0, waited = 0;
     for (;;) {
         int phase = atomic_load(&c->phase);
         if (phase == SF_P_COMMITTED || phase == SF_P_HOST) {
@@ -294,6 +300,9 @@ static ssize_t split_src(struct sf_conn *c, const struct wsrc *s, int *committed
             done += (size_t)m;
             if (done == s->total || (s->iov == NULL && (size_t)m < asked))
                 return (ssize_t)done; /* all of it, or the file ended */
+            if (waited && phase == SF_P_OVERLAY)
+                count_call(c);
+            waited = 0;
             continue;
         }
         if (m == 0 && s->iov == NULL)
@@ -323,6 +332,7 @@ static ssize_t split_src(struct sf_conn *c, const struct wsrc *s, int *committed
          * wait goes on, as a restarted send would. */
         if (real.ppoll(&p, 1, &tick, NULL) < 0 && errno == EINTR && done > 0)
             return (ssize_t)done;
+        waited = 1;
     }
 }
 

@@ -14,6 +14,8 @@ from shuntflow.wire import Mode
 # ones, 256 leaving busy connections on the overlay longer. 64 sits in the middle of that flat
 # region.
 DEFAULT_THRESHOLD = 64
+# The largest SHUNTFLOW_THRESHOLD the library takes (preload/core.c, THRESHOLD_MAX).
+MAX_THRESHOLD = 1_000_000_000
 OVERLAY_CIDR = "198.19.0.0/16"
 
 

@@ -24,7 +24,13 @@ from typing import Annotated
 
 import typer
 
-from shuntflow.native import DEFAULT_THRESHOLD, OVERLAY_CIDR, LibraryMissing, library_path
+from shuntflow.native import (
+    DEFAULT_THRESHOLD,
+    MAX_THRESHOLD,
+    OVERLAY_CIDR,
+    LibraryMissing,
+    library_path,
+)
 from shuntflow.wire import Mode
 
 DEFAULT_SOCKET = Path("/run/shuntflow/router.sock")
@@ -63,8 +69,8 @@ def container_args(
         net = ipaddress.IPv4Network(overlay, strict=False)
     except ValueError:
         raise ArgsError(f"--overlay {overlay!r} is not an IPv4 CIDR") from None
-    if threshold < 1:
-        raise ArgsError(f"--threshold {threshold} must be at least 1")
+    if not 1 <= threshold <= MAX_THRESHOLD:
+        raise ArgsError(f"--threshold {threshold} must be from 1 to {MAX_THRESHOLD}")
     if not socket.is_absolute():
         raise ArgsError(f"--socket {socket}: give an absolute path")
     lib_in = LIB_IN_MUSL if musl else LIB_IN

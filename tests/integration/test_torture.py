@@ -12,6 +12,8 @@ The short variants run in CI; `pytest --long` adds the long run (>= 10,000 switc
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 
 from shuntflow import torture
+from shuntflow.native import MAX_THRESHOLD
 from shuntflow.router import control
 from shuntflow.testbed import Testbed
 
@@ -30,7 +33,6 @@ from .apps import (
     install_path_counters,
     mode_env,
     read_path,
-    run_script_client,
     run_torture,
     start_script_server,
 )
@@ -199,27 +201,42 @@ def switch_times_reported(tb: Testbed) -> int:
     return total
 
 
-# One end of a one-way stream: it reads everything and prints the bytes' count and SHA-256.
+# One end of a one-way stream: it accepts, waits PAUSE seconds, reads FIRST bytes, then reads
+# nothing until the file GO exists, then the rest; it prints the bytes' count and SHA-256. With
+# THREADED the reading is a thread's, as in a server that hands each connection to one.
 SINK_SERVER = r"""
-import hashlib, socket, sys
+import hashlib, os, socket, sys, threading, time
 ls = socket.create_server((sys.argv[1], 7720))
 print("listening", flush=True)
 conn, _ = ls.accept()
-h, n = hashlib.sha256(), 0
-while data := conn.recv(1 << 16):
-    h.update(data)
-    n += len(data)
-print(n, h.hexdigest(), flush=True)
+def sink():
+    time.sleep(PAUSE)
+    h, n = hashlib.sha256(), 0
+    while n < FIRST and (data := conn.recv(min(1 << 16, FIRST - n))):
+        h.update(data)
+        n += len(data)
+    while not os.path.exists(GO):
+        time.sleep(0.01)
+    while data := conn.recv(1 << 16):
+        h.update(data)
+        n += len(data)
+    print(n, h.hexdigest(), flush=True)
+if THREADED:
+    reader = threading.Thread(target=sink)
+    reader.start()
+    reader.join()
+else:
+    sink()
 """
 
 # Three small writes, then the whole stream in one blocking call (SEND): at threshold 4 the switch
-# is decided as that call begins, and the call runs for as long as the overlay takes to drain it.
+# is decided as that call begins.
 BULK_CLIENT = r"""
 import ctypes, hashlib, os, random, socket, sys, tempfile
 from shuntflow.torture import _mmsg_vector, _sendmmsg
 size = int(sys.argv[2])
-s = socket.create_connection((sys.argv[1], 7720))
 data = random.Random(7).randbytes(size)
+s = socket.create_connection((sys.argv[1], 7720))
 for i in range(3):
     s.send(data[i : i + 1])
 SEND
@@ -261,42 +278,112 @@ assert n == 8 and lens == [cuts[j + 2] - cuts[j] for j in range(0, 16, 2)], (n, 
 }
 
 
-@pytest.mark.parametrize("call", list(BULK_SENDS))
-def test_commit_lands_inside_a_blocking_write(testbed: Testbed, call: str) -> None:
-    """A blocking write in flight when the switch is decided does not hold the commit back
-    until it returns: the commit lands inside it, and the rest of that one call crosses the host
-    path. Were the commit to wait for the call, all of its 128 MiB would cross VXLAN. The same
-    for sendfile (from an offset, or the file's position) and sendmmsg."""
-    size = 128 << 20
-    server_c, client_c = testbed.hosts[1].containers[0], testbed.hosts[0].containers[0]
-    install_path_counters(testbed)
-    before = read_path(testbed)
+def connection_paths(tb: Testbed, host: int, pid: int) -> list[str]:
+    """The path of each connection process `pid` has, as its router's status shows it."""
+    answer = control.query(Path(f"{tb.host(host).router_socket}.ctl"), timeout=10.0)
+    return [
+        row["path"] for p in answer["processes"] if p["cred_pid"] == pid for row in p["connections"]
+    ]
+
+
+@dataclass
+class BulkRun:
+    overlay: int  # payload bytes VXLAN carried
+    host: int  # payload bytes the host path carried
+    router_lines: list[str]  # the client's router's log lines about the client
+
+
+def bulk_write(
+    tb: Testbed, call: str, size: int, tmp: Path, threaded: bool, pause: float, first: int
+) -> BulkRun:
+    """One SEND call of `size` bytes from a client at threshold 4 to SINK_SERVER, whose reader
+    waits for the client's connection to be on the host path (router status) after reading
+    `first` bytes: until then the write stays blocked on a full overlay, so only a commit that
+    lands inside it moves it."""
+    server_c, client_c = tb.hosts[1].containers[0], tb.hosts[0].containers[0]
+    go = tmp / "go"
+    install_path_counters(tb)
+    before = read_path(tb)
+    script = (
+        SINK_SERVER.replace("GO", repr(str(go)))
+        .replace("PAUSE", str(pause))
+        .replace("FIRST", str(first))
+        .replace("THREADED", str(threaded))
+    )
     # The reading end never asks itself (its threshold is out of reach): it is claimed for the
     # writer's request, so the switch starts with the write, never before it.
     server = start_script_server(
-        server_c, SINK_SERVER, mode_env(testbed, server_c, "shuntflow", threshold=1 << 30)
+        server_c, script, mode_env(tb, server_c, "shuntflow", threshold=MAX_THRESHOLD)
     )
-    try:
-        script = BULK_CLIENT.replace("sys.argv[2]", str(size)).replace("SEND", BULK_SENDS[call])
-        client = run_script_client(
-            client_c,
-            script,
+    client = client_c.popen(
+        [
+            sys.executable,
+            "-c",
+            BULK_CLIENT.replace("sys.argv[2]", str(size)).replace("SEND", BULK_SENDS[call]),
             server_c.overlay_ip,
-            mode_env(testbed, client_c, "shuntflow", threshold=4),
-            timeout=120,
-        )
+        ],
+        env=mode_env(tb, client_c, "shuntflow", threshold=4),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = tb.host(client_c.host_index).router_log
+
+    def client_lines() -> list[str]:
+        return [x for x in log.read_text().splitlines() if f" pid={client.pid} " in x]
+
+    try:
+        deadline = time.monotonic() + 60  # a hang bound, not a speed
+        while connection_paths(tb, client_c.host_index, client.pid) != ["host"]:
+            assert client.poll() is None, client.communicate()
+            assert time.monotonic() < deadline, (
+                "the writer's connection did not reach the host path while its write was "
+                f"blocked; its router said: {client_lines()}"
+            )
+            time.sleep(0.05)
+        go.touch()
+        out, err = client.communicate(timeout=120)
         got, _ = server.communicate(timeout=60)
     finally:
-        server.kill()
-        server.wait()
-    assert client.returncode == 0, client.stderr[-2000:]
-    assert got.split() == client.stdout.split(), (got, client.stdout)
-    d = read_path(testbed) - before
+        for proc in (client, server):
+            proc.kill()
+            proc.wait()
+    assert client.returncode == 0, err[-2000:]
+    assert got.split() == out.split(), (got, out)
+    d = read_path(tb) - before
     assert d.overlay_payload + d.host_payload >= size, d
-    # The overlay took what the socket held and what the switch's few milliseconds let through.
-    assert d.overlay_payload < size // 2, f"VXLAN carried {d.overlay_payload} of {size} bytes"
-    assert d.host_payload > size // 2, d
-    print(f"\n{call}: VXLAN carried {d.overlay_payload} of {size} bytes, host {d.host_payload}")
+    return BulkRun(d.overlay_payload, d.host_payload, client_lines())
+
+
+@pytest.mark.parametrize("call", list(BULK_SENDS))
+def test_commit_lands_inside_a_blocking_write(testbed: Testbed, call: str, tmp_path: Path) -> None:
+    """A blocking write in flight when the switch is decided does not hold the commit back
+    until it returns: the commit lands inside it, and the rest of that one call crosses the host
+    path. The reader reads nothing until the writer's connection is on the host path: a commit
+    that waited for the call would never come. The same for sendfile (from an offset, or the
+    file's position) and sendmmsg."""
+    size = 128 << 20
+    run = bulk_write(testbed, call, size, tmp_path, threaded=True, pause=0, first=0)
+    # The overlay took what its sockets' buffers hold (a few MiB) before the commit; the rest of
+    # the call went on the host path.
+    assert run.overlay < size // 4, f"VXLAN carried {run.overlay} of {size} bytes"
+    assert run.host > size // 2, run
+    print(f"\n{call}: VXLAN carried {run.overlay} of {size} bytes, host {run.host}")
+
+
+def test_failed_switch_is_retried_inside_a_blocking_write(testbed: Testbed, tmp_path: Path) -> None:
+    """A single-threaded reader that sleeps after its accept has no agent to answer the claim
+    (it starts at the process's 8th data call), so the first attempt times out at the peer's
+    router. The writer's one call goes on, and the attempt is retried inside it: its pieces after
+    waits for room count as calls. The reader reads 32 MiB, then waits for the host path."""
+    size, first = 128 << 20, 32 << 20
+    run = bulk_write(testbed, "sendall", size, tmp_path, threaded=False, pause=2.0, first=first)
+    failed = [x for x in run.router_lines if "event=switch_failed" in x]
+    assert failed and "status=PEER_REFUSED" in failed[0], run.router_lines
+    assert any("event=switch_done" in x for x in run.router_lines), run.router_lines
+    assert run.overlay < size // 2, f"VXLAN carried {run.overlay} of {size} bytes"
+    assert run.host > size // 2, run
+    print(f"\nretried: VXLAN carried {run.overlay} of {size} bytes, host {run.host}")
 
 
 def test_torture_slim(testbed: Testbed) -> None:

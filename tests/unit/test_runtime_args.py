@@ -84,7 +84,8 @@ def test_the_container_path_is_fixed_whatever_the_host_file_is_called(tmp_path: 
         ({"socket": Path("/run/a:b/router.sock")}, "no spaces"),
         ({"socket": Path("router.sock")}, "absolute"),
         ({"overlay": "10.0.0/8x"}, "not an IPv4 CIDR"),
-        ({"threshold": 0}, "at least 1"),
+        ({"threshold": 0}, "from 1 to 1000000000"),
+        ({"threshold": 1_000_000_001}, "from 1 to 1000000000"),
         ({"log": "/tmp/x y"}, "no spaces"),
     ],
 )

@@ -40,6 +40,7 @@ from shuntflow.bench.spec import (
     parse_workloads,
     placement_cpus,
 )
+from shuntflow.native import MAX_THRESHOLD
 from shuntflow.testbed.plan import DEFAULT_PREFIX, TestbedError, TestbedUsageError, validate_prefix
 
 
@@ -411,7 +412,7 @@ def scale_command(
             raise TestbedUsageError(f"--style must be one of {', '.join(scale.STYLES)}")
         lo = parse_int("--min-bytes", min_bytes, 1 << 30)
         params = scale.Params(
-            threshold=parse_int("--threshold", threshold, 2**31 - 1),
+            threshold=parse_int("--threshold", threshold, MAX_THRESHOLD),
             min_bytes=lo,
             max_bytes=parse_int("--max-bytes", max_bytes, 1 << 30, minimum=lo),
             style=style,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from shuntflow.native import DEFAULT_THRESHOLD
+from shuntflow.native import DEFAULT_THRESHOLD, MAX_THRESHOLD
 from shuntflow.wire import Mode
 
 BASE_MODES = ("host", "overlay", "lib-overlay", "slim", "shuntflow")
@@ -85,7 +85,7 @@ def mode_spec(name: str) -> ModeSpec:
         return ModeSpec(name, False, Mode.SHUNTFLOW, DEFAULT_THRESHOLD)
     base, sep, t = name.partition("@")
     if base == "shuntflow" and sep:
-        threshold = parse_positive("threshold", t)
+        threshold = parse_positive("threshold", t, MAX_THRESHOLD)
         if threshold == DEFAULT_THRESHOLD:
             return mode_spec("shuntflow")
         return ModeSpec(f"shuntflow@{threshold}", False, Mode.SHUNTFLOW, threshold)
@@ -130,7 +130,7 @@ def parse_modes(text: str | None, thresholds: str | None) -> list[ModeSpec]:
         raise BenchUsageError("--modes is empty; choose from " + ", ".join(BASE_MODES))
     specs = [mode_spec(n) for n in names]
     for t in _split(thresholds or ""):
-        specs.append(mode_spec(f"shuntflow@{parse_positive('--thresholds', t)}"))
+        specs.append(mode_spec(f"shuntflow@{parse_positive('--thresholds', t, MAX_THRESHOLD)}"))
     unique = list({s.name: s for s in specs}.values())
     if "overlay" not in {s.name for s in unique}:
         # Every ratio is taken against overlay in the same repetition.
