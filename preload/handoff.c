@@ -355,6 +355,7 @@ void sf_handoff_pump_locked(struct sf_conn *c) {
         } else if (hop.type == SF_HOP_SYNC && !c->early_sync &&
                    (phase == SF_P_COMMITTED || !c->leader)) {
             c->peer_s = hop.seq;
+            c->peer_shut_wr = (hop.flags & SF_HOP_F_SHUT_WR) != 0;
             sf_rd_host_open_locked(c);
             __atomic_store_n(&c->peer_synced, 1, __ATOMIC_RELEASE);
             /* Every overlay byte read: the peer's next ones are on the host connection. A

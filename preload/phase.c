@@ -6,11 +6,13 @@
  * window learns how an attempt ended. A debug build (SF_DEBUG) also checks each change against
  * the table of allowed transitions and that the caller holds c->mu, and aborts with the fd and
  * both phases named: a wrong change is a bug to find in a test, not a state to run on in. */
+#include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -247,7 +249,22 @@ int sf_peer_may_have_committed(const struct sf_conn *c) {
     return (phase == SF_P_HANDSHAKE && !c->leader) || (phase == SF_P_COMMITTED && !c->peer_synced);
 }
 
+/* A peer whose application had shut down writing at S sends its host connection's FIN right
+ * after its SYNC. Until that FIN is in, the host socket would read "no data yet" where the
+ * overlay reads the stream's end, which the application may have been told already: a leader
+ * reads the peer's overlay FIN as the end before it commits, rightly, and the swap would then
+ * turn that end into EAGAIN. */
+static int peer_end_in(const struct sf_conn *c) {
+    if (!c->peer_shut_wr)
+        return 1;
+    char byte;
+    int saved = errno;
+    int in = real.recv(c->host_fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 || errno != EAGAIN;
+    errno = saved;
+    return in;
+}
+
 int sf_at_switch_point(const struct sf_conn *c) {
     return atomic_load(&c->phase) == SF_P_COMMITTED && c->peer_synced && c->host_fd >= 0 &&
-           atomic_load(&c->rx) == c->peer_s;
+           atomic_load(&c->rx) == c->peer_s && peer_end_in(c);
 }

@@ -207,6 +207,7 @@ struct sf_conn {
     uint8_t hop_len;
     uint8_t hop[16];              /* a handoff frame read in part */
     uint8_t peer_synced;
+    uint8_t peer_shut_wr;         /* the peer's SYNC: its application had shut down writing at S */
     uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
     uint8_t commit_finish_due;    /* committed; the rest is done before c->mu is released */
     uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */

@@ -483,6 +483,11 @@ void sf_keep_read_err(struct sf_conn *c, int err) {
  * (mirrored while in the handoff). PAST_S_NO if the readers' number is gone (swapped, broken,
  * closed): the caller looks again. */
 static ssize_t read_past_s(struct sf_conn *c, struct io *op) {
+    /* The peer had shut down writing at S: the stream ends here, and the overlay, read to S_peer
+     * and ended, says so in the call's own terms (0, recvmmsg's empty message), where the host
+     * socket would say EAGAIN until the FIN behind the SYNC is in (phase.c peer_end_in). */
+    if (c->peer_shut_wr)
+        return op->call(op, c->fd);
     int host = sf_rd_host_get(c);
     if (host < 0)
         return PAST_S_NO;
