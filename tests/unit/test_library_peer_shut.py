@@ -14,18 +14,14 @@ is in and after; its writes go on the host connection."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from shuntflow.native import app_environment
 from shuntflow.router.testing import recv_exact
-from shuntflow.wire import HOP_F_SHUT_WR, HOP_SIZE, Hop, HopType, Mode, Tuple4
+from shuntflow.wire import HOP_F_SHUT_WR, HOP_SIZE, Hop, HopType, Tuple4
 
-from .fakerouter import greet, hand_over, next_request, router_listener, tcp_listener
+from .fakerouter import hand_over, library_child, next_request, tcp_listener
 
 THRESHOLD = 4
 
@@ -74,66 +70,46 @@ CHILD = textwrap.dedent(
 
 
 def test_end_read_before_the_commit_stays_the_end(tmp_path: Path) -> None:
-    router, path = router_listener(tmp_path)
     server, hosts = tcp_listener("127.0.0.2"), tcp_listener("127.0.0.1")
-    env = app_environment(
-        Mode.SHUNTFLOW,
-        router_socket=path,
-        threshold=THRESHOLD,
-        overlay_cidr="127.0.0.0/8",
-        log=str(tmp_path / "lib.log"),
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(server.getsockname()[1]), str(THRESHOLD)],
-        env={**os.environ, **env},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    opened: list[socket.socket] = [router, server, hosts]
-    assert child.stdin is not None and child.stdout is not None
+    args = [str(server.getsockname()[1]), str(THRESHOLD)]
+    with (
+        server,
+        hosts,
+        library_child(tmp_path, CHILD, args, THRESHOLD, tmp_path / "lib.log") as (child, chan),
+    ):
+        assert child.stdin is not None and child.stdout is not None
 
-    def tell() -> None:
-        assert child.stdin is not None
-        child.stdin.write("\n")
-        child.stdin.flush()
+        def tell() -> None:
+            assert child.stdin is not None
+            child.stdin.write("\n")
+            child.stdin.flush()
 
-    try:
-        chan, _ = greet(router, child.pid)
         overlay, _ = server.accept()
-        opened += [chan, overlay]
         overlay.settimeout(10)
         req = next_request(chan)
         port = json.loads(child.stdout.readline())["port"]
         local, remote = f"127.0.0.1:{port}", f"127.0.0.2:{server.getsockname()[1]}"
         assert req.tuple == Tuple4.parse(local, remote) and req.tuple.local_is_leader(), req
         host = hand_over(chan, hosts, req)
-        opened.append(host)
+        with overlay, host:
+            overlay.sendall(b"hello")
+            overlay.shutdown(socket.SHUT_WR)  # the follower application's own end
+            tell()
+            assert json.loads(child.stdout.readline()) == {"got": "hello"}
 
-        overlay.sendall(b"hello")
-        overlay.shutdown(socket.SHUT_WR)  # the follower application's own end
-        tell()
-        assert json.loads(child.stdout.readline()) == {"got": "hello"}
+            host.sendall(Hop(HopType.READY).pack())
+            sent = b"".join(b"m%02d" % i for i in range(THRESHOLD))
+            assert Hop.unpack(recv_exact(host, HOP_SIZE, 10)) == Hop(HopType.SYNC, 0, len(sent))
+            host.sendall(Hop(HopType.SYNC, HOP_F_SHUT_WR, 5).pack())
+            assert recv_exact(overlay, len(sent), 10) == sent
+            assert overlay.recv(1) == b""  # the leader's overlay FIN: its commit is whole
+            tell()
+            report = json.loads(child.stdout.readline())
+            assert report["before_fin"] == [""] * 20, report
+            assert recv_exact(host, 5, 10) == b"after"
 
-        host.sendall(Hop(HopType.READY).pack())
-        sent = b"".join(b"m%02d" % i for i in range(THRESHOLD))
-        assert Hop.unpack(recv_exact(host, HOP_SIZE, 10)) == Hop(HopType.SYNC, 0, len(sent))
-        host.sendall(Hop(HopType.SYNC, HOP_F_SHUT_WR, 5).pack())
-        assert recv_exact(overlay, len(sent), 10) == sent
-        assert overlay.recv(1) == b""  # the leader's overlay FIN: its commit is whole
-        tell()
-        report = json.loads(child.stdout.readline())
-        assert report["before_fin"] == [""] * 20, report
-        assert recv_exact(host, 5, 10) == b"after"
-
-        host.shutdown(socket.SHUT_WR)
-        tell()
-        assert json.loads(child.stdout.readline()) == {"after_fin": [""] * 6}
-        assert child.wait(30) == 0
-        assert host.recv(1) == b""  # the application's close ends the host connection
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        for s in opened:
-            s.close()
+            host.shutdown(socket.SHUT_WR)
+            tell()
+            assert json.loads(child.stdout.readline()) == {"after_fin": [""] * 6}
+            assert child.wait(30) == 0
+            assert host.recv(1) == b""  # the application's close ends the host connection
