@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from shuntflow.native import MAX_THRESHOLD
 from shuntflow.testbed.plan import (
     DEFAULT_CONTAINERS,
     DEFAULT_HOSTS,
@@ -299,7 +300,7 @@ def _prepare_exec(
         raise TestbedUsageError(f"--mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
     threshold = None
     if opts.threshold is not None:
-        threshold = parse_int("--threshold", opts.threshold, 2**31 - 1)
+        threshold = parse_int("--threshold", opts.threshold, MAX_THRESHOLD)
         if opts.mode is None:
             raise TestbedUsageError("--threshold needs --mode")
     cpus = None if opts.cpu is None else _available_cpus("--cpu", opts.cpu)
