@@ -34,6 +34,7 @@ from typing import Any
 
 from shuntflow import torture
 from shuntflow.native import app_environment
+from shuntflow.router.control import query
 from shuntflow.testbed import Container, Host, Testbed
 from shuntflow.wire import Mode, Tuple4
 
@@ -384,6 +385,12 @@ def install_path_counters(tb: Testbed) -> None:
             text=True,
         )
         assert done.returncode == 0, done.stderr
+
+
+def router_status(tb: Testbed, host: int, timeout: float = 5.0) -> dict[str, Any]:
+    """Host `host`'s router status (`shuntflow status`), from its control socket."""
+    sock = tb.host(host).router_socket
+    return query(sock.with_name(sock.name + ".ctl"), timeout=timeout)
 
 
 def read_path(tb: Testbed) -> PathBytes:

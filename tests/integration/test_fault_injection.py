@@ -43,7 +43,6 @@ from typing import Any
 import pytest
 
 from shuntflow import torture
-from shuntflow.router.control import query
 from shuntflow.testbed import Testbed
 from shuntflow.testbed.build import rtnl
 from shuntflow.testbed.plan import host_uplink
@@ -55,6 +54,7 @@ from .apps import (
     install_path_counters,
     mode_env,
     read_path,
+    router_status,
     start_script_server,
 )
 from .conftest import MakeTestbed
@@ -106,11 +106,6 @@ def in_transition(lines: list[LibLine], pid: int) -> set[int]:
 def router_events(tb: Testbed, host: int, event: str) -> list[str]:
     log = tb.host(host).router_log
     return [line for line in log.read_text().splitlines() if f"event={event} " in line]
-
-
-def router_status(tb: Testbed, host: int) -> dict[str, Any]:
-    sock = tb.host(host).router_socket
-    return query(sock.with_name(sock.name + ".ctl"), timeout=5.0)
 
 
 def router_pid(tb: Testbed, host: int) -> int:

@@ -33,6 +33,7 @@ from .apps import (
     install_path_counters,
     mode_env,
     read_path,
+    router_status,
     run_torture,
     start_script_server,
 )
@@ -280,7 +281,7 @@ assert n == 8 and lens == [cuts[j + 2] - cuts[j] for j in range(0, 16, 2)], (n, 
 
 def connection_paths(tb: Testbed, host: int, pid: int) -> list[str]:
     """The path of each connection process `pid` has, as its router's status shows it."""
-    answer = control.query(Path(f"{tb.host(host).router_socket}.ctl"), timeout=10.0)
+    answer = router_status(tb, host, timeout=10.0)
     return [
         row["path"] for p in answer["processes"] if p["cred_pid"] == pid for row in p["connections"]
     ]

@@ -14,7 +14,7 @@ import pytest
 from shuntflow.native import DEFAULT_THRESHOLD, MAX_THRESHOLD, Mode, app_environment
 
 
-def loaded_line(tmp_path: Path, threshold: str) -> str:
+def library_log(tmp_path: Path, threshold: str) -> str:
     log = tmp_path / "lib.log"
     env = app_environment(Mode.SHUNTFLOW, router_socket=tmp_path / "none.sock", log=str(log))
     env["SHUNTFLOW_THRESHOLD"] = threshold
@@ -25,13 +25,13 @@ def loaded_line(tmp_path: Path, threshold: str) -> str:
 
 @pytest.mark.parametrize("value", [1, 4, MAX_THRESHOLD])
 def test_threshold_in_range_is_taken(tmp_path: Path, value: int) -> None:
-    text = loaded_line(tmp_path, str(value))
+    text = library_log(tmp_path, str(value))
     assert f" threshold={value} " in text, text
     assert "SHUNTFLOW_THRESHOLD=" not in text, text
 
 
 @pytest.mark.parametrize("value", ["0", "-3", str(MAX_THRESHOLD + 1), str(1 << 32), "64x"])
 def test_threshold_out_of_range_is_named_and_replaced(tmp_path: Path, value: str) -> None:
-    text = loaded_line(tmp_path, value)
+    text = library_log(tmp_path, value)
     assert f"SHUNTFLOW_THRESHOLD={value} is not a whole number from 1 to {MAX_THRESHOLD}" in text
     assert f" threshold={DEFAULT_THRESHOLD} " in text, text
