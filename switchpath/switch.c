@@ -2,7 +2,7 @@
  * Incoming and its Claim), and the one in-progress table keyed by the connection (the same key
  * from both ends) that keeps invariant 5: one host connection per overlay connection.
  *
- *   SWITCH_REQ -> owner, attachment, policy -> resolve peer host -> (follower: grace) -> OFFER
+ *   SWITCH_REQ -> owner, attachment, policy -> resolve peer host -> (slim follower: grace) -> OFFER
  *       -> ANSWER -> SWITCH_RES + fd (marked)
  *   OFFER (authentic: peers.c) -> sender owns its overlay address, policy -> CLAIM_REQ to the
  *       libraries of the container attached at our end (again while the connection waits in a
@@ -10,9 +10,10 @@
  *       -> SWITCH_RES + fd
  *   crossing offers: a router holding its own unanswered request for the mirrored tuple
  *       accepts the leader's OFFER (and serves its library with it) and answers the follower's
- *       DUPLICATE; a follower's request waits follower_grace_ms for the leader's OFFER first
- *       (unless we refused that OFFER already), so a switch both ends want costs one OFFER. An initiator answered DUPLICATE waits
- *       duplicate_wait_ms for the peer's own OFFER to serve it.
+ *       DUPLICATE; a slim follower's request waits follower_grace_ms for the leader's OFFER
+ *       first (unless we refused that OFFER already), so a switch both ends want costs one
+ *       OFFER. An initiator answered DUPLICATE waits duplicate_wait_ms for the peer's own OFFER
+ *       to serve it.
  * Every failure before the handoff is a non-OK status and no fd: the library stays on the
  * overlay. Host-level failures put the peer host in backoff. Same rules as the Python router
  * had (its daemon.py), now without a Python call per switch. */
@@ -276,6 +277,12 @@ static void out_timer(struct sfs *s, struct sfs_timer *t)
     }
 }
 
+static int requested_by_slim(struct sfs *s, const struct sfs_out *o)
+{
+    struct sfs_client *c = client_get(s, o->client);
+    return c != NULL && c->slim;
+}
+
 static void out_step(struct sfs *s, struct sfs_out *o)
 {
     char why[160], res[64];
@@ -321,12 +328,15 @@ static void out_step(struct sfs *s, struct sfs_out *o)
         out_finish(s, o, SF_PEER_UNREACHABLE, why);
         return;
     }
-    if (!tuple_local_leads(&o->t) && !recently_refused(s, &o->key)) {
-        /* Both ends of a busy connection cross the threshold within a round trip or so: give
-         * the leader's OFFER a moment to come, so a switch costs one offer, not two. Not when
-         * the leader's OFFER came and no library here took it (it came before the accept): the
-         * leader asks again only after twice its calls, and the wait held the follower's
-         * bytes on the overlay for nothing. */
+    if (!tuple_local_leads(&o->t) && requested_by_slim(s, o) &&
+        !recently_refused(s, &o->key)) {
+        /* A slim follower's request: both ends ask at connect/accept, microseconds apart, so
+         * the leader's OFFER is on its way and serves both; a switch costs one offer, not two.
+         * Not when the leader's OFFER came and no library here took it (it came before the
+         * accept): the leader asks again only later. A shuntflow follower offers at once: its
+         * end reached its own threshold, the leader's may be milliseconds away, and every byte
+         * it writes meanwhile crosses VXLAN (docs/design.md, "One host connection per overlay
+         * connection"). */
         o->state = O_GRACE;
         timer_arm(s, &o->timer, now_us() + (uint64_t)s->cfg.follower_grace_ms * 1000);
         return;

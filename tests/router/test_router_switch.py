@@ -339,36 +339,45 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) ->
         time.sleep(0.001)
 
 
+def start_patient_pair(
+    tmp_path: Path, claim_timeout_ms: int
+) -> tuple[RouterProcess, RouterProcess]:
+    """Two routers whose slim follower end waits up to 30 s for the leader's offer: how long
+    the leader's request takes to arrive then decides nothing (the default is 5 ms, which a busy
+    machine can miss between two requests)."""
+    config = tmp_path / "router.toml"
+    config.write_text("follower-grace-ms = 30000\n")
+    extra = ["--config", str(config), "--claim-timeout-ms", str(claim_timeout_ms)]
+    a, b, _ = start_pair(tmp_path, args=extra)
+    return a, b
+
+
 @pytest.fixture
 def patient_routers(
     tmp_path: Path,
 ) -> Iterator[tuple[RouterProcess, RouterProcess]]:
-    """Two routers whose follower end waits up to 30 s for the leader's offer: how long the
-    leader's request takes to arrive then decides nothing (the default is 5 ms, which a busy
-    machine can miss between two requests). Their claim timeout is 10 s (250 ms by default),
-    which a library answering a burst of claims on a loaded machine is sure to meet."""
-    config = tmp_path / "router.toml"
-    config.write_text("follower-grace-ms = 30000\n")
-    extra = ["--config", str(config), "--claim-timeout-ms", "10000"]
-    a, b, _ = start_pair(tmp_path, args=extra)
+    """A patient pair whose claim timeout is 10 s (250 ms by default), which a library
+    answering a burst of claims on a loaded machine is sure to meet."""
+    a, b = start_patient_pair(tmp_path, 10_000)
     yield a, b
     assert b.stop() == 0, b.log()
     assert a.stop() == 0, a.log()
 
 
-def test_both_ends_asking_costs_one_offer(
+def test_both_slim_ends_asking_costs_one_offer(
     patient_routers: tuple[RouterProcess, RouterProcess],
 ) -> None:
-    """The follower end asks first, the leader after it: the follower's router waits for the
-    leader's offer instead of making its own, so no offer is refused as a duplicate and the
-    leader's router initiates every one of these switches."""
+    """Slim mode: the follower end asks first, the leader after it (both ask at connect and
+    accept): the follower's router waits for the leader's offer instead of making its own, so
+    no offer is refused as a duplicate and the leader's router initiates every one of these
+    switches."""
     a, b = patient_routers
     tuples = [tup(3000 + i) for i in range(20)]  # A's ends (198.19.1.1) lead
     assert all(t.local_is_leader() for t in tuples)
     before = {r: r.status()["router"] for r in (a, b)}
     with (
-        FakeLibrary(a.socket, owned=set(tuples)) as la,
-        FakeLibrary(b.socket, owned={t.mirrored() for t in tuples}) as lb,
+        FakeLibrary(a.socket, mode=Mode.SLIM, owned=set(tuples)) as la,
+        FakeLibrary(b.socket, mode=Mode.SLIM, owned={t.mirrored() for t in tuples}) as lb,
     ):
         for t in tuples:
             sb = lb.request(t.mirrored())
@@ -390,31 +399,59 @@ def test_both_ends_asking_costs_one_offer(
         assert refused == {k: n for k, n in before[r]["failures"].items() if k.startswith("offer_")}
 
 
-def test_follower_after_a_refused_leader_offers_at_once(
+def test_shuntflow_follower_offers_at_once(
     patient_routers: tuple[RouterProcess, RouterProcess],
 ) -> None:
-    """The leader's offer reached the follower's host before the follower's library held the
-    connection (not accepted yet), and was refused; the leader asks again only after twice its
-    calls. The follower's request that follows is not held for the leader's offer (30 s here):
-    its router offers at once, and the leader's library takes the claim."""
+    """Shuntflow mode: the follower end reached its threshold, the leader's may be far off, and
+    every byte the follower writes meanwhile crosses VXLAN. Its request is not held for the
+    leader's offer (30 s for slim here): its router offers at once, and the leader's library
+    takes the claim."""
     a, b = patient_routers
-    t = tup(3100)  # A's end (198.19.1.1) leads
+    t = tup(3050)  # A's end (198.19.1.1) leads
     assert t.local_is_leader()
+    before = {r: r.status()["router"] for r in (a, b)}
     with (
         FakeLibrary(a.socket, owned={t}) as la,
-        FakeLibrary(b.socket) as lb,  # owns nothing yet: says NOT_MINE to the claim
+        FakeLibrary(b.socket, owned={t.mirrored()}) as lb,
     ):
-        sa = la.request(t)
-        res = la.wait_result(sa)
-        assert res.msg.status == Status.PEER_REFUSED and res.sock is None, res.msg
-        lb.owned.add(t.mirrored())  # accepted now
         sb = lb.request(t.mirrored())
         res = lb.wait_result(sb)  # 5 s, not the 30 s grace
         assert res.msg.status == Status.OK, res.msg
         la.wait_host([t.key()])
         assert_pair(la.host[t.key()], lb.host[t.key()])
-        wait_in_progress(a, 0)
-        wait_in_progress(b, 0)
+    after = {r: r.status()["router"] for r in (a, b)}
+    assert int(after[b]["switches_initiated"]) - int(before[b]["switches_initiated"]) == 1
+    assert int(after[a]["switches_accepted"]) - int(before[a]["switches_accepted"]) == 1
+
+
+def test_slim_follower_after_a_refused_leader_offers_at_once(tmp_path: Path) -> None:
+    """The leader's offer reached the follower's host before the follower's slim library held
+    the connection (not accepted yet), and its claim ran out; the leader asks again only later.
+    The follower's request that follows is not held for the leader's offer (30 s here): its
+    router offers at once, and the leader's library takes the claim."""
+    a, b = start_patient_pair(tmp_path, 300)
+    try:
+        t = tup(3100)  # A's end (198.19.1.1) leads
+        assert t.local_is_leader()
+        with (
+            FakeLibrary(a.socket, owned={t}) as la,
+            # owns nothing yet: says NOT_MINE, and the claim waits for its accept()
+            FakeLibrary(b.socket, mode=Mode.SLIM) as lb,
+        ):
+            sa = la.request(t)
+            res = la.wait_result(sa)
+            assert res.msg.status == Status.PEER_REFUSED and res.sock is None, res.msg
+            lb.owned.add(t.mirrored())  # accepted now
+            sb = lb.request(t.mirrored())
+            res = lb.wait_result(sb)  # 5 s, not the 30 s grace
+            assert res.msg.status == Status.OK, res.msg
+            la.wait_host([t.key()])
+            assert_pair(la.host[t.key()], lb.host[t.key()])
+            wait_in_progress(a, 0)
+            wait_in_progress(b, 0)
+    finally:
+        assert b.stop() == 0, b.log()
+        assert a.stop() == 0, a.log()
 
 
 def wait_in_progress(r: RouterProcess, n: int, timeout: float = 5.0) -> None:

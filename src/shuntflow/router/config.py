@@ -56,8 +56,8 @@ class RouterConfig:
     peer_pool_size: int = 4  # warm connections kept to each peer in use; 0 = connect per switch
     hello_timeout_ms: int = 2000
     duplicate_wait_ms: int = 1000
-    # The follower end's request waits this long for the leader's crossing offer before making
-    # its own (daemon.Router._outgoing): one offer per switch instead of two.
+    # A slim follower end's request waits this long for the leader's crossing offer before
+    # making its own: one offer per switch instead of two (shuntflow followers offer at once).
     follower_grace_ms: int = 5
     stats_timeout_ms: int = 500
     max_clients: int = 4096
