@@ -172,7 +172,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "leader-inverted-router",
         "invert the leader rule in the router: a crossing offer is accepted from the follower, "
-        "and a slim leader's request (not the follower's) waits for the other side's offer",
+        "and the lower end's request (not the higher end's) waits for the other side's offer",
         (
             Edit(
                 "switchpath/switch.c",
@@ -183,8 +183,10 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
             Edit(
                 "switchpath/switch.c",
-                "    if (!tuple_local_leads(&o->t) && requested_by_slim(s, o) &&\n",
-                "    if (tuple_local_leads(&o->t) && requested_by_slim(s, o) &&\n",
+                "    if (!tuple_local_leads(&o->t) && grace > 0 && "
+                "!recently_refused(s, &o->key)) {\n",
+                "    if (tuple_local_leads(&o->t) && grace > 0 && "
+                "!recently_refused(s, &o->key)) {\n",
             ),
         ),
     ),

@@ -7,11 +7,15 @@
  * new table is seen at once.
  * Why frees wait for the end of the round: one epoll round returns events for many objects, and
  * handling one (a claim answered, a client closed) may end another whose event is still in the
- * batch. A dead object's io kind is 0 and its event is skipped; it is freed after the round. */
+ * batch. A dead object's io kind is 0 and its event is skipped; it is freed after the round.
+ * Why epoll_pwait2: timers are kept in µs (a claim is asked again 0.5 ms after all said
+ * NOT_MINE), and epoll_wait's millisecond timeout rounded each of them up to the next
+ * millisecond: the 0.5 ms came after 1 ms. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "sfs.h"
@@ -117,15 +121,34 @@ static void end_of_round(struct sfs *s)
     s->ngrave = 0;
 }
 
-static int next_timeout_ms(struct sfs *s)
+#define MAX_WAIT_US 60000000u
+
+/* How long the loop may sleep: until the earliest timer, NULL for no timer. */
+static struct timespec *next_timeout(struct sfs *s, struct timespec *ts)
 {
     if (s->nheap == 0)
-        return -1;
+        return NULL;
     uint64_t now = now_us(), at = s->heap[0]->at;
-    if (at <= now)
-        return 0;
-    uint64_t ms = (at - now + 999) / 1000;
-    return ms > 60000 ? 60000 : (int)ms;
+    uint64_t us = at <= now ? 0 : at - now;
+    if (us > MAX_WAIT_US)
+        us = MAX_WAIT_US;
+    ts->tv_sec = (time_t)(us / 1000000u);
+    ts->tv_nsec = (long)(us % 1000000u) * 1000;
+    return ts;
+}
+
+/* epoll_pwait2, or on a kernel older than 5.11 epoll_wait with the timeout rounded up to ms. */
+static int wait_events(struct sfs *s, struct epoll_event *evs, const struct timespec *ts)
+{
+    static int no_pwait2;
+    if (!no_pwait2) {
+        int n = epoll_pwait2(s->epfd, evs, MAX_EVENTS, ts, NULL);
+        if (n >= 0 || errno != ENOSYS)
+            return n;
+        no_pwait2 = 1;
+    }
+    int ms = ts == NULL ? -1 : (int)(ts->tv_sec * 1000 + (ts->tv_nsec + 999999) / 1000000);
+    return epoll_wait(s->epfd, evs, MAX_EVENTS, ms);
 }
 
 void *sfs_loop(void *arg);
@@ -137,9 +160,10 @@ void *sfs_loop(void *arg)
     timer_init(&s->tick, tick);
     timer_arm(s, &s->tick, now_us() + TICK_US);
     while (!s->stopping) {
-        int timeout = next_timeout_ms(s);
+        struct timespec ts;
+        const struct timespec *timeout = next_timeout(s, &ts);
         pthread_mutex_unlock(&s->lock);
-        int n = epoll_wait(s->epfd, evs, MAX_EVENTS, timeout);
+        int n = wait_events(s, evs, timeout);
         pthread_mutex_lock(&s->lock);
         s->log_batching = 1;
         for (int i = 0; i < n; i++)

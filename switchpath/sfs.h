@@ -34,7 +34,8 @@ struct sfs_config {
     int32_t owner_check, guard_on, map_refreshable;
     uint32_t guard_mark;
     int32_t connect_timeout_ms, answer_timeout_ms, offer_read_timeout_ms, peer_idle_timeout_ms;
-    int32_t peer_pool_size, duplicate_wait_ms, follower_grace_ms, claim_timeout_ms;
+    int32_t peer_pool_size, duplicate_wait_ms, follower_grace_ms, follower_grace_shuntflow_us;
+    int32_t claim_timeout_ms;
     int32_t max_outstanding, max_incoming, max_idle_per_peer, backoff_initial_ms;
     int32_t backoff_max_ms, auth_window_ms, max_nonces, map_wait_ms;
     int32_t keylen;

@@ -2,18 +2,19 @@
  * Incoming and its Claim), and the one in-progress table keyed by the connection (the same key
  * from both ends) that keeps invariant 5: one host connection per overlay connection.
  *
- *   SWITCH_REQ -> owner, attachment, policy -> resolve peer host -> (slim follower: grace) -> OFFER
+ *   SWITCH_REQ -> owner, attachment, policy -> resolve peer host -> (higher end: grace) -> OFFER
  *       -> ANSWER -> SWITCH_RES + fd (marked)
  *   OFFER (authentic: peers.c) -> sender owns its overlay address, policy -> CLAIM_REQ to the
  *       libraries of the container attached at our end (again while the connection waits in a
  *       listener's queue) -> first CLAIM_RES OK whose namespace holds the tuple -> ANSWER OK
  *       -> SWITCH_RES + fd
  *   crossing offers: a router holding its own unanswered request for the mirrored tuple
- *       accepts the leader's OFFER (and serves its library with it) and answers the follower's
- *       DUPLICATE; a slim follower's request waits follower_grace_ms for the leader's OFFER
- *       first (unless we refused that OFFER already), so a switch both ends want costs one
- *       OFFER. An initiator answered DUPLICATE waits duplicate_wait_ms for the peer's own OFFER
- *       to serve it.
+ *       accepts the lower end's OFFER (and serves its library with it) and answers the higher's
+ *       DUPLICATE; the higher end's request waits a grace for the lower end's OFFER first
+ *       (follower_grace_ms for slim, follower_grace_shuntflow_us for shuntflow; not if we
+ *       refused that OFFER already), so a switch both ends want costs one OFFER. An
+ *       initiator answered DUPLICATE waits duplicate_wait_ms for the peer's own OFFER to
+ *       serve it.
  * Every failure before the handoff is a non-OK status and no fd: the library stays on the
  * overlay. Host-level failures put the peer host in backoff. Same rules as the Python router
  * had (its daemon.py), now without a Python call per switch. */
@@ -277,10 +278,13 @@ static void out_timer(struct sfs *s, struct sfs_timer *t)
     }
 }
 
-static int requested_by_slim(struct sfs *s, const struct sfs_out *o)
+/* How long the higher end's request waits for the lower end's crossing OFFER (µs). */
+static uint64_t grace_us(struct sfs *s, const struct sfs_out *o)
 {
     struct sfs_client *c = client_get(s, o->client);
-    return c != NULL && c->slim;
+    if (c != NULL && c->slim)
+        return (uint64_t)s->cfg.follower_grace_ms * 1000;
+    return (uint64_t)s->cfg.follower_grace_shuntflow_us;
 }
 
 static void out_step(struct sfs *s, struct sfs_out *o)
@@ -328,17 +332,18 @@ static void out_step(struct sfs *s, struct sfs_out *o)
         out_finish(s, o, SF_PEER_UNREACHABLE, why);
         return;
     }
-    if (!tuple_local_leads(&o->t) && requested_by_slim(s, o) &&
-        !recently_refused(s, &o->key)) {
-        /* A slim follower's request: both ends ask at connect/accept, microseconds apart, so
-         * the leader's OFFER is on its way and serves both; a switch costs one offer, not two.
-         * Not when the leader's OFFER came and no library here took it (it came before the
-         * accept): the leader asks again only later. A shuntflow follower offers at once: its
-         * end reached its own threshold, the leader's may be milliseconds away, and every byte
-         * it writes meanwhile crosses VXLAN (docs/design.md, "One host connection per overlay
-         * connection"). */
+    uint64_t grace = grace_us(s, o);
+    if (!tuple_local_leads(&o->t) && grace > 0 && !recently_refused(s, &o->key)) {
+        /* Both ends of a busy connection cross the threshold within a round trip or so: give
+         * the lower end's OFFER a moment to come, so a switch costs one offer, not two, and
+         * this end's router answers it without a claim. Slim ends ask at connect/accept, so
+         * that OFFER is on its way; a shuntflow end's wait is short, as the other end may be
+         * milliseconds from its threshold while this end's bytes cross VXLAN (docs/design.md,
+         * "One host connection per overlay connection"). Not when the lower end's OFFER came
+         * and no library here took it (it came before the accept): that end asks again only
+         * later. */
         o->state = O_GRACE;
-        timer_arm(s, &o->timer, now_us() + (uint64_t)s->cfg.follower_grace_ms * 1000);
+        timer_arm(s, &o->timer, now_us() + grace);
         return;
     }
     offer(s, o);

@@ -399,13 +399,13 @@ def test_both_slim_ends_asking_costs_one_offer(
         assert refused == {k: n for k, n in before[r]["failures"].items() if k.startswith("offer_")}
 
 
-def test_shuntflow_follower_offers_at_once(
+def test_shuntflow_higher_end_waits_only_its_own_grace(
     patient_routers: tuple[RouterProcess, RouterProcess],
 ) -> None:
-    """Shuntflow mode: the follower end reached its threshold, the leader's may be far off, and
-    every byte the follower writes meanwhile crosses VXLAN. Its request is not held for the
-    leader's offer (30 s for slim here): its router offers at once, and the leader's library
-    takes the claim."""
+    """Shuntflow mode: the higher end reached its threshold, the lower end's may be far off, and
+    every byte the higher end writes meanwhile crosses VXLAN. Its request is held for the
+    shuntflow grace (150 µs), not slim's (30 s here): its router offers, and the lower end's
+    library takes the claim."""
     a, b = patient_routers
     t = tup(3050)  # A's end (198.19.1.1) leads
     assert t.local_is_leader()

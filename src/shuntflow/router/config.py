@@ -56,9 +56,12 @@ class RouterConfig:
     peer_pool_size: int = 4  # warm connections kept to each peer in use; 0 = connect per switch
     hello_timeout_ms: int = 2000
     duplicate_wait_ms: int = 1000
-    # A slim follower end's request waits this long for the leader's crossing offer before
-    # making its own: one offer per switch instead of two (shuntflow followers offer at once).
+    # The higher end's request waits this long for the lower end's crossing offer before making
+    # its own: one offer per switch instead of two when both ends ask together. Slim libraries
+    # ask at connect/accept; a shuntflow end at its threshold, and while it waits its bytes cross
+    # VXLAN (docs/design.md, "One host connection per overlay connection").
     follower_grace_ms: int = 5
+    follower_grace_shuntflow_us: int = 150
     stats_timeout_ms: int = 500
     max_clients: int = 4096
     max_clients_per_netns: int = 1024  # library channels from one container's namespace
@@ -109,6 +112,11 @@ class RouterConfig:
             raise ConfigError(f"guard_mark {self.guard_mark:#x} must be 1..0xffffffff")
         if not 0 <= self.peer_pool_size <= 64:
             raise ConfigError(f"peer_pool_size {self.peer_pool_size} must be 0..64")
+        if not 0 <= self.follower_grace_shuntflow_us <= 1_000_000:
+            raise ConfigError(
+                f"follower_grace_shuntflow_us {self.follower_grace_shuntflow_us} must be "
+                "0..1000000 (µs; 0 offers at once)"
+            )
         if len(str(self.control_socket).encode()) >= 108:
             raise ConfigError(f"--socket {self.socket}: path too long for a Unix socket")
         for cidr in self.peer_allow:
