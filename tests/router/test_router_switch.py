@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -339,17 +340,22 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) ->
         time.sleep(0.001)
 
 
-def start_patient_pair(
+@contextmanager
+def patient_pair(
     tmp_path: Path, claim_timeout_ms: int
-) -> tuple[RouterProcess, RouterProcess]:
+) -> Iterator[tuple[RouterProcess, RouterProcess]]:
     """Two routers whose slim follower end waits up to 30 s for the leader's offer: how long
     the leader's request takes to arrive then decides nothing (the default is 5 ms, which a busy
-    machine can miss between two requests)."""
+    machine can miss between two requests). Both must stop cleanly on the way out."""
     config = tmp_path / "router.toml"
     config.write_text("follower-grace-ms = 30000\n")
     extra = ["--config", str(config), "--claim-timeout-ms", str(claim_timeout_ms)]
     a, b, _ = start_pair(tmp_path, args=extra)
-    return a, b
+    try:
+        yield a, b
+    finally:
+        assert b.stop() == 0, b.log()
+        assert a.stop() == 0, a.log()
 
 
 @pytest.fixture
@@ -358,10 +364,8 @@ def patient_routers(
 ) -> Iterator[tuple[RouterProcess, RouterProcess]]:
     """A patient pair whose claim timeout is 10 s (250 ms by default), which a library
     answering a burst of claims on a loaded machine is sure to meet."""
-    a, b = start_patient_pair(tmp_path, 10_000)
-    yield a, b
-    assert b.stop() == 0, b.log()
-    assert a.stop() == 0, a.log()
+    with patient_pair(tmp_path, 10_000) as pair:
+        yield pair
 
 
 def test_both_slim_ends_asking_costs_one_offer(
@@ -429,29 +433,25 @@ def test_slim_follower_after_a_refused_leader_offers_at_once(tmp_path: Path) -> 
     the connection (not accepted yet), and its claim ran out; the leader asks again only later.
     The follower's request that follows is not held for the leader's offer (30 s here): its
     router offers at once, and the leader's library takes the claim."""
-    a, b = start_patient_pair(tmp_path, 300)
-    try:
-        t = tup(3100)  # A's end (198.19.1.1) leads
-        assert t.local_is_leader()
-        with (
-            FakeLibrary(a.socket, owned={t}) as la,
-            # owns nothing yet: says NOT_MINE, and the claim waits for its accept()
-            FakeLibrary(b.socket, mode=Mode.SLIM) as lb,
-        ):
-            sa = la.request(t)
-            res = la.wait_result(sa)
-            assert res.msg.status == Status.PEER_REFUSED and res.sock is None, res.msg
-            lb.owned.add(t.mirrored())  # accepted now
-            sb = lb.request(t.mirrored())
-            res = lb.wait_result(sb)  # 5 s, not the 30 s grace
-            assert res.msg.status == Status.OK, res.msg
-            la.wait_host([t.key()])
-            assert_pair(la.host[t.key()], lb.host[t.key()])
-            wait_in_progress(a, 0)
-            wait_in_progress(b, 0)
-    finally:
-        assert b.stop() == 0, b.log()
-        assert a.stop() == 0, a.log()
+    t = tup(3100)  # A's end (198.19.1.1) leads
+    assert t.local_is_leader()
+    with (
+        patient_pair(tmp_path, 300) as (a, b),
+        FakeLibrary(a.socket, owned={t}) as la,
+        # owns nothing yet: says NOT_MINE, and the claim waits for its accept()
+        FakeLibrary(b.socket, mode=Mode.SLIM) as lb,
+    ):
+        sa = la.request(t)
+        res = la.wait_result(sa)
+        assert res.msg.status == Status.PEER_REFUSED and res.sock is None, res.msg
+        lb.owned.add(t.mirrored())  # accepted now
+        sb = lb.request(t.mirrored())
+        res = lb.wait_result(sb)  # 5 s, not the 30 s grace
+        assert res.msg.status == Status.OK, res.msg
+        la.wait_host([t.key()])
+        assert_pair(la.host[t.key()], lb.host[t.key()])
+        wait_in_progress(a, 0)
+        wait_in_progress(b, 0)
 
 
 def wait_in_progress(r: RouterProcess, n: int, timeout: float = 5.0) -> None:
