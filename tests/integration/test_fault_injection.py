@@ -112,6 +112,18 @@ def router_pid(tb: Testbed, host: int) -> int:
     return int(tb.host(host).router_pid_file.read_text())
 
 
+def freeze(pid: int) -> float:
+    """SIGSTOP `pid` and wait until the kernel shows it stopped; the time it was seen so."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(f"process {pid} to stop", lambda: proc_state(pid) in ("T", "t"), 10, step=0.0005)
+    return time.time()
+
+
+def proc_state(pid: int) -> str:
+    # The field after the parenthesised command name, which may itself hold spaces.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def wait_for(what: str, cond: Callable[[], bool], timeout: float, step: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -270,9 +282,11 @@ def test_router_sigkilled_during_switching_then_restarted(
     # Heavy switching is under way once the router has served a few dozen switches.
     wait_for("switches", lambda: len(router_events(tb, 1, "switch_done")) >= 40, 30)
     # Freeze the router first so the kill is sure to find requests it has not answered: at full
-    # speed it may happen to be idle at the instant of a bare SIGKILL.
-    os.kill(old_pid, signal.SIGSTOP)
-    stopped_at = time.time()
+    # speed it may happen to be idle at the instant of a bare SIGKILL. SIGSTOP takes effect
+    # after kill() returns: a request sent before the router stopped may have been answered, so
+    # only requests logged after it is seen stopped (and 2 ms more: the library logs right after
+    # its send) count.
+    stopped_at = freeze(old_pid) + 0.002
     wait_for(
         "a request to the frozen router",
         lambda: in_transition(
