@@ -113,15 +113,19 @@ def router_pid(tb: Testbed, host: int) -> int:
 
 
 def freeze(pid: int) -> float:
-    """SIGSTOP `pid` and wait until the kernel shows it stopped; the time it was seen so."""
+    """SIGSTOP `pid` and wait until the kernel shows every thread of it stopped (the router's
+    switch path runs in a thread of its own); the time they were seen so."""
     os.kill(pid, signal.SIGSTOP)
-    wait_for(f"process {pid} to stop", lambda: proc_state(pid) in ("T", "t"), 10, step=0.0005)
+    wait_for(f"process {pid} to stop", lambda: all_stopped(pid), 10, step=0.0005)
     return time.time()
 
 
-def proc_state(pid: int) -> str:
-    # The field after the parenthesised command name, which may itself hold spaces.
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def all_stopped(pid: int) -> bool:
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        # The field after the parenthesised command name, which may itself hold spaces.
+        if stat.read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+            return False
+    return True
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float, step: float = 0.01) -> None:
