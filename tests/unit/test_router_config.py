@@ -4,19 +4,17 @@ is refused with its name and range, as a bad flag would be."""
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 
 import pytest
 
 from shuntflow.router.config import ConfigError, build_config, load_toml
+from shuntflow.router.testing import write_key_file
 
 
 def config_with(tmp_path: Path, line: str) -> Path:
     (tmp_path / "map.json").write_text(json.dumps({"198.19.2.0/24": "198.18.0.2"}))
-    key = tmp_path / "cluster.key"
-    key.write_text(secrets.token_hex(32))  # printable: the loader strips surrounding whitespace
-    key.chmod(0o600)
+    write_key_file(tmp_path / "cluster.key")
     path = tmp_path / "router.toml"
     path.write_text(
         'socket = "r.sock"\nhost-ip = "127.0.0.1"\nmap = "map.json"\n'
