@@ -351,6 +351,7 @@ static void reset_counters(struct sf_conn *c, int phase) {
     atomic_store_explicit(&c->next_trigger, 0, memory_order_relaxed);
     c->have_addrs = c->leader = c->via_connect = c->connect_reported = 0;
     c->app_shut_wr = c->commit_wanted = c->commit_finish_due = c->hop_len = 0;
+    c->writer_parked = 0;
     c->peer_synced = c->peer_shut_wr = 0;
     c->attempted = 0;
     c->fin_owed = c->sync_out = c->ack_owed = 0;

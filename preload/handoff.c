@@ -247,21 +247,30 @@ void sf_handoff_finish(struct sf_conn *c) {
 }
 
 /* The agent wants to commit: do it now unless an application write is in flight, in which case
- * the writer does it when its write returns (wrap_io.c checks commit_wanted after unlocking). */
+ * the writer does it when its write returns (wrap_io.c checks commit_wanted after unlocking).
+ * A writer that holds c->wmu only to wait for room on the overlay (writer_parked, set and
+ * cleared under c->mu) is in no call: the commit is made for it, and it sends the rest of its
+ * call on the host connection when it wakes. */
 void sf_handoff_request_commit(struct sf_conn *c) {
     c->commit_wanted = 1;
-    if (pthread_mutex_trylock(&c->wmu) == 0) {
-        pthread_mutex_lock(&c->mu);
+    int have_wmu = pthread_mutex_trylock(&c->wmu) == 0;
+    pthread_mutex_lock(&c->mu);
+    int committed = 0;
+    if (have_wmu || c->writer_parked) {
         commit_locked(c);
-        sf_wmu_unlock(c);
+        committed = c->commit_finish_due;
+        if (have_wmu)
+            sf_wmu_unlock(c);
         sf_handoff_finish_locked(c);
-        pthread_mutex_unlock(&c->mu);
-        /* The FIN at once, c->mu released: it is also what wakes the peer's reader when the
-         * peer's agent is slow to read the SYNC (then the reader reads it itself). */
-        if (sf_agent_is_self() && sf_fins_owed() > 0)
-            sf_fins_poll(sf_now_ms());
-        sf_maybe_swap(c);
     }
+    pthread_mutex_unlock(&c->mu);
+    if (!committed)
+        return;
+    /* The FIN at once, c->mu released: it is also what wakes the peer's reader when the peer's
+     * agent is slow to read the SYNC (then the reader reads it itself). */
+    if (sf_agent_is_self() && sf_fins_owed() > 0)
+        sf_fins_poll(sf_now_ms());
+    sf_maybe_swap(c);
 }
 
 /* ---- the frames --------------------------------------------------------------------------- */

@@ -686,6 +686,61 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
     }
 }
 
+/* Claims this process said NOT_MINE to for want of the connection: the connecting end reached
+ * its threshold before this end's application accepted (its router asks again, for a while,
+ * at growing intervals: switchpath/switch.c not_accepted_yet). The peer's threshold counts for
+ * both ends, so the application thread that accepts one of them asks for its switch at once
+ * (wrap_sock.c), and its router hands it the waiting OFFER's connection; waiting for the next
+ * ask, the connecting end's bytes crossed VXLAN for up to 8 ms more. Written by the agent alone;
+ * a torn read costs one early or one missed request, never a byte. */
+#define REFUSED_SLOTS 16
+#define REFUSED_MS 1000
+
+static struct {
+    _Atomic uint64_t peer;     /* the claim's remote (ip << 16 | port), network order */
+    _Atomic uint64_t until_ms; /* 0: free */
+} refused[REFUSED_SLOTS];
+static unsigned refused_next;
+static _Atomic uint64_t refused_live_until; /* the latest until_ms; 0: none can be live */
+
+static uint64_t peer_key(uint32_t ip, uint16_t port) {
+    return (uint64_t)ip << 16 | port;
+}
+
+static void note_refused_claim(const struct sf_msg *m) {
+    uint64_t until = sf_now_ms() + REFUSED_MS;
+    unsigned i = refused_next++ % REFUSED_SLOTS;
+    atomic_store_explicit(&refused[i].peer, peer_key(m->remote_ip, m->remote_port),
+                          memory_order_relaxed);
+    atomic_store_explicit(&refused[i].until_ms, until, memory_order_release);
+    atomic_store(&refused_live_until, until);
+}
+
+int sf_claims_refused_live(void) {
+    return atomic_load_explicit(&refused_live_until, memory_order_relaxed) != 0;
+}
+
+int sf_claim_was_refused(const struct sockaddr *peer) {
+    uint64_t live = atomic_load_explicit(&refused_live_until, memory_order_relaxed);
+    if (live == 0 || peer == NULL || peer->sa_family != AF_INET)
+        return 0;
+    uint64_t now = sf_now_ms();
+    if (now > live) {
+        atomic_compare_exchange_strong(&refused_live_until, &live, 0);
+        return 0;
+    }
+    const struct sockaddr_in *in = (const struct sockaddr_in *)peer;
+    uint64_t key = peer_key(in->sin_addr.s_addr, in->sin_port);
+    for (unsigned i = 0; i < REFUSED_SLOTS; i++) {
+        uint64_t until = atomic_load_explicit(&refused[i].until_ms, memory_order_acquire);
+        if (until >= now && atomic_load_explicit(&refused[i].peer, memory_order_relaxed) == key) {
+            atomic_store_explicit(&refused[i].until_ms, 0, memory_order_relaxed);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static void on_claim(const struct sf_msg *m) {
     struct sf_msg r = *m;
     r.type = SF_CLAIM_RES;
@@ -708,6 +763,8 @@ static void on_claim(const struct sf_msg *m) {
             r.status = SF_OK;
         }
         pthread_mutex_unlock(&c->mu);
+    } else if (sf_cfg.mode == SF_MODE_SHUNTFLOW) {
+        note_refused_claim(m);
     }
     chan_send(&r);
 }

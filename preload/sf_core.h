@@ -209,6 +209,8 @@ struct sf_conn {
     uint8_t peer_synced;
     uint8_t peer_shut_wr;         /* the peer's SYNC: its application had shut down writing at S */
     uint8_t commit_wanted;        /* the agent wants to commit; the writer holding wmu does it */
+    uint8_t writer_parked;        /* the holder of wmu waits for room, in no call on the overlay:
+                                   * the agent may commit for it (under c->mu, wrap_io.c) */
     uint8_t commit_finish_due;    /* committed; the rest is done before c->mu is released */
     uint8_t fin_owed;             /* fin.c keeps a copy of the overlay socket for its FIN */
     uint8_t sync_out;             /* this end's SYNC went out: its overlay stream ended at S */
@@ -394,6 +396,8 @@ int sf_agent_awake_within(uint64_t lag_ms); /* the agent's next round comes that
 /* router.c */
 void sf_router_report(const struct sf_msg *m); /* queue a frame for the router; never blocks */
 void sf_count_switch(int ok);              /* for the router's statistics */
+int sf_claims_refused_live(void);          /* a claim said NOT_MINE to lately may be accepted */
+int sf_claim_was_refused(const struct sockaddr *peer); /* ...and this accepted peer's was */
 
 /* handoff.c */
 void sf_handoff_commit(struct sf_conn *c); /* caller holds c->wmu; then sf_handoff_finish */

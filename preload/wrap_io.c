@@ -269,6 +269,27 @@ static int writer_host_fd(struct sf_conn *c) {
     return host;
 }
 
+/* A writer that waits for room on the overlay holds c->wmu but is in no call on it, and S (the
+ * bytes the overlay took) is what it has counted: the agent may make a commit that comes due
+ * meanwhile itself (handoff.c sf_handoff_request_commit). Waiting for this thread to wake and
+ * make it, the application's other threads on a busy CPU ran first for 0.5-3 ms, while the
+ * peer's writes, past its own commit, waited for this end's SYNC, and this end's next pieces
+ * went on the overlay (docs/design.md, "A blocking write the commit can land in"). 0 if the
+ * commit is already due: the caller makes it. */
+static int park_writer(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    int due = c->commit_wanted;
+    c->writer_parked = (uint8_t)!due;
+    pthread_mutex_unlock(&c->mu);
+    return !due;
+}
+
+static void unpark_writer(struct sf_conn *c) {
+    pthread_mutex_lock(&c->mu);
+    c->writer_parked = 0;
+    pthread_mutex_unlock(&c->mu);
+}
+
 /* Caller holds c->wmu and saw commit_may_come. Returns the bytes of `s` sent, as the plain call
  * would (-1 with errno if none), every byte counted; *committed if this writer made the
  * commit. */
@@ -293,6 +314,13 @@ static ssize_t split_src(struct sf_conn *c, const struct wsrc *s, int *committed
         }
         if (!commit_may_come(phase))
             return send_rest(c->fd, s, done, &c->tx);
+        if (c->commit_wanted) {
+            /* Before the next piece, not after it: once the overlay has room again, a piece
+             * can be a third of its send buffer, all of it bytes the host path would carry. */
+            sf_handoff_commit(c);
+            *committed = 1;
+            continue;
+        }
         size_t asked;
         ssize_t m = send_nowait(s, c->fd, done, &asked);
         if (m > 0) {
@@ -321,16 +349,19 @@ static ssize_t split_src(struct sf_conn *c, const struct wsrc *s, int *committed
             if (has_sndtimeo(c->fd))
                 return send_rest(c->fd, s, done, &c->tx);
         }
-        if (c->commit_wanted) {
+        if (!park_writer(c)) {
             sf_handoff_commit(c);
             *committed = 1;
             continue;
         }
         struct pollfd p = {.fd = c->fd, .events = POLLOUT};
         struct timespec tick = {0, split_tick_ns(c, phase)};
+        int rc = real.ppoll(&p, 1, &tick, NULL);
+        int err = errno;
+        unpark_writer(c);
         /* A signal ends a blocking send that took bytes with their count; with none taken the
          * wait goes on, as a restarted send would. */
-        if (real.ppoll(&p, 1, &tick, NULL) < 0 && errno == EINTR && done > 0)
+        if (rc < 0 && err == EINTR && done > 0)
             return (ssize_t)done;
         waited = 1;
     }

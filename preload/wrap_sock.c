@@ -110,7 +110,7 @@ static int track_accepted(int lfd, int fd, struct sockaddr *addr, socklen_t *add
     const struct sockaddr *known = NULL;
     if (addr != NULL && addrlen != NULL && *addrlen >= sizeof peer) {
         known = addr;
-    } else if (sf_cfg.mode == SF_MODE_SLIM) {
+    } else if (sf_cfg.mode == SF_MODE_SLIM || SF_UNLIKELY(sf_claims_refused_live())) {
         socklen_t pl = sizeof peer;
         if (real.getpeername(fd, (struct sockaddr *)&peer, &pl) == 0)
             known = (struct sockaddr *)&peer;
@@ -136,8 +136,13 @@ static int track_accepted(int lfd, int fd, struct sockaddr *addr, socklen_t *add
     if (known != NULL && !sf_is_overlay_addr(known))
         return fd;
     sf_conn_start(c, known, 0);
-    if (sf_cfg.mode == SF_MODE_SLIM)
+    if (sf_cfg.mode == SF_MODE_SLIM) {
         sf_agent_switch_now(c);
+    } else if (SF_UNLIKELY(sf_claim_was_refused(known)) && sf_cfg.mode == SF_MODE_SHUNTFLOW) {
+        /* Its peer asked to switch it before we accepted it (router.c note_refused_claim). */
+        atomic_store(&c->next_trigger, UINT32_MAX);
+        sf_agent_trigger(c);
+    }
     return fd;
 }
 
