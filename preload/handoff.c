@@ -252,8 +252,12 @@ void sf_handoff_finish(struct sf_conn *c) {
  * cleared under c->mu) is in no call: the commit is made for it, and it sends the rest of its
  * call on the host connection when it wakes. */
 void sf_handoff_request_commit(struct sf_conn *c) {
-    c->commit_wanted = 1;
+    /* Against the writer's park (wrap_io.c park_writer): each stores its flag, then loads the
+     * other's, so one of the two sees the other and makes the commit. */
+    __atomic_store_n(&c->commit_wanted, 1, __ATOMIC_SEQ_CST);
     int have_wmu = pthread_mutex_trylock(&c->wmu) == 0;
+    if (!have_wmu && !__atomic_load_n(&c->writer_parked, __ATOMIC_SEQ_CST))
+        return; /* a write is in flight: its writer commits when it returns */
     pthread_mutex_lock(&c->mu);
     int committed = 0;
     if (have_wmu || c->writer_parked) {

@@ -278,8 +278,10 @@ static int writer_host_fd(struct sf_conn *c) {
  * commit is already due: the caller makes it. */
 static int park_writer(struct sf_conn *c) {
     pthread_mutex_lock(&c->mu);
-    int due = c->commit_wanted;
-    c->writer_parked = (uint8_t)!due;
+    __atomic_store_n(&c->writer_parked, 1, __ATOMIC_SEQ_CST);
+    int due = __atomic_load_n(&c->commit_wanted, __ATOMIC_SEQ_CST);
+    if (due)
+        c->writer_parked = 0;
     pthread_mutex_unlock(&c->mu);
     return !due;
 }
