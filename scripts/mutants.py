@@ -217,6 +217,30 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
     ),
+    Mutant(
+        "parked-writer-waited-for",
+        "the agent never commits for a writer that waits for room on the overlay: the commit "
+        "waits until that writer runs again",
+        (
+            Edit(
+                "preload/handoff.c",
+                "    if (!have_wmu && !__atomic_load_n(&c->writer_parked, __ATOMIC_SEQ_CST))\n",
+                "    if (!have_wmu) /* MUTANT: a parked writer is left to commit itself */\n",
+            ),
+        ),
+    ),
+    Mutant(
+        "refused-claim-forgotten",
+        "the library forgets the claims it said NOT_MINE to: a connection claimed before its "
+        "accept waits for the router's next ask",
+        (
+            Edit(
+                "preload/router.c",
+                "    atomic_store(&refused_live_until, until);\n",
+                "    /* MUTANT: never marked live, so no accept looks */\n",
+            ),
+        ),
+    ),
 )
 
 
