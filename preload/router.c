@@ -701,7 +701,7 @@ static struct {
     _Atomic uint64_t until_ms; /* 0: free */
 } refused[REFUSED_SLOTS];
 static unsigned refused_next;
-static _Atomic uint64_t refused_live_until; /* the latest until_ms; 0: none can be live */
+_Atomic uint64_t sf_refused_live_until; /* the latest until_ms; 0: none can be live */
 
 static uint64_t peer_key(uint32_t ip, uint16_t port) {
     return (uint64_t)ip << 16 | port;
@@ -713,20 +713,16 @@ static void note_refused_claim(const struct sf_msg *m) {
     atomic_store_explicit(&refused[i].peer, peer_key(m->remote_ip, m->remote_port),
                           memory_order_relaxed);
     atomic_store_explicit(&refused[i].until_ms, until, memory_order_release);
-    atomic_store(&refused_live_until, until);
-}
-
-int sf_claims_refused_live(void) {
-    return atomic_load_explicit(&refused_live_until, memory_order_relaxed) != 0;
+    atomic_store(&sf_refused_live_until, until);
 }
 
 int sf_claim_was_refused(const struct sockaddr *peer) {
-    uint64_t live = atomic_load_explicit(&refused_live_until, memory_order_relaxed);
+    uint64_t live = atomic_load_explicit(&sf_refused_live_until, memory_order_relaxed);
     if (live == 0 || peer == NULL || peer->sa_family != AF_INET)
         return 0;
     uint64_t now = sf_now_ms();
     if (now > live) {
-        atomic_compare_exchange_strong(&refused_live_until, &live, 0);
+        atomic_compare_exchange_strong(&sf_refused_live_until, &live, 0);
         return 0;
     }
     const struct sockaddr_in *in = (const struct sockaddr_in *)peer;

@@ -396,7 +396,11 @@ int sf_agent_awake_within(uint64_t lag_ms); /* the agent's next round comes that
 /* router.c */
 void sf_router_report(const struct sf_msg *m); /* queue a frame for the router; never blocks */
 void sf_count_switch(int ok);              /* for the router's statistics */
-int sf_claims_refused_live(void);          /* a claim said NOT_MINE to lately may be accepted */
+extern _Atomic uint64_t sf_refused_live_until;
+/* A claim said NOT_MINE to lately may be accepted: every accept asks, so inline, one load. */
+static inline int sf_claims_refused_live(void) {
+    return atomic_load_explicit(&sf_refused_live_until, memory_order_relaxed) != 0;
+}
 int sf_claim_was_refused(const struct sockaddr *peer); /* ...and this accepted peer's was */
 
 /* handoff.c */

@@ -351,11 +351,8 @@ static ssize_t split_src(struct sf_conn *c, const struct wsrc *s, int *committed
             if (has_sndtimeo(c->fd))
                 return send_rest(c->fd, s, done, &c->tx);
         }
-        if (!park_writer(c)) {
-            sf_handoff_commit(c);
-            *committed = 1;
-            continue;
-        }
+        if (!park_writer(c))
+            continue; /* the commit came due: made at the top, before any more bytes */
         struct pollfd p = {.fd = c->fd, .events = POLLOUT};
         struct timespec tick = {0, split_tick_ns(c, phase)};
         int rc = real.ppoll(&p, 1, &tick, NULL);

@@ -138,7 +138,8 @@ static int track_accepted(int lfd, int fd, struct sockaddr *addr, socklen_t *add
     sf_conn_start(c, known, 0);
     if (sf_cfg.mode == SF_MODE_SLIM) {
         sf_agent_switch_now(c);
-    } else if (sf_cfg.mode == SF_MODE_SHUNTFLOW && SF_UNLIKELY(sf_claim_was_refused(known))) {
+    } else if (sf_cfg.mode == SF_MODE_SHUNTFLOW && SF_UNLIKELY(sf_claims_refused_live()) &&
+               sf_claim_was_refused(known)) {
         /* Its peer asked to switch it before we accepted it (router.c note_refused_claim). */
         atomic_store(&c->next_trigger, UINT32_MAX);
         sf_agent_trigger(c);

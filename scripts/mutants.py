@@ -236,7 +236,7 @@ MUTANTS: tuple[Mutant, ...] = (
         (
             Edit(
                 "preload/router.c",
-                "    atomic_store(&refused_live_until, until);\n",
+                "    atomic_store(&sf_refused_live_until, until);\n",
                 "    /* MUTANT: never marked live, so no accept looks */\n",
             ),
         ),
