@@ -65,8 +65,8 @@ void sf_wmu_unlock(struct sf_conn *c) {
  * delayed ACKs on the new one. */
 enum {
     OPT_KEEPALIVE, OPT_KEEPIDLE, OPT_KEEPINTVL, OPT_KEEPCNT, OPT_USER_TIMEOUT, OPT_TOS,
-    OPT_PRIORITY, OPT_RCVTIMEO, OPT_SNDTIMEO, OPT_CONGESTION, OPT_NODELAY, OPT_CORK, OPT_LINGER,
-    OPT_N
+    OPT_PRIORITY, OPT_RCVTIMEO, OPT_SNDTIMEO, OPT_NOTSENT_LOWAT, OPT_CONGESTION, OPT_NODELAY,
+    OPT_CORK, OPT_LINGER, OPT_N
 };
 static const struct {
     int level, name;
@@ -81,6 +81,7 @@ static const struct {
     [OPT_PRIORITY] = {SOL_SOCKET, SO_PRIORITY, sizeof(int)},
     [OPT_RCVTIMEO] = {SOL_SOCKET, SO_RCVTIMEO, sizeof(struct timeval)},
     [OPT_SNDTIMEO] = {SOL_SOCKET, SO_SNDTIMEO, sizeof(struct timeval)},
+    [OPT_NOTSENT_LOWAT] = {IPPROTO_TCP, TCP_NOTSENT_LOWAT, sizeof(int)},
     [OPT_CONGESTION] = {IPPROTO_TCP, TCP_CONGESTION, 16},
     [OPT_NODELAY] = {IPPROTO_TCP, TCP_NODELAY, sizeof(int)},
     [OPT_CORK] = {IPPROTO_TCP, TCP_CORK, sizeof(int)},
@@ -89,8 +90,8 @@ static const struct {
 #define OPT(i) (1u << (i))
 #define OPTS_ALL (OPT(OPT_N) - 1)
 /* Which of them an overlay socket can hold at other than the kernel's built-in value without a
- * setsockopt the library saw: the keepalive times and the congestion control default to the
- * network namespace's sysctls (the overlay's and the host connection's differ in general), and
+ * setsockopt the library saw: the keepalive times, TCP_NOTSENT_LOWAT and the congestion control
+ * default to the network namespace's sysctls (the overlay's and the host connection's differ in general), and
  * the congestion control may come from the route too; these are always copied. IP_TOS of an
  * accepted socket may be the client's, reflected (net.ipv4.tcp_reflect_tos): read, and copied
  * if not 0. Every other one has its built-in value until something sets it, on the socket or on
@@ -98,11 +99,13 @@ static const struct {
  * wrapper records those in opts_set. The host connection the router passes has the built-in
  * values of all of them (the switch path sets none of these), so an option nobody set needs no
  * copy: a lone switch spends its first fd's work on the handful of system calls that matter,
- * where reading and writing all thirteen cost some twenty-six of them, on the critical path
+ * where reading and writing all fourteen cost some twenty-six of them, on the critical path
  * whenever the switch's processes share a CPU. Where the record may miss a change (the socket
  * or its listener existed at a fork, went to another process by SCM_RIGHTS, or the listener
  * came from before the library), all are copied. */
-#define OPTS_NETNS (OPT(OPT_KEEPIDLE) | OPT(OPT_KEEPINTVL) | OPT(OPT_KEEPCNT) | OPT(OPT_CONGESTION))
+#define OPTS_NETNS                                                                              \
+    (OPT(OPT_KEEPIDLE) | OPT(OPT_KEEPINTVL) | OPT(OPT_KEEPCNT) | OPT(OPT_NOTSENT_LOWAT) |          \
+     OPT(OPT_CONGESTION))
 
 /* Bumped at every fork: parent and child share every socket open then, and neither's
  * setsockopt wrapper sees the other's changes. */
@@ -173,6 +176,31 @@ static unsigned opts_to_copy(struct sf_conn *c, int from) {
     return m;
 }
 
+/* net.ipv4.tcp_notsent_lowat of this process's network namespace (the overlay's), read once: the
+ * value a TCP_NOTSENT_LOWAT of 0 stands for; -1 if unreadable. */
+static long long netns_notsent_lowat(void) {
+    static _Atomic long long cached = -2;
+    long long v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (v != -2)
+        return v;
+    v = -1;
+    int fd = open("/proc/sys/net/ipv4/tcp_notsent_lowat", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        char buf[24];
+        ssize_t n = real.read(fd, buf, sizeof buf - 1);
+        real.close(fd);
+        if (n > 0) {
+            buf[n] = '\0';
+            char *end;
+            unsigned long long u = strtoull(buf, &end, 10);
+            if (end != buf && u <= UINT32_MAX)
+                v = (long long)u;
+        }
+    }
+    atomic_store_explicit(&cached, v, memory_order_relaxed);
+    return v;
+}
+
 static void copy_opt(int from, int to, int i) {
     char val[64];
     socklen_t len = opts[i].size;
@@ -180,6 +208,19 @@ static void copy_opt(int from, int to, int i) {
         return;
     if (i == OPT_CONGESTION)
         len = (socklen_t)strnlen(val, len);
+    if (i == OPT_NOTSENT_LOWAT) {
+        /* 0 reads back until the socket is given one: the overlay namespace's sysctl is what
+         * holds for it, and the host connection's namespace may have another. */
+        int lowat;
+        memcpy(&lowat, val, sizeof lowat);
+        long long ns = lowat == 0 ? netns_notsent_lowat() : 0;
+        if (ns < 0)
+            return;
+        if (lowat == 0) {
+            lowat = (int)(uint32_t)ns; /* the kernel stores it as u32: UINT32_MAX, no limit */
+            memcpy(val, &lowat, sizeof lowat);
+        }
+    }
     real.setsockopt(to, opts[i].level, opts[i].name, val, len);
 }
 

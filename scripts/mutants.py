@@ -241,6 +241,18 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
     ),
+    Mutant(
+        "notsent-lowat-raw",
+        "a TCP_NOTSENT_LOWAT nobody set is copied as the 0 it reads back: the host connection "
+        "takes its own namespace's sysctl instead of the overlay namespace's",
+        (
+            Edit(
+                "preload/swap.c",
+                "        if (lowat == 0) {\n",
+                "        if (0) { /* MUTANT: 0 copied as it reads back */\n",
+            ),
+        ),
+    ),
 )
 
 

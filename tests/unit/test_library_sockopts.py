@@ -4,7 +4,9 @@ carries over as the overlay socket did, including those the library copies only 
 differ (swap.c): the ones whose defaults are the network namespace's, those set on the socket or
 inherited from its listener, a client's TOS reflected onto the accepted socket, and those changed
 where the library's record cannot see it (a forked child, another holder of the socket passed by
-SCM_RIGHTS).
+SCM_RIGHTS). TCP_NOTSENT_LOWAT reads back 0 until something sets it on the socket, and then means
+its namespace's net.ipv4.tcp_notsent_lowat: the options are compared by what holds for each
+socket, 0 read as the sysctl of the namespace the socket is in.
 
 A real process under the library, both ends of each connection in it, in a network namespace of
 its own whose keepalive times, congestion control and TOS reflection differ from the root
@@ -32,12 +34,14 @@ CHILD = textwrap.dedent(
     T, S, IP = socket.IPPROTO_TCP, socket.SOL_SOCKET, socket.IPPROTO_IP
     SO_NETNS_COOKIE = 71
 
+    with open("/proc/sys/net/ipv4/tcp_notsent_lowat") as f:
+        ROOT_LOWAT = int(f.read())
     # A namespace whose defaults differ from the root namespace's (the host connections').
     assert ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0  # CLONE_NEWNET
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     for name, value in [("tcp_keepalive_time", "611"), ("tcp_keepalive_intvl", "31"),
                         ("tcp_keepalive_probes", "5"), ("tcp_congestion_control", "reno"),
-                        ("tcp_reflect_tos", "1")]:
+                        ("tcp_reflect_tos", "1"), ("tcp_notsent_lowat", "131072")]:
         with open(f"/proc/sys/net/ipv4/{name}", "w") as f:
             f.write(value)
 
@@ -49,13 +53,21 @@ CHILD = textwrap.dedent(
         "sndtimeo": (S, socket.SO_SNDTIMEO, 16), "congestion": (T, socket.TCP_CONGESTION, 16),
         "nodelay": (T, socket.TCP_NODELAY, 4), "cork": (T, socket.TCP_CORK, 4),
         "linger": (S, socket.SO_LINGER, 8),
+        "notsent_lowat": (T, socket.TCP_NOTSENT_LOWAT, 4),
     }
-
-    def options(s):
-        return {k: s.getsockopt(l, n, size).hex() for k, (l, n, size) in OPTS.items()}
 
     def cookie(s):
         return s.getsockopt(S, SO_NETNS_COOKIE, 8).hex()
+
+    with socket.socket() as probe:
+        OWN_NS = cookie(probe)
+
+    def options(s):
+        got = {k: s.getsockopt(l, n, size).hex() for k, (l, n, size) in OPTS.items()}
+        if int.from_bytes(bytes.fromhex(got["notsent_lowat"]), "little") == 0:
+            ns = 131072 if cookie(s) == OWN_NS else ROOT_LOWAT
+            got["notsent_lowat"] = ns.to_bytes(4, "little").hex()
+        return got
 
     def tv(sec):
         return struct.pack("ll", int(sec), int(sec % 1 * 1e6))
@@ -125,9 +137,10 @@ CHILD = textwrap.dedent(
     cases["plain"] = pair(plain)
     # Set on the client socket, and on a listener its accepted socket inherits them from.
     c, s = pair(listener(keepalive=1, keepintvl=17, tos=0x20, sndtimeo=tv(2.5),
-                         linger=struct.pack("ii", 1, 3), congestion=b"cubic"))
+                         linger=struct.pack("ii", 1, 3), congestion=b"cubic", notsent_lowat=4096))
     for k, v in [("keepalive", 1), ("keepidle", 111), ("user_timeout", 5000), ("priority", 3),
-                 ("rcvtimeo", tv(1.5)), ("nodelay", 1), ("congestion", b"bbr")]:
+                 ("rcvtimeo", tv(1.5)), ("nodelay", 1), ("congestion", b"bbr"),
+                 ("notsent_lowat", 8192)]:
         c.setsockopt(OPTS[k][0], OPTS[k][1], v)
     cases["set"] = (c, s)
     # The client's TOS, reflected onto the accepted socket by the namespace's sysctl.
@@ -165,6 +178,7 @@ def test_switched_sockets_keep_their_options(tmp_path: Path) -> None:
     root_cc = fresh.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
     fresh.close()
     assert root_idle != 611 and root_cc != b"reno"
+    assert Path("/proc/sys/net/ipv4/tcp_notsent_lowat").read_text().strip() != "131072"
 
     host_listener = socket.socket()
     host_listener.bind(("127.0.0.1", 0))
@@ -218,3 +232,6 @@ def test_switched_sockets_keep_their_options(tmp_path: Path) -> None:
     assert report["before"]["passed"][0]["tos"] == (0x48).to_bytes(4, "little").hex()
     assert report["before"]["raw"][0]["tos"] == (0x68).to_bytes(4, "little").hex()
     assert report["before"]["set"][1]["congestion"] != plain["congestion"]
+    assert plain["notsent_lowat"] == (131072).to_bytes(4, "little").hex()
+    assert report["before"]["set"][0]["notsent_lowat"] == (8192).to_bytes(4, "little").hex()
+    assert report["before"]["set"][1]["notsent_lowat"] == (4096).to_bytes(4, "little").hex()
