@@ -469,13 +469,15 @@ void sf_epreg_mark_fired(int epfd, const struct epoll_event *evs, int n);
 void sf_rearm_locked(struct sf_conn *c);
 void sf_copy_sockopts_early(struct sf_conn *c, int from, int to); /* when the host fd arrives */
 void sf_copy_sockopts_at_commit(struct sf_conn *c, int from, int to);
+void sf_copy_sockopts_at_swap(struct sf_conn *c, int from, int to);
 unsigned sf_sockopt_bit(int level, int name);  /* the option's bit in opts_set, 0 if not copied */
 void sf_sockopts_track(struct sf_conn *c, uint16_t set); /* a new socket: what was set so far */
 void sf_sockopts_passed(const struct msghdr *msg); /* sockets sent away by SCM_RIGHTS */
 void sf_sockopts_unknown(int fd);          /* fd's options may have changed unseen */
 void sf_sockopts_forked(void);             /* every socket's record is stale now */
 uint16_t sf_sockopts_inherited(struct sf_conn *listener); /* an accepted socket's start */
-int sf_sockopt_waits_for_commit(int level, int name); /* not mirrored before the commit */
+/* A change the application makes in `phase` is made on the host connection too. */
+int sf_sockopt_mirrored(int level, int name, int phase);
 
 /* wrap_io.c */
 void sf_keep_read_err(struct sf_conn *c, int err); /* the next read returns it (c->read_err) */

@@ -66,7 +66,7 @@ void sf_wmu_unlock(struct sf_conn *c) {
 enum {
     OPT_KEEPALIVE, OPT_KEEPIDLE, OPT_KEEPINTVL, OPT_KEEPCNT, OPT_USER_TIMEOUT, OPT_TOS,
     OPT_PRIORITY, OPT_RCVTIMEO, OPT_SNDTIMEO, OPT_NOTSENT_LOWAT, OPT_CONGESTION, OPT_NODELAY,
-    OPT_CORK, OPT_LINGER, OPT_N
+    OPT_CORK, OPT_LINGER, OPT_RCVLOWAT, OPT_N
 };
 static const struct {
     int level, name;
@@ -86,6 +86,7 @@ static const struct {
     [OPT_NODELAY] = {IPPROTO_TCP, TCP_NODELAY, sizeof(int)},
     [OPT_CORK] = {IPPROTO_TCP, TCP_CORK, sizeof(int)},
     [OPT_LINGER] = {SOL_SOCKET, SO_LINGER, sizeof(struct linger)},
+    [OPT_RCVLOWAT] = {SOL_SOCKET, SO_RCVLOWAT, sizeof(int)},
 };
 #define OPT(i) (1u << (i))
 #define OPTS_ALL (OPT(OPT_N) - 1)
@@ -99,7 +100,7 @@ static const struct {
  * wrapper records those in opts_set. The host connection the router passes has the built-in
  * values of all of them (the switch path sets none of these), so an option nobody set needs no
  * copy: a lone switch spends its first fd's work on the handful of system calls that matter,
- * where reading and writing all fourteen cost some twenty-six of them, on the critical path
+ * where reading and writing all fifteen cost some twenty-six of them, on the critical path
  * whenever the switch's processes share a CPU. Where the record may miss a change (the socket
  * or its listener existed at a fork, went to another process by SCM_RIGHTS, or the listener
  * came from before the library), all are copied. */
@@ -224,9 +225,22 @@ static void copy_opt(int from, int to, int i) {
     real.setsockopt(to, opts[i].level, opts[i].name, val, len);
 }
 
-int sf_sockopt_waits_for_commit(int level, int name) {
+static int waits_for_commit(int level, int name) {
     return (level == IPPROTO_TCP && (name == TCP_NODELAY || name == TCP_CORK)) ||
            (level == SOL_SOCKET && name == SO_LINGER);
+}
+
+/* Most options go onto the host connection as soon as it is there; the commit's (below) once
+ * committed; SO_RCVLOWAT only with the swap: until then the library reads its handoff frames,
+ * a few bytes each, from the host connection, and under a higher low-water mark poll does not
+ * report them (the agent then waits for the application's own reads to find them; in a test
+ * that copied it early, some switches never completed). */
+int sf_sockopt_mirrored(int level, int name, int phase) {
+    if (level == SOL_SOCKET && name == SO_RCVLOWAT)
+        return 0;
+    if (waits_for_commit(level, name))
+        return phase == SF_P_COMMITTED;
+    return phase == SF_P_HANDSHAKE || phase == SF_P_COMMITTED;
 }
 
 /* Until the commit the host connection carries the handoff frames, which the application's
@@ -244,6 +258,11 @@ void sf_copy_sockopts_at_commit(struct sf_conn *c, int from, int to) {
     for (int i = OPT_CORK; i <= OPT_LINGER; i++)
         if (m & OPT(i))
             copy_opt(from, to, i);
+}
+
+void sf_copy_sockopts_at_swap(struct sf_conn *c, int from, int to) {
+    if (opts_recorded(c) & OPT(OPT_RCVLOWAT))
+        copy_opt(from, to, OPT_RCVLOWAT);
 }
 
 void sf_copy_sockopts_early(struct sf_conn *c, int from, int to) {
@@ -379,6 +398,7 @@ int sf_swap_locked(struct sf_conn *c) {
      * connection, and setsockopt mirrors every later change (wrap_sock.c); unless an
      * application thread committed before the agent could copy them. */
     sf_handoff_copy_opts_locked(c);
+    sf_copy_sockopts_at_swap(c, fd, host);
     /* The overlay socket is about to close. With SO_LINGER {1,0} that close would reset it, and
      * a reset throws away overlay bytes the peer may not have read yet. */
     struct linger off = {0, 0};

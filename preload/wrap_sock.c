@@ -437,12 +437,8 @@ SF_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t
     int err = errno;
     if (c != NULL) {
         /* From the moment the host connection is there (the agent copied the options then),
-         * but a few only once committed (sf_copy_sockopts_at_commit says why). */
-        int phase = atomic_load(&c->phase);
-        int host = phase == SF_P_COMMITTED ||
-                           (phase == SF_P_HANDSHAKE && !sf_sockopt_waits_for_commit(level, name))
-                       ? c->host_fd
-                       : -1;
+         * but a few only from the commit or the swap (swap.c says why). */
+        int host = sf_sockopt_mirrored(level, name, atomic_load(&c->phase)) ? c->host_fd : -1;
         if (rc == 0 && host >= 0)
             real.setsockopt(host, level, name, val, len);
         pthread_mutex_unlock(&c->mu);

@@ -6,7 +6,8 @@ inherited from its listener, a client's TOS reflected onto the accepted socket, 
 where the library's record cannot see it (a forked child, another holder of the socket passed by
 SCM_RIGHTS). TCP_NOTSENT_LOWAT reads back 0 until something sets it on the socket, and then means
 its namespace's net.ipv4.tcp_notsent_lowat: the options are compared by what holds for each
-socket, 0 read as the sysctl of the namespace the socket is in.
+socket, 0 read as the sysctl of the namespace the socket is in. SO_RCVLOWAT is set above the
+handoff frames' size: the library must not put it on the host connection before the swap.
 
 A real process under the library, both ends of each connection in it, in a network namespace of
 its own whose keepalive times, congestion control and TOS reflection differ from the root
@@ -54,6 +55,7 @@ CHILD = textwrap.dedent(
         "nodelay": (T, socket.TCP_NODELAY, 4), "cork": (T, socket.TCP_CORK, 4),
         "linger": (S, socket.SO_LINGER, 8),
         "notsent_lowat": (T, socket.TCP_NOTSENT_LOWAT, 4),
+        "rcvlowat": (S, socket.SO_RCVLOWAT, 4),
     }
 
     def cookie(s):
@@ -137,10 +139,11 @@ CHILD = textwrap.dedent(
     cases["plain"] = pair(plain)
     # Set on the client socket, and on a listener its accepted socket inherits them from.
     c, s = pair(listener(keepalive=1, keepintvl=17, tos=0x20, sndtimeo=tv(2.5),
-                         linger=struct.pack("ii", 1, 3), congestion=b"cubic", notsent_lowat=4096))
+                         linger=struct.pack("ii", 1, 3), congestion=b"cubic", notsent_lowat=4096,
+                         rcvlowat=2048))
     for k, v in [("keepalive", 1), ("keepidle", 111), ("user_timeout", 5000), ("priority", 3),
                  ("rcvtimeo", tv(1.5)), ("nodelay", 1), ("congestion", b"bbr"),
-                 ("notsent_lowat", 8192)]:
+                 ("notsent_lowat", 8192), ("rcvlowat", 4096)]:
         c.setsockopt(OPTS[k][0], OPTS[k][1], v)
     cases["set"] = (c, s)
     # The client's TOS, reflected onto the accepted socket by the namespace's sysctl.
@@ -235,3 +238,5 @@ def test_switched_sockets_keep_their_options(tmp_path: Path) -> None:
     assert plain["notsent_lowat"] == (131072).to_bytes(4, "little").hex()
     assert report["before"]["set"][0]["notsent_lowat"] == (8192).to_bytes(4, "little").hex()
     assert report["before"]["set"][1]["notsent_lowat"] == (4096).to_bytes(4, "little").hex()
+    assert report["before"]["set"][0]["rcvlowat"] == (4096).to_bytes(4, "little").hex()
+    assert report["before"]["set"][1]["rcvlowat"] == (2048).to_bytes(4, "little").hex()
