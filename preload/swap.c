@@ -93,17 +93,17 @@ static const struct {
 /* Which of them an overlay socket can hold at other than the kernel's built-in value without a
  * setsockopt the library saw: the keepalive times, TCP_NOTSENT_LOWAT and the congestion control
  * default to the network namespace's sysctls (the overlay's and the host connection's differ in
- * general), and the congestion control may come from the route too; these are always copied.
- * IP_TOS of an accepted socket may be the client's, reflected (net.ipv4.tcp_reflect_tos): read,
- * and copied if not 0. Every other one has its built-in value until something sets it, on the
- * socket or on the listener it was accepted from (an accepted socket inherits the listener's);
- * the setsockopt wrapper records those in opts_set. The host connection the router passes has the built-in
- * values of all of them (the switch path sets none of these), so an option nobody set needs no
- * copy: a lone switch spends its first fd's work on the handful of system calls that matter,
- * where reading and writing all fifteen cost some thirty of them, on the critical path
- * whenever the switch's processes share a CPU. Where the record may miss a change (the socket
- * or its listener existed at a fork, went to another process by SCM_RIGHTS, or the listener
- * came from before the library), all are copied. */
+ * general), and the congestion control may come from the route too; these are always copied. IP_TOS
+ * of an accepted socket may be the client's, reflected (net.ipv4.tcp_reflect_tos): read, and copied
+ * if not 0. Every other one has its built-in value until something sets it, on the socket or on the
+ * listener it was accepted from (an accepted socket inherits the listener's); the setsockopt
+ * wrapper records those in opts_set. The host connection the router passes has the built-in values
+ * of all of them (the switch path sets none of these), so an option nobody set needs no copy: a
+ * lone switch spends its first fd's work on the handful of system calls that matter, where reading
+ * and writing all fifteen cost some thirty of them, on the critical path whenever the switch's
+ * processes share a CPU. Where the record may miss a change (the socket or its listener existed at
+ * a fork, went to another process by SCM_RIGHTS, or the listener came from before the library), all
+ * are copied. */
 #define OPTS_NETNS \
     (OPT(OPT_KEEPIDLE) | OPT(OPT_KEEPINTVL) | OPT(OPT_KEEPCNT) | OPT(OPT_NOTSENT_LOWAT) | \
      OPT(OPT_CONGESTION))
