@@ -121,6 +121,7 @@ void sf_agent_ensure(void) {
             }
             ag.epfd = sf_private_fd(epfd);
             ag.evfd = sf_private_fd(evfd);
+            sf_sockopts_read_netns();
             sf_agent_watch(ag.evfd, EPOLLIN, AG_TAG_EVENT);
             /* The agent must never take a signal meant for the application. */
             sigset_t all, old;

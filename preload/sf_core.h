@@ -475,6 +475,7 @@ void sf_sockopts_track(struct sf_conn *c, uint16_t set); /* a new socket: what w
 void sf_sockopts_passed(const struct msghdr *msg); /* sockets sent away by SCM_RIGHTS */
 void sf_sockopts_unknown(int fd);          /* fd's options may have changed unseen */
 void sf_sockopts_forked(void);             /* every socket's record is stale now */
+void sf_sockopts_read_netns(void);         /* the namespace's defaults; at the agent's start */
 uint16_t sf_sockopts_inherited(struct sf_conn *listener); /* an accepted socket's start */
 /* A change the application makes in `phase` is made on the host connection too. */
 int sf_sockopt_mirrored(int level, int name, int phase);

@@ -177,29 +177,27 @@ static unsigned opts_to_copy(struct sf_conn *c, int from) {
     return m;
 }
 
-/* net.ipv4.tcp_notsent_lowat of this process's network namespace (the overlay's), read once: the
- * value a TCP_NOTSENT_LOWAT of 0 stands for; -1 if unreadable. */
-static long long netns_notsent_lowat(void) {
-    static _Atomic long long cached = -2;
-    long long v = atomic_load_explicit(&cached, memory_order_relaxed);
-    if (v != -2)
-        return v;
-    v = -1;
+/* net.ipv4.tcp_notsent_lowat of this process's network namespace, the overlay's: what a
+ * TCP_NOTSENT_LOWAT of 0 stands for; -1 if unreadable. */
+static long long netns_notsent_lowat = -1;
+
+/* Read where the agent takes its fds, before this process's first switch: a file opened for a
+ * moment later could take the fd an application at its limit was about to get. */
+void sf_sockopts_read_netns(void) {
+    netns_notsent_lowat = -1;
     int fd = open("/proc/sys/net/ipv4/tcp_notsent_lowat", O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        char buf[24];
-        ssize_t n = real.read(fd, buf, sizeof buf - 1);
-        real.close(fd);
-        if (n > 0) {
-            buf[n] = '\0';
-            char *end;
-            unsigned long long u = strtoull(buf, &end, 10);
-            if (end != buf && u <= UINT32_MAX)
-                v = (long long)u;
-        }
-    }
-    atomic_store_explicit(&cached, v, memory_order_relaxed);
-    return v;
+    if (fd < 0)
+        return;
+    char buf[24];
+    ssize_t n = real.read(fd, buf, sizeof buf - 1);
+    real.close(fd);
+    if (n <= 0)
+        return;
+    buf[n] = '\0';
+    char *end;
+    unsigned long long v = strtoull(buf, &end, 10);
+    if (end != buf && v <= UINT32_MAX)
+        netns_notsent_lowat = (long long)v;
 }
 
 static void copy_opt(int from, int to, int i) {
@@ -215,10 +213,9 @@ static void copy_opt(int from, int to, int i) {
         int lowat;
         memcpy(&lowat, val, sizeof lowat);
         if (lowat == 0) {
-            long long ns = netns_notsent_lowat();
-            if (ns < 0)
+            if (netns_notsent_lowat < 0)
                 return;
-            lowat = (int)(uint32_t)ns; /* the kernel stores it as u32: UINT32_MAX, no limit */
+            lowat = (int)(uint32_t)netns_notsent_lowat; /* a u32: UINT32_MAX is no limit */
             memcpy(val, &lowat, sizeof lowat);
         }
     }
