@@ -492,6 +492,13 @@ int sf_router_open(void) {
 
 /* ---- asking for a host connection --------------------------------------------------------- */
 
+/* Its bytes would not all pass the wrappers (a ring in the process), or its socket's MSG_ZEROCOPY
+ * completions would not follow it (swap.c sf_zerocopy_on). Asked again when the host connection
+ * arrives: either may have begun since the request. Caller holds c->mu. */
+static int not_switchable(struct sf_conn *c) {
+    return sf_uses_io_uring() || sf_zerocopy_on(c);
+}
+
 void sf_router_request(struct sf_conn *c) {
     pthread_mutex_lock(&c->mu);
     c->attempted = 1;
@@ -502,7 +509,7 @@ void sf_router_request(struct sf_conn *c) {
         c->next_trigger = atomic_load(&c->calls) + sf_cfg.threshold; /* not connected yet */
         goto out;
     }
-    if (!sf_is_overlay_addr((struct sockaddr *)&c->remote) || sf_uses_io_uring()) {
+    if (!sf_is_overlay_addr((struct sockaddr *)&c->remote) || not_switchable(c)) {
         sf_set_phase(c, SF_P_PINNED);
         goto out;
     }
@@ -532,7 +539,7 @@ out:
 /* The application thread whose call reached the threshold sends the SWITCH_REQ itself, so the
  * switch starts without an agent wake-up. Only when nothing is in doubt: its locks free at once
  * (it never waits for one), the connection on the overlay with its addresses known, an overlay
- * destination, no io_uring by a fresh look, the peer host not in backoff, the channel open in
+ * destination, no io_uring by a fresh look nor SO_ZEROCOPY, the peer host not in backoff, the channel open in
  * this process and the datagram taken whole without blocking (SOCK_SEQPACKET: one send is one
  * frame, whatever other threads send at the same time). Otherwise it returns 0 and the agent
  * takes the trigger as before (sf_router_request), which also handles every refusal. What the
@@ -547,7 +554,7 @@ int sf_router_request_now(struct sf_conn *c) {
     uint64_t now = sf_now_ms();
     if (atomic_load(&c->phase) != SF_P_OVERLAY || atomic_load(&c->kind) != SF_CONN ||
         fill_addrs(c) != 0 || !sf_is_overlay_addr((struct sockaddr *)&c->remote) ||
-        sf_uring_maybe(now))
+        sf_uring_maybe(now) || sf_zerocopy_on(c))
         goto out;
     if (pthread_mutex_trylock(&sf_agent_mu) != 0)
         goto out;
@@ -651,7 +658,7 @@ static void on_switch_res(const struct sf_msg *m, int fd) {
             SF_LOG("fd %d: host connection arrived in phase %d; closed", c->fd, phase);
             real.close(fd);
         }
-    } else if (m->status == SF_OK && fd >= 0 && sf_uses_io_uring()) {
+    } else if (m->status == SF_OK && fd >= 0 && not_switchable(c)) {
         real.close(fd);
         sf_handoff_abort_locked(c, SF_NO_ROUTE, 0);
     } else if (m->status == SF_OK && fd >= 0) {
@@ -745,7 +752,7 @@ static void on_claim(const struct sf_msg *m) {
     if (c != NULL) {
         pthread_mutex_lock(&c->mu);
         int phase = still_names(c, m) ? atomic_load(&c->phase) : SF_P_PINNED;
-        if (phase == SF_P_OVERLAY && sf_uses_io_uring()) {
+        if (phase == SF_P_OVERLAY && not_switchable(c)) {
             sf_set_phase(c, SF_P_PINNED);
         } else if (phase == SF_P_OVERLAY) {
             atomic_store(&c->decided_us, sf_now_us());

@@ -470,6 +470,7 @@ void sf_rearm_locked(struct sf_conn *c);
 void sf_copy_sockopts_early(struct sf_conn *c, int from, int to); /* when the host fd arrives */
 void sf_copy_sockopts_at_commit(struct sf_conn *c, int from, int to);
 void sf_copy_sockopts_at_swap(struct sf_conn *c, int from, int to);
+int sf_zerocopy_on(struct sf_conn *c);     /* SO_ZEROCOPY on: it never switches (swap.c) */
 unsigned sf_sockopt_bit(int level, int name);  /* the option's bit in opts_set, 0 if not copied */
 void sf_sockopts_track(struct sf_conn *c, uint16_t set); /* a new socket: what was set so far */
 void sf_sockopts_passed(const struct msghdr *msg); /* sockets sent away by SCM_RIGHTS */

@@ -66,7 +66,7 @@ void sf_wmu_unlock(struct sf_conn *c) {
 enum {
     OPT_KEEPALIVE, OPT_KEEPIDLE, OPT_KEEPINTVL, OPT_KEEPCNT, OPT_USER_TIMEOUT, OPT_TOS,
     OPT_PRIORITY, OPT_RCVTIMEO, OPT_SNDTIMEO, OPT_NOTSENT_LOWAT, OPT_CONGESTION, OPT_NODELAY,
-    OPT_CORK, OPT_LINGER, OPT_RCVLOWAT, OPT_N
+    OPT_CORK, OPT_LINGER, OPT_RCVLOWAT, OPT_ZEROCOPY, OPT_N
 };
 static const struct {
     int level, name;
@@ -87,6 +87,8 @@ static const struct {
     [OPT_CORK] = {IPPROTO_TCP, TCP_CORK, sizeof(int)},
     [OPT_LINGER] = {SOL_SOCKET, SO_LINGER, sizeof(struct linger)},
     [OPT_RCVLOWAT] = {SOL_SOCKET, SO_RCVLOWAT, sizeof(int)},
+    /* Recorded, never copied: a socket that has it does not switch (sf_zerocopy_on). */
+    [OPT_ZEROCOPY] = {SOL_SOCKET, SO_ZEROCOPY, sizeof(int)},
 };
 #define OPT(i) (1u << (i))
 #define OPTS_ALL (OPT(OPT_N) - 1)
@@ -255,6 +257,19 @@ void sf_copy_sockopts_at_commit(struct sf_conn *c, int from, int to) {
     for (int i = OPT_CORK; i <= OPT_LINGER; i++)
         if (m & OPT(i))
             copy_opt(from, to, i);
+}
+
+/* The kernel queues a MSG_ZEROCOPY send's completion on the socket that made it, numbered by
+ * that socket's own count: those of the overlay socket would be lost at the swap (the
+ * application would wait for them, its buffers held, forever), and the host socket's would
+ * number from 0 again. A connection whose socket has SO_ZEROCOPY on therefore stays on the
+ * overlay. A system call only where the record says it may be on. Caller holds c->mu. */
+int sf_zerocopy_on(struct sf_conn *c) {
+    if (!(opts_recorded(c) & OPT(OPT_ZEROCOPY)))
+        return 0;
+    int on = 0;
+    socklen_t len = sizeof on;
+    return real.getsockopt(c->fd, SOL_SOCKET, SO_ZEROCOPY, &on, &len) == 0 && on != 0;
 }
 
 void sf_copy_sockopts_at_swap(struct sf_conn *c, int from, int to) {

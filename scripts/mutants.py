@@ -242,6 +242,18 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
     ),
     Mutant(
+        "zerocopy-switched",
+        "a connection whose socket has SO_ZEROCOPY on is switched like any other: completions "
+        "of the overlay socket's MSG_ZEROCOPY sends are lost at the swap",
+        (
+            Edit(
+                "preload/router.c",
+                "    return sf_uses_io_uring() || sf_zerocopy_on(c);\n",
+                "    return ((void)c, sf_uses_io_uring()); /* MUTANT: no SO_ZEROCOPY look */\n",
+            ),
+        ),
+    ),
+    Mutant(
         "notsent-lowat-raw",
         "a TCP_NOTSENT_LOWAT nobody set is copied as the 0 it reads back: the host connection "
         "takes its own namespace's sysctl instead of the overlay namespace's",
