@@ -5,6 +5,7 @@ down to handing the child a host connection whose other end the test holds."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from shuntflow.native import app_environment
 from shuntflow.wire import Mode, Msg, MsgType, Status, Tuple4
@@ -50,6 +52,26 @@ def next_request(chan: socket.socket) -> Msg:
     while (m := Msg.unpack(chan.recv(64))).type != MsgType.SWITCH_REQ:
         pass
     return m
+
+
+def pair_requests(
+    chan: socket.socket, hosts: socket.socket, waiting: dict[frozenset[str], Msg], req: Msg
+) -> list[socket.socket]:
+    """A SWITCH_REQ from one end of a connection whose two ends are both under the library: held
+    in `waiting` until the other end's comes, then both answered with the two ends of one host
+    connection to `hosts`, as the two routers would. Returns that connection's two ends (the
+    caller keeps them open), or nothing while the request waits."""
+    key = frozenset((str(req.tuple.local), str(req.tuple.remote)))
+    first = waiting.pop(key, None)
+    if first is None:
+        waiting[key] = req
+        return []
+    a = socket.create_connection(hosts.getsockname())
+    b, _ = hosts.accept()
+    for r, end in ((first, a), (req, b)):
+        res = Msg(MsgType.SWITCH_RES, Status.OK, r.seq, tuple=r.tuple)
+        socket.send_fds(chan, [res.pack()], [end.fileno()])
+    return [a, b]
 
 
 def hand_over(chan: socket.socket, hosts: socket.socket, req: Msg) -> socket.socket:
@@ -93,6 +115,21 @@ def library_child(
             child.kill()
             child.wait()
         listener.close()
+
+
+@contextmanager
+def paired_child(
+    tmp_path: Path, code: str, threshold: int
+) -> Iterator[tuple[subprocess.Popen[str], socket.socket, dict[str, Any]]]:
+    """library_child for a child that holds both ends of its connections: it prints them on one
+    JSON line and waits for a line on its stdin, which this sends once it has read them;
+    yields the child, its channel and what it printed."""
+    with library_child(tmp_path, code, [], threshold=threshold) as (child, chan):
+        assert child.stdin is not None and child.stdout is not None
+        conns = json.loads(child.stdout.readline())
+        child.stdin.write("\n")
+        child.stdin.flush()
+        yield child, chan, conns
 
 
 def claim(chan: socket.socket, seq: int, local: str, remote: str) -> int:

@@ -23,9 +23,9 @@ import socket
 import textwrap
 from pathlib import Path
 
-from shuntflow.wire import Msg, MsgType, Status
+from shuntflow.wire import Msg, MsgType
 
-from .fakerouter import library_child
+from .fakerouter import pair_requests, paired_child, tcp_listener
 
 THRESHOLD = 16
 
@@ -183,15 +183,10 @@ def test_switched_sockets_keep_their_options(tmp_path: Path) -> None:
     assert root_idle != 611 and root_cc != b"reno"
     assert Path("/proc/sys/net/ipv4/tcp_notsent_lowat").read_text().strip() != "131072"
 
-    host_listener = socket.socket()
-    host_listener.bind(("127.0.0.1", 0))
-    host_listener.listen(16)
+    host_listener = tcp_listener("127.0.0.1")
     held: list[socket.socket] = []
-    with library_child(tmp_path, CHILD, [], threshold=THRESHOLD) as (child, chan):
+    with paired_child(tmp_path, CHILD, THRESHOLD) as (child, chan, cases):
         assert child.stdin is not None and child.stdout is not None
-        cases = json.loads(child.stdout.readline())
-        child.stdin.write("\n")
-        child.stdin.flush()
         # Each connection's two requests (one from each end), answered together with the two
         # ends of one host connection.
         waiting: dict[frozenset[str], Msg] = {}
@@ -201,18 +196,9 @@ def test_switched_sockets_keep_their_options(tmp_path: Path) -> None:
             m = Msg.unpack(chan.recv(64))
             if m.type != MsgType.SWITCH_REQ:
                 continue
-            key = frozenset((str(m.tuple.local), str(m.tuple.remote)))
-            first = waiting.pop(key, None)
-            if first is None:
-                waiting[key] = m
-                continue
-            a = socket.create_connection(host_listener.getsockname())
-            b, _ = host_listener.accept()
-            for req, end in ((first, a), (m, b)):
-                res = Msg(MsgType.SWITCH_RES, Status.OK, req.seq, tuple=req.tuple)
-                socket.send_fds(chan, [res.pack()], [end.fileno()])
-            held += [a, b]
-            answered += 1
+            ends = pair_requests(chan, host_listener, waiting, m)
+            held += ends
+            answered += 1 if ends else 0
         report = json.loads(child.stdout.readline())
         assert child.wait(30) == 0
     for s in held:

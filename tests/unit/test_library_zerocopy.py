@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shuntflow.wire import Msg, MsgType, Status
 
-from .fakerouter import claim, library_child
+from .fakerouter import claim, pair_requests, paired_child, tcp_listener
 
 THRESHOLD = 8
 
@@ -115,16 +115,11 @@ CHILD = textwrap.dedent(
 
 
 def test_zerocopy_sockets_stay_on_the_overlay(tmp_path: Path) -> None:
-    host_listener = socket.socket()
-    host_listener.bind(("127.0.0.1", 0))
-    host_listener.listen(16)
+    host_listener = tcp_listener("127.0.0.1")
     held: list[socket.socket] = []
     asked: set[str] = set()
-    with library_child(tmp_path, CHILD, [], threshold=THRESHOLD) as (child, chan):
+    with paired_child(tmp_path, CHILD, THRESHOLD) as (child, chan, cases):
         assert child.stdin is not None and child.stdout is not None
-        cases = json.loads(child.stdout.readline())
-        child.stdin.write("\n")
-        child.stdin.flush()
         # Pairs of requests answered with the two ends of one host connection until the child
         # reports; a request whose other end never asks stays unanswered.
         waiting: dict[frozenset[str], Msg] = {}
@@ -137,17 +132,7 @@ def test_zerocopy_sockets_stay_on_the_overlay(tmp_path: Path) -> None:
                 m = None
             if m is not None and m.type == MsgType.SWITCH_REQ:
                 asked.add(str(m.tuple.local))
-                key = frozenset((str(m.tuple.local), str(m.tuple.remote)))
-                first = waiting.pop(key, None)
-                if first is None:
-                    waiting[key] = m
-                else:
-                    a = socket.create_connection(host_listener.getsockname())
-                    b, _ = host_listener.accept()
-                    for req, end in ((first, a), (m, b)):
-                        res = Msg(MsgType.SWITCH_RES, Status.OK, req.seq, tuple=req.tuple)
-                        socket.send_fds(chan, [res.pack()], [end.fileno()])
-                    held += [a, b]
+                held += pair_requests(chan, host_listener, waiting, m)
             if select.select([child.stdout], [], [], 0)[0]:
                 report = json.loads(child.stdout.readline())
         # A zerocopy end refuses a peer's claim: it cannot take a host connection.
