@@ -537,16 +537,16 @@ out:
 }
 
 /* The application thread whose call reached the threshold sends the SWITCH_REQ itself, so the
- * switch starts without an agent wake-up. Only when nothing is in doubt: its locks free at once
- * (it never waits for one), the connection on the overlay with its addresses known, an overlay
- * destination, no io_uring by a fresh look nor SO_ZEROCOPY, the peer host not in backoff, the channel open in
- * this process and the datagram taken whole without blocking (SOCK_SEQPACKET: one send is one
- * frame, whatever other threads send at the same time). Otherwise it returns 0 and the agent
- * takes the trigger as before (sf_router_request), which also handles every refusal. What the
+ * switch starts without an agent wake-up. Only when nothing is in doubt: its locks free at once (it
+ * never waits for one), the connection on the overlay with its addresses known, an overlay
+ * destination, no io_uring by a fresh look nor SO_ZEROCOPY, the peer host not in backoff, the
+ * channel open in this process and the datagram taken whole without blocking (SOCK_SEQPACKET: one
+ * send is one frame, whatever other threads send at the same time). Otherwise it returns 0 and the
+ * agent takes the trigger as before (sf_router_request), which also handles every refusal. What the
  * agent keeps doing: the answer (on_switch_res), the request's timeout (handoff.c expire, on its
- * next tick: at most a second late, should the router never answer), backoff on failures, and
- * the switch window, which the caller opened and which this request keeps open. errno is the
- * caller's to keep. */
+ * next tick: at most a second late, should the router never answer), backoff on failures, and the
+ * switch window, which the caller opened and which this request keeps open. errno is the caller's
+ * to keep. */
 int sf_router_request_now(struct sf_conn *c) {
     if (pthread_mutex_trylock(&c->mu) != 0)
         return 0;
