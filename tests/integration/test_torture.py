@@ -238,6 +238,7 @@ from shuntflow.torture import _mmsg_vector, _sendmmsg
 size = int(sys.argv[2])
 data = random.Random(7).randbytes(size)
 s = socket.create_connection((sys.argv[1], 7720))
+SNDBUF
 for i in range(3):
     s.send(data[i : i + 1])
 SEND
@@ -295,12 +296,19 @@ class BulkRun:
 
 
 def bulk_write(
-    tb: Testbed, call: str, size: int, tmp: Path, threaded: bool, pause: float, first: int
+    tb: Testbed,
+    call: str,
+    size: int,
+    tmp: Path,
+    threaded: bool,
+    pause: float,
+    first: int,
+    sndbuf: int = 0,
 ) -> BulkRun:
     """One SEND call of `size` bytes from a client at threshold 4 to SINK_SERVER, whose reader
     waits for the client's connection to be on the host path (router status) after reading
     `first` bytes: until then the write stays blocked on a full overlay, so only a commit that
-    lands inside it moves it."""
+    lands inside it moves it. `sndbuf`, if set, is the client socket's SO_SNDBUF."""
     server_c, client_c = tb.hosts[1].containers[0], tb.hosts[0].containers[0]
     go = tmp / "go"
     install_path_counters(tb)
@@ -320,7 +328,12 @@ def bulk_write(
         [
             sys.executable,
             "-c",
-            BULK_CLIENT.replace("sys.argv[2]", str(size)).replace("SEND", BULK_SENDS[call]),
+            BULK_CLIENT.replace("sys.argv[2]", str(size))
+            .replace(
+                "SNDBUF",
+                f"s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, {sndbuf})" if sndbuf else "",
+            )
+            .replace("SEND", BULK_SENDS[call]),
             server_c.overlay_ip,
         ],
         env=mode_env(tb, client_c, "shuntflow", threshold=4),
@@ -376,9 +389,14 @@ def test_failed_switch_is_retried_inside_a_blocking_write(testbed: Testbed, tmp_
     """A single-threaded reader that sleeps after its accept has no agent to answer the claim
     (it starts at the process's 8th data call), so the first attempt times out at the peer's
     router. The writer's one call goes on, and the attempt is retried inside it: its pieces after
-    waits for room count as calls. The reader reads 32 MiB, then waits for the host path."""
+    waits for room count as calls. The reader reads 32 MiB, then waits for the host path. The
+    retry comes at twice the calls, four pieces after waits: the writer's send buffer is set to
+    256 KiB so that those 32 MiB are dozens of pieces, not the handful an autotuned buffer of
+    several MiB may take them in (a piece is what the buffer has room for)."""
     size, first = 128 << 20, 32 << 20
-    run = bulk_write(testbed, "sendall", size, tmp_path, threaded=False, pause=2.0, first=first)
+    run = bulk_write(
+        testbed, "sendall", size, tmp_path, threaded=False, pause=2.0, first=first, sndbuf=256 << 10
+    )
     failed = [x for x in run.router_lines if "event=switch_failed" in x]
     assert failed and "status=PEER_REFUSED" in failed[0], run.router_lines
     assert any("event=switch_done" in x for x in run.router_lines), run.router_lines
