@@ -123,11 +123,17 @@ static int opts_known(struct sf_conn *c) {
     return atomic_load(&c->opts_epoch) == atomic_load(&opts_epoch);
 }
 
+/* The option's index in opts, OPT_N if it is none of them. */
+static int opt_index(int level, int name) {
+    int i = 0;
+    while (i < OPT_N && (opts[i].level != level || opts[i].name != name))
+        i++;
+    return i;
+}
+
 unsigned sf_sockopt_bit(int level, int name) {
-    for (int i = 0; i < OPT_N; i++)
-        if (opts[i].level == level && opts[i].name == name)
-            return OPT(i);
-    return 0;
+    int i = opt_index(level, name);
+    return i < OPT_N ? OPT(i) : 0;
 }
 
 /* Before the slot's kind is published (a release store, which orders these for its readers). */
@@ -224,20 +230,17 @@ static void copy_opt(int from, int to, int i) {
     real.setsockopt(to, opts[i].level, opts[i].name, val, len);
 }
 
-static int waits_for_commit(int level, int name) {
-    return (level == IPPROTO_TCP && (name == TCP_NODELAY || name == TCP_CORK)) ||
-           (level == SOL_SOCKET && name == SO_LINGER);
-}
-
-/* Most options go onto the host connection as soon as it is there; the commit's (below) once
- * committed; SO_RCVLOWAT only with the swap: until then the library reads its handoff frames,
- * a few bytes each, from the host connection, and under a higher low-water mark poll does not
- * report them (the agent then waits for the application's own reads to find them; in a test
- * that copied it early, some switches never completed). */
+/* A change is mirrored from the stage its option is copied at: most as soon as the host
+ * connection is there; the commit's (below, OPT_NODELAY to OPT_LINGER) once committed;
+ * SO_RCVLOWAT only by the swap: until then the library reads its handoff frames, a few bytes
+ * each, from the host connection, and under a higher low-water mark poll does not report them
+ * (the agent then waits for the application's own reads to find them; in a test that copied it
+ * early, some switches never completed). */
 int sf_sockopt_mirrored(int level, int name, int phase) {
-    if (level == SOL_SOCKET && name == SO_RCVLOWAT)
+    int i = opt_index(level, name);
+    if (i == OPT_RCVLOWAT)
         return 0;
-    if (waits_for_commit(level, name))
+    if (i >= OPT_NODELAY && i <= OPT_LINGER)
         return phase == SF_P_COMMITTED;
     return phase == SF_P_HANDSHAKE || phase == SF_P_COMMITTED;
 }

@@ -281,14 +281,15 @@ static int park_writer(struct sf_conn *c) {
     __atomic_store_n(&c->writer_parked, 1, __ATOMIC_SEQ_CST);
     int due = __atomic_load_n(&c->commit_wanted, __ATOMIC_SEQ_CST);
     if (due)
-        c->writer_parked = 0;
+        __atomic_store_n(&c->writer_parked, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&c->mu);
     return !due;
 }
 
 static void unpark_writer(struct sf_conn *c) {
     pthread_mutex_lock(&c->mu);
-    c->writer_parked = 0;
+    /* Atomic: the agent loads it without c->mu (sf_handoff_request_commit). */
+    __atomic_store_n(&c->writer_parked, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&c->mu);
 }
 
